@@ -1,0 +1,571 @@
+#include "config/config.h"
+
+#include <arpa/inet.h>
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "config/duration.h"
+
+namespace llmproxy::config {
+namespace {
+
+std::string join(const std::string& path, std::string_view key) {
+  return path.empty() ? std::string(key) : path + "." + std::string(key);
+}
+
+bool is_ip_literal(const std::string& host) {
+  unsigned char buf[16];
+  return inet_pton(AF_INET, host.c_str(), buf) == 1 || inet_pton(AF_INET6, host.c_str(), buf) == 1;
+}
+
+std::optional<std::uint16_t> parse_port(std::string_view text) {
+  if (text.empty() || text.size() > 5) return std::nullopt;
+  unsigned value = 0;
+  for (char c : text) {
+    if (c < '0' || c > '9') return std::nullopt;
+    value = value * 10 + static_cast<unsigned>(c - '0');
+  }
+  if (value > 65535) return std::nullopt;
+  return static_cast<std::uint16_t>(value);
+}
+
+std::optional<ListenAddress> parse_listen(std::string_view text, std::string* error) {
+  ListenAddress out;
+  std::string_view host, port;
+  if (!text.empty() && text.front() == '[') {
+    auto close = text.find(']');
+    if (close == std::string_view::npos || close + 1 >= text.size() || text[close + 1] != ':') {
+      *error = "expected [IPv6]:PORT";
+      return std::nullopt;
+    }
+    host = text.substr(1, close - 1);
+    port = text.substr(close + 2);
+  } else {
+    auto colon = text.rfind(':');
+    if (colon == std::string_view::npos) {
+      *error = "expected HOST:PORT or :PORT (e.g. \":8080\", \"127.0.0.1:8080\", \"[::]:8080\")";
+      return std::nullopt;
+    }
+    host = text.substr(0, colon);
+    port = text.substr(colon + 1);
+  }
+  auto p = parse_port(port);
+  if (!p) {
+    *error = "port must be a number from 0 to 65535";
+    return std::nullopt;
+  }
+  out.port = *p;
+  if (host.empty()) {
+    out.host = "0.0.0.0";
+  } else if (host == "localhost") {
+    out.host = "127.0.0.1";
+  } else {
+    out.host = std::string(host);
+    if (!is_ip_literal(out.host)) {
+      *error = "host must be an IP address, \"localhost\" or empty (all interfaces)";
+      return std::nullopt;
+    }
+  }
+  return out;
+}
+
+// Walks the YAML tree, converting scalars and collecting every problem instead of stopping.
+class Reader {
+ public:
+  explicit Reader(std::string file) : file_(std::move(file)) {}
+
+  std::vector<ConfigError> errors;
+
+  void error(const YAML::Mark& mark, const std::string& path, std::string message) {
+    ConfigError e;
+    e.file = file_;
+    e.line = mark.line >= 0 ? mark.line + 1 : 0;
+    e.column = mark.column >= 0 ? mark.column + 1 : 0;
+    e.key_path = path;
+    e.message = std::move(message);
+    errors.push_back(std::move(e));
+  }
+
+  // True when `node` is a map (or empty); reports keys outside `allowed`.
+  bool map(const YAML::Node& node, const std::string& path,
+           std::initializer_list<std::string_view> allowed) {
+    if (!node.IsDefined() || node.IsNull()) return false;
+    if (!node.IsMap()) {
+      error(node.Mark(), path.empty() ? "(root)" : path, "expected a mapping of keys to values");
+      return false;
+    }
+    for (auto it = node.begin(); it != node.end(); ++it) {
+      std::string key = it->first.IsScalar() ? it->first.Scalar() : "?";
+      if (std::find(allowed.begin(), allowed.end(), key) == allowed.end()) {
+        std::string known;
+        for (auto k : allowed) known += (known.empty() ? "" : ", ") + std::string(k);
+        error(it->first.Mark(), join(path, key), "unknown key (known keys here: " + known + ")");
+      }
+    }
+    return true;
+  }
+
+  // Present and not null?
+  static bool has(const YAML::Node& parent, std::string_view key) {
+    if (!parent.IsMap()) return false;
+    auto n = parent[std::string(key)];
+    return n.IsDefined() && !n.IsNull();
+  }
+
+  bool scalar(const YAML::Node& n, const std::string& path, const char* what) {
+    if (n.IsScalar()) return true;
+    error(n.Mark(), path, std::string("expected ") + what);
+    return false;
+  }
+
+  void string(const YAML::Node& parent, std::string_view key, const std::string& path,
+              std::string& out) {
+    if (!has(parent, key)) return;
+    auto n = parent[std::string(key)];
+    if (scalar(n, join(path, key), "a string")) out = n.Scalar();
+  }
+
+  void integer(const YAML::Node& parent, std::string_view key, const std::string& path, int& out,
+               int min, int max) {
+    if (!has(parent, key)) return;
+    auto n = parent[std::string(key)];
+    auto p = join(path, key);
+    if (!scalar(n, p, "an integer")) return;
+    int v;
+    if (!YAML::convert<int>::decode(n, v)) {
+      error(n.Mark(), p, "expected an integer, got \"" + n.Scalar() + "\"");
+      return;
+    }
+    if (v < min || v > max) {
+      error(n.Mark(), p,
+            "must be between " + std::to_string(min) + " and " + std::to_string(max) + ", got " +
+                std::to_string(v));
+      return;
+    }
+    out = v;
+  }
+
+  void boolean(const YAML::Node& parent, std::string_view key, const std::string& path,
+               bool& out) {
+    if (!has(parent, key)) return;
+    auto n = parent[std::string(key)];
+    auto p = join(path, key);
+    if (!scalar(n, p, "true or false")) return;
+    bool v;
+    if (!YAML::convert<bool>::decode(n, v)) {
+      error(n.Mark(), p, "expected true or false, got \"" + n.Scalar() + "\"");
+      return;
+    }
+    out = v;
+  }
+
+  void duration(const YAML::Node& parent, std::string_view key, const std::string& path,
+                Millis& out, Millis min = Millis{0}) {
+    if (!has(parent, key)) return;
+    auto n = parent[std::string(key)];
+    auto p = join(path, key);
+    if (!scalar(n, p, "a duration such as 500ms, 1s, 2m")) return;
+    auto d = parse_duration(n.Scalar());
+    if (!d) {
+      error(n.Mark(), p,
+            "expected a duration such as 500ms, 1s, 2m or 1m30s, got \"" + n.Scalar() + "\"");
+      return;
+    }
+    if (*d < min) {
+      error(n.Mark(), p, "must be at least " + format_duration(min));
+      return;
+    }
+    out = *d;
+  }
+
+  void size(const YAML::Node& parent, std::string_view key, const std::string& path,
+            std::uint64_t& out, std::uint64_t min) {
+    if (!has(parent, key)) return;
+    auto n = parent[std::string(key)];
+    auto p = join(path, key);
+    if (!scalar(n, p, "a size such as 512KiB or 10MiB")) return;
+    auto s = parse_size(n.Scalar());
+    if (!s) {
+      error(n.Mark(), p, "expected a size such as 4096, 512KiB, 10MiB or 1MB, got \"" +
+                             n.Scalar() + "\"");
+      return;
+    }
+    if (*s < min) {
+      error(n.Mark(), p, "must be at least " + std::to_string(min) + " bytes");
+      return;
+    }
+    out = *s;
+  }
+
+ private:
+  std::string file_;
+};
+
+void read_backends(Reader& r, const YAML::Node& root, Config& c) {
+  auto list = root["backends"];
+  if (!list.IsDefined() || list.IsNull()) {
+    r.error(root.Mark(), "backends", "at least one backend is required");
+    return;
+  }
+  if (!list.IsSequence()) {
+    r.error(list.Mark(), "backends", "expected a list of backends");
+    return;
+  }
+  if (list.size() == 0) {
+    r.error(list.Mark(), "backends", "at least one backend is required");
+    return;
+  }
+  std::set<std::string> names;
+  for (std::size_t i = 0; i < list.size(); ++i) {
+    auto node = list[i];
+    std::string path = "backends[" + std::to_string(i) + "]";
+    BackendConfig b;
+    if (!r.map(node, path, {"url", "weight", "name", "models"})) {
+      if (!node.IsMap()) {
+        if (node.IsNull()) r.error(node.Mark(), path, "empty backend entry");
+        continue;
+      }
+    }
+    if (!Reader::has(node, "url")) {
+      r.error(node.Mark(), path + ".url", "required");
+    } else {
+      r.string(node, "url", path, b.url);
+      std::string why;
+      if (!b.url.empty()) {
+        if (auto u = parse_url(b.url, &why)) {
+          b.parsed = *u;
+        } else {
+          r.error(node["url"].Mark(), path + ".url", why);
+        }
+      }
+    }
+    if (Reader::has(node, "weight")) {
+      auto w = node["weight"];
+      int v = 0;
+      if (w.IsScalar() && YAML::convert<int>::decode(w, v) && v <= 0) {
+        r.error(w.Mark(), path + ".weight", "must be greater than 0, got " + w.Scalar());
+      } else {
+        r.integer(node, "weight", path, b.weight, 1, 1'000'000);
+      }
+    }
+    r.string(node, "name", path, b.name);
+    if (b.name.empty()) b.name = b.url;
+    if (!b.name.empty() && !names.insert(b.name).second) {
+      r.error(node.Mark(), path + ".name", "duplicate backend name \"" + b.name + "\"");
+    }
+    if (Reader::has(node, "models")) {
+      auto m = node["models"];
+      if (m.IsScalar()) {
+        b.models.push_back(m.Scalar());
+      } else if (m.IsSequence()) {
+        for (std::size_t j = 0; j < m.size(); ++j) {
+          std::string mp = path + ".models[" + std::to_string(j) + "]";
+          if (m[j].IsScalar() && !m[j].Scalar().empty()) {
+            b.models.push_back(m[j].Scalar());
+          } else {
+            r.error(m[j].Mark(), mp, "expected a model id (non-empty string)");
+          }
+        }
+      } else {
+        r.error(m.Mark(), path + ".models", "expected a list of model ids");
+      }
+    }
+    c.backends.push_back(std::move(b));
+  }
+}
+
+void read_root(Reader& r, const YAML::Node& root, Config& c) {
+  if (!root.IsDefined() || root.IsNull()) {
+    r.error(YAML::Mark::null_mark(), "(root)", "the file is empty");
+    return;
+  }
+  if (!r.map(root, "",
+             {"listen", "server", "timeouts", "load_balancing", "upstream", "backends",
+              "health_check", "usage_hook"})) {
+    return;
+  }
+  if (Reader::has(root, "listen")) {
+    std::string text;
+    r.string(root, "listen", "", text);
+    std::string why;
+    if (auto l = parse_listen(text, &why)) {
+      c.listen = *l;
+    } else if (root["listen"].IsScalar()) {
+      r.error(root["listen"].Mark(), "listen", why + ", got \"" + text + "\"");
+    }
+  }
+  if (auto n = root["server"];
+      r.map(n, "server",
+            {"workers", "max_body_size", "max_header_size", "max_connections", "drain_timeout",
+             "access_log"})) {
+    r.integer(n, "workers", "server", c.server.workers, 0, 256);
+    r.size(n, "max_body_size", "server", c.server.max_body_size, 1024);
+    r.size(n, "max_header_size", "server", c.server.max_header_size, 1024);
+    r.integer(n, "max_connections", "server", c.server.max_connections, 1, 1'000'000);
+    r.duration(n, "drain_timeout", "server", c.server.drain_timeout);
+    r.boolean(n, "access_log", "server", c.server.access_log);
+  }
+  if (auto n = root["timeouts"]; r.map(n, "timeouts",
+                                       {"connect", "first_byte", "stream_idle", "client_header",
+                                        "keepalive"})) {
+    r.duration(n, "connect", "timeouts", c.timeouts.connect, Millis{1});
+    r.duration(n, "first_byte", "timeouts", c.timeouts.first_byte, Millis{1});
+    r.duration(n, "stream_idle", "timeouts", c.timeouts.stream_idle, Millis{1});
+    r.duration(n, "client_header", "timeouts", c.timeouts.client_header, Millis{1});
+    r.duration(n, "keepalive", "timeouts", c.timeouts.keepalive, Millis{1});
+  }
+  if (auto n = root["load_balancing"];
+      r.map(n, "load_balancing", {"strategy", "max_retries"})) {
+    if (Reader::has(n, "strategy")) {
+      std::string s;
+      r.string(n, "strategy", "load_balancing", s);
+      if (s == "weighted_round_robin" || s == "round_robin") {
+        c.load_balancing.strategy = Strategy::weighted_round_robin;
+      } else if (s == "least_in_flight" || s == "least_connections") {
+        c.load_balancing.strategy = Strategy::least_in_flight;
+      } else if (n["strategy"].IsScalar()) {
+        r.error(n["strategy"].Mark(), "load_balancing.strategy",
+                "expected weighted_round_robin or least_in_flight, got \"" + s + "\"");
+      }
+    }
+    r.integer(n, "max_retries", "load_balancing", c.load_balancing.max_retries, 0, 10);
+  }
+  if (auto n = root["upstream"];
+      r.map(n, "upstream", {"max_idle_per_backend", "idle_timeout", "tls_verify", "ca_file"})) {
+    r.integer(n, "max_idle_per_backend", "upstream", c.upstream.max_idle_per_backend, 0, 100'000);
+    r.duration(n, "idle_timeout", "upstream", c.upstream.idle_timeout, Millis{1});
+    r.boolean(n, "tls_verify", "upstream", c.upstream.tls_verify);
+    r.string(n, "ca_file", "upstream", c.upstream.ca_file);
+    if (!c.upstream.ca_file.empty() && !std::ifstream(c.upstream.ca_file).good()) {
+      r.error(n["ca_file"].Mark(), "upstream.ca_file", "cannot read \"" + c.upstream.ca_file + "\"");
+    }
+  }
+  read_backends(r, root, c);
+  if (auto n = root["health_check"];
+      r.map(n, "health_check",
+            {"enabled", "interval", "path", "timeout", "unhealthy_threshold",
+             "healthy_threshold"})) {
+    r.boolean(n, "enabled", "health_check", c.health_check.enabled);
+    r.duration(n, "interval", "health_check", c.health_check.interval, Millis{10});
+    r.string(n, "path", "health_check", c.health_check.path);
+    if (c.health_check.path.empty() || c.health_check.path.front() != '/') {
+      r.error(n["path"].Mark(), "health_check.path", "must start with /");
+    }
+    r.duration(n, "timeout", "health_check", c.health_check.timeout, Millis{1});
+    r.integer(n, "unhealthy_threshold", "health_check", c.health_check.unhealthy_threshold, 1, 100);
+    r.integer(n, "healthy_threshold", "health_check", c.health_check.healthy_threshold, 1, 100);
+  }
+  if (auto n = root["usage_hook"];
+      r.map(n, "usage_hook", {"enabled", "url", "timeout", "retry"})) {
+    r.boolean(n, "enabled", "usage_hook", c.usage_hook.enabled);
+    r.string(n, "url", "usage_hook", c.usage_hook.url);
+    r.duration(n, "timeout", "usage_hook", c.usage_hook.timeout, Millis{1});
+    r.integer(n, "retry", "usage_hook", c.usage_hook.retry, 0, 100);
+    std::string why;
+    if (!c.usage_hook.url.empty() && !parse_url(c.usage_hook.url, &why)) {
+      r.error(n["url"].Mark(), "usage_hook.url", why);
+    } else if (c.usage_hook.enabled && c.usage_hook.url.empty()) {
+      r.error(n.Mark(), "usage_hook.url", "required when usage_hook.enabled is true");
+    }
+  }
+}
+
+}  // namespace
+
+std::string ListenAddress::to_string() const {
+  if (host.find(':') != std::string::npos) return "[" + host + "]:" + std::to_string(port);
+  return host + ":" + std::to_string(port);
+}
+
+std::string Url::authority() const {
+  std::string h = host.find(':') != std::string::npos ? "[" + host + "]" : host;
+  if ((tls && port == 443) || (!tls && port == 80)) return h;
+  return h + ":" + std::to_string(port);
+}
+
+std::optional<Url> parse_url(std::string_view text, std::string* error) {
+  Url u;
+  std::string_view rest;
+  if (text.starts_with("http://")) {
+    rest = text.substr(7);
+  } else if (text.starts_with("https://")) {
+    u.tls = true;
+    u.port = 443;
+    rest = text.substr(8);
+  } else {
+    *error = "URL must start with http:// or https://, got \"" + std::string(text) + "\"";
+    return std::nullopt;
+  }
+  auto slash = rest.find('/');
+  std::string_view authority = rest.substr(0, slash);
+  std::string_view path = slash == std::string_view::npos ? "" : rest.substr(slash);
+  if (authority.find('@') != std::string_view::npos) {
+    *error = "credentials in the URL are not supported";
+    return std::nullopt;
+  }
+  if (path.find_first_of("?#") != std::string_view::npos) {
+    *error = "URL must not have a query or fragment";
+    return std::nullopt;
+  }
+  std::string_view host = authority, port;
+  if (!authority.empty() && authority.front() == '[') {
+    auto close = authority.find(']');
+    if (close == std::string_view::npos) {
+      *error = "unterminated IPv6 address in URL";
+      return std::nullopt;
+    }
+    host = authority.substr(1, close - 1);
+    auto after = authority.substr(close + 1);
+    if (!after.empty()) {
+      if (after.front() != ':') {
+        *error = "unexpected text after IPv6 address";
+        return std::nullopt;
+      }
+      port = after.substr(1);
+      if (port.empty()) {
+        *error = "empty port in URL";
+        return std::nullopt;
+      }
+    }
+  } else if (auto colon = authority.rfind(':'); colon != std::string_view::npos) {
+    host = authority.substr(0, colon);
+    port = authority.substr(colon + 1);
+    if (port.empty()) {
+      *error = "empty port in URL";
+      return std::nullopt;
+    }
+  }
+  if (host.empty()) {
+    *error = "URL has no host";
+    return std::nullopt;
+  }
+  for (char ch : host) {
+    bool ok = std::isalnum(static_cast<unsigned char>(ch)) || ch == '.' || ch == '-' ||
+              ch == '_' || ch == ':';
+    if (!ok) {
+      *error = "invalid character in URL host";
+      return std::nullopt;
+    }
+  }
+  if (!port.empty()) {
+    auto p = parse_port(port);
+    if (!p || *p == 0) {
+      *error = "URL port must be a number from 1 to 65535";
+      return std::nullopt;
+    }
+    u.port = *p;
+  }
+  u.host = std::string(host);
+  while (!path.empty() && path.back() == '/') path.remove_suffix(1);
+  u.base_path = std::string(path);
+  return u;
+}
+
+std::string_view to_string(Strategy s) {
+  return s == Strategy::least_in_flight ? "least_in_flight" : "weighted_round_robin";
+}
+
+int Config::effective_workers() const {
+  if (server.workers > 0) return server.workers;
+  unsigned n = std::thread::hardware_concurrency();
+  return n == 0 ? 1 : static_cast<int>(n);
+}
+
+std::string ConfigError::to_string() const {
+  std::string out = file;
+  if (line > 0) out += ":" + std::to_string(line) + ":" + std::to_string(column);
+  out += ": " + key_path + ": " + message;
+  return out;
+}
+
+LoadResult load_string(std::string_view yaml, const std::string& file_name) {
+  LoadResult result;
+  Reader reader(file_name);
+  Config config;
+  config.source = file_name;
+  try {
+    YAML::Node root = YAML::Load(std::string(yaml));
+    read_root(reader, root, config);
+  } catch (const YAML::Exception& e) {
+    reader.error(e.mark, "(syntax)", e.msg);
+  }
+  result.errors = std::move(reader.errors);
+  if (result.errors.empty()) result.config = std::move(config);
+  return result;
+}
+
+LoadResult load_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    LoadResult r;
+    r.errors.push_back(ConfigError{path, 0, 0, "(file)", "cannot open the file"});
+    return r;
+  }
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return load_string(ss.str(), path);
+}
+
+std::string to_yaml(const Config& c) {
+  YAML::Emitter e;
+  e << YAML::BeginMap;
+  e << YAML::Key << "listen" << YAML::Value << c.listen.to_string();
+  e << YAML::Key << "server" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "workers" << YAML::Value << c.server.workers;
+  e << YAML::Key << "max_body_size" << YAML::Value << c.server.max_body_size;
+  e << YAML::Key << "max_header_size" << YAML::Value << c.server.max_header_size;
+  e << YAML::Key << "max_connections" << YAML::Value << c.server.max_connections;
+  e << YAML::Key << "drain_timeout" << YAML::Value << format_duration(c.server.drain_timeout);
+  e << YAML::Key << "access_log" << YAML::Value << c.server.access_log;
+  e << YAML::EndMap;
+  e << YAML::Key << "timeouts" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "connect" << YAML::Value << format_duration(c.timeouts.connect);
+  e << YAML::Key << "first_byte" << YAML::Value << format_duration(c.timeouts.first_byte);
+  e << YAML::Key << "stream_idle" << YAML::Value << format_duration(c.timeouts.stream_idle);
+  e << YAML::Key << "client_header" << YAML::Value << format_duration(c.timeouts.client_header);
+  e << YAML::Key << "keepalive" << YAML::Value << format_duration(c.timeouts.keepalive);
+  e << YAML::EndMap;
+  e << YAML::Key << "load_balancing" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "strategy" << YAML::Value << std::string(to_string(c.load_balancing.strategy));
+  e << YAML::Key << "max_retries" << YAML::Value << c.load_balancing.max_retries;
+  e << YAML::EndMap;
+  e << YAML::Key << "upstream" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "max_idle_per_backend" << YAML::Value << c.upstream.max_idle_per_backend;
+  e << YAML::Key << "idle_timeout" << YAML::Value << format_duration(c.upstream.idle_timeout);
+  e << YAML::Key << "tls_verify" << YAML::Value << c.upstream.tls_verify;
+  e << YAML::Key << "ca_file" << YAML::Value << c.upstream.ca_file;
+  e << YAML::EndMap;
+  e << YAML::Key << "backends" << YAML::Value << YAML::BeginSeq;
+  for (const auto& b : c.backends) {
+    e << YAML::BeginMap;
+    e << YAML::Key << "name" << YAML::Value << b.name;
+    e << YAML::Key << "url" << YAML::Value << b.url;
+    e << YAML::Key << "weight" << YAML::Value << b.weight;
+    e << YAML::Key << "models" << YAML::Value << YAML::Flow << b.models;
+    e << YAML::EndMap;
+  }
+  e << YAML::EndSeq;
+  e << YAML::Key << "health_check" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "enabled" << YAML::Value << c.health_check.enabled;
+  e << YAML::Key << "interval" << YAML::Value << format_duration(c.health_check.interval);
+  e << YAML::Key << "path" << YAML::Value << c.health_check.path;
+  e << YAML::Key << "timeout" << YAML::Value << format_duration(c.health_check.timeout);
+  e << YAML::Key << "unhealthy_threshold" << YAML::Value << c.health_check.unhealthy_threshold;
+  e << YAML::Key << "healthy_threshold" << YAML::Value << c.health_check.healthy_threshold;
+  e << YAML::EndMap;
+  e << YAML::Key << "usage_hook" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "enabled" << YAML::Value << c.usage_hook.enabled;
+  e << YAML::Key << "url" << YAML::Value << c.usage_hook.url;
+  e << YAML::Key << "timeout" << YAML::Value << format_duration(c.usage_hook.timeout);
+  e << YAML::Key << "retry" << YAML::Value << c.usage_hook.retry;
+  e << YAML::EndMap;
+  e << YAML::EndMap;
+  return std::string(e.c_str()) + "\n";
+}
+
+}  // namespace llmproxy::config

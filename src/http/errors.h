@@ -1,0 +1,38 @@
+// Error bodies in the shape the OpenAI SDKs parse:
+//   {"error":{"message":"...","type":"...","param":null,"code":"..."}}
+// Every refusal the gateway produces itself goes through here, so clients see one shape.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+namespace llmproxy::http {
+
+struct ErrorSpec {
+  unsigned status;
+  std::string_view type;  // invalid_request_error, server_error, ...
+  std::string_view code;  // machine-readable, e.g. model_not_found
+};
+
+// Well-known refusals, so that status, type and code stay consistent across the code base.
+namespace errors {
+inline constexpr ErrorSpec invalid_json{400, "invalid_request_error", "invalid_json"};
+inline constexpr ErrorSpec invalid_request{400, "invalid_request_error", "invalid_request"};
+inline constexpr ErrorSpec not_found{404, "invalid_request_error", "not_found"};
+inline constexpr ErrorSpec model_not_found{404, "invalid_request_error", "model_not_found"};
+inline constexpr ErrorSpec method_not_allowed{405, "invalid_request_error", "method_not_allowed"};
+inline constexpr ErrorSpec request_timeout{408, "invalid_request_error", "request_timeout"};
+inline constexpr ErrorSpec body_too_large{413, "invalid_request_error", "request_too_large"};
+inline constexpr ErrorSpec headers_too_large{431, "invalid_request_error", "headers_too_large"};
+inline constexpr ErrorSpec bad_gateway{502, "server_error", "upstream_error"};
+inline constexpr ErrorSpec no_healthy_backend{503, "server_error", "no_healthy_backend"};
+inline constexpr ErrorSpec shutting_down{503, "server_error", "shutting_down"};
+inline constexpr ErrorSpec gateway_timeout{504, "server_error", "upstream_timeout"};
+}  // namespace errors
+
+std::string error_body(const ErrorSpec& spec, std::string_view message);
+
+// Appends `text` to `out` as the inside of a JSON string literal (quotes not included).
+void append_json_escaped(std::string& out, std::string_view text);
+
+}  // namespace llmproxy::http

@@ -1,0 +1,47 @@
+// Picks the backend for one request attempt.
+//
+// One Balancer per worker thread: its smooth-weighted-round-robin state is thread-local, so a
+// pick takes no lock and touches no shared cache line except the backends' health and in-flight
+// atomics. Each thread on its own yields the exact weight ratio, so the sum over threads does too.
+//
+// Smooth WRR (as popularised by nginx): every eligible backend's current weight grows by its
+// weight, the largest wins and pays back the total; weights 5,1,1 give a a b a c a a, not
+// a a a a a b c. least_in_flight picks the smallest in_flight/weight and breaks ties with the
+// same smooth WRR, so an idle pool still gets the weight ratio.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "config/config.h"
+#include "lb/backend.h"
+
+namespace llmproxy::lb {
+
+enum class PickError { none, no_backend_for_model, no_healthy_backend };
+
+struct Pick {
+  Backend* backend = nullptr;
+  PickError error = PickError::none;
+};
+
+class Balancer {
+ public:
+  Balancer(BackendSet& backends, config::Strategy strategy);
+
+  // Picks among healthy backends that serve `model`, skipping those in `exclude` (indices
+  // already tried by this request). no_backend_for_model: no backend at all (healthy or not)
+  // serves the model; no_healthy_backend: some do, but none is available now.
+  Pick pick(std::string_view model, std::span<const std::size_t> exclude = {});
+
+ private:
+  BackendSet& backends_;
+  config::Strategy strategy_;
+  std::vector<std::int64_t> current_;  // smooth WRR state, one per backend
+  std::vector<std::uint8_t> eligible_;  // scratch, kept to avoid allocating per pick
+  std::vector<std::int64_t> loads_;     // scratch: in_flight snapshot for least_in_flight
+};
+
+}  // namespace llmproxy::lb

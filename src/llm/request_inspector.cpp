@@ -1,0 +1,81 @@
+#include "llm/request_inspector.h"
+
+namespace llmproxy::llm {
+
+std::string_view to_string(Endpoint e) {
+  switch (e) {
+    case Endpoint::chat_completions:
+      return "/v1/chat/completions";
+    case Endpoint::completions:
+      return "/v1/completions";
+    case Endpoint::embeddings:
+      return "/v1/embeddings";
+  }
+  return "";
+}
+
+RequestInspector::RequestInspector(std::size_t max_body_size) : parser_(max_body_size) {}
+
+bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool padded,
+                               RequestInfo& info, InspectError& error) {
+  // The DOM parser validates the whole document (the on-demand API would skip unread values),
+  // so a malformed body is refused here instead of being forwarded.
+  simdjson::dom::element root;
+  auto err = parser_.parse(body.data(), body.size(), !padded).get(root);
+  if (err) {
+    error.spec = http::errors::invalid_json;
+    error.message = body.empty() ? "The request body is empty; expected a JSON object."
+                                 : std::string("The request body is not valid JSON: ") +
+                                       simdjson::error_message(err);
+    return false;
+  }
+  simdjson::dom::object obj;
+  if (root.get_object().get(obj)) {
+    error.spec = http::errors::invalid_request;
+    error.message = "The request body must be a JSON object.";
+    return false;
+  }
+  for (auto field : obj) {
+    std::string_view key = field.key;
+    if (key == "stream") {
+      if (field.value.is_null()) continue;
+      bool v;
+      if (field.value.get_bool().get(v)) {
+        error.spec = http::errors::invalid_request;
+        error.message = "'stream' must be a boolean.";
+        return false;
+      }
+      info.stream = v;
+    } else if (key == "model") {
+      std::string_view v;
+      if (field.value.get_string().get(v)) {
+        error.spec = http::errors::invalid_request;
+        error.message = "'model' must be a string.";
+        return false;
+      }
+      info.model.assign(v);
+    } else if (key == "user") {
+      if (field.value.is_null()) continue;
+      std::string_view v;
+      if (field.value.get_string().get(v)) {
+        error.spec = http::errors::invalid_request;
+        error.message = "'user' must be a string.";
+        return false;
+      }
+      info.user.assign(v);
+    } else if (key == "stream_options") {
+      simdjson::dom::object so;
+      if (field.value.get_object().get(so)) continue;
+      bool v = false;
+      if (!so["include_usage"].get_bool().get(v)) info.include_usage = v;
+    }
+  }
+  if (endpoint == Endpoint::embeddings && info.stream) {
+    error.spec = http::errors::invalid_request;
+    error.message = "Embeddings cannot be streamed; 'stream' must be false or absent.";
+    return false;
+  }
+  return true;
+}
+
+}  // namespace llmproxy::llm

@@ -1,0 +1,45 @@
+// What makes the proxy LLM-aware on the way in: a validating parse of the request body (simdjson)
+// that extracts the few fields routing and metering need. The body itself is never modified.
+#pragma once
+
+#include <simdjson.h>
+
+#include <string>
+#include <string_view>
+
+#include "http/errors.h"
+
+namespace llmproxy::llm {
+
+enum class Endpoint { chat_completions, completions, embeddings };
+std::string_view to_string(Endpoint e);
+
+struct RequestInfo {
+  bool stream = false;
+  bool include_usage = false;  // stream_options.include_usage was true
+  std::string model;           // empty when absent
+  std::string user;            // the OpenAI `user` field, empty when absent
+};
+
+struct InspectError {
+  http::ErrorSpec spec;
+  std::string message;
+};
+
+// One per worker thread: the parser keeps its buffers between requests, so steady traffic
+// allocates nothing here. Not thread-safe.
+class RequestInspector {
+ public:
+  explicit RequestInspector(std::size_t max_body_size);
+
+  // `body` must be followed by at least simdjson::SIMDJSON_PADDING readable bytes when
+  // `padded` is true (the server reserves them); otherwise the body is copied once.
+  // Returns false and fills `error` when the request must be refused with 400.
+  bool inspect(Endpoint endpoint, std::string_view body, bool padded, RequestInfo& info,
+               InspectError& error);
+
+ private:
+  simdjson::dom::parser parser_;
+};
+
+}  // namespace llmproxy::llm

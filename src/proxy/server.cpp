@@ -1,0 +1,1260 @@
+// The request lifecycle, in the order a request lives it:
+//   accept -> read header (client_header timeout) -> route -> read body (limit) -> inspect
+//   -> pick backend -> upstream connection (pool or connect) -> send -> response header
+//   (first_byte timeout) -> relay body through a fixed buffer (stream_idle timeout) -> log.
+// Refusals before forwarding are OpenAI-shaped errors. A failure before any response byte
+// reached the client is retried on another backend; after that, never.
+//
+// This is the one Asio/Beast-heavy translation unit of the gateway (compile time matters).
+#include "proxy/server.h"
+
+#include <fmt/format.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <simdjson.h>
+#include <sys/socket.h>
+
+#include <array>
+#include <atomic>
+#include <boost/asio.hpp>
+#include <boost/asio/ssl.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <unordered_set>
+#include <variant>
+#include <vector>
+
+#include "http/errors.h"
+#include "lb/backend.h"
+#include "lb/balancer.h"
+#include "llm/request_inspector.h"
+#include "proxy/access_log.h"
+#include "proxy/request_id.h"
+
+namespace llmproxy::proxy {
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace bhttp = boost::beast::http;
+using tcp = asio::ip::tcp;
+using Clock = std::chrono::steady_clock;
+using boost::system::error_code;
+
+constexpr auto use_nothrow = asio::as_tuple(asio::use_awaitable);
+
+// Relay buffer per in-flight response: small and fixed, so memory per stream is constant.
+constexpr std::size_t kRelayBufferSize = 8 * 1024;
+constexpr std::size_t kUpstreamHeaderLimit = 64 * 1024;
+
+template <class... Args>
+void log_line(std::string_view level, fmt::format_string<Args...> f, Args&&... args) {
+  std::string msg = fmt::format(f, std::forward<Args>(args)...);
+  std::string line = "{\"level\":\"";
+  line += level;
+  line += "\",\"msg\":\"";
+  http::append_json_escaped(line, msg);
+  line += "\"}\n";
+  std::fwrite(line.data(), 1, line.size(), stderr);
+}
+
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+std::int64_t unix_ms_now() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+bool iequals(std::string_view a, std::string_view b) { return beast::iequals(a, b); }
+
+// Hop-by-hop headers (RFC 9110 7.6.1) plus the legacy ones proxies must not forward.
+bool is_hop_by_hop(std::string_view name) {
+  static constexpr std::string_view kNames[] = {
+      "connection", "keep-alive",        "proxy-authenticate", "proxy-authorization",
+      "te",         "trailer",           "transfer-encoding",  "upgrade",
+      "proxy-connection"};
+  for (auto n : kNames) {
+    if (iequals(n, name)) return true;
+  }
+  return false;
+}
+
+// Removes the headers named in Connection, then the fixed hop-by-hop set.
+template <class Fields>
+void strip_hop_by_hop(Fields& fields) {
+  auto conn = fields[bhttp::field::connection];
+  if (!conn.empty()) {
+    std::string listed(conn);
+    std::size_t pos = 0;
+    while (pos < listed.size()) {
+      auto comma = listed.find(',', pos);
+      auto token = std::string_view(listed).substr(pos, comma == std::string::npos ? listed.npos
+                                                                                   : comma - pos);
+      while (!token.empty() && (token.front() == ' ' || token.front() == '\t')) token.remove_prefix(1);
+      while (!token.empty() && (token.back() == ' ' || token.back() == '\t')) token.remove_suffix(1);
+      if (!token.empty() && !iequals(token, "close") && !iequals(token, "keep-alive")) {
+        fields.erase(token);
+      }
+      if (comma == std::string::npos) break;
+      pos = comma + 1;
+    }
+  }
+  for (auto it = fields.begin(); it != fields.end();) {
+    if (is_hop_by_hop(it->name_string())) {
+      it = fields.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared, read-mostly state.
+
+struct Shared {
+  explicit Shared(config::Config c)
+      : cfg(std::move(c)), backends(cfg.backends), tls(asio::ssl::context::tls_client) {}
+
+  config::Config cfg;
+  lb::BackendSet backends;
+  asio::ssl::context tls;
+  std::atomic<bool> draining{false};
+};
+
+// ---------------------------------------------------------------------------------------------
+// Upstream connections.
+
+struct UpstreamConn {
+  using Plain = beast::tcp_stream;
+  using Tls = beast::ssl_stream<beast::tcp_stream>;
+
+  UpstreamConn(Plain s, std::size_t b) : stream(std::in_place_type<Plain>, std::move(s)), backend(b) {}
+  UpstreamConn(asio::any_io_executor ex, asio::ssl::context& ctx, std::size_t b)
+      : stream(std::in_place_type<Tls>, ex, ctx), backend(b) {}
+
+  beast::tcp_stream& tcp() {
+    return std::visit([](auto& s) -> beast::tcp_stream& { return beast::get_lowest_layer(s); },
+                      stream);
+  }
+  bool is_tls() const { return std::holds_alternative<Tls>(stream); }
+  void close() {
+    error_code ec;
+    tcp().socket().shutdown(tcp::socket::shutdown_both, ec);
+    tcp().close();
+  }
+
+  std::variant<Plain, Tls> stream;
+  beast::flat_buffer buffer{kUpstreamHeaderLimit};
+  std::size_t backend;
+  Clock::time_point idle_since{};
+  bool reused = false;
+};
+
+// Is an idle pooled connection still usable? A peer that closed it has left EOF (or stray
+// bytes) in the socket; both mean "do not reuse".
+bool idle_conn_alive(UpstreamConn& c) {
+  char b;
+  int fd = c.tcp().socket().native_handle();
+  ssize_t n = ::recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+  if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK;
+  if (n == 0) return false;
+  return c.is_tls();  // TLS 1.3 session tickets may arrive after the handshake
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker: one thread, one io_context, everything a request needs without locks.
+
+class ClientSession;
+
+class Worker {
+ public:
+  Worker(Shared& s, int id)
+      : shared(s),
+        id(id),
+        ioc(1),
+        acceptor(ioc),
+        housekeeping(ioc),
+        balancer(s.backends, s.cfg.load_balancing.strategy),
+        inspector(s.cfg.server.max_body_size + 1024),
+        log(STDOUT_FILENO, s.cfg.server.access_log),
+        idle(s.backends.size()) {}
+  // Pooled connections use the io_context: close them before it goes. The io_context then
+  // destroys the suspended coroutines, whose sessions unregister from `sessions` (declared
+  // before the io_context, so it is still alive then).
+  ~Worker() { idle.clear(); }
+
+  Shared& shared;
+  int id;
+  std::unordered_set<ClientSession*> sessions;
+  asio::io_context ioc;
+  tcp::acceptor acceptor;
+  asio::steady_timer housekeeping;
+  lb::Balancer balancer;
+  llm::RequestInspector inspector;
+  RequestIdGenerator ids;
+  AccessLog log;
+  std::vector<std::vector<std::unique_ptr<UpstreamConn>>> idle;  // pool, per backend
+  std::atomic<std::int64_t> connections{0};
+  std::thread thread;
+
+  std::unique_ptr<UpstreamConn> take_idle(std::size_t backend) {
+    auto& list = idle[backend];
+    while (!list.empty()) {
+      auto c = std::move(list.back());
+      list.pop_back();
+      if (Clock::now() - c->idle_since < shared.cfg.upstream.idle_timeout && idle_conn_alive(*c)) {
+        c->reused = true;
+        return c;
+      }
+      c->close();
+    }
+    return nullptr;
+  }
+
+  void put_idle(std::unique_ptr<UpstreamConn> c) {
+    auto& list = idle[c->backend];
+    if (shared.draining.load(std::memory_order_relaxed) ||
+        list.size() >= static_cast<std::size_t>(shared.cfg.upstream.max_idle_per_backend)) {
+      c->close();
+      return;
+    }
+    c->idle_since = Clock::now();
+    c->buffer.clear();
+    list.push_back(std::move(c));
+  }
+
+  void sweep_idle() {
+    auto now = Clock::now();
+    for (auto& list : idle) {
+      std::erase_if(list, [&](std::unique_ptr<UpstreamConn>& c) {
+        if (now - c->idle_since >= shared.cfg.upstream.idle_timeout || !idle_conn_alive(*c)) {
+          c->close();
+          return true;
+        }
+        return false;
+      });
+    }
+  }
+
+  void begin_drain();
+};
+
+// Accepted socket options: no Nagle, so a token written is a token sent.
+void tune_socket(tcp::socket& s) {
+  error_code ec;
+  s.set_option(tcp::no_delay(true), ec);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connecting to a backend.
+
+struct ConnectResult {
+  std::unique_ptr<UpstreamConn> conn;
+  error_code ec;
+  bool timed_out = false;
+};
+
+asio::awaitable<ConnectResult> connect_backend(Worker& w, const lb::Backend& backend) {
+  const auto& url = backend.config().parsed;
+  auto ex = w.ioc.get_executor();
+  ConnectResult out;
+  std::vector<tcp::endpoint> endpoints;
+  error_code ec;
+  auto addr = asio::ip::make_address(url.host, ec);
+  if (!ec) {
+    endpoints.emplace_back(addr, url.port);
+  } else {
+    tcp::resolver resolver(ex);
+    auto [rec, results] =
+        co_await resolver.async_resolve(url.host, std::to_string(url.port), use_nothrow);
+    if (rec) {
+      out.ec = rec;
+      co_return out;
+    }
+    for (const auto& r : results) endpoints.push_back(r.endpoint());
+  }
+  std::unique_ptr<UpstreamConn> conn;
+  if (url.tls) {
+    conn = std::make_unique<UpstreamConn>(ex, w.shared.tls, backend.index());
+  } else {
+    conn = std::make_unique<UpstreamConn>(beast::tcp_stream(ex), backend.index());
+  }
+  auto& tcp_stream = conn->tcp();
+  tcp_stream.expires_after(w.shared.cfg.timeouts.connect);
+  auto [cec, ep] = co_await tcp_stream.async_connect(endpoints, use_nothrow);
+  if (cec) {
+    out.ec = cec;
+    out.timed_out = cec == beast::error::timeout;
+    co_return out;
+  }
+  tune_socket(tcp_stream.socket());
+  if (url.tls) {
+    auto& tls = std::get<UpstreamConn::Tls>(conn->stream);
+    if (!SSL_set_tlsext_host_name(tls.native_handle(), url.host.c_str())) {
+      out.ec = error_code(static_cast<int>(::ERR_get_error()), asio::error::get_ssl_category());
+      co_return out;
+    }
+    if (w.shared.cfg.upstream.tls_verify) {
+      tls.set_verify_mode(asio::ssl::verify_peer);
+      tls.set_verify_callback(asio::ssl::host_name_verification(url.host));
+    } else {
+      tls.set_verify_mode(asio::ssl::verify_none);
+    }
+    tcp_stream.expires_after(w.shared.cfg.timeouts.connect);
+    auto [hec] = co_await tls.async_handshake(asio::ssl::stream_base::client, use_nothrow);
+    if (hec) {
+      out.ec = hec;
+      out.timed_out = hec == beast::error::timeout;
+      co_return out;
+    }
+  }
+  tcp_stream.expires_never();
+  out.conn = std::move(conn);
+  co_return out;
+}
+
+// Small Beast operations dispatched on the connection's stream type. Only these are
+// instantiated twice (plain, TLS), not the whole lifecycle.
+template <class Message>
+asio::awaitable<std::tuple<error_code, std::size_t>> upstream_write(UpstreamConn& c,
+                                                                     Message& msg) {
+  auto op = std::visit([&](auto& s) { return bhttp::async_write(s, msg, use_nothrow); }, c.stream);
+  co_return co_await std::move(op);
+}
+
+template <class Parser>
+asio::awaitable<std::tuple<error_code, std::size_t>> upstream_read_header(UpstreamConn& c,
+                                                                          Parser& p) {
+  auto op = std::visit(
+      [&](auto& s) { return bhttp::async_read_header(s, c.buffer, p, use_nothrow); }, c.stream);
+  co_return co_await std::move(op);
+}
+
+template <class Parser>
+asio::awaitable<std::tuple<error_code, std::size_t>> upstream_read_some(UpstreamConn& c,
+                                                                        Parser& p) {
+  auto op = std::visit(
+      [&](auto& s) { return bhttp::async_read_some(s, c.buffer, p, use_nothrow); }, c.stream);
+  co_return co_await std::move(op);
+}
+
+template <class Parser>
+asio::awaitable<std::tuple<error_code, std::size_t>> upstream_read(UpstreamConn& c, Parser& p) {
+  auto op =
+      std::visit([&](auto& s) { return bhttp::async_read(s, c.buffer, p, use_nothrow); }, c.stream);
+  co_return co_await std::move(op);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client hang-up detection while the upstream is busy: a read-readiness wait on the client
+// socket (no bytes consumed). EOF there means the client is gone: the upstream connection is
+// closed at once so the backend stops generating, even during a long silent prefill.
+
+struct HangupWatch {
+  explicit HangupWatch(asio::any_io_executor ex) : done(ex) {}
+  bool pending = false;
+  bool client_gone = false;
+  UpstreamConn* upstream = nullptr;
+  asio::steady_timer done;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Per-request context: created when the header is read, logged exactly once at the end.
+
+struct RequestContext {
+  Clock::time_point start = Clock::now();
+  std::string request_id;
+  std::string method;
+  std::string path;
+  llm::RequestInfo info;
+  const lb::Backend* backend = nullptr;
+  unsigned status = 0;
+  std::uint64_t bytes_in = 0;
+  std::uint64_t bytes_out = 0;
+  double ttfb_ms = -1;
+  int attempts = 0;
+  std::string_view finish = "completed";
+};
+
+enum class Route { chat, completions, embeddings, models, health, ready, unknown };
+
+Route route_for(std::string_view path) {
+  if (path == "/v1/chat/completions") return Route::chat;
+  if (path == "/v1/completions") return Route::completions;
+  if (path == "/v1/embeddings") return Route::embeddings;
+  if (path == "/v1/models") return Route::models;
+  if (path == "/health") return Route::health;
+  if (path == "/ready") return Route::ready;
+  return Route::unknown;
+}
+
+using Request = bhttp::request<bhttp::string_body>;
+
+class ClientSession {
+ public:
+  ClientSession(Worker& w, tcp::socket socket)
+      : w_(w), stream_(std::move(socket)), watch_(stream_.get_executor()) {
+    error_code ec;
+    auto ep = stream_.socket().remote_endpoint(ec);
+    if (!ec) client_ip_ = ep.address().to_string();
+    w_.sessions.insert(this);
+  }
+  ~ClientSession() { w_.sessions.erase(this); }
+
+  asio::awaitable<void> run();
+
+  // Called on drain: wakes a connection that waits for its next request.
+  void cancel_if_idle() {
+    if (idle_) stream_.cancel();
+  }
+
+ private:
+  asio::awaitable<bool> handle_request();
+  asio::awaitable<bool> proxy(Request& req, RequestContext& ctx, bool keep_alive);
+  enum class Attempt { done, retry };
+  asio::awaitable<Attempt> attempt(lb::Backend& backend, Request& req, RequestContext& ctx,
+                                   bool keep_alive, bool& client_keep_alive, std::string& error);
+  asio::awaitable<bool> send_simple(RequestContext& ctx, unsigned status, std::string body,
+                                    bool keep_alive, std::string_view allow = {});
+  asio::awaitable<bool> send_error(RequestContext& ctx, const http::ErrorSpec& spec,
+                                   std::string_view message, bool keep_alive,
+                                   std::string_view allow = {}) {
+    return send_simple(ctx, spec.status, http::error_body(spec, message), keep_alive, allow);
+  }
+  std::string health_body(bool ready_check) const;
+  std::string models_body() const;
+
+  void arm_watch();
+  asio::awaitable<void> disarm_watch();
+  void record_passive(const lb::Backend& b, bool ok);
+  void log(const RequestContext& ctx);
+
+  Worker& w_;
+  beast::tcp_stream stream_;
+  beast::flat_buffer buffer_;
+  std::string client_ip_;
+  HangupWatch watch_;
+  bool idle_ = false;
+};
+
+void Worker::begin_drain() {
+  error_code ec;
+  acceptor.close(ec);
+  for (auto* s : sessions) s->cancel_if_idle();
+  for (auto& list : idle) {
+    for (auto& c : list) c->close();
+    list.clear();
+  }
+}
+
+asio::awaitable<void> ClientSession::run() {
+  tune_socket(stream_.socket());
+  for (;;) {
+    if (w_.shared.draining.load(std::memory_order_relaxed)) break;
+    // Keep-alive idle wait: the first bytes of the next request.
+    if (buffer_.size() == 0) {
+      idle_ = true;
+      stream_.expires_after(w_.shared.cfg.timeouts.keepalive);
+      auto [ec, n] = co_await stream_.async_read_some(buffer_.prepare(4096), use_nothrow);
+      idle_ = false;
+      if (ec) break;
+      buffer_.commit(n);
+    }
+    bool keep_alive = co_await handle_request();
+    if (!keep_alive) break;
+  }
+  error_code ec;
+  stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+  stream_.close();
+}
+
+void ClientSession::log(const RequestContext& ctx) {
+  if (!w_.log.enabled()) return;
+  AccessEntry e;
+  e.request_id = ctx.request_id;
+  e.client = client_ip_;
+  e.method = ctx.method;
+  e.path = ctx.path;
+  e.model = ctx.info.model;
+  e.stream = ctx.info.stream;
+  e.backend = ctx.backend ? std::string_view(ctx.backend->name()) : std::string_view("none");
+  e.status = ctx.status;
+  e.bytes_in = ctx.bytes_in;
+  e.bytes_out = ctx.bytes_out;
+  e.duration_ms = ms_since(ctx.start);
+  e.ttfb_ms = ctx.ttfb_ms;
+  e.attempts = ctx.attempts;
+  e.finish = ctx.finish;
+  w_.log.write(e);
+}
+
+asio::awaitable<bool> ClientSession::send_simple(RequestContext& ctx, unsigned status,
+                                                 std::string body, bool keep_alive,
+                                                 std::string_view allow) {
+  bhttp::response<bhttp::string_body> res{static_cast<bhttp::status>(status), 11};
+  res.set(bhttp::field::content_type, "application/json");
+  if (!ctx.request_id.empty()) res.set("X-Request-Id", ctx.request_id);
+  if (!allow.empty()) res.set(bhttp::field::allow, allow);
+  keep_alive = keep_alive && !w_.shared.draining.load(std::memory_order_relaxed);
+  res.keep_alive(keep_alive);
+  res.body() = std::move(body);
+  res.prepare_payload();
+  ctx.status = status;
+  ctx.bytes_out = res.body().size();
+  stream_.expires_after(w_.shared.cfg.timeouts.stream_idle);
+  auto [ec, n] = co_await bhttp::async_write(stream_, res, use_nothrow);
+  if (ec) {
+    ctx.finish = "client_disconnected";
+    keep_alive = false;
+  }
+  log(ctx);
+  co_return keep_alive;
+}
+
+std::string ClientSession::health_body(bool ready_check) const {
+  const auto& set = w_.shared.backends;
+  std::string out = ready_check ? R"({"status":"ready")" : R"({"status":"ok")";
+  out += fmt::format(R"(,"draining":{},"backends":{{"total":{},"healthy":{}}},"backend_status":[)",
+                     w_.shared.draining.load(), set.size(), set.healthy_count());
+  for (std::size_t i = 0; i < set.size(); ++i) {
+    const auto& b = set[i];
+    if (i) out += ',';
+    out += R"({"name":")";
+    http::append_json_escaped(out, b.name());
+    out += fmt::format(R"(","healthy":{},"in_flight":{}}})", b.healthy(), b.in_flight());
+  }
+  out += "]}";
+  return out;
+}
+
+std::string ClientSession::models_body() const {
+  const auto& set = w_.shared.backends;
+  std::vector<std::pair<std::string, std::string>> models;  // id, owner
+  for (std::size_t i = 0; i < set.size(); ++i) {
+    const auto& b = set[i];
+    if (!b.healthy()) continue;
+    auto list = b.lists_models() ? b.config().models : b.discovered_models();
+    for (auto& m : list) {
+      bool seen = false;
+      for (auto& [id, owner] : models) seen = seen || id == m;
+      if (!seen) models.emplace_back(std::move(m), b.name());
+    }
+  }
+  std::string out = R"({"object":"list","data":[)";
+  for (std::size_t i = 0; i < models.size(); ++i) {
+    if (i) out += ',';
+    out += R"({"id":")";
+    http::append_json_escaped(out, models[i].first);
+    out += R"(","object":"model","created":0,"owned_by":")";
+    http::append_json_escaped(out, models[i].second);
+    out += "\"}";
+  }
+  out += "]}";
+  return out;
+}
+
+asio::awaitable<bool> ClientSession::handle_request() {
+  const auto& cfg = w_.shared.cfg;
+  RequestContext ctx;
+  bhttp::request_parser<bhttp::string_body> parser;
+  parser.header_limit(static_cast<std::uint32_t>(cfg.server.max_header_size));
+  parser.body_limit(cfg.server.max_body_size);
+
+  stream_.expires_after(cfg.timeouts.client_header);
+  auto [hec, hn] = co_await bhttp::async_read_header(stream_, buffer_, parser, use_nothrow);
+  if (hec) {
+    if (hec == bhttp::error::header_limit) {
+      ctx.method = "-";
+      ctx.path = "-";
+      ctx.request_id = w_.ids.next();
+      co_await send_error(ctx, http::errors::headers_too_large,
+                          "The request headers are larger than server.max_header_size.", false);
+    } else if (hec != bhttp::error::end_of_stream && hec != beast::error::timeout &&
+               hec != asio::error::operation_aborted && hec != asio::error::eof &&
+               hec != asio::error::connection_reset) {
+      ctx.method = "-";
+      ctx.path = "-";
+      ctx.request_id = w_.ids.next();
+      co_await send_error(ctx, http::errors::invalid_request,
+                          "Malformed HTTP request: " + hec.message(), false);
+    }
+    co_return false;
+  }
+
+  auto& req = parser.get();
+  ctx.method = std::string(req.method_string());
+  std::string_view target = req.target();
+  std::string_view path = target.substr(0, target.find('?'));
+  ctx.path = std::string(path);
+  if (auto cid = req["X-Request-Id"]; acceptable_client_request_id(cid)) {
+    ctx.request_id = std::string(cid);
+  } else {
+    ctx.request_id = w_.ids.next();
+  }
+  bool keep_alive = req.keep_alive();
+  Route route = route_for(path);
+  bool body_pending = !parser.is_done();
+
+  if (route == Route::unknown) {
+    co_return co_await send_error(ctx, http::errors::not_found,
+                                  fmt::format("Unknown path {}.", ctx.path.substr(0, 200)),
+                                  keep_alive && !body_pending);
+  }
+  bool llm_route = route == Route::chat || route == Route::completions || route == Route::embeddings;
+  if (llm_route && req.method() != bhttp::verb::post) {
+    co_return co_await send_error(
+        ctx, http::errors::method_not_allowed,
+        fmt::format("Method {} is not allowed on {}; use POST.", ctx.method, ctx.path),
+        keep_alive && !body_pending, "POST");
+  }
+  if (!llm_route) {
+    if (req.method() != bhttp::verb::get) {
+      co_return co_await send_error(
+          ctx, http::errors::method_not_allowed,
+          fmt::format("Method {} is not allowed on {}; use GET.", ctx.method, ctx.path),
+          keep_alive && !body_pending, "GET");
+    }
+    if (route == Route::models) {
+      co_return co_await send_simple(ctx, 200, models_body(), keep_alive && !body_pending);
+    }
+    if (route == Route::health) {
+      co_return co_await send_simple(ctx, 200, health_body(false), keep_alive && !body_pending);
+    }
+    bool ready = w_.shared.backends.healthy_count() > 0 &&
+                 !w_.shared.draining.load(std::memory_order_relaxed);
+    if (ready) co_return co_await send_simple(ctx, 200, health_body(true), keep_alive && !body_pending);
+    co_return co_await send_error(ctx, http::errors::no_healthy_backend,
+                                  w_.shared.draining ? "The gateway is shutting down."
+                                                     : "No healthy backend is available.",
+                                  keep_alive && !body_pending);
+  }
+
+  // LLM endpoints: read the whole body (bounded), with room for simdjson's padding.
+  if (auto len = parser.content_length(); len && *len > cfg.server.max_body_size) {
+    co_return co_await send_error(
+        ctx, http::errors::body_too_large,
+        fmt::format("The request body ({} bytes) is larger than the limit of {} bytes.", *len,
+                    cfg.server.max_body_size),
+        false);
+  } else if (len) {
+    req.body().reserve(*len + simdjson::SIMDJSON_PADDING);
+  }
+  if (iequals(req[bhttp::field::expect], "100-continue") && !parser.is_done()) {
+    static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+    stream_.expires_after(cfg.timeouts.client_header);
+    auto [cec, cn] = co_await asio::async_write(stream_, asio::buffer(kContinue), use_nothrow);
+    if (cec) co_return false;
+  }
+  req.erase(bhttp::field::expect);
+  while (!parser.is_done()) {
+    stream_.expires_after(cfg.timeouts.client_header);
+    auto [bec, bn] = co_await bhttp::async_read_some(stream_, buffer_, parser, use_nothrow);
+    if (bec == bhttp::error::body_limit) {
+      co_return co_await send_error(
+          ctx, http::errors::body_too_large,
+          fmt::format("The request body is larger than the limit of {} bytes.",
+                      cfg.server.max_body_size),
+          false);
+    }
+    if (bec) {
+      ctx.finish = "client_disconnected";
+      ctx.status = 0;
+      log(ctx);
+      co_return false;
+    }
+  }
+  ctx.bytes_in = req.body().size();
+
+  auto endpoint = route == Route::chat          ? llm::Endpoint::chat_completions
+                  : route == Route::completions ? llm::Endpoint::completions
+                                                : llm::Endpoint::embeddings;
+  llm::InspectError ierr;
+  const auto& body = req.body();
+  bool padded = body.capacity() >= body.size() + simdjson::SIMDJSON_PADDING;
+  if (!w_.inspector.inspect(endpoint, body, padded, ctx.info, ierr)) {
+    co_return co_await send_error(ctx, ierr.spec, ierr.message, keep_alive);
+  }
+  co_return co_await proxy(req, ctx, keep_alive);
+}
+
+void ClientSession::arm_watch() {
+  watch_.client_gone = false;
+  watch_.upstream = nullptr;
+  watch_.pending = true;
+  HangupWatch* watch = &watch_;
+  stream_.socket().async_wait(tcp::socket::wait_read, [watch, this](error_code ec) {
+    watch->pending = false;
+    if (!ec) {
+      char b;
+      ssize_t n = ::recv(stream_.socket().native_handle(), &b, 1, MSG_PEEK | MSG_DONTWAIT);
+      bool gone = n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+      if (gone) {
+        watch->client_gone = true;
+        if (watch->upstream) watch->upstream->close();
+      }
+      // Bytes (a pipelined request) leave the watch disarmed: a hang-up is then seen on write.
+    }
+    watch->done.cancel();
+  });
+}
+
+asio::awaitable<void> ClientSession::disarm_watch() {
+  watch_.upstream = nullptr;
+  if (!watch_.pending) co_return;
+  error_code ec;
+  stream_.socket().cancel(ec);
+  while (watch_.pending) {
+    watch_.done.expires_at(Clock::time_point::max());
+    co_await watch_.done.async_wait(use_nothrow);
+  }
+}
+
+void ClientSession::record_passive(const lb::Backend& b, bool ok) {
+  // Passive results only feed health when active checks run: they alone can bring a
+  // backend back, so without them a passive "down" would be permanent.
+  const auto& hc = w_.shared.cfg.health_check;
+  if (!hc.enabled) return;
+  auto& backend = const_cast<lb::Backend&>(b);
+  if (ok) {
+    if (backend.consecutive_failures() != 0) backend.record_success(hc.healthy_threshold);
+  } else if (backend.record_failure(hc.unhealthy_threshold)) {
+    log_line("warn", "backend {} marked unhealthy after {} consecutive failures", b.name(),
+             b.consecutive_failures());
+  }
+}
+
+asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bool keep_alive) {
+  const auto& cfg = w_.shared.cfg;
+  // Rewrite the client's request in place into the upstream request (no copy of the body).
+  strip_hop_by_hop(req.base());
+  std::string xff(req["X-Forwarded-For"]);
+  xff = xff.empty() ? client_ip_ : xff + ", " + client_ip_;
+  req.set("X-Forwarded-For", xff);
+  req.set("X-Forwarded-Proto", "http");
+  req.set("X-Request-Id", ctx.request_id);
+  req.version(11);
+  req.keep_alive(true);
+  req.content_length(req.body().size());
+  const std::string client_target(req.target());
+
+  std::array<std::size_t, 16> tried{};
+  std::size_t ntried = 0;
+  std::string last_error;
+  arm_watch();
+  bool client_keep_alive = keep_alive;
+  for (int i = 0; i <= cfg.load_balancing.max_retries; ++i) {
+    if (watch_.client_gone) break;
+    auto pick = w_.balancer.pick(ctx.info.model, std::span(tried.data(), ntried));
+    if (!pick.backend) {
+      co_await disarm_watch();
+      if (i > 0) {
+        co_return co_await send_error(ctx, http::errors::bad_gateway,
+                                      "No backend could be reached: " + last_error, keep_alive);
+      }
+      if (pick.error == lb::PickError::no_backend_for_model) {
+        co_return co_await send_error(
+            ctx, http::errors::model_not_found,
+            fmt::format("The model '{}' does not exist or no backend serves it.",
+                        ctx.info.model.substr(0, 200)),
+            keep_alive);
+      }
+      co_return co_await send_error(ctx, http::errors::no_healthy_backend,
+                                    ctx.info.model.empty()
+                                        ? "No healthy backend is available."
+                                        : fmt::format("No healthy backend serves the model '{}'.",
+                                                      ctx.info.model.substr(0, 200)),
+                                    keep_alive);
+    }
+    lb::Backend& backend = *pick.backend;
+    tried[ntried++] = backend.index();
+    ctx.backend = &backend;
+    ++ctx.attempts;
+    const auto& base = backend.config().parsed.base_path;
+    if (!base.empty()) req.target(base + client_target);
+    req.set(bhttp::field::host, backend.config().parsed.authority());
+    lb::InFlightGuard in_flight(backend);
+    auto outcome = co_await attempt(backend, req, ctx, keep_alive, client_keep_alive, last_error);
+    if (outcome == Attempt::done) {
+      co_await disarm_watch();
+      log(ctx);
+      co_return client_keep_alive;
+    }
+  }
+  co_await disarm_watch();
+  if (watch_.client_gone) {
+    ctx.finish = "client_disconnected";
+    ctx.status = 499;
+    log(ctx);
+    co_return false;
+  }
+  co_return co_await send_error(ctx, http::errors::bad_gateway,
+                                "The backend could not be reached: " + last_error, keep_alive);
+}
+
+asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& backend, Request& req,
+                                                               RequestContext& ctx,
+                                                               bool keep_alive,
+                                                               bool& client_keep_alive,
+                                                               std::string& error) {
+  const auto& cfg = w_.shared.cfg;
+  std::unique_ptr<UpstreamConn> conn;
+  bhttp::response_parser<bhttp::buffer_body> rp;
+  rp.body_limit(boost::none);
+  rp.header_limit(kUpstreamHeaderLimit);
+
+  // Send, and read the response header. A pooled connection the backend closed meanwhile
+  // fails fast with EOF/reset and nothing received: retried once on a fresh connection to the
+  // same backend without counting against it.
+  for (int fresh_retry = 0;; ++fresh_retry) {
+    conn = w_.take_idle(backend.index());
+    if (!conn) {
+      auto cr = co_await connect_backend(w_, backend);
+      if (watch_.client_gone) co_return Attempt::retry;
+      if (!cr.conn) {
+        error = fmt::format("{}: connect: {}", backend.name(),
+                            cr.timed_out ? "timed out" : cr.ec.message());
+        record_passive(backend, false);
+        co_return Attempt::retry;
+      }
+      conn = std::move(cr.conn);
+    }
+    watch_.upstream = conn.get();
+    conn->tcp().expires_after(cfg.timeouts.stream_idle);
+    auto [wec, wn] = co_await upstream_write(*conn, req);
+    if (watch_.client_gone) co_return Attempt::retry;
+    if (wec) {
+      watch_.upstream = nullptr;
+      conn->close();
+      if (conn->reused && fresh_retry == 0) continue;
+      error = fmt::format("{}: send: {}", backend.name(), wec.message());
+      record_passive(backend, false);
+      co_return Attempt::retry;
+    }
+    conn->tcp().expires_after(cfg.timeouts.first_byte);
+    auto [hec, hn] = co_await upstream_read_header(*conn, rp);
+    if (watch_.client_gone) co_return Attempt::retry;
+    if (hec) {
+      watch_.upstream = nullptr;
+      conn->close();
+      if (hec == beast::error::timeout) {
+        record_passive(backend, false);
+        ctx.finish = "timeout";
+        client_keep_alive = co_await send_error(
+            ctx, http::errors::gateway_timeout,
+            fmt::format("The backend did not answer within {} ms.", cfg.timeouts.first_byte.count()),
+            keep_alive);
+        co_return Attempt::done;
+      }
+      if (conn->reused && fresh_retry == 0 &&
+          (hec == bhttp::error::end_of_stream || hec == asio::error::connection_reset)) {
+        continue;
+      }
+      error = fmt::format("{}: {}", backend.name(), hec.message());
+      record_passive(backend, false);
+      co_return Attempt::retry;
+    }
+    break;
+  }
+  ctx.ttfb_ms = ms_since(ctx.start);
+  // From here on the response belongs to the client: no retry.
+  auto& up = rp.get();
+  const unsigned status = up.result_int();
+  record_passive(backend, status < 500);
+  req.body().clear();
+  req.body().shrink_to_fit();
+
+  bhttp::response<bhttp::buffer_body> res{up.result(), 11};
+  res.reason(up.reason());
+  for (const auto& f : up.base()) {
+    if (!is_hop_by_hop(f.name_string())) res.base().insert(f.name(), f.name_string(), f.value());
+  }
+  res.set("X-Request-Id", ctx.request_id);
+  bool is_stream = beast::iequals(up[bhttp::field::content_type].substr(0, 17), "text/event-stream");
+  if (is_stream) res.set("X-Accel-Buffering", "no");
+  bool draining = w_.shared.draining.load(std::memory_order_relaxed);
+  client_keep_alive = keep_alive && !draining;
+  if (auto cl = rp.content_length()) {
+    res.content_length(*cl);
+  } else if (!rp.is_done()) {
+    res.chunked(true);
+  } else {
+    res.content_length(0);
+  }
+  res.keep_alive(client_keep_alive);
+  res.body().data = nullptr;
+  res.body().more = true;
+  ctx.status = status;
+
+  bhttp::response_serializer<bhttp::buffer_body> sr{res};
+  stream_.expires_after(cfg.timeouts.stream_idle);
+  auto [whec, whn] = co_await bhttp::async_write_header(stream_, sr, use_nothrow);
+  bool client_ok = !whec;
+  bool upstream_ok = true;
+  std::array<char, kRelayBufferSize> relay;
+  while (client_ok && !rp.is_done()) {
+    rp.get().body().data = relay.data();
+    rp.get().body().size = relay.size();
+    conn->tcp().expires_after(cfg.timeouts.stream_idle);
+    auto [rec, rn] = co_await upstream_read_some(*conn, rp);
+    if (rec == bhttp::error::need_buffer) rec = {};
+    if (rec || watch_.client_gone) {
+      upstream_ok = false;
+      if (watch_.client_gone) {
+        client_ok = false;
+      } else if (rec == beast::error::timeout) {
+        ctx.finish = "timeout";
+      } else {
+        ctx.finish = "upstream_error";
+      }
+      break;
+    }
+    std::size_t n = relay.size() - rp.get().body().size;
+    if (n == 0) continue;
+    res.body().data = relay.data();
+    res.body().size = n;
+    res.body().more = true;
+    stream_.expires_after(cfg.timeouts.stream_idle);
+    auto [cwec, cwn] = co_await bhttp::async_write(stream_, sr, use_nothrow);
+    if (cwec == bhttp::error::need_buffer) cwec = {};
+    if (cwec) {
+      client_ok = false;
+      break;
+    }
+    ctx.bytes_out += n;
+  }
+  if (client_ok && upstream_ok) {
+    res.body().data = nullptr;
+    res.body().size = 0;
+    res.body().more = false;
+    stream_.expires_after(cfg.timeouts.stream_idle);
+    auto [fec, fn] = co_await bhttp::async_write(stream_, sr, use_nothrow);
+    if (fec) client_ok = false;
+  }
+  watch_.upstream = nullptr;
+  if (!client_ok) {
+    ctx.finish = "client_disconnected";
+    client_keep_alive = false;
+  }
+  if (!upstream_ok) {
+    // The response is cut: the client must see a truncated message, never a clean end.
+    client_keep_alive = false;
+    error_code ec;
+    stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
+  }
+  if (upstream_ok && rp.is_done() && rp.keep_alive() && !watch_.client_gone) {
+    conn->tcp().expires_never();
+    w_.put_idle(std::move(conn));
+  } else {
+    conn->close();
+  }
+  co_return Attempt::done;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Accepting.
+
+asio::awaitable<void> run_session(Worker* w, tcp::socket socket) {
+  w->connections.fetch_add(1, std::memory_order_relaxed);
+  {
+    ClientSession session(*w, std::move(socket));
+    co_await session.run();
+  }
+  w->connections.fetch_sub(1, std::memory_order_relaxed);
+}
+
+asio::awaitable<void> accept_loop(Worker* w) {
+  const auto limit = std::max<std::int64_t>(
+      1, w->shared.cfg.server.max_connections / std::max(1, w->shared.cfg.effective_workers()));
+  asio::steady_timer backoff(w->ioc);
+  for (;;) {
+    if (w->connections.load(std::memory_order_relaxed) >= limit) {
+      // At the connection limit new connections wait in the kernel's backlog.
+      backoff.expires_after(std::chrono::milliseconds(10));
+      co_await backoff.async_wait(use_nothrow);
+      if (!w->acceptor.is_open()) co_return;
+      continue;
+    }
+    auto [ec, socket] = co_await w->acceptor.async_accept(use_nothrow);
+    if (ec) {
+      if (ec == asio::error::operation_aborted || !w->acceptor.is_open()) co_return;
+      // Out of descriptors (EMFILE) and the like: back off instead of spinning.
+      backoff.expires_after(std::chrono::milliseconds(50));
+      co_await backoff.async_wait(use_nothrow);
+      continue;
+    }
+    asio::co_spawn(w->ioc, run_session(w, std::move(socket)), asio::detached);
+  }
+}
+
+asio::awaitable<void> housekeeping_loop(Worker* w) {
+  for (;;) {
+    w->housekeeping.expires_after(std::chrono::milliseconds(250));
+    auto [ec] = co_await w->housekeeping.async_wait(use_nothrow);
+    if (ec) co_return;
+    w->log.flush();
+    w->sweep_idle();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Active health checks (control thread): GET {path} on a fresh connection every interval.
+
+struct ProbeResult {
+  bool ok = false;
+  unsigned status = 0;
+  std::string body;
+  std::string error;
+};
+
+asio::awaitable<ProbeResult> probe(asio::io_context& ioc, Shared& shared, const lb::Backend& b,
+                                   std::string path, std::chrono::milliseconds timeout) {
+  ProbeResult out;
+  const auto& url = b.config().parsed;
+  auto ex = ioc.get_executor();
+  std::vector<tcp::endpoint> endpoints;
+  error_code ec;
+  auto addr = asio::ip::make_address(url.host, ec);
+  if (!ec) {
+    endpoints.emplace_back(addr, url.port);
+  } else {
+    tcp::resolver resolver(ex);
+    auto [rec, results] =
+        co_await resolver.async_resolve(url.host, std::to_string(url.port), use_nothrow);
+    if (rec) {
+      out.error = rec.message();
+      co_return out;
+    }
+    for (const auto& r : results) endpoints.push_back(r.endpoint());
+  }
+  std::unique_ptr<UpstreamConn> conn;
+  if (url.tls) {
+    conn = std::make_unique<UpstreamConn>(ex, shared.tls, b.index());
+  } else {
+    conn = std::make_unique<UpstreamConn>(beast::tcp_stream(ex), b.index());
+  }
+  auto& ts = conn->tcp();
+  ts.expires_after(timeout);
+  auto [cec, ep] = co_await ts.async_connect(endpoints, use_nothrow);
+  if (cec) {
+    out.error = cec.message();
+    co_return out;
+  }
+  if (url.tls) {
+    auto& tls = std::get<UpstreamConn::Tls>(conn->stream);
+    SSL_set_tlsext_host_name(tls.native_handle(), url.host.c_str());
+    if (shared.cfg.upstream.tls_verify) {
+      tls.set_verify_mode(asio::ssl::verify_peer);
+      tls.set_verify_callback(asio::ssl::host_name_verification(url.host));
+    }
+    auto [hec] = co_await tls.async_handshake(asio::ssl::stream_base::client, use_nothrow);
+    if (hec) {
+      out.error = hec.message();
+      co_return out;
+    }
+  }
+  bhttp::request<bhttp::empty_body> req{bhttp::verb::get, url.base_path + path, 11};
+  req.set(bhttp::field::host, url.authority());
+  req.set(bhttp::field::user_agent, "llmproxy-health-check");
+  req.keep_alive(false);
+  auto [wec, wn] = co_await upstream_write(*conn, req);
+  if (wec) {
+    out.error = wec.message();
+    co_return out;
+  }
+  bhttp::response_parser<bhttp::string_body> rp;
+  rp.body_limit(1024 * 1024);
+  auto [rec, rn] = co_await upstream_read(*conn, rp);
+  conn->close();
+  if (rec) {
+    out.error = rec.message();
+    co_return out;
+  }
+  out.status = rp.get().result_int();
+  out.ok = out.status >= 200 && out.status < 300;
+  if (!out.ok) out.error = fmt::format("status {}", out.status);
+  out.body = std::move(rp.get().body());
+  co_return out;
+}
+
+std::vector<std::string> parse_model_ids(const std::string& body) {
+  std::vector<std::string> ids;
+  simdjson::dom::parser parser;
+  simdjson::dom::element doc;
+  if (parser.parse(body).get(doc)) return ids;
+  simdjson::dom::array data;
+  if (doc["data"].get_array().get(data)) return ids;
+  for (auto item : data) {
+    std::string_view id;
+    if (!item["id"].get_string().get(id)) ids.emplace_back(id);
+  }
+  return ids;
+}
+
+asio::awaitable<void> health_loop(asio::io_context* ioc, Shared* shared, lb::Backend* b) {
+  const auto& hc = shared->cfg.health_check;
+  asio::steady_timer timer(*ioc);
+  for (std::uint64_t round = 0;; ++round) {
+    auto result = co_await probe(*ioc, *shared, *b, hc.path, hc.timeout);
+    b->set_last_check(unix_ms_now());
+    if (result.ok) {
+      if (b->record_success(hc.healthy_threshold)) {
+        log_line("info", "backend {} is healthy again", b->name());
+      }
+      if (!b->lists_models() && (round % 6 == 0 || b->discovered_models().empty())) {
+        auto models = co_await probe(*ioc, *shared, *b, "/v1/models", hc.timeout);
+        if (models.ok) b->set_discovered_models(parse_model_ids(models.body));
+      }
+    } else if (b->record_failure(hc.unhealthy_threshold)) {
+      log_line("warn", "backend {} marked unhealthy: health check failed: {}", b->name(),
+               result.error);
+    }
+    timer.expires_after(hc.interval);
+    co_await timer.async_wait(use_nothrow);
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+struct Gateway::Impl {
+  explicit Impl(config::Config cfg) : shared(std::move(cfg)) {}
+  Shared shared;
+  std::vector<std::unique_ptr<Worker>> workers;
+  asio::io_context control{1};
+};
+
+Gateway::Gateway(config::Config config) : impl_(std::make_unique<Impl>(std::move(config))) {}
+Gateway::~Gateway() = default;
+
+int Gateway::run() {
+  auto& shared = impl_->shared;
+  const auto& cfg = shared.cfg;
+  ::signal(SIGPIPE, SIG_IGN);
+
+  // Upstream TLS: system trust store (or the configured CA file), peer verification on.
+  error_code ec;
+  if (!cfg.upstream.ca_file.empty()) {
+    shared.tls.load_verify_file(cfg.upstream.ca_file, ec);
+  } else {
+    shared.tls.set_default_verify_paths(ec);
+  }
+  if (ec) log_line("warn", "TLS trust store: {}", ec.message());
+
+  const int nworkers = cfg.effective_workers();
+  auto address = asio::ip::make_address(cfg.listen.host, ec);
+  if (ec) {
+    log_line("error", "listen address {}: {}", cfg.listen.host, ec.message());
+    return 1;
+  }
+  tcp::endpoint endpoint(address, cfg.listen.port);
+  for (int i = 0; i < nworkers; ++i) {
+    impl_->workers.push_back(std::make_unique<Worker>(shared, i));
+    auto& acc = impl_->workers.back()->acceptor;
+    acc.open(endpoint.protocol(), ec);
+    if (!ec) acc.set_option(tcp::acceptor::reuse_address(true), ec);
+    if (!ec) {
+      int one = 1;
+      if (::setsockopt(acc.native_handle(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) {
+        ec = error_code(errno, boost::system::system_category());
+      }
+    }
+    if (!ec) acc.bind(endpoint, ec);
+    if (!ec) acc.listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) {
+      log_line("error", "cannot listen on {}: {}", cfg.listen.to_string(), ec.message());
+      return 1;
+    }
+    if (i == 0) endpoint.port(acc.local_endpoint().port());  // port 0: the others follow
+  }
+
+  for (auto& wp : impl_->workers) {
+    Worker* w = wp.get();
+    asio::co_spawn(w->ioc, accept_loop(w), asio::detached);
+    asio::co_spawn(w->ioc, housekeeping_loop(w), asio::detached);
+    w->thread = std::thread([w] {
+      w->ioc.run();
+      w->log.flush();
+    });
+  }
+  if (cfg.health_check.enabled) {
+    for (std::size_t i = 0; i < shared.backends.size(); ++i) {
+      asio::co_spawn(impl_->control, health_loop(&impl_->control, &shared, &shared.backends[i]),
+                     asio::detached);
+    }
+  }
+
+  std::string host = cfg.listen.host.find(':') != std::string::npos ? "[" + cfg.listen.host + "]"
+                                                                     : cfg.listen.host;
+  std::printf("llmproxy: listening on http://%s:%u (%d workers, %zu backends)\n", host.c_str(),
+              static_cast<unsigned>(endpoint.port()), nworkers, shared.backends.size());
+  std::fflush(stdout);
+  if (cfg.usage_hook.enabled) {
+    log_line("warn",
+             "usage_hook is configured but usage metering is not implemented in this build yet; "
+             "no usage records are sent");
+  }
+
+  // Shutdown: first signal drains, a second one stops at once.
+  asio::signal_set signals(impl_->control, SIGINT, SIGTERM);
+  asio::steady_timer drain_timer(impl_->control);
+  bool stopping = false;
+  Clock::time_point drain_deadline{};
+  std::function<void(error_code, int)> on_signal;
+  std::function<void(error_code)> on_drain_tick;
+  auto stop_all = [&] {
+    for (auto& wp : impl_->workers) wp->ioc.stop();
+    impl_->control.stop();
+  };
+  on_drain_tick = [&](error_code) {
+    std::int64_t open = 0;
+    for (auto& wp : impl_->workers) open += wp->connections.load();
+    if (open == 0 || Clock::now() >= drain_deadline) {
+      if (open > 0) log_line("warn", "drain timeout: closing {} connections", open);
+      stop_all();
+      return;
+    }
+    drain_timer.expires_after(std::chrono::milliseconds(20));
+    drain_timer.async_wait(on_drain_tick);
+  };
+  on_signal = [&](error_code sec, int signo) {
+    if (sec) return;
+    if (stopping) {
+      log_line("warn", "second signal: stopping now");
+      stop_all();
+      return;
+    }
+    stopping = true;
+    log_line("info", "signal {}: draining (up to {} ms)", signo, cfg.server.drain_timeout.count());
+    shared.draining.store(true);
+    for (auto& wp : impl_->workers) {
+      Worker* w = wp.get();
+      asio::post(w->ioc, [w] { w->begin_drain(); });
+    }
+    drain_deadline = Clock::now() + cfg.server.drain_timeout;
+    drain_timer.expires_after(std::chrono::milliseconds(10));
+    drain_timer.async_wait(on_drain_tick);
+    signals.async_wait(on_signal);
+  };
+  signals.async_wait(on_signal);
+  impl_->control.run();
+  for (auto& wp : impl_->workers) {
+    wp->ioc.stop();
+    if (wp->thread.joinable()) wp->thread.join();
+  }
+  log_line("info", "stopped");
+  return 0;
+}
+
+}  // namespace llmproxy::proxy
