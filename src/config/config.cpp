@@ -150,8 +150,7 @@ class Reader {
     out = v;
   }
 
-  void boolean(const YAML::Node& parent, std::string_view key, const std::string& path,
-               bool& out) {
+  void boolean(const YAML::Node& parent, std::string_view key, const std::string& path, bool& out) {
     if (!has(parent, key)) return;
     auto n = parent[std::string(key)];
     auto p = join(path, key);
@@ -191,8 +190,8 @@ class Reader {
     if (!scalar(n, p, "a size such as 512KiB or 10MiB")) return;
     auto s = parse_size(n.Scalar());
     if (!s) {
-      error(n.Mark(), p, "expected a size such as 4096, 512KiB, 10MiB or 1MB, got \"" +
-                             n.Scalar() + "\"");
+      error(n.Mark(), p,
+            "expected a size such as 4096, 512KiB, 10MiB or 1MB, got \"" + n.Scalar() + "\"");
       return;
     }
     if (*s < min) {
@@ -236,7 +235,9 @@ void read_backends(Reader& r, const YAML::Node& root, Config& c) {
     } else {
       r.string(node, "url", path, b.url);
       std::string why;
-      if (!b.url.empty()) {
+      if (b.url.empty() && node["url"].IsScalar()) {
+        r.error(node["url"].Mark(), path + ".url", "must not be empty");
+      } else if (!b.url.empty()) {
         if (auto u = parse_url(b.url, &why)) {
           b.parsed = *u;
         } else {
@@ -299,10 +300,9 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
       r.error(root["listen"].Mark(), "listen", why + ", got \"" + text + "\"");
     }
   }
-  if (auto n = root["server"];
-      r.map(n, "server",
-            {"workers", "max_body_size", "max_header_size", "max_connections", "drain_timeout",
-             "access_log"})) {
+  if (auto n = root["server"]; r.map(n, "server",
+                                     {"workers", "max_body_size", "max_header_size",
+                                      "max_connections", "drain_timeout", "access_log"})) {
     r.integer(n, "workers", "server", c.server.workers, 0, 256);
     r.size(n, "max_body_size", "server", c.server.max_body_size, 1024);
     r.size(n, "max_header_size", "server", c.server.max_header_size, 1024);
@@ -310,17 +310,15 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
     r.duration(n, "drain_timeout", "server", c.server.drain_timeout);
     r.boolean(n, "access_log", "server", c.server.access_log);
   }
-  if (auto n = root["timeouts"]; r.map(n, "timeouts",
-                                       {"connect", "first_byte", "stream_idle", "client_header",
-                                        "keepalive"})) {
+  if (auto n = root["timeouts"]; r.map(
+          n, "timeouts", {"connect", "first_byte", "stream_idle", "client_header", "keepalive"})) {
     r.duration(n, "connect", "timeouts", c.timeouts.connect, Millis{1});
     r.duration(n, "first_byte", "timeouts", c.timeouts.first_byte, Millis{1});
     r.duration(n, "stream_idle", "timeouts", c.timeouts.stream_idle, Millis{1});
     r.duration(n, "client_header", "timeouts", c.timeouts.client_header, Millis{1});
     r.duration(n, "keepalive", "timeouts", c.timeouts.keepalive, Millis{1});
   }
-  if (auto n = root["load_balancing"];
-      r.map(n, "load_balancing", {"strategy", "max_retries"})) {
+  if (auto n = root["load_balancing"]; r.map(n, "load_balancing", {"strategy", "max_retries"})) {
     if (Reader::has(n, "strategy")) {
       std::string s;
       r.string(n, "strategy", "load_balancing", s);
@@ -342,14 +340,14 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
     r.boolean(n, "tls_verify", "upstream", c.upstream.tls_verify);
     r.string(n, "ca_file", "upstream", c.upstream.ca_file);
     if (!c.upstream.ca_file.empty() && !std::ifstream(c.upstream.ca_file).good()) {
-      r.error(n["ca_file"].Mark(), "upstream.ca_file", "cannot read \"" + c.upstream.ca_file + "\"");
+      r.error(n["ca_file"].Mark(), "upstream.ca_file",
+              "cannot read \"" + c.upstream.ca_file + "\"");
     }
   }
   read_backends(r, root, c);
-  if (auto n = root["health_check"];
-      r.map(n, "health_check",
-            {"enabled", "interval", "path", "timeout", "unhealthy_threshold",
-             "healthy_threshold"})) {
+  if (auto n = root["health_check"]; r.map(
+          n, "health_check",
+          {"enabled", "interval", "path", "timeout", "unhealthy_threshold", "healthy_threshold"})) {
     r.boolean(n, "enabled", "health_check", c.health_check.enabled);
     r.duration(n, "interval", "health_check", c.health_check.interval, Millis{10});
     r.string(n, "path", "health_check", c.health_check.path);
@@ -360,8 +358,7 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
     r.integer(n, "unhealthy_threshold", "health_check", c.health_check.unhealthy_threshold, 1, 100);
     r.integer(n, "healthy_threshold", "health_check", c.health_check.healthy_threshold, 1, 100);
   }
-  if (auto n = root["usage_hook"];
-      r.map(n, "usage_hook", {"enabled", "url", "timeout", "retry"})) {
+  if (auto n = root["usage_hook"]; r.map(n, "usage_hook", {"enabled", "url", "timeout", "retry"})) {
     r.boolean(n, "enabled", "usage_hook", c.usage_hook.enabled);
     r.string(n, "url", "usage_hook", c.usage_hook.url);
     r.duration(n, "timeout", "usage_hook", c.usage_hook.timeout, Millis{1});
@@ -413,7 +410,8 @@ std::optional<Url> parse_url(std::string_view text, std::string* error) {
     return std::nullopt;
   }
   std::string_view host = authority, port;
-  if (!authority.empty() && authority.front() == '[') {
+  bool bracketed = !authority.empty() && authority.front() == '[';
+  if (bracketed) {
     auto close = authority.find(']');
     if (close == std::string_view::npos) {
       *error = "unterminated IPv6 address in URL";
@@ -445,8 +443,8 @@ std::optional<Url> parse_url(std::string_view text, std::string* error) {
     return std::nullopt;
   }
   for (char ch : host) {
-    bool ok = std::isalnum(static_cast<unsigned char>(ch)) || ch == '.' || ch == '-' ||
-              ch == '_' || ch == ':';
+    bool ok = std::isalnum(static_cast<unsigned char>(ch)) || ch == '.' || ch == '-' || ch == '_' ||
+              (bracketed && ch == ':');
     if (!ok) {
       *error = "invalid character in URL host";
       return std::nullopt;
@@ -459,6 +457,15 @@ std::optional<Url> parse_url(std::string_view text, std::string* error) {
       return std::nullopt;
     }
     u.port = *p;
+  }
+  for (char ch : path) {
+    // RFC 3986 path characters: unreserved, percent-encoded, sub-delims, ':', '@', '/'.
+    bool ok = std::isalnum(static_cast<unsigned char>(ch)) ||
+              std::string_view("-._~%!$&'()*+,;=:@/").find(ch) != std::string_view::npos;
+    if (!ok) {
+      *error = "invalid character in URL path";
+      return std::nullopt;
+    }
   }
   u.host = std::string(host);
   while (!path.empty() && path.back() == '/') path.remove_suffix(1);

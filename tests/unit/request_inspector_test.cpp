@@ -1,0 +1,468 @@
+// Unit tests for the request path's small pieces: the request body inspector
+// (llm/request_inspector.h), OpenAI-shaped error bodies (http/errors.h) and request ids
+// (proxy/request_id.h).
+#include "llm/request_inspector.h"
+
+#include <gtest/gtest.h>
+#include <simdjson.h>
+
+#include <regex>
+#include <set>
+#include <string>
+#include <string_view>
+
+#include "http/errors.h"
+#include "proxy/request_id.h"
+
+namespace llmproxy {
+namespace {
+
+using llm::Endpoint;
+using llm::InspectError;
+using llm::RequestInfo;
+using llm::RequestInspector;
+
+struct Outcome {
+  bool ok = false;
+  RequestInfo info;
+  InspectError error;
+};
+
+Outcome inspect(std::string_view body, Endpoint endpoint = Endpoint::chat_completions) {
+  RequestInspector insp(1 << 20);
+  Outcome out;
+  out.ok = insp.inspect(endpoint, body, /*padded=*/false, out.info, out.error);
+  return out;
+}
+
+bool same_spec(const http::ErrorSpec& a, const http::ErrorSpec& b) {
+  return a.status == b.status && a.type == b.type && a.code == b.code;
+}
+
+// The body must be refused with the given spec (and a message).
+::testing::AssertionResult refused(std::string_view body, const http::ErrorSpec& spec,
+                                   Endpoint endpoint = Endpoint::chat_completions) {
+  Outcome o = inspect(body, endpoint);
+  if (o.ok) return ::testing::AssertionFailure() << "accepted: " << body;
+  if (!same_spec(o.error.spec, spec)) {
+    return ::testing::AssertionFailure()
+           << "refused with " << o.error.spec.status << " " << o.error.spec.code << ", expected "
+           << spec.status << " " << spec.code << " (" << o.error.message << ")";
+  }
+  if (o.error.spec.status != 400) {
+    return ::testing::AssertionFailure() << "status " << o.error.spec.status;
+  }
+  if (o.error.message.empty()) return ::testing::AssertionFailure() << "empty message";
+  return ::testing::AssertionSuccess();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fields
+
+TEST(RequestInspector, StreamFlag) {
+  Outcome t = inspect(R"({"model":"m","stream":true})");
+  ASSERT_TRUE(t.ok) << t.error.message;
+  EXPECT_TRUE(t.info.stream);
+
+  Outcome f = inspect(R"({"model":"m","stream":false})");
+  ASSERT_TRUE(f.ok) << f.error.message;
+  EXPECT_FALSE(f.info.stream);
+
+  Outcome absent = inspect(R"({"model":"m"})");
+  ASSERT_TRUE(absent.ok) << absent.error.message;
+  EXPECT_FALSE(absent.info.stream);
+
+  Outcome null = inspect(R"({"model":"m","stream":null})");
+  ASSERT_TRUE(null.ok) << null.error.message;
+  EXPECT_FALSE(null.info.stream);
+}
+
+TEST(RequestInspector, ModelAndUserExtracted) {
+  Outcome o = inspect(R"({
+    "model": "meta-llama/Llama-3-8b-Instruct",
+    "messages": [{"role": "user", "content": "hi"}],
+    "user": "alice@example.com",
+    "temperature": 0.2
+  })");
+  ASSERT_TRUE(o.ok) << o.error.message;
+  EXPECT_EQ(o.info.model, "meta-llama/Llama-3-8b-Instruct");
+  EXPECT_EQ(o.info.user, "alice@example.com");
+  EXPECT_FALSE(o.info.stream);
+  EXPECT_FALSE(o.info.include_usage);
+}
+
+TEST(RequestInspector, AbsentFieldsStayEmpty) {
+  Outcome o = inspect(R"({"messages":[]})");
+  ASSERT_TRUE(o.ok) << o.error.message;
+  EXPECT_EQ(o.info.model, "");
+  EXPECT_EQ(o.info.user, "");
+  Outcome null_user = inspect(R"({"model":"m","user":null})");
+  ASSERT_TRUE(null_user.ok) << null_user.error.message;
+  EXPECT_EQ(null_user.info.user, "");
+  Outcome empty_object = inspect("{}");
+  ASSERT_TRUE(empty_object.ok) << empty_object.error.message;
+}
+
+TEST(RequestInspector, FieldsInsideMessagesAreNotMistakenForTopLevel) {
+  Outcome o = inspect(
+      R"({"messages":[{"role":"user","content":"x","model":"inner","stream":true}],"model":"outer"})");
+  ASSERT_TRUE(o.ok) << o.error.message;
+  EXPECT_EQ(o.info.model, "outer");
+  EXPECT_FALSE(o.info.stream);
+}
+
+TEST(RequestInspector, IncludeUsageFromStreamOptions) {
+  Outcome yes = inspect(R"({"model":"m","stream":true,"stream_options":{"include_usage":true}})");
+  ASSERT_TRUE(yes.ok) << yes.error.message;
+  EXPECT_TRUE(yes.info.include_usage);
+  EXPECT_TRUE(yes.info.stream);
+
+  Outcome no = inspect(R"({"model":"m","stream":true,"stream_options":{"include_usage":false}})");
+  ASSERT_TRUE(no.ok) << no.error.message;
+  EXPECT_FALSE(no.info.include_usage);
+
+  Outcome empty = inspect(R"({"model":"m","stream":true,"stream_options":{}})");
+  ASSERT_TRUE(empty.ok) << empty.error.message;
+  EXPECT_FALSE(empty.info.include_usage);
+
+  Outcome absent = inspect(R"({"model":"m","stream":true})");
+  ASSERT_TRUE(absent.ok) << absent.error.message;
+  EXPECT_FALSE(absent.info.include_usage);
+
+  Outcome null = inspect(R"({"model":"m","stream":true,"stream_options":null})");
+  ASSERT_TRUE(null.ok) << null.error.message;
+  EXPECT_FALSE(null.info.include_usage);
+
+  Outcome wrong =
+      inspect(R"({"model":"m","stream":true,"stream_options":{"include_usage":"yes"}})");
+  ASSERT_TRUE(wrong.ok) << wrong.error.message;
+  EXPECT_FALSE(wrong.info.include_usage);
+}
+
+TEST(RequestInspector, UnicodeEscapesInModel) {
+  Outcome o = inspect(R"({"model":"caf\u00e9-\ud83d\ude00-\"q\""})");
+  ASSERT_TRUE(o.ok) << o.error.message;
+  EXPECT_EQ(o.info.model, "caf\xc3\xa9-\xf0\x9f\x98\x80-\"q\"");
+  Outcome raw = inspect("{\"model\":\"\xe6\xa8\xa1\xe5\x9e\x8b\"}");
+  ASSERT_TRUE(raw.ok) << raw.error.message;
+  EXPECT_EQ(raw.info.model, "\xe6\xa8\xa1\xe5\x9e\x8b");
+}
+
+TEST(RequestInspector, DeeplyNestedButValidBody) {
+  std::string nested;
+  for (int i = 0; i < 200; ++i) nested += R"({"a":[)";
+  nested += "1";
+  for (int i = 0; i < 200; ++i) nested += "]}";
+  const std::string body = R"({"model":"deep","metadata":)" + nested + R"(,"stream":true})";
+  Outcome o = inspect(body);
+  ASSERT_TRUE(o.ok) << o.error.message;
+  EXPECT_EQ(o.info.model, "deep");
+  EXPECT_TRUE(o.info.stream);
+}
+
+TEST(RequestInspector, WhitespaceAroundTheObjectIsFine) {
+  Outcome o = inspect(" \n\t{\"model\" : \"m\" , \"stream\" : true }\r\n ");
+  ASSERT_TRUE(o.ok) << o.error.message;
+  EXPECT_EQ(o.info.model, "m");
+  EXPECT_TRUE(o.info.stream);
+}
+
+TEST(RequestInspector, EndpointsOtherThanEmbeddingsMayStream) {
+  Outcome completions =
+      inspect(R"({"model":"m","prompt":"x","stream":true})", Endpoint::completions);
+  ASSERT_TRUE(completions.ok) << completions.error.message;
+  EXPECT_TRUE(completions.info.stream);
+  Outcome embeddings = inspect(R"({"model":"e","input":"x","stream":false})", Endpoint::embeddings);
+  ASSERT_TRUE(embeddings.ok) << embeddings.error.message;
+  EXPECT_EQ(embeddings.info.model, "e");
+  EXPECT_FALSE(embeddings.info.stream);
+}
+
+TEST(RequestInspector, EndpointNames) {
+  EXPECT_EQ(llm::to_string(Endpoint::chat_completions), "/v1/chat/completions");
+  EXPECT_EQ(llm::to_string(Endpoint::completions), "/v1/completions");
+  EXPECT_EQ(llm::to_string(Endpoint::embeddings), "/v1/embeddings");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refusals
+
+TEST(RequestInspectorRefuses, InvalidJson) {
+  EXPECT_TRUE(refused(R"({"model":"m","messages":[{"role":"user")", http::errors::invalid_json));
+  EXPECT_TRUE(refused(R"({"model":"m"} trailing)", http::errors::invalid_json));
+  EXPECT_TRUE(refused(R"({"model":"m"}{})", http::errors::invalid_json));
+  EXPECT_TRUE(refused("{bad", http::errors::invalid_json));
+  EXPECT_TRUE(refused(R"({"model":"m",})", http::errors::invalid_json));
+  EXPECT_TRUE(refused(R"({'model':'m'})", http::errors::invalid_json));
+  EXPECT_TRUE(refused("{\"model\":\"a\xff\"}", http::errors::invalid_json)) << "invalid UTF-8";
+  EXPECT_TRUE(refused(R"({"model":"m","n":01})", http::errors::invalid_json));
+  Outcome o = inspect("{bad");
+  EXPECT_NE(o.error.message.find("not valid JSON"), std::string::npos) << o.error.message;
+  EXPECT_EQ(o.error.spec.code, "invalid_json");
+  EXPECT_EQ(o.error.spec.type, "invalid_request_error");
+}
+
+TEST(RequestInspectorRefuses, EmptyBody) {
+  EXPECT_TRUE(refused("", http::errors::invalid_json));
+  Outcome o = inspect("");
+  EXPECT_NE(o.error.message.find("empty"), std::string::npos) << o.error.message;
+  EXPECT_TRUE(refused("   ", http::errors::invalid_json));
+}
+
+TEST(RequestInspectorRefuses, NonObjectBodies) {
+  for (const char* body : {"[1]", R"("str")", "3", "null", "true", "[]"}) {
+    SCOPED_TRACE(body);
+    EXPECT_TRUE(refused(body, http::errors::invalid_request));
+    Outcome o = inspect(body);
+    EXPECT_NE(o.error.message.find("JSON object"), std::string::npos) << o.error.message;
+  }
+}
+
+TEST(RequestInspectorRefuses, StreamOfWrongType) {
+  for (const char* body : {R"({"model":"m","stream":"yes"})", R"({"model":"m","stream":1})",
+                           R"({"model":"m","stream":{}})", R"({"model":"m","stream":[true]})"}) {
+    SCOPED_TRACE(body);
+    EXPECT_TRUE(refused(body, http::errors::invalid_request));
+    Outcome o = inspect(body);
+    EXPECT_NE(o.error.message.find("'stream'"), std::string::npos) << o.error.message;
+  }
+}
+
+TEST(RequestInspectorRefuses, ModelNotAString) {
+  for (const char* body : {R"({"model":42})", R"({"model":["m"]})", R"({"model":{"id":"m"}})",
+                           R"({"model":true})", R"({"model":null})"}) {
+    SCOPED_TRACE(body);
+    EXPECT_TRUE(refused(body, http::errors::invalid_request));
+    Outcome o = inspect(body);
+    EXPECT_NE(o.error.message.find("'model'"), std::string::npos) << o.error.message;
+  }
+}
+
+TEST(RequestInspectorRefuses, UserNotAString) {
+  EXPECT_TRUE(refused(R"({"model":"m","user":7})", http::errors::invalid_request));
+}
+
+TEST(RequestInspectorRefuses, StreamingEmbeddings) {
+  EXPECT_TRUE(refused(R"({"model":"e","input":"x","stream":true})", http::errors::invalid_request,
+                      Endpoint::embeddings));
+  Outcome o = inspect(R"({"model":"e","input":"x","stream":true})", Endpoint::embeddings);
+  EXPECT_NE(o.error.message.find("Embeddings"), std::string::npos) << o.error.message;
+}
+
+TEST(RequestInspectorRefuses, BodyLargerThanTheParserCapacity) {
+  RequestInspector insp(64);
+  RequestInfo info;
+  InspectError err;
+  const std::string body = R"({"model":"m","input":")" + std::string(200, 'x') + R"("})";
+  EXPECT_FALSE(insp.inspect(Endpoint::embeddings, body, false, info, err));
+  EXPECT_EQ(err.spec.status, 400u);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Padded input and parser reuse
+
+TEST(RequestInspector, PaddedBodyGivesTheSameResult) {
+  const std::string_view json =
+      R"({"model":"m-1","user":"u","stream":true,"stream_options":{"include_usage":true}})";
+  std::string padded;
+  padded.reserve(json.size() + simdjson::SIMDJSON_PADDING);
+  padded.assign(json);
+  ASSERT_GE(padded.capacity(), padded.size() + simdjson::SIMDJSON_PADDING);
+
+  RequestInspector insp(1 << 20);
+  RequestInfo a, b;
+  InspectError ea, eb;
+  ASSERT_TRUE(insp.inspect(Endpoint::chat_completions, padded, /*padded=*/true, a, ea))
+      << ea.message;
+  ASSERT_TRUE(insp.inspect(Endpoint::chat_completions, json, /*padded=*/false, b, eb))
+      << eb.message;
+  EXPECT_EQ(a.model, "m-1");
+  EXPECT_EQ(a.user, "u");
+  EXPECT_TRUE(a.stream);
+  EXPECT_TRUE(a.include_usage);
+  EXPECT_EQ(a.model, b.model);
+  EXPECT_EQ(a.user, b.user);
+  EXPECT_EQ(a.stream, b.stream);
+  EXPECT_EQ(a.include_usage, b.include_usage);
+}
+
+TEST(RequestInspector, PaddedInvalidBodyIsRefusedToo) {
+  const std::string_view json = R"({"model":"m",)";
+  std::string padded;
+  padded.reserve(json.size() + simdjson::SIMDJSON_PADDING);
+  padded.assign(json);
+  RequestInspector insp(1 << 20);
+  RequestInfo info;
+  InspectError err;
+  EXPECT_FALSE(insp.inspect(Endpoint::chat_completions, padded, /*padded=*/true, info, err));
+  EXPECT_TRUE(same_spec(err.spec, http::errors::invalid_json));
+}
+
+TEST(RequestInspector, ParserIsReusableAcrossRequests) {
+  RequestInspector insp(1 << 20);
+  const std::string big = R"({"model":"big","input":")" + std::string(100'000, 'y') + R"("})";
+  const std::string_view bodies[] = {R"({"model":"first"})", big, "{bad", R"({"model":"last"})"};
+  const char* models[] = {"first", "big", "", "last"};
+  const bool oks[] = {true, true, false, true};
+  for (int i = 0; i < 4; ++i) {
+    SCOPED_TRACE(i);
+    RequestInfo info;
+    InspectError err;
+    EXPECT_EQ(insp.inspect(Endpoint::chat_completions, bodies[i], false, info, err), oks[i]);
+    if (oks[i]) {
+      EXPECT_EQ(info.model, models[i]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// error_body
+
+struct ParsedError {
+  std::string message, type, code;
+  bool param_is_null = false;
+};
+
+ParsedError parse_error_body(const std::string& body) {
+  simdjson::dom::parser parser;
+  simdjson::dom::element root;
+  ParsedError out;
+  auto err = parser.parse(body).get(root);
+  EXPECT_FALSE(err) << "not JSON: " << body;
+  if (err) return out;
+  simdjson::dom::object error;
+  EXPECT_FALSE(root["error"].get_object().get(error)) << body;
+  std::string_view s;
+  EXPECT_FALSE(error["message"].get_string().get(s)) << body;
+  out.message = std::string(s);
+  EXPECT_FALSE(error["type"].get_string().get(s)) << body;
+  out.type = std::string(s);
+  EXPECT_FALSE(error["code"].get_string().get(s)) << body;
+  out.code = std::string(s);
+  simdjson::dom::element param;
+  EXPECT_FALSE(error["param"].get(param)) << "param missing: " << body;
+  out.param_is_null = param.is_null();
+  return out;
+}
+
+TEST(ErrorBody, ShapeOfTheOpenAiSdks) {
+  const std::string body = http::error_body(http::errors::model_not_found, "No such model.");
+  EXPECT_EQ(body, R"({"error":{"message":"No such model.","type":"invalid_request_error",)"
+                  R"("param":null,"code":"model_not_found"}})");
+  ParsedError e = parse_error_body(body);
+  EXPECT_EQ(e.message, "No such model.");
+  EXPECT_EQ(e.type, "invalid_request_error");
+  EXPECT_EQ(e.code, "model_not_found");
+  EXPECT_TRUE(e.param_is_null);
+}
+
+TEST(ErrorBody, EscapesQuotesBackslashesAndControlCharacters) {
+  const std::string message = std::string("say \"hi\" \\ path C:\\x\nline2\r\tend ") + '\x01' +
+                              '\x1f' + '\0' + " caf\xc3\xa9";
+  const std::string body = http::error_body(http::errors::bad_gateway, message);
+  EXPECT_NE(body.find(R"(\"hi\")"), std::string::npos) << body;
+  EXPECT_NE(body.find(R"(C:\\x)"), std::string::npos) << body;
+  EXPECT_NE(body.find(R"(\n)"), std::string::npos) << body;
+  EXPECT_NE(body.find(R"(\r)"), std::string::npos) << body;
+  EXPECT_NE(body.find(R"(\t)"), std::string::npos) << body;
+  EXPECT_NE(body.find(R"(\u0001)"), std::string::npos) << body;
+  EXPECT_NE(body.find(R"(\u001f)"), std::string::npos) << body;
+  EXPECT_NE(body.find(R"(\u0000)"), std::string::npos) << body;
+  for (char ch : body) {
+    EXPECT_GE(static_cast<unsigned char>(ch), 0x20u) << "raw control character in " << body;
+  }
+  ParsedError e = parse_error_body(body);
+  EXPECT_EQ(e.message, message) << "the message must survive the round trip byte for byte";
+  EXPECT_EQ(e.type, "server_error");
+  EXPECT_EQ(e.code, "upstream_error");
+  EXPECT_TRUE(e.param_is_null);
+}
+
+TEST(ErrorBody, EveryWellKnownSpecIsValidJson) {
+  const http::ErrorSpec specs[] = {
+      http::errors::invalid_json,       http::errors::invalid_request,
+      http::errors::not_found,          http::errors::model_not_found,
+      http::errors::method_not_allowed, http::errors::request_timeout,
+      http::errors::body_too_large,     http::errors::headers_too_large,
+      http::errors::bad_gateway,        http::errors::no_healthy_backend,
+      http::errors::shutting_down,      http::errors::gateway_timeout,
+  };
+  for (const auto& spec : specs) {
+    SCOPED_TRACE(spec.code);
+    ParsedError e = parse_error_body(http::error_body(spec, ""));
+    EXPECT_EQ(e.message, "");
+    EXPECT_EQ(e.type, spec.type);
+    EXPECT_EQ(e.code, spec.code);
+    EXPECT_TRUE(e.param_is_null);
+    EXPECT_GE(spec.status, 400u);
+    EXPECT_LT(spec.status, 600u);
+  }
+}
+
+TEST(ErrorBody, AppendJsonEscapedAppends) {
+  std::string out = "prefix:";
+  http::append_json_escaped(out, "a\"b\\c\x7f");
+  EXPECT_EQ(out, "prefix:a\\\"b\\\\c\x7f");
+}
+
+TEST(ErrorBody, InspectorMessagesMakeValidBodies) {
+  Outcome o = inspect(R"({"model":"m"} "x")");
+  ASSERT_FALSE(o.ok);
+  ParsedError e = parse_error_body(http::error_body(o.error.spec, o.error.message));
+  EXPECT_EQ(e.message, o.error.message);
+  EXPECT_EQ(e.code, "invalid_json");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request ids
+
+TEST(RequestId, UniqueAndWellFormed) {
+  proxy::RequestIdGenerator gen;
+  const std::regex shape("^req_[0-9a-f]{24}$");
+  std::set<std::string> seen;
+  for (int i = 0; i < 1000; ++i) {
+    std::string id = gen.next();
+    EXPECT_TRUE(std::regex_match(id, shape)) << id;
+    EXPECT_TRUE(seen.insert(id).second) << "duplicate " << id;
+  }
+  EXPECT_EQ(seen.size(), 1000u);
+}
+
+TEST(RequestId, OneGeneratorSharesAPrefixAndCounts) {
+  proxy::RequestIdGenerator gen;
+  std::string first = gen.next();
+  std::string second = gen.next();
+  EXPECT_EQ(first.substr(0, 20), second.substr(0, 20));
+  EXPECT_EQ(first.substr(20), "00000000");
+  EXPECT_EQ(second.substr(20), "00000001");
+  for (int i = 2; i < 17; ++i) gen.next();
+  EXPECT_EQ(gen.next().substr(20), "00000011");
+}
+
+TEST(RequestId, TwoGeneratorsDifferInPrefix) {
+  proxy::RequestIdGenerator one;
+  proxy::RequestIdGenerator two;
+  const std::string a = one.next();
+  const std::string b = two.next();
+  EXPECT_NE(a.substr(4, 16), b.substr(4, 16));
+  EXPECT_NE(a, b);
+}
+
+TEST(RequestId, AcceptableClientIds) {
+  EXPECT_TRUE(proxy::acceptable_client_request_id("abc-123"));
+  EXPECT_TRUE(proxy::acceptable_client_request_id("x"));
+  EXPECT_TRUE(proxy::acceptable_client_request_id(std::string(128, 'a')));
+  EXPECT_TRUE(proxy::acceptable_client_request_id("!~{}[]:;/._=+"));
+  EXPECT_FALSE(proxy::acceptable_client_request_id(""));
+  EXPECT_FALSE(proxy::acceptable_client_request_id(std::string(129, 'a')));
+  EXPECT_FALSE(proxy::acceptable_client_request_id("abc 123"));
+  EXPECT_FALSE(proxy::acceptable_client_request_id(" abc"));
+  EXPECT_FALSE(proxy::acceptable_client_request_id("abc\t"));
+  EXPECT_FALSE(proxy::acceptable_client_request_id("abc\r\nX-Injected: 1"));
+  EXPECT_FALSE(proxy::acceptable_client_request_id(std::string("a\0b", 3)));
+  EXPECT_FALSE(proxy::acceptable_client_request_id("a\x7f"));
+  EXPECT_FALSE(proxy::acceptable_client_request_id("caf\xc3\xa9"));
+}
+
+}  // namespace
+}  // namespace llmproxy
