@@ -76,42 +76,44 @@ std::int64_t unix_ms_now() {
       .count();
 }
 
-bool iequals(std::string_view a, std::string_view b) { return beast::iequals(a, b); }
+bool iequals(std::string_view a, std::string_view b) {
+  return beast::iequals(a, b);
+}
 
 // Hop-by-hop headers (RFC 9110 7.6.1) plus the legacy ones proxies must not forward.
 bool is_hop_by_hop(std::string_view name) {
   static constexpr std::string_view kNames[] = {
-      "connection", "keep-alive",        "proxy-authenticate", "proxy-authorization",
-      "te",         "trailer",           "transfer-encoding",  "upgrade",
-      "proxy-connection"};
+      "connection",          "keep-alive", "proxy-authenticate",
+      "proxy-authorization", "te",         "trailer",
+      "transfer-encoding",   "upgrade",    "proxy-connection"};
   for (auto n : kNames) {
     if (iequals(n, name)) return true;
   }
   return false;
 }
 
-// Removes the headers named in Connection, then the fixed hop-by-hop set.
+// Does the Connection header value `connection` list the header `name` (a comma-separated,
+// case-insensitive token list)?
+bool connection_lists(std::string_view connection, std::string_view name) {
+  while (!connection.empty()) {
+    auto comma = connection.find(',');
+    auto token = connection.substr(0, comma);
+    connection =
+        comma == std::string_view::npos ? std::string_view{} : connection.substr(comma + 1);
+    while (!token.empty() && (token.front() == ' ' || token.front() == '\t'))
+      token.remove_prefix(1);
+    while (!token.empty() && (token.back() == ' ' || token.back() == '\t')) token.remove_suffix(1);
+    if (iequals(token, name)) return true;
+  }
+  return false;
+}
+
+// Removes the headers named in Connection and the fixed hop-by-hop set.
 template <class Fields>
 void strip_hop_by_hop(Fields& fields) {
-  auto conn = fields[bhttp::field::connection];
-  if (!conn.empty()) {
-    std::string listed(conn);
-    std::size_t pos = 0;
-    while (pos < listed.size()) {
-      auto comma = listed.find(',', pos);
-      auto token = std::string_view(listed).substr(pos, comma == std::string::npos ? listed.npos
-                                                                                   : comma - pos);
-      while (!token.empty() && (token.front() == ' ' || token.front() == '\t')) token.remove_prefix(1);
-      while (!token.empty() && (token.back() == ' ' || token.back() == '\t')) token.remove_suffix(1);
-      if (!token.empty() && !iequals(token, "close") && !iequals(token, "keep-alive")) {
-        fields.erase(token);
-      }
-      if (comma == std::string::npos) break;
-      pos = comma + 1;
-    }
-  }
+  const std::string connection(fields[bhttp::field::connection]);
   for (auto it = fields.begin(); it != fields.end();) {
-    if (is_hop_by_hop(it->name_string())) {
+    if (is_hop_by_hop(it->name_string()) || connection_lists(connection, it->name_string())) {
       it = fields.erase(it);
     } else {
       ++it;
@@ -139,7 +141,8 @@ struct UpstreamConn {
   using Plain = beast::tcp_stream;
   using Tls = beast::ssl_stream<beast::tcp_stream>;
 
-  UpstreamConn(Plain s, std::size_t b) : stream(std::in_place_type<Plain>, std::move(s)), backend(b) {}
+  UpstreamConn(Plain s, std::size_t b)
+      : stream(std::in_place_type<Plain>, std::move(s)), backend(b) {}
   UpstreamConn(asio::any_io_executor ex, asio::ssl::context& ctx, std::size_t b)
       : stream(std::in_place_type<Tls>, ex, ctx), backend(b) {}
 
@@ -327,8 +330,7 @@ asio::awaitable<ConnectResult> connect_backend(Worker& w, const lb::Backend& bac
 // Small Beast operations dispatched on the connection's stream type. Only these are
 // instantiated twice (plain, TLS), not the whole lifecycle.
 template <class Message>
-asio::awaitable<std::tuple<error_code, std::size_t>> upstream_write(UpstreamConn& c,
-                                                                     Message& msg) {
+asio::awaitable<std::tuple<error_code, std::size_t>> upstream_write(UpstreamConn& c, Message& msg) {
   auto op = std::visit([&](auto& s) { return bhttp::async_write(s, msg, use_nothrow); }, c.stream);
   co_return co_await std::move(op);
 }
@@ -344,8 +346,8 @@ asio::awaitable<std::tuple<error_code, std::size_t>> upstream_read_header(Upstre
 template <class Parser>
 asio::awaitable<std::tuple<error_code, std::size_t>> upstream_read_some(UpstreamConn& c,
                                                                         Parser& p) {
-  auto op = std::visit(
-      [&](auto& s) { return bhttp::async_read_some(s, c.buffer, p, use_nothrow); }, c.stream);
+  auto op = std::visit([&](auto& s) { return bhttp::async_read_some(s, c.buffer, p, use_nothrow); },
+                       c.stream);
   co_return co_await std::move(op);
 }
 
@@ -425,13 +427,19 @@ class ClientSession {
   enum class Attempt { done, retry };
   asio::awaitable<Attempt> attempt(lb::Backend& backend, Request& req, RequestContext& ctx,
                                    bool keep_alive, bool& client_keep_alive, std::string& error);
-  asio::awaitable<bool> send_simple(RequestContext& ctx, unsigned status, std::string body,
-                                    bool keep_alive, std::string_view allow = {});
-  asio::awaitable<bool> send_error(RequestContext& ctx, const http::ErrorSpec& spec,
-                                   std::string_view message, bool keep_alive,
-                                   std::string_view allow = {}) {
-    return send_simple(ctx, spec.status, http::error_body(spec, message), keep_alive, allow);
+  // A response the gateway writes itself. Built into a named local before the co_await that
+  // sends it: GCC 12 can destroy temporaries of a co_await full-expression twice.
+  struct Reply {
+    unsigned status = 200;
+    std::string body;
+    bool keep_alive = true;
+    std::string_view allow;
+  };
+  static Reply error_reply(const http::ErrorSpec& spec, std::string_view message, bool keep_alive,
+                           std::string_view allow = {}) {
+    return Reply{spec.status, http::error_body(spec, message), keep_alive, allow};
   }
+  asio::awaitable<bool> send(RequestContext& ctx, Reply& reply);
   std::string health_body(bool ready_check) const;
   std::string models_body() const;
 
@@ -474,8 +482,22 @@ asio::awaitable<void> ClientSession::run() {
     bool keep_alive = co_await handle_request();
     if (!keep_alive) break;
   }
+  // Lingering close: a client may still be sending (a refused body, a pipelined request).
+  // Closing with unread bytes makes the kernel answer with RST, which can destroy our last
+  // response before the client has read it; so half-close, then drain briefly until EOF.
   error_code ec;
   stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+  if (!ec && stream_.socket().is_open()) {
+    auto deadline = Clock::now() + std::chrono::seconds(1);
+    std::size_t drained = 0;
+    while (drained < (1u << 20)) {
+      buffer_.clear();
+      stream_.expires_at(deadline);
+      auto [rec, n] = co_await stream_.async_read_some(buffer_.prepare(4096), use_nothrow);
+      if (rec) break;
+      drained += n;
+    }
+  }
   stream_.close();
 }
 
@@ -499,18 +521,16 @@ void ClientSession::log(const RequestContext& ctx) {
   w_.log.write(e);
 }
 
-asio::awaitable<bool> ClientSession::send_simple(RequestContext& ctx, unsigned status,
-                                                 std::string body, bool keep_alive,
-                                                 std::string_view allow) {
-  bhttp::response<bhttp::string_body> res{static_cast<bhttp::status>(status), 11};
+asio::awaitable<bool> ClientSession::send(RequestContext& ctx, Reply& reply) {
+  bhttp::response<bhttp::string_body> res{static_cast<bhttp::status>(reply.status), 11};
   res.set(bhttp::field::content_type, "application/json");
   if (!ctx.request_id.empty()) res.set("X-Request-Id", ctx.request_id);
-  if (!allow.empty()) res.set(bhttp::field::allow, allow);
-  keep_alive = keep_alive && !w_.shared.draining.load(std::memory_order_relaxed);
+  if (!reply.allow.empty()) res.set(bhttp::field::allow, reply.allow);
+  bool keep_alive = reply.keep_alive && !w_.shared.draining.load(std::memory_order_relaxed);
   res.keep_alive(keep_alive);
-  res.body() = std::move(body);
+  res.body() = std::move(reply.body);
   res.prepare_payload();
-  ctx.status = status;
+  ctx.status = reply.status;
   ctx.bytes_out = res.body().size();
   stream_.expires_after(w_.shared.cfg.timeouts.stream_idle);
   auto [ec, n] = co_await bhttp::async_write(stream_, res, use_nothrow);
@@ -574,20 +594,36 @@ asio::awaitable<bool> ClientSession::handle_request() {
   stream_.expires_after(cfg.timeouts.client_header);
   auto [hec, hn] = co_await bhttp::async_read_header(stream_, buffer_, parser, use_nothrow);
   if (hec) {
-    if (hec == bhttp::error::header_limit) {
+    if (hec == bhttp::error::body_limit) {
+      // Content-Length over the limit is detected with the header: refuse before the body.
       ctx.method = "-";
       ctx.path = "-";
       ctx.request_id = w_.ids.next();
-      co_await send_error(ctx, http::errors::headers_too_large,
-                          "The request headers are larger than server.max_header_size.", false);
+      std::string message = fmt::format("The request body is larger than the limit of {} bytes.",
+                                        cfg.server.max_body_size);
+      Reply reply = error_reply(http::errors::body_too_large, message, false);
+      co_await send(ctx, reply);
+    } else if (hec == bhttp::error::header_limit) {
+      ctx.method = "-";
+      ctx.path = "-";
+      ctx.request_id = w_.ids.next();
+      {
+        Reply reply =
+            error_reply(http::errors::headers_too_large,
+                        "The request headers are larger than server.max_header_size.", false);
+        co_await send(ctx, reply);
+      }
     } else if (hec != bhttp::error::end_of_stream && hec != beast::error::timeout &&
                hec != asio::error::operation_aborted && hec != asio::error::eof &&
                hec != asio::error::connection_reset) {
       ctx.method = "-";
       ctx.path = "-";
       ctx.request_id = w_.ids.next();
-      co_await send_error(ctx, http::errors::invalid_request,
-                          "Malformed HTTP request: " + hec.message(), false);
+      {
+        Reply reply = error_reply(http::errors::invalid_request,
+                                  "Malformed HTTP request: " + hec.message(), false);
+        co_await send(ctx, reply);
+      }
     }
     co_return false;
   }
@@ -607,46 +643,71 @@ asio::awaitable<bool> ClientSession::handle_request() {
   bool body_pending = !parser.is_done();
 
   if (route == Route::unknown) {
-    co_return co_await send_error(ctx, http::errors::not_found,
-                                  fmt::format("Unknown path {}.", ctx.path.substr(0, 200)),
-                                  keep_alive && !body_pending);
+    {
+      Reply reply = error_reply(http::errors::not_found,
+                                fmt::format("Unknown path {}.", ctx.path.substr(0, 200)),
+                                keep_alive && !body_pending);
+      co_return co_await send(ctx, reply);
+    }
   }
-  bool llm_route = route == Route::chat || route == Route::completions || route == Route::embeddings;
+  bool llm_route =
+      route == Route::chat || route == Route::completions || route == Route::embeddings;
   if (llm_route && req.method() != bhttp::verb::post) {
-    co_return co_await send_error(
-        ctx, http::errors::method_not_allowed,
-        fmt::format("Method {} is not allowed on {}; use POST.", ctx.method, ctx.path),
-        keep_alive && !body_pending, "POST");
+    {
+      Reply reply = error_reply(
+          http::errors::method_not_allowed,
+          fmt::format("Method {} is not allowed on {}; use POST.", ctx.method, ctx.path),
+          keep_alive && !body_pending, "POST");
+      co_return co_await send(ctx, reply);
+    }
   }
   if (!llm_route) {
     if (req.method() != bhttp::verb::get) {
-      co_return co_await send_error(
-          ctx, http::errors::method_not_allowed,
-          fmt::format("Method {} is not allowed on {}; use GET.", ctx.method, ctx.path),
-          keep_alive && !body_pending, "GET");
+      {
+        Reply reply = error_reply(
+            http::errors::method_not_allowed,
+            fmt::format("Method {} is not allowed on {}; use GET.", ctx.method, ctx.path),
+            keep_alive && !body_pending, "GET");
+        co_return co_await send(ctx, reply);
+      }
     }
     if (route == Route::models) {
-      co_return co_await send_simple(ctx, 200, models_body(), keep_alive && !body_pending);
+      {
+        Reply reply{200, models_body(), keep_alive && !body_pending};
+        co_return co_await send(ctx, reply);
+      }
     }
     if (route == Route::health) {
-      co_return co_await send_simple(ctx, 200, health_body(false), keep_alive && !body_pending);
+      {
+        Reply reply{200, health_body(false), keep_alive && !body_pending};
+        co_return co_await send(ctx, reply);
+      }
     }
     bool ready = w_.shared.backends.healthy_count() > 0 &&
                  !w_.shared.draining.load(std::memory_order_relaxed);
-    if (ready) co_return co_await send_simple(ctx, 200, health_body(true), keep_alive && !body_pending);
-    co_return co_await send_error(ctx, http::errors::no_healthy_backend,
-                                  w_.shared.draining ? "The gateway is shutting down."
-                                                     : "No healthy backend is available.",
-                                  keep_alive && !body_pending);
+    if (ready) {
+      Reply reply{200, health_body(true), keep_alive && !body_pending};
+      co_return co_await send(ctx, reply);
+    }
+    {
+      Reply reply = error_reply(
+          http::errors::no_healthy_backend,
+          w_.shared.draining ? "The gateway is shutting down." : "No healthy backend is available.",
+          keep_alive && !body_pending);
+      co_return co_await send(ctx, reply);
+    }
   }
 
   // LLM endpoints: read the whole body (bounded), with room for simdjson's padding.
   if (auto len = parser.content_length(); len && *len > cfg.server.max_body_size) {
-    co_return co_await send_error(
-        ctx, http::errors::body_too_large,
-        fmt::format("The request body ({} bytes) is larger than the limit of {} bytes.", *len,
-                    cfg.server.max_body_size),
-        false);
+    {
+      Reply reply = error_reply(
+          http::errors::body_too_large,
+          fmt::format("The request body ({} bytes) is larger than the limit of {} bytes.", *len,
+                      cfg.server.max_body_size),
+          false);
+      co_return co_await send(ctx, reply);
+    }
   } else if (len) {
     req.body().reserve(*len + simdjson::SIMDJSON_PADDING);
   }
@@ -661,11 +722,14 @@ asio::awaitable<bool> ClientSession::handle_request() {
     stream_.expires_after(cfg.timeouts.client_header);
     auto [bec, bn] = co_await bhttp::async_read_some(stream_, buffer_, parser, use_nothrow);
     if (bec == bhttp::error::body_limit) {
-      co_return co_await send_error(
-          ctx, http::errors::body_too_large,
-          fmt::format("The request body is larger than the limit of {} bytes.",
-                      cfg.server.max_body_size),
-          false);
+      {
+        Reply reply =
+            error_reply(http::errors::body_too_large,
+                        fmt::format("The request body is larger than the limit of {} bytes.",
+                                    cfg.server.max_body_size),
+                        false);
+        co_return co_await send(ctx, reply);
+      }
     }
     if (bec) {
       ctx.finish = "client_disconnected";
@@ -683,7 +747,10 @@ asio::awaitable<bool> ClientSession::handle_request() {
   const auto& body = req.body();
   bool padded = body.capacity() >= body.size() + simdjson::SIMDJSON_PADDING;
   if (!w_.inspector.inspect(endpoint, body, padded, ctx.info, ierr)) {
-    co_return co_await send_error(ctx, ierr.spec, ierr.message, keep_alive);
+    {
+      Reply reply = error_reply(ierr.spec, ierr.message, keep_alive);
+      co_return co_await send(ctx, reply);
+    }
   }
   co_return co_await proxy(req, ctx, keep_alive);
 }
@@ -759,22 +826,31 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
     if (!pick.backend) {
       co_await disarm_watch();
       if (i > 0) {
-        co_return co_await send_error(ctx, http::errors::bad_gateway,
-                                      "No backend could be reached: " + last_error, keep_alive);
+        {
+          Reply reply = error_reply(http::errors::bad_gateway,
+                                    "No backend could be reached: " + last_error, keep_alive);
+          co_return co_await send(ctx, reply);
+        }
       }
       if (pick.error == lb::PickError::no_backend_for_model) {
-        co_return co_await send_error(
-            ctx, http::errors::model_not_found,
-            fmt::format("The model '{}' does not exist or no backend serves it.",
-                        ctx.info.model.substr(0, 200)),
-            keep_alive);
+        {
+          Reply reply =
+              error_reply(http::errors::model_not_found,
+                          fmt::format("The model '{}' does not exist or no backend serves it.",
+                                      ctx.info.model.substr(0, 200)),
+                          keep_alive);
+          co_return co_await send(ctx, reply);
+        }
       }
-      co_return co_await send_error(ctx, http::errors::no_healthy_backend,
-                                    ctx.info.model.empty()
-                                        ? "No healthy backend is available."
-                                        : fmt::format("No healthy backend serves the model '{}'.",
-                                                      ctx.info.model.substr(0, 200)),
-                                    keep_alive);
+      {
+        Reply reply = error_reply(http::errors::no_healthy_backend,
+                                  ctx.info.model.empty()
+                                      ? "No healthy backend is available."
+                                      : fmt::format("No healthy backend serves the model '{}'.",
+                                                    ctx.info.model.substr(0, 200)),
+                                  keep_alive);
+        co_return co_await send(ctx, reply);
+      }
     }
     lb::Backend& backend = *pick.backend;
     tried[ntried++] = backend.index();
@@ -798,13 +874,15 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
     log(ctx);
     co_return false;
   }
-  co_return co_await send_error(ctx, http::errors::bad_gateway,
-                                "The backend could not be reached: " + last_error, keep_alive);
+  {
+    Reply reply = error_reply(http::errors::bad_gateway,
+                              "The backend could not be reached: " + last_error, keep_alive);
+    co_return co_await send(ctx, reply);
+  }
 }
 
 asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& backend, Request& req,
-                                                               RequestContext& ctx,
-                                                               bool keep_alive,
+                                                               RequestContext& ctx, bool keep_alive,
                                                                bool& client_keep_alive,
                                                                std::string& error) {
   const auto& cfg = w_.shared.cfg;
@@ -850,10 +928,13 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       if (hec == beast::error::timeout) {
         record_passive(backend, false);
         ctx.finish = "timeout";
-        client_keep_alive = co_await send_error(
-            ctx, http::errors::gateway_timeout,
-            fmt::format("The backend did not answer within {} ms.", cfg.timeouts.first_byte.count()),
-            keep_alive);
+        {
+          Reply reply = error_reply(http::errors::gateway_timeout,
+                                    fmt::format("The backend did not answer within {} ms.",
+                                                cfg.timeouts.first_byte.count()),
+                                    keep_alive);
+          client_keep_alive = co_await send(ctx, reply);
+        }
         co_return Attempt::done;
       }
       if (conn->reused && fresh_retry == 0 &&
@@ -876,11 +957,15 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
 
   bhttp::response<bhttp::buffer_body> res{up.result(), 11};
   res.reason(up.reason());
+  const std::string_view up_connection = up[bhttp::field::connection];
   for (const auto& f : up.base()) {
-    if (!is_hop_by_hop(f.name_string())) res.base().insert(f.name(), f.name_string(), f.value());
+    if (!is_hop_by_hop(f.name_string()) && !connection_lists(up_connection, f.name_string())) {
+      res.base().insert(f.name(), f.name_string(), f.value());
+    }
   }
   res.set("X-Request-Id", ctx.request_id);
-  bool is_stream = beast::iequals(up[bhttp::field::content_type].substr(0, 17), "text/event-stream");
+  bool is_stream =
+      beast::iequals(up[bhttp::field::content_type].substr(0, 17), "text/event-stream");
   if (is_stream) res.set("X-Accel-Buffering", "no");
   bool draining = w_.shared.draining.load(std::memory_order_relaxed);
   client_keep_alive = keep_alive && !draining;
@@ -1195,17 +1280,6 @@ int Gateway::run() {
     }
   }
 
-  std::string host = cfg.listen.host.find(':') != std::string::npos ? "[" + cfg.listen.host + "]"
-                                                                     : cfg.listen.host;
-  std::printf("llmproxy: listening on http://%s:%u (%d workers, %zu backends)\n", host.c_str(),
-              static_cast<unsigned>(endpoint.port()), nworkers, shared.backends.size());
-  std::fflush(stdout);
-  if (cfg.usage_hook.enabled) {
-    log_line("warn",
-             "usage_hook is configured but usage metering is not implemented in this build yet; "
-             "no usage records are sent");
-  }
-
   // Shutdown: first signal drains, a second one stops at once.
   asio::signal_set signals(impl_->control, SIGINT, SIGTERM);
   asio::steady_timer drain_timer(impl_->control);
@@ -1248,6 +1322,18 @@ int Gateway::run() {
     signals.async_wait(on_signal);
   };
   signals.async_wait(on_signal);
+  // Printed only now: a SIGTERM right after this line must find the handler installed.
+  std::string host = cfg.listen.host.find(':') != std::string::npos ? "[" + cfg.listen.host + "]"
+                                                                    : cfg.listen.host;
+  std::printf("llmproxy: listening on http://%s:%u (%d workers, %zu backends)\n", host.c_str(),
+              static_cast<unsigned>(endpoint.port()), nworkers, shared.backends.size());
+  std::fflush(stdout);
+  if (cfg.usage_hook.enabled) {
+    log_line("warn",
+             "usage_hook is configured but usage metering is not implemented in this build yet; "
+             "no usage records are sent");
+  }
+
   impl_->control.run();
   for (auto& wp : impl_->workers) {
     wp->ioc.stop();
