@@ -27,16 +27,9 @@
 //    client that goes away during a long delay is noticed at once, not at the next write.
 //  - Counters are per thread (no shared cache line on the hot path) and summed by /mock/stats.
 
-// Asio recycles coroutine frames and operation memory per thread, but by default keeps only 2
-// blocks per purpose; a request here nests deeper than that, so the rest would hit malloc on every
-// request. This binary is one translation unit, so setting it here cannot break the ODR.
-#ifndef BOOST_ASIO_RECYCLING_ALLOCATOR_CACHE_SIZE
-#define BOOST_ASIO_RECYCLING_ALLOCATOR_CACHE_SIZE 8
-#endif
-
-#include <simdjson.h>
 #include <fmt/core.h>
 #include <signal.h>
+#include <simdjson.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -103,10 +96,14 @@ std::optional<Flavor> parse_flavor(std::string_view s) {
 
 std::string_view flavor_name(Flavor f) {
   switch (f) {
-    case Flavor::kOpenAi: return "openai";
-    case Flavor::kVllm: return "vllm";
-    case Flavor::kTgi: return "tgi";
-    case Flavor::kLlamaCpp: return "llamacpp";
+    case Flavor::kOpenAi:
+      return "openai";
+    case Flavor::kVllm:
+      return "vllm";
+    case Flavor::kTgi:
+      return "tgi";
+    case Flavor::kLlamaCpp:
+      return "llamacpp";
   }
   return "openai";
 }
@@ -136,8 +133,9 @@ enum class Route : std::uint8_t {
 };
 constexpr std::size_t kRouteCount = 8;
 constexpr std::array<std::string_view, kRouteCount> kRoutePaths = {
-    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
-    "/health",              "/tokenize",       "/mock/stats",    "other",
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+    "/v1/models",           "/health",         "/tokenize",
+    "/mock/stats",          "other",
 };
 
 Route route_for(std::string_view path) {
@@ -161,7 +159,9 @@ struct alignas(64) Stats {
   std::array<std::atomic<std::uint64_t>, kRouteCount> by_path{};
 };
 
-void bump(std::atomic<std::uint64_t>& c) { c.fetch_add(1, std::memory_order_relaxed); }
+void bump(std::atomic<std::uint64_t>& c) {
+  c.fetch_add(1, std::memory_order_relaxed);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Small formatting helpers (append to a reused std::string, no temporaries)
@@ -181,11 +181,21 @@ void append_json_escaped(std::string& out, std::string_view s) {
     out.append(s.data() + start, i - start);
     start = i + 1;
     switch (ch) {
-      case '"': out.append("\\\""); break;
-      case '\\': out.append("\\\\"); break;
-      case '\n': out.append("\\n"); break;
-      case '\r': out.append("\\r"); break;
-      case '\t': out.append("\\t"); break;
+      case '"':
+        out.append("\\\"");
+        break;
+      case '\\':
+        out.append("\\\\");
+        break;
+      case '\n':
+        out.append("\\n");
+        break;
+      case '\r':
+        out.append("\\r");
+        break;
+      case '\t':
+        out.append("\\t");
+        break;
       default: {
         const char esc[6] = {'\\', 'u', '0', '0', kHex[ch >> 4], kHex[ch & 0xF]};
         out.append(esc, sizeof esc);
@@ -222,12 +232,20 @@ void append_error_json(std::string& out, std::string_view message, std::string_v
 
 std::string_view error_type_for_status(unsigned status) {
   switch (status) {
-    case 400: case 413: case 422: return "invalid_request_error";
-    case 401: return "authentication_error";
-    case 403: return "permission_error";
-    case 404: return "not_found_error";
-    case 429: return "rate_limit_error";
-    default: return status >= 500 ? "server_error" : "invalid_request_error";
+    case 400:
+    case 413:
+    case 422:
+      return "invalid_request_error";
+    case 401:
+      return "authentication_error";
+    case 403:
+      return "permission_error";
+    case 404:
+      return "not_found_error";
+    case 429:
+      return "rate_limit_error";
+    default:
+      return status >= 500 ? "server_error" : "invalid_request_error";
   }
 }
 
@@ -281,13 +299,26 @@ constexpr std::array<ControlName, 7> kControlNames = {{
 
 void set_control_int(Controls& c, ControlKey key, std::int64_t v) {
   switch (key) {
-    case ControlKey::kTokens: c.tokens = clamp64(v, 0, kMaxTokens); break;
-    case ControlKey::kTtftMs: c.ttft_ms = clamp64(v, 0, kMaxDelayMs); break;
-    case ControlKey::kDelayMs: c.delay_ms = clamp64(v, 0, kMaxDelayMs); break;
-    case ControlKey::kNoUsage: c.no_usage = v != 0; break;
-    case ControlKey::kStatus: c.status = v; break;
-    case ControlKey::kDropAfter: c.drop_after = v < 0 ? -1 : clamp64(v, 0, kMaxTokens); break;
-    case ControlKey::kFlavor: break;
+    case ControlKey::kTokens:
+      c.tokens = clamp64(v, 0, kMaxTokens);
+      break;
+    case ControlKey::kTtftMs:
+      c.ttft_ms = clamp64(v, 0, kMaxDelayMs);
+      break;
+    case ControlKey::kDelayMs:
+      c.delay_ms = clamp64(v, 0, kMaxDelayMs);
+      break;
+    case ControlKey::kNoUsage:
+      c.no_usage = v != 0;
+      break;
+    case ControlKey::kStatus:
+      c.status = v;
+      break;
+    case ControlKey::kDropAfter:
+      c.drop_after = v < 0 ? -1 : clamp64(v, 0, kMaxTokens);
+      break;
+    case ControlKey::kFlavor:
+      break;
   }
 }
 
@@ -320,13 +351,15 @@ struct Worker {
   Worker(Server& s, int i) : server(s), index(i), ioc(1), acceptor(ioc) {}
   Server& server;
   int index;
-  asio::io_context ioc;
-  tcp::acceptor acceptor;
-  simdjson::dom::parser json;  // reused by every request on this thread
+  // Declared before ioc on purpose: destroying ioc destroys the pending connection coroutines,
+  // whose destructors still update these.
   Stats stats;
   std::uint64_t next_id = 0;
-  std::uint64_t now_s = 1;                  // coarse clock, advanced by the reaper every second
-  Connection* connections = nullptr;        // intrusive list of live connections, for the reaper
+  std::uint64_t now_s = 1;            // coarse clock, advanced by the reaper every second
+  Connection* connections = nullptr;  // intrusive list of live connections, for the reaper
+  simdjson::dom::parser json;         // reused by every request on this thread
+  asio::io_context ioc;
+  tcp::acceptor acceptor;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -344,8 +377,10 @@ struct Connection {
     worker.connections = this;
   }
   ~Connection() {
-    if (prev) prev->next = next;
-    else worker.connections = next;
+    if (prev)
+      prev->next = next;
+    else
+      worker.connections = next;
     if (next) next->prev = prev;
   }
   Connection(const Connection&) = delete;
@@ -404,8 +439,8 @@ class RequestParser final : public http::basic_parser<true> {
   explicit RequestParser(Connection& c) : c_(c) {}
 
  private:
-  void on_request_impl(http::verb method, beast::string_view, beast::string_view target, int version,
-                       error_code&) override {
+  void on_request_impl(http::verb method, beast::string_view, beast::string_view target,
+                       int version, error_code&) override {
     c_.method = method;
     c_.version = static_cast<unsigned>(version);
     const std::string_view t(target.data(), target.size());
@@ -493,7 +528,8 @@ struct BodyInfo {
 
 std::optional<std::int64_t> json_int(simdjson::dom::element e) {
   switch (e.type()) {
-    case simdjson::dom::element_type::INT64: return std::int64_t(e.get_int64().value_unsafe());
+    case simdjson::dom::element_type::INT64:
+      return std::int64_t(e.get_int64().value_unsafe());
     case simdjson::dom::element_type::UINT64: {
       const std::uint64_t u = e.get_uint64().value_unsafe();
       return u > std::uint64_t(INT64_MAX) ? INT64_MAX : std::int64_t(u);
@@ -503,8 +539,10 @@ std::optional<std::int64_t> json_int(simdjson::dom::element e) {
       if (!(d > -9e18 && d < 9e18)) return std::nullopt;
       return static_cast<std::int64_t>(d);
     }
-    case simdjson::dom::element_type::BOOL: return e.get_bool().value_unsafe() ? 1 : 0;
-    default: return std::nullopt;
+    case simdjson::dom::element_type::BOOL:
+      return e.get_bool().value_unsafe() ? 1 : 0;
+    default:
+      return std::nullopt;
   }
 }
 
@@ -602,7 +640,8 @@ BodyError inspect_body(Connection& c, BodyInfo& info) {
       info.stream = json_truthy(v);
     } else if (key == "stream_options") {
       simdjson::dom::element x;
-      if (v.at_key("include_usage").get(x) == simdjson::SUCCESS) info.include_usage = json_truthy(x);
+      if (v.at_key("include_usage").get(x) == simdjson::SUCCESS)
+        info.include_usage = json_truthy(x);
       if (v.at_key("continuous_usage_stats").get(x) == simdjson::SUCCESS) {
         info.continuous_usage = json_truthy(x);
       }
@@ -636,7 +675,8 @@ void append_status_line(std::string& out, unsigned status) {
 
 void append_common_headers(Connection& c, bool keep_alive) {
   c.head.append(c.server.backend_header);
-  if (c.has_request_id) c.head.append("X-Mock-Saw-Request-Id: ").append(c.request_id).append("\r\n");
+  if (c.has_request_id)
+    c.head.append("X-Mock-Saw-Request-Id: ").append(c.request_id).append("\r\n");
   if (c.has_forwarded_for) {
     c.head.append("X-Mock-Saw-Forwarded-For: ").append(c.forwarded_for).append("\r\n");
   }
@@ -741,9 +781,9 @@ void append_usage(std::string& out, std::int64_t prompt, std::int64_t completion
 // llama.cpp's non-standard timing block; the values are derived from the configured delays.
 void append_timings(std::string& out, const Generation& g) {
   const double prompt_ms = g.ttft_ms > 0 ? double(g.ttft_ms) : 0.01;
-  const double predicted_ms =
-      g.completion_tokens > 0 ? std::max(0.01, double(g.delay_ms) * double(g.completion_tokens))
-                              : 0.01;
+  const double predicted_ms = g.completion_tokens > 0
+                                  ? std::max(0.01, double(g.delay_ms) * double(g.completion_tokens))
+                                  : 0.01;
   fmt::format_to(std::back_inserter(out),
                  R"("timings":{{"prompt_n":{},"prompt_ms":{:.3f},"prompt_per_token_ms":{:.3f},)"
                  R"("prompt_per_second":{:.3f},"predicted_n":{},"predicted_ms":{:.3f},)"
@@ -963,16 +1003,15 @@ void build_embeddings_body(Connection& c, const BodyInfo& info) {
 }
 
 // The error for a broken body; false when the body is usable.
-asio::awaitable<std::optional<Outcome>> reject_body(Connection& c, BodyError err,
-                                                    bool keep_alive) {
+asio::awaitable<std::optional<Outcome>> reject_body(Connection& c, BodyError err, bool keep_alive) {
   if (err == BodyError::kNone) co_return std::nullopt;
   bump(c.worker.stats.bad_requests);
   const bool invalid = err == BodyError::kInvalidJson;
-  const bool ok = co_await write_error(
-      c, 400,
-      invalid ? "We could not parse the JSON body of your request."
-              : "The request body must be a JSON object.",
-      "invalid_request_error", invalid ? "invalid_json" : "invalid_request", keep_alive);
+  const bool ok = co_await write_error(c, 400,
+                                       invalid ? "We could not parse the JSON body of your request."
+                                               : "The request body must be a JSON object.",
+                                       "invalid_request_error",
+                                       invalid ? "invalid_json" : "invalid_request", keep_alive);
   co_return (ok && keep_alive) ? Outcome::kKeepAlive : Outcome::kClose;
 }
 
@@ -1163,7 +1202,8 @@ asio::awaitable<Outcome> handle_request(Connection& c, bool keep_alive) {
       const bool ok = co_await write_response(c, 200, body, keep_alive);
       co_return (ok && keep_alive) ? Outcome::kKeepAlive : Outcome::kClose;
     }
-    case Route::kOther: break;
+    case Route::kOther:
+      break;
   }
   bump(stats.bad_requests);
   const bool ok = co_await write_error(c, 404, "Unknown path.", "invalid_request_error",
@@ -1181,8 +1221,8 @@ asio::awaitable<void> reject_unparsable(Connection& c, error_code ec) {
     co_await write_error(c, 413, "Request body too large.", "invalid_request_error",
                          "body_too_large", false);
   } else {
-    co_await write_error(c, 400, "Malformed HTTP request.", "invalid_request_error",
-                         "bad_request", false);
+    co_await write_error(c, 400, "Malformed HTTP request.", "invalid_request_error", "bad_request",
+                         false);
   }
 }
 
@@ -1348,7 +1388,8 @@ std::string parse_args(int argc, char** argv, Options& opt) {
     if (!next_value(v)) return fmt::format("option '{}' needs a value", arg);
     if (arg == "--listen") {
       const auto colon = v.rfind(':');
-      if (colon == std::string_view::npos) return fmt::format("--listen '{}': expected HOST:PORT", v);
+      if (colon == std::string_view::npos)
+        return fmt::format("--listen '{}': expected HOST:PORT", v);
       std::string_view host = v.substr(0, colon);
       if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
         host = host.substr(1, host.size() - 2);
@@ -1439,6 +1480,14 @@ int run(int argc, char** argv) {
   std::uint16_t port = server.opt.port;
   try {
     const auto addr = resolve_host(server.opt.host);
+    if (port != 0) {
+      // SO_REUSEPORT would let us silently share a fixed port with a process already listening
+      // there (a stale mock taking half the traffic). A plain bind first makes that an error.
+      tcp::acceptor probe(server.workers.front()->ioc);
+      probe.open(addr.is_v6() ? tcp::v6() : tcp::v4());
+      probe.set_option(asio::socket_base::reuse_address(true));
+      probe.bind(tcp::endpoint(addr, port));
+    }
     // The first acceptor picks the port (it may be ephemeral); the others join it.
     for (auto& w : server.workers) {
       open_acceptor(w->acceptor, tcp::endpoint(addr, port));
@@ -1486,4 +1535,6 @@ int run(int argc, char** argv) {
 }  // namespace
 }  // namespace llmproxy::mock
 
-int main(int argc, char** argv) { return llmproxy::mock::run(argc, argv); }
+int main(int argc, char** argv) {
+  return llmproxy::mock::run(argc, argv);
+}
