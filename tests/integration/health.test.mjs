@@ -1,0 +1,211 @@
+// Health checking: dead backends leave the rotation, come back when they recover, an all-down
+// pool answers 503, and a refused connection is retried on another backend.
+import { test, after, afterEach, beforeEach } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  cleanup,
+  checkProcesses,
+  trackTest,
+  startBackend,
+  startGateway,
+  startMock,
+  mockPathCount,
+  backendEntry,
+  httpRequest,
+  postJson,
+  chatBody,
+  keepAliveAgent,
+  waitUntil,
+  openAIError,
+  freePort,
+  chatStreamContent,
+  mockTokens,
+} from './lib/harness.mjs';
+
+beforeEach(trackTest);
+afterEach(checkProcesses);
+after(cleanup);
+
+const CHAT = '/v1/chat/completions';
+const HEALTH = {
+  enabled: true,
+  interval: '200ms',
+  path: '/health',
+  timeout: '500ms',
+  unhealthy_threshold: 2,
+  healthy_threshold: 1,
+};
+
+// Health checks of a backend have completed at least once when it has seen the second one.
+async function waitChecked(target, n = 2) {
+  const count = target.healthChecks !== undefined ? async () => target.healthChecks : async () => mockPathCount(target, '/health');
+  await waitUntil(async () => (await count()) >= n, { timeout: 10_000, what: `${n} health checks on ${target.name}` });
+}
+
+// Sends `n` requests; true when every one got a 200 from `name`.
+async function allFrom(gw, name, n, agent) {
+  for (let i = 0; i < n; i++) {
+    const res = await postJson(gw.url, CHAT, chatBody('m1'), { agent });
+    if (res.status !== 200 || res.headers['x-mock-backend'] !== name) return false;
+  }
+  return true;
+}
+
+async function tally(gw, n, agent) {
+  const out = {};
+  for (let i = 0; i < n; i++) {
+    const res = await postJson(gw.url, CHAT, chatBody('m1'), { agent });
+    const key = res.status === 200 ? res.headers['x-mock-backend'] : `HTTP ${res.status}`;
+    out[key] = (out[key] ?? 0) + 1;
+  }
+  return out;
+}
+
+test('a killed backend leaves the rotation: all traffic goes to the survivor, no 5xx', { timeout: 60_000 }, async () => {
+  const a = await startMock({ name: 'a' });
+  const b = await startMock({ name: 'b' });
+  const gw = await startGateway({
+    health_check: HEALTH,
+    // No retries: only the health checker can keep requests away from the dead backend.
+    load_balancing: { max_retries: 0 },
+    backends: [backendEntry(a, { name: 'a' }), backendEntry(b, { name: 'b' })],
+  });
+  await waitChecked(a);
+  await waitChecked(b);
+  const agent = keepAliveAgent();
+  const t0 = await tally(gw, 10, agent);
+  assert.ok(t0.a >= 3 && t0.b >= 3 && t0.a + t0.b === 10, `before the kill: ${JSON.stringify(t0)}`);
+
+  await a.kill();
+  await waitUntil(() => allFrom(gw, 'b', 20, agent), { timeout: 15_000, what: 'all traffic to go to b' });
+  assert.deepEqual(await tally(gw, 100, agent), { b: 100 });
+  const ready = await httpRequest(`${gw.url}/ready`);
+  assert.equal(ready.status, 200);
+});
+
+test('a backend that stops and listens again on its port leaves and rejoins the rotation', { timeout: 60_000 }, async () => {
+  const a = await startBackend('a');
+  const b = await startMock({ name: 'b' });
+  const gw = await startGateway({
+    health_check: HEALTH,
+    load_balancing: { max_retries: 0 },
+    backends: [backendEntry(a, { name: 'a' }), backendEntry(b, { name: 'b' })],
+  });
+  await waitChecked(a);
+  await waitChecked(b);
+  const agent = keepAliveAgent();
+  const t0 = await tally(gw, 10, agent);
+  assert.ok(t0.a >= 3 && t0.b >= 3 && t0.a + t0.b === 10, `before the stop: ${JSON.stringify(t0)}`);
+
+  const port = a.port;
+  await a.stop();
+  await waitUntil(() => allFrom(gw, 'b', 20, agent), { timeout: 15_000, what: 'all traffic to go to b' });
+  assert.deepEqual(await tally(gw, 50, agent), { b: 50 });
+
+  await a.listen(port);
+  assert.equal(a.port, port);
+  const before = a.apiRequests.length;
+  await waitUntil(
+    async () => {
+      await postJson(gw.url, CHAT, chatBody('m1'), { agent });
+      return a.apiRequests.length > before;
+    },
+    { timeout: 15_000, what: 'a to receive traffic again' },
+  );
+  const t = await tally(gw, 20, agent);
+  assert.equal((t.a ?? 0) + (t.b ?? 0), 20, `errors after recovery: ${JSON.stringify(t)}`);
+  assert.ok(t.a >= 8 && t.b >= 8, `traffic not shared again: ${JSON.stringify(t)}`);
+});
+
+test('a backend whose /health fails gets no traffic until it passes again', { timeout: 60_000 }, async () => {
+  const a = await startBackend('a');
+  const b = await startMock({ name: 'b' });
+  const gw = await startGateway({
+    health_check: HEALTH,
+    load_balancing: { max_retries: 0 },
+    backends: [backendEntry(a, { name: 'a' }), backendEntry(b, { name: 'b' })],
+  });
+  a.healthStatus = 503;
+  // Two failed checks mark it down; the third one started after the second was handled.
+  const failedFrom = a.healthChecks;
+  await waitUntil(() => a.healthChecks >= failedFrom + 3, { timeout: 10_000, what: 'three failed health checks' });
+  const agent = keepAliveAgent();
+  const before = a.apiRequests.length;
+  assert.deepEqual(await tally(gw, 30, agent), { b: 30 });
+  assert.equal(a.apiRequests.length, before, 'an unhealthy backend received requests');
+
+  a.healthStatus = 200;
+  await waitUntil(
+    async () => {
+      await postJson(gw.url, CHAT, chatBody('m1'), { agent });
+      return a.apiRequests.length > before;
+    },
+    { timeout: 15_000, what: 'a to receive traffic after passing health checks again' },
+  );
+});
+
+test('all backends down: requests get 503, /ready 503, /health still 200', { timeout: 60_000 }, async () => {
+  const a = await startMock({ name: 'a', models: ['m1'] });
+  const gw = await startGateway({ health_check: HEALTH, backends: [backendEntry(a, { name: 'a', models: ['m1'] })] });
+  await waitUntil(async () => (await httpRequest(`${gw.url}/ready`)).status === 200, { timeout: 10_000, what: '/ready 200' });
+  const ok = await postJson(gw.url, CHAT, chatBody('m1'));
+  assert.equal(ok.status, 200);
+
+  await a.kill();
+  await waitUntil(async () => (await httpRequest(`${gw.url}/ready`)).status === 503, { timeout: 15_000, what: '/ready 503' });
+  for (const stream of [false, true]) {
+    const res = await postJson(gw.url, CHAT, chatBody('m1', { stream }));
+    assert.equal(res.status, 503, res.text());
+    openAIError(res);
+  }
+  const health = await httpRequest(`${gw.url}/health`);
+  assert.equal(health.status, 200);
+  assert.match(String(health.headers['content-type']), /application\/json/);
+  health.json();
+  const models = await httpRequest(`${gw.url}/v1/models`);
+  assert.equal(models.status, 200);
+  assert.deepEqual(models.json().data, [], 'models of an unhealthy backend are still listed');
+});
+
+test('connection refused is retried on another backend: every request succeeds', { timeout: 60_000 }, async () => {
+  const deadPort = await freePort();
+  const live = await startMock({ name: 'live' });
+  const gw = await startGateway({
+    load_balancing: { strategy: 'weighted_round_robin', max_retries: 1 },
+    backends: [backendEntry(`http://127.0.0.1:${deadPort}`, { name: 'dead' }), backendEntry(live, { name: 'live' })],
+  });
+  const agent = keepAliveAgent();
+  for (let i = 0; i < 20; i++) {
+    const res = await postJson(gw.url, CHAT, chatBody('m1'), { agent });
+    assert.equal(res.status, 200, `request ${i}: ${res.status} ${res.text()}`);
+    assert.equal(res.headers['x-mock-backend'], 'live');
+  }
+  for (let i = 0; i < 4; i++) {
+    const res = await postJson(gw.url, CHAT, chatBody('m1', { stream: true }), { agent, headers: { 'x-mock-tokens': '5' } });
+    assert.equal(res.status, 200, `stream ${i}: ${res.status} ${res.text()}`);
+    const { content, done } = chatStreamContent(res.text());
+    assert.equal(content, mockTokens(5));
+    assert.ok(done);
+  }
+  assert.equal(await mockPathCount(live, CHAT), 24);
+});
+
+test('without retries a refused connection is an OpenAI-shaped 502/503 (the retry above is real)', { timeout: 60_000 }, async () => {
+  const deadPort = await freePort();
+  const live = await startMock({ name: 'live' });
+  const gw = await startGateway({
+    load_balancing: { strategy: 'weighted_round_robin', max_retries: 0 },
+    backends: [backendEntry(`http://127.0.0.1:${deadPort}`, { name: 'dead' }), backendEntry(live, { name: 'live' })],
+  });
+  const statuses = [];
+  for (let i = 0; i < 4; i++) {
+    const res = await postJson(gw.url, CHAT, chatBody('m1'));
+    statuses.push(res.status);
+    if (res.status !== 200) {
+      assert.ok(res.status === 502 || res.status === 503, `status ${res.status}`);
+      openAIError(res);
+    }
+  }
+  assert.ok(statuses.some((s) => s !== 200), `every request succeeded without retries: ${statuses}`);
+  assert.ok(statuses.some((s) => s === 200), `no request reached the live backend: ${statuses}`);
+});

@@ -1,0 +1,215 @@
+// Spawns the gateway and the mock backend, waits for their "listening on" line (with a deadline),
+// and makes sure that no process outlives its test file.
+import { spawn, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { gatewayConfig, toYaml, writeTempFile } from './config.mjs';
+import { httpRequest } from './http.mjs';
+import { withTimeout } from './util.mjs';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+export const SUITE_DIR = path.resolve(HERE, '..');
+
+function resolveBin(envName, fallback) {
+  const given = process.env[envName];
+  return given ? path.resolve(process.cwd(), given) : path.resolve(SUITE_DIR, fallback);
+}
+
+export const LLMPROXY_BIN = resolveBin('LLMPROXY_BIN', '../../build/llmproxy');
+export const MOCK_BIN = resolveBin('MOCK_BIN', '../../build/llmproxy-mock');
+
+function requireBin(bin, envName) {
+  if (!fs.existsSync(bin)) {
+    throw new Error(`${bin} does not exist: build it or set ${envName} to the binary's path`);
+  }
+}
+
+const live = new Set();
+const started = [];
+let currentTest = '(before any test)'; // see BEFORE_TESTS
+
+// beforeEach hook: remembers which test is running, so a crash report names the test that
+// started the process even when the crash is noticed later.
+export function noteTest(t) {
+  currentTest = t?.name ?? currentTest;
+}
+const OUTPUT_CAP = 256 * 1024;
+
+// Last resort: if the runner exits with children still alive (a crash in a hook), kill them.
+process.on('exit', () => {
+  for (const p of live) {
+    try {
+      p.child.kill('SIGKILL');
+    } catch {
+      /* already gone */
+    }
+  }
+});
+
+export class Proc {
+  constructor(name, child) {
+    this.name = name;
+    this.child = child;
+    this.stdout = '';
+    this.stderr = '';
+    this.exitInfo = null;
+    // Set when the test itself signals or kills the process: any other exit is a crash.
+    this.exitExpected = false;
+    this.crashReported = false;
+    this.startedIn = currentTest;
+    this.exited = new Promise((resolve) => {
+      child.once('exit', (code, signal) => {
+        this.exitInfo = { code, signal };
+        live.delete(this);
+        resolve(this.exitInfo);
+      });
+    });
+    // Keep draining both pipes for the whole life of the process so it never blocks on a write.
+    child.stdout.setEncoding('utf8');
+    child.stderr.setEncoding('utf8');
+    child.stdout.on('data', (d) => {
+      this.stdout = (this.stdout + d).slice(-OUTPUT_CAP);
+    });
+    child.stderr.on('data', (d) => {
+      this.stderr = (this.stderr + d).slice(-OUTPUT_CAP);
+    });
+    live.add(this);
+    started.push(this);
+  }
+
+  get pid() {
+    return this.child.pid;
+  }
+
+  get running() {
+    return this.exitInfo === null;
+  }
+
+  signal(sig) {
+    this.exitExpected = true;
+    if (this.running) this.child.kill(sig);
+  }
+
+  // Waits for the process to exit; rejects after `ms`.
+  waitExit(ms = 10_000) {
+    return withTimeout(this.exited, ms, `${this.name} (pid ${this.pid}) to exit`);
+  }
+
+  // Kills (SIGKILL) and waits for the exit: always safe to call, also after the process ended.
+  async kill() {
+    if (!this.running) return this.exitInfo;
+    this.exitExpected = true;
+    this.child.kill('SIGKILL');
+    return this.waitExit(5_000);
+  }
+
+  describe() {
+    return `${this.name} pid ${this.pid}\n--- stdout ---\n${this.stdout.slice(-4000)}\n--- stderr ---\n${this.stderr.slice(-4000)}`;
+  }
+}
+
+// Spawns `bin args` and resolves once stdout has a line matching `listening on http://HOST:PORT`.
+export async function spawnListening(name, bin, args, { timeout = 15_000, env } = {}) {
+  const child = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+  const proc = new Proc(name, child);
+  const ready = new Promise((resolve, reject) => {
+    let buffered = '';
+    const onData = (d) => {
+      buffered += d;
+      const m = /listening on http:\/\/(\[[^\]]+\]|[^\s:]+):(\d+)/.exec(buffered);
+      if (m) {
+        child.stdout.off('data', onData);
+        resolve(m);
+      }
+    };
+    child.stdout.on('data', onData);
+    child.once('error', reject);
+    proc.exited.then((info) => reject(new Error(`${name} exited (${JSON.stringify(info)}) before listening\n${proc.describe()}`)));
+  });
+  let m;
+  try {
+    m = await withTimeout(ready, timeout, `${name} to print its listening line`);
+  } catch (err) {
+    proc.crashReported = true;
+    await proc.kill().catch(() => {});
+    throw new Error(`${err.message}\n${proc.describe()}`);
+  }
+  const host = m[1].replace(/^\[|\]$/g, '');
+  proc.listenHost = host;
+  proc.port = Number(m[2]);
+  // Wildcard listeners are reached through loopback.
+  proc.host = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host;
+  proc.url = `http://${proc.host.includes(':') ? `[${proc.host}]` : proc.host}:${proc.port}`;
+  return proc;
+}
+
+// Starts the gateway with `config` (an object merged into the test defaults, or raw YAML text).
+export async function startGateway(config, { timeout } = {}) {
+  requireBin(LLMPROXY_BIN, 'LLMPROXY_BIN');
+  const yaml = typeof config === 'string' ? config : toYaml(gatewayConfig(config));
+  const file = writeTempFile('llmproxy.yaml', yaml);
+  const proc = await spawnListening('llmproxy', LLMPROXY_BIN, ['--config', file], { timeout });
+  proc.configFile = file;
+  proc.configText = yaml;
+  return proc;
+}
+
+// Starts one mock backend process.
+export async function startMock({ name, models, flavor, threads = 1, extraArgs = [] } = {}) {
+  requireBin(MOCK_BIN, 'MOCK_BIN');
+  const args = ['--listen', '127.0.0.1:0'];
+  if (name) args.push('--name', name);
+  if (models) args.push('--models', models.join(','));
+  if (flavor) args.push('--flavor', flavor);
+  if (threads) args.push('--threads', String(threads));
+  args.push(...extraArgs);
+  const proc = await spawnListening(`llmproxy-mock${name ? ` ${name}` : ''}`, MOCK_BIN, args);
+  proc.mockName = name;
+  return proc;
+}
+
+// GET /mock/stats of a mock process: {requests, connections_accepted, connections_open, by_path}.
+export async function mockStats(mock) {
+  const res = await httpRequest(`${mock.url}/mock/stats`, { timeout: 5_000 });
+  if (res.status !== 200) throw new Error(`mock stats: HTTP ${res.status}`);
+  return res.json();
+}
+
+// Requests a mock saw on one path (0 when it saw none).
+export async function mockPathCount(mock, p) {
+  const stats = await mockStats(mock);
+  return Number(stats.by_path?.[p] ?? 0);
+}
+
+// Runs the gateway binary to completion (for --check-config, --version, --help).
+export function runGatewayCli(args, { timeout = 15_000 } = {}) {
+  requireBin(LLMPROXY_BIN, 'LLMPROXY_BIN');
+  const r = spawnSync(LLMPROXY_BIN, args, { encoding: 'utf8', timeout, killSignal: 'SIGKILL' });
+  if (r.error) throw r.error;
+  return { status: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr };
+}
+
+// Throws if a process exited that no test asked to stop (a crash, an abort, a fatal error).
+// Each process is reported once; use as an afterEach hook so the failing test is named.
+// With `scope: 'test'` only processes of the running test (or of the file's before() hooks) count:
+// a process left over from an earlier test is reported by the file's after() hook instead.
+const BEFORE_TESTS = '(before any test)';
+
+export function checkNoUnexpectedExits({ scope = 'all' } = {}) {
+  const inScope = (p) => scope === 'all' || p.startedIn === currentTest || p.startedIn === BEFORE_TESTS;
+  const crashed = started.filter((p) => p.exitInfo && !p.exitExpected && !p.crashReported && inScope(p));
+  for (const p of crashed) p.crashReported = true;
+  if (crashed.length) {
+    const report = crashed
+      .map((p) => `${p.name} (started in test "${p.startedIn}") exited unexpectedly (${JSON.stringify(p.exitInfo)})\n${p.describe()}`)
+      .join('\n');
+    // Also on stderr: node:test drops an afterEach error when the test itself already failed.
+    process.stderr.write(`CRASH: ${report}\n`);
+    throw new Error(report);
+  }
+}
+
+export async function killAllProcesses() {
+  await Promise.all([...live].map((p) => p.kill().catch(() => {})));
+}

@@ -1,0 +1,302 @@
+// The proxy path: bodies byte-identical to the backend's, the headers the gateway adds, forwards
+// or drops, upstream error statuses, and upstream connection reuse.
+import { test, before, after, afterEach, beforeEach } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  cleanup,
+  checkProcesses,
+  trackTest,
+  startBackend,
+  startGateway,
+  startMock,
+  mockStats,
+  backendEntry,
+  postJson,
+  chatBody,
+  rawExchange,
+  rawRequest,
+  keepAliveAgent,
+  fillerText,
+} from './lib/harness.mjs';
+
+let backend;
+let gw;
+
+before(async () => {
+  backend = await startBackend('own');
+  gw = await startGateway({ backends: [backendEntry(backend, { name: 'own' })] });
+});
+
+beforeEach(trackTest);
+afterEach(checkProcesses);
+after(cleanup);
+
+// Writes `body` in pieces split at the given byte offsets, each piece a separate write.
+async function writePieces(res, body, offsets) {
+  let start = 0;
+  for (const end of [...offsets, body.length]) {
+    if (end > start) {
+      await new Promise((resolve) => res.write(body.subarray(start, end), resolve));
+    }
+    start = end;
+  }
+  res.end();
+}
+
+function fixedHandler(status, headers, body, offsets) {
+  return async (req, res) => {
+    res.writeHead(status, headers);
+    if (offsets) await writePieces(res, body, offsets);
+    else res.end(body);
+  };
+}
+
+test('non-stream body reaches the client byte for byte', { timeout: 20_000 }, async () => {
+  // Odd spacing, escaped and raw UTF-8, a trailing newline: anything a re-serialiser would change.
+  const body = Buffer.from(
+    '{"id":"chatcmpl-fixed",  "object":"chat.completion","created":1700000000,"model":"m1",\n' +
+      ' "choices":[{"index":0,"message":{"role":"assistant","content":"h\\u00e9llo w\u00f6rld \u2713"},"finish_reason":"stop"}],' +
+      '"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5},"extra":1.50e+2}\n',
+  );
+  backend.handler = fixedHandler(200, { 'content-type': 'application/json', 'content-length': body.length }, body);
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
+  assert.equal(res.status, 200);
+  assert.ok(res.body.equals(body), `body differs:\n got ${res.text()}\nwant ${body}`);
+  assert.match(String(res.headers['content-type']), /application\/json/);
+});
+
+test('a ~1 MB non-stream body with Content-Length is byte-identical', { timeout: 30_000 }, async () => {
+  const body = Buffer.from(
+    JSON.stringify({
+      id: 'chatcmpl-big',
+      object: 'chat.completion',
+      created: 1,
+      model: 'm1',
+      choices: [{ index: 0, message: { role: 'assistant', content: fillerText(1_000_000, 7) }, finish_reason: 'length' }],
+      usage: { prompt_tokens: 10, completion_tokens: 250000, total_tokens: 250010 },
+    }),
+  );
+  backend.handler = fixedHandler(200, { 'content-type': 'application/json', 'content-length': body.length }, body);
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { timeout: 25_000 });
+  assert.equal(res.status, 200);
+  assert.equal(res.body.length, body.length);
+  assert.ok(res.body.equals(body), 'large body differs');
+});
+
+test('a ~1 MB chunked non-stream body is byte-identical', { timeout: 30_000 }, async () => {
+  const body = Buffer.from(
+    JSON.stringify({
+      id: 'cmpl-big',
+      object: 'text_completion',
+      created: 1,
+      model: 'm1',
+      choices: [{ index: 0, text: fillerText(1_048_000, 11), finish_reason: 'length' }],
+      usage: { prompt_tokens: 1, completion_tokens: 2, total_tokens: 3 },
+    }),
+  );
+  // Uneven pieces: 1 byte, a few bytes, 64 KiB + 1, then the rest in ~100 KB steps.
+  const offsets = [1, 7, 65_544];
+  for (let o = 200_000; o < body.length; o += 99_991) offsets.push(o);
+  backend.handler = fixedHandler(200, { 'content-type': 'application/json' }, body, offsets);
+  const res = await postJson(gw.url, '/v1/completions', { model: 'm1', prompt: 'x' }, { timeout: 25_000 });
+  assert.equal(res.status, 200);
+  assert.equal(res.body.length, body.length);
+  assert.ok(res.body.equals(body), 'chunked large body differs');
+});
+
+const SSE_BODY = Buffer.from(
+  'data: {"id":"chatcmpl-sse","object":"chat.completion.chunk","created":1,"model":"m1","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}],"usage":null}\n\n' +
+    ': ping\n\n' +
+    'data:{"id":"chatcmpl-sse","object":"chat.completion.chunk","created":1,"model":"m1","choices":[{"index":0,"delta":{"content":"Gr\\u00fc\\u00df "},"finish_reason":null}],"usage":null}\r\n\r\n' +
+    'event: message\nid: 7\nretry: 1000\ndata: {"id":"chatcmpl-sse","object":"chat.completion.chunk","created":1,"model":"m1","choices":[{"index":0,"delta":{"content":"Gott \u2713 \u00fc"},"finish_reason":null}],"usage":null}\n\n' +
+    'data: {"id":"chatcmpl-sse","object":"chat.completion.chunk","created":1,"model":"m1","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}\r\r' +
+    'data: {"id":"chatcmpl-sse","object":"chat.completion.chunk","created":1,"model":"m1","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}\n\n' +
+    'data: [DONE]\n\n',
+);
+
+// Split points: inside "data:", inside a line ending pair, inside the multi-byte check mark.
+function sseOffsets() {
+  const s = SSE_BODY;
+  const check = s.indexOf(Buffer.from('\u2713'));
+  const crlf = s.indexOf('\r\n\r\n');
+  return [3, 60, crlf + 1, crlf + 3, check + 1, check + 2, s.indexOf('[DONE]') + 2];
+}
+
+test('a chunked SSE stream is byte-identical, unbuffered-marked and has no Content-Length', { timeout: 20_000 }, async () => {
+  backend.handler = fixedHandler(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' }, SSE_BODY, sseOffsets());
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1', { stream: true }));
+  assert.equal(res.status, 200);
+  assert.ok(res.body.equals(SSE_BODY), `stream differs:\n got ${JSON.stringify(res.text())}\nwant ${JSON.stringify(SSE_BODY.toString())}`);
+  assert.match(String(res.headers['content-type']), /text\/event-stream/);
+  assert.equal(res.headers['x-accel-buffering'], 'no');
+  assert.equal(res.headers['content-length'], undefined, 'a stream must not get a Content-Length');
+});
+
+test('an SSE stream sent with Content-Length by the backend is byte-identical', { timeout: 20_000 }, async () => {
+  backend.handler = fixedHandler(200, { 'content-type': 'text/event-stream', 'content-length': SSE_BODY.length }, SSE_BODY, sseOffsets());
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1', { stream: true }));
+  assert.equal(res.status, 200);
+  assert.ok(res.body.equals(SSE_BODY), 'stream with Content-Length differs');
+});
+
+test('X-Request-Id is generated when absent, returned, and forwarded upstream', { timeout: 20_000 }, async () => {
+  backend.handler = null;
+  const before = backend.apiRequests.length;
+  const r1 = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
+  const r2 = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
+  assert.equal(r1.status, 200);
+  assert.equal(r2.status, 200);
+  const id1 = r1.headers['x-request-id'];
+  const id2 = r2.headers['x-request-id'];
+  assert.ok(typeof id1 === 'string' && id1.length > 0, 'no X-Request-Id on the response');
+  assert.ok(typeof id2 === 'string' && id2.length > 0, 'no X-Request-Id on the second response');
+  assert.notEqual(id1, id2, 'generated request ids must differ');
+  const seen = backend.apiRequests.slice(before);
+  assert.equal(seen.length, 2);
+  assert.equal(seen[0].headers['x-request-id'], id1, 'backend did not see the generated id');
+  assert.equal(seen[1].headers['x-request-id'], id2);
+});
+
+test("the client's X-Request-Id is echoed and forwarded upstream", { timeout: 20_000 }, async () => {
+  backend.handler = null;
+  const before = backend.apiRequests.length;
+  const id = 'it-req-0123456789abcdef';
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': id } });
+  assert.equal(res.status, 200);
+  assert.equal(res.headers['x-request-id'], id);
+  const seen = backend.apiRequests.slice(before);
+  assert.equal(seen.length, 1);
+  assert.equal(seen[0].headers['x-request-id'], id);
+  // Also on a stream.
+  backend.handler = fixedHandler(200, { 'content-type': 'text/event-stream' }, SSE_BODY);
+  const s = await postJson(gw.url, '/v1/chat/completions', chatBody('m1', { stream: true }), { headers: { 'x-request-id': 'it-stream-id' } });
+  assert.equal(s.status, 200);
+  assert.equal(s.headers['x-request-id'], 'it-stream-id');
+  assert.equal(backend.apiRequests.at(-1).headers['x-request-id'], 'it-stream-id');
+});
+
+test('X-Forwarded-For reaches the backend with the client address', { timeout: 20_000 }, async () => {
+  backend.handler = null;
+  const before = backend.apiRequests.length;
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
+  assert.equal(res.status, 200);
+  const xff = backend.apiRequests[before].headers['x-forwarded-for'];
+  assert.ok(xff, 'backend saw no X-Forwarded-For');
+  assert.deepEqual(xff.split(',').map((s) => s.trim()), ['127.0.0.1']);
+});
+
+test("X-Forwarded-For appends the client address to the client's own list", { timeout: 20_000 }, async () => {
+  backend.handler = null;
+  const before = backend.apiRequests.length;
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-forwarded-for': '192.0.2.7' } });
+  assert.equal(res.status, 200);
+  const xff = backend.apiRequests[before].headers['x-forwarded-for'];
+  assert.deepEqual(String(xff).split(',').map((s) => s.trim()), ['192.0.2.7', '127.0.0.1']);
+});
+
+test('hop-by-hop request headers are not forwarded; end-to-end ones are', { timeout: 20_000 }, async () => {
+  backend.handler = null;
+  const before = backend.apiRequests.length;
+  const body = JSON.stringify(chatBody('m1'));
+  const bytes = rawRequest(
+    'POST',
+    '/v1/chat/completions',
+    [
+      ['Host', `127.0.0.1:${gw.port}`],
+      ['Content-Type', 'application/json'],
+      ['Content-Length', String(Buffer.byteLength(body))],
+      ['Connection', 'close, X-Custom'],
+      ['X-Custom', 'must-not-pass'],
+      ['Keep-Alive', 'timeout=5, max=100'],
+      ['Proxy-Connection', 'keep-alive'],
+      ['Authorization', 'Bearer sk-it-test'],
+      ['X-End-To-End', 'kept'],
+    ],
+    body,
+  );
+  const res = await rawExchange(gw.port, bytes);
+  assert.equal(res.status, 200);
+  const seen = backend.apiRequests.slice(before);
+  assert.equal(seen.length, 1);
+  const h = seen[0].headers;
+  assert.equal(h['x-custom'], undefined, 'a header named in Connection was forwarded');
+  assert.equal(h['keep-alive'], undefined, 'Keep-Alive was forwarded');
+  assert.equal(h['proxy-connection'], undefined, 'Proxy-Connection was forwarded');
+  assert.ok(!/x-custom/i.test(h.connection ?? ''), `Connection forwarded as ${h.connection}`);
+  assert.equal(h.authorization, 'Bearer sk-it-test');
+  assert.equal(h['x-end-to-end'], 'kept');
+  assert.equal(seen[0].body.toString(), body, 'non-stream request body changed');
+});
+
+test('hop-by-hop response headers from the backend are not forwarded to the client', { timeout: 20_000 }, async () => {
+  const body = Buffer.from(chatCompletionLike());
+  backend.handler = async (req, res) => {
+    res.writeHead(200, {
+      'content-type': 'application/json',
+      'content-length': body.length,
+      connection: 'keep-alive, X-Backend-Private',
+      'x-backend-private': 'secret',
+      'keep-alive': 'timeout=60',
+      'x-backend-public': 'visible',
+    });
+    res.end(body);
+  };
+  const bytes = rawRequest('POST', '/v1/chat/completions', [
+    ['Host', `127.0.0.1:${gw.port}`],
+    ['Content-Type', 'application/json'],
+    ['Content-Length', String(Buffer.byteLength(JSON.stringify(chatBody('m1'))))],
+  ], JSON.stringify(chatBody('m1')));
+  const res = await rawExchange(gw.port, bytes);
+  assert.equal(res.status, 200);
+  assert.equal(res.headers['x-backend-private'], undefined, 'a header named in the backend Connection header reached the client');
+  assert.equal(res.headers['x-backend-public']?.[0], 'visible');
+  assert.ok(res.body.equals(body));
+});
+
+function chatCompletionLike() {
+  return '{"id":"x","object":"chat.completion","created":1,"model":"m1","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":0,"total_tokens":1}}';
+}
+
+test('an upstream 429 before any event reaches a streaming client as 429 with its body', { timeout: 20_000 }, async () => {
+  const body = Buffer.from('{"error":{"message":"Rate limit reached for m1","type":"rate_limit_error","param":null,"code":"rate_limit_exceeded"}}');
+  backend.handler = fixedHandler(429, { 'content-type': 'application/json', 'content-length': body.length, 'retry-after': '7' }, body);
+  const before = backend.apiRequests.length;
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1', { stream: true }));
+  assert.equal(res.status, 429);
+  assert.ok(res.body.equals(body), `429 body differs: ${res.text()}`);
+  assert.equal(res.headers['retry-after'], '7');
+  assert.equal(backend.apiRequests.length - before, 1, 'a 429 must not be retried');
+});
+
+test('an upstream 500 on a non-stream request passes through and is not retried', { timeout: 20_000 }, async () => {
+  const body = Buffer.from('{"error":{"message":"boom","type":"server_error","param":null,"code":null}}');
+  backend.handler = fixedHandler(500, { 'content-type': 'application/json', 'content-length': body.length }, body);
+  const before = backend.apiRequests.length;
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
+  assert.equal(res.status, 500);
+  assert.ok(res.body.equals(body));
+  assert.equal(backend.apiRequests.length - before, 1);
+});
+
+test('many sequential requests reuse a few upstream connections', { timeout: 60_000 }, async () => {
+  const mock = await startMock({ name: 'ka', threads: 1 });
+  const workers = 2;
+  const gw2 = await startGateway({ server: { workers }, backends: [backendEntry(mock, { name: 'ka' })] });
+  const s0 = await mockStats(mock);
+  const agent = keepAliveAgent();
+  for (let i = 0; i < 50; i++) {
+    const res = await postJson(gw2.url, '/v1/chat/completions', chatBody('m1'), { agent });
+    assert.equal(res.status, 200, res.text());
+  }
+  // A new client connection for each request must not mean a new upstream connection either.
+  for (let i = 0; i < 50; i++) {
+    const res = await postJson(gw2.url, '/v1/chat/completions', chatBody('m1'));
+    assert.equal(res.status, 200, res.text());
+  }
+  const s1 = await mockStats(mock);
+  // Our own two stats requests each used one connection of their own.
+  const upstream = s1.connections_accepted - s0.connections_accepted - 1;
+  assert.ok(upstream >= 1);
+  assert.ok(upstream <= workers * 2, `100 requests opened ${upstream} upstream connections`);
+  assert.equal(Number(s1.by_path['/v1/chat/completions']) - Number(s0.by_path?.['/v1/chat/completions'] ?? 0), 100);
+});
