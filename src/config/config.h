@@ -27,7 +27,7 @@ struct Url {
   bool tls = false;
   std::string host;  // without brackets for IPv6
   std::uint16_t port = 80;
-  std::string base_path;  // "" or "/prefix" without trailing slash
+  std::string base_path;          // "" or "/prefix" without trailing slash
   std::string authority() const;  // Host header value: host[:port], port omitted when default
 };
 

@@ -39,7 +39,9 @@ class Backend {
   // Health bookkeeping; both return true when the call flipped the health state.
   bool record_success(int healthy_threshold);
   bool record_failure(int unhealthy_threshold);
-  void set_last_check(std::int64_t unix_ms) { last_check_ms_.store(unix_ms, std::memory_order_relaxed); }
+  void set_last_check(std::int64_t unix_ms) {
+    last_check_ms_.store(unix_ms, std::memory_order_relaxed);
+  }
 
   void add_in_flight(int delta) { in_flight_.fetch_add(delta, std::memory_order_relaxed); }
 

@@ -26,8 +26,8 @@ Pick Balancer::pick(std::string_view model, std::span<const std::size_t> exclude
     ++count;
   }
   if (count == 0) {
-    return Pick{nullptr, any_serves ? PickError::no_healthy_backend
-                                    : PickError::no_backend_for_model};
+    return Pick{nullptr,
+                any_serves ? PickError::no_healthy_backend : PickError::no_backend_for_model};
   }
   if (strategy_ == config::Strategy::least_in_flight && count > 1) {
     // Keep only the backends with the smallest in_flight / weight (cross-multiplied: no division).

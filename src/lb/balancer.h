@@ -39,7 +39,7 @@ class Balancer {
  private:
   BackendSet& backends_;
   config::Strategy strategy_;
-  std::vector<std::int64_t> current_;  // smooth WRR state, one per backend
+  std::vector<std::int64_t> current_;   // smooth WRR state, one per backend
   std::vector<std::uint8_t> eligible_;  // scratch, kept to avoid allocating per pick
   std::vector<std::int64_t> loads_;     // scratch: in_flight snapshot for least_in_flight
 };

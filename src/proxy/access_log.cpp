@@ -41,8 +41,8 @@ void AccessLog::write(const AccessEntry& e) {
   fmt::format_to(std::back_inserter(buffer_), ",\"stream\":{}", e.stream);
   field(buffer_, "backend", e.backend);
   fmt::format_to(std::back_inserter(buffer_),
-                 ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":{:.3f}",
-                 e.status, e.bytes_in, e.bytes_out, e.duration_ms);
+                 ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":{:.3f}", e.status,
+                 e.bytes_in, e.bytes_out, e.duration_ms);
   if (e.ttfb_ms >= 0) fmt::format_to(std::back_inserter(buffer_), ",\"ttfb_ms\":{:.3f}", e.ttfb_ms);
   fmt::format_to(std::back_inserter(buffer_), ",\"attempts\":{}", e.attempts);
   field(buffer_, "finish", e.finish);

@@ -673,20 +673,20 @@ asio::awaitable<bool> ClientSession::handle_request() {
     }
     if (route == Route::models) {
       {
-        Reply reply{200, models_body(), keep_alive && !body_pending};
+        Reply reply{200, models_body(), keep_alive && !body_pending, {}};
         co_return co_await send(ctx, reply);
       }
     }
     if (route == Route::health) {
       {
-        Reply reply{200, health_body(false), keep_alive && !body_pending};
+        Reply reply{200, health_body(false), keep_alive && !body_pending, {}};
         co_return co_await send(ctx, reply);
       }
     }
     bool ready = w_.shared.backends.healthy_count() > 0 &&
                  !w_.shared.draining.load(std::memory_order_relaxed);
     if (ready) {
-      Reply reply{200, health_body(true), keep_alive && !body_pending};
+      Reply reply{200, health_body(true), keep_alive && !body_pending, {}};
       co_return co_await send(ctx, reply);
     }
     {
@@ -1037,7 +1037,9 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     error_code ec;
     stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
   }
-  if (upstream_ok && rp.is_done() && rp.keep_alive() && !watch_.client_gone) {
+  // A complete response leaves the upstream connection reusable whatever the client does next
+  // (it may hang up right after reading it); one the watch closed is not.
+  if (upstream_ok && rp.is_done() && rp.keep_alive() && conn->tcp().socket().is_open()) {
     conn->tcp().expires_never();
     w_.put_idle(std::move(conn));
   } else {
