@@ -1,0 +1,107 @@
+// https:// upstreams: the gateway speaks TLS to the backend, verifies its certificate and host
+// name by default (system store or upstream.ca_file), and relays streams over it unchanged.
+// The fixture is a self-signed certificate for localhost/127.0.0.1, generated for these tests
+// (openssl req -x509 -newkey rsa:2048 -days 36500 -subj /CN=localhost
+//  -addext subjectAltName=DNS:localhost,IP:127.0.0.1).
+import { test, after, afterEach, beforeEach, before } from 'node:test';
+import assert from 'node:assert/strict';
+import https from 'node:https';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { cleanup, checkProcesses, trackTest, startGateway, postJson, chatBody, openAIError } from './lib/harness.mjs';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const CERT = path.join(HERE, 'fixtures', 'tls-cert.pem');
+const KEY = path.join(HERE, 'fixtures', 'tls-key.pem');
+
+let server;
+let port;
+let seen = 0;
+const SSE = 'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {"choices":[{"delta":{"content":"b"}}]}\n\ndata: [DONE]\n\n';
+
+before(async () => {
+  server = https.createServer({ cert: fs.readFileSync(CERT), key: fs.readFileSync(KEY) }, (req, res) => {
+    let body = '';
+    req.on('data', (d) => (body += d));
+    req.on('end', () => {
+      seen++;
+      const stream = JSON.parse(body || '{}').stream === true;
+      if (stream) {
+        res.writeHead(200, { 'Content-Type': 'text/event-stream' });
+        res.end(SSE);
+      } else {
+        res.writeHead(200, { 'Content-Type': 'application/json', 'X-Saw-Host': req.headers.host ?? '' });
+        res.end('{"ok":"over tls"}');
+      }
+    });
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  port = server.address().port;
+});
+
+beforeEach(trackTest);
+afterEach(checkProcesses);
+after(async () => {
+  await cleanup();
+  server.closeAllConnections?.();
+  await new Promise((resolve) => server.close(resolve));
+});
+
+test('https backend trusted through upstream.ca_file: non-stream and stream relayed byte for byte', async () => {
+  const gw = await startGateway({
+    upstream: { ca_file: CERT },
+    backends: [{ url: `https://localhost:${port}`, weight: 1, name: 'tls' }],
+  });
+  const before = seen;
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
+  assert.equal(res.status, 200, res.text());
+  assert.equal(res.text(), '{"ok":"over tls"}');
+  assert.equal(res.headers['x-saw-host'], `localhost:${port}`);
+  const sres = await postJson(gw.url, '/v1/chat/completions', chatBody('m1', { stream: true }));
+  assert.equal(sres.status, 200);
+  assert.equal(sres.text(), SSE);
+  assert.equal(seen - before, 2);
+});
+
+test('certificate verification is on by default: an untrusted backend is refused, never used', async () => {
+  const gw = await startGateway({ backends: [{ url: `https://localhost:${port}`, weight: 1, name: 'tls' }] });
+  const before = seen;
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
+  assert.equal(res.status, 502, res.text());
+  assert.equal(openAIError(res).code, 'upstream_error');
+  assert.equal(seen - before, 0, 'the request must not be sent over an unverified connection');
+});
+
+test('a certificate for another host name is refused even when its CA is trusted', async () => {
+  // The certificate names localhost and 127.0.0.1; a server on 127.0.0.2 presenting it is a
+  // host the certificate does not name.
+  let other = 0;
+  const mismatch = https.createServer({ cert: fs.readFileSync(CERT), key: fs.readFileSync(KEY) }, (req, res) => {
+    other++;
+    res.end('{}');
+  });
+  await new Promise((resolve) => mismatch.listen(0, '127.0.0.2', resolve));
+  try {
+    const gw = await startGateway({
+      upstream: { ca_file: CERT },
+      backends: [{ url: `https://127.0.0.2:${mismatch.address().port}`, weight: 1, name: 'tls' }],
+    });
+    const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
+    assert.equal(res.status, 502, res.text());
+    assert.equal(other, 0, 'the request must not be sent to a host the certificate does not name');
+  } finally {
+    mismatch.closeAllConnections?.();
+    await new Promise((resolve) => mismatch.close(resolve));
+  }
+});
+
+test('upstream.tls_verify: false accepts the untrusted certificate', async () => {
+  const gw = await startGateway({
+    upstream: { tls_verify: false },
+    backends: [{ url: `https://localhost:${port}`, weight: 1, name: 'tls' }],
+  });
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
+  assert.equal(res.status, 200, res.text());
+  assert.equal(res.text(), '{"ok":"over tls"}');
+});
