@@ -18,28 +18,46 @@ stage() {  # stage NAME CMD...
   timings+=("$(printf '%-28s %4ds' "$name" $((SECONDS - t0)))")
   echo "=== $name: done in $((SECONDS - t0))s"
 }
+passed=0 failed=0
+logdir=$(mktemp -d)
 summary() {
+  local rc=$?
   echo "=== stage timings"
   for t in "${timings[@]}"; do echo "  $t"; done
   echo "  total                        $((SECONDS - t_start))s"
+  rm -rf "$logdir"
+  [ $rc -eq 0 ] && echo "tests: $passed passed, $failed failed"
 }
 trap summary EXIT
+
+count() {  # count LOG: adds the runner's pass/fail totals (ctest or node:test) to the summary
+  local p f
+  p=$(sed -n 's/^# pass \([0-9]*\)$/\1/p; s/^.*tests passed, \([0-9]*\) tests failed out of \([0-9]*\)$/\2-\1/p' "$1" | tail -n1)
+  f=$(sed -n 's/^# fail \([0-9]*\)$/\1/p; s/^.*tests passed, \([0-9]*\) tests failed out of.*$/\1/p' "$1" | tail -n1)
+  passed=$((passed + ${p:-0})) failed=$((failed + ${f:-0}))
+}
+
+unit() {  # unit BUILD_DIR
+  ctest --test-dir "$1" --output-on-failure -j2 | tee "$logdir/unit.log"
+  count "$logdir/unit.log"
+}
 
 integration() {  # integration BUILD_DIR
   (cd tests/integration &&
     LLMPROXY_BIN="$root/$1/llmproxy" MOCK_BIN="$root/$1/llmproxy-mock" \
-      node --test --test-concurrency=1 ./*.test.mjs)
+      node --test --test-concurrency=1 ./*.test.mjs) | tee "$logdir/integration.log"
+  count "$logdir/integration.log"
 }
 
 stage "install dependencies" scripts/install-deps.sh --test
 stage "npm ci (integration)" bash -c 'cd tests/integration && npm ci --no-audit --no-fund --loglevel=error'
 stage "build (release)" scripts/build.sh release
-stage "unit tests (release)" ctest --test-dir build --output-on-failure -j2
+stage "unit tests (release)" unit build
 stage "integration (release)" integration build
 if [ "${LLMPROXY_SKIP_ASAN:-0}" != 1 ]; then
   export ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=0:detect_leaks=1:halt_on_error=1}
   export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
   stage "build (asan+ubsan)" scripts/build.sh asan
-  stage "unit tests (asan+ubsan)" ctest --test-dir build-asan --output-on-failure -j2
+  stage "unit tests (asan+ubsan)" unit build-asan
   stage "integration (asan+ubsan)" integration build-asan
 fi
