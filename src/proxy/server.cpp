@@ -268,9 +268,12 @@ struct ConnectResult {
   bool timed_out = false;
 };
 
-asio::awaitable<ConnectResult> connect_backend(Worker& w, const lb::Backend& backend) {
+// Resolves, connects and (for https://) handshakes with verification, all within `timeout`.
+// Used by requests (connect timeout) and health checks (their own timeout) alike.
+asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared& shared,
+                                               const lb::Backend& backend,
+                                               std::chrono::milliseconds timeout) {
   const auto& url = backend.config().parsed;
-  auto ex = w.ioc.get_executor();
   ConnectResult out;
   std::vector<tcp::endpoint> endpoints;
   error_code ec;
@@ -289,12 +292,12 @@ asio::awaitable<ConnectResult> connect_backend(Worker& w, const lb::Backend& bac
   }
   std::unique_ptr<UpstreamConn> conn;
   if (url.tls) {
-    conn = std::make_unique<UpstreamConn>(ex, w.shared.tls, backend.index());
+    conn = std::make_unique<UpstreamConn>(ex, shared.tls, backend.index());
   } else {
     conn = std::make_unique<UpstreamConn>(beast::tcp_stream(ex), backend.index());
   }
   auto& tcp_stream = conn->tcp();
-  tcp_stream.expires_after(w.shared.cfg.timeouts.connect);
+  tcp_stream.expires_after(timeout);
   auto [cec, ep] = co_await tcp_stream.async_connect(endpoints, use_nothrow);
   if (cec) {
     out.ec = cec;
@@ -308,13 +311,13 @@ asio::awaitable<ConnectResult> connect_backend(Worker& w, const lb::Backend& bac
       out.ec = error_code(static_cast<int>(::ERR_get_error()), asio::error::get_ssl_category());
       co_return out;
     }
-    if (w.shared.cfg.upstream.tls_verify) {
+    if (shared.cfg.upstream.tls_verify) {
       tls.set_verify_mode(asio::ssl::verify_peer);
       tls.set_verify_callback(asio::ssl::host_name_verification(url.host));
     } else {
       tls.set_verify_mode(asio::ssl::verify_none);
     }
-    tcp_stream.expires_after(w.shared.cfg.timeouts.connect);
+    tcp_stream.expires_after(timeout);
     auto [hec] = co_await tls.async_handshake(asio::ssl::stream_base::client, use_nothrow);
     if (hec) {
       out.ec = hec;
@@ -897,7 +900,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   for (int fresh_retry = 0;; ++fresh_retry) {
     conn = w_.take_idle(backend.index());
     if (!conn) {
-      auto cr = co_await connect_backend(w_, backend);
+      auto cr =
+          co_await connect_backend(w_.ioc.get_executor(), w_.shared, backend, cfg.timeouts.connect);
       if (watch_.client_gone) co_return Attempt::retry;
       if (!cr.conn) {
         error = fmt::format("{}: connect: {}", backend.name(),
@@ -1108,48 +1112,13 @@ asio::awaitable<ProbeResult> probe(asio::io_context& ioc, Shared& shared, const 
                                    std::string path, std::chrono::milliseconds timeout) {
   ProbeResult out;
   const auto& url = b.config().parsed;
-  auto ex = ioc.get_executor();
-  std::vector<tcp::endpoint> endpoints;
-  error_code ec;
-  auto addr = asio::ip::make_address(url.host, ec);
-  if (!ec) {
-    endpoints.emplace_back(addr, url.port);
-  } else {
-    tcp::resolver resolver(ex);
-    auto [rec, results] =
-        co_await resolver.async_resolve(url.host, std::to_string(url.port), use_nothrow);
-    if (rec) {
-      out.error = rec.message();
-      co_return out;
-    }
-    for (const auto& r : results) endpoints.push_back(r.endpoint());
-  }
-  std::unique_ptr<UpstreamConn> conn;
-  if (url.tls) {
-    conn = std::make_unique<UpstreamConn>(ex, shared.tls, b.index());
-  } else {
-    conn = std::make_unique<UpstreamConn>(beast::tcp_stream(ex), b.index());
-  }
-  auto& ts = conn->tcp();
-  ts.expires_after(timeout);
-  auto [cec, ep] = co_await ts.async_connect(endpoints, use_nothrow);
-  if (cec) {
-    out.error = cec.message();
+  auto cr = co_await connect_backend(ioc.get_executor(), shared, b, timeout);
+  if (!cr.conn) {
+    out.error = cr.timed_out ? "timed out" : cr.ec.message();
     co_return out;
   }
-  if (url.tls) {
-    auto& tls = std::get<UpstreamConn::Tls>(conn->stream);
-    SSL_set_tlsext_host_name(tls.native_handle(), url.host.c_str());
-    if (shared.cfg.upstream.tls_verify) {
-      tls.set_verify_mode(asio::ssl::verify_peer);
-      tls.set_verify_callback(asio::ssl::host_name_verification(url.host));
-    }
-    auto [hec] = co_await tls.async_handshake(asio::ssl::stream_base::client, use_nothrow);
-    if (hec) {
-      out.error = hec.message();
-      co_return out;
-    }
-  }
+  auto conn = std::move(cr.conn);
+  conn->tcp().expires_after(timeout);
   bhttp::request<bhttp::empty_body> req{bhttp::verb::get, url.base_path + path, 11};
   req.set(bhttp::field::host, url.authority());
   req.set(bhttp::field::user_agent, "llmproxy-health-check");
