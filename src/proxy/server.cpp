@@ -986,11 +986,20 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   ctx.status = status;
 
   bhttp::response_serializer<bhttp::buffer_body> sr{res};
-  stream_.expires_after(cfg.timeouts.stream_idle);
-  auto [whec, whn] = co_await bhttp::async_write_header(stream_, sr, use_nothrow);
-  bool client_ok = !whec;
+  bool client_ok = true;
+  // An event stream's header goes out at once, so the client learns the status while the
+  // backend is still prefilling; any other header rides with the first piece of body.
+  if (is_stream && conn->buffer.size() == 0 && !rp.is_done()) {
+    stream_.expires_after(cfg.timeouts.stream_idle);
+    auto [whec, whn] = co_await bhttp::async_write_header(stream_, sr, use_nothrow);
+    client_ok = !whec;
+  }
   bool upstream_ok = true;
+  bool ended = false;  // the write that ends the message (more = false) went out
   std::array<char, kRelayBufferSize> relay;
+  // Once the upstream response is complete, a client hang-up no longer concerns the upstream
+  // connection: it stays reusable, so the watch must not close it.
+  if (rp.is_done()) watch_.upstream = nullptr;
   while (client_ok && !rp.is_done()) {
     rp.get().body().data = relay.data();
     rp.get().body().size = relay.size();
@@ -1008,11 +1017,13 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       }
       break;
     }
+    if (rp.is_done()) watch_.upstream = nullptr;
     std::size_t n = relay.size() - rp.get().body().size;
-    if (n == 0) continue;
-    res.body().data = relay.data();
+    if (n == 0 && !rp.is_done()) continue;
+    // The last piece and the end of the message (chunked: the zero-size chunk) in one write.
+    res.body().data = n ? relay.data() : nullptr;
     res.body().size = n;
-    res.body().more = true;
+    res.body().more = !rp.is_done();
     stream_.expires_after(cfg.timeouts.stream_idle);
     auto [cwec, cwn] = co_await bhttp::async_write(stream_, sr, use_nothrow);
     if (cwec == bhttp::error::need_buffer) cwec = {};
@@ -1021,8 +1032,9 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       break;
     }
     ctx.bytes_out += n;
+    ended = !res.body().more;
   }
-  if (client_ok && upstream_ok) {
+  if (client_ok && upstream_ok && !ended) {
     res.body().data = nullptr;
     res.body().size = 0;
     res.body().more = false;
