@@ -54,6 +54,11 @@ constexpr auto use_nothrow = asio::as_tuple(asio::use_awaitable);
 // Relay buffer per in-flight response: small and fixed, so memory per stream is constant.
 constexpr std::size_t kRelayBufferSize = 8 * 1024;
 constexpr std::size_t kUpstreamHeaderLimit = 64 * 1024;
+constexpr std::size_t kUpstreamInitialBuffer = 4 * 1024;
+// A pooled connection idle for less than this is reused without probing it first: a backend
+// closing it that fast is rare, and the stale-connection retry covers it. Older ones are probed
+// (one recv(MSG_PEEK) syscall) because keep-alive timeouts of a few seconds are common.
+constexpr auto kProbeIdleAfter = std::chrono::seconds(1);
 
 template <class... Args>
 void log_line(std::string_view level, fmt::format_string<Args...> f, Args&&... args) {
@@ -141,10 +146,16 @@ struct UpstreamConn {
   using Plain = beast::tcp_stream;
   using Tls = beast::ssl_stream<beast::tcp_stream>;
 
+  // The read buffer starts at 4 KiB: a typical response header plus a small JSON body then
+  // arrives in one read (Beast would otherwise start at 512 bytes and read twice).
   UpstreamConn(Plain s, std::size_t b)
-      : stream(std::in_place_type<Plain>, std::move(s)), backend(b) {}
+      : stream(std::in_place_type<Plain>, std::move(s)), backend(b) {
+    buffer.reserve(kUpstreamInitialBuffer);
+  }
   UpstreamConn(asio::any_io_executor ex, asio::ssl::context& ctx, std::size_t b)
-      : stream(std::in_place_type<Tls>, ex, ctx), backend(b) {}
+      : stream(std::in_place_type<Tls>, ex, ctx), backend(b) {
+    buffer.reserve(kUpstreamInitialBuffer);
+  }
 
   beast::tcp_stream& tcp() {
     return std::visit([](auto& s) -> beast::tcp_stream& { return beast::get_lowest_layer(s); },
@@ -216,7 +227,9 @@ class Worker {
     while (!list.empty()) {
       auto c = std::move(list.back());
       list.pop_back();
-      if (Clock::now() - c->idle_since < shared.cfg.upstream.idle_timeout && idle_conn_alive(*c)) {
+      auto idle_for = Clock::now() - c->idle_since;
+      if (idle_for < shared.cfg.upstream.idle_timeout &&
+          (idle_for < kProbeIdleAfter || idle_conn_alive(*c))) {
         c->reused = true;
         return c;
       }
