@@ -1015,3 +1015,53 @@ TEST(ConfigToYaml, DefaultsReloadAndListEveryKey) {
 
 }  // namespace
 }  // namespace llmproxy::config
+
+// config.yaml.example promises "every key is listed with its default value": loading it must
+// give the built-in defaults for every section except the example backends and usage_hook.
+namespace llmproxy::config {
+namespace {
+
+TEST(ConfigExample, DocumentsTheBuiltInDefaults) {
+  auto r = load_file(LLMPROXY_SOURCE_DIR "/config.yaml.example");
+  ASSERT_TRUE(r.ok()) << dump(r);
+  const Config& ex = *r.config;
+  auto d_result = load("\nbackends:\n  - url: http://127.0.0.1:1\n");
+  ASSERT_TRUE(d_result.ok());
+  const Config& d = *d_result.config;
+  EXPECT_EQ(ex.listen.to_string(), d.listen.to_string());
+  EXPECT_EQ(ex.server.workers, d.server.workers);
+  EXPECT_EQ(ex.server.max_body_size, d.server.max_body_size);
+  EXPECT_EQ(ex.server.max_header_size, d.server.max_header_size);
+  EXPECT_EQ(ex.server.max_connections, d.server.max_connections);
+  EXPECT_EQ(ex.server.drain_timeout, d.server.drain_timeout);
+  EXPECT_EQ(ex.server.access_log, d.server.access_log);
+  EXPECT_EQ(ex.timeouts.connect, d.timeouts.connect);
+  EXPECT_EQ(ex.timeouts.first_byte, d.timeouts.first_byte);
+  EXPECT_EQ(ex.timeouts.stream_idle, d.timeouts.stream_idle);
+  EXPECT_EQ(ex.timeouts.client_header, d.timeouts.client_header);
+  EXPECT_EQ(ex.timeouts.keepalive, d.timeouts.keepalive);
+  EXPECT_EQ(ex.load_balancing.strategy, d.load_balancing.strategy);
+  EXPECT_EQ(ex.load_balancing.max_retries, d.load_balancing.max_retries);
+  EXPECT_EQ(ex.upstream.max_idle_per_backend, d.upstream.max_idle_per_backend);
+  EXPECT_EQ(ex.upstream.idle_timeout, d.upstream.idle_timeout);
+  EXPECT_EQ(ex.upstream.tls_verify, d.upstream.tls_verify);
+  EXPECT_EQ(ex.upstream.ca_file, d.upstream.ca_file);
+  EXPECT_EQ(ex.health_check.enabled, d.health_check.enabled);
+  EXPECT_EQ(ex.health_check.interval, d.health_check.interval);
+  EXPECT_EQ(ex.health_check.path, d.health_check.path);
+  EXPECT_EQ(ex.health_check.timeout, d.health_check.timeout);
+  EXPECT_EQ(ex.health_check.unhealthy_threshold, d.health_check.unhealthy_threshold);
+  EXPECT_EQ(ex.health_check.healthy_threshold, d.health_check.healthy_threshold);
+  EXPECT_EQ(ex.usage_hook.enabled, d.usage_hook.enabled);
+  EXPECT_EQ(ex.usage_hook.timeout, d.usage_hook.timeout);
+  EXPECT_EQ(ex.usage_hook.retry, d.usage_hook.retry);
+}
+
+TEST(ConfigExample, BundledRunConfigIsValid) {
+  auto r = load_file(LLMPROXY_SOURCE_DIR "/configs/default.yaml");
+  ASSERT_TRUE(r.ok()) << dump(r);
+  EXPECT_EQ(r.config->listen.port, 8080);
+}
+
+}  // namespace
+}  // namespace llmproxy::config
