@@ -306,6 +306,10 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
     r.integer(n, "workers", "server", c.server.workers, 0, 256);
     r.size(n, "max_body_size", "server", c.server.max_body_size, 1024);
     r.size(n, "max_header_size", "server", c.server.max_header_size, 1024);
+    // Beast stores a header field in at most 65,535 bytes; stay clear of that bound.
+    if (c.server.max_header_size > 60 * 1024) {
+      r.error(n["max_header_size"].Mark(), "server.max_header_size", "must be at most 60KiB");
+    }
     r.integer(n, "max_connections", "server", c.server.max_connections, 1, 1'000'000);
     r.duration(n, "drain_timeout", "server", c.server.drain_timeout);
     r.boolean(n, "access_log", "server", c.server.access_log);

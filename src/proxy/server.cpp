@@ -403,6 +403,7 @@ struct RequestContext {
   double ttfb_ms = -1;
   int attempts = 0;
   std::string_view finish = "completed";
+  unsigned client_version = 11;  // 10 for HTTP/1.0 clients: no chunked responses
 };
 
 enum class Route { chat, completions, embeddings, models, health, ready, unknown };
@@ -645,6 +646,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
   }
 
   auto& req = parser.get();
+  ctx.client_version = req.version();
   ctx.method = std::string(req.method_string());
   std::string_view target = req.target();
   std::string_view path = target.substr(0, target.find('?'));
@@ -655,6 +657,14 @@ asio::awaitable<bool> ClientSession::handle_request() {
     ctx.request_id = w_.ids.next();
   }
   bool keep_alive = req.keep_alive();
+  // A Transfer-Encoding that does not end in chunked leaves the body length undefined (RFC 9112
+  // 6.3): refuse it rather than guess, so no body can be read as a second request.
+  if (req.count(bhttp::field::transfer_encoding) != 0 && !parser.chunked()) {
+    Reply reply =
+        error_reply(http::errors::invalid_request,
+                    "Unsupported Transfer-Encoding; use chunked or Content-Length.", false);
+    co_return co_await send(ctx, reply);
+  }
   Route route = route_for(path);
   bool body_pending = !parser.is_done();
 
@@ -733,7 +743,6 @@ asio::awaitable<bool> ClientSession::handle_request() {
     auto [cec, cn] = co_await asio::async_write(stream_, asio::buffer(kContinue), use_nothrow);
     if (cec) co_return false;
   }
-  req.erase(bhttp::field::expect);
   while (!parser.is_done()) {
     stream_.expires_after(cfg.timeouts.client_header);
     auto [bec, bn] = co_await bhttp::async_read_some(stream_, buffer_, parser, use_nothrow);
@@ -754,6 +763,8 @@ asio::awaitable<bool> ClientSession::handle_request() {
       co_return false;
     }
   }
+  // Erased only now: a chunked body's trailer can bring Expect back into the header.
+  req.erase(bhttp::field::expect);
   ctx.bytes_in = req.body().size();
 
   auto endpoint = route == Route::chat          ? llm::Endpoint::chat_completions
@@ -897,15 +908,31 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
   }
 }
 
+// Reads response headers until the final one: interim responses (100 Continue, 103 Early
+// Hints) are consumed here and never reach the client, or the next response on this
+// connection would be misread as this one's body.
+asio::awaitable<error_code> read_final_header(
+    UpstreamConn& conn, std::optional<bhttp::response_parser<bhttp::buffer_body>>& parser) {
+  for (int interim = 0; interim < 8; ++interim) {
+    parser.emplace();
+    parser->body_limit(boost::none);
+    parser->header_limit(kUpstreamHeaderLimit);
+    auto [ec, n] = co_await upstream_read_header(conn, *parser);
+    if (ec) co_return ec;
+    const unsigned status = parser->get().result_int();
+    if (status >= 200 || status == 101) co_return error_code{};
+  }
+  co_return error_code(bhttp::error::bad_status);
+}
+
 asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& backend, Request& req,
                                                                RequestContext& ctx, bool keep_alive,
                                                                bool& client_keep_alive,
                                                                std::string& error) {
   const auto& cfg = w_.shared.cfg;
   std::unique_ptr<UpstreamConn> conn;
-  bhttp::response_parser<bhttp::buffer_body> rp;
-  rp.body_limit(boost::none);
-  rp.header_limit(kUpstreamHeaderLimit);
+  // One parser per response header: interim 1xx responses each need a fresh one.
+  std::optional<bhttp::response_parser<bhttp::buffer_body>> parser;
 
   // Send, and read the response header. A pooled connection the backend closed meanwhile
   // fails fast with EOF/reset and nothing received: retried once on a fresh connection to the
@@ -928,20 +955,24 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     conn->tcp().expires_after(cfg.timeouts.stream_idle);
     auto [wec, wn] = co_await upstream_write(*conn, req);
     if (watch_.client_gone) co_return Attempt::retry;
-    if (wec) {
+    if (wec && conn->reused && fresh_retry == 0) {
       watch_.upstream = nullptr;
       conn->close();
-      if (conn->reused && fresh_retry == 0) continue;
-      error = fmt::format("{}: send: {}", backend.name(), wec.message());
-      record_passive(backend, false);
-      co_return Attempt::retry;
+      continue;
     }
-    conn->tcp().expires_after(cfg.timeouts.first_byte);
-    auto [hec, hn] = co_await upstream_read_header(*conn, rp);
+    // After a failed send the backend may still have answered before closing (a 413 for a
+    // body over its own limit): read that answer rather than calling the backend down.
+    conn->tcp().expires_after(wec ? cfg.timeouts.connect : cfg.timeouts.first_byte);
+    error_code hec = co_await read_final_header(*conn, parser);
     if (watch_.client_gone) co_return Attempt::retry;
     if (hec) {
       watch_.upstream = nullptr;
       conn->close();
+      if (wec) {
+        error = fmt::format("{}: send: {}", backend.name(), wec.message());
+        record_passive(backend, false);
+        co_return Attempt::retry;
+      }
       if (hec == beast::error::timeout) {
         record_passive(backend, false);
         ctx.finish = "timeout";
@@ -964,6 +995,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     }
     break;
   }
+  auto& rp = *parser;
   ctx.ttfb_ms = ms_since(ctx.start);
   // From here on the response belongs to the client: no retry.
   auto& up = rp.get();
@@ -989,8 +1021,12 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   if (auto cl = rp.content_length()) {
     res.content_length(*cl);
   } else if (!rp.is_done()) {
-    res.chunked(true);
-  } else {
+    if (ctx.client_version >= 11) {
+      res.chunked(true);
+    } else {
+      client_keep_alive = false;  // HTTP/1.0 knows no chunks: the body ends with the connection
+    }
+  } else if (status != 204 && status != 304) {
     res.content_length(0);
   }
   res.keep_alive(client_keep_alive);
@@ -1068,7 +1104,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   }
   // A complete response leaves the upstream connection reusable whatever the client does next
   // (it may hang up right after reading it); one the watch closed is not.
-  if (upstream_ok && rp.is_done() && rp.keep_alive() && conn->tcp().socket().is_open()) {
+  if (upstream_ok && rp.is_done() && rp.keep_alive() && conn->buffer.size() == 0 &&
+      conn->tcp().socket().is_open()) {
     conn->tcp().expires_never();
     w_.put_idle(std::move(conn));
   } else {
@@ -1081,12 +1118,18 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
 // Accepting.
 
 asio::awaitable<void> run_session(Worker* w, tcp::socket socket) {
-  w->connections.fetch_add(1, std::memory_order_relaxed);
-  {
+  struct Counted {
+    Worker* w;
+    explicit Counted(Worker* w) : w(w) { w->connections.fetch_add(1, std::memory_order_relaxed); }
+    ~Counted() { w->connections.fetch_sub(1, std::memory_order_relaxed); }
+  } counted(w);
+  try {
     ClientSession session(*w, std::move(socket));
     co_await session.run();
+  } catch (const std::exception& e) {
+    // Untrusted input must never take the process down; this connection ends, others go on.
+    log_line("error", "connection closed after an internal error: {}", e.what());
   }
-  w->connections.fetch_sub(1, std::memory_order_relaxed);
 }
 
 asio::awaitable<void> accept_loop(Worker* w) {
@@ -1265,7 +1308,14 @@ int Gateway::run() {
     asio::co_spawn(w->ioc, accept_loop(w), asio::detached);
     asio::co_spawn(w->ioc, housekeeping_loop(w), asio::detached);
     w->thread = std::thread([w] {
-      w->ioc.run();
+      for (;;) {
+        try {
+          w->ioc.run();
+          break;
+        } catch (const std::exception& e) {
+          log_line("error", "worker {}: internal error, continuing: {}", w->id, e.what());
+        }
+      }
       w->log.flush();
     });
   }

@@ -1065,3 +1065,19 @@ TEST(ConfigExample, BundledRunConfigIsValid) {
 
 }  // namespace
 }  // namespace llmproxy::config
+
+namespace llmproxy::config {
+namespace {
+
+TEST(ConfigReject, HeaderSizeOverBeastFieldLimit) {
+  // A header field of 64 KiB or more makes Beast throw; the limit keeps requests below it.
+  auto r = load("\nserver:\n  max_header_size: 1MiB\nbackends:\n  - url: http://h:1\n");
+  ASSERT_FALSE(r.ok());
+  ASSERT_EQ(r.errors.size(), 1u) << dump(r);
+  EXPECT_EQ(r.errors[0].key_path, "server.max_header_size");
+  EXPECT_EQ(r.errors[0].line, 2);
+  EXPECT_TRUE(load("\nserver:\n  max_header_size: 60KiB\nbackends:\n  - url: http://h:1\n").ok());
+}
+
+}  // namespace
+}  // namespace llmproxy::config
