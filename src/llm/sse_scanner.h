@@ -1,0 +1,98 @@
+// Incremental Server-Sent Events scanner, for reading a stream as it passes through the proxy
+// (usage metering, per-event metrics) without delaying or altering it.
+//
+// Bytes are fed exactly as they were read from the socket: an event may be split across any
+// number of feeds and one feed may hold many events. Lines end in \n, \r\n or \r (also when the
+// \r and the \n arrive in different feeds). `data:` takes one optional space; several data lines
+// of one event are joined with \n; comments (":") are skipped; `event:` and `id:` are kept.
+// Memory is bounded: a line or an event's data longer than `max_event_bytes` is truncated (the
+// event is still delivered, flagged) instead of growing without limit on an endless line.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace llmproxy::llm {
+
+struct SseEvent {
+  std::string_view event;  // value of the last `event:` line, empty when none
+  std::string_view data;   // data lines joined by \n
+  std::string_view id;     // value of the last `id:` line
+  bool truncated = false;  // some line or the data exceeded max_event_bytes
+};
+
+class SseScanner {
+ public:
+  explicit SseScanner(std::size_t max_event_bytes = 256 * 1024) : max_(max_event_bytes) {}
+
+  // Scans `bytes`; calls on_event(const SseEvent&) for every event completed by them. The views
+  // in the event are valid only during the call.
+  template <class OnEvent>
+  void feed(std::string_view bytes, OnEvent&& on_event);
+
+  std::uint64_t events() const { return events_; }
+  std::uint64_t truncated_events() const { return truncated_events_; }
+  // Bytes held for an unfinished line or event (what a cut-off stream left behind).
+  std::size_t pending_bytes() const { return line_.size() + data_.size(); }
+
+ private:
+  // Handles one complete line (without its terminator); returns true when it ended an event.
+  bool line(std::string_view text);
+  void append_line_bytes(std::string_view part);
+
+  std::size_t max_;
+  std::string line_;  // an unfinished line carried over from the previous feed
+  bool line_truncated_ = false;
+  bool skip_lf_ = false;  // the previous feed ended in \r: a leading \n belongs to it
+  std::string data_, event_, id_;
+  bool has_data_ = false;
+  bool event_truncated_ = false;
+  std::uint64_t events_ = 0;
+  std::uint64_t truncated_events_ = 0;
+};
+
+template <class OnEvent>
+void SseScanner::feed(std::string_view bytes, OnEvent&& on_event) {
+  std::size_t pos = 0;
+  if (skip_lf_ && !bytes.empty()) {
+    skip_lf_ = false;
+    if (bytes.front() == '\n') pos = 1;
+  }
+  while (pos < bytes.size()) {
+    std::size_t end = bytes.find_first_of("\r\n", pos);
+    if (end == std::string_view::npos) {
+      append_line_bytes(bytes.substr(pos));
+      return;
+    }
+    bool ended;
+    if (line_.empty() && !line_truncated_) {
+      ended = line(bytes.substr(pos, end - pos));  // common case: the whole line is in this feed
+    } else {
+      append_line_bytes(bytes.substr(pos, end - pos));
+      ended = line(line_);
+      line_.clear();
+    }
+    if (bytes[end] == '\r') {
+      if (end + 1 < bytes.size()) {
+        if (bytes[end + 1] == '\n') ++end;
+      } else {
+        skip_lf_ = true;
+      }
+    }
+    pos = end + 1;
+    if (ended) {
+      SseEvent e{event_, data_, id_, event_truncated_};
+      ++events_;
+      if (event_truncated_) ++truncated_events_;
+      on_event(static_cast<const SseEvent&>(e));
+      data_.clear();
+      event_.clear();
+      has_data_ = false;
+      event_truncated_ = false;
+    }
+  }
+}
+
+}  // namespace llmproxy::llm
