@@ -1,0 +1,133 @@
+#include "llm/usage.h"
+
+#include <cstring>
+
+namespace llmproxy::llm {
+namespace {
+
+std::int64_t int_field(simdjson::dom::object obj, std::string_view key) {
+  std::int64_t v;
+  if (obj[key].get_int64().get(v) == simdjson::SUCCESS && v >= 0) return v;
+  std::uint64_t u;
+  if (obj[key].get_uint64().get(u) == simdjson::SUCCESS) return static_cast<std::int64_t>(u);
+  return -1;
+}
+
+bool read_usage_object(simdjson::dom::object u, Usage& out) {
+  Usage r;
+  r.prompt_tokens = int_field(u, "prompt_tokens");
+  r.completion_tokens = int_field(u, "completion_tokens");
+  if (r.prompt_tokens < 0) r.prompt_tokens = int_field(u, "input_tokens");  // Responses API
+  if (r.completion_tokens < 0) r.completion_tokens = int_field(u, "output_tokens");
+  r.total_tokens = int_field(u, "total_tokens");
+  simdjson::dom::object details;
+  if (u["prompt_tokens_details"].get_object().get(details) == simdjson::SUCCESS ||
+      u["input_tokens_details"].get_object().get(details) == simdjson::SUCCESS) {
+    r.cached_tokens = int_field(details, "cached_tokens");
+  }
+  if (u["completion_tokens_details"].get_object().get(details) == simdjson::SUCCESS ||
+      u["output_tokens_details"].get_object().get(details) == simdjson::SUCCESS) {
+    r.reasoning_tokens = int_field(details, "reasoning_tokens");
+  }
+  if (!r.reported()) return false;
+  if (r.total_tokens < 0) {
+    r.total_tokens = (r.prompt_tokens > 0 ? r.prompt_tokens : 0) +
+                     (r.completion_tokens > 0 ? r.completion_tokens : 0);
+  }
+  out = r;
+  return true;
+}
+
+// Length of the JSON string value that starts right after `pos` (just past the opening quote).
+std::size_t string_value_length(std::string_view s, std::size_t pos) {
+  std::size_t i = pos;
+  while (i < s.size()) {
+    if (s[i] == '\\') {
+      i += 2;
+    } else if (s[i] == '"') {
+      return i - pos;
+    } else {
+      ++i;
+    }
+  }
+  return 0;
+}
+
+std::uint64_t count_content(std::string_view data) {
+  std::uint64_t n = 0;
+  for (std::string_view key : {std::string_view("\"content\":\""), std::string_view("\"text\":\""),
+                               std::string_view("\"reasoning_content\":\"")}) {
+    std::size_t pos = 0;
+    while ((pos = data.find(key, pos)) != std::string_view::npos) {
+      pos += key.size();
+      n += string_value_length(data, pos);
+    }
+  }
+  return n;
+}
+
+}  // namespace
+
+bool read_usage(simdjson::dom::element object, Usage& out) {
+  simdjson::dom::object obj;
+  if (object.get_object().get(obj) != simdjson::SUCCESS) return false;
+  simdjson::dom::object u;
+  if (obj["usage"].get_object().get(u) == simdjson::SUCCESS) return read_usage_object(u, out);
+  simdjson::dom::object response;  // Responses API terminal events
+  if (obj["response"].get_object().get(response) == simdjson::SUCCESS &&
+      response["usage"].get_object().get(u) == simdjson::SUCCESS) {
+    return read_usage_object(u, out);
+  }
+  simdjson::dom::object details;  // TGI native /generate_stream final event
+  if (obj["details"].get_object().get(details) == simdjson::SUCCESS) {
+    Usage r;
+    r.prompt_tokens = int_field(details, "input_length");
+    r.completion_tokens = int_field(details, "generated_tokens");
+    if (!r.reported()) return false;
+    r.total_tokens = (r.prompt_tokens > 0 ? r.prompt_tokens : 0) +
+                     (r.completion_tokens > 0 ? r.completion_tokens : 0);
+    out = r;
+    return true;
+  }
+  return false;
+}
+
+bool is_usage_only_chunk(simdjson::dom::element object) {
+  simdjson::dom::object obj;
+  if (object.get_object().get(obj) != simdjson::SUCCESS) return false;
+  simdjson::dom::array choices;
+  if (obj["choices"].get_array().get(choices) != simdjson::SUCCESS) return false;
+  if (choices.size() != 0) return false;
+  simdjson::dom::object u;
+  return obj["usage"].get_object().get(u) == simdjson::SUCCESS;
+}
+
+void StreamUsageTracker::on_event(std::string_view data) {
+  ++events_;
+  if (data == "[DONE]") {
+    saw_done_ = true;
+    return;
+  }
+  content_chars_ += count_content(data);
+  // Cheap filter: only bytes that mention a usage report are parsed. `"usage":null` (on every
+  // chunk once include_usage is set) carries nothing.
+  bool candidate = false;
+  for (std::size_t pos = 0; (pos = data.find("\"usage\"", pos)) != std::string_view::npos;) {
+    pos += 7;
+    while (pos < data.size() && (data[pos] == ' ' || data[pos] == ':')) ++pos;
+    if (pos < data.size() && data[pos] == '{') {
+      candidate = true;
+      break;
+    }
+  }
+  if (!candidate && data.find("\"details\"") != std::string_view::npos) candidate = true;
+  if (!candidate) return;
+  scratch_.assign(data);
+  scratch_.reserve(data.size() + simdjson::SIMDJSON_PADDING);
+  simdjson::dom::element doc;
+  if (parser_.parse(scratch_.data(), scratch_.size(), false).get(doc) != simdjson::SUCCESS) return;
+  ++parsed_;
+  read_usage(doc, usage_);  // replaces: cumulative reports make the last one right
+}
+
+}  // namespace llmproxy::llm

@@ -1,0 +1,62 @@
+// Token usage as backends report it, read from a response body or from stream events.
+//
+// Where usage is (see shared/docs/wire-formats.md): a top-level `usage` object in non-stream
+// bodies and in stream chunks (OpenAI's final `choices: []` chunk, vLLM's cumulative usage on
+// every chunk, TGI's chunk with `"id": ""`, llama.cpp's finish chunk that also carries content),
+// `response.usage` with input/output names in the Responses API's terminal events, and
+// `details.{input_length,generated_tokens}` in TGI's native stream. Cumulative reports make the
+// last value the right one: a tracker replaces, never sums.
+#pragma once
+
+#include <simdjson.h>
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace llmproxy::llm {
+
+struct Usage {
+  std::int64_t prompt_tokens = -1;  // -1: not reported
+  std::int64_t completion_tokens = -1;
+  std::int64_t total_tokens = -1;
+  std::int64_t cached_tokens = -1;     // prompt_tokens_details.cached_tokens
+  std::int64_t reasoning_tokens = -1;  // completion_tokens_details.reasoning_tokens
+  bool reported() const { return prompt_tokens >= 0 || completion_tokens >= 0; }
+};
+
+// Reads usage from one parsed JSON object (a body or one event's data). Returns true when the
+// object carries a non-null usage report; `out` is then replaced by it (total filled in when
+// the backend left it out).
+bool read_usage(simdjson::dom::element object, Usage& out);
+
+// Follows one stream: feed every event's data in order. Only events whose bytes can hold usage
+// are parsed as JSON; the others cost one substring search. Not thread-safe (one per stream).
+class StreamUsageTracker {
+ public:
+  void on_event(std::string_view data);
+
+  const Usage& usage() const { return usage_; }
+  bool saw_done() const { return saw_done_; }
+  std::uint64_t events() const { return events_; }
+  std::uint64_t parsed_events() const { return parsed_; }
+  // Characters of generated text that streamed (content/text/reasoning deltas, JSON-escaped
+  // length), the basis of an estimate when no usage ever arrives.
+  std::uint64_t content_chars() const { return content_chars_; }
+
+ private:
+  Usage usage_;
+  bool saw_done_ = false;
+  std::uint64_t events_ = 0;
+  std::uint64_t parsed_ = 0;
+  std::uint64_t content_chars_ = 0;
+  std::string scratch_;  // padded copy for simdjson, reused across events
+  simdjson::dom::parser parser_;
+};
+
+// Is this event the usage-only chunk that `stream_options.include_usage` adds (OpenAI, vLLM,
+// TGI): `choices` present and empty, `usage` non-null? A chunk with content or a finish_reason
+// is never one.
+bool is_usage_only_chunk(simdjson::dom::element object);
+
+}  // namespace llmproxy::llm
