@@ -8,17 +8,19 @@
 set -euo pipefail
 
 profile=${1:---test}
-runtime=(ca-certificates libssl3 libyaml-cpp0.7 libsqlite3-0 libspdlog1.10 libfmt9)
+runtime=(ca-certificates libssl3 libyaml-cpp0.7 libsqlite3-0 libspdlog1.10 libfmt9 libprometheus-cpp-core1.0
+  libsimdjson14)
 build=(g++ cmake ninja-build ccache pkg-config curl
   libboost1.81-dev libsimdjson-dev libyaml-cpp-dev libspdlog-dev libfmt-dev libcli11-dev
   libsqlite3-dev libssl-dev prometheus-cpp-dev libgtest-dev libgmock-dev libbenchmark-dev)
+test=(prometheus)  # promtool checks the /metrics exposition
 bench=(nginx-light wrk gnuplot-nox procps util-linux)
 
 case "$profile" in
   --runtime) want=("${runtime[@]}") ;;
   --build) want=("${runtime[@]}" "${build[@]}") ;;
-  --test) want=("${runtime[@]}" "${build[@]}") ;;
-  --bench) want=("${runtime[@]}" "${build[@]}" "${bench[@]}") ;;
+  --test) want=("${runtime[@]}" "${build[@]}" "${test[@]}") ;;
+  --bench) want=("${runtime[@]}" "${build[@]}" "${test[@]}" "${bench[@]}") ;;
   *) echo "usage: $0 [--runtime|--build|--test|--bench]" >&2; exit 2 ;;
 esac
 if [ "$profile" != --runtime ] && [ "$profile" != --build ]; then

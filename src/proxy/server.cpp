@@ -36,6 +36,7 @@
 #include "lb/backend.h"
 #include "lb/balancer.h"
 #include "llm/request_inspector.h"
+#include "metrics/metrics.h"
 #include "proxy/access_log.h"
 #include "proxy/request_id.h"
 
@@ -129,6 +130,8 @@ void strip_hop_by_hop(Fields& fields) {
 // ---------------------------------------------------------------------------------------------
 // Shared, read-mostly state.
 
+class Worker;
+
 struct Shared {
   explicit Shared(config::Config c)
       : cfg(std::move(c)), backends(cfg.backends), tls(asio::ssl::context::tls_client) {}
@@ -137,6 +140,7 @@ struct Shared {
   lb::BackendSet backends;
   asio::ssl::context tls;
   std::atomic<bool> draining{false};
+  std::vector<Worker*> workers;  // filled before any worker runs; read by scrapes
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -202,7 +206,8 @@ class Worker {
         balancer(s.backends, s.cfg.load_balancing.strategy),
         inspector(s.cfg.server.max_body_size + 1024),
         log(STDOUT_FILENO, s.cfg.server.access_log),
-        idle(s.backends.size()) {}
+        idle(s.backends.size()),
+        metrics(s.backends.size()) {}
   // Pooled connections use the io_context: close them before it goes. The io_context then
   // destroys the suspended coroutines, whose sessions unregister from `sessions` (declared
   // before the io_context, so it is still alive then).
@@ -219,6 +224,7 @@ class Worker {
   RequestIdGenerator ids;
   AccessLog log;
   std::vector<std::vector<std::unique_ptr<UpstreamConn>>> idle;  // pool, per backend
+  metrics::WorkerMetrics metrics;  // written by this thread only; copied on its thread by scrapes
   std::atomic<std::int64_t> connections{0};
   std::thread thread;
 
@@ -404,9 +410,11 @@ struct RequestContext {
   int attempts = 0;
   std::string_view finish = "completed";
   unsigned client_version = 11;  // 10 for HTTP/1.0 clients: no chunked responses
+  metrics::Route route = metrics::Route::other;
+  double first_byte_ms = -1;  // first response body byte written to the client
 };
 
-enum class Route { chat, completions, embeddings, models, health, ready, unknown };
+enum class Route { chat, completions, embeddings, models, health, ready, metrics, unknown };
 
 Route route_for(std::string_view path) {
   if (path == "/v1/chat/completions") return Route::chat;
@@ -415,6 +423,7 @@ Route route_for(std::string_view path) {
   if (path == "/v1/models") return Route::models;
   if (path == "/health") return Route::health;
   if (path == "/ready") return Route::ready;
+  if (path == "/metrics") return Route::metrics;
   return Route::unknown;
 }
 
@@ -451,6 +460,7 @@ class ClientSession {
     std::string body;
     bool keep_alive = true;
     std::string_view allow;
+    std::string_view content_type = "application/json";
   };
   static Reply error_reply(const http::ErrorSpec& spec, std::string_view message, bool keep_alive,
                            std::string_view allow = {}) {
@@ -458,6 +468,7 @@ class ClientSession {
   }
   asio::awaitable<bool> send(RequestContext& ctx, Reply& reply);
   std::string health_body(bool ready_check) const;
+  asio::awaitable<std::string> metrics_body();
   std::string models_body() const;
 
   void arm_watch();
@@ -519,6 +530,13 @@ asio::awaitable<void> ClientSession::run() {
 }
 
 void ClientSession::log(const RequestContext& ctx) {
+  // The one place every request passes exactly once: metrics, then the access log.
+  const int backend = ctx.backend ? static_cast<int>(ctx.backend->index()) : metrics::kNoBackend;
+  w_.metrics.request(ctx.route, ctx.info.stream, backend, ctx.status, ms_since(ctx.start));
+  if (ctx.finish == "client_disconnected") ++w_.metrics.client_disconnects;
+  if (ctx.info.stream && ctx.backend && ctx.first_byte_ms >= 0) {
+    w_.metrics.ttft(backend, ctx.first_byte_ms);
+  }
   if (!w_.log.enabled()) return;
   AccessEntry e;
   e.request_id = ctx.request_id;
@@ -540,7 +558,7 @@ void ClientSession::log(const RequestContext& ctx) {
 
 asio::awaitable<bool> ClientSession::send(RequestContext& ctx, Reply& reply) {
   bhttp::response<bhttp::string_body> res{static_cast<bhttp::status>(reply.status), 11};
-  res.set(bhttp::field::content_type, "application/json");
+  res.set(bhttp::field::content_type, reply.content_type);
   if (!ctx.request_id.empty()) res.set("X-Request-Id", ctx.request_id);
   if (!reply.allow.empty()) res.set(bhttp::field::allow, reply.allow);
   bool keep_alive = reply.keep_alive && !w_.shared.draining.load(std::memory_order_relaxed);
@@ -573,6 +591,31 @@ std::string ClientSession::health_body(bool ready_check) const {
   }
   out += "]}";
   return out;
+}
+
+asio::awaitable<metrics::WorkerMetrics> copy_metrics(Worker* w) {
+  co_return w->metrics;
+}
+
+// Every worker copies its own metrics on its own thread (a message through its event loop),
+// so the request path never synchronises with a scrape.
+asio::awaitable<std::string> ClientSession::metrics_body() {
+  const auto& set = w_.shared.backends;
+  metrics::Snapshot snap{metrics::WorkerMetrics(set.size()), {}, 0};
+  for (Worker* other : w_.shared.workers) {
+    if (other == &w_) {
+      snap.requests.merge(w_.metrics);
+    } else {
+      auto op = asio::co_spawn(other->ioc, copy_metrics(other), asio::use_awaitable);
+      metrics::WorkerMetrics copy = co_await std::move(op);
+      snap.requests.merge(copy);
+    }
+    snap.open_connections += other->connections.load(std::memory_order_relaxed);
+  }
+  for (std::size_t i = 0; i < set.size(); ++i) {
+    snap.backends.push_back({set[i].name(), set[i].healthy(), set[i].in_flight()});
+  }
+  co_return metrics::render(snap);
 }
 
 std::string ClientSession::models_body() const {
@@ -667,6 +710,32 @@ asio::awaitable<bool> ClientSession::handle_request() {
   }
   Route route = route_for(path);
   bool body_pending = !parser.is_done();
+  switch (route) {
+    case Route::chat:
+      ctx.route = metrics::Route::chat;
+      break;
+    case Route::completions:
+      ctx.route = metrics::Route::completions;
+      break;
+    case Route::embeddings:
+      ctx.route = metrics::Route::embeddings;
+      break;
+    case Route::models:
+      ctx.route = metrics::Route::models;
+      break;
+    case Route::health:
+      ctx.route = metrics::Route::health;
+      break;
+    case Route::ready:
+      ctx.route = metrics::Route::ready;
+      break;
+    case Route::metrics:
+      ctx.route = metrics::Route::metrics;
+      break;
+    case Route::unknown:
+      ctx.route = metrics::Route::other;
+      break;
+  }
 
   if (route == Route::unknown) {
     {
@@ -696,6 +765,15 @@ asio::awaitable<bool> ClientSession::handle_request() {
             keep_alive && !body_pending, "GET");
         co_return co_await send(ctx, reply);
       }
+    }
+    if (route == Route::metrics) {
+      std::string body = co_await metrics_body();
+      Reply reply{200,
+                  std::move(body),
+                  keep_alive && !body_pending,
+                  {},
+                  "text/plain; version=0.0.4; charset=utf-8"};
+      co_return co_await send(ctx, reply);
     }
     if (route == Route::models) {
       {
@@ -758,7 +836,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
     }
     if (bec) {
       ctx.finish = "client_disconnected";
-      ctx.status = 0;
+      ctx.status = 499;  // client closed the request (nginx's convention)
       log(ctx);
       co_return false;
     }
@@ -881,6 +959,7 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
     }
     lb::Backend& backend = *pick.backend;
     tried[ntried++] = backend.index();
+    if (i > 0) ++w_.metrics.retries;
     ctx.backend = &backend;
     ++ctx.attempts;
     const auto& base = backend.config().parsed.base_path;
@@ -944,6 +1023,9 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
           co_await connect_backend(w_.ioc.get_executor(), w_.shared, backend, cfg.timeouts.connect);
       if (watch_.client_gone) co_return Attempt::retry;
       if (!cr.conn) {
+        w_.metrics.upstream_error(
+            static_cast<int>(backend.index()),
+            cr.timed_out ? metrics::UpstreamError::timeout : metrics::UpstreamError::connect);
         error = fmt::format("{}: connect: {}", backend.name(),
                             cr.timed_out ? "timed out" : cr.ec.message());
         record_passive(backend, false);
@@ -968,6 +1050,14 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     if (hec) {
       watch_.upstream = nullptr;
       conn->close();
+      const bool stale =
+          !wec && conn->reused && fresh_retry == 0 &&
+          (hec == bhttp::error::end_of_stream || hec == asio::error::connection_reset);
+      if (!stale) {
+        w_.metrics.upstream_error(static_cast<int>(backend.index()),
+                                  hec == beast::error::timeout ? metrics::UpstreamError::timeout
+                                                               : metrics::UpstreamError::reset);
+      }
       if (wec) {
         error = fmt::format("{}: send: {}", backend.name(), wec.message());
         record_passive(backend, false);
@@ -985,10 +1075,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
         }
         co_return Attempt::done;
       }
-      if (conn->reused && fresh_retry == 0 &&
-          (hec == bhttp::error::end_of_stream || hec == asio::error::connection_reset)) {
-        continue;
-      }
+      if (stale) continue;
       error = fmt::format("{}: {}", backend.name(), hec.message());
       record_passive(backend, false);
       co_return Attempt::retry;
@@ -1001,6 +1088,10 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   auto& up = rp.get();
   const unsigned status = up.result_int();
   record_passive(backend, status < 500);
+  if (status >= 500) {
+    w_.metrics.upstream_error(static_cast<int>(backend.index()),
+                              metrics::UpstreamError::status_5xx);
+  }
   req.body().clear();
   req.body().shrink_to_fit();
 
@@ -1046,6 +1137,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   bool upstream_ok = true;
   bool ended = false;  // the write that ends the message (more = false) went out
   std::array<char, kRelayBufferSize> relay;
+  Clock::time_point last_write{};
   // Once the upstream response is complete, a client hang-up no longer concerns the upstream
   // connection: it stays reusable, so the watch must not close it.
   if (rp.is_done()) watch_.upstream = nullptr;
@@ -1061,8 +1153,11 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
         client_ok = false;
       } else if (rec == beast::error::timeout) {
         ctx.finish = "timeout";
+        w_.metrics.upstream_error(static_cast<int>(backend.index()),
+                                  metrics::UpstreamError::timeout);
       } else {
         ctx.finish = "upstream_error";
+        w_.metrics.upstream_error(static_cast<int>(backend.index()), metrics::UpstreamError::reset);
       }
       break;
     }
@@ -1082,6 +1177,15 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     }
     ctx.bytes_out += n;
     ended = !res.body().more;
+    if (n > 0) {
+      const auto now = Clock::now();
+      if (ctx.first_byte_ms < 0) {
+        ctx.first_byte_ms = std::chrono::duration<double, std::milli>(now - ctx.start).count();
+      } else if (is_stream) {
+        w_.metrics.event_gap(std::chrono::duration<double, std::milli>(now - last_write).count());
+      }
+      last_write = now;
+    }
   }
   if (client_ok && upstream_ok && !ended) {
     res.body().data = nullptr;
@@ -1302,6 +1406,7 @@ int Gateway::run() {
     }
     if (i == 0) endpoint.port(acc.local_endpoint().port());  // port 0: the others follow
   }
+  for (auto& wp : impl_->workers) shared.workers.push_back(wp.get());
 
   for (auto& wp : impl_->workers) {
     Worker* w = wp.get();

@@ -1,0 +1,254 @@
+#include "metrics/metrics.h"
+
+#include <prometheus/client_metric.h>
+#include <prometheus/metric_family.h>
+#include <prometheus/text_serializer.h>
+
+#include <algorithm>
+#include <limits>
+
+namespace llmproxy::metrics {
+
+void Histogram::observe(double value, std::span<const double> bounds) {
+  auto it = std::lower_bound(bounds.begin(), bounds.end(), value);
+  ++counts_[static_cast<std::size_t>(it - bounds.begin())];
+  sum_ += value;
+  ++count_;
+}
+
+void Histogram::merge(const Histogram& other) {
+  for (std::size_t i = 0; i < counts_.size() && i < other.counts_.size(); ++i) {
+    counts_[i] += other.counts_[i];
+  }
+  sum_ += other.sum_;
+  count_ += other.count_;
+}
+
+std::string_view route_label(Route r) {
+  switch (r) {
+    case Route::chat:
+      return "/v1/chat/completions";
+    case Route::completions:
+      return "/v1/completions";
+    case Route::embeddings:
+      return "/v1/embeddings";
+    case Route::models:
+      return "/v1/models";
+    case Route::health:
+      return "/health";
+    case Route::ready:
+      return "/ready";
+    case Route::metrics:
+      return "/metrics";
+    case Route::other:
+      break;
+  }
+  return "other";
+}
+
+std::string_view upstream_error_label(UpstreamError e) {
+  switch (e) {
+    case UpstreamError::connect:
+      return "connect";
+    case UpstreamError::timeout:
+      return "timeout";
+    case UpstreamError::reset:
+      return "reset";
+    case UpstreamError::status_5xx:
+      return "5xx";
+  }
+  return "other";
+}
+
+WorkerMetrics::WorkerMetrics(std::size_t backends)
+    : ttft_by_backend(backends, Histogram(kLatencyBoundsMs.size())),
+      upstream_errors(backends, std::array<std::uint64_t, kUpstreamErrorKinds>{}) {}
+
+void WorkerMetrics::request(Route route, bool stream, int backend, unsigned status,
+                            double duration_ms) {
+  std::uint64_t key = (static_cast<std::uint64_t>(route) << 27) |
+                      (static_cast<std::uint64_t>(stream) << 26) |
+                      (static_cast<std::uint64_t>(backend + 1) << 10) | (status & 0x3ff);
+  ++requests[key];
+  latency.observe(duration_ms, kLatencyBoundsMs);
+}
+
+void WorkerMetrics::merge(const WorkerMetrics& other) {
+  for (const auto& [key, n] : other.requests) requests[key] += n;
+  latency.merge(other.latency);
+  for (std::size_t i = 0; i < ttft_by_backend.size() && i < other.ttft_by_backend.size(); ++i) {
+    ttft_by_backend[i].merge(other.ttft_by_backend[i]);
+  }
+  gaps.merge(other.gaps);
+  for (std::size_t i = 0; i < upstream_errors.size() && i < other.upstream_errors.size(); ++i) {
+    for (std::size_t k = 0; k < kUpstreamErrorKinds; ++k) {
+      upstream_errors[i][k] += other.upstream_errors[i][k];
+    }
+  }
+  retries += other.retries;
+  client_disconnects += other.client_disconnects;
+  refused += other.refused;
+}
+
+namespace {
+
+using prometheus::ClientMetric;
+using prometheus::MetricFamily;
+using prometheus::MetricType;
+
+MetricFamily family(std::string name, std::string help, MetricType type) {
+  MetricFamily f;
+  f.name = std::move(name);
+  f.help = std::move(help);
+  f.type = type;
+  return f;
+}
+
+ClientMetric counter(double value, std::vector<ClientMetric::Label> labels = {}) {
+  ClientMetric m;
+  m.label = std::move(labels);
+  m.counter.value = value;
+  return m;
+}
+
+ClientMetric gauge(double value, std::vector<ClientMetric::Label> labels = {}) {
+  ClientMetric m;
+  m.label = std::move(labels);
+  m.gauge.value = value;
+  return m;
+}
+
+ClientMetric histogram(const Histogram& h, std::span<const double> bounds, double scale,
+                       std::vector<ClientMetric::Label> labels = {}) {
+  ClientMetric m;
+  m.label = std::move(labels);
+  m.histogram.sample_count = h.count();
+  m.histogram.sample_sum = h.sum() * scale;
+  std::uint64_t cumulative = 0;
+  for (std::size_t i = 0; i < bounds.size(); ++i) {
+    cumulative += h.counts()[i];
+    m.histogram.bucket.push_back({cumulative, bounds[i] * scale});
+  }
+  cumulative += h.counts().back();
+  m.histogram.bucket.push_back({cumulative, std::numeric_limits<double>::infinity()});
+  return m;
+}
+
+}  // namespace
+
+std::string render(const Snapshot& s) {
+  const auto& r = s.requests;
+  std::vector<MetricFamily> out;
+  auto backend_label = [&](int index) -> std::string {
+    if (index < 0 || static_cast<std::size_t>(index) >= s.backends.size()) return "none";
+    return s.backends[static_cast<std::size_t>(index)].name;
+  };
+
+  auto requests = family("llmproxy_requests_total",
+                         "Requests served, by route, stream flag, backend and status code.",
+                         MetricType::Counter);
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> sorted(r.requests.begin(), r.requests.end());
+  std::sort(sorted.begin(), sorted.end());
+  for (const auto& [key, n] : sorted) {
+    auto route = static_cast<Route>(key >> 27);
+    bool stream = (key >> 26) & 1;
+    int backend = static_cast<int>((key >> 10) & 0xffff) - 1;
+    unsigned status = key & 0x3ff;
+    requests.metric.push_back(
+        counter(static_cast<double>(n), {{"path", std::string(route_label(route))},
+                                         {"stream", stream ? "true" : "false"},
+                                         {"backend", backend_label(backend)},
+                                         {"status", std::to_string(status)}}));
+  }
+  out.push_back(std::move(requests));
+
+  auto latency_ms = family("llmproxy_latency_ms",
+                           "Request latency in milliseconds, from the request header to the end of "
+                           "the response (the original metric; see "
+                           "llmproxy_request_duration_seconds).",
+                           MetricType::Histogram);
+  latency_ms.metric.push_back(histogram(r.latency, kLatencyBoundsMs, 1.0));
+  out.push_back(std::move(latency_ms));
+  auto duration = family("llmproxy_request_duration_seconds",
+                         "Request latency in seconds, from the request header to the end of the "
+                         "response.",
+                         MetricType::Histogram);
+  duration.metric.push_back(histogram(r.latency, kLatencyBoundsMs, 0.001));
+  out.push_back(std::move(duration));
+
+  auto ttft = family("llmproxy_time_to_first_token_seconds",
+                     "Streams: time from the request header to the first body byte relayed to the "
+                     "client, by backend.",
+                     MetricType::Histogram);
+  for (std::size_t i = 0; i < r.ttft_by_backend.size() && i < s.backends.size(); ++i) {
+    ttft.metric.push_back(histogram(r.ttft_by_backend[i], kLatencyBoundsMs, 0.001,
+                                    {{"backend", s.backends[i].name}}));
+  }
+  out.push_back(std::move(ttft));
+
+  auto gaps = family("llmproxy_stream_event_gap_seconds",
+                     "Streams: time between two consecutive writes of stream data to a client.",
+                     MetricType::Histogram);
+  gaps.metric.push_back(histogram(r.gaps, kGapBoundsMs, 0.001));
+  out.push_back(std::move(gaps));
+
+  auto errors = family("llmproxy_upstream_errors_total",
+                       "Upstream failures by backend and kind (connect, timeout, reset, 5xx).",
+                       MetricType::Counter);
+  for (std::size_t i = 0; i < r.upstream_errors.size() && i < s.backends.size(); ++i) {
+    for (std::size_t k = 0; k < kUpstreamErrorKinds; ++k) {
+      errors.metric.push_back(
+          counter(static_cast<double>(r.upstream_errors[i][k]),
+                  {{"backend", s.backends[i].name},
+                   {"kind", std::string(upstream_error_label(static_cast<UpstreamError>(k)))}}));
+    }
+  }
+  out.push_back(std::move(errors));
+
+  auto retries = family("llmproxy_retries_total",
+                        "Requests sent to another backend after a failure before any response "
+                        "byte.",
+                        MetricType::Counter);
+  retries.metric.push_back(counter(static_cast<double>(r.retries)));
+  out.push_back(std::move(retries));
+  auto disconnects = family("llmproxy_client_disconnects_total",
+                            "Requests whose client hung up before the response was complete.",
+                            MetricType::Counter);
+  disconnects.metric.push_back(counter(static_cast<double>(r.client_disconnects)));
+  out.push_back(std::move(disconnects));
+
+  auto up =
+      family("llmproxy_backend_up", "1 when the backend is healthy, else 0.", MetricType::Gauge);
+  auto in_flight = family("llmproxy_backend_in_flight_requests",
+                          "Requests currently being served by the backend.", MetricType::Gauge);
+  for (const auto& b : s.backends) {
+    up.metric.push_back(gauge(b.up ? 1 : 0, {{"backend", b.name}}));
+    in_flight.metric.push_back(gauge(static_cast<double>(b.in_flight), {{"backend", b.name}}));
+  }
+  out.push_back(std::move(up));
+  out.push_back(std::move(in_flight));
+  auto connections =
+      family("llmproxy_open_connections", "Open client connections.", MetricType::Gauge);
+  connections.metric.push_back(gauge(static_cast<double>(s.open_connections)));
+  out.push_back(std::move(connections));
+
+  // Usage metering is not implemented yet: these keep the original names exported (at zero)
+  // so dashboards and alerts written against them load.
+  auto webhook_ok = family("llmproxy_webhook_success_total",
+                           "Usage webhook deliveries that succeeded.", MetricType::Counter);
+  webhook_ok.metric.push_back(counter(0));
+  out.push_back(std::move(webhook_ok));
+  auto webhook_failed = family("llmproxy_webhook_failure_total",
+                               "Usage webhook deliveries that failed.", MetricType::Counter);
+  webhook_failed.metric.push_back(counter(0));
+  out.push_back(std::move(webhook_failed));
+  auto tokens =
+      family("llmproxy_usage_tokens_total", "Tokens metered, by type.", MetricType::Counter);
+  tokens.metric.push_back(counter(0, {{"type", "prompt"}}));
+  tokens.metric.push_back(counter(0, {{"type", "completion"}}));
+  out.push_back(std::move(tokens));
+
+  return prometheus::TextSerializer().Serialize(out);
+}
+
+}  // namespace llmproxy::metrics

@@ -1,0 +1,103 @@
+// Request metrics without locks or shared cache lines on the request path.
+//
+// Each worker thread owns one WorkerMetrics and is the only one to write it: plain integers,
+// no atomics. A scrape asks every worker, on its own thread, for a copy (a message through its
+// event loop), merges the copies and renders them with prometheus-cpp's text serializer. So a
+// request pays a hash lookup and a few additions; the cost of consistency is paid per scrape.
+//
+// Names: the original product's public ones (llmproxy_requests_total{path,stream,backend,status},
+// llmproxy_latency_ms, llmproxy_webhook_success_total, llmproxy_webhook_failure_total,
+// llmproxy_usage_tokens_total{type}) exactly, plus conventional and LLM-specific ones.
+// Label values are bounded: routes, backends from the config, status codes, fixed kinds.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace llmproxy::metrics {
+
+// Milliseconds. llmproxy_latency_ms and llmproxy_request_duration_seconds are the same
+// observations rendered in two units.
+inline constexpr std::array<double, 17> kLatencyBoundsMs = {
+    1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000};
+inline constexpr std::array<double, 14> kGapBoundsMs = {0.25, 0.5, 1,   2.5, 5,    10,   25,
+                                                        50,   100, 250, 500, 1000, 2500, 10000};
+
+class Histogram {
+ public:
+  explicit Histogram(std::size_t bounds = 0) : counts_(bounds + 1, 0) {}
+  void observe(double value, std::span<const double> bounds);
+  void merge(const Histogram& other);
+  const std::vector<std::uint64_t>& counts() const { return counts_; }  // last: above all bounds
+  double sum() const { return sum_; }
+  std::uint64_t count() const { return count_; }
+
+ private:
+  std::vector<std::uint64_t> counts_;
+  double sum_ = 0;
+  std::uint64_t count_ = 0;
+};
+
+enum class Route : std::uint8_t {
+  chat,
+  completions,
+  embeddings,
+  models,
+  health,
+  ready,
+  metrics,
+  other
+};
+std::string_view route_label(Route r);
+
+enum class UpstreamError : std::uint8_t { connect, timeout, reset, status_5xx };
+inline constexpr std::size_t kUpstreamErrorKinds = 4;
+std::string_view upstream_error_label(UpstreamError e);
+
+inline constexpr int kNoBackend = -1;
+
+struct WorkerMetrics {
+  explicit WorkerMetrics(std::size_t backends = 0);
+
+  void request(Route route, bool stream, int backend, unsigned status, double duration_ms);
+  void ttft(int backend, double ms) {
+    ttft_by_backend[static_cast<std::size_t>(backend)].observe(ms, kLatencyBoundsMs);
+  }
+  void event_gap(double ms) { gaps.observe(ms, kGapBoundsMs); }
+  void upstream_error(int backend, UpstreamError kind) {
+    ++upstream_errors[static_cast<std::size_t>(backend)][static_cast<std::size_t>(kind)];
+  }
+  void merge(const WorkerMetrics& other);
+
+  // Key: route (8 bits) | stream (1) | backend + 1 (16) | status (10).
+  std::unordered_map<std::uint64_t, std::uint64_t> requests;
+  Histogram latency{kLatencyBoundsMs.size()};
+  std::vector<Histogram> ttft_by_backend;
+  Histogram gaps{kGapBoundsMs.size()};
+  std::vector<std::array<std::uint64_t, kUpstreamErrorKinds>> upstream_errors;
+  std::uint64_t retries = 0;
+  std::uint64_t client_disconnects = 0;
+  std::uint64_t refused = 0;  // answered by the gateway itself (4xx/5xx before forwarding)
+};
+
+// Live state read at scrape time (atomics elsewhere), rendered as gauges.
+struct BackendState {
+  std::string name;
+  bool up = false;
+  std::int64_t in_flight = 0;
+};
+
+struct Snapshot {
+  WorkerMetrics requests;
+  std::vector<BackendState> backends;
+  std::int64_t open_connections = 0;
+};
+
+// Prometheus text exposition format 0.0.4.
+std::string render(const Snapshot& snapshot);
+
+}  // namespace llmproxy::metrics
