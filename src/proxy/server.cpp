@@ -414,7 +414,7 @@ struct RequestContext {
   double first_byte_ms = -1;  // first response body byte written to the client
 };
 
-enum class Route { chat, completions, embeddings, models, health, ready, metrics, unknown };
+using metrics::Route;  // the route a request took, also its metrics label
 
 Route route_for(std::string_view path) {
   if (path == "/v1/chat/completions") return Route::chat;
@@ -424,7 +424,7 @@ Route route_for(std::string_view path) {
   if (path == "/health") return Route::health;
   if (path == "/ready") return Route::ready;
   if (path == "/metrics") return Route::metrics;
-  return Route::unknown;
+  return Route::other;
 }
 
 using Request = bhttp::request<bhttp::string_body>;
@@ -710,34 +710,9 @@ asio::awaitable<bool> ClientSession::handle_request() {
   }
   Route route = route_for(path);
   bool body_pending = !parser.is_done();
-  switch (route) {
-    case Route::chat:
-      ctx.route = metrics::Route::chat;
-      break;
-    case Route::completions:
-      ctx.route = metrics::Route::completions;
-      break;
-    case Route::embeddings:
-      ctx.route = metrics::Route::embeddings;
-      break;
-    case Route::models:
-      ctx.route = metrics::Route::models;
-      break;
-    case Route::health:
-      ctx.route = metrics::Route::health;
-      break;
-    case Route::ready:
-      ctx.route = metrics::Route::ready;
-      break;
-    case Route::metrics:
-      ctx.route = metrics::Route::metrics;
-      break;
-    case Route::unknown:
-      ctx.route = metrics::Route::other;
-      break;
-  }
+  ctx.route = route;
 
-  if (route == Route::unknown) {
+  if (route == Route::other) {
     {
       Reply reply = error_reply(http::errors::not_found,
                                 fmt::format("Unknown path {}.", ctx.path.substr(0, 200)),
