@@ -122,3 +122,27 @@ test('counters read back after known traffic equal that traffic', async () => {
   assert.ok(after.includes('llmproxy_webhook_failure_total'));
   assert.ok(!/req_[0-9a-f]{24}/.test(after), 'no request ids as label values');
 });
+
+test('every query of grafana/dashboard.json names a metric the gateway exports', async () => {
+  const fs = await import('node:fs');
+  const path = await import('node:path');
+  const file = path.resolve(path.dirname(new URL(import.meta.url).pathname), '../../grafana/dashboard.json');
+  const dashboard = JSON.parse(fs.readFileSync(file, 'utf8'));
+  const exported = new Set(
+    (await scrape())
+      .split('\n')
+      .filter((l) => l.startsWith('# TYPE '))
+      .map((l) => l.split(' ')[2]),
+  );
+  const exprs = dashboard.panels.flatMap((p) => (p.targets ?? []).map((t) => t.expr));
+  assert.ok(exprs.length >= 10, `only ${exprs.length} queries`);
+  for (const expr of exprs) {
+    const names = expr.match(/llmproxy_[a-z_]+/g) ?? [];
+    assert.ok(names.length > 0, `query names no llmproxy metric: ${expr}`);
+    for (const name of names) {
+      const base = name.replace(/_(bucket|sum|count)$/, '');
+      assert.ok(exported.has(base), `dashboard query uses ${name}, which /metrics does not export: ${expr}`);
+    }
+  }
+  for (const p of dashboard.panels) assert.equal(p.datasource?.uid, 'prometheus', `panel ${p.title}`);
+});
