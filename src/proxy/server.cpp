@@ -532,7 +532,8 @@ asio::awaitable<void> ClientSession::run() {
 void ClientSession::log(const RequestContext& ctx) {
   // The one place every request passes exactly once: metrics, then the access log.
   const int backend = ctx.backend ? static_cast<int>(ctx.backend->index()) : metrics::kNoBackend;
-  w_.metrics.request(ctx.route, ctx.info.stream, backend, ctx.status, ms_since(ctx.start));
+  const double duration_ms = ms_since(ctx.start);
+  w_.metrics.request(ctx.route, ctx.info.stream, backend, ctx.status, duration_ms);
   if (ctx.finish == "client_disconnected") ++w_.metrics.client_disconnects;
   if (ctx.info.stream && ctx.backend && ctx.first_byte_ms >= 0) {
     w_.metrics.ttft(backend, ctx.first_byte_ms);
@@ -549,7 +550,7 @@ void ClientSession::log(const RequestContext& ctx) {
   e.status = ctx.status;
   e.bytes_in = ctx.bytes_in;
   e.bytes_out = ctx.bytes_out;
-  e.duration_ms = ms_since(ctx.start);
+  e.duration_ms = duration_ms;
   e.ttfb_ms = ctx.ttfb_ms;
   e.attempts = ctx.attempts;
   e.finish = ctx.finish;
