@@ -13,6 +13,17 @@ std::int64_t int_field(simdjson::dom::object obj, std::string_view key) {
   return -1;
 }
 
+// Stores a report that names any token count, with the total filled in when left out.
+bool accept(Usage r, Usage& out) {
+  if (!r.reported()) return false;
+  if (r.total_tokens < 0) {
+    r.total_tokens = (r.prompt_tokens > 0 ? r.prompt_tokens : 0) +
+                     (r.completion_tokens > 0 ? r.completion_tokens : 0);
+  }
+  out = r;
+  return true;
+}
+
 bool read_usage_object(simdjson::dom::object u, Usage& out) {
   Usage r;
   r.prompt_tokens = int_field(u, "prompt_tokens");
@@ -29,13 +40,7 @@ bool read_usage_object(simdjson::dom::object u, Usage& out) {
       u["output_tokens_details"].get_object().get(details) == simdjson::SUCCESS) {
     r.reasoning_tokens = int_field(details, "reasoning_tokens");
   }
-  if (!r.reported()) return false;
-  if (r.total_tokens < 0) {
-    r.total_tokens = (r.prompt_tokens > 0 ? r.prompt_tokens : 0) +
-                     (r.completion_tokens > 0 ? r.completion_tokens : 0);
-  }
-  out = r;
-  return true;
+  return accept(r, out);
 }
 
 // Length of the JSON string value that starts right after `pos` (just past the opening quote).
@@ -83,11 +88,7 @@ bool read_usage(simdjson::dom::element object, Usage& out) {
     Usage r;
     r.prompt_tokens = int_field(details, "input_length");
     r.completion_tokens = int_field(details, "generated_tokens");
-    if (!r.reported()) return false;
-    r.total_tokens = (r.prompt_tokens > 0 ? r.prompt_tokens : 0) +
-                     (r.completion_tokens > 0 ? r.completion_tokens : 0);
-    out = r;
-    return true;
+    return accept(r, out);
   }
   return false;
 }

@@ -46,6 +46,14 @@ std::string_view route_label(Route r) {
   return "other";
 }
 
+Route route_for_path(std::string_view path) {
+  for (Route r : {Route::chat, Route::completions, Route::embeddings, Route::models, Route::health,
+                  Route::ready, Route::metrics}) {
+    if (route_label(r) == path) return r;
+  }
+  return Route::other;
+}
+
 std::string_view upstream_error_label(UpstreamError e) {
   switch (e) {
     case UpstreamError::connect:

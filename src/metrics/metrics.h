@@ -53,6 +53,8 @@ enum class Route : std::uint8_t {
   other
 };
 std::string_view route_label(Route r);
+// The route of a request path (without query): the inverse of route_label, one table for both.
+Route route_for_path(std::string_view path);
 
 enum class UpstreamError : std::uint8_t { connect, timeout, reset, status_5xx };
 inline constexpr std::size_t kUpstreamErrorKinds = 4;

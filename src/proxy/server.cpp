@@ -416,17 +416,6 @@ struct RequestContext {
 
 using metrics::Route;  // the route a request took, also its metrics label
 
-Route route_for(std::string_view path) {
-  if (path == "/v1/chat/completions") return Route::chat;
-  if (path == "/v1/completions") return Route::completions;
-  if (path == "/v1/embeddings") return Route::embeddings;
-  if (path == "/v1/models") return Route::models;
-  if (path == "/health") return Route::health;
-  if (path == "/ready") return Route::ready;
-  if (path == "/metrics") return Route::metrics;
-  return Route::other;
-}
-
 using Request = bhttp::request<bhttp::string_body>;
 
 class ClientSession {
@@ -473,7 +462,7 @@ class ClientSession {
 
   void arm_watch();
   asio::awaitable<void> disarm_watch();
-  void record_passive(const lb::Backend& b, bool ok);
+  void record_passive(lb::Backend& b, bool ok);
   void log(const RequestContext& ctx);
 
   Worker& w_;
@@ -709,7 +698,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
                     "Unsupported Transfer-Encoding; use chunked or Content-Length.", false);
     co_return co_await send(ctx, reply);
   }
-  Route route = route_for(path);
+  Route route = metrics::route_for_path(path);
   bool body_pending = !parser.is_done();
   ctx.route = route;
 
@@ -868,17 +857,16 @@ asio::awaitable<void> ClientSession::disarm_watch() {
   }
 }
 
-void ClientSession::record_passive(const lb::Backend& b, bool ok) {
+void ClientSession::record_passive(lb::Backend& backend, bool ok) {
   // Passive results only feed health when active checks run: they alone can bring a
   // backend back, so without them a passive "down" would be permanent.
   const auto& hc = w_.shared.cfg.health_check;
   if (!hc.enabled) return;
-  auto& backend = const_cast<lb::Backend&>(b);
   if (ok) {
     if (backend.consecutive_failures() != 0) backend.record_success(hc.healthy_threshold);
   } else if (backend.record_failure(hc.unhealthy_threshold)) {
-    log_line("warn", "backend {} marked unhealthy after {} consecutive failures", b.name(),
-             b.consecutive_failures());
+    log_line("warn", "backend {} marked unhealthy after {} consecutive failures", backend.name(),
+             backend.consecutive_failures());
   }
 }
 
