@@ -4,6 +4,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cctype>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -13,6 +14,13 @@
 
 namespace llmproxy::config {
 namespace {
+
+bool iequals_ascii(std::string_view a, std::string_view b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+           return std::tolower(static_cast<unsigned char>(x)) ==
+                  std::tolower(static_cast<unsigned char>(y));
+         });
+}
 
 std::string join(const std::string& path, std::string_view key) {
   return path.empty() ? std::string(key) : path + "." + std::string(key);
@@ -280,6 +288,130 @@ void read_backends(Reader& r, const YAML::Node& root, Config& c) {
   }
 }
 
+constexpr std::initializer_list<std::string_view> kSinkKeys = {
+    "name",           "enabled", "url",     "timeout", "retry",  "max_backoff",
+    "batch_size",     "batch_interval", "headers", "secret", "replay"};
+
+void read_sink(Reader& r, const YAML::Node& n, const std::string& path, SinkConfig& s) {
+  if (!r.map(n, path, kSinkKeys)) return;
+  r.string(n, "name", path, s.name);
+  r.boolean(n, "enabled", path, s.enabled);
+  r.string(n, "url", path, s.url);
+  r.duration(n, "timeout", path, s.timeout, Millis{1});
+  r.integer(n, "retry", path, s.retry, 0, 100);
+  r.duration(n, "max_backoff", path, s.max_backoff, Millis{1});
+  r.integer(n, "batch_size", path, s.batch_size, 1, 10'000);
+  r.duration(n, "batch_interval", path, s.batch_interval, Millis{0});
+  r.string(n, "secret", path, s.secret);
+  r.boolean(n, "replay", path, s.replay);
+  if (Reader::has(n, "headers")) {
+    auto h = n["headers"];
+    if (!h.IsMap()) {
+      r.error(h.Mark(), path + ".headers", "expected a mapping of header names to values");
+    } else {
+      for (auto it = h.begin(); it != h.end(); ++it) {
+        std::string key = it->first.IsScalar() ? it->first.Scalar() : "";
+        bool token = !key.empty();
+        for (char ch : key) {
+          if (!(std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '_')) {
+            token = false;
+          }
+        }
+        if (!token || !it->second.IsScalar()) {
+          r.error(it->first.Mark(), path + ".headers." + key,
+                  "expected a header name (letters, digits, -) with a string value");
+          continue;
+        }
+        const std::string& value = it->second.Scalar();
+        if (value.find_first_of("\r\n") != std::string::npos) {
+          r.error(it->second.Mark(), path + ".headers." + key, "must not contain line breaks");
+          continue;
+        }
+        s.headers.emplace_back(key, value);
+      }
+    }
+  }
+  std::string why;
+  if (!s.url.empty()) {
+    if (auto u = parse_url(s.url, &why)) {
+      s.parsed = *u;
+    } else {
+      r.error(n["url"].Mark(), path + ".url", why);
+    }
+  } else if (s.enabled) {
+    r.error(n.Mark(), path + ".url", "required when " + path + ".enabled is true");
+  }
+}
+
+template <class Enum>
+void enumeration(Reader& r, const YAML::Node& n, std::string_view key, const std::string& path,
+                 Enum& out, std::initializer_list<std::pair<std::string_view, Enum>> values) {
+  if (!Reader::has(n, key)) return;
+  std::string text;
+  r.string(n, key, path, text);
+  std::string known;
+  for (const auto& [name, value] : values) {
+    if (name == text) {
+      out = value;
+      return;
+    }
+    known += (known.empty() ? "" : ", ") + std::string(name);
+  }
+  r.error(n[std::string(key)].Mark(), join(path, key),
+          "expected one of " + known + ", got \"" + text + "\"");
+}
+
+void read_usage(Reader& r, const YAML::Node& root, Config& c) {
+  auto n = root["usage"];
+  auto& u = c.usage;
+  if (!r.map(n, "usage",
+             {"enabled", "durability", "log_path", "queue_size", "on_backlog",
+              "memory_max_records", "retention_days", "inject_stream_usage", "tokenize",
+              "user_header", "api_key", "max_response_copy", "sinks"})) {
+    return;
+  }
+  r.boolean(n, "enabled", "usage", u.enabled);
+  enumeration(r, n, "durability", "usage", u.durability,
+              {{"disk", Durability::disk}, {"memory", Durability::memory}});
+  r.string(n, "log_path", "usage", u.log_path);
+  if (u.durability == Durability::disk && u.log_path.empty()) {
+    r.error(n.Mark(), "usage.log_path", "must not be empty with durability: disk");
+  }
+  r.integer(n, "queue_size", "usage", u.queue_size, 1, 10'000'000);
+  enumeration(r, n, "on_backlog", "usage", u.on_backlog,
+              {{"reject", OnBacklog::reject}, {"serve", OnBacklog::serve}});
+  r.integer(n, "memory_max_records", "usage", u.memory_max_records, 1, 100'000'000);
+  r.integer(n, "retention_days", "usage", u.retention_days, 0, 100'000);
+  r.boolean(n, "inject_stream_usage", "usage", u.inject_stream_usage);
+  r.boolean(n, "tokenize", "usage", u.tokenize);
+  r.string(n, "user_header", "usage", u.user_header);
+  enumeration(r, n, "api_key", "usage", u.api_key,
+              {{"full", ApiKeyMode::full},
+               {"masked", ApiKeyMode::masked},
+               {"sha256", ApiKeyMode::sha256}});
+  r.size(n, "max_response_copy", "usage", u.max_response_copy, 1024);
+  if (Reader::has(n, "sinks")) {
+    auto list = n["sinks"];
+    if (!list.IsSequence()) {
+      r.error(list.Mark(), "usage.sinks", "expected a list of sinks");
+      return;
+    }
+    std::set<std::string> names{"usage_hook"};
+    for (std::size_t i = 0; i < list.size(); ++i) {
+      std::string path = "usage.sinks[" + std::to_string(i) + "]";
+      SinkConfig s;
+      s.enabled = true;
+      read_sink(r, list[i], path, s);
+      if (s.name.empty()) {
+        r.error(list[i].Mark(), path + ".name", "required (it names the sink's cursor)");
+      } else if (!names.insert(s.name).second) {
+        r.error(list[i].Mark(), path + ".name", "duplicate sink name \"" + s.name + "\"");
+      }
+      u.sinks.push_back(std::move(s));
+    }
+  }
+}
+
 void read_root(Reader& r, const YAML::Node& root, Config& c) {
   if (!root.IsDefined() || root.IsNull()) {
     r.error(YAML::Mark::null_mark(), "(root)", "the file is empty");
@@ -287,7 +419,7 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
   }
   if (!r.map(root, "",
              {"listen", "server", "timeouts", "load_balancing", "upstream", "backends",
-              "health_check", "usage_hook"})) {
+              "health_check", "usage_hook", "usage"})) {
     return;
   }
   if (Reader::has(root, "listen")) {
@@ -362,18 +494,11 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
     r.integer(n, "unhealthy_threshold", "health_check", c.health_check.unhealthy_threshold, 1, 100);
     r.integer(n, "healthy_threshold", "health_check", c.health_check.healthy_threshold, 1, 100);
   }
-  if (auto n = root["usage_hook"]; r.map(n, "usage_hook", {"enabled", "url", "timeout", "retry"})) {
-    r.boolean(n, "enabled", "usage_hook", c.usage_hook.enabled);
-    r.string(n, "url", "usage_hook", c.usage_hook.url);
-    r.duration(n, "timeout", "usage_hook", c.usage_hook.timeout, Millis{1});
-    r.integer(n, "retry", "usage_hook", c.usage_hook.retry, 0, 100);
-    std::string why;
-    if (!c.usage_hook.url.empty() && !parse_url(c.usage_hook.url, &why)) {
-      r.error(n["url"].Mark(), "usage_hook.url", why);
-    } else if (c.usage_hook.enabled && c.usage_hook.url.empty()) {
-      r.error(n.Mark(), "usage_hook.url", "required when usage_hook.enabled is true");
-    }
+  c.usage_hook.name = "usage_hook";
+  if (auto n = root["usage_hook"]; n.IsDefined() && !n.IsNull()) {
+    read_sink(r, n, "usage_hook", c.usage_hook);
   }
+  read_usage(r, root, c);
 }
 
 }  // namespace
@@ -481,6 +606,22 @@ std::string_view to_string(Strategy s) {
   return s == Strategy::least_in_flight ? "least_in_flight" : "weighted_round_robin";
 }
 
+std::string_view to_string(Durability d) { return d == Durability::memory ? "memory" : "disk"; }
+std::string_view to_string(OnBacklog b) { return b == OnBacklog::serve ? "serve" : "reject"; }
+std::string_view to_string(ApiKeyMode m) {
+  return m == ApiKeyMode::masked ? "masked" : m == ApiKeyMode::sha256 ? "sha256" : "full";
+}
+
+std::vector<const SinkConfig*> Config::active_sinks() const {
+  std::vector<const SinkConfig*> out;
+  if (!usage.enabled) return out;
+  if (usage_hook.enabled) out.push_back(&usage_hook);
+  for (const auto& s : usage.sinks) {
+    if (s.enabled) out.push_back(&s);
+  }
+  return out;
+}
+
 int Config::effective_workers() const {
   if (server.workers > 0) return server.workers;
   unsigned n = std::thread::hardware_concurrency();
@@ -521,6 +662,30 @@ LoadResult load_file(const std::string& path) {
   ss << in.rdbuf();
   return load_string(ss.str(), path);
 }
+
+namespace {
+// Secrets are never printed: the effective config is shown to operators and in logs.
+void emit_sink(YAML::Emitter& e, const SinkConfig& s, bool with_name) {
+  e << YAML::BeginMap;
+  if (with_name) e << YAML::Key << "name" << YAML::Value << s.name;
+  e << YAML::Key << "enabled" << YAML::Value << s.enabled;
+  e << YAML::Key << "url" << YAML::Value << s.url;
+  e << YAML::Key << "timeout" << YAML::Value << format_duration(s.timeout);
+  e << YAML::Key << "retry" << YAML::Value << s.retry;
+  e << YAML::Key << "max_backoff" << YAML::Value << format_duration(s.max_backoff);
+  e << YAML::Key << "batch_size" << YAML::Value << s.batch_size;
+  e << YAML::Key << "batch_interval" << YAML::Value << format_duration(s.batch_interval);
+  e << YAML::Key << "headers" << YAML::Value << YAML::BeginMap;
+  for (const auto& [k, v] : s.headers) {
+    const bool sensitive = iequals_ascii(k, "authorization") || iequals_ascii(k, "x-api-key");
+    e << YAML::Key << k << YAML::Value << (sensitive ? std::string("<redacted>") : v);
+  }
+  e << YAML::EndMap;
+  e << YAML::Key << "secret" << YAML::Value << (s.secret.empty() ? "" : "<redacted>");
+  e << YAML::Key << "replay" << YAML::Value << s.replay;
+  e << YAML::EndMap;
+}
+}  // namespace
 
 std::string to_yaml(const Config& c) {
   YAML::Emitter e;
@@ -569,11 +734,25 @@ std::string to_yaml(const Config& c) {
   e << YAML::Key << "unhealthy_threshold" << YAML::Value << c.health_check.unhealthy_threshold;
   e << YAML::Key << "healthy_threshold" << YAML::Value << c.health_check.healthy_threshold;
   e << YAML::EndMap;
-  e << YAML::Key << "usage_hook" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "enabled" << YAML::Value << c.usage_hook.enabled;
-  e << YAML::Key << "url" << YAML::Value << c.usage_hook.url;
-  e << YAML::Key << "timeout" << YAML::Value << format_duration(c.usage_hook.timeout);
-  e << YAML::Key << "retry" << YAML::Value << c.usage_hook.retry;
+  e << YAML::Key << "usage_hook" << YAML::Value;
+  emit_sink(e, c.usage_hook, false);
+  const auto& u = c.usage;
+  e << YAML::Key << "usage" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "enabled" << YAML::Value << u.enabled;
+  e << YAML::Key << "durability" << YAML::Value << std::string(to_string(u.durability));
+  e << YAML::Key << "log_path" << YAML::Value << u.log_path;
+  e << YAML::Key << "queue_size" << YAML::Value << u.queue_size;
+  e << YAML::Key << "on_backlog" << YAML::Value << std::string(to_string(u.on_backlog));
+  e << YAML::Key << "memory_max_records" << YAML::Value << u.memory_max_records;
+  e << YAML::Key << "retention_days" << YAML::Value << u.retention_days;
+  e << YAML::Key << "inject_stream_usage" << YAML::Value << u.inject_stream_usage;
+  e << YAML::Key << "tokenize" << YAML::Value << u.tokenize;
+  e << YAML::Key << "user_header" << YAML::Value << u.user_header;
+  e << YAML::Key << "api_key" << YAML::Value << std::string(to_string(u.api_key));
+  e << YAML::Key << "max_response_copy" << YAML::Value << u.max_response_copy;
+  e << YAML::Key << "sinks" << YAML::Value << YAML::BeginSeq;
+  for (const auto& s : u.sinks) emit_sink(e, s, true);
+  e << YAML::EndSeq;
   e << YAML::EndMap;
   e << YAML::EndMap;
   return std::string(e.c_str()) + "\n";

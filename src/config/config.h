@@ -83,11 +83,45 @@ struct HealthCheck {
   int healthy_threshold = 2;
 };
 
-struct UsageHook {
-  bool enabled = false;
+// One webhook that receives usage records. The seed's `usage_hook` is the sink named
+// "usage_hook"; `usage.sinks[]` adds more, each with its own cursor in the usage log.
+struct SinkConfig {
+  std::string name;
+  bool enabled = false;  // usage_hook: the seed's switch; usage.sinks[] entries default to true
   std::string url;
-  Millis timeout{1'000};
-  int retry = 2;
+  Url parsed;
+  Millis timeout{1'000};   // one POST, connect included
+  int retry = 2;           // quick retries (exponential backoff + jitter) before the slow lane
+  Millis max_backoff{30'000};  // cap of the slow lane: retried from the log until it succeeds
+  int batch_size = 1;          // 1: one JSON object per POST (the seed's format); >1: JSON arrays
+  Millis batch_interval{200};  // longest wait to fill a batch
+  std::vector<std::pair<std::string, std::string>> headers;  // extra request headers
+  std::string secret;  // non-empty: X-LLMProxy-Signature (HMAC-SHA256 over "<t>.<body>")
+  bool replay = false; // a sink new to the log starts at its head unless replay is set
+};
+using UsageHook = SinkConfig;
+
+enum class Durability { disk, memory };
+enum class OnBacklog { reject, serve };
+enum class ApiKeyMode { full, masked, sha256 };
+std::string_view to_string(Durability d);
+std::string_view to_string(OnBacklog b);
+std::string_view to_string(ApiKeyMode m);
+
+struct UsageConfig {
+  bool enabled = true;  // records are made and logged (the ledger) even without a webhook
+  Durability durability = Durability::disk;
+  std::string log_path = "data/usage.db";
+  int queue_size = 50'000;  // records waiting for the log writer; the backlog bound
+  OnBacklog on_backlog = OnBacklog::reject;
+  int memory_max_records = 1'000'000;  // durability: memory: undelivered records held at most
+  int retention_days = 30;            // delivered records older than this are deleted
+  bool inject_stream_usage = true;    // add stream_options.include_usage upstream
+  bool tokenize = true;               // prompt tokens from the backend's /tokenize when no usage
+  std::string user_header = "X-User-Id";
+  ApiKeyMode api_key = ApiKeyMode::full;
+  std::uint64_t max_response_copy = 1024 * 1024;  // non-stream bodies read for usage
+  std::vector<SinkConfig> sinks;                  // usage.sinks
 };
 
 struct Config {
@@ -100,8 +134,11 @@ struct Config {
   std::vector<BackendConfig> backends;
   HealthCheck health_check;
   UsageHook usage_hook;
+  UsageConfig usage;
 
   int effective_workers() const;
+  // Every enabled sink: usage_hook (named "usage_hook") first, then usage.sinks in order.
+  std::vector<const SinkConfig*> active_sinks() const;
 };
 
 struct ConfigError {

@@ -1,0 +1,74 @@
+// The usage pipeline: from the request path to every sink, without losing a record.
+//
+//   request path --submit()--> bounded queue --writer thread--> usage log (SQLite, WAL)
+//                                                                  |  one cursor per sink
+//                                                sink threads <----+  (advance only on success)
+//
+// The request path only moves a record into an in-memory queue (a mutex held for a push).
+// A writer thread takes everything queued and commits it in one transaction (group commit), so
+// a record is durable within one commit of the request ending. Each sink reads the log in order
+// from its own cursor, POSTs, and moves the cursor only after a 2xx: outages, restarts and
+// kill -9 lose nothing that was committed. With durability: memory the log lives in memory
+// (fast, no disk), and what was not yet delivered is lost on exit.
+//
+// Bounds: `queue_size` records may wait for the writer. When the queue holds that many,
+// accepting() turns false (usage.on_backlog: reject -> the server answers new requests 503)
+// but submit() still takes records of requests already in flight, so none is dropped; the queue
+// is then bounded by queue_size + the connections in flight. With on_backlog: serve, records
+// over the bound are dropped and counted.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "config/config.h"
+#include "metrics/metrics.h"
+#include "usage/record.h"
+
+namespace llmproxy::usage {
+
+class UsageLog;
+class Sink;
+
+class Pipeline {
+ public:
+  // Opens (creates) the log and reads each sink's cursor; throws std::runtime_error with a
+  // clear message when the log cannot be opened.
+  Pipeline(const config::UsageConfig& usage, std::vector<config::SinkConfig> sinks);
+  ~Pipeline();
+  Pipeline(const Pipeline&) = delete;
+  Pipeline& operator=(const Pipeline&) = delete;
+
+  void start();
+  // Drains the queue into the log, gives sinks until `deadline` to deliver what they can,
+  // then stops every thread. Undelivered records stay in the log (disk) for the next start.
+  void stop(std::chrono::steady_clock::time_point deadline);
+
+  // False while the queue is at its bound and on_backlog is reject: refuse new requests.
+  bool accepting() const noexcept {
+    return !reject_on_backlog_ || depth_.load(std::memory_order_relaxed) < soft_limit_;
+  }
+  // Never blocks on I/O. Returns false only when the record was dropped (on_backlog: serve,
+  // queue full), which is counted.
+  bool submit(UsageRecord&& record);
+
+  // For /metrics (called off the request path).
+  metrics::UsageStats stats() const;
+
+ private:
+  // implementation-defined members
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  std::atomic<std::int64_t> depth_{0};
+  std::int64_t soft_limit_ = 0;
+  bool reject_on_backlog_ = true;
+};
+
+}  // namespace llmproxy::usage
