@@ -1,6 +1,30 @@
 #include "llm/request_inspector.h"
 
 namespace llmproxy::llm {
+namespace {
+
+// Text of a prompt-like value: a string, an array of strings or of token ids (completions,
+// embeddings), or chat content parts ({"type":"text","text":...}).
+void count_prompt(simdjson::dom::element v, RequestInfo& info, int depth = 0) {
+  std::string_view text;
+  if (v.get_string().get(text) == simdjson::SUCCESS) {
+    info.prompt_text.add_utf8(text);
+  } else if (simdjson::dom::array items;
+             depth < 2 && v.get_array().get(items) == simdjson::SUCCESS) {
+    for (auto item : items) {
+      if (item.is_int64() || item.is_uint64()) {
+        ++info.prompt_token_ids;
+      } else {
+        count_prompt(item, info, depth + 1);
+      }
+    }
+  } else if (v.is_object()) {
+    simdjson::dom::element t;
+    if (v["text"].get(t) == simdjson::SUCCESS) count_prompt(t, info, depth + 1);
+  }
+}
+
+}  // namespace
 
 std::string_view to_string(Endpoint e) {
   switch (e) {
@@ -63,7 +87,19 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
         return false;
       }
       info.user.assign(v);
+    } else if (key == "messages") {
+      simdjson::dom::array list;
+      if (field.value.get_array().get(list) == simdjson::SUCCESS) {
+        for (auto m : list) {
+          ++info.messages;
+          simdjson::dom::element content;
+          if (m["content"].get(content) == simdjson::SUCCESS) count_prompt(content, info);
+        }
+      }
+    } else if (key == "prompt" || key == "input") {
+      count_prompt(field.value, info);
     } else if (key == "stream_options") {
+      info.has_stream_options = true;
       simdjson::dom::object so;
       if (field.value.get_object().get(so)) continue;
       bool v = false;

@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include "http/errors.h"
+#include "llm/token_estimate.h"
 
 namespace llmproxy::llm {
 
@@ -16,9 +17,15 @@ std::string_view to_string(Endpoint e);
 
 struct RequestInfo {
   bool stream = false;
-  bool include_usage = false;  // stream_options.include_usage was true
-  std::string model;           // empty when absent
-  std::string user;            // the OpenAI `user` field, empty when absent
+  bool include_usage = false;       // stream_options.include_usage was true
+  std::string model;                // empty when absent
+  std::string user;                 // the OpenAI `user` field, empty when absent
+  bool has_stream_options = false;  // the key is present (any value)
+  // The prompt's text (message contents, prompt, input), for an estimate when the backend
+  // reports no usage; token-id prompts are counted exactly in prompt_token_ids.
+  TextCount prompt_text;
+  std::int64_t prompt_token_ids = 0;
+  int messages = 0;
 };
 
 struct InspectError {

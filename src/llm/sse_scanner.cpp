@@ -17,6 +17,7 @@ bool SseScanner::line(std::string_view text) {
     line_truncated_ = false;
   }
   if (text.empty()) {
+    blank_ = true;
     // A blank line dispatches the event; one without data lines is no event (spec 9.2.6).
     if (!has_data_) {
       event_.clear();

@@ -21,6 +21,12 @@ struct SseEvent {
   std::string_view data;   // data lines joined by \n
   std::string_view id;     // value of the last `id:` line
   bool truncated = false;  // some line or the data exceeded max_event_bytes
+  // Where the event's bytes are in the current feed: [begin, end), end just past the blank
+  // line that dispatched it. `continued`: it began in an earlier feed (begin is then 0).
+  // Blocks without data (comments, stray blank lines) are not events, but end at boundaries.
+  std::size_t begin = 0;
+  std::size_t end = 0;
+  bool continued = false;
 };
 
 class SseScanner {
@@ -34,6 +40,9 @@ class SseScanner {
 
   std::uint64_t events() const { return events_; }
   std::uint64_t truncated_events() const { return truncated_events_; }
+  // Offset just past the last blank line of the latest feed (npos when it had none): the
+  // bytes before it are complete blocks, the bytes after it start an unfinished one.
+  std::size_t last_boundary() const { return last_boundary_; }
   // Bytes held for an unfinished line or event (what a cut-off stream left behind).
   std::size_t pending_bytes() const { return line_.size() + data_.size(); }
 
@@ -45,10 +54,15 @@ class SseScanner {
   std::size_t max_;
   std::string line_;  // an unfinished line carried over from the previous feed
   bool line_truncated_ = false;
-  bool skip_lf_ = false;  // the previous feed ended in \r: a leading \n belongs to it
+  bool skip_lf_ = false;             // the previous feed ended in \r: a leading \n belongs to it
+  bool skip_lf_ends_block_ = false;  // ... and that \r ended a blank line
   std::string data_, event_, id_;
   bool has_data_ = false;
   bool event_truncated_ = false;
+  bool block_continued_ = false;  // the current block began in an earlier feed
+  std::size_t block_start_ = 0;   // where the current block began in this feed
+  std::size_t last_boundary_ = std::string_view::npos;
+  bool blank_ = false;  // set by line() when the line was blank (a block boundary)
   std::uint64_t events_ = 0;
   std::uint64_t truncated_events_ = 0;
 };
@@ -56,9 +70,19 @@ class SseScanner {
 template <class OnEvent>
 void SseScanner::feed(std::string_view bytes, OnEvent&& on_event) {
   std::size_t pos = 0;
+  last_boundary_ = std::string_view::npos;
+  block_start_ = 0;
+  block_continued_ = true;
   if (skip_lf_ && !bytes.empty()) {
     skip_lf_ = false;
-    if (bytes.front() == '\n') pos = 1;
+    if (bytes.front() == '\n') {
+      pos = 1;
+      if (skip_lf_ends_block_) {  // the \n completes a blank line: the next block starts after it
+        block_start_ = 1;
+        block_continued_ = false;
+        last_boundary_ = 1;
+      }
+    }
   }
   while (pos < bytes.size()) {
     std::size_t end = bytes.find_first_of("\r\n", pos);
@@ -79,11 +103,14 @@ void SseScanner::feed(std::string_view bytes, OnEvent&& on_event) {
         if (bytes[end + 1] == '\n') ++end;
       } else {
         skip_lf_ = true;
+        skip_lf_ends_block_ = blank_;
       }
     }
     pos = end + 1;
     if (ended) {
-      SseEvent e{event_, data_, id_, event_truncated_};
+      SseEvent e{
+          event_, data_,           id_, event_truncated_, block_continued_ ? 0 : block_start_,
+          pos,    block_continued_};
       ++events_;
       if (event_truncated_) ++truncated_events_;
       on_event(static_cast<const SseEvent&>(e));
@@ -91,6 +118,12 @@ void SseScanner::feed(std::string_view bytes, OnEvent&& on_event) {
       event_.clear();
       has_data_ = false;
       event_truncated_ = false;
+    }
+    if (blank_) {
+      blank_ = false;
+      last_boundary_ = pos;
+      block_start_ = pos;
+      block_continued_ = false;
     }
   }
 }

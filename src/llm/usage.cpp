@@ -58,14 +58,16 @@ std::size_t string_value_length(std::string_view s, std::size_t pos) {
   return 0;
 }
 
-std::uint64_t count_content(std::string_view data) {
+std::uint64_t count_content(std::string_view data, TextCount& text) {
   std::uint64_t n = 0;
   for (std::string_view key : {std::string_view("\"content\":\""), std::string_view("\"text\":\""),
                                std::string_view("\"reasoning_content\":\"")}) {
     std::size_t pos = 0;
     while ((pos = data.find(key, pos)) != std::string_view::npos) {
       pos += key.size();
-      n += string_value_length(data, pos);
+      std::size_t len = string_value_length(data, pos);
+      n += len;
+      text.add_json_escaped(data.substr(pos, len));
     }
   }
   return n;
@@ -103,13 +105,13 @@ bool is_usage_only_chunk(simdjson::dom::element object) {
   return obj["usage"].get_object().get(u) == simdjson::SUCCESS;
 }
 
-void StreamUsageTracker::on_event(std::string_view data) {
+bool StreamUsageTracker::on_event(std::string_view data) {
   ++events_;
   if (data == "[DONE]") {
     saw_done_ = true;
-    return;
+    return false;
   }
-  content_chars_ += count_content(data);
+  content_chars_ += count_content(data, content_text_);
   // Cheap filter: only bytes that mention a usage report are parsed. `"usage":null` (on every
   // chunk once include_usage is set) carries nothing.
   bool candidate = false;
@@ -122,13 +124,76 @@ void StreamUsageTracker::on_event(std::string_view data) {
     }
   }
   if (!candidate && data.find("\"details\"") != std::string_view::npos) candidate = true;
-  if (!candidate) return;
+  if (!candidate) return false;
   scratch_.assign(data);
   scratch_.reserve(data.size() + simdjson::SIMDJSON_PADDING);
+  if (!shared_) {
+    if (!own_) own_ = std::make_unique<simdjson::dom::parser>();
+    shared_ = own_.get();
+  }
   simdjson::dom::element doc;
-  if (parser_.parse(scratch_.data(), scratch_.size(), false).get(doc) != simdjson::SUCCESS) return;
+  if (shared_->parse(scratch_.data(), scratch_.size(), false).get(doc) != simdjson::SUCCESS) {
+    return false;
+  }
   ++parsed_;
   read_usage(doc, usage_);  // replaces: cumulative reports make the last one right
+  return is_usage_only_chunk(doc);
+}
+
+namespace {
+// The object that starts at `open` (a '{'), up to its matching brace; empty when cut.
+std::string_view balanced_object(std::string_view s, std::size_t open) {
+  int depth = 0;
+  bool in_string = false;
+  for (std::size_t i = open; i < s.size(); ++i) {
+    char c = s[i];
+    if (in_string) {
+      if (c == '\\') {
+        ++i;
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '{') {
+      ++depth;
+    } else if (c == '}') {
+      if (--depth == 0) return s.substr(open, i - open + 1);
+    }
+  }
+  return {};
+}
+}  // namespace
+
+bool read_body_usage(std::string_view copy, bool complete, simdjson::dom::parser& parser,
+                     Usage& out, TextCount& content) {
+  count_content(copy, content);
+  std::string padded;
+  if (complete) {
+    padded.reserve(copy.size() + simdjson::SIMDJSON_PADDING);
+    padded.assign(copy);
+    simdjson::dom::element doc;
+    if (parser.parse(padded.data(), padded.size(), false).get(doc) != simdjson::SUCCESS) {
+      return false;
+    }
+    return read_usage(doc, out);
+  }
+  // A tail: the last `"usage":{...}` in it (nested objects are skipped by the brace match).
+  for (std::size_t pos = copy.rfind("\"usage\""); pos != std::string_view::npos;
+       pos = pos == 0 ? std::string_view::npos : copy.rfind("\"usage\"", pos - 1)) {
+    std::size_t open = copy.find_first_not_of(" \t\r\n:", pos + 7);
+    if (open == std::string_view::npos || copy[open] != '{') continue;
+    std::string_view object = balanced_object(copy, open);
+    if (object.empty()) continue;
+    padded.assign("{\"usage\":");
+    padded.append(object);
+    padded.push_back('}');
+    padded.reserve(padded.size() + simdjson::SIMDJSON_PADDING);
+    simdjson::dom::element doc;
+    if (parser.parse(padded.data(), padded.size(), false).get(doc) != simdjson::SUCCESS) continue;
+    if (read_usage(doc, out)) return true;
+  }
+  return false;
 }
 
 }  // namespace llmproxy::llm

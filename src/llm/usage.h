@@ -11,8 +11,11 @@
 #include <simdjson.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
+
+#include "llm/token_estimate.h"
 
 namespace llmproxy::llm {
 
@@ -34,7 +37,12 @@ bool read_usage(simdjson::dom::element object, Usage& out);
 // are parsed as JSON; the others cost one substring search. Not thread-safe (one per stream).
 class StreamUsageTracker {
  public:
-  void on_event(std::string_view data);
+  // `parser`: a parser shared by the streams of one thread (its buffers are reused); when null
+  // the tracker makes its own on first use.
+  explicit StreamUsageTracker(simdjson::dom::parser* parser = nullptr) : shared_(parser) {}
+
+  // Returns true when the event was the usage-only chunk of include_usage (see below).
+  bool on_event(std::string_view data);
 
   const Usage& usage() const { return usage_; }
   bool saw_done() const { return saw_done_; }
@@ -43,6 +51,7 @@ class StreamUsageTracker {
   // Characters of generated text that streamed (content/text/reasoning deltas, JSON-escaped
   // length), the basis of an estimate when no usage ever arrives.
   std::uint64_t content_chars() const { return content_chars_; }
+  const TextCount& content_text() const { return content_text_; }
 
  private:
   Usage usage_;
@@ -50,9 +59,18 @@ class StreamUsageTracker {
   std::uint64_t events_ = 0;
   std::uint64_t parsed_ = 0;
   std::uint64_t content_chars_ = 0;
+  TextCount content_text_;
   std::string scratch_;  // padded copy for simdjson, reused across events
-  simdjson::dom::parser parser_;
+  simdjson::dom::parser* shared_ = nullptr;
+  std::unique_ptr<simdjson::dom::parser> own_;
 };
+
+// Usage of a non-stream response from the copy the gateway kept of it. `complete`: the copy is
+// the whole body; otherwise it is the body's tail (a large response), where usage is searched
+// for textually (OpenAI-compatible servers write it last). `content` receives the generated
+// text's size, the basis of an estimate when no usage is found.
+bool read_body_usage(std::string_view copy, bool complete, simdjson::dom::parser& parser,
+                     Usage& out, TextCount& content);
 
 // Is this event the usage-only chunk that `stream_options.include_usage` adds (OpenAI, vLLM,
 // TGI): `choices` present and empty, `usage` non-null? A chunk with content or a finish_reason
