@@ -1,11 +1,19 @@
 // llmproxy: command line entry point. Builds the configuration, reports every problem in it,
-// and hands a valid one to the Gateway.
+// and hands a valid one to the Gateway. `llmproxy usage` reads the usage log instead (read-only,
+// safe while the gateway runs); its argument errors exit 2 so that scripts can tell them apart
+// from a failed query.
 #include <CLI/CLI.hpp>
+#include <chrono>
 #include <cstdio>
+#include <filesystem>
+#include <memory>
 #include <string>
+#include <string_view>
+#include <tuple>
 
 #include "config/config.h"
 #include "proxy/server.h"
+#include "usage/ledger.h"
 
 namespace {
 
@@ -19,6 +27,98 @@ bool load(const std::string& path, llmproxy::config::Config& out) {
   }
   out = std::move(*result.config);
   return true;
+}
+
+struct UsageArgs {
+  std::string config_path;
+  std::string db_path;
+  std::string since;
+  std::string until;
+  std::string group_by;
+  std::string format = "table";
+  bool dead_letters = false;
+};
+
+int usage_error(const std::string& message) {
+  std::fprintf(stderr, "llmproxy usage: %s\n", message.c_str());
+  return 2;
+}
+
+// `llmproxy usage`: totals (or dead letters) from the usage log.
+int run_usage(const UsageArgs& a) {
+  namespace u = llmproxy::usage;
+  std::string db = a.db_path;
+  if (db.empty()) {
+    std::string config_path = a.config_path.empty() ? "config.yaml" : a.config_path;
+    std::error_code ec;
+    if (a.config_path.empty() && !std::filesystem::exists(config_path, ec)) {
+      return usage_error(
+          "no --db PATH given and no config.yaml here (use --config FILE or --db PATH)");
+    }
+    llmproxy::config::Config cfg;
+    if (!load(config_path, cfg)) return 2;
+    if (cfg.usage.durability == llmproxy::config::Durability::memory) {
+      return usage_error(config_path +
+                         ": usage.durability is memory: there is no log file to read");
+    }
+    db = cfg.usage.log_path;  // relative to the working directory, as the gateway opens it
+  }
+  auto now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                    std::chrono::system_clock::now().time_since_epoch())
+                    .count();
+  u::LedgerQuery q;
+  for (auto [text, out, name] : {std::tuple{&a.since, &q.since_ms, "--since"},
+                                 std::tuple{&a.until, &q.until_ms, "--until"}}) {
+    if (text->empty()) continue;
+    *out = u::parse_time_arg(*text, now_ms);
+    if (!*out) {
+      return usage_error(std::string(name) +
+                         ": expected a duration back from now (30m, 24h, 7d) or an RFC 3339 time "
+                         "(2026-01-14T10:30:00Z) or a date (2026-01-14), got \"" +
+                         *text + "\"");
+    }
+  }
+  if (q.since_ms && q.until_ms && *q.since_ms >= *q.until_ms) {
+    return usage_error("--since must be before --until");
+  }
+  std::string_view rest = a.group_by;
+  while (!rest.empty()) {
+    auto comma = rest.find(',');
+    std::string_view item = rest.substr(0, comma);
+    rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
+    while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
+    while (!item.empty() && item.back() == ' ') item.remove_suffix(1);
+    if (item.empty()) continue;
+    auto key = u::parse_group_key(item);
+    if (!key) {
+      return usage_error("--group-by: unknown key \"" + std::string(item) +
+                         "\" (known: user, model, api_key, backend, endpoint, finish, day)");
+    }
+    q.group_by.push_back(*key);
+  }
+  auto format = u::parse_output_format(a.format);
+  if (!format) {
+    return usage_error("--format: expected table, json or csv, got \"" + a.format + "\"");
+  }
+  if (a.dead_letters && !q.group_by.empty()) {
+    return usage_error("--group-by does not apply to --dead-letters");
+  }
+  std::unique_ptr<u::Ledger> ledger;
+  try {
+    ledger = std::make_unique<u::Ledger>(db);
+  } catch (const std::exception& e) {
+    return usage_error(e.what());
+  }
+  try {
+    std::string out = a.dead_letters ? u::format_dead_letters(
+                                           ledger->dead_letters(q.since_ms, q.until_ms), *format)
+                                     : u::format_totals(q.group_by, ledger->totals(q), *format);
+    std::fwrite(out.data(), 1, out.size(), stdout);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "llmproxy usage: %s\n", e.what());
+    return 1;
+  }
+  return 0;
 }
 
 }  // namespace
@@ -37,7 +137,38 @@ int main(int argc, char** argv) {
   app.add_flag("--print-config", print_config,
                "With --config or --check-config: print the effective configuration (defaults "
                "filled in) and exit");
-  CLI11_PARSE(app, argc, argv);
+
+  UsageArgs usage_args;
+  auto* usage_cmd = app.add_subcommand(
+      "usage", "Report token usage from the usage log (read-only; safe while the gateway runs)");
+  auto* usage_config = usage_cmd->add_option(
+      "-c,--config", usage_args.config_path,
+      "Read usage.log_path from this configuration file (default: config.yaml)");
+  usage_cmd->add_option("--db", usage_args.db_path, "The usage log file itself")
+      ->excludes(usage_config);
+  usage_cmd->add_option("--since", usage_args.since,
+                        "Records from this time on: 24h, 7d, 30m (back from now), RFC 3339 or a "
+                        "date (default: everything kept)");
+  usage_cmd->add_option("--until", usage_args.until, "Records before this time (same forms)");
+  usage_cmd->add_option("--group-by", usage_args.group_by,
+                        "Comma-separated: user, model, api_key, backend, endpoint, finish, day "
+                        "(default: one total)");
+  usage_cmd->add_option("--format", usage_args.format, "table (default), json or csv");
+  usage_cmd->add_flag("--dead-letters", usage_args.dead_letters,
+                      "List the records receivers rejected for good instead of totals");
+  const bool usage_mode = argc > 1 && std::string_view(argv[1]) == "usage";
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return usage_mode && rc != 0 ? 2 : rc;
+  }
+  if (usage_cmd->parsed()) {
+    if (usage_args.config_path.empty() && usage_args.db_path.empty()) {
+      usage_args.config_path = config_path;  // `llmproxy --config x usage`
+    }
+    return run_usage(usage_args);
+  }
 
   if (!check_path.empty()) {
     llmproxy::config::Config cfg;

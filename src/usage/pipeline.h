@@ -16,6 +16,14 @@
 // but submit() still takes records of requests already in flight, so none is dropped; the queue
 // is then bounded by queue_size + the connections in flight. With on_backlog: serve, records
 // over the bound are dropped and counted.
+//
+// depth_ counts records submitted and not yet committed (queued, or taken by the writer and
+// waiting for a commit that cannot happen right now, e.g. a lock held on the file), so a writer
+// that stalls turns accepting() false as much as a slow one does.
+//
+// Sinks: every SinkConfig with enabled == true gets a thread and a cursor named after it;
+// disabled ones are ignored (so callers may pass usage_hook as configured). See pipeline.cpp
+// for the delivery rules (headers, signature, batching, retries, dead letters).
 #pragma once
 
 #include <atomic>
@@ -63,7 +71,6 @@ class Pipeline {
   metrics::UsageStats stats() const;
 
  private:
-  // implementation-defined members
   struct Impl;
   std::unique_ptr<Impl> impl_;
   std::atomic<std::int64_t> depth_{0};

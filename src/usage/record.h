@@ -24,14 +24,14 @@ struct UsageRecord {
   std::int64_t cached_tokens = -1;     // -1: not reported (field left out of the JSON)
   std::int64_t reasoning_tokens = -1;  // -1: not reported
   bool is_stream = false;
-  std::string endpoint;          // e.g. /v1/chat/completions
-  std::int64_t timestamp_ms = 0; // request start, Unix milliseconds (JSON: RFC 3339 UTC)
+  std::string endpoint;           // e.g. /v1/chat/completions
+  std::int64_t timestamp_ms = 0;  // request start, Unix milliseconds (JSON: RFC 3339 UTC)
   std::string backend_url;
-  std::string backend;           // the backend's name
-  unsigned status_code = 0;      // what the client got
+  std::string backend;       // the backend's name
+  unsigned status_code = 0;  // what the client got
   double duration_ms = 0;
-  double ttft_ms = -1;           // streams: first body byte to the client; -1: none
-  std::string finish = "completed";  // completed, client_disconnected, upstream_error, timeout
+  double ttft_ms = -1;                   // streams: first body byte to the client; -1: none
+  std::string finish = "completed";      // completed, client_disconnected, upstream_error, timeout
   std::string usage_source = "backend";  // backend or estimated
 };
 

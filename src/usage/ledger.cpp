@@ -1,0 +1,442 @@
+// Ledger queries and their output formats (see ledger.h). The GROUP BY is built from a fixed
+// table of column expressions, never from user text, and every value is bound, so the query
+// text cannot be influenced by arguments beyond choosing among known columns.
+#include "usage/ledger.h"
+
+#include <fmt/format.h>
+#include <sqlite3.h>
+
+#include <algorithm>
+#include <array>
+#include <cctype>
+#include <ctime>
+#include <iterator>
+#include <stdexcept>
+
+#include "http/errors.h"
+#include "usage/record.h"
+
+namespace llmproxy::usage {
+
+namespace {
+
+struct KeyInfo {
+  GroupKey key;
+  std::string_view name;
+  std::string_view sql;
+};
+
+constexpr KeyInfo kKeys[] = {
+    {GroupKey::user, "user", "user_id"},
+    {GroupKey::model, "model", "model"},
+    {GroupKey::api_key, "api_key", "api_key"},
+    {GroupKey::backend, "backend", "backend"},
+    {GroupKey::endpoint, "endpoint", "endpoint"},
+    {GroupKey::finish, "finish", "finish"},
+    {GroupKey::day, "day", "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')"},
+};
+
+const KeyInfo& info(GroupKey k) {
+  for (const auto& i : kKeys) {
+    if (i.key == k) return i;
+  }
+  return kKeys[0];
+}
+
+std::string text(sqlite3_stmt* s, int i) {
+  auto* p = reinterpret_cast<const char*>(sqlite3_column_text(s, i));
+  return p ? std::string(p, static_cast<std::size_t>(sqlite3_column_bytes(s, i))) : std::string();
+}
+
+void json_string(std::string& out, std::string_view v) {
+  out += '"';
+  http::append_json_escaped(out, v);
+  out += '"';
+}
+
+void csv_field(std::string& out, std::string_view v) {
+  if (v.find_first_of(",\"\r\n") == std::string_view::npos) {
+    out += v;
+    return;
+  }
+  out += '"';
+  for (char c : v) {
+    if (c == '"') out += '"';
+    out += c;
+  }
+  out += '"';
+}
+
+// Display width of a UTF-8 string, counting code points (good enough for ids and model names).
+std::size_t width(std::string_view s) {
+  std::size_t n = 0;
+  for (char c : s) n += (static_cast<unsigned char>(c) & 0xC0) != 0x80;
+  return n;
+}
+
+// A plain aligned table: text columns left-aligned, numbers right-aligned.
+std::string render_table(const std::vector<std::string>& header,
+                         const std::vector<std::vector<std::string>>& rows,
+                         const std::vector<bool>& numeric) {
+  std::vector<std::size_t> w(header.size());
+  for (std::size_t c = 0; c < header.size(); ++c) w[c] = width(header[c]);
+  for (const auto& r : rows) {
+    for (std::size_t c = 0; c < r.size(); ++c) w[c] = std::max(w[c], width(r[c]));
+  }
+  std::string out;
+  auto line = [&](const std::vector<std::string>& cells) {
+    std::string l;
+    for (std::size_t c = 0; c < cells.size(); ++c) {
+      if (c) l += "  ";
+      std::string pad(w[c] - width(cells[c]), ' ');
+      if (numeric[c]) {
+        l += pad + cells[c];
+      } else {
+        l += cells[c];
+        if (c + 1 < cells.size()) l += pad;
+      }
+    }
+    while (!l.empty() && l.back() == ' ') l.pop_back();
+    out += l;
+    out += '\n';
+  };
+  line(header);
+  std::vector<std::string> rule;
+  for (auto n : w) rule.emplace_back(n, '-');
+  line(rule);
+  for (const auto& r : rows) line(r);
+  return out;
+}
+
+bool digits(std::string_view s, std::size_t pos, std::size_t n) {
+  if (pos + n > s.size()) return false;
+  for (std::size_t i = pos; i < pos + n; ++i) {
+    if (!std::isdigit(static_cast<unsigned char>(s[i]))) return false;
+  }
+  return true;
+}
+
+int num(std::string_view s, std::size_t pos, std::size_t n) {
+  int v = 0;
+  for (std::size_t i = pos; i < pos + n; ++i) v = v * 10 + (s[i] - '0');
+  return v;
+}
+
+std::optional<std::int64_t> parse_absolute(std::string_view s) {
+  if (!digits(s, 0, 4) || s.size() < 10 || s[4] != '-' || !digits(s, 5, 2) || s[7] != '-' ||
+      !digits(s, 8, 2)) {
+    return std::nullopt;
+  }
+  std::tm tm{};
+  tm.tm_year = num(s, 0, 4) - 1900;
+  tm.tm_mon = num(s, 5, 2) - 1;
+  tm.tm_mday = num(s, 8, 2);
+  if (tm.tm_mon < 0 || tm.tm_mon > 11 || tm.tm_mday < 1 || tm.tm_mday > 31) return std::nullopt;
+  std::int64_t ms = 0;
+  std::int64_t offset_s = 0;
+  if (s.size() > 10) {
+    if ((s[10] != 'T' && s[10] != 't' && s[10] != ' ') || !digits(s, 11, 2) || s.size() < 19 ||
+        s[13] != ':' || !digits(s, 14, 2) || s[16] != ':' || !digits(s, 17, 2)) {
+      return std::nullopt;
+    }
+    tm.tm_hour = num(s, 11, 2);
+    tm.tm_min = num(s, 14, 2);
+    tm.tm_sec = num(s, 17, 2);
+    if (tm.tm_hour > 23 || tm.tm_min > 59 || tm.tm_sec > 60) return std::nullopt;
+    std::size_t i = 19;
+    if (i < s.size() && s[i] == '.') {
+      ++i;
+      std::size_t start = i;
+      int scale = 100;
+      while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) {
+        ms += (s[i] - '0') * scale;
+        scale /= 10;
+        ++i;
+      }
+      if (i == start) return std::nullopt;
+    }
+    if (i == s.size()) return std::nullopt;  // RFC 3339 requires a zone
+    if (s[i] == 'Z' || s[i] == 'z') {
+      if (i + 1 != s.size()) return std::nullopt;
+    } else if (s[i] == '+' || s[i] == '-') {
+      if (s.size() != i + 6 || !digits(s, i + 1, 2) || s[i + 3] != ':' || !digits(s, i + 4, 2)) {
+        return std::nullopt;
+      }
+      offset_s = (num(s, i + 1, 2) * 3600 + num(s, i + 4, 2) * 60) * (s[i] == '+' ? 1 : -1);
+    } else {
+      return std::nullopt;
+    }
+  }
+  std::time_t t = timegm(&tm);
+  return (static_cast<std::int64_t>(t) - offset_s) * 1000 + ms;
+}
+
+}  // namespace
+
+std::optional<GroupKey> parse_group_key(std::string_view name) {
+  if (name == "user_id") return GroupKey::user;
+  if (name == "key") return GroupKey::api_key;
+  for (const auto& i : kKeys) {
+    if (i.name == name) return i.key;
+  }
+  return std::nullopt;
+}
+
+std::string_view group_key_name(GroupKey key) {
+  return info(key).name;
+}
+
+std::optional<OutputFormat> parse_output_format(std::string_view name) {
+  if (name == "table") return OutputFormat::table;
+  if (name == "json") return OutputFormat::json;
+  if (name == "csv") return OutputFormat::csv;
+  return std::nullopt;
+}
+
+Ledger::Ledger(const std::string& path)
+    : log_(std::make_unique<UsageLog>(UsageLog::Mode::read_only, path, false)) {
+  auto lk = log_->lock();
+  sqlite3_stmt* s = nullptr;
+  int rc = sqlite3_prepare_v2(log_->raw(),
+                              "SELECT 1 FROM sqlite_master WHERE type='table' AND name='records'",
+                              -1, &s, nullptr);
+  bool ok = rc == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW;
+  std::string why = rc == SQLITE_OK ? "" : std::string(": ") + sqlite3_errmsg(log_->raw());
+  sqlite3_finalize(s);
+  if (!ok) throw std::runtime_error(path + ": not a usage log" + why);
+}
+
+Ledger::~Ledger() = default;
+
+std::vector<LedgerRow> Ledger::totals(const LedgerQuery& q) {
+  std::string keys;
+  std::string order;
+  for (std::size_t i = 0; i < q.group_by.size(); ++i) {
+    keys += info(q.group_by[i]).sql;
+    keys += ", ";
+    order += (i ? ", " : "") + std::to_string(i + 1);
+  }
+  std::string sql = "SELECT " + keys +
+                    "count(*), coalesce(sum(prompt_tokens), 0), "
+                    "coalesce(sum(completion_tokens), 0), coalesce(sum(total_tokens), 0) "
+                    "FROM records WHERE ts_ms >= ? AND ts_ms < ?";
+  if (!q.group_by.empty()) sql += " GROUP BY " + order + " ORDER BY " + order;
+  auto lk = log_->lock();
+  sqlite3* db = log_->raw();
+  sqlite3_stmt* s = nullptr;
+  if (sqlite3_prepare_v2(db, sql.c_str(), -1, &s, nullptr) != SQLITE_OK) {
+    throw std::runtime_error(std::string("usage ledger: ") + sqlite3_errmsg(db));
+  }
+  std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> guard(s, sqlite3_finalize);
+  sqlite3_bind_int64(s, 1, q.since_ms.value_or(INT64_MIN));
+  sqlite3_bind_int64(s, 2, q.until_ms.value_or(INT64_MAX));
+  std::vector<LedgerRow> out;
+  int rc;
+  const int k = static_cast<int>(q.group_by.size());
+  while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+    LedgerRow r;
+    for (int i = 0; i < k; ++i) r.keys.push_back(text(s, i));
+    r.requests = sqlite3_column_int64(s, k);
+    r.prompt_tokens = sqlite3_column_int64(s, k + 1);
+    r.completion_tokens = sqlite3_column_int64(s, k + 2);
+    r.total_tokens = sqlite3_column_int64(s, k + 3);
+    out.push_back(std::move(r));
+  }
+  if (rc != SQLITE_DONE)
+    throw std::runtime_error(std::string("usage ledger: ") + sqlite3_errmsg(db));
+  return out;
+}
+
+std::vector<DeadLetterRow> Ledger::dead_letters(std::optional<std::int64_t> since_ms,
+                                                std::optional<std::int64_t> until_ms) {
+  return log_->dead_letters(since_ms, until_ms);
+}
+
+std::string format_totals(const std::vector<GroupKey>& group_by, const std::vector<LedgerRow>& rows,
+                          OutputFormat format) {
+  static constexpr std::string_view kNumbers[] = {"requests", "prompt_tokens", "completion_tokens",
+                                                  "total_tokens"};
+  auto numbers = [](const LedgerRow& r) {
+    return std::array<std::int64_t, 4>{r.requests, r.prompt_tokens, r.completion_tokens,
+                                       r.total_tokens};
+  };
+  std::string out;
+  if (format == OutputFormat::json) {
+    out += '[';
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      out += i ? ",\n " : "\n ";
+      out += '{';
+      for (std::size_t k = 0; k < group_by.size(); ++k) {
+        json_string(out, group_key_name(group_by[k]));
+        out += ':';
+        json_string(out, rows[i].keys[k]);
+        out += ',';
+      }
+      auto n = numbers(rows[i]);
+      for (std::size_t c = 0; c < 4; ++c) {
+        fmt::format_to(std::back_inserter(out), "{}\"{}\":{}", c ? "," : "", kNumbers[c], n[c]);
+      }
+      out += '}';
+    }
+    out += rows.empty() ? "]\n" : "\n]\n";
+    return out;
+  }
+  if (format == OutputFormat::csv) {
+    for (auto k : group_by) {
+      out += group_key_name(k);
+      out += ',';
+    }
+    out += "requests,prompt_tokens,completion_tokens,total_tokens\n";
+    for (const auto& r : rows) {
+      for (const auto& key : r.keys) {
+        csv_field(out, key);
+        out += ',';
+      }
+      auto n = numbers(r);
+      fmt::format_to(std::back_inserter(out), "{},{},{},{}\n", n[0], n[1], n[2], n[3]);
+    }
+    return out;
+  }
+  std::vector<std::string> header;
+  std::vector<bool> numeric;
+  for (auto k : group_by) {
+    header.emplace_back(group_key_name(k));
+    numeric.push_back(false);
+  }
+  for (auto n : {"requests", "prompt", "completion", "total"}) {
+    header.emplace_back(n);
+    numeric.push_back(true);
+  }
+  std::vector<std::vector<std::string>> cells;
+  std::array<std::int64_t, 4> sum{};
+  for (const auto& r : rows) {
+    std::vector<std::string> line;
+    for (const auto& key : r.keys) line.push_back(key.empty() ? "-" : key);
+    auto n = numbers(r);
+    for (std::size_t c = 0; c < 4; ++c) {
+      line.push_back(std::to_string(n[c]));
+      sum[c] += n[c];
+    }
+    cells.push_back(std::move(line));
+  }
+  if (!group_by.empty() && rows.size() > 1) {
+    std::vector<std::string> line(group_by.size(), "");
+    line[0] = "(total)";
+    for (auto v : sum) line.push_back(std::to_string(v));
+    cells.push_back(std::move(line));
+  }
+  return render_table(header, cells, numeric);
+}
+
+std::string format_dead_letters(const std::vector<DeadLetterRow>& rows, OutputFormat format) {
+  std::string out;
+  auto count = [](const DeadLetterRow& r) {
+    return r.request_ids.empty()
+               ? 0
+               : 1 + static_cast<long>(std::count(r.request_ids.begin(), r.request_ids.end(), ','));
+  };
+  if (format == OutputFormat::json) {
+    out += '[';
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      const auto& r = rows[i];
+      out += i ? ",\n " : "\n ";
+      fmt::format_to(std::back_inserter(out), "{{\"id\":{},\"at\":\"{}\",\"sink\":", r.id,
+                     rfc3339(r.at_ms));
+      json_string(out, r.sink);
+      fmt::format_to(std::back_inserter(out),
+                     ",\"status\":{},\"first_seq\":{},\"last_seq\":{},\"records\":{},"
+                     "\"request_ids\":",
+                     r.status, r.first_seq, r.last_seq, count(r));
+      json_string(out, r.request_ids);
+      out += ",\"response\":";
+      json_string(out, r.response);
+      out += ",\"body\":";
+      json_string(out, r.body);
+      out += '}';
+    }
+    out += rows.empty() ? "]\n" : "\n]\n";
+    return out;
+  }
+  if (format == OutputFormat::csv) {
+    out += "id,at,sink,status,first_seq,last_seq,records,request_ids,response,body\n";
+    for (const auto& r : rows) {
+      fmt::format_to(std::back_inserter(out), "{},{},", r.id, rfc3339(r.at_ms));
+      csv_field(out, r.sink);
+      fmt::format_to(std::back_inserter(out), ",{},{},{},{},", r.status, r.first_seq, r.last_seq,
+                     count(r));
+      csv_field(out, r.request_ids);
+      out += ',';
+      csv_field(out, r.response);
+      out += ',';
+      csv_field(out, r.body);
+      out += '\n';
+    }
+    return out;
+  }
+  std::vector<std::vector<std::string>> cells;
+  for (const auto& r : rows) {
+    std::string response = r.response;
+    for (auto& c : response) {
+      if (c == '\n' || c == '\r' || c == '\t') c = ' ';
+    }
+    if (width(response) > 60) {
+      std::size_t cut = 57;
+      while (cut > 0 && (static_cast<unsigned char>(response[cut]) & 0xC0) == 0x80) --cut;
+      response = response.substr(0, cut) + "...";
+    }
+    std::string ids = r.request_ids;
+    if (ids.size() > 40) ids = ids.substr(0, 37) + "...";
+    cells.push_back({std::to_string(r.id), rfc3339(r.at_ms), r.sink, std::to_string(r.status),
+                     std::to_string(count(r)), ids, response});
+  }
+  return render_table({"id", "at", "sink", "status", "records", "request_ids", "response"}, cells,
+                      {true, false, false, true, true, false, false});
+}
+
+std::optional<std::int64_t> parse_time_arg(std::string_view s, std::int64_t now_ms) {
+  if (s.empty()) return std::nullopt;
+  if (auto abs = parse_absolute(s)) return abs;
+  // A duration back from now: <n><unit> groups.
+  std::int64_t total = 0;
+  std::size_t i = 0;
+  while (i < s.size()) {
+    std::size_t start = i;
+    std::int64_t n = 0;
+    while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) {
+      n = n * 10 + (s[i] - '0');
+      if (n > 1'000'000'000) return std::nullopt;
+      ++i;
+    }
+    if (i == start || i == s.size()) return std::nullopt;
+    std::int64_t unit;
+    if (s.substr(i).starts_with("ms")) {
+      unit = 1;
+      i += 2;
+    } else {
+      switch (s[i]) {
+        case 's':
+          unit = 1000;
+          break;
+        case 'm':
+          unit = 60'000;
+          break;
+        case 'h':
+          unit = 3'600'000;
+          break;
+        case 'd':
+          unit = 86'400'000;
+          break;
+        case 'w':
+          unit = 7 * 86'400'000LL;
+          break;
+        default:
+          return std::nullopt;
+      }
+      ++i;
+    }
+    total += n * unit;
+  }
+  return now_ms - total;
+}
+
+}  // namespace llmproxy::usage

@@ -1,0 +1,786 @@
+// The usage pipeline's threads: one writer, one per sink (see pipeline.h for the data flow).
+//
+// Why threads and not the gateway's event loops: the writer blocks in SQLite and the sinks block
+// on their receivers; neither may ever delay a request. Plain threads with condition variables
+// keep that separation obvious, cost nothing while idle, and make the shutdown order explicit:
+// the writer drains first, then the sinks deliver what the drain added, then everyone joins.
+//
+// Delivery contract (per sink):
+//   - Records go out in seq order. The cursor moves (and is stored in the log) only after a 2xx,
+//     or after a permanent rejection (4xx other than 408 and 429), which stores the POST in
+//     dead_letters. So a record is delivered at least once, and exactly once unless the process
+//     dies between a 2xx and the cursor's commit; receivers de-duplicate on request_id /
+//     Idempotency-Key.
+//   - batch_size 1: the body is the record's JSON object (the seed's format); batch_size > 1: a
+//     JSON array of up to batch_size objects, sent when it is full or batch_interval after the
+//     first record became available. A batch that failed is resent unchanged (same body, same
+//     Idempotency-Key) until it succeeds or is rejected for good.
+//   - Headers: Content-Type: application/json, User-Agent: llmproxy/<version>, Idempotency-Key:
+//     <request_id> (single) or <first request_id>+<count> (batch), then the sink's own headers
+//     (which replace ours of the same name), then, with a secret, X-LLMProxy-Timestamp: <unix
+//     seconds> and X-LLMProxy-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>,
+//     recomputed for each attempt.
+//   - Failures (no answer, timeout, 3xx, 5xx, 408, 429): the attempt's records count in
+//     `failed`; the next attempt waits a random time in [0, min(max_backoff, 100ms * 2^(n-1))]
+//     for the first `retry` retries (full jitter), then in [cap/2, cap] with the same cap (the
+//     slow lane: never a tight loop against a receiver that is down). stop() cuts a wait short;
+//     the sink then exits and its records stay in the log.
+//   - delivery_latency: from the record's end (timestamp + duration) to the 2xx, in ms; it is
+//     stored in the log, so it stays meaningful for records delivered after a restart.
+//
+// Counters (stats()): queue_depth: submitted, not yet committed; logged: committed; commits:
+// transactions (one per group); dropped: refused by submit() (on_backlog: serve over the bound,
+// or after stop()) plus records still uncommitted when stop()'s deadline passed. Per sink:
+// delivered (2xx), failed (records of failed attempts, every attempt), dead_letters (records
+// rejected for good), backlog (head seq - cursor, from two atomics).
+//
+// Retention (writer thread, at start and hourly): records older than retention_days whose seq is
+// at or below every configured sink's cursor are deleted, in chunks so that commits go on in
+// between; dead letters older than retention_days too. With durability: memory, records are
+// deleted as soon as every sink has passed them, and the writer takes no more from the queue
+// while memory_max_records undelivered records are held (so the backlog policy applies).
+#include "usage/pipeline.h"
+
+#include <fmt/format.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <stdexcept>
+
+#include "http/errors.h"
+#include "usage/usage_log.h"
+#include "usage/webhook_client.h"
+
+namespace llmproxy::usage {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+constexpr int kRetentionChunk = 5000;
+constexpr auto kRetentionPeriod = std::chrono::hours(1);
+constexpr auto kLogEvery = std::chrono::seconds(10);
+constexpr milliseconds kFirstBackoff{100};
+
+std::int64_t unix_ms_now() {
+  return std::chrono::duration_cast<milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// One JSON line on stderr, as the server's log_line writes them.
+template <class... Args>
+void log_line(std::string_view level, fmt::format_string<Args...> f, Args&&... args) {
+  std::string msg = fmt::format(f, std::forward<Args>(args)...);
+  std::string line = "{\"level\":\"";
+  line += level;
+  line += "\",\"msg\":\"";
+  http::append_json_escaped(line, msg);
+  line += "\"}\n";
+  std::fwrite(line.data(), 1, line.size(), stderr);
+}
+
+std::string hmac_sha256_hex(std::string_view key, std::string_view data) {
+  unsigned char mac[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  if (!HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()),
+            reinterpret_cast<const unsigned char*>(data.data()), data.size(), mac, &len)) {
+    throw std::runtime_error("HMAC-SHA256 failed");
+  }
+  static constexpr char hex[] = "0123456789abcdef";
+  std::string out(len * 2, '\0');
+  for (unsigned i = 0; i < len; ++i) {
+    out[2 * i] = hex[mac[i] >> 4];
+    out[2 * i + 1] = hex[mac[i] & 0xf];
+  }
+  return out;
+}
+
+// The request-target of a webhook URL, trailing slash kept ("http://h:1/a/" -> "/a/").
+std::string target_of(std::string_view url) {
+  auto scheme = url.find("://");
+  auto rest = scheme == std::string_view::npos ? url : url.substr(scheme + 3);
+  auto slash = rest.find('/');
+  return slash == std::string_view::npos ? "/" : std::string(rest.substr(slash));
+}
+
+bool permanent_rejection(unsigned status) {
+  return status >= 400 && status < 500 && status != 408 && status != 429;
+}
+
+}  // namespace
+
+class Sink {
+ public:
+  config::SinkConfig cfg;
+  config::Url url;
+  std::unique_ptr<UsageLog> own_log;  // durability: disk: this thread's connection
+  UsageLog* log = nullptr;
+  std::unique_ptr<WebhookClient> client;
+  std::thread thread;
+
+  std::atomic<std::int64_t> cursor{0};
+  std::int64_t persisted = 0;  // the cursor as stored (sink thread only)
+
+  std::atomic<std::uint64_t> delivered{0};
+  std::atomic<std::uint64_t> failed{0};
+  std::atomic<std::uint64_t> dead_letters{0};
+  mutable std::mutex latency_mu;
+  metrics::Histogram latency{metrics::kLatencyBoundsMs.size()};
+
+  // Rate-limited failure reports (sink thread only).
+  std::uint64_t consecutive_failures = 0;
+  std::uint64_t unreported = 0;
+  Clock::time_point last_report{};
+  Clock::time_point last_dead_report{};
+  std::uint64_t dead_unreported = 0;
+};
+
+struct Pipeline::Impl {
+  config::UsageConfig cfg;
+  bool memory = false;
+  std::atomic<std::int64_t>* depth = nullptr;
+  std::unique_ptr<UsageLog> log;  // the writer's connection; with durability: memory, everyone's
+  std::vector<std::unique_ptr<Sink>> sinks;
+
+  std::mutex mu;  // queue, writer_gone
+  std::condition_variable writer_cv;
+  std::vector<UsageRecord> queue;
+  std::atomic<Clock::rep> deadline_rep{0};  // stop()'s deadline, stored before stop_requested
+  std::atomic<bool> stop_requested{false};
+  bool writer_gone = false;  // under mu: submit() after the writer exited drops
+
+  std::mutex sink_mu;  // sinks sleep on sink_cv for new records, writer_done or stop
+  std::condition_variable sink_cv;
+  std::atomic<std::int64_t> head{0};
+  std::atomic<bool> writer_done{false};
+  std::atomic<std::int64_t> pruned{0};  // durability: memory: records up to here are deleted
+
+  std::atomic<std::uint64_t> logged{0};
+  std::atomic<std::uint64_t> dropped{0};
+  std::atomic<std::uint64_t> commits{0};
+
+  std::thread writer;
+  std::mutex lifecycle_mu;
+  bool started = false;
+  bool stopped = false;
+
+  // Writer-thread state.
+  std::vector<std::string> jsons;
+  std::vector<PendingRecord> pending;
+  std::uint64_t commit_failures = 0;
+  Clock::time_point last_commit_report{};
+
+  std::int64_t min_cursor() const {
+    std::int64_t m = head.load(std::memory_order_acquire);
+    for (const auto& s : sinks) m = std::min(m, s->cursor.load(std::memory_order_acquire));
+    return m;
+  }
+
+  // Records the writer may still add before durability: memory holds memory_max_records.
+  std::int64_t capacity() const {
+    if (!memory) return std::numeric_limits<std::int64_t>::max();
+    std::int64_t held = head.load(std::memory_order_acquire) - min_cursor();
+    return std::max<std::int64_t>(0, cfg.memory_max_records - held);
+  }
+
+  void wake_sinks() {
+    { std::lock_guard lk(sink_mu); }
+    sink_cv.notify_all();
+  }
+
+  void wake_writer() {
+    { std::lock_guard lk(mu); }
+    writer_cv.notify_all();
+  }
+
+  Clock::time_point stop_deadline() const {
+    return Clock::time_point(Clock::duration(deadline_rep.load(std::memory_order_acquire)));
+  }
+
+  bool commit(std::vector<UsageRecord>& taken);
+  bool retention_chunk(std::int64_t& deleted);
+  void writer_loop();
+
+  void sink_loop(Sink& s);
+  void prune_memory();
+  void report_failure(Sink& s, std::size_t records, const std::string& why);
+  void persist_cursor(Sink& s);
+};
+
+// ---------------------------------------------------------------------------------------------
+// Writer
+
+bool Pipeline::Impl::commit(std::vector<UsageRecord>& taken) {
+  // Serialize what was not serialized by an earlier failed attempt.
+  for (std::size_t i = jsons.size(); i < taken.size(); ++i) {
+    jsons.emplace_back();
+    append_json(jsons.back(), taken[i]);
+  }
+  pending.clear();
+  for (std::size_t i = 0; i < taken.size(); ++i) pending.push_back({&taken[i], jsons[i]});
+  std::int64_t last = 0;
+  try {
+    last = log->append(pending);
+  } catch (const std::exception& e) {
+    ++commit_failures;
+    auto now = Clock::now();
+    if (commit_failures == 1 || now - last_commit_report >= kLogEvery) {
+      log_line("error", "usage log: cannot commit {} records ({} attempts so far), retrying: {}",
+               taken.size(), commit_failures, e.what());
+      last_commit_report = now;
+    }
+    return false;
+  }
+  if (commit_failures > 0) {
+    log_line("info", "usage log: committing again after {} failed attempts", commit_failures);
+    commit_failures = 0;
+  }
+  auto n = static_cast<std::int64_t>(taken.size());
+  depth->fetch_sub(n, std::memory_order_relaxed);
+  logged.fetch_add(static_cast<std::uint64_t>(n), std::memory_order_relaxed);
+  commits.fetch_add(1, std::memory_order_relaxed);
+  head.store(last, std::memory_order_release);
+  taken.clear();
+  jsons.clear();
+  if (memory && sinks.empty()) {
+    // Nothing will read these: keep the memory flat.
+    try {
+      log->delete_records(last, std::nullopt, std::numeric_limits<int>::max());
+      pruned.store(last, std::memory_order_relaxed);
+    } catch (const std::exception& e) {
+      log_line("error", "usage log: {}", e.what());
+    }
+  }
+  wake_sinks();
+  return true;
+}
+
+bool Pipeline::Impl::retention_chunk(std::int64_t& deleted) {
+  if (cfg.retention_days <= 0) return false;
+  std::int64_t cutoff = unix_ms_now() - static_cast<std::int64_t>(cfg.retention_days) * 86'400'000;
+  try {
+    std::int64_t n = log->delete_records(min_cursor(), cutoff, kRetentionChunk);
+    deleted += n;
+    if (n >= kRetentionChunk) return true;
+    std::int64_t dl = log->delete_dead_letters(cutoff);
+    if (deleted > 0 || dl > 0) {
+      log_line("info",
+               "usage log: retention ({} days) deleted {} delivered records and {} dead letters",
+               cfg.retention_days, deleted, dl);
+    }
+  } catch (const std::exception& e) {
+    log_line("error", "usage log: retention: {}", e.what());
+  }
+  return false;
+}
+
+void Pipeline::Impl::writer_loop() {
+  std::vector<UsageRecord> taken;
+  auto next_retention = Clock::now();  // once at start, then hourly
+  bool retention_running = false;
+  std::int64_t retention_deleted = 0;
+  std::mt19937 rng(std::random_device{}());
+  milliseconds backoff{10};
+  for (;;) {
+    bool stopping = false;
+    if (taken.empty()) {
+      std::unique_lock lk(mu);
+      for (;;) {
+        stopping = stop_requested.load(std::memory_order_acquire);
+        auto deadline = stop_deadline();
+        bool late = stopping && Clock::now() >= deadline;
+        std::int64_t cap = capacity();
+        if (!queue.empty() && (cap > 0 || late)) {
+          if (late && cap <= 0) break;  // durability: memory, full at the deadline: give up
+          if (static_cast<std::int64_t>(queue.size()) <= cap) {
+            taken.swap(queue);
+          } else {
+            auto n = static_cast<std::ptrdiff_t>(cap);
+            taken.assign(std::make_move_iterator(queue.begin()),
+                         std::make_move_iterator(queue.begin() + n));
+            queue.erase(queue.begin(), queue.begin() + n);
+          }
+          break;
+        }
+        if (stopping) {
+          if (queue.empty() || late) break;
+          writer_cv.wait_until(lk, deadline);  // sinks make room (durability: memory)
+          continue;
+        }
+        if (retention_running || Clock::now() >= next_retention) break;
+        writer_cv.wait_until(lk, next_retention);
+      }
+    }
+    if (!taken.empty()) {
+      if (commit(taken)) {
+        backoff = milliseconds{10};
+        continue;
+      }
+      // The file is locked by someone else, or the disk is full: keep the records (depth keeps
+      // counting them) and try again; give up only at the stop deadline.
+      std::unique_lock lk(mu);
+      auto deadline = stop_deadline();
+      if (stop_requested.load() && Clock::now() >= deadline) {
+        std::size_t lost = taken.size() + queue.size();
+        depth->fetch_sub(static_cast<std::int64_t>(lost), std::memory_order_relaxed);
+        dropped.fetch_add(lost, std::memory_order_relaxed);
+        log_line("error",
+                 "usage log: stopping with {} records that could not be committed (counted as "
+                 "dropped)",
+                 lost);
+        taken.clear();
+        queue.clear();
+        jsons.clear();
+        break;
+      }
+      auto wait = milliseconds(std::uniform_int_distribution<int>(
+          static_cast<int>(backoff.count()) / 2, static_cast<int>(backoff.count()))(rng));
+      backoff = std::min(backoff * 2, milliseconds{1000});
+      auto until = Clock::now() + wait;
+      if (stop_requested.load()) until = std::min(until, deadline);
+      writer_cv.wait_until(lk, until);
+      continue;
+    }
+    if (stopping) {
+      std::lock_guard lk(mu);
+      if (!queue.empty()) {
+        depth->fetch_sub(static_cast<std::int64_t>(queue.size()), std::memory_order_relaxed);
+        dropped.fetch_add(queue.size(), std::memory_order_relaxed);
+        log_line("error",
+                 "usage log: stopping with {} records not logged (durability: memory, the "
+                 "sinks did not make room before the deadline; counted as dropped)",
+                 queue.size());
+        queue.clear();
+      }
+      break;
+    }
+    if (!retention_running) {
+      retention_running = true;
+      retention_deleted = 0;
+      next_retention = Clock::now() + kRetentionPeriod;
+    }
+    retention_running = retention_chunk(retention_deleted);
+  }
+  {
+    std::lock_guard lk(mu);
+    writer_gone = true;
+    // Records submitted after the writer left are counted as dropped by submit(); none can be
+    // queued here, but keep depth exact regardless.
+    if (!queue.empty()) {
+      depth->fetch_sub(static_cast<std::int64_t>(queue.size()), std::memory_order_relaxed);
+      dropped.fetch_add(queue.size(), std::memory_order_relaxed);
+      queue.clear();
+    }
+  }
+  writer_done.store(true, std::memory_order_release);
+  wake_sinks();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sinks
+
+void Pipeline::Impl::prune_memory() {
+  if (!memory) return;
+  std::int64_t m = min_cursor();
+  if (m > pruned.load(std::memory_order_relaxed)) {
+    try {
+      log->delete_records(m, std::nullopt, std::numeric_limits<int>::max());
+      // Several sinks may prune at once: keep the highest.
+      std::int64_t old = pruned.load(std::memory_order_relaxed);
+      while (old < m && !pruned.compare_exchange_weak(old, m)) {
+      }
+    } catch (const std::exception& e) {
+      log_line("error", "usage log: {}", e.what());
+    }
+  }
+  wake_writer();  // it may be waiting for room
+}
+
+void Pipeline::Impl::persist_cursor(Sink& s) {
+  std::int64_t c = s.cursor.load(std::memory_order_relaxed);
+  if (c == s.persisted) return;
+  try {
+    s.log->set_cursor(s.cfg.name, c, unix_ms_now());
+    s.persisted = c;
+  } catch (const std::exception& e) {
+    // Delivered but not yet recorded as such: retried with the next delivery or at exit; if the
+    // process dies first, these records are delivered again (receivers de-duplicate).
+    log_line("warn", "usage sink {}: cannot store the cursor ({}), will retry: {}", s.cfg.name, c,
+             e.what());
+  }
+}
+
+void Pipeline::Impl::report_failure(Sink& s, std::size_t records, const std::string& why) {
+  ++s.consecutive_failures;
+  ++s.unreported;
+  auto now = Clock::now();
+  if (s.consecutive_failures == 1 || now - s.last_report >= kLogEvery) {
+    std::int64_t backlog = head.load() - s.cursor.load();
+    log_line("warn",
+             "usage sink {}: POST of {} record{} failed: {} ({} failed attempt{} since the last "
+             "report, backlog {}); retrying",
+             s.cfg.name, records, records == 1 ? "" : "s", why, s.unreported,
+             s.unreported == 1 ? "" : "s", backlog);
+    s.unreported = 0;
+    s.last_report = now;
+  }
+}
+
+void Pipeline::Impl::sink_loop(Sink& s) {
+  const int batch_size = std::max(1, s.cfg.batch_size);
+  std::vector<LoggedRecord> batch;  // in flight: resent unchanged until it is done
+  std::string body;
+  std::string key;
+  std::optional<DeadLetterRow> unsaved_dead;  // rejected, not yet stored (the log was busy)
+  std::mt19937_64 rng(std::random_device{}());
+  std::vector<std::pair<std::string, std::string>> headers;
+
+  // Waits until `until` or stop; false when stop() interrupted the wait.
+  auto pause = [&](Clock::time_point until) {
+    std::unique_lock lk(sink_mu);
+    return !sink_cv.wait_until(lk, until, [&] { return stop_requested.load(); });
+  };
+
+  for (;;) {
+    if (unsaved_dead) {
+      try {
+        s.log->dead_letter(*unsaved_dead);
+        s.persisted = unsaved_dead->last_seq;
+        unsaved_dead.reset();
+        prune_memory();
+      } catch (const std::exception& e) {
+        log_line("error", "usage sink {}: cannot store a dead letter, will retry: {}", s.cfg.name,
+                 e.what());
+        if (!pause(Clock::now() + milliseconds(500))) break;
+        continue;
+      }
+    }
+    if (batch.empty()) {
+      // Wait for records (and, in batch mode, for a batch to fill or batch_interval to pass).
+      std::optional<Clock::time_point> fill_until;
+      bool done = false;
+      {
+        std::unique_lock lk(sink_mu);
+        for (;;) {
+          bool stopping = stop_requested.load(std::memory_order_acquire);
+          std::int64_t avail = head.load(std::memory_order_acquire) - s.cursor.load();
+          if (stopping) {
+            auto dl = stop_deadline();
+            if (Clock::now() >= dl) {
+              done = true;
+              break;
+            }
+            if (avail > 0) break;  // deliver what there is, no batch wait
+            if (writer_done.load(std::memory_order_acquire)) {
+              done = true;  // drained and delivered
+              break;
+            }
+            sink_cv.wait_until(lk, dl);
+            continue;
+          }
+          if (avail >= batch_size) break;
+          if (avail > 0) {
+            if (!fill_until) fill_until = Clock::now() + s.cfg.batch_interval;
+            if (Clock::now() >= *fill_until) break;
+            sink_cv.wait_until(lk, *fill_until);
+            continue;
+          }
+          sink_cv.wait(lk);
+        }
+      }
+      if (done) break;
+      try {
+        std::int64_t head_seen = head.load(std::memory_order_acquire);
+        s.log->read_after(s.cursor.load(), batch_size, batch);
+        if (batch.empty()) {
+          // Nothing after the cursor although head is beyond it: the records are gone (deleted
+          // outside of the pipeline). Skip to what was the head.
+          log_line("warn", "usage sink {}: records {}..{} are missing from the log, skipped",
+                   s.cfg.name, s.cursor.load() + 1, head_seen);
+          s.cursor.store(head_seen);
+          persist_cursor(s);
+          continue;
+        }
+      } catch (const std::exception& e) {
+        batch.clear();
+        log_line("error", "usage sink {}: cannot read the log: {}", s.cfg.name, e.what());
+        if (!pause(Clock::now() + milliseconds(500))) break;
+        continue;
+      }
+      body.clear();
+      if (batch_size == 1) {
+        body = batch.front().json;
+        key = batch.front().request_id;
+      } else {
+        std::size_t size = 2;
+        for (const auto& r : batch) size += r.json.size() + 1;
+        body.reserve(size);
+        body += '[';
+        for (std::size_t i = 0; i < batch.size(); ++i) {
+          if (i) body += ',';
+          body += batch[i].json;
+        }
+        body += ']';
+        key = batch.front().request_id + "+" + std::to_string(batch.size());
+      }
+    }
+
+    // One attempt.
+    auto timeout = s.cfg.timeout;
+    if (stop_requested.load(std::memory_order_acquire)) {
+      auto left = std::chrono::duration_cast<milliseconds>(stop_deadline() - Clock::now());
+      if (left <= milliseconds::zero()) break;
+      timeout = std::min(timeout, left);
+    }
+    headers.clear();
+    headers.emplace_back("Content-Type", "application/json");
+    headers.emplace_back("User-Agent", "llmproxy/" LLMPROXY_VERSION);
+    headers.emplace_back("Idempotency-Key", key);
+    for (const auto& h : s.cfg.headers) headers.push_back(h);
+    if (!s.cfg.secret.empty()) {
+      std::string ts = std::to_string(unix_ms_now() / 1000);
+      std::string signed_text;
+      signed_text.reserve(ts.size() + 1 + body.size());
+      signed_text += ts;
+      signed_text += '.';
+      signed_text += body;
+      headers.emplace_back("X-LLMProxy-Timestamp", ts);
+      headers.emplace_back("X-LLMProxy-Signature",
+                           "sha256=" + hmac_sha256_hex(s.cfg.secret, signed_text));
+    }
+    WebhookResponse resp = s.client->post(body, headers, timeout);
+    const std::size_t n = batch.size();
+    if (resp.status >= 200 && resp.status < 300) {
+      if (s.consecutive_failures > 0) {
+        log_line("info", "usage sink {}: delivering again after {} failed attempt{}", s.cfg.name,
+                 s.consecutive_failures, s.consecutive_failures == 1 ? "" : "s");
+        s.consecutive_failures = 0;
+        s.unreported = 0;
+      }
+      std::int64_t now_ms = unix_ms_now();
+      {
+        std::lock_guard lk(s.latency_mu);
+        for (const auto& r : batch) {
+          s.latency.observe(static_cast<double>(std::max<std::int64_t>(0, now_ms - r.end_ms)),
+                            metrics::kLatencyBoundsMs);
+        }
+      }
+      s.cursor.store(batch.back().seq, std::memory_order_release);
+      s.delivered.fetch_add(n, std::memory_order_relaxed);
+      batch.clear();
+      persist_cursor(s);
+      prune_memory();
+      continue;
+    }
+    if (permanent_rejection(resp.status)) {
+      DeadLetterRow row;
+      row.sink = s.cfg.name;
+      row.first_seq = batch.front().seq;
+      row.last_seq = batch.back().seq;
+      for (std::size_t i = 0; i < n; ++i) {
+        if (i) row.request_ids += ',';
+        row.request_ids += batch[i].request_id;
+      }
+      row.status = resp.status;
+      row.response = std::move(resp.body);
+      row.at_ms = unix_ms_now();
+      row.body = body;
+      s.cursor.store(batch.back().seq, std::memory_order_release);
+      s.dead_letters.fetch_add(n, std::memory_order_relaxed);
+      ++s.dead_unreported;
+      auto now = Clock::now();
+      if (s.dead_unreported == 1 || now - s.last_dead_report >= kLogEvery) {
+        log_line("error",
+                 "usage sink {}: receiver rejected {} record{} with HTTP {} (first {}); stored "
+                 "as dead letter, not retried ({} rejected POSTs since the last report)",
+                 s.cfg.name, n, n == 1 ? "" : "s", resp.status, batch.front().request_id,
+                 s.dead_unreported);
+        s.dead_unreported = 0;
+        s.last_dead_report = now;
+      }
+      batch.clear();
+      unsaved_dead = std::move(row);  // stored (with the cursor) at the top of the loop
+      continue;
+    }
+    s.failed.fetch_add(n, std::memory_order_relaxed);
+    report_failure(s, n, resp.status ? fmt::format("HTTP {}", resp.status) : resp.error);
+    if (stop_requested.load(std::memory_order_acquire)) break;  // the records stay in the log
+    auto k = s.consecutive_failures;
+    auto cap = std::min<std::int64_t>(s.cfg.max_backoff.count(),
+                                      kFirstBackoff.count() << std::min<std::uint64_t>(k - 1, 20));
+    cap = std::max<std::int64_t>(cap, 1);
+    std::int64_t lo = k <= static_cast<std::uint64_t>(std::max(0, s.cfg.retry)) ? 0 : cap / 2;
+    auto wait = milliseconds(std::uniform_int_distribution<std::int64_t>(lo, cap)(rng));
+    if (!pause(Clock::now() + wait)) break;
+  }
+  if (unsaved_dead) {
+    try {
+      s.log->dead_letter(*unsaved_dead);
+      s.persisted = unsaved_dead->last_seq;
+    } catch (const std::exception& e) {
+      log_line("error", "usage sink {}: dead letter for records {}..{} not stored: {}", s.cfg.name,
+               unsaved_dead->first_seq, unsaved_dead->last_seq, e.what());
+    }
+  }
+  persist_cursor(s);
+  s.client->close();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipeline
+
+Pipeline::Pipeline(const config::UsageConfig& usage, std::vector<config::SinkConfig> sinks)
+    : impl_(std::make_unique<Impl>()) {
+  soft_limit_ = std::max(1, usage.queue_size);
+  reject_on_backlog_ = usage.on_backlog == config::OnBacklog::reject;
+  auto& im = *impl_;
+  im.cfg = usage;
+  im.cfg.sinks.clear();
+  im.depth = &depth_;
+  im.memory = usage.durability == config::Durability::memory;
+  im.log = std::make_unique<UsageLog>(im.memory ? UsageLog::Mode::memory : UsageLog::Mode::disk,
+                                      usage.log_path, true);
+  std::int64_t head = im.log->head();
+  im.head.store(head);
+  std::string summary;
+  for (auto& cfg : sinks) {
+    if (!cfg.enabled) continue;
+    if (cfg.name.empty()) throw std::runtime_error("usage sink without a name");
+    for (const auto& other : im.sinks) {
+      if (other->cfg.name == cfg.name) {
+        throw std::runtime_error("usage sink \"" + cfg.name + "\" is configured twice");
+      }
+    }
+    auto s = std::make_unique<Sink>();
+    std::string why;
+    auto url = config::parse_url(cfg.url, &why);
+    if (!url) throw std::runtime_error("usage sink " + cfg.name + ": " + why);
+    s->url = *url;
+    s->client = std::make_unique<WebhookClient>(s->url, target_of(cfg.url));
+    if (im.memory) {
+      s->log = im.log.get();
+    } else {
+      s->own_log = std::make_unique<UsageLog>(UsageLog::Mode::disk, usage.log_path, false);
+      s->log = s->own_log.get();
+    }
+    auto c = im.log->cursor(cfg.name);
+    std::string origin = "stored cursor";
+    if (!c) {
+      // New to this log: from its head, or from the beginning with replay. Stored now, so that a
+      // restart before the first delivery does not skip what arrived in between.
+      c = cfg.replay ? 0 : head;
+      origin = cfg.replay ? "new, replaying the log" : "new, starting at the head";
+      im.log->set_cursor(cfg.name, *c, unix_ms_now());
+    }
+    s->cursor.store(*c);
+    s->persisted = *c;
+    summary += fmt::format("{}{} -> {} (seq {}, {}, backlog {})", summary.empty() ? "" : "; ",
+                           cfg.name, cfg.url, *c, origin, std::max<std::int64_t>(0, head - *c));
+    s->cfg = std::move(cfg);
+    im.sinks.push_back(std::move(s));
+  }
+  im.pruned.store(0);
+  log_line("info", "usage log {} opened ({}, head seq {}); {}", im.log->path(),
+           im.memory ? "durability: memory" : "durability: disk, WAL", head,
+           im.sinks.empty() ? std::string("no webhook sinks") : "sinks: " + summary);
+}
+
+Pipeline::~Pipeline() {
+  bool running;
+  {
+    std::lock_guard lk(impl_->lifecycle_mu);
+    running = !impl_->stopped;
+  }
+  if (running) stop(Clock::now());
+}
+
+void Pipeline::start() {
+  auto& im = *impl_;
+  std::lock_guard life(im.lifecycle_mu);
+  if (im.started || im.stopped) return;
+  im.started = true;
+  im.writer = std::thread([&im] { im.writer_loop(); });
+  for (auto& s : im.sinks) {
+    Sink* sp = s.get();
+    sp->thread = std::thread([&im, sp] { im.sink_loop(*sp); });
+  }
+}
+
+void Pipeline::stop(std::chrono::steady_clock::time_point deadline) {
+  auto& im = *impl_;
+  std::lock_guard life(im.lifecycle_mu);
+  if (im.stopped) return;
+  im.stopped = true;
+  {
+    std::lock_guard lk(im.mu);
+    im.deadline_rep.store(deadline.time_since_epoch().count(), std::memory_order_release);
+    im.stop_requested.store(true, std::memory_order_release);
+  }
+  im.writer_cv.notify_all();
+  im.wake_sinks();
+  if (im.started) {
+    im.writer.join();
+  } else {
+    im.writer_loop();  // never started: still commit what was submitted
+  }
+  for (auto& s : im.sinks) {
+    if (s->thread.joinable()) s->thread.join();
+  }
+  std::string state;
+  for (const auto& s : im.sinks) {
+    state += fmt::format(", sink {}: {} delivered, backlog {}", s->cfg.name, s->delivered.load(),
+                         std::max<std::int64_t>(0, im.head.load() - s->cursor.load()));
+  }
+  log_line("info", "usage pipeline stopped: {} records logged{}", im.logged.load(), state);
+}
+
+bool Pipeline::submit(UsageRecord&& record) {
+  auto& im = *impl_;
+  std::unique_lock lk(im.mu);
+  if (im.writer_gone ||
+      (!reject_on_backlog_ && depth_.load(std::memory_order_relaxed) >= soft_limit_)) {
+    lk.unlock();
+    im.dropped.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  im.queue.push_back(std::move(record));
+  bool first = im.queue.size() == 1;
+  depth_.fetch_add(1, std::memory_order_relaxed);
+  lk.unlock();
+  // The writer sleeps only with an empty queue (or when it cannot take more anyway).
+  if (first) im.writer_cv.notify_one();
+  return true;
+}
+
+metrics::UsageStats Pipeline::stats() const {
+  const auto& im = *impl_;
+  metrics::UsageStats st;
+  st.enabled = im.cfg.enabled;
+  st.queue_depth = depth_.load(std::memory_order_relaxed);
+  st.logged = im.logged.load(std::memory_order_relaxed);
+  st.dropped = im.dropped.load(std::memory_order_relaxed);
+  st.commits = im.commits.load(std::memory_order_relaxed);
+  std::int64_t head = im.head.load(std::memory_order_acquire);
+  for (const auto& s : im.sinks) {
+    metrics::SinkStats ss;
+    ss.name = s->cfg.name;
+    ss.delivered = s->delivered.load(std::memory_order_relaxed);
+    ss.failed = s->failed.load(std::memory_order_relaxed);
+    ss.dead_letters = s->dead_letters.load(std::memory_order_relaxed);
+    ss.backlog = std::max<std::int64_t>(0, head - s->cursor.load(std::memory_order_acquire));
+    {
+      std::lock_guard lk(s->latency_mu);
+      ss.delivery_latency = s->latency;
+    }
+    st.sinks.push_back(std::move(ss));
+  }
+  return st;
+}
+
+}  // namespace llmproxy::usage

@@ -1,0 +1,198 @@
+// The usage record's JSON, written by hand.
+//
+// This runs once per record on the log writer's thread (never on the request path), and its
+// output is what every receiver parses, so it is exact rather than generic: the seed's eleven
+// fields first, in the seed's order and with the seed's JSON types (strings are never null, an
+// unknown value is ""), then the additions. No JSON library and no iostreams: strings are copied
+// in runs between the bytes that need escaping, numbers go through fmt. Invalid UTF-8 (a header
+// value can carry any byte) becomes U+FFFD so that a receiver's JSON parser never rejects a
+// record because of one odd byte; valid UTF-8 passes through unchanged.
+#include "usage/record.h"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <ctime>
+#include <iterator>
+
+namespace llmproxy::usage {
+
+namespace {
+
+constexpr char kHex[] = "0123456789abcdef";
+
+// Length of the valid UTF-8 sequence starting at s[i] (1..4), or 0 when it is not valid
+// (overlong forms, surrogates and code points above U+10FFFF are invalid, as in RFC 3629).
+std::size_t utf8_sequence(std::string_view s, std::size_t i) {
+  auto b = [&](std::size_t k) { return static_cast<unsigned char>(s[i + k]); };
+  auto cont = [&](std::size_t k) { return i + k < s.size() && (b(k) & 0xC0) == 0x80; };
+  unsigned char c = b(0);
+  if (c >= 0xC2 && c <= 0xDF) return cont(1) ? 2 : 0;
+  if (c >= 0xE0 && c <= 0xEF) {
+    if (!cont(1) || !cont(2)) return 0;
+    if (c == 0xE0 && b(1) < 0xA0) return 0;   // overlong
+    if (c == 0xED && b(1) >= 0xA0) return 0;  // UTF-16 surrogates
+    return 3;
+  }
+  if (c >= 0xF0 && c <= 0xF4) {
+    if (!cont(1) || !cont(2) || !cont(3)) return 0;
+    if (c == 0xF0 && b(1) < 0x90) return 0;   // overlong
+    if (c == 0xF4 && b(1) >= 0x90) return 0;  // above U+10FFFF
+    return 4;
+  }
+  return 0;
+}
+
+void append_string(std::string& out, std::string_view s) {
+  out += '"';
+  std::size_t run = 0;  // start of the bytes not yet copied
+  std::size_t i = 0;
+  while (i < s.size()) {
+    auto c = static_cast<unsigned char>(s[i]);
+    if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
+      ++i;
+      continue;
+    }
+    if (c >= 0x80) {
+      if (std::size_t n = utf8_sequence(s, i); n != 0) {
+        i += n;
+        continue;
+      }
+    }
+    out.append(s.data() + run, i - run);
+    switch (c) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      default:
+        if (c < 0x20) {
+          out += "\\u00";
+          out += kHex[c >> 4];
+          out += kHex[c & 0xf];
+        } else {
+          out += "\\ufffd";  // a byte that does not start a valid UTF-8 sequence
+        }
+    }
+    ++i;
+    run = i;
+  }
+  out.append(s.data() + run, s.size() - run);
+  out += '"';
+}
+
+void append_key(std::string& out, std::string_view key, bool first = false) {
+  if (!first) out += ',';
+  out += '"';
+  out += key;
+  out += "\":";
+}
+
+void append_int(std::string& out, std::int64_t v) {
+  fmt::format_to(std::back_inserter(out), "{}", v);
+}
+
+// A JSON number with at most three decimals and no trailing zeros ("12.5", "7", "0.125").
+void append_millis(std::string& out, double v) {
+  if (!std::isfinite(v)) v = 0;
+  char buf[64];
+  auto end = fmt::format_to_n(buf, sizeof buf, "{:.3f}", v).out;
+  std::string_view text(buf, static_cast<std::size_t>(end - buf));
+  while (text.back() == '0') text.remove_suffix(1);
+  if (text.back() == '.') text.remove_suffix(1);
+  if (text == "-0") text = "0";
+  out += text;
+}
+
+}  // namespace
+
+std::string rfc3339(std::int64_t unix_ms) {
+  std::int64_t secs = unix_ms / 1000;
+  if (unix_ms % 1000 < 0) --secs;  // floor for times before 1970
+  std::time_t t = static_cast<std::time_t>(secs);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  return fmt::format("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z", tm.tm_year + 1900, tm.tm_mon + 1,
+                     tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+}
+
+void append_json(std::string& out, const UsageRecord& r) {
+  out += '{';
+  append_key(out, "request_id", true);
+  append_string(out, r.request_id);
+  append_key(out, "user_id");
+  append_string(out, r.user_id);
+  append_key(out, "api_key");
+  append_string(out, r.api_key);
+  append_key(out, "model");
+  append_string(out, r.model);
+  append_key(out, "prompt_tokens");
+  append_int(out, r.prompt_tokens);
+  append_key(out, "completion_tokens");
+  append_int(out, r.completion_tokens);
+  append_key(out, "total_tokens");
+  append_int(out, r.total_tokens);
+  append_key(out, "is_stream");
+  out += r.is_stream ? "true" : "false";
+  append_key(out, "endpoint");
+  append_string(out, r.endpoint);
+  append_key(out, "timestamp");
+  out += '"';
+  out += rfc3339(r.timestamp_ms);
+  out += '"';
+  append_key(out, "backend_url");
+  append_string(out, r.backend_url);
+  // Additions.
+  append_key(out, "client_request_id");
+  if (r.client_request_id.empty()) {
+    out += "null";
+  } else {
+    append_string(out, r.client_request_id);
+  }
+  append_key(out, "backend");
+  append_string(out, r.backend);
+  append_key(out, "status_code");
+  append_int(out, r.status_code);
+  append_key(out, "duration_ms");
+  append_millis(out, r.duration_ms);
+  append_key(out, "ttft_ms");
+  if (r.ttft_ms < 0) {
+    out += "null";
+  } else {
+    append_millis(out, r.ttft_ms);
+  }
+  append_key(out, "finish");
+  append_string(out, r.finish);
+  append_key(out, "usage_source");
+  append_string(out, r.usage_source);
+  if (r.cached_tokens >= 0) {
+    append_key(out, "cached_tokens");
+    append_int(out, r.cached_tokens);
+  }
+  if (r.reasoning_tokens >= 0) {
+    append_key(out, "reasoning_tokens");
+    append_int(out, r.reasoning_tokens);
+  }
+  out += '}';
+}
+
+std::string to_json(const UsageRecord& r) {
+  std::string out;
+  out.reserve(384 + r.request_id.size() + r.user_id.size() + r.api_key.size() + r.model.size() +
+              r.endpoint.size() + r.backend_url.size() + r.backend.size());
+  append_json(out, r);
+  return out;
+}
+
+}  // namespace llmproxy::usage

@@ -1,0 +1,288 @@
+// The webhook client's Beast/Asio code, all of it (see webhook_client.h for why it is alone).
+//
+// One request = one coroutine on the client's private io_context, run to completion by post().
+// Every socket operation goes through beast::tcp_stream with one absolute expiry set before the
+// first of them, so connect + TLS handshake + write + read share a single deadline; when it
+// passes, Beast closes the socket and the pending operation completes with error::timeout.
+// Name resolution is the one step Asio cannot cancel (getaddrinfo runs in a helper thread and
+// cannot be interrupted): it runs in a detached thread of its own and is abandoned at the
+// deadline, so a slow DNS server costs one thread for a while, never the sink's deadline.
+// IP literals skip it entirely.
+//
+// The response body is read in 4 KiB pieces through buffer_body and only its first 1 KiB is
+// kept (for dead letters), so a receiver answering with a large body costs no memory.
+#include "usage/webhook_client.h"
+
+#include <netdb.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <sys/socket.h>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+namespace llmproxy::usage {
+
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace ssl = asio::ssl;
+using tcp = asio::ip::tcp;
+using error_code = boost::system::error_code;
+using Clock = std::chrono::steady_clock;
+
+constexpr auto use_nothrow = asio::as_tuple(asio::use_awaitable);
+
+struct Resolved {
+  std::vector<tcp::endpoint> endpoints;
+  std::string error;
+};
+
+// getaddrinfo in a thread that may outlive the wait; it owns everything it touches.
+Resolved resolve(const std::string& host, std::uint16_t port, Clock::time_point deadline) {
+  Resolved out;
+  error_code ec;
+  auto addr = asio::ip::make_address(host, ec);
+  if (!ec) {
+    out.endpoints.emplace_back(addr, port);
+    return out;
+  }
+  struct Shared {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    Resolved result;
+  };
+  auto shared = std::make_shared<Shared>();
+  try {
+    std::thread([shared, host, port] {
+      Resolved r;
+      addrinfo hints{};
+      hints.ai_family = AF_UNSPEC;
+      hints.ai_socktype = SOCK_STREAM;
+      addrinfo* list = nullptr;
+      int rc = ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &list);
+      if (rc != 0) {
+        r.error = std::string("cannot resolve ") + host + ": " + ::gai_strerror(rc);
+      } else {
+        for (auto* p = list; p; p = p->ai_next) {
+          if (p->ai_family != AF_INET && p->ai_family != AF_INET6) continue;
+          tcp::endpoint ep;
+          std::memcpy(ep.data(), p->ai_addr, p->ai_addrlen);
+          ep.resize(p->ai_addrlen);
+          r.endpoints.push_back(ep);
+        }
+        ::freeaddrinfo(list);
+        if (r.endpoints.empty()) r.error = "cannot resolve " + host + ": no address";
+      }
+      std::lock_guard lk(shared->mu);
+      shared->result = std::move(r);
+      shared->done = true;
+      shared->cv.notify_all();
+    }).detach();
+  } catch (const std::system_error& e) {
+    out.error = std::string("cannot resolve ") + host + ": " + e.what();
+    return out;
+  }
+  std::unique_lock lk(shared->mu);
+  if (!shared->cv.wait_until(lk, deadline, [&] { return shared->done; })) {
+    out.error = "timeout resolving " + host;
+    return out;
+  }
+  return std::move(shared->result);
+}
+
+struct Attempt {
+  WebhookResponse response;
+  bool answered = false;    // bytes of an answer arrived (false: nothing came back at all)
+  bool keep_alive = false;  // the server lets the connection be used again
+};
+
+}  // namespace
+
+struct WebhookClient::Impl {
+  config::Url url;
+  std::string target;
+  std::string host_header;
+  asio::io_context ioc{1};
+  std::optional<ssl::context> tls_ctx;
+  std::optional<beast::tcp_stream> plain;
+  std::optional<beast::ssl_stream<beast::tcp_stream>> tls;
+  beast::flat_buffer buffer;
+  bool connected = false;
+
+  beast::tcp_stream& lowest() { return plain ? *plain : beast::get_lowest_layer(*tls); }
+
+  void drop() {
+    error_code ignored;
+    if (plain) plain->socket().close(ignored);
+    if (tls) beast::get_lowest_layer(*tls).socket().close(ignored);
+    plain.reset();
+    tls.reset();
+    buffer.clear();
+    connected = false;
+  }
+
+  asio::awaitable<std::string> connect(Clock::time_point deadline) {
+    auto resolved = resolve(url.host, url.port, deadline);
+    if (!resolved.error.empty()) co_return resolved.error;
+    if (url.tls) {
+      tls.emplace(ioc, *tls_ctx);
+    } else {
+      plain.emplace(ioc);
+    }
+    auto& s = lowest();
+    s.expires_at(deadline);
+    auto [cec, ep] = co_await s.async_connect(resolved.endpoints, use_nothrow);
+    if (cec) {
+      co_return cec == beast::error::timeout ? "timeout connecting" : "connect: " + cec.message();
+    }
+    error_code ignored;
+    s.socket().set_option(tcp::no_delay(true), ignored);
+    if (url.tls) {
+      error_code ip_ec;
+      asio::ip::make_address(url.host, ip_ec);
+      if (ip_ec && !SSL_set_tlsext_host_name(tls->native_handle(), url.host.c_str())) {
+        co_return "TLS: cannot set the server name";
+      }
+      tls->set_verify_mode(ssl::verify_peer);
+      tls->set_verify_callback(ssl::host_name_verification(url.host));
+      auto [hec] = co_await tls->async_handshake(ssl::stream_base::client, use_nothrow);
+      if (hec) {
+        co_return hec == beast::error::timeout ? "timeout in the TLS handshake"
+                                               : "TLS handshake: " + hec.message();
+      }
+    }
+    connected = true;
+    co_return std::string();
+  }
+
+  template <class Stream>
+  asio::awaitable<void> exchange(Stream& s, http::request<http::string_body>& req, Attempt& out) {
+    auto [wec, wn] = co_await http::async_write(s, req, use_nothrow);
+    if (wec) {
+      out.response.error =
+          wec == beast::error::timeout ? "timeout sending" : "send: " + wec.message();
+      co_return;
+    }
+    http::response_parser<http::buffer_body> p;
+    p.body_limit(boost::none);  // the body is read piecewise and mostly discarded
+    auto [hec, hn] = co_await http::async_read_header(s, buffer, p, use_nothrow);
+    if (hec) {
+      out.answered = hn > 0 || buffer.size() > 0;
+      out.response.error = hec == beast::error::timeout ? "timeout waiting for the answer"
+                                                        : "receive: " + hec.message();
+      co_return;
+    }
+    out.answered = true;
+    char piece[4096];
+    while (!p.is_done()) {
+      p.get().body().data = piece;
+      p.get().body().size = sizeof piece;
+      auto [bec, bn] = co_await http::async_read(s, buffer, p, use_nothrow);
+      if (bec == http::error::need_buffer) bec = {};
+      if (bec) {
+        out.response.error = bec == beast::error::timeout ? "timeout reading the answer"
+                                                          : "receive: " + bec.message();
+        co_return;
+      }
+      std::size_t got = sizeof piece - p.get().body().size;
+      std::size_t room = WebhookResponse::kMaxKeptBody - out.response.body.size();
+      out.response.body.append(piece, std::min(got, room));
+    }
+    out.response.status = p.get().result_int();
+    out.keep_alive = p.get().keep_alive();
+  }
+
+  asio::awaitable<void> attempt(http::request<http::string_body>& req, Clock::time_point deadline,
+                                Attempt& out) {
+    if (!connected) {
+      auto error = co_await connect(deadline);
+      if (!error.empty()) {
+        out.response.error = std::move(error);
+        co_return;
+      }
+    }
+    lowest().expires_at(deadline);
+    if (plain) {
+      co_await exchange(*plain, req, out);
+    } else {
+      co_await exchange(*tls, req, out);
+    }
+  }
+
+  Attempt run(http::request<http::string_body>& req, Clock::time_point deadline) {
+    Attempt out;
+    ioc.restart();
+    asio::co_spawn(ioc, attempt(req, deadline, out), [&](std::exception_ptr e) {
+      if (e) {
+        try {
+          std::rethrow_exception(e);
+        } catch (const std::exception& ex) {
+          out.response.error = ex.what();
+        }
+      }
+    });
+    ioc.run();
+    if (out.response.status == 0 || !out.keep_alive) drop();
+    return out;
+  }
+};
+
+WebhookClient::WebhookClient(const config::Url& url, std::string target)
+    : impl_(std::make_unique<Impl>()) {
+  impl_->url = url;
+  impl_->target = target.empty() ? "/" : std::move(target);
+  impl_->host_header = url.authority();
+  if (url.tls) {
+    impl_->tls_ctx.emplace(ssl::context::tls_client);
+    impl_->tls_ctx->set_default_verify_paths();
+    impl_->tls_ctx->set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 |
+                                ssl::context::no_sslv3 | ssl::context::no_tlsv1 |
+                                ssl::context::no_tlsv1_1);
+  }
+}
+
+WebhookClient::~WebhookClient() {
+  impl_->drop();
+}
+
+void WebhookClient::close() {
+  impl_->drop();
+}
+
+WebhookResponse WebhookClient::post(const std::string& body,
+                                    const std::vector<std::pair<std::string, std::string>>& headers,
+                                    std::chrono::milliseconds timeout) {
+  auto deadline = Clock::now() + timeout;
+  http::request<http::string_body> req{http::verb::post, impl_->target, 11};
+  req.set(http::field::host, impl_->host_header);
+  for (const auto& [name, value] : headers) req.set(name, value);
+  req.keep_alive(true);
+  req.body() = body;
+  req.prepare_payload();
+  bool reused = impl_->connected;
+  Attempt a = impl_->run(req, deadline);
+  // A kept connection may have been closed by the server while idle: the request then fails
+  // without a byte of answer. That is not the receiver failing; send once more on a new one.
+  if (reused && a.response.status == 0 && !a.answered && Clock::now() < deadline) {
+    a = impl_->run(req, deadline);
+  }
+  return std::move(a.response);
+}
+
+}  // namespace llmproxy::usage

@@ -1,0 +1,53 @@
+// A minimal HTTP/1.1 POST client for webhook sinks: http:// and https://, keep-alive, one
+// deadline per request.
+//
+// Each sink thread owns one client and calls post() in a loop; the client owns its own
+// io_context and runs it for the duration of one request, so there is no shared event loop to
+// coordinate with and no locking. The interface has no Boost types: Beast and Asio are included by
+// webhook_client.cpp only, the one translation unit that pays their compile time.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "config/config.h"
+
+namespace llmproxy::usage {
+
+struct WebhookResponse {
+  unsigned status = 0;  // 0: no valid HTTP answer (connect, TLS, timeout, malformed)
+  std::string error;    // what went wrong when status == 0
+  std::string body;     // the first kMaxKeptBody bytes of the answer's body
+  static constexpr std::size_t kMaxKeptBody = 1024;
+};
+
+class WebhookClient {
+ public:
+  // `url`: scheme, host and port (url.base_path is not used); `target`: the request-target,
+  // e.g. "/hooks/usage". HTTPS verifies the certificate chain against the system store (OpenSSL's
+  // default paths; SSL_CERT_FILE / SSL_CERT_DIR override them) and the host name or IP address.
+  WebhookClient(const config::Url& url, std::string target);
+  ~WebhookClient();
+  WebhookClient(const WebhookClient&) = delete;
+  WebhookClient& operator=(const WebhookClient&) = delete;
+
+  // POSTs `body` with `headers` (Host and Content-Length are added) and waits for the answer.
+  // Everything (name resolution, connect, TLS handshake, send, receive) finishes within
+  // `timeout`. The connection is kept for the next call when the server allows it; a kept
+  // connection the server has closed in the meantime is replaced transparently once.
+  WebhookResponse post(const std::string& body,
+                       const std::vector<std::pair<std::string, std::string>>& headers,
+                       std::chrono::milliseconds timeout);
+
+  // Drops the kept connection.
+  void close();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace llmproxy::usage

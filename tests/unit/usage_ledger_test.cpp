@@ -1,0 +1,236 @@
+// The ledger over a real log file written by the pipeline: grouped sums, time windows, output
+// formats, dead letters, and the --since/--until time syntax.
+#include <simdjson.h>
+
+#include "usage/ledger.h"
+#include "usage/pipeline.h"
+#include "usage_test_support.h"
+
+namespace llmproxy::usage {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::make_record;
+using testing::TempDir;
+
+constexpr std::int64_t kDay = 86'400'000;
+constexpr std::int64_t kJan14 = 1768348800000;  // 2026-01-14T00:00:00Z
+
+// Writes records through the pipeline (no sinks) and returns the file.
+std::string write_log(const TempDir& dir, const std::vector<UsageRecord>& records) {
+  std::string path = dir.file("usage.db");
+  Pipeline p(testing::disk_config(path), {});
+  p.start();
+  for (auto r : records) p.submit(std::move(r));
+  p.stop(std::chrono::steady_clock::now() + 10s);
+  return path;
+}
+
+UsageRecord rec(const std::string& user, const std::string& model, std::int64_t ts,
+                std::int64_t prompt, std::int64_t completion) {
+  UsageRecord r = make_record(0, ts);
+  r.user_id = user;
+  r.model = model;
+  r.prompt_tokens = prompt;
+  r.completion_tokens = completion;
+  r.total_tokens = prompt + completion;
+  return r;
+}
+
+std::vector<UsageRecord> sample() {
+  return {
+      rec("alice", "llama", kJan14 + 1000, 10, 20),      rec("alice", "llama", kJan14 + 2000, 1, 2),
+      rec("alice", "qwen", kJan14 + kDay + 5, 100, 200), rec("bob", "llama", kJan14 + 3000, 7, 0),
+      rec("", "llama", kJan14 + kDay + 10, 3, 4),  // no user known
+  };
+}
+
+TEST(UsageLedger, TotalsWithoutGrouping) {
+  TempDir dir;
+  Ledger ledger(write_log(dir, sample()));
+  auto rows = ledger.totals({});
+  ASSERT_EQ(rows.size(), 1u);
+  EXPECT_TRUE(rows[0].keys.empty());
+  EXPECT_EQ(rows[0].requests, 5);
+  EXPECT_EQ(rows[0].prompt_tokens, 121);
+  EXPECT_EQ(rows[0].completion_tokens, 226);
+  EXPECT_EQ(rows[0].total_tokens, 347);
+}
+
+TEST(UsageLedger, GroupsByUserAndModel) {
+  TempDir dir;
+  Ledger ledger(write_log(dir, sample()));
+  LedgerQuery q;
+  q.group_by = {GroupKey::user, GroupKey::model};
+  auto rows = ledger.totals(q);
+  ASSERT_EQ(rows.size(), 4u);
+  auto expect = [&](std::size_t i, std::vector<std::string> keys, std::int64_t n, std::int64_t p,
+                    std::int64_t c) {
+    EXPECT_EQ(rows[i].keys, keys);
+    EXPECT_EQ(rows[i].requests, n);
+    EXPECT_EQ(rows[i].prompt_tokens, p);
+    EXPECT_EQ(rows[i].completion_tokens, c);
+    EXPECT_EQ(rows[i].total_tokens, p + c);
+  };
+  expect(0, {"", "llama"}, 1, 3, 4);
+  expect(1, {"alice", "llama"}, 2, 11, 22);
+  expect(2, {"alice", "qwen"}, 1, 100, 200);
+  expect(3, {"bob", "llama"}, 1, 7, 0);
+}
+
+TEST(UsageLedger, GroupsByDayAndFiltersByTime) {
+  TempDir dir;
+  Ledger ledger(write_log(dir, sample()));
+  LedgerQuery q;
+  q.group_by = {GroupKey::day};
+  auto rows = ledger.totals(q);
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_EQ(rows[0].keys[0], "2026-01-14");
+  EXPECT_EQ(rows[0].requests, 3);
+  EXPECT_EQ(rows[1].keys[0], "2026-01-15");
+  EXPECT_EQ(rows[1].total_tokens, 307);
+
+  q.since_ms = kJan14 + 2000;       // inclusive
+  q.until_ms = kJan14 + kDay + 10;  // exclusive
+  rows = ledger.totals(q);
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_EQ(rows[0].requests, 2);
+  EXPECT_EQ(rows[1].requests, 1);
+  EXPECT_EQ(rows[1].total_tokens, 300);
+}
+
+TEST(UsageLedger, OtherKeys) {
+  TempDir dir;
+  auto records = sample();
+  records[0].finish = "client_disconnected";
+  records[1].backend = "b2";
+  Ledger ledger(write_log(dir, records));
+  LedgerQuery q;
+  q.group_by = {GroupKey::finish};
+  auto rows = ledger.totals(q);
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_EQ(rows[0].keys[0], "client_disconnected");
+  EXPECT_EQ(rows[1].requests, 4);
+  q.group_by = {GroupKey::backend, GroupKey::endpoint, GroupKey::api_key};
+  rows = ledger.totals(q);
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_EQ(rows[0].keys, (std::vector<std::string>{"b2", "/v1/chat/completions", "sk-0"}));
+}
+
+TEST(UsageLedger, Formats) {
+  std::vector<GroupKey> keys = {GroupKey::user};
+  std::vector<LedgerRow> rows = {{{"al,ice"}, 2, 11, 22, 33}, {{""}, 1, 3, 4, 7}};
+  EXPECT_EQ(format_totals(keys, rows, OutputFormat::csv),
+            "user,requests,prompt_tokens,completion_tokens,total_tokens\n"
+            "\"al,ice\",2,11,22,33\n"
+            ",1,3,4,7\n");
+  std::string json = format_totals(keys, rows, OutputFormat::json);
+  simdjson::dom::parser p;
+  simdjson::dom::array a = p.parse(json).get_array();
+  ASSERT_EQ(a.size(), 2u);
+  EXPECT_EQ(std::string_view(a.at(0)["user"]), "al,ice");
+  EXPECT_EQ(int64_t(a.at(0)["total_tokens"]), 33);
+  EXPECT_EQ(format_totals(keys, rows, OutputFormat::table),
+            "user     requests  prompt  completion  total\n"
+            "-------  --------  ------  ----------  -----\n"
+            "al,ice          2      11          22     33\n"
+            "-               1       3           4      7\n"
+            "(total)         3      14          26     40\n");
+  EXPECT_EQ(format_totals({}, {}, OutputFormat::json), "[]\n");
+}
+
+TEST(UsageLedger, DeadLetters) {
+  TempDir dir;
+  std::string path = dir.file("usage.db");
+  {
+    testing::Receiver rx;
+    rx.set_script([](const testing::Receiver::Request&, std::size_t) {
+      testing::Receiver::Reply r;
+      r.status = 422;
+      r.body = "unprocessable";
+      return r;
+    });
+    auto sink = testing::make_sink("hook", rx.url());
+    sink.batch_size = 2;
+    sink.batch_interval = 1s;
+    Pipeline p(testing::disk_config(path), {sink});
+    p.submit(make_record(0));
+    p.submit(make_record(1));
+    p.start();
+    ASSERT_TRUE(testing::eventually([&] { return p.stats().sinks[0].dead_letters == 2; }));
+    p.stop(std::chrono::steady_clock::now() + 10s);
+  }
+  Ledger ledger(path);
+  auto dead = ledger.dead_letters(std::nullopt, std::nullopt);
+  ASSERT_EQ(dead.size(), 1u);
+  EXPECT_EQ(dead[0].request_ids, "req-00000,req-00001");
+  EXPECT_EQ(dead[0].status, 422u);
+  EXPECT_EQ(dead[0].response, "unprocessable");
+  EXPECT_EQ(dead[0].first_seq, 1);
+  EXPECT_EQ(dead[0].last_seq, 2);
+  EXPECT_TRUE(dead[0].body.starts_with("[{\"request_id\":\"req-00000\""));
+  EXPECT_TRUE(ledger.dead_letters(testing::now_ms() + 60'000, std::nullopt).empty());
+  std::string table = format_dead_letters(dead, OutputFormat::table);
+  EXPECT_NE(table.find("422"), std::string::npos);
+  EXPECT_NE(table.find("req-00000,req-00001"), std::string::npos);
+  simdjson::dom::parser p;
+  simdjson::dom::array a = p.parse(format_dead_letters(dead, OutputFormat::json)).get_array();
+  EXPECT_EQ(int64_t(a.at(0)["records"]), 2);
+  EXPECT_EQ(std::string_view(a.at(0)["sink"]), "hook");
+}
+
+TEST(UsageLedger, MissingOrForeignFileIsAClearError) {
+  TempDir dir;
+  try {
+    Ledger ledger(dir.file("nope.db"));
+    FAIL();
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("no such file"), std::string::npos) << e.what();
+  }
+  {
+    std::FILE* f = std::fopen(dir.file("text.db").c_str(), "w");
+    std::fputs("hello, not a database", f);
+    std::fclose(f);
+  }
+  EXPECT_THROW(Ledger(dir.file("text.db")), std::runtime_error);
+  {
+    testing::Db other(dir.file("other.db"), true);  // a valid SQLite file without our tables
+    other.exec("CREATE TABLE t(x)");
+  }
+  try {
+    Ledger ledger(dir.file("other.db"));
+    FAIL();
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("not a usage log"), std::string::npos) << e.what();
+  }
+}
+
+TEST(UsageLedger, TimeArguments) {
+  const std::int64_t now = kJan14 + 12 * 3'600'000;
+  EXPECT_EQ(parse_time_arg("24h", now), now - kDay);
+  EXPECT_EQ(parse_time_arg("7d", now), now - 7 * kDay);
+  EXPECT_EQ(parse_time_arg("1d12h", now), now - kDay - 12 * 3'600'000);
+  EXPECT_EQ(parse_time_arg("30m", now), now - 30 * 60'000);
+  EXPECT_EQ(parse_time_arg("2w", now), now - 14 * kDay);
+  EXPECT_EQ(parse_time_arg("2026-01-14T10:30:00Z", now), 1768386600000);
+  EXPECT_EQ(parse_time_arg("2026-01-14T12:30:00+02:00", now), 1768386600000);
+  EXPECT_EQ(parse_time_arg("2026-01-14T10:30:00.250Z", now), 1768386600250);
+  EXPECT_EQ(parse_time_arg("2026-01-14", now), kJan14);
+  EXPECT_FALSE(parse_time_arg("", now));
+  EXPECT_FALSE(parse_time_arg("yesterday", now));
+  EXPECT_FALSE(parse_time_arg("24", now));
+  EXPECT_FALSE(parse_time_arg("2026-01-14T10:30:00", now));  // no zone
+  EXPECT_FALSE(parse_time_arg("2026-13-01", now));
+}
+
+TEST(UsageLedger, GroupKeyNames) {
+  EXPECT_EQ(parse_group_key("user"), GroupKey::user);
+  EXPECT_EQ(parse_group_key("user_id"), GroupKey::user);
+  EXPECT_EQ(parse_group_key("day"), GroupKey::day);
+  EXPECT_EQ(parse_group_key("api_key"), GroupKey::api_key);
+  EXPECT_FALSE(parse_group_key("users"));
+  EXPECT_EQ(group_key_name(GroupKey::endpoint), "endpoint");
+}
+
+}  // namespace
+}  // namespace llmproxy::usage

@@ -1,0 +1,670 @@
+// The usage pipeline end to end: records submitted, committed to a real SQLite file, POSTed to
+// an HTTP receiver on 127.0.0.1 (usage_test_support.h). Assertions are on what the receiver got
+// (bytes, headers), what the log holds (rows read back) and the counters; waits are on
+// conditions, never fixed sleeps.
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <simdjson.h>
+
+#include <map>
+
+#include "usage/pipeline.h"
+#include "usage/usage_log.h"
+#include "usage_test_support.h"
+
+namespace llmproxy::usage {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Db;
+using testing::make_record;
+using testing::make_sink;
+using testing::now_ms;
+using testing::Receiver;
+using testing::request_id;
+using testing::TempDir;
+
+auto soon() {
+  return std::chrono::steady_clock::now() + 10s;
+}
+
+std::vector<std::string> ids_in(const std::string& body) {
+  simdjson::dom::parser p;
+  simdjson::dom::element e = p.parse(body);
+  std::vector<std::string> out;
+  if (e.is_array()) {
+    for (auto item : e.get_array()) out.emplace_back(std::string_view(item["request_id"]));
+  } else {
+    out.emplace_back(std::string_view(e["request_id"]));
+  }
+  return out;
+}
+
+// request_ids of every 2xx-acknowledged POST, in arrival order.
+std::vector<std::string> delivered_ids(const Receiver& r) {
+  std::vector<std::string> out;
+  for (const auto& req : r.accepted()) {
+    for (auto& id : ids_in(req.body)) out.push_back(std::move(id));
+  }
+  return out;
+}
+
+std::vector<std::string> expected_ids(int from, int to) {
+  std::vector<std::string> out;
+  for (int i = from; i < to; ++i) out.push_back(request_id(i));
+  return out;
+}
+
+const metrics::SinkStats& sink(const metrics::UsageStats& st, const std::string& name) {
+  for (const auto& s : st.sinks) {
+    if (s.name == name) return s;
+  }
+  throw std::runtime_error("no sink " + name);
+}
+
+std::uint64_t delivered(const Pipeline& p, const std::string& name = "hook") {
+  return sink(p.stats(), name).delivered;
+}
+
+std::string hmac_hex(const std::string& key, const std::string& data) {
+  unsigned char mac[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()),
+       reinterpret_cast<const unsigned char*>(data.data()), data.size(), mac, &len);
+  std::string out;
+  char buf[3];
+  for (unsigned i = 0; i < len; ++i) {
+    std::snprintf(buf, sizeof buf, "%02x", mac[i]);
+    out += buf;
+  }
+  return out;
+}
+
+TEST(UsagePipeline, DeliversEveryRecordOnceInOrder) {
+  TempDir dir;
+  Receiver rx;
+  auto cfg = make_sink("hook", rx.url("/hooks/usage"));
+  cfg.headers = {{"Authorization", "Bearer t0ken"}, {"X-Env", "test"}};
+  Pipeline p(testing::disk_config(dir.file("data/usage.db")), {cfg});
+  p.start();
+  constexpr int N = 200;
+  for (int i = 0; i < N; ++i) ASSERT_TRUE(p.submit(make_record(i)));
+  WAIT_FOR(delivered(p) == N);
+
+  auto got = rx.accepted();
+  ASSERT_EQ(got.size(), static_cast<std::size_t>(N));  // one POST per record, none repeated
+  EXPECT_EQ(rx.connections(), 1u);                      // all on one kept-alive connection
+  EXPECT_EQ(delivered_ids(rx), expected_ids(0, N));
+  for (int i = 0; i < N; ++i) {
+    const auto& req = got[static_cast<std::size_t>(i)];
+    EXPECT_EQ(req.method, "POST");
+    EXPECT_EQ(req.target, "/hooks/usage");
+    EXPECT_EQ(req.header("content-type"), "application/json");
+    EXPECT_EQ(req.header("user-agent"), std::string("llmproxy/") + LLMPROXY_VERSION);
+    EXPECT_EQ(req.header("idempotency-key"), request_id(i));
+    EXPECT_EQ(req.header("authorization"), "Bearer t0ken");
+    EXPECT_EQ(req.header("x-env"), "test");
+    EXPECT_EQ(req.header("host"), "127.0.0.1:" + std::to_string(rx.port()));
+    EXPECT_EQ(req.header("x-llmproxy-signature"), "");  // no secret configured
+    EXPECT_EQ(req.body.front(), '{');  // batch_size 1: the bare object, the seed's format
+  }
+  auto st = p.stats();
+  EXPECT_EQ(st.logged, static_cast<std::uint64_t>(N));
+  EXPECT_EQ(st.dropped, 0u);
+  EXPECT_GE(st.commits, 1u);
+  EXPECT_LE(st.commits, static_cast<std::uint64_t>(N));
+  EXPECT_EQ(st.queue_depth, 0);
+  EXPECT_EQ(sink(st, "hook").failed, 0u);
+  EXPECT_EQ(sink(st, "hook").backlog, 0);
+  EXPECT_EQ(sink(st, "hook").delivery_latency.count(), static_cast<std::uint64_t>(N));
+  p.stop(soon());
+
+  Db db(dir.file("data/usage.db"));
+  EXPECT_EQ(db.number("SELECT count(*) FROM records"), N);
+  EXPECT_EQ(db.number("SELECT seq FROM sink_cursors WHERE name='hook'"), N);
+  EXPECT_EQ(db.scalar("PRAGMA journal_mode"), "wal");
+  // The body is exactly the JSON stored for the record.
+  EXPECT_EQ(db.scalar("SELECT json FROM records WHERE seq=1"), got[0].body);
+}
+
+TEST(UsagePipeline, BodyIsTheRecordsJson) {
+  TempDir dir;
+  Receiver rx;
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("hook", rx.url())});
+  p.start();
+  auto r = make_record(7, 1768386600000);
+  r.user_id = "quote\" and \\ and \n";
+  ASSERT_TRUE(p.submit(UsageRecord(r)));
+  WAIT_FOR(delivered(p) == 1);
+  EXPECT_EQ(rx.accepted().at(0).body, to_json(r));
+  p.stop(soon());
+}
+
+TEST(UsagePipeline, RetriesFailuresUntilDelivered) {
+  TempDir dir;
+  Receiver rx;
+  // Every kind of temporary failure, then success.
+  const std::vector<unsigned> failures = {500, 503, 429, 408, 302, 502};
+  rx.set_script([&](const Receiver::Request&, std::size_t n) {
+    Receiver::Reply r;
+    if (n < failures.size()) r.status = failures[n];
+    return r;
+  });
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("hook", rx.url())});
+  p.start();
+  constexpr int N = 20;
+  for (int i = 0; i < N; ++i) p.submit(make_record(i));
+  WAIT_FOR(delivered(p) == N);
+  EXPECT_EQ(delivered_ids(rx), expected_ids(0, N));
+  auto st = sink(p.stats(), "hook");
+  EXPECT_EQ(st.failed, failures.size());  // one record per failed attempt
+  EXPECT_EQ(st.dead_letters, 0u);
+  // The failed attempts all carried the first record, then it went through once.
+  auto all = rx.requests();
+  for (std::size_t i = 0; i <= failures.size(); ++i) {
+    EXPECT_EQ(all[i].header("idempotency-key"), request_id(0));
+  }
+  p.stop(soon());
+}
+
+TEST(UsagePipeline, ReceiverDownThenUp) {
+  TempDir dir;
+  std::uint16_t port;
+  {
+    Receiver probe;  // find a free port, then leave it closed
+    port = probe.port();
+  }
+  auto cfg = make_sink("hook", "http://127.0.0.1:" + std::to_string(port) + "/hook");
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
+  p.start();
+  constexpr int N = 30;
+  for (int i = 0; i < N; ++i) p.submit(make_record(i));
+  WAIT_FOR(sink(p.stats(), "hook").failed >= 3);  // connection refused, several times
+  EXPECT_EQ(delivered(p), 0u);
+  EXPECT_EQ(sink(p.stats(), "hook").backlog, N);
+  Receiver rx(port);
+  WAIT_FOR(delivered(p) == N);
+  EXPECT_EQ(delivered_ids(rx), expected_ids(0, N));
+  EXPECT_EQ(sink(p.stats(), "hook").backlog, 0);
+  p.stop(soon());
+}
+
+TEST(UsagePipeline, HangingReceiverTimesOutThenRecovers) {
+  TempDir dir;
+  Receiver rx;
+  rx.set_script([](const Receiver::Request&, std::size_t n) {
+    Receiver::Reply r;
+    if (n < 2) r.kind = Receiver::Reply::hang;  // never answers, keeps the connection open
+    return r;
+  });
+  auto cfg = make_sink("hook", rx.url());
+  cfg.timeout = 150ms;
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
+  p.start();
+  constexpr int N = 10;
+  for (int i = 0; i < N; ++i) p.submit(make_record(i));
+  WAIT_FOR(delivered(p) == N);
+  EXPECT_EQ(sink(p.stats(), "hook").failed, 2u);  // two timeouts
+  EXPECT_EQ(delivered_ids(rx), expected_ids(0, N));
+  auto all = rx.requests();
+  ASSERT_EQ(all.size(), static_cast<std::size_t>(N + 2));
+  EXPECT_EQ(all[0].answered, 0u);
+  EXPECT_EQ(all[1].answered, 0u);
+  p.stop(soon());
+  rx.release_hangs();
+}
+
+TEST(UsagePipeline, ClosedWithoutAnswerIsAFailure) {
+  TempDir dir;
+  Receiver rx;
+  rx.set_script([](const Receiver::Request&, std::size_t n) {
+    Receiver::Reply r;
+    if (n < 3) r.kind = Receiver::Reply::close;
+    return r;
+  });
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("hook", rx.url())});
+  p.start();
+  for (int i = 0; i < 5; ++i) p.submit(make_record(i));
+  WAIT_FOR(delivered(p) == 5);
+  EXPECT_EQ(delivered_ids(rx), expected_ids(0, 5));
+  EXPECT_GE(sink(p.stats(), "hook").failed, 1u);
+  p.stop(soon());
+}
+
+TEST(UsagePipeline, PermanentRejectionIsDeadLetteredNotRetried) {
+  TempDir dir;
+  Receiver rx;
+  rx.set_script([](const Receiver::Request& req, std::size_t) {
+    Receiver::Reply r;
+    if (req.header("idempotency-key") == request_id(2)) {
+      r.status = 400;
+      r.body = std::string("{\"error\":\"bad record\"}") + std::string(2000, 'x');
+    }
+    return r;
+  });
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("hook", rx.url())});
+  p.start();
+  for (int i = 0; i < 5; ++i) p.submit(make_record(i));
+  WAIT_FOR(delivered(p) == 4);
+  auto st = sink(p.stats(), "hook");
+  EXPECT_EQ(st.dead_letters, 1u);
+  EXPECT_EQ(st.failed, 0u);
+  EXPECT_EQ(st.backlog, 0);
+  // Exactly one POST per record: the rejected one was not retried.
+  auto all = rx.requests();
+  ASSERT_EQ(all.size(), 5u);
+  std::vector<std::string> keys;
+  for (const auto& r : all) keys.push_back(r.header("idempotency-key"));
+  EXPECT_EQ(keys, expected_ids(0, 5));
+  p.stop(soon());
+
+  UsageLog log(UsageLog::Mode::read_only, dir.file("usage.db"));
+  auto dead = log.dead_letters();
+  ASSERT_EQ(dead.size(), 1u);
+  EXPECT_EQ(dead[0].sink, "hook");
+  EXPECT_EQ(dead[0].first_seq, 3);
+  EXPECT_EQ(dead[0].last_seq, 3);
+  EXPECT_EQ(dead[0].request_ids, request_id(2));
+  EXPECT_EQ(dead[0].status, 400u);
+  EXPECT_EQ(dead[0].response.size(), 1024u);  // the first KiB of the answer
+  EXPECT_TRUE(dead[0].response.starts_with("{\"error\":\"bad record\"}"));
+  EXPECT_EQ(dead[0].body, all[2].body);
+  EXPECT_EQ(log.cursor("hook"), 5);
+}
+
+TEST(UsagePipeline, BatchesAreArraysAndEveryRecordArrivesOnce) {
+  TempDir dir;
+  Receiver rx;
+  auto cfg = make_sink("hook", rx.url());
+  cfg.batch_size = 7;
+  cfg.batch_interval = 30ms;
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
+  p.start();
+  constexpr int N = 100;
+  for (int i = 0; i < N; ++i) p.submit(make_record(i));
+  WAIT_FOR(delivered(p) == N);
+  p.stop(soon());
+  auto got = rx.accepted();
+  for (const auto& req : got) {
+    ASSERT_EQ(req.body.front(), '[');
+    auto ids = ids_in(req.body);
+    EXPECT_GE(ids.size(), 1u);
+    EXPECT_LE(ids.size(), 7u);
+    EXPECT_EQ(req.header("idempotency-key"), ids.front() + "+" + std::to_string(ids.size()));
+  }
+  EXPECT_EQ(delivered_ids(rx), expected_ids(0, N));
+  EXPECT_EQ(rx.requests().size(), got.size());
+}
+
+TEST(UsagePipeline, BatchFillsUpToBatchIntervalThenGoes) {
+  TempDir dir;
+  Receiver rx;
+  auto cfg = make_sink("hook", rx.url());
+  cfg.batch_size = 1000;
+  cfg.batch_interval = 50ms;
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
+  p.start();
+  for (int i = 0; i < 3; ++i) p.submit(make_record(i));
+  // Far fewer than batch_size: sent anyway once batch_interval has passed.
+  WAIT_FOR(delivered(p) == 3);
+  EXPECT_EQ(delivered_ids(rx), expected_ids(0, 3));
+  p.stop(soon());
+}
+
+TEST(UsagePipeline, FailedBatchIsResentUnchanged) {
+  TempDir dir;
+  Receiver rx;
+  rx.set_script([](const Receiver::Request&, std::size_t n) {
+    Receiver::Reply r;
+    if (n < 3) r.status = 503;
+    return r;
+  });
+  auto cfg = make_sink("hook", rx.url());
+  cfg.batch_size = 5;
+  cfg.batch_interval = 500ms;
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
+  // Queue everything before start so that the first batch is full.
+  for (int i = 0; i < 12; ++i) p.submit(make_record(i));
+  p.start();
+  WAIT_FOR(delivered(p) == 12);
+  auto all = rx.requests();
+  ASSERT_GE(all.size(), 4u);
+  for (std::size_t i = 1; i < 4; ++i) {
+    EXPECT_EQ(all[i].body, all[0].body);
+    EXPECT_EQ(all[i].header("idempotency-key"), all[0].header("idempotency-key"));
+  }
+  EXPECT_EQ(all[0].header("idempotency-key"), request_id(0) + "+5");
+  EXPECT_EQ(sink(p.stats(), "hook").failed, 15u);  // 3 attempts x 5 records
+  EXPECT_EQ(delivered_ids(rx), expected_ids(0, 12));
+  p.stop(soon());
+}
+
+TEST(UsagePipeline, SignsBodiesWithHmac) {
+  TempDir dir;
+  Receiver rx;
+  auto cfg = make_sink("hook", rx.url());
+  cfg.secret = "s3cret-key";
+  for (int batch : {1, 4}) {
+    cfg.name = "hook" + std::to_string(batch);
+    cfg.batch_size = batch;
+    Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
+    p.start();
+    for (int i = 0; i < 8; ++i) p.submit(make_record(i));
+    WAIT_FOR(delivered(p, cfg.name) == 8);
+    p.stop(soon());
+  }
+  auto all = rx.accepted();
+  ASSERT_FALSE(all.empty());
+  std::int64_t now_s = now_ms() / 1000;
+  for (const auto& req : all) {
+    std::string ts = req.header("x-llmproxy-timestamp");
+    ASSERT_FALSE(ts.empty());
+    EXPECT_LE(std::abs(std::stoll(ts) - now_s), 60);
+    EXPECT_EQ(req.header("x-llmproxy-signature"),
+              "sha256=" + hmac_hex("s3cret-key", ts + "." + req.body));
+    EXPECT_NE(req.header("x-llmproxy-signature"),
+              "sha256=" + hmac_hex("other-key", ts + "." + req.body));
+  }
+}
+
+TEST(UsagePipeline, RestartResumesFromTheStoredCursor) {
+  TempDir dir;
+  std::string path = dir.file("usage.db");
+  std::vector<std::string> received;
+  std::uint16_t port;
+  {
+    Receiver rx;
+    port = rx.port();
+    auto cfg = make_sink("hook", rx.url());
+    Pipeline p(testing::disk_config(path), {cfg});
+    p.start();
+    for (int i = 0; i < 10; ++i) p.submit(make_record(i));
+    WAIT_FOR(delivered(p) == 10);
+    rx.stop();  // the receiver goes away
+    for (int i = 10; i < 25; ++i) p.submit(make_record(i));
+    WAIT_FOR(p.stats().logged == 25 && sink(p.stats(), "hook").failed > 0);
+    p.stop(std::chrono::steady_clock::now() + 100ms);
+    EXPECT_EQ(sink(p.stats(), "hook").backlog, 15);
+    received = delivered_ids(rx);
+  }
+  {
+    Db db(path);
+    EXPECT_EQ(db.number("SELECT seq FROM sink_cursors WHERE name='hook'"), 10);
+    EXPECT_EQ(db.number("SELECT count(*) FROM records"), 25);
+  }
+  Receiver rx(port);
+  Pipeline p(testing::disk_config(path),
+             {make_sink("hook", "http://127.0.0.1:" + std::to_string(port) + "/hook")});
+  EXPECT_EQ(sink(p.stats(), "hook").backlog, 15);
+  p.start();
+  WAIT_FOR(delivered(p) == 15);
+  p.stop(soon());
+  for (auto& id : delivered_ids(rx)) received.push_back(id);
+  EXPECT_EQ(received, expected_ids(0, 25));  // each once, in order, across the restart
+}
+
+TEST(UsagePipeline, StopDeliversTheBacklogBeforeTheDeadline) {
+  TempDir dir;
+  Receiver rx;
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("hook", rx.url())});
+  p.start();
+  for (int i = 0; i < 50; ++i) p.submit(make_record(i));
+  p.stop(soon());  // right away: the queue is drained into the log, then delivered
+  EXPECT_EQ(p.stats().logged, 50u);
+  EXPECT_EQ(delivered(p), 50u);
+  EXPECT_EQ(delivered_ids(rx), expected_ids(0, 50));
+  p.stop(soon());                           // twice is fine
+  EXPECT_FALSE(p.submit(make_record(99)));  // after stop: dropped and counted
+  EXPECT_EQ(p.stats().dropped, 1u);
+}
+
+TEST(UsagePipeline, StopWithoutStartStillCommits) {
+  TempDir dir;
+  {
+    Pipeline p(testing::disk_config(dir.file("usage.db")), {});
+    for (int i = 0; i < 5; ++i) p.submit(make_record(i));
+  }  // destructor stops
+  Db db(dir.file("usage.db"));
+  EXPECT_EQ(db.number("SELECT count(*) FROM records"), 5);
+}
+
+TEST(UsagePipeline, NewSinkStartsAtHeadUnlessReplay) {
+  TempDir dir;
+  std::string path = dir.file("usage.db");
+  Receiver a, b, c;
+  {
+    Pipeline p(testing::disk_config(path), {make_sink("a", a.url())});
+    p.start();
+    for (int i = 0; i < 5; ++i) p.submit(make_record(i));
+    WAIT_FOR(delivered(p, "a") == 5);
+    p.stop(soon());
+  }
+  auto sb = make_sink("b", b.url());
+  auto sc = make_sink("c", c.url());
+  sc.replay = true;
+  auto disabled = make_sink("off", a.url());
+  disabled.enabled = false;
+  Pipeline p(testing::disk_config(path), {make_sink("a", a.url()), sb, sc, disabled});
+  EXPECT_EQ(p.stats().sinks.size(), 3u);  // the disabled sink is not run
+  p.start();
+  for (int i = 5; i < 8; ++i) p.submit(make_record(i));
+  WAIT_FOR(delivered(p, "a") == 3 && delivered(p, "b") == 3 && delivered(p, "c") == 8);
+  p.stop(soon());
+  EXPECT_EQ(delivered_ids(a), expected_ids(0, 8));
+  EXPECT_EQ(delivered_ids(b), expected_ids(5, 8));
+  EXPECT_EQ(delivered_ids(c), expected_ids(0, 8));
+}
+
+TEST(UsagePipeline, MemoryDurabilityDelivers) {
+  Receiver rx;
+  config::UsageConfig u;
+  u.durability = config::Durability::memory;
+  Pipeline p(u, {make_sink("hook", rx.url())});
+  p.start();
+  for (int i = 0; i < 50; ++i) p.submit(make_record(i));
+  WAIT_FOR(delivered(p) == 50);
+  EXPECT_EQ(delivered_ids(rx), expected_ids(0, 50));
+  EXPECT_EQ(p.stats().logged, 50u);
+  p.stop(soon());
+}
+
+TEST(UsagePipeline, MemoryDurabilityHoldsAtMostMemoryMaxRecords) {
+  Receiver rx;
+  std::atomic<bool> failing{true};
+  rx.set_script([&](const Receiver::Request&, std::size_t) {
+    Receiver::Reply r;
+    if (failing) r.status = 500;
+    return r;
+  });
+  config::UsageConfig u;
+  u.durability = config::Durability::memory;
+  u.memory_max_records = 5;
+  u.queue_size = 10;
+  u.on_backlog = config::OnBacklog::reject;
+  Pipeline p(u, {make_sink("hook", rx.url())});
+  p.start();
+  constexpr int N = 30;
+  for (int i = 0; i < N; ++i) EXPECT_TRUE(p.submit(make_record(i)));
+  WAIT_FOR(p.stats().logged == 5 && sink(p.stats(), "hook").failed > 0);
+  EXPECT_EQ(p.stats().queue_depth, N - 5);  // the writer stopped taking
+  EXPECT_FALSE(p.accepting());
+  failing = false;
+  WAIT_FOR(delivered(p) == N);
+  EXPECT_EQ(delivered_ids(rx), expected_ids(0, N));
+  EXPECT_TRUE(p.accepting());
+  EXPECT_EQ(p.stats().queue_depth, 0);
+  p.stop(soon());
+}
+
+TEST(UsagePipeline, MemoryDurabilityWithoutSinks) {
+  config::UsageConfig u;
+  u.durability = config::Durability::memory;
+  u.memory_max_records = 3;
+  Pipeline p(u, {});
+  p.start();
+  for (int i = 0; i < 20; ++i) EXPECT_TRUE(p.submit(make_record(i)));
+  WAIT_FOR(p.stats().logged == 20);  // nothing is held, so the bound never stops the writer
+  p.stop(soon());
+}
+
+// The writer cannot commit while another connection holds the file's write lock.
+class UsageStalledWriter : public ::testing::Test {
+ protected:
+  void SetUp() override { path_ = dir_.file("usage.db"); }
+  TempDir dir_;
+  std::string path_;
+};
+
+TEST_F(UsageStalledWriter, ServeModeDropsAndCounts) {
+  auto u = testing::disk_config(path_);
+  u.queue_size = 10;
+  u.on_backlog = config::OnBacklog::serve;
+  Pipeline p(u, {});
+  Db locker(path_);
+  locker.exec("BEGIN EXCLUSIVE");
+  p.start();
+  int accepted = 0, refused = 0;
+  for (int i = 0; i < 30; ++i) (p.submit(make_record(i)) ? accepted : refused)++;
+  EXPECT_EQ(accepted, 10);
+  EXPECT_EQ(refused, 20);
+  EXPECT_TRUE(p.accepting());  // serve: never refuses requests
+  EXPECT_EQ(p.stats().dropped, 20u);
+  EXPECT_EQ(p.stats().queue_depth, 10);
+  locker.exec("COMMIT");
+  WAIT_FOR(p.stats().logged == 10);
+  EXPECT_EQ(p.stats().queue_depth, 0);
+  p.stop(soon());
+  Db db(path_);
+  EXPECT_EQ(db.number("SELECT count(*) FROM records"), 10);
+}
+
+TEST_F(UsageStalledWriter, RejectModeKeepsEveryRecord) {
+  auto u = testing::disk_config(path_);
+  u.queue_size = 10;
+  u.on_backlog = config::OnBacklog::reject;
+  Pipeline p(u, {});
+  Db locker(path_);
+  locker.exec("BEGIN EXCLUSIVE");
+  p.start();
+  for (int i = 0; i < 30; ++i) {
+    EXPECT_EQ(p.accepting(), i < 10) << i;
+    EXPECT_TRUE(p.submit(make_record(i)));  // in-flight requests' records are never dropped
+  }
+  EXPECT_FALSE(p.accepting());
+  EXPECT_EQ(p.stats().queue_depth, 30);
+  EXPECT_EQ(p.stats().dropped, 0u);
+  locker.exec("COMMIT");
+  WAIT_FOR(p.stats().logged == 30);
+  EXPECT_TRUE(p.accepting());
+  p.stop(soon());
+  Db db(path_);
+  EXPECT_EQ(db.number("SELECT count(*) FROM records"), 30);
+}
+
+TEST(UsagePipeline, RetentionDeletesOnlyDeliveredOldRecords) {
+  TempDir dir;
+  std::string path = dir.file("usage.db");
+  auto u = testing::disk_config(path);
+  u.retention_days = 30;
+  const std::int64_t old = now_ms() - 40LL * 86'400'000;
+  std::uint16_t port;
+  {
+    Receiver rx;
+    port = rx.port();
+    Pipeline p(u, {make_sink("hook", rx.url())});
+    p.start();
+    for (int i = 0; i < 5; ++i) p.submit(make_record(i, old));  // seq 1..5: old
+    p.submit(make_record(5));                                   // seq 6: recent
+    WAIT_FOR(delivered(p) == 6);
+    p.stop(soon());
+  }
+  // The receiver is gone: what comes now stays undelivered.
+  auto url = "http://127.0.0.1:" + std::to_string(port) + "/hook";
+  Pipeline p(u, {make_sink("hook", url)});
+  p.start();                                                  // retention runs at start
+  for (int i = 6; i < 9; ++i) p.submit(make_record(i, old));  // seq 7..9: old, undelivered
+  WAIT_FOR(p.stats().logged == 3);
+  Db db(path);
+  WAIT_FOR(db.number("SELECT count(*) FROM records") == 4);
+  EXPECT_EQ(db.scalar("SELECT group_concat(seq) FROM (SELECT seq FROM records ORDER BY seq)"),
+            "6,7,8,9");
+  p.stop(std::chrono::steady_clock::now() + 100ms);
+}
+
+TEST(UsagePipeline, HttpsToAPlainReceiverFails) {
+  TempDir dir;
+  Receiver rx;
+  auto cfg = make_sink("hook", "https://127.0.0.1:" + std::to_string(rx.port()) + "/hook");
+  cfg.timeout = 200ms;
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
+  p.start();
+  p.submit(make_record(0));
+  WAIT_FOR(sink(p.stats(), "hook").failed >= 2);
+  EXPECT_EQ(delivered(p), 0u);
+  p.stop(std::chrono::steady_clock::now() + 50ms);
+  EXPECT_EQ(sink(p.stats(), "hook").backlog, 1);
+}
+
+TEST(UsagePipeline, BadLogPathThrowsAClearError) {
+  TempDir dir;
+  {
+    std::FILE* f = std::fopen(dir.file("file").c_str(), "w");
+    std::fclose(f);
+  }
+  try {
+    Pipeline p(testing::disk_config(dir.file("file/usage.db")), {});
+    FAIL() << "expected an exception";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("file/usage.db"), std::string::npos) << e.what();
+  }
+}
+
+// Not a test: a measurement (run with --gtest_also_run_disabled_tests). Prints the rate at which
+// batches are delivered to the local receiver; no assertion on time.
+TEST(UsagePipeline, DISABLED_BatchThroughput) {
+  for (int batch : {1, 100, 1000}) {
+    TempDir dir;
+    Receiver rx;
+    auto cfg = make_sink("hook", rx.url());
+    cfg.batch_size = batch;
+    cfg.batch_interval = 5ms;
+    auto u = testing::disk_config(dir.file("usage.db"));
+    u.queue_size = 1'000'000;
+    Pipeline p(u, {cfg});
+    const int n = batch == 1 ? 20'000 : 200'000;
+    for (int i = 0; i < n; ++i) p.submit(make_record(i));  // queued before start
+    auto t0 = std::chrono::steady_clock::now();
+    p.start();
+    WAIT_FOR(p.stats().logged == static_cast<std::uint64_t>(n));
+    auto t1 = std::chrono::steady_clock::now();
+    ASSERT_TRUE(testing::eventually([&] { return delivered(p) == static_cast<std::uint64_t>(n); },
+                                    std::chrono::seconds(120)));
+    auto t2 = std::chrono::steady_clock::now();
+    p.stop(soon());
+    double log_s = std::chrono::duration<double>(t1 - t0).count();
+    double all_s = std::chrono::duration<double>(t2 - t0).count();
+    std::printf(
+        "batch_size %4d: %d records, logged in %.3f s (%.0f/s), delivered in %.3f s (%.0f/s), "
+        "%zu POSTs\n",
+        batch, n, log_s, n / log_s, all_s, n / all_s, rx.count());
+    // Delivery alone: a new sink replaying the records already in the log.
+    Receiver rx2;
+    auto replay = make_sink("replay", rx2.url());
+    replay.batch_size = batch;
+    replay.batch_interval = 5ms;
+    replay.replay = true;
+    Pipeline p2(u, {replay});
+    auto t3 = std::chrono::steady_clock::now();
+    p2.start();
+    ASSERT_TRUE(testing::eventually(
+        [&] { return delivered(p2, "replay") == static_cast<std::uint64_t>(n); },
+        std::chrono::seconds(120)));
+    double replay_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t3).count();
+    p2.stop(soon());
+    std::printf("batch_size %4d: replay of %d logged records delivered in %.3f s (%.0f/s)\n", batch,
+                n, replay_s, n / replay_s);
+  }
+}
+
+}  // namespace
+}  // namespace llmproxy::usage
