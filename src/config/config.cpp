@@ -288,9 +288,9 @@ void read_backends(Reader& r, const YAML::Node& root, Config& c) {
   }
 }
 
-constexpr std::initializer_list<std::string_view> kSinkKeys = {
-    "name",           "enabled", "url",     "timeout", "retry",  "max_backoff",
-    "batch_size",     "batch_interval", "headers", "secret", "replay"};
+const std::initializer_list<std::string_view> kSinkKeys = {
+    "name",       "enabled",        "url",     "timeout", "retry", "max_backoff",
+    "batch_size", "batch_interval", "headers", "secret",  "replay"};
 
 void read_sink(Reader& r, const YAML::Node& n, const std::string& path, SinkConfig& s) {
   if (!r.map(n, path, kSinkKeys)) return;
@@ -365,9 +365,9 @@ void read_usage(Reader& r, const YAML::Node& root, Config& c) {
   auto n = root["usage"];
   auto& u = c.usage;
   if (!r.map(n, "usage",
-             {"enabled", "durability", "log_path", "queue_size", "on_backlog",
-              "memory_max_records", "retention_days", "inject_stream_usage", "tokenize",
-              "user_header", "api_key", "max_response_copy", "sinks"})) {
+             {"enabled", "durability", "log_path", "queue_size", "on_backlog", "memory_max_records",
+              "retention_days", "inject_stream_usage", "tokenize", "user_header", "api_key",
+              "max_response_copy", "sinks"})) {
     return;
   }
   r.boolean(n, "enabled", "usage", u.enabled);
@@ -385,10 +385,9 @@ void read_usage(Reader& r, const YAML::Node& root, Config& c) {
   r.boolean(n, "inject_stream_usage", "usage", u.inject_stream_usage);
   r.boolean(n, "tokenize", "usage", u.tokenize);
   r.string(n, "user_header", "usage", u.user_header);
-  enumeration(r, n, "api_key", "usage", u.api_key,
-              {{"full", ApiKeyMode::full},
-               {"masked", ApiKeyMode::masked},
-               {"sha256", ApiKeyMode::sha256}});
+  enumeration(
+      r, n, "api_key", "usage", u.api_key,
+      {{"full", ApiKeyMode::full}, {"masked", ApiKeyMode::masked}, {"sha256", ApiKeyMode::sha256}});
   r.size(n, "max_response_copy", "usage", u.max_response_copy, 1024);
   if (Reader::has(n, "sinks")) {
     auto list = n["sinks"];
@@ -419,7 +418,7 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
   }
   if (!r.map(root, "",
              {"listen", "server", "timeouts", "load_balancing", "upstream", "backends",
-              "health_check", "usage_hook", "usage"})) {
+              "health_check", "usage_hook", "usage", "admin", "metrics"})) {
     return;
   }
   if (Reader::has(root, "listen")) {
@@ -499,6 +498,21 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
     read_sink(r, n, "usage_hook", c.usage_hook);
   }
   read_usage(r, root, c);
+  if (auto n = root["admin"]; r.map(n, "admin", {"token"})) {
+    r.string(n, "token", "admin", c.admin.token);
+  }
+  if (auto n = root["metrics"]; r.map(n, "metrics", {"listen"})) {
+    if (Reader::has(n, "listen")) {
+      std::string text;
+      r.string(n, "listen", "metrics", text);
+      std::string why;
+      if (auto l = parse_listen(text, &why)) {
+        c.metrics.listen = *l;
+      } else if (n["listen"].IsScalar()) {
+        r.error(n["listen"].Mark(), "metrics.listen", why + ", got \"" + text + "\"");
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -606,8 +620,12 @@ std::string_view to_string(Strategy s) {
   return s == Strategy::least_in_flight ? "least_in_flight" : "weighted_round_robin";
 }
 
-std::string_view to_string(Durability d) { return d == Durability::memory ? "memory" : "disk"; }
-std::string_view to_string(OnBacklog b) { return b == OnBacklog::serve ? "serve" : "reject"; }
+std::string_view to_string(Durability d) {
+  return d == Durability::memory ? "memory" : "disk";
+}
+std::string_view to_string(OnBacklog b) {
+  return b == OnBacklog::serve ? "serve" : "reject";
+}
 std::string_view to_string(ApiKeyMode m) {
   return m == ApiKeyMode::masked ? "masked" : m == ApiKeyMode::sha256 ? "sha256" : "full";
 }
@@ -753,6 +771,16 @@ std::string to_yaml(const Config& c) {
   e << YAML::Key << "sinks" << YAML::Value << YAML::BeginSeq;
   for (const auto& s : u.sinks) emit_sink(e, s, true);
   e << YAML::EndSeq;
+  e << YAML::EndMap;
+  e << YAML::Key << "admin" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "token" << YAML::Value << (c.admin.token.empty() ? "" : "<redacted>");
+  e << YAML::EndMap;
+  e << YAML::Key << "metrics" << YAML::Value << YAML::BeginMap;
+  if (c.metrics.listen) {
+    e << YAML::Key << "listen" << YAML::Value << c.metrics.listen->to_string();
+  } else {
+    e << YAML::Key << "listen" << YAML::Value << YAML::Null;  // on the main listener
+  }
   e << YAML::EndMap;
   e << YAML::EndMap;
   return std::string(e.c_str()) + "\n";

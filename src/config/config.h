@@ -90,14 +90,14 @@ struct SinkConfig {
   bool enabled = false;  // usage_hook: the seed's switch; usage.sinks[] entries default to true
   std::string url;
   Url parsed;
-  Millis timeout{1'000};   // one POST, connect included
-  int retry = 2;           // quick retries (exponential backoff + jitter) before the slow lane
+  Millis timeout{1'000};       // one POST, connect included
+  int retry = 2;               // quick retries (exponential backoff + jitter) before the slow lane
   Millis max_backoff{30'000};  // cap of the slow lane: retried from the log until it succeeds
   int batch_size = 1;          // 1: one JSON object per POST (the seed's format); >1: JSON arrays
   Millis batch_interval{200};  // longest wait to fill a batch
   std::vector<std::pair<std::string, std::string>> headers;  // extra request headers
-  std::string secret;  // non-empty: X-LLMProxy-Signature (HMAC-SHA256 over "<t>.<body>")
-  bool replay = false; // a sink new to the log starts at its head unless replay is set
+  std::string secret;   // non-empty: X-LLMProxy-Signature (HMAC-SHA256 over "<t>.<body>")
+  bool replay = false;  // a sink new to the log starts at its head unless replay is set
 };
 using UsageHook = SinkConfig;
 
@@ -115,13 +115,22 @@ struct UsageConfig {
   int queue_size = 50'000;  // records waiting for the log writer; the backlog bound
   OnBacklog on_backlog = OnBacklog::reject;
   int memory_max_records = 1'000'000;  // durability: memory: undelivered records held at most
-  int retention_days = 30;            // delivered records older than this are deleted
-  bool inject_stream_usage = true;    // add stream_options.include_usage upstream
-  bool tokenize = true;               // prompt tokens from the backend's /tokenize when no usage
+  int retention_days = 30;             // delivered records older than this are deleted
+  bool inject_stream_usage = true;     // add stream_options.include_usage upstream
+  bool tokenize = true;                // prompt tokens from the backend's /tokenize when no usage
   std::string user_header = "X-User-Id";
   ApiKeyMode api_key = ApiKeyMode::full;
   std::uint64_t max_response_copy = 1024 * 1024;  // non-stream bodies read for usage
   std::vector<SinkConfig> sinks;                  // usage.sinks
+};
+
+struct AdminConfig {
+  std::string token;  // non-empty: /admin/* need "Authorization: Bearer <token>"
+};
+
+struct MetricsConfig {
+  // Set: /metrics is served on this address only (e.g. an internal interface), not on `listen`.
+  std::optional<ListenAddress> listen;
 };
 
 struct Config {
@@ -135,6 +144,8 @@ struct Config {
   HealthCheck health_check;
   UsageHook usage_hook;
   UsageConfig usage;
+  AdminConfig admin;
+  MetricsConfig metrics;
 
   int effective_workers() const;
   // Every enabled sink: usage_hook (named "usage_hook") first, then usage.sinks in order.

@@ -18,6 +18,7 @@ struct ErrorSpec {
 namespace errors {
 inline constexpr ErrorSpec invalid_json{400, "invalid_request_error", "invalid_json"};
 inline constexpr ErrorSpec invalid_request{400, "invalid_request_error", "invalid_request"};
+inline constexpr ErrorSpec unauthorized{401, "authentication_error", "invalid_admin_token"};
 inline constexpr ErrorSpec not_found{404, "invalid_request_error", "not_found"};
 inline constexpr ErrorSpec model_not_found{404, "invalid_request_error", "model_not_found"};
 inline constexpr ErrorSpec method_not_allowed{405, "invalid_request_error", "method_not_allowed"};
@@ -26,6 +27,7 @@ inline constexpr ErrorSpec body_too_large{413, "invalid_request_error", "request
 inline constexpr ErrorSpec headers_too_large{431, "invalid_request_error", "headers_too_large"};
 inline constexpr ErrorSpec bad_gateway{502, "server_error", "upstream_error"};
 inline constexpr ErrorSpec no_healthy_backend{503, "server_error", "no_healthy_backend"};
+inline constexpr ErrorSpec usage_backlog{503, "server_error", "usage_backlog"};
 inline constexpr ErrorSpec shutting_down{503, "server_error", "shutting_down"};
 inline constexpr ErrorSpec gateway_timeout{504, "server_error", "upstream_timeout"};
 }  // namespace errors

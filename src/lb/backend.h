@@ -45,6 +45,10 @@ class Backend {
 
   void add_in_flight(int delta) { in_flight_.fetch_add(delta, std::memory_order_relaxed); }
 
+  // Metering: the backend answered /tokenize with 404/405/501 once; not asked again.
+  bool tokenize_unsupported() const { return no_tokenize_.load(std::memory_order_relaxed); }
+  void set_tokenize_unsupported() { no_tokenize_.store(true, std::memory_order_relaxed); }
+
   // Models the backend reported on GET /v1/models (for backends that list none in the config).
   std::vector<std::string> discovered_models() const;
   void set_discovered_models(std::vector<std::string> models);
@@ -57,6 +61,7 @@ class Backend {
   std::atomic<int> successes_{0};
   std::atomic<std::int64_t> in_flight_{0};
   std::atomic<std::int64_t> last_check_ms_{0};
+  std::atomic<bool> no_tokenize_{false};
   mutable std::mutex discovered_mutex_;  // admin/models path only, never per request
   std::vector<std::string> discovered_;
 };

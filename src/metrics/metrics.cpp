@@ -40,6 +40,10 @@ std::string_view route_label(Route r) {
       return "/ready";
     case Route::metrics:
       return "/metrics";
+    case Route::admin_backends:
+      return "/admin/backends";
+    case Route::admin_config:
+      return "/admin/config";
     case Route::other:
       break;
   }
@@ -48,7 +52,7 @@ std::string_view route_label(Route r) {
 
 Route route_for_path(std::string_view path) {
   for (Route r : {Route::chat, Route::completions, Route::embeddings, Route::models, Route::health,
-                  Route::ready, Route::metrics}) {
+                  Route::ready, Route::metrics, Route::admin_backends, Route::admin_config}) {
     if (route_label(r) == path) return r;
   }
   return Route::other;
@@ -70,7 +74,9 @@ std::string_view upstream_error_label(UpstreamError e) {
 
 WorkerMetrics::WorkerMetrics(std::size_t backends)
     : ttft_by_backend(backends, Histogram(kLatencyBoundsMs.size())),
-      upstream_errors(backends, std::array<std::uint64_t, kUpstreamErrorKinds>{}) {}
+      upstream_errors(backends, std::array<std::uint64_t, kUpstreamErrorKinds>{}),
+      backend_duration_sum_ms(backends, 0.0),
+      backend_requests(backends, 0) {}
 
 void WorkerMetrics::request(Route route, bool stream, int backend, unsigned status,
                             double duration_ms) {
@@ -79,6 +85,10 @@ void WorkerMetrics::request(Route route, bool stream, int backend, unsigned stat
                       (static_cast<std::uint64_t>(backend + 1) << 10) | (status & 0x3ff);
   ++requests[key];
   latency.observe(duration_ms, kLatencyBoundsMs);
+  if (backend >= 0 && static_cast<std::size_t>(backend) < backend_requests.size()) {
+    backend_duration_sum_ms[static_cast<std::size_t>(backend)] += duration_ms;
+    ++backend_requests[static_cast<std::size_t>(backend)];
+  }
 }
 
 void WorkerMetrics::merge(const WorkerMetrics& other) {
@@ -88,6 +98,10 @@ void WorkerMetrics::merge(const WorkerMetrics& other) {
     ttft_by_backend[i].merge(other.ttft_by_backend[i]);
   }
   gaps.merge(other.gaps);
+  for (std::size_t i = 0; i < backend_requests.size() && i < other.backend_requests.size(); ++i) {
+    backend_duration_sum_ms[i] += other.backend_duration_sum_ms[i];
+    backend_requests[i] += other.backend_requests[i];
+  }
   for (std::size_t i = 0; i < upstream_errors.size() && i < other.upstream_errors.size(); ++i) {
     for (std::size_t k = 0; k < kUpstreamErrorKinds; ++k) {
       upstream_errors[i][k] += other.upstream_errors[i][k];
@@ -96,6 +110,11 @@ void WorkerMetrics::merge(const WorkerMetrics& other) {
   retries += other.retries;
   client_disconnects += other.client_disconnects;
   refused += other.refused;
+  usage_prompt_tokens += other.usage_prompt_tokens;
+  usage_completion_tokens += other.usage_completion_tokens;
+  usage_records += other.usage_records;
+  usage_estimated += other.usage_estimated;
+  usage_backlog_rejects += other.usage_backlog_rejects;
 }
 
 namespace {
@@ -240,21 +259,86 @@ std::string render(const Snapshot& s) {
   connections.metric.push_back(gauge(static_cast<double>(s.open_connections)));
   out.push_back(std::move(connections));
 
-  // Usage metering is not implemented yet: these keep the original names exported (at zero)
-  // so dashboards and alerts written against them load.
-  auto webhook_ok = family("llmproxy_webhook_success_total",
-                           "Usage webhook deliveries that succeeded.", MetricType::Counter);
-  webhook_ok.metric.push_back(counter(0));
+  // Usage metering. The original names count records: a webhook success is a record a sink's
+  // receiver acknowledged with 2xx, a failure a record in a POST that failed (each attempt).
+  const auto& u = s.usage;
+  std::uint64_t delivered = 0, failed = 0;
+  for (const auto& sink : u.sinks) {
+    delivered += sink.delivered;
+    failed += sink.failed;
+  }
+  auto webhook_ok =
+      family("llmproxy_webhook_success_total",
+             "Usage records delivered to a webhook (2xx), over all sinks.", MetricType::Counter);
+  webhook_ok.metric.push_back(counter(static_cast<double>(delivered)));
   out.push_back(std::move(webhook_ok));
   auto webhook_failed = family("llmproxy_webhook_failure_total",
-                               "Usage webhook deliveries that failed.", MetricType::Counter);
-  webhook_failed.metric.push_back(counter(0));
+                               "Usage records in webhook deliveries that failed (each attempt), "
+                               "over all sinks.",
+                               MetricType::Counter);
+  webhook_failed.metric.push_back(counter(static_cast<double>(failed)));
   out.push_back(std::move(webhook_failed));
   auto tokens =
       family("llmproxy_usage_tokens_total", "Tokens metered, by type.", MetricType::Counter);
-  tokens.metric.push_back(counter(0, {{"type", "prompt"}}));
-  tokens.metric.push_back(counter(0, {{"type", "completion"}}));
+  tokens.metric.push_back(
+      counter(static_cast<double>(r.usage_prompt_tokens), {{"type", "prompt"}}));
+  tokens.metric.push_back(
+      counter(static_cast<double>(r.usage_completion_tokens), {{"type", "completion"}}));
   out.push_back(std::move(tokens));
+
+  auto records = family("llmproxy_usage_records_total",
+                        "Usage records made, by where the numbers came from.", MetricType::Counter);
+  records.metric.push_back(
+      counter(static_cast<double>(r.usage_records - r.usage_estimated), {{"source", "backend"}}));
+  records.metric.push_back(
+      counter(static_cast<double>(r.usage_estimated), {{"source", "estimated"}}));
+  out.push_back(std::move(records));
+  auto rejects =
+      family("llmproxy_usage_backlog_rejected_total",
+             "Requests refused with 503 because the usage backlog was full.", MetricType::Counter);
+  rejects.metric.push_back(counter(static_cast<double>(r.usage_backlog_rejects)));
+  out.push_back(std::move(rejects));
+  auto dropped = family("llmproxy_usage_records_dropped_total",
+                        "Usage records dropped because the backlog was full (on_backlog: serve).",
+                        MetricType::Counter);
+  dropped.metric.push_back(counter(static_cast<double>(u.dropped)));
+  out.push_back(std::move(dropped));
+  auto depth = family("llmproxy_usage_queue_depth",
+                      "Usage records waiting to be written to the usage log.", MetricType::Gauge);
+  depth.metric.push_back(gauge(static_cast<double>(u.queue_depth)));
+  out.push_back(std::move(depth));
+  auto logged = family("llmproxy_usage_log_records_total",
+                       "Usage records committed to the usage log.", MetricType::Counter);
+  logged.metric.push_back(counter(static_cast<double>(u.logged)));
+  out.push_back(std::move(logged));
+  auto commits =
+      family("llmproxy_usage_log_commits_total",
+             "Usage log transactions (each commits a group of records).", MetricType::Counter);
+  commits.metric.push_back(counter(static_cast<double>(u.commits)));
+  out.push_back(std::move(commits));
+
+  auto backlog = family("llmproxy_usage_sink_backlog",
+                        "Usage records in the log not yet delivered, by sink.", MetricType::Gauge);
+  auto deliveries = family("llmproxy_usage_sink_records_total",
+                           "Usage records by sink and result (delivered, failed, dead_letter).",
+                           MetricType::Counter);
+  auto delivery_latency =
+      family("llmproxy_usage_delivery_seconds",
+             "Time from a usage record's commit to its delivery, by sink.", MetricType::Histogram);
+  for (const auto& sink : u.sinks) {
+    backlog.metric.push_back(gauge(static_cast<double>(sink.backlog), {{"sink", sink.name}}));
+    deliveries.metric.push_back(counter(static_cast<double>(sink.delivered),
+                                        {{"sink", sink.name}, {"result", "delivered"}}));
+    deliveries.metric.push_back(
+        counter(static_cast<double>(sink.failed), {{"sink", sink.name}, {"result", "failed"}}));
+    deliveries.metric.push_back(counter(static_cast<double>(sink.dead_letters),
+                                        {{"sink", sink.name}, {"result", "dead_letter"}}));
+    delivery_latency.metric.push_back(
+        histogram(sink.delivery_latency, kLatencyBoundsMs, 0.001, {{"sink", sink.name}}));
+  }
+  out.push_back(std::move(backlog));
+  out.push_back(std::move(deliveries));
+  out.push_back(std::move(delivery_latency));
 
   return prometheus::TextSerializer().Serialize(out);
 }

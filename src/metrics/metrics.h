@@ -50,6 +50,8 @@ enum class Route : std::uint8_t {
   health,
   ready,
   metrics,
+  admin_backends,
+  admin_config,
   other
 };
 std::string_view route_label(Route r);
@@ -81,32 +83,35 @@ struct WorkerMetrics {
   std::vector<Histogram> ttft_by_backend;
   Histogram gaps{kGapBoundsMs.size()};
   std::vector<std::array<std::uint64_t, kUpstreamErrorKinds>> upstream_errors;
+  // Per backend: request durations (sum in ms, count), for /admin/backends' average.
+  std::vector<double> backend_duration_sum_ms;
+  std::vector<std::uint64_t> backend_requests;
   std::uint64_t retries = 0;
   std::uint64_t client_disconnects = 0;
   std::uint64_t refused = 0;  // answered by the gateway itself (4xx/5xx before forwarding)
   std::uint64_t usage_prompt_tokens = 0;
   std::uint64_t usage_completion_tokens = 0;
   std::uint64_t usage_records = 0;
-  std::uint64_t usage_estimated = 0;   // records whose numbers the gateway estimated
+  std::uint64_t usage_estimated = 0;        // records whose numbers the gateway estimated
   std::uint64_t usage_backlog_rejects = 0;  // requests refused 503 because of the usage backlog
 };
 
 // The usage pipeline's state, filled by usage::Pipeline::stats() off the request path.
 struct SinkStats {
   std::string name;
-  std::uint64_t delivered = 0;       // records a 2xx acknowledged
-  std::uint64_t failed = 0;          // records in POSTs that failed (each attempt counts)
-  std::uint64_t dead_letters = 0;    // records rejected for good (4xx other than 408/429)
-  std::int64_t backlog = 0;          // records in the log after the sink's cursor
+  std::uint64_t delivered = 0;     // records a 2xx acknowledged
+  std::uint64_t failed = 0;        // records in POSTs that failed (each attempt counts)
+  std::uint64_t dead_letters = 0;  // records rejected for good (4xx other than 408/429)
+  std::int64_t backlog = 0;        // records in the log after the sink's cursor
   Histogram delivery_latency{kLatencyBoundsMs.size()};  // ms from the record's end to its 2xx
 };
 
 struct UsageStats {
   bool enabled = false;
-  std::int64_t queue_depth = 0;      // records waiting for the log writer
-  std::uint64_t logged = 0;          // records committed to the log
-  std::uint64_t dropped = 0;         // on_backlog: serve, queue full
-  std::uint64_t commits = 0;         // log transactions (group commits)
+  std::int64_t queue_depth = 0;  // records waiting for the log writer
+  std::uint64_t logged = 0;      // records committed to the log
+  std::uint64_t dropped = 0;     // on_backlog: serve, queue full
+  std::uint64_t commits = 0;     // log transactions (group commits)
   std::vector<SinkStats> sinks;
 };
 

@@ -36,9 +36,15 @@
 #include "lb/backend.h"
 #include "lb/balancer.h"
 #include "llm/request_inspector.h"
+#include "llm/request_rewrite.h"
+#include "llm/stream_meter.h"
+#include "llm/usage.h"
 #include "metrics/metrics.h"
 #include "proxy/access_log.h"
 #include "proxy/request_id.h"
+#include "usage/api_key.h"
+#include "usage/pipeline.h"
+#include "usage/record.h"
 
 namespace llmproxy::proxy {
 namespace {
@@ -54,6 +60,10 @@ constexpr auto use_nothrow = asio::as_tuple(asio::use_awaitable);
 
 // Relay buffer per in-flight response: small and fixed, so memory per stream is constant.
 constexpr std::size_t kRelayBufferSize = 8 * 1024;
+// Metering: the tail of a large non-stream response kept for its usage, and the largest
+// request body kept after sending for a /tokenize call (larger prompts are estimated).
+constexpr std::size_t kResponseTailBytes = 64 * 1024;
+constexpr std::size_t kMaxTokenizeBody = 1024 * 1024;
 constexpr std::size_t kUpstreamHeaderLimit = 64 * 1024;
 constexpr std::size_t kUpstreamInitialBuffer = 4 * 1024;
 // A pooled connection idle for less than this is reused without probing it first: a backend
@@ -140,7 +150,8 @@ struct Shared {
   lb::BackendSet backends;
   asio::ssl::context tls;
   std::atomic<bool> draining{false};
-  std::vector<Worker*> workers;  // filled before any worker runs; read by scrapes
+  std::vector<Worker*> workers;      // filled before any worker runs; read by scrapes
+  usage::Pipeline* usage = nullptr;  // null when usage.enabled is false
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -218,9 +229,11 @@ class Worker {
   std::unordered_set<ClientSession*> sessions;
   asio::io_context ioc;
   tcp::acceptor acceptor;
+  std::optional<tcp::acceptor> metrics_acceptor;  // metrics.listen, on worker 0 only
   asio::steady_timer housekeeping;
   lb::Balancer balancer;
   llm::RequestInspector inspector;
+  simdjson::dom::parser usage_parser;  // usage events, bodies, rewrites: one thread, reused
   RequestIdGenerator ids;
   AccessLog log;
   std::vector<std::vector<std::unique_ptr<UpstreamConn>>> idle;  // pool, per backend
@@ -412,6 +425,25 @@ struct RequestContext {
   unsigned client_version = 11;  // 10 for HTTP/1.0 clients: no chunked responses
   metrics::Route route = metrics::Route::other;
   double first_byte_ms = -1;  // first response body byte written to the client
+
+  // Metering (LLM routes with usage enabled). A record is made when `forwarded`.
+  bool metered = false;
+  bool forwarded = false;  // the request reached a backend
+  bool injected = false;   // include_usage was added upstream by the gateway
+  bool upstream_answered = false;
+  unsigned upstream_status = 0;
+  llm::Endpoint endpoint = llm::Endpoint::chat_completions;
+  std::string client_request_id;
+  std::string user_id;
+  std::string api_key;
+  std::optional<llm::StreamMeter> meter;  // event streams
+  std::string body_copy;                  // other responses: the body, or its tail when large
+  bool body_copy_complete = true;
+  std::string retained_body;  // the request body, kept for /tokenize when usage is missing
+  bool usage_resolved = false;
+  llm::Usage usage;
+  bool estimated = false;
+  bool prompt_estimated = false;
 };
 
 using metrics::Route;  // the route a request took, also its metrics label
@@ -420,8 +452,11 @@ using Request = bhttp::request<bhttp::string_body>;
 
 class ClientSession {
  public:
-  ClientSession(Worker& w, tcp::socket socket)
-      : w_(w), stream_(std::move(socket)), watch_(stream_.get_executor()) {
+  ClientSession(Worker& w, tcp::socket socket, bool metrics_only)
+      : w_(w),
+        stream_(std::move(socket)),
+        watch_(stream_.get_executor()),
+        metrics_only_(metrics_only) {
     error_code ec;
     auto ep = stream_.socket().remote_endpoint(ec);
     if (!ec) client_ip_ = ep.address().to_string();
@@ -458,24 +493,36 @@ class ClientSession {
   asio::awaitable<bool> send(RequestContext& ctx, Reply& reply);
   std::string health_body(bool ready_check) const;
   asio::awaitable<std::string> metrics_body();
+  asio::awaitable<metrics::WorkerMetrics> merged_metrics();
+  asio::awaitable<std::string> admin_backends_body();
+  bool admin_authorized(std::string_view authorization) const;
   std::string models_body() const;
 
   void arm_watch();
   asio::awaitable<void> disarm_watch();
   void record_passive(lb::Backend& b, bool ok);
-  void log(const RequestContext& ctx);
+  void log(RequestContext& ctx);
+  // Metering: usage from what passed (sync), then, when the backend reported none, the prompt
+  // counted by the backend's /tokenize (after the client has its whole response).
+  void resolve_usage(RequestContext& ctx);
+  asio::awaitable<void> resolve_usage_with_tokenize(RequestContext& ctx);
+  asio::awaitable<std::int64_t> tokenize(lb::Backend& backend, const RequestContext& ctx);
+  void submit_usage(RequestContext& ctx, double duration_ms);
 
   Worker& w_;
   beast::tcp_stream stream_;
   beast::flat_buffer buffer_;
   std::string client_ip_;
   HangupWatch watch_;
+  bool metrics_only_ = false;  // a connection to metrics.listen
   bool idle_ = false;
+  std::string ctx_scratch_;  // a padded copy of a retained body for /tokenize
 };
 
 void Worker::begin_drain() {
   error_code ec;
   acceptor.close(ec);
+  if (metrics_acceptor) metrics_acceptor->close(ec);
   for (auto* s : sessions) s->cancel_if_idle();
   for (auto& list : idle) {
     for (auto& c : list) c->close();
@@ -518,10 +565,11 @@ asio::awaitable<void> ClientSession::run() {
   stream_.close();
 }
 
-void ClientSession::log(const RequestContext& ctx) {
-  // The one place every request passes exactly once: metrics, then the access log.
+void ClientSession::log(RequestContext& ctx) {
+  // The one place every request passes exactly once: metrics, the usage record, the access log.
   const int backend = ctx.backend ? static_cast<int>(ctx.backend->index()) : metrics::kNoBackend;
   const double duration_ms = ms_since(ctx.start);
+  if (ctx.metered && ctx.forwarded) submit_usage(ctx, duration_ms);
   w_.metrics.request(ctx.route, ctx.info.stream, backend, ctx.status, duration_ms);
   if (ctx.finish == "client_disconnected") ++w_.metrics.client_disconnects;
   if (ctx.info.stream && ctx.backend && ctx.first_byte_ms >= 0) {
@@ -589,23 +637,79 @@ asio::awaitable<metrics::WorkerMetrics> copy_metrics(Worker* w) {
 
 // Every worker copies its own metrics on its own thread (a message through its event loop),
 // so the request path never synchronises with a scrape.
-asio::awaitable<std::string> ClientSession::metrics_body() {
-  const auto& set = w_.shared.backends;
-  metrics::Snapshot snap{metrics::WorkerMetrics(set.size()), {}, 0};
+asio::awaitable<metrics::WorkerMetrics> ClientSession::merged_metrics() {
+  metrics::WorkerMetrics merged(w_.shared.backends.size());
   for (Worker* other : w_.shared.workers) {
     if (other == &w_) {
-      snap.requests.merge(w_.metrics);
+      merged.merge(w_.metrics);
     } else {
       auto op = asio::co_spawn(other->ioc, copy_metrics(other), asio::use_awaitable);
       metrics::WorkerMetrics copy = co_await std::move(op);
-      snap.requests.merge(copy);
+      merged.merge(copy);
     }
+  }
+  co_return merged;
+}
+
+asio::awaitable<std::string> ClientSession::metrics_body() {
+  const auto& set = w_.shared.backends;
+  // Awaited into a named local first (GCC 12 mishandles co_await inside an initializer list).
+  metrics::Snapshot snap;
+  snap.requests = co_await merged_metrics();
+  for (Worker* other : w_.shared.workers) {
     snap.open_connections += other->connections.load(std::memory_order_relaxed);
   }
   for (std::size_t i = 0; i < set.size(); ++i) {
     snap.backends.push_back({set[i].name(), set[i].healthy(), set[i].in_flight()});
   }
+  if (w_.shared.usage) snap.usage = w_.shared.usage->stats();
   co_return metrics::render(snap);
+}
+
+bool ClientSession::admin_authorized(std::string_view authorization) const {
+  const std::string& token = w_.shared.cfg.admin.token;
+  if (token.empty()) return true;
+  constexpr std::string_view kBearer = "Bearer ";
+  if (authorization.size() != kBearer.size() + token.size() ||
+      authorization.substr(0, kBearer.size()) != kBearer) {
+    return false;
+  }
+  // Constant time in the token's length: no early exit on the first differing byte.
+  unsigned char diff = 0;
+  for (std::size_t i = 0; i < token.size(); ++i) {
+    diff |= static_cast<unsigned char>(authorization[kBearer.size() + i] ^ token[i]);
+  }
+  return diff == 0;
+}
+
+asio::awaitable<std::string> ClientSession::admin_backends_body() {
+  const auto& set = w_.shared.backends;
+  metrics::WorkerMetrics m = co_await merged_metrics();
+  std::string out = R"({"backends":[)";
+  for (std::size_t i = 0; i < set.size(); ++i) {
+    const lb::Backend& b = set[i];
+    if (i > 0) out += ',';
+    out += R"({"name":")";
+    http::append_json_escaped(out, b.name());
+    out += R"(","url":")";
+    http::append_json_escaped(out, b.config().url);
+    const std::uint64_t n = i < m.backend_requests.size() ? m.backend_requests[i] : 0;
+    const double avg = n ? m.backend_duration_sum_ms[i] / static_cast<double>(n) : 0.0;
+    const std::int64_t last = b.last_check_unix_ms();
+    out += fmt::format(R"(","weight":{},"healthy":{},"in_flight":{},"consecutive_failures":{},)"
+                       R"("last_check":{},"requests":{},"latency_avg_ms":{:.3f},"models":[)",
+                       b.weight(), b.healthy(), b.in_flight(), b.consecutive_failures(),
+                       last > 0 ? "\"" + usage::rfc3339(last) + "\"" : std::string("null"), n, avg);
+    const auto models = b.lists_models() ? b.config().models : b.discovered_models();
+    for (std::size_t k = 0; k < models.size(); ++k) {
+      out += k ? ",\"" : "\"";
+      http::append_json_escaped(out, models[k]);
+      out += '"';
+    }
+    out += fmt::format(R"(],"models_source":"{}"}})", b.lists_models() ? "config" : "discovered");
+  }
+  out += "]}";
+  co_return out;
 }
 
 std::string ClientSession::models_body() const {
@@ -686,6 +790,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
   ctx.path = std::string(path);
   if (auto cid = req["X-Request-Id"]; acceptable_client_request_id(cid)) {
     ctx.request_id = std::string(cid);
+    ctx.client_request_id = ctx.request_id;
   } else {
     ctx.request_id = w_.ids.next();
   }
@@ -701,6 +806,12 @@ asio::awaitable<bool> ClientSession::handle_request() {
   Route route = metrics::route_for_path(path);
   bool body_pending = !parser.is_done();
   ctx.route = route;
+  if (metrics_only_ ? route != Route::metrics
+                    : route == Route::metrics && cfg.metrics.listen.has_value()) {
+    // The metrics listener serves /metrics only; the main one then does not serve it.
+    route = Route::other;
+    ctx.route = route;
+  }
 
   if (route == Route::other) {
     {
@@ -730,6 +841,25 @@ asio::awaitable<bool> ClientSession::handle_request() {
             keep_alive && !body_pending, "GET");
         co_return co_await send(ctx, reply);
       }
+    }
+    if (route == Route::admin_backends || route == Route::admin_config) {
+      if (!admin_authorized(req[bhttp::field::authorization])) {
+        Reply reply = error_reply(http::errors::unauthorized,
+                                  "The admin API needs 'Authorization: Bearer <admin.token>'.",
+                                  keep_alive && !body_pending);
+        co_return co_await send(ctx, reply);
+      }
+      if (route == Route::admin_config) {
+        Reply reply{200,
+                    config::to_yaml(cfg),
+                    keep_alive && !body_pending,
+                    {},
+                    "application/yaml; charset=utf-8"};
+        co_return co_await send(ctx, reply);
+      }
+      std::string body = co_await admin_backends_body();
+      Reply reply{200, std::move(body), keep_alive && !body_pending, {}};
+      co_return co_await send(ctx, reply);
     }
     if (route == Route::metrics) {
       std::string body = co_await metrics_body();
@@ -822,6 +952,35 @@ asio::awaitable<bool> ClientSession::handle_request() {
       co_return co_await send(ctx, reply);
     }
   }
+  if (usage::Pipeline* pipeline = w_.shared.usage) {
+    // Serving what cannot be metered would give tokens away: refuse until the log catches up.
+    if (!pipeline->accepting()) {
+      ++w_.metrics.usage_backlog_rejects;
+      Reply reply = error_reply(http::errors::usage_backlog,
+                                "The gateway cannot record usage right now (usage backlog "
+                                "full); retry shortly.",
+                                keep_alive);
+      co_return co_await send(ctx, reply);
+    }
+    const auto& ucfg = cfg.usage;
+    ctx.metered = true;
+    ctx.endpoint = endpoint;
+    if (!ucfg.user_header.empty()) ctx.user_id = std::string(req[ucfg.user_header]);
+    if (ctx.user_id.empty()) ctx.user_id = ctx.info.user;
+    ctx.api_key = usage::present_api_key(
+        usage::api_key_from_headers(req[bhttp::field::authorization], req["X-API-Key"]),
+        ucfg.api_key);
+    if (ucfg.inject_stream_usage && ctx.info.stream && !ctx.info.include_usage &&
+        endpoint != llm::Endpoint::embeddings) {
+      if (auto rewritten =
+              llm::with_include_usage(body, ctx.info.has_stream_options, w_.usage_parser)) {
+        req.body() = std::move(*rewritten);
+        ctx.injected = true;
+      }
+    }
+    // Compressed answers could not be read for usage (nor scanned as events).
+    req.set(bhttp::field::accept_encoding, "identity");
+  }
   co_return co_await proxy(req, ctx, keep_alive);
 }
 
@@ -870,6 +1029,182 @@ void ClientSession::record_passive(lb::Backend& backend, bool ok) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Metering.
+
+void ClientSession::resolve_usage(RequestContext& ctx) {
+  if (ctx.usage_resolved) return;
+  ctx.usage_resolved = true;
+  llm::Usage u;
+  llm::TextCount content;
+  bool reported = false;
+  if (ctx.meter) {
+    u = ctx.meter->tracker().usage();
+    reported = u.reported();
+    content = ctx.meter->tracker().content_text();
+  } else if (!ctx.body_copy.empty()) {
+    reported =
+        llm::read_body_usage(ctx.body_copy, ctx.body_copy_complete, w_.usage_parser, u, content);
+  }
+  ctx.body_copy.clear();
+  ctx.body_copy.shrink_to_fit();
+  if (reported) {
+    u.prompt_tokens = std::max<std::int64_t>(u.prompt_tokens, 0);
+    u.completion_tokens = std::max<std::int64_t>(u.completion_tokens, 0);
+    if (u.total_tokens < 0) u.total_tokens = u.prompt_tokens + u.completion_tokens;
+    ctx.usage = u;
+    return;
+  }
+  ctx.estimated = true;
+  const bool backend_failed = ctx.upstream_answered
+                                  ? (ctx.upstream_status < 200 || ctx.upstream_status >= 300)
+                                  : ctx.finish != "client_disconnected";
+  if (backend_failed) {
+    // The backend refused or failed the request (an error status, or no answer: the client got
+    // 502/504) and reported nothing: nothing is billed; the record still says what happened.
+    ctx.usage.prompt_tokens = ctx.usage.completion_tokens = ctx.usage.total_tokens = 0;
+    return;
+  }
+  const auto& info = ctx.info;
+  // Chat templates add a few tokens per message (role markers, separators).
+  ctx.usage.prompt_tokens = info.prompt_token_ids + info.prompt_text.tokens() +
+                            (info.messages > 0 ? 4 * info.messages + 3 : 0);
+  ctx.usage.completion_tokens = ctx.endpoint == llm::Endpoint::embeddings ? 0 : content.tokens();
+  ctx.usage.total_tokens = ctx.usage.prompt_tokens + ctx.usage.completion_tokens;
+  ctx.prompt_estimated = true;
+}
+
+asio::awaitable<void> ClientSession::resolve_usage_with_tokenize(RequestContext& ctx) {
+  if (!ctx.metered || !ctx.forwarded) co_return;
+  resolve_usage(ctx);
+  if (ctx.prompt_estimated && !ctx.retained_body.empty() && ctx.backend &&
+      ctx.endpoint != llm::Endpoint::embeddings && w_.shared.cfg.usage.tokenize &&
+      !ctx.backend->tokenize_unsupported()) {
+    std::int64_t n = co_await tokenize(const_cast<lb::Backend&>(*ctx.backend), ctx);
+    if (n >= 0) {
+      ctx.usage.prompt_tokens = n;
+      ctx.usage.total_tokens = n + ctx.usage.completion_tokens;
+      ctx.prompt_estimated = false;
+    }
+  }
+  ctx.retained_body.clear();
+  ctx.retained_body.shrink_to_fit();
+}
+
+// POST {base}/tokenize with the request's model and messages (chat) or prompt (completions),
+// as vLLM's and the mock's /tokenize take them; the answer's `count`, else the length of its
+// `tokens`. -1 when the backend has no such endpoint or does not answer in time.
+asio::awaitable<std::int64_t> ClientSession::tokenize(lb::Backend& backend,
+                                                      const RequestContext& ctx) {
+  const auto& cfg = w_.shared.cfg;
+  std::string body;
+  {
+    std::string& padded = ctx_scratch_;
+    padded.assign(ctx.retained_body);
+    padded.reserve(padded.size() + simdjson::SIMDJSON_PADDING);
+    simdjson::dom::element doc;
+    if (w_.usage_parser.parse(padded.data(), padded.size(), false).get(doc)) co_return -1;
+    const bool chat = ctx.endpoint == llm::Endpoint::chat_completions;
+    simdjson::dom::element prompt;
+    if (doc[chat ? "messages" : "prompt"].get(prompt)) co_return -1;
+    body = "{\"model\":\"";
+    http::append_json_escaped(body, ctx.info.model);
+    body += chat ? "\",\"messages\":" : "\",\"prompt\":";
+    body += simdjson::minify(prompt);
+    body += '}';
+  }
+  // A connection of its own, closed afterwards: this rare call never touches the pool.
+  auto cr =
+      co_await connect_backend(w_.ioc.get_executor(), w_.shared, backend, cfg.timeouts.connect);
+  if (!cr.conn) co_return -1;
+  std::unique_ptr<UpstreamConn> conn = std::move(cr.conn);
+  const auto& url = backend.config().parsed;
+  bhttp::request<bhttp::string_body> req{bhttp::verb::post, url.base_path + "/tokenize", 11};
+  req.set(bhttp::field::host, url.authority());
+  req.set(bhttp::field::content_type, "application/json");
+  req.set(bhttp::field::user_agent, "llmproxy-metering");
+  req.keep_alive(false);
+  req.body() = std::move(body);
+  req.prepare_payload();
+  conn->tcp().expires_after(cfg.health_check.timeout + cfg.timeouts.connect);
+  auto [wec, wn] = co_await upstream_write(*conn, req);
+  if (wec) {
+    conn->close();
+    co_return -1;
+  }
+  std::optional<bhttp::response_parser<bhttp::string_body>> parser;
+  for (int interim = 0; interim < 8; ++interim) {  // 1xx answers come before the final one
+    parser.emplace();
+    parser->body_limit(16 * 1024 * 1024);  // a token list of a long prompt
+    auto [rec, rn] = co_await upstream_read(*conn, *parser);
+    if (rec) {
+      conn->close();
+      co_return -1;
+    }
+    if (parser->get().result_int() >= 200) break;
+  }
+  conn->close();
+  auto& rp = *parser;
+  const unsigned status = rp.get().result_int();
+  if (status == 404 || status == 405 || status == 501) {
+    backend.set_tokenize_unsupported();
+  }
+  std::int64_t count = -1;
+  if (status == 200) {
+    auto& text = rp.get().body();
+    text.reserve(text.size() + simdjson::SIMDJSON_PADDING);
+    simdjson::dom::element doc;
+    if (!w_.usage_parser.parse(text.data(), text.size(), false).get(doc)) {
+      std::int64_t v;
+      simdjson::dom::array tokens;
+      if (!doc["count"].get_int64().get(v) && v >= 0) {
+        count = v;
+      } else if (!doc["tokens"].get_array().get(tokens)) {
+        count = static_cast<std::int64_t>(tokens.size());
+      }
+    }
+  }
+  co_return count;
+}
+
+void ClientSession::submit_usage(RequestContext& ctx, double duration_ms) {
+  resolve_usage(ctx);  // paths that did not resolve it already (errors answered by the gateway)
+  usage::UsageRecord r;
+  if (ctx.client_request_id.empty()) {
+    r.request_id = ctx.request_id;
+  } else {
+    r.request_id = w_.ids.next();  // the client's id may repeat; ours never does
+    r.client_request_id = ctx.client_request_id;
+  }
+  r.user_id = ctx.user_id;
+  r.api_key = ctx.api_key;
+  r.model = ctx.info.model;
+  r.prompt_tokens = ctx.usage.prompt_tokens;
+  r.completion_tokens = ctx.usage.completion_tokens;
+  r.total_tokens = ctx.usage.total_tokens;
+  r.cached_tokens = ctx.usage.cached_tokens;
+  r.reasoning_tokens = ctx.usage.reasoning_tokens;
+  r.is_stream = ctx.info.stream;
+  r.endpoint = std::string(llm::to_string(ctx.endpoint));
+  r.timestamp_ms = unix_ms_now() - static_cast<std::int64_t>(duration_ms);
+  if (ctx.backend) {
+    r.backend_url = ctx.backend->config().url;
+    r.backend = ctx.backend->name();
+  }
+  r.status_code = ctx.status;
+  r.duration_ms = duration_ms;
+  r.ttft_ms = ctx.info.stream ? ctx.first_byte_ms : -1;
+  r.finish = std::string(ctx.finish);
+  r.usage_source = ctx.estimated ? "estimated" : "backend";
+  w_.metrics.usage_prompt_tokens +=
+      static_cast<std::uint64_t>(std::max<std::int64_t>(r.prompt_tokens, 0));
+  w_.metrics.usage_completion_tokens +=
+      static_cast<std::uint64_t>(std::max<std::int64_t>(r.completion_tokens, 0));
+  ++w_.metrics.usage_records;
+  if (ctx.estimated) ++w_.metrics.usage_estimated;
+  w_.shared.usage->submit(std::move(r));
+}
+
 asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bool keep_alive) {
   const auto& cfg = w_.shared.cfg;
   // Rewrite the client's request in place into the upstream request (no copy of the body).
@@ -895,6 +1230,7 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
     if (!pick.backend) {
       co_await disarm_watch();
       if (i > 0) {
+        if (ctx.forwarded) ctx.finish = "upstream_error";
         {
           Reply reply = error_reply(http::errors::bad_gateway,
                                     "No backend could be reached: " + last_error, keep_alive);
@@ -933,6 +1269,7 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
     auto outcome = co_await attempt(backend, req, ctx, keep_alive, client_keep_alive, last_error);
     if (outcome == Attempt::done) {
       co_await disarm_watch();
+      co_await resolve_usage_with_tokenize(ctx);
       log(ctx);
       co_return client_keep_alive;
     }
@@ -941,9 +1278,11 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
   if (watch_.client_gone) {
     ctx.finish = "client_disconnected";
     ctx.status = 499;
+    co_await resolve_usage_with_tokenize(ctx);
     log(ctx);
     co_return false;
   }
+  if (ctx.forwarded) ctx.finish = "upstream_error";
   {
     Reply reply = error_reply(http::errors::bad_gateway,
                               "The backend could not be reached: " + last_error, keep_alive);
@@ -1000,6 +1339,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     watch_.upstream = conn.get();
     conn->tcp().expires_after(cfg.timeouts.stream_idle);
     auto [wec, wn] = co_await upstream_write(*conn, req);
+    if (!wec) ctx.forwarded = true;
     if (watch_.client_gone) co_return Attempt::retry;
     if (wec && conn->reused && fresh_retry == 0) {
       watch_.upstream = nullptr;
@@ -1047,6 +1387,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     break;
   }
   auto& rp = *parser;
+  ctx.forwarded = true;
+  ctx.upstream_answered = true;
   ctx.ttfb_ms = ms_since(ctx.start);
   // From here on the response belongs to the client: no retry.
   auto& up = rp.get();
@@ -1055,6 +1397,10 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   if (status >= 500) {
     w_.metrics.upstream_error(static_cast<int>(backend.index()),
                               metrics::UpstreamError::status_5xx);
+  }
+  ctx.upstream_status = status;
+  if (ctx.metered && cfg.usage.tokenize && req.body().size() <= kMaxTokenizeBody) {
+    ctx.retained_body = std::move(req.body());  // moved, not copied; freed with the request
   }
   req.body().clear();
   req.body().shrink_to_fit();
@@ -1088,6 +1434,11 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   res.body().data = nullptr;
   res.body().more = true;
   ctx.status = status;
+  if (ctx.metered && is_stream) {
+    // Removing the injected chunk changes the length: only done when the body is chunked.
+    ctx.meter.emplace(&w_.usage_parser, ctx.injected && !rp.content_length());
+  }
+  const std::size_t copy_limit = cfg.usage.max_response_copy;
 
   bhttp::response_serializer<bhttp::buffer_body> sr{res};
   bool client_ok = true;
@@ -1127,9 +1478,35 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     }
     if (rp.is_done()) watch_.upstream = nullptr;
     std::size_t n = relay.size() - rp.get().body().size;
+    std::string_view piece(relay.data(), n);
+    std::string joined;  // only when a held tail must go out with the last piece
+    if (ctx.meter) {
+      piece = ctx.meter->relay(piece);
+      if (rp.is_done()) {
+        std::string_view rest = ctx.meter->finish();
+        if (!rest.empty()) {
+          joined.reserve(piece.size() + rest.size());
+          joined.append(piece);
+          joined.append(rest);
+          piece = joined;
+        }
+      }
+    } else if (ctx.metered && n > 0) {
+      // A bounded copy for the usage read after the response: past the limit only the tail
+      // is kept (servers write usage last).
+      auto& copy = ctx.body_copy;
+      if (ctx.body_copy_complete && copy.size() + n <= copy_limit) {
+        copy.append(piece);
+      } else {
+        ctx.body_copy_complete = false;
+        copy.append(piece);
+        if (copy.size() > 2 * kResponseTailBytes) copy.erase(0, copy.size() - kResponseTailBytes);
+      }
+    }
+    n = piece.size();
     if (n == 0 && !rp.is_done()) continue;
     // The last piece and the end of the message (chunked: the zero-size chunk) in one write.
-    res.body().data = n ? relay.data() : nullptr;
+    res.body().data = n ? const_cast<char*>(piece.data()) : nullptr;
     res.body().size = n;
     res.body().more = !rp.is_done();
     stream_.expires_after(cfg.timeouts.stream_idle);
@@ -1152,6 +1529,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     }
   }
   if (client_ok && upstream_ok && !ended) {
+    // (Beast already reported the message complete with the last piece: nothing held.)
     res.body().data = nullptr;
     res.body().size = 0;
     res.body().more = false;
@@ -1185,14 +1563,14 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
 // ---------------------------------------------------------------------------------------------
 // Accepting.
 
-asio::awaitable<void> run_session(Worker* w, tcp::socket socket) {
+asio::awaitable<void> run_session(Worker* w, tcp::socket socket, bool metrics_only) {
   struct Counted {
     Worker* w;
     explicit Counted(Worker* w) : w(w) { w->connections.fetch_add(1, std::memory_order_relaxed); }
     ~Counted() { w->connections.fetch_sub(1, std::memory_order_relaxed); }
   } counted(w);
   try {
-    ClientSession session(*w, std::move(socket));
+    ClientSession session(*w, std::move(socket), metrics_only);
     co_await session.run();
   } catch (const std::exception& e) {
     // Untrusted input must never take the process down; this connection ends, others go on.
@@ -1220,7 +1598,22 @@ asio::awaitable<void> accept_loop(Worker* w) {
       co_await backoff.async_wait(use_nothrow);
       continue;
     }
-    asio::co_spawn(w->ioc, run_session(w, std::move(socket)), asio::detached);
+    asio::co_spawn(w->ioc, run_session(w, std::move(socket), false), asio::detached);
+  }
+}
+
+// The separate metrics listener (metrics.listen), on the first worker's event loop.
+asio::awaitable<void> metrics_accept_loop(Worker* w, tcp::acceptor* acceptor) {
+  asio::steady_timer backoff(w->ioc);
+  for (;;) {
+    auto [ec, socket] = co_await acceptor->async_accept(use_nothrow);
+    if (ec) {
+      if (ec == asio::error::operation_aborted || !acceptor->is_open()) co_return;
+      backoff.expires_after(std::chrono::milliseconds(50));
+      co_await backoff.async_wait(use_nothrow);
+      continue;
+    }
+    asio::co_spawn(w->ioc, run_session(w, std::move(socket), true), asio::detached);
   }
 }
 
@@ -1323,6 +1716,7 @@ asio::awaitable<void> health_loop(asio::io_context* ioc, Shared* shared, lb::Bac
 struct Gateway::Impl {
   explicit Impl(config::Config cfg) : shared(std::move(cfg)) {}
   Shared shared;
+  std::unique_ptr<usage::Pipeline> usage;
   std::vector<std::unique_ptr<Worker>> workers;
   asio::io_context control{1};
 };
@@ -1343,6 +1737,20 @@ int Gateway::run() {
     shared.tls.set_default_verify_paths(ec);
   }
   if (ec) log_line("warn", "TLS trust store: {}", ec.message());
+
+  // Metering: the usage log is opened before any request can be served.
+  if (cfg.usage.enabled) {
+    std::vector<config::SinkConfig> sinks;
+    for (const auto* sink : cfg.active_sinks()) sinks.push_back(*sink);
+    try {
+      impl_->usage = std::make_unique<usage::Pipeline>(cfg.usage, std::move(sinks));
+    } catch (const std::exception& e) {
+      log_line("error", "usage log: {}", e.what());
+      return 1;
+    }
+    impl_->usage->start();
+    shared.usage = impl_->usage.get();
+  }
 
   const int nworkers = cfg.effective_workers();
   auto address = asio::ip::make_address(cfg.listen.host, ec);
@@ -1371,6 +1779,27 @@ int Gateway::run() {
     if (i == 0) endpoint.port(acc.local_endpoint().port());  // port 0: the others follow
   }
   for (auto& wp : impl_->workers) shared.workers.push_back(wp.get());
+  std::string metrics_note;
+  if (cfg.metrics.listen) {
+    Worker* w0 = impl_->workers.front().get();
+    auto maddr = asio::ip::make_address(cfg.metrics.listen->host, ec);
+    tcp::endpoint mep(maddr, cfg.metrics.listen->port);
+    auto& acc = w0->metrics_acceptor.emplace(w0->ioc);
+    if (!ec) acc.open(mep.protocol(), ec);
+    if (!ec) acc.set_option(tcp::acceptor::reuse_address(true), ec);
+    if (!ec) acc.bind(mep, ec);
+    if (!ec) acc.listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) {
+      log_line("error", "cannot listen for metrics on {}: {}", cfg.metrics.listen->to_string(),
+               ec.message());
+      return 1;
+    }
+    mep = acc.local_endpoint();
+    std::string mhost =
+        mep.address().is_v6() ? "[" + mep.address().to_string() + "]" : mep.address().to_string();
+    metrics_note = fmt::format("; metrics on http://{}:{}/metrics", mhost, mep.port());
+    asio::co_spawn(w0->ioc, metrics_accept_loop(w0, &acc), asio::detached);
+  }
 
   for (auto& wp : impl_->workers) {
     Worker* w = wp.get();
@@ -1440,19 +1869,22 @@ int Gateway::run() {
   // Printed only now: a SIGTERM right after this line must find the handler installed.
   std::string host = cfg.listen.host.find(':') != std::string::npos ? "[" + cfg.listen.host + "]"
                                                                     : cfg.listen.host;
-  std::printf("llmproxy: listening on http://%s:%u (%d workers, %zu backends)\n", host.c_str(),
-              static_cast<unsigned>(endpoint.port()), nworkers, shared.backends.size());
+  std::printf("llmproxy: listening on http://%s:%u (%d workers, %zu backends)%s\n", host.c_str(),
+              static_cast<unsigned>(endpoint.port()), nworkers, shared.backends.size(),
+              metrics_note.c_str());
   std::fflush(stdout);
-  if (cfg.usage_hook.enabled) {
-    log_line("warn",
-             "usage_hook is configured but usage metering is not implemented in this build yet; "
-             "no usage records are sent");
-  }
 
   impl_->control.run();
   for (auto& wp : impl_->workers) {
     wp->ioc.stop();
     if (wp->thread.joinable()) wp->thread.join();
+  }
+  if (impl_->usage) {
+    // Every record of a finished request is in the queue now: it goes into the log, and the
+    // sinks get a few seconds to deliver; what they do not stays in the log for the next start.
+    impl_->usage->stop(Clock::now() + std::min<std::chrono::milliseconds>(cfg.server.drain_timeout,
+                                                                          std::chrono::seconds(5)));
+    shared.usage = nullptr;
   }
   log_line("info", "stopped");
   return 0;

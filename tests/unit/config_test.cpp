@@ -1055,6 +1055,89 @@ TEST(ConfigExample, DocumentsTheBuiltInDefaults) {
   EXPECT_EQ(ex.usage_hook.enabled, d.usage_hook.enabled);
   EXPECT_EQ(ex.usage_hook.timeout, d.usage_hook.timeout);
   EXPECT_EQ(ex.usage_hook.retry, d.usage_hook.retry);
+  EXPECT_EQ(ex.usage_hook.max_backoff, d.usage_hook.max_backoff);
+  EXPECT_EQ(ex.usage_hook.batch_size, d.usage_hook.batch_size);
+  EXPECT_EQ(ex.usage_hook.batch_interval, d.usage_hook.batch_interval);
+  EXPECT_EQ(ex.usage_hook.headers, d.usage_hook.headers);
+  EXPECT_EQ(ex.usage_hook.secret, d.usage_hook.secret);
+  EXPECT_EQ(ex.usage_hook.replay, d.usage_hook.replay);
+  EXPECT_EQ(ex.usage.enabled, d.usage.enabled);
+  EXPECT_EQ(ex.usage.durability, d.usage.durability);
+  EXPECT_EQ(ex.usage.log_path, d.usage.log_path);
+  EXPECT_EQ(ex.usage.queue_size, d.usage.queue_size);
+  EXPECT_EQ(ex.usage.on_backlog, d.usage.on_backlog);
+  EXPECT_EQ(ex.usage.memory_max_records, d.usage.memory_max_records);
+  EXPECT_EQ(ex.usage.retention_days, d.usage.retention_days);
+  EXPECT_EQ(ex.usage.inject_stream_usage, d.usage.inject_stream_usage);
+  EXPECT_EQ(ex.usage.tokenize, d.usage.tokenize);
+  EXPECT_EQ(ex.usage.user_header, d.usage.user_header);
+  EXPECT_EQ(ex.usage.api_key, d.usage.api_key);
+  EXPECT_EQ(ex.usage.max_response_copy, d.usage.max_response_copy);
+  EXPECT_EQ(ex.usage.sinks.size(), d.usage.sinks.size());
+}
+
+TEST(ConfigUsage, SinksAndUsageSection) {
+  auto r = load(R"(
+backends:
+  - url: http://127.0.0.1:1
+usage_hook:
+  enabled: true
+  url: http://billing/usage
+  batch_size: 100
+  headers: {X-Token: abc}
+  secret: s3cret
+usage:
+  durability: memory
+  on_backlog: serve
+  api_key: sha256
+  sinks:
+    - name: audit
+      url: https://audit.example/usage
+      replay: true
+    - name: off
+      enabled: false
+      url: http://off/
+)");
+  ASSERT_TRUE(r.ok()) << dump(r);
+  const Config& c = *r.config;
+  EXPECT_EQ(c.usage_hook.batch_size, 100);
+  ASSERT_EQ(c.usage_hook.headers.size(), 1u);
+  EXPECT_EQ(c.usage_hook.headers[0].first, "X-Token");
+  EXPECT_EQ(c.usage.durability, Durability::memory);
+  EXPECT_EQ(c.usage.on_backlog, OnBacklog::serve);
+  EXPECT_EQ(c.usage.api_key, ApiKeyMode::sha256);
+  auto sinks = c.active_sinks();
+  ASSERT_EQ(sinks.size(), 2u);
+  EXPECT_EQ(sinks[0]->name, "usage_hook");
+  EXPECT_EQ(sinks[1]->name, "audit");
+  EXPECT_TRUE(sinks[1]->parsed.tls);
+  EXPECT_TRUE(sinks[1]->replay);
+  // Secrets never appear in the printed configuration.
+  std::string yaml = to_yaml(c);
+  EXPECT_EQ(yaml.find("s3cret"), std::string::npos);
+  EXPECT_NE(yaml.find("<redacted>"), std::string::npos);
+}
+
+TEST(ConfigUsage, RejectsBadValuesWithTheirKeyPath) {
+  auto r = load(R"(
+backends:
+  - url: http://127.0.0.1:1
+usage:
+  durability: tape
+  on_backlog: maybe
+  sinks:
+    - url: http://x/
+    - name: a
+      url: http://x/
+    - name: a
+      url: http://y/
+)");
+  ASSERT_FALSE(r.ok());
+  std::string all = dump(r);
+  EXPECT_NE(all.find("usage.durability"), std::string::npos) << all;
+  EXPECT_NE(all.find("usage.on_backlog"), std::string::npos) << all;
+  EXPECT_NE(all.find("usage.sinks[0].name"), std::string::npos) << all;
+  EXPECT_NE(all.find("duplicate sink name"), std::string::npos) << all;
 }
 
 TEST(ConfigExample, BundledRunConfigIsValid) {
