@@ -122,9 +122,13 @@ function sseOffsets() {
   return [3, 60, crlf + 1, crlf + 3, check + 1, check + 2, s.indexOf('[DONE]') + 2];
 }
 
+// SSE_BODY ends with a usage-only chunk: the client asks for usage, so the gateway relays every
+// byte (a client that did not ask would not see that chunk: usage_*.test.mjs).
+const STREAM_WITH_USAGE = { stream: true, stream_options: { include_usage: true } };
+
 test('a chunked SSE stream is byte-identical, unbuffered-marked and has no Content-Length', { timeout: 20_000 }, async () => {
   backend.handler = fixedHandler(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' }, SSE_BODY, sseOffsets());
-  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1', { stream: true }));
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1', STREAM_WITH_USAGE));
   assert.equal(res.status, 200);
   assert.ok(res.body.equals(SSE_BODY), `stream differs:\n got ${JSON.stringify(res.text())}\nwant ${JSON.stringify(SSE_BODY.toString())}`);
   assert.match(String(res.headers['content-type']), /text\/event-stream/);
@@ -134,7 +138,7 @@ test('a chunked SSE stream is byte-identical, unbuffered-marked and has no Conte
 
 test('an SSE stream sent with Content-Length by the backend is byte-identical', { timeout: 20_000 }, async () => {
   backend.handler = fixedHandler(200, { 'content-type': 'text/event-stream', 'content-length': SSE_BODY.length }, SSE_BODY, sseOffsets());
-  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1', { stream: true }));
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1', STREAM_WITH_USAGE));
   assert.equal(res.status, 200);
   assert.ok(res.body.equals(SSE_BODY), 'stream with Content-Length differs');
 });

@@ -74,7 +74,9 @@ function merge(base, over) {
 }
 
 // The test default: loopback, ephemeral port, short timeouts, health checks off unless asked for
-// (so that backend counters only see the traffic a test sends).
+// (so that backend counters only see the traffic a test sends). The usage log goes to a fresh
+// temp dir (never the repository's data/usage.db); a test may override or extend `usage`, or
+// pass `usage: undefined` to leave the key out of the file.
 export function gatewayConfig(overrides = {}) {
   const base = {
     listen: '127.0.0.1:0',
@@ -90,6 +92,9 @@ export function gatewayConfig(overrides = {}) {
       healthy_threshold: 1,
     },
     backends: [],
+    // /tokenize calls off by default so that backend request counts are the test's own traffic;
+    // the usage tests turn it on (startUsageGateway).
+    usage: { log_path: path.join(makeTempDir('llmproxy-usage-'), 'usage.db'), tokenize: false },
   };
   return merge(base, overrides);
 }

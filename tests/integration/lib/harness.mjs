@@ -4,6 +4,7 @@ import { removeTempDirs } from './config.mjs';
 import { destroyClients } from './http.mjs';
 import { checkNoUnexpectedExits, killAllProcesses, noteTest } from './procs.mjs';
 import { stopAllBackends } from './backend.mjs';
+import { stopAllWebhooks } from './webhook.mjs';
 
 export async function cleanup() {
   destroyClients();
@@ -16,6 +17,7 @@ export async function cleanup() {
   }
   await killAllProcesses();
   await stopAllBackends();
+  await stopAllWebhooks();
   removeTempDirs();
   if (crash) throw crash;
 }
@@ -36,3 +38,4 @@ export * from './config.mjs';
 export * from './http.mjs';
 export * from './procs.mjs';
 export * from './backend.mjs';
+export * from './webhook.mjs';

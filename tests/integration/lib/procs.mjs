@@ -110,8 +110,8 @@ export class Proc {
 }
 
 // Spawns `bin args` and resolves once stdout has a line matching `listening on http://HOST:PORT`.
-export async function spawnListening(name, bin, args, { timeout = 15_000, env } = {}) {
-  const child = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+export async function spawnListening(name, bin, args, { timeout = 15_000, env, cwd } = {}) {
+  const child = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env }, cwd });
   const proc = new Proc(name, child);
   const ready = new Promise((resolve, reject) => {
     let buffered = '';
@@ -145,13 +145,30 @@ export async function spawnListening(name, bin, args, { timeout = 15_000, env } 
 }
 
 // Starts the gateway with `config` (an object merged into the test defaults, or raw YAML text).
+// The process runs in the config file's own temp dir, so relative paths a raw YAML config leaves
+// at their defaults (usage.log_path: data/usage.db) never land in the repository.
+// `proc.config` is the merged object (null for raw YAML): e.g. proc.config.usage.log_path.
 export async function startGateway(config, { timeout } = {}) {
   requireBin(LLMPROXY_BIN, 'LLMPROXY_BIN');
-  const yaml = typeof config === 'string' ? config : toYaml(gatewayConfig(config));
+  const merged = typeof config === 'string' ? null : gatewayConfig(config);
+  const yaml = merged === null ? config : toYaml(merged);
   const file = writeTempFile('llmproxy.yaml', yaml);
-  const proc = await spawnListening('llmproxy', LLMPROXY_BIN, ['--config', file], { timeout });
+  return spawnGateway(file, yaml, merged, { timeout });
+}
+
+// Starts a new gateway process from the config file of `previous` (same usage log, same sinks;
+// a new ephemeral listen port when the config says port 0). For restart and crash-recovery tests:
+// stop or kill `previous` first.
+export async function restartGateway(previous, { timeout } = {}) {
+  if (previous.running) throw new Error(`restartGateway: pid ${previous.pid} is still running; stop or kill it first`);
+  return spawnGateway(previous.configFile, previous.configText, previous.config, { timeout });
+}
+
+async function spawnGateway(file, yaml, merged, { timeout }) {
+  const proc = await spawnListening('llmproxy', LLMPROXY_BIN, ['--config', file], { timeout, cwd: path.dirname(file) });
   proc.configFile = file;
   proc.configText = yaml;
+  proc.config = merged;
   return proc;
 }
 
