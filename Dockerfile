@@ -45,12 +45,16 @@ COPY --from=builder /out/bin/ /usr/local/bin/
 COPY deployments/config.yaml /home/llmproxy/config.yaml
 # Fails the build if a library is missing or the default configuration does not validate.
 RUN chmod 0644 /home/llmproxy/config.yaml \
+ && mkdir -p /home/llmproxy/data && chown 10001:10001 /home/llmproxy/data \
  && ! ldd /usr/local/bin/llmproxy /usr/local/bin/llmproxy-mock | grep 'not found' \
  && llmproxy --version && llmproxy --check-config /home/llmproxy/config.yaml
 
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 WORKDIR /home/llmproxy
+# The usage log (usage.log_path: data/usage.db): mount a volume here so that records not yet
+# delivered to the webhook survive a container replacement.
+VOLUME /home/llmproxy/data
 EXPOSE 8080
 # GET /health with bash's /dev/tcp: nothing extra installed (no curl in this image). The port is the
 # configuration's `listen` port; set LLMPROXY_HEALTHCHECK_PORT when it is not 8080 (the mock: 9000).

@@ -13,7 +13,7 @@ runtime=(ca-certificates libssl3 libyaml-cpp0.7 libsqlite3-0 libspdlog1.10 libfm
 build=(g++ cmake ninja-build ccache pkg-config curl
   libboost1.81-dev libsimdjson-dev libyaml-cpp-dev libspdlog-dev libfmt-dev libcli11-dev
   libsqlite3-dev libssl-dev prometheus-cpp-dev libgtest-dev libgmock-dev libbenchmark-dev)
-test=(prometheus)  # promtool checks the /metrics exposition
+test=(prometheus sqlite3)  # promtool checks /metrics; sqlite3 lets the SIGKILL test see commits
 bench=(nginx-light wrk gnuplot-nox procps util-linux)
 
 case "$profile" in

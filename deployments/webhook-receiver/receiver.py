@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Example receiver for LLMProxy's usage webhook (`usage_hook.url`): logs every JSON body it gets.
 
-The gateway does not send usage records yet (the `usage_hook` keys are accepted and validated
-only); this is where they will show up. A real receiver would store them, e.g. in a billing table.
+The gateway POSTs one record object per request (or, with usage_hook.batch_size > 1, a JSON array
+of them). Delivery is at least once: a real receiver stores each record once, keyed by its
+`request_id` (and checks X-LLMProxy-Signature when usage_hook.secret is set; see the README).
 
     python3 receiver.py [--listen HOST:PORT]      (default 0.0.0.0:8090)
 
