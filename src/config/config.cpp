@@ -365,9 +365,9 @@ void read_usage(Reader& r, const YAML::Node& root, Config& c) {
   auto n = root["usage"];
   auto& u = c.usage;
   if (!r.map(n, "usage",
-             {"enabled", "durability", "log_path", "queue_size", "on_backlog", "memory_max_records",
-              "retention_days", "inject_stream_usage", "tokenize", "user_header", "api_key",
-              "max_response_copy", "sinks"})) {
+             {"enabled", "durability", "log_path", "queue_size", "commit_interval", "on_backlog",
+              "memory_max_records", "retention_days", "inject_stream_usage", "tokenize",
+              "user_header", "api_key", "max_response_copy", "sinks"})) {
     return;
   }
   r.boolean(n, "enabled", "usage", u.enabled);
@@ -378,6 +378,10 @@ void read_usage(Reader& r, const YAML::Node& root, Config& c) {
     r.error(n.Mark(), "usage.log_path", "must not be empty with durability: disk");
   }
   r.integer(n, "queue_size", "usage", u.queue_size, 1, 10'000'000);
+  r.duration(n, "commit_interval", "usage", u.commit_interval);
+  if (u.commit_interval > Millis{1000}) {
+    r.error(n["commit_interval"].Mark(), "usage.commit_interval", "must be at most 1s");
+  }
   enumeration(r, n, "on_backlog", "usage", u.on_backlog,
               {{"reject", OnBacklog::reject}, {"serve", OnBacklog::serve}});
   r.integer(n, "memory_max_records", "usage", u.memory_max_records, 1, 100'000'000);
@@ -760,6 +764,7 @@ std::string to_yaml(const Config& c) {
   e << YAML::Key << "durability" << YAML::Value << std::string(to_string(u.durability));
   e << YAML::Key << "log_path" << YAML::Value << u.log_path;
   e << YAML::Key << "queue_size" << YAML::Value << u.queue_size;
+  e << YAML::Key << "commit_interval" << YAML::Value << format_duration(u.commit_interval);
   e << YAML::Key << "on_backlog" << YAML::Value << std::string(to_string(u.on_backlog));
   e << YAML::Key << "memory_max_records" << YAML::Value << u.memory_max_records;
   e << YAML::Key << "retention_days" << YAML::Value << u.retention_days;

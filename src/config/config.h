@@ -112,7 +112,8 @@ struct UsageConfig {
   bool enabled = true;  // records are made and logged (the ledger) even without a webhook
   Durability durability = Durability::disk;
   std::string log_path = "data/usage.db";
-  int queue_size = 50'000;  // records waiting for the log writer; the backlog bound
+  int queue_size = 50'000;     // records waiting for the log writer; the backlog bound
+  Millis commit_interval{10};  // group commit window: the writer gathers records this long
   OnBacklog on_backlog = OnBacklog::reject;
   int memory_max_records = 1'000'000;  // durability: memory: undelivered records held at most
   int retention_days = 30;             // delivered records older than this are deleted

@@ -47,7 +47,7 @@ class Backend {
 
   // Metering: the backend answered /tokenize with 404/405/501 once; not asked again.
   bool tokenize_unsupported() const { return no_tokenize_.load(std::memory_order_relaxed); }
-  void set_tokenize_unsupported() { no_tokenize_.store(true, std::memory_order_relaxed); }
+  void set_tokenize_unsupported() const { no_tokenize_.store(true, std::memory_order_relaxed); }
 
   // Models the backend reported on GET /v1/models (for backends that list none in the config).
   std::vector<std::string> discovered_models() const;
@@ -61,8 +61,8 @@ class Backend {
   std::atomic<int> successes_{0};
   std::atomic<std::int64_t> in_flight_{0};
   std::atomic<std::int64_t> last_check_ms_{0};
-  std::atomic<bool> no_tokenize_{false};
-  mutable std::mutex discovered_mutex_;  // admin/models path only, never per request
+  mutable std::atomic<bool> no_tokenize_{false};  // a hint, not part of the backend's config
+  mutable std::mutex discovered_mutex_;           // admin/models path only, never per request
   std::vector<std::string> discovered_;
 };
 

@@ -58,16 +58,30 @@ std::size_t string_value_length(std::string_view s, std::size_t pos) {
   return 0;
 }
 
+bool json_space(char c) {
+  return c == ' ' || c == '\n' || c == '\t' || c == '\r';
+}
+
 std::uint64_t count_content(std::string_view data, TextCount& text) {
   std::uint64_t n = 0;
-  for (std::string_view key : {std::string_view("\"content\":\""), std::string_view("\"text\":\""),
-                               std::string_view("\"reasoning_content\":\"")}) {
+  // "content", "text", "reasoning_content" and tool-call "arguments" string values, with or
+  // without whitespace around the colon (pretty-printed bodies).
+  for (std::string_view key :
+       {std::string_view("\"content\""), std::string_view("\"text\""),
+        std::string_view("\"reasoning_content\""), std::string_view("\"arguments\"")}) {
     std::size_t pos = 0;
     while ((pos = data.find(key, pos)) != std::string_view::npos) {
       pos += key.size();
+      while (pos < data.size() && json_space(data[pos])) ++pos;
+      if (pos >= data.size() || data[pos] != ':') continue;
+      ++pos;
+      while (pos < data.size() && json_space(data[pos])) ++pos;
+      if (pos >= data.size() || data[pos] != '"') continue;
+      ++pos;
       std::size_t len = string_value_length(data, pos);
       n += len;
       text.add_json_escaped(data.substr(pos, len));
+      pos += len;
     }
   }
   return n;

@@ -428,8 +428,12 @@ struct RequestContext {
 
   // Metering (LLM routes with usage enabled). A record is made when `forwarded`.
   bool metered = false;
-  bool forwarded = false;  // the request reached a backend
-  bool injected = false;   // include_usage was added upstream by the gateway
+  bool forwarded = false;                // the request reached a backend
+  const lb::Backend* sent_to = nullptr;  // the backend it reached (ctx.backend is the last pick)
+  bool logged = false;                   // log() ran: it runs once
+  Clock::time_point end{};               // set before post-response work (/tokenize)
+  std::string authorization;             // the client's, for /tokenize on a backend with keys
+  bool injected = false;                 // include_usage was added upstream by the gateway
   bool upstream_answered = false;
   unsigned upstream_status = 0;
   llm::Endpoint endpoint = llm::Endpoint::chat_completions;
@@ -470,6 +474,15 @@ class ClientSession {
   void cancel_if_idle() {
     if (idle_) stream_.cancel();
   }
+  // Called at the drain deadline: cuts the request in flight (client and upstream sockets), so
+  // that it still ends through log() (its usage record, finish "timeout") before the process
+  // stops.
+  void abort() {
+    aborted_ = true;
+    error_code ec;
+    stream_.socket().close(ec);
+    if (watch_.upstream) watch_.upstream->close();
+  }
 
  private:
   asio::awaitable<bool> handle_request();
@@ -505,8 +518,8 @@ class ClientSession {
   // Metering: usage from what passed (sync), then, when the backend reported none, the prompt
   // counted by the backend's /tokenize (after the client has its whole response).
   void resolve_usage(RequestContext& ctx);
-  asio::awaitable<void> resolve_usage_with_tokenize(RequestContext& ctx);
-  asio::awaitable<std::int64_t> tokenize(lb::Backend& backend, const RequestContext& ctx);
+  asio::awaitable<void> resolve_usage_with_tokenize(RequestContext& ctx, bool client_keep_alive);
+  asio::awaitable<std::int64_t> tokenize(const lb::Backend& backend, const RequestContext& ctx);
   void submit_usage(RequestContext& ctx, double duration_ms);
 
   Worker& w_;
@@ -515,6 +528,7 @@ class ClientSession {
   std::string client_ip_;
   HangupWatch watch_;
   bool metrics_only_ = false;  // a connection to metrics.listen
+  bool aborted_ = false;       // cut at the drain deadline
   bool idle_ = false;
   std::string ctx_scratch_;  // a padded copy of a retained body for /tokenize
 };
@@ -567,8 +581,14 @@ asio::awaitable<void> ClientSession::run() {
 
 void ClientSession::log(RequestContext& ctx) {
   // The one place every request passes exactly once: metrics, the usage record, the access log.
+  if (ctx.logged) return;  // e.g. a 504 sent (and logged) from inside attempt()
+  ctx.logged = true;
+  if (aborted_) ctx.finish = "timeout";  // cut by the gateway at the drain deadline
   const int backend = ctx.backend ? static_cast<int>(ctx.backend->index()) : metrics::kNoBackend;
-  const double duration_ms = ms_since(ctx.start);
+  const double duration_ms =
+      std::chrono::duration<double, std::milli>(
+          (ctx.end == Clock::time_point{} ? Clock::now() : ctx.end) - ctx.start)
+          .count();
   if (ctx.metered && ctx.forwarded) submit_usage(ctx, duration_ms);
   w_.metrics.request(ctx.route, ctx.info.stream, backend, ctx.status, duration_ms);
   if (ctx.finish == "client_disconnected") ++w_.metrics.client_disconnects;
@@ -654,8 +674,9 @@ asio::awaitable<metrics::WorkerMetrics> ClientSession::merged_metrics() {
 asio::awaitable<std::string> ClientSession::metrics_body() {
   const auto& set = w_.shared.backends;
   // Awaited into a named local first (GCC 12 mishandles co_await inside an initializer list).
+  metrics::WorkerMetrics merged = co_await merged_metrics();
   metrics::Snapshot snap;
-  snap.requests = co_await merged_metrics();
+  snap.requests = std::move(merged);
   for (Worker* other : w_.shared.workers) {
     snap.open_connections += other->connections.load(std::memory_order_relaxed);
   }
@@ -967,6 +988,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
     ctx.endpoint = endpoint;
     if (!ucfg.user_header.empty()) ctx.user_id = std::string(req[ucfg.user_header]);
     if (ctx.user_id.empty()) ctx.user_id = ctx.info.user;
+    if (ucfg.tokenize) ctx.authorization = std::string(req[bhttp::field::authorization]);
     ctx.api_key = usage::present_api_key(
         usage::api_key_from_headers(req[bhttp::field::authorization], req["X-API-Key"]),
         ucfg.api_key);
@@ -1048,9 +1070,16 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
   }
   ctx.body_copy.clear();
   ctx.body_copy.shrink_to_fit();
+  const auto& info = ctx.info;
+  // Chat templates add a few tokens per message (role markers, separators).
+  const std::int64_t prompt_estimate = info.prompt_token_ids + info.prompt_text.tokens() +
+                                       (info.messages > 0 ? 4 * info.messages + 3 : 0);
+  const std::int64_t completion_estimate =
+      ctx.endpoint == llm::Endpoint::embeddings ? 0 : content.tokens();
   if (reported) {
-    u.prompt_tokens = std::max<std::int64_t>(u.prompt_tokens, 0);
-    u.completion_tokens = std::max<std::int64_t>(u.completion_tokens, 0);
+    // A report with one count missing: the other from the estimate (embeddings: 0 completion).
+    if (u.prompt_tokens < 0) u.prompt_tokens = prompt_estimate;
+    if (u.completion_tokens < 0) u.completion_tokens = completion_estimate;
     if (u.total_tokens < 0) u.total_tokens = u.prompt_tokens + u.completion_tokens;
     ctx.usage = u;
     return;
@@ -1065,23 +1094,29 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
     ctx.usage.prompt_tokens = ctx.usage.completion_tokens = ctx.usage.total_tokens = 0;
     return;
   }
-  const auto& info = ctx.info;
-  // Chat templates add a few tokens per message (role markers, separators).
-  ctx.usage.prompt_tokens = info.prompt_token_ids + info.prompt_text.tokens() +
-                            (info.messages > 0 ? 4 * info.messages + 3 : 0);
-  ctx.usage.completion_tokens = ctx.endpoint == llm::Endpoint::embeddings ? 0 : content.tokens();
+  ctx.usage.prompt_tokens = prompt_estimate;
+  ctx.usage.completion_tokens = completion_estimate;
   ctx.usage.total_tokens = ctx.usage.prompt_tokens + ctx.usage.completion_tokens;
   ctx.prompt_estimated = true;
 }
 
-asio::awaitable<void> ClientSession::resolve_usage_with_tokenize(RequestContext& ctx) {
+asio::awaitable<void> ClientSession::resolve_usage_with_tokenize(RequestContext& ctx,
+                                                                 bool client_keep_alive) {
   if (!ctx.metered || !ctx.forwarded) co_return;
   resolve_usage(ctx);
-  if (ctx.prompt_estimated && !ctx.retained_body.empty() && ctx.backend &&
+  if (ctx.prompt_estimated && !ctx.retained_body.empty() && ctx.sent_to &&
       ctx.endpoint != llm::Endpoint::embeddings && w_.shared.cfg.usage.tokenize &&
-      !ctx.backend->tokenize_unsupported()) {
-    std::int64_t n = co_await tokenize(const_cast<lb::Backend&>(*ctx.backend), ctx);
-    if (n >= 0) {
+      !ctx.sent_to->tokenize_unsupported()) {
+    // The request ends here for the client and for the metrics; a body that ends with the
+    // connection ends now, not after the /tokenize round trip.
+    ctx.end = Clock::now();
+    if (!client_keep_alive) {
+      error_code ec;
+      stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+    }
+    std::int64_t n = co_await tokenize(*ctx.sent_to, ctx);
+    // 0 is no answer: llama.cpp's /tokenize reads `content` and answers [] to other shapes.
+    if (n > 0) {
       ctx.usage.prompt_tokens = n;
       ctx.usage.total_tokens = n + ctx.usage.completion_tokens;
       ctx.prompt_estimated = false;
@@ -1094,7 +1129,7 @@ asio::awaitable<void> ClientSession::resolve_usage_with_tokenize(RequestContext&
 // POST {base}/tokenize with the request's model and messages (chat) or prompt (completions),
 // as vLLM's and the mock's /tokenize take them; the answer's `count`, else the length of its
 // `tokens`. -1 when the backend has no such endpoint or does not answer in time.
-asio::awaitable<std::int64_t> ClientSession::tokenize(lb::Backend& backend,
+asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend,
                                                       const RequestContext& ctx) {
   const auto& cfg = w_.shared.cfg;
   std::string body;
@@ -1123,6 +1158,7 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(lb::Backend& backend,
   req.set(bhttp::field::host, url.authority());
   req.set(bhttp::field::content_type, "application/json");
   req.set(bhttp::field::user_agent, "llmproxy-metering");
+  if (!ctx.authorization.empty()) req.set(bhttp::field::authorization, ctx.authorization);
   req.keep_alive(false);
   req.body() = std::move(body);
   req.prepare_payload();
@@ -1187,9 +1223,9 @@ void ClientSession::submit_usage(RequestContext& ctx, double duration_ms) {
   r.is_stream = ctx.info.stream;
   r.endpoint = std::string(llm::to_string(ctx.endpoint));
   r.timestamp_ms = unix_ms_now() - static_cast<std::int64_t>(duration_ms);
-  if (ctx.backend) {
-    r.backend_url = ctx.backend->config().url;
-    r.backend = ctx.backend->name();
+  if (const lb::Backend* b = ctx.sent_to ? ctx.sent_to : ctx.backend) {
+    r.backend_url = b->config().url;
+    r.backend = b->name();
   }
   r.status_code = ctx.status;
   r.duration_ms = duration_ms;
@@ -1269,7 +1305,7 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
     auto outcome = co_await attempt(backend, req, ctx, keep_alive, client_keep_alive, last_error);
     if (outcome == Attempt::done) {
       co_await disarm_watch();
-      co_await resolve_usage_with_tokenize(ctx);
+      co_await resolve_usage_with_tokenize(ctx, client_keep_alive);
       log(ctx);
       co_return client_keep_alive;
     }
@@ -1278,7 +1314,7 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
   if (watch_.client_gone) {
     ctx.finish = "client_disconnected";
     ctx.status = 499;
-    co_await resolve_usage_with_tokenize(ctx);
+    co_await resolve_usage_with_tokenize(ctx, false);
     log(ctx);
     co_return false;
   }
@@ -1339,7 +1375,10 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     watch_.upstream = conn.get();
     conn->tcp().expires_after(cfg.timeouts.stream_idle);
     auto [wec, wn] = co_await upstream_write(*conn, req);
-    if (!wec) ctx.forwarded = true;
+    if (!wec) {
+      ctx.forwarded = true;
+      ctx.sent_to = &backend;
+    }
     if (watch_.client_gone) co_return Attempt::retry;
     if (wec && conn->reused && fresh_retry == 0) {
       watch_.upstream = nullptr;
@@ -1388,6 +1427,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   }
   auto& rp = *parser;
   ctx.forwarded = true;
+  ctx.sent_to = &backend;
   ctx.upstream_answered = true;
   ctx.ttfb_ms = ms_since(ctx.start);
   // From here on the response belongs to the client: no retry.
@@ -1419,7 +1459,9 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   if (is_stream) res.set("X-Accel-Buffering", "no");
   bool draining = w_.shared.draining.load(std::memory_order_relaxed);
   client_keep_alive = keep_alive && !draining;
-  if (auto cl = rp.content_length()) {
+  // A stream whose injected usage chunk will be removed cannot keep the backend's length.
+  const bool reframe = is_stream && ctx.metered && ctx.injected && !rp.is_done();
+  if (auto cl = rp.content_length(); cl && !reframe) {
     res.content_length(*cl);
   } else if (!rp.is_done()) {
     if (ctx.client_version >= 11) {
@@ -1435,8 +1477,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   res.body().more = true;
   ctx.status = status;
   if (ctx.metered && is_stream) {
-    // Removing the injected chunk changes the length: only done when the body is chunked.
-    ctx.meter.emplace(&w_.usage_parser, ctx.injected && !rp.content_length());
+    ctx.meter.emplace(&w_.usage_parser, ctx.injected && !rp.is_done());
   }
   const std::size_t copy_limit = cfg.usage.max_response_copy;
 
@@ -1482,6 +1523,9 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     std::string joined;  // only when a held tail must go out with the last piece
     if (ctx.meter) {
       piece = ctx.meter->relay(piece);
+      if (!ctx.retained_body.empty() && ctx.meter->tracker().usage().reported()) {
+        std::string().swap(ctx.retained_body);  // usage is known: /tokenize will not be needed
+      }
       if (rp.is_done()) {
         std::string_view rest = ctx.meter->finish();
         if (!rest.empty()) {
@@ -1514,6 +1558,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     if (cwec == bhttp::error::need_buffer) cwec = {};
     if (cwec) {
       client_ok = false;
+      ctx.body_copy_complete = false;  // a prefix: usage is searched for in it, not parsed
       break;
     }
     ctx.bytes_out += n;
@@ -1835,11 +1880,24 @@ int Gateway::run() {
     for (auto& wp : impl_->workers) wp->ioc.stop();
     impl_->control.stop();
   };
+  bool cut = false;
   on_drain_tick = [&](error_code) {
     std::int64_t open = 0;
     for (auto& wp : impl_->workers) open += wp->connections.load();
-    if (open == 0 || Clock::now() >= drain_deadline) {
-      if (open > 0) log_line("warn", "drain timeout: closing {} connections", open);
+    if (open > 0 && Clock::now() >= drain_deadline && !cut) {
+      // Cut what is still running, but let each request end through log() (its usage record)
+      // for a moment before the event loops stop.
+      cut = true;
+      log_line("warn", "drain timeout: cutting {} connections", open);
+      for (auto& wp : impl_->workers) {
+        Worker* w = wp.get();
+        asio::post(w->ioc, [w] {
+          for (auto* s : w->sessions) s->abort();
+        });
+      }
+      drain_deadline = Clock::now() + std::chrono::seconds(2);
+    } else if (open == 0 || Clock::now() >= drain_deadline) {
+      if (open > 0) log_line("warn", "closing {} connections that did not end", open);
       stop_all();
       return;
     }

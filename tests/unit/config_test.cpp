@@ -1065,6 +1065,7 @@ TEST(ConfigExample, DocumentsTheBuiltInDefaults) {
   EXPECT_EQ(ex.usage.durability, d.usage.durability);
   EXPECT_EQ(ex.usage.log_path, d.usage.log_path);
   EXPECT_EQ(ex.usage.queue_size, d.usage.queue_size);
+  EXPECT_EQ(ex.usage.commit_interval, d.usage.commit_interval);
   EXPECT_EQ(ex.usage.on_backlog, d.usage.on_backlog);
   EXPECT_EQ(ex.usage.memory_max_records, d.usage.memory_max_records);
   EXPECT_EQ(ex.usage.retention_days, d.usage.retention_days);
