@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bench/basic.sh: the bundled mock backend measured directly and through the gateway, in one run,
-# on this machine. Usage: bench/basic.sh            (RUNS=3 by default; RUNS=5 bench/basic.sh)
+# on this machine. Usage: bench/basic.sh            (RUNS=3 by default; RUNS=5 bench/basic.sh;
+#                                                    BUILD=0 uses the binaries in build/ as they are)
 #
 # Why it is built this way:
 #  - Direct and gateway runs alternate (and the order flips every run), so drift on a shared
@@ -15,6 +16,8 @@
 # Writes bench/results/basic.md (tables + machine) and bench/results/basic/*.json (raw per run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+BENCH_NAME=basic.sh
+. bench/lib.sh
 
 RUNS=${RUNS:-3}
 NS_CONCURRENCY=32
@@ -29,102 +32,33 @@ RAW=$OUT/basic
 CPU_GATEWAY=0
 CPU_LOAD=1
 if [ "$(nproc)" -lt 2 ]; then
-  echo "basic.sh: fewer than 2 CPUs; running unpinned (results are not comparable)" >&2
+  note "fewer than 2 CPUs; running unpinned (results are not comparable)"
   CPU_LOAD=0
 fi
 
-scripts/build.sh release llmproxy llmproxy-mock llmproxy-loadgen
-
-work=$(mktemp -d /tmp/llmproxy-bench.XXXXXX)
-pids=()
-cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-die() { echo "basic.sh: $*" >&2; exit 1; }
-
-# wait_listening LOGFILE PID NAME: prints the http://HOST:PORT the process announced.
-wait_listening() {
-  local url
-  for _ in $(seq 100); do
-    url=$(grep -o 'listening on http://127\.0\.0\.1:[0-9]*' "$1" 2>/dev/null | head -n1 | sed 's/^listening on //') || true
-    [ -n "$url" ] && { echo "$url"; return 0; }
-    kill -0 "$2" 2>/dev/null || { cat "$1" >&2; die "$3 exited before listening"; }
-    sleep 0.1
-  done
-  cat "$1" >&2
-  die "$3 did not print 'listening on' within 10 s"
-}
-
-# CPU seconds (utime + stime) of a process so far. Field 2 (comm) may hold spaces: cut after ')'.
-cpu_s() {
-  local ticks
-  ticks=$(sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}')
-  awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.3f", t / hz }'
-}
-
-# jnum FILE KEY or jnum FILE OBJECT KEY: a number from the loadgen's flat JSON (null -> "null").
-jnum() {
-  local text
-  if [ $# -eq 3 ]; then
-    text=$(grep -o "\"$2\":{[^}]*}" "$1" | head -n1)
-    [ -n "$text" ] || { echo null; return; }
-    grep -o "\"$3\":[-0-9.e]*" <<<"$text" | head -n1 | cut -d: -f2
-  else
-    grep -o "\"$2\":[-0-9.e]*" "$1" | head -n1 | cut -d: -f2
-  fi
-}
-
-loadgen() {  # loadgen MAX_SECONDS ARGS...
-  local max=$1
-  shift
-  taskset -c "$CPU_LOAD" timeout --kill-after=5 "$max" build/llmproxy-loadgen "$@"
-}
+if [ "${BUILD:-1}" = 1 ]; then
+  scripts/build.sh release llmproxy llmproxy-mock llmproxy-loadgen
+fi
+check_binaries llmproxy llmproxy-mock llmproxy-loadgen
+# cleanup on exit, die, wait_listening, cpu_s, jnum, loadgen (build/llmproxy-loadgen), gateway_config,
+# smoke_200, run_anomalies, AWK_MEDIAN and machine_rows: bench/lib.sh.
+bench_init llmproxy-bench
 
 # --- start the mock and the gateway ------------------------------------------------------------
 taskset -c "$CPU_LOAD" build/llmproxy-mock --listen 127.0.0.1:0 --threads 1 >"$work/mock.log" 2>&1 &
 mock_pid=$!
-pids+=("$mock_pid")
-mock_url=$(wait_listening "$work/mock.log" "$mock_pid" llmproxy-mock)
+track "$mock_pid"
+mock_url=$(wait_listening "$work/mock.log" "$mock_pid" llmproxy-mock) || exit 1
 
-cat >"$work/gateway.yaml" <<YAML
-listen: "127.0.0.1:0"
-server:
-  workers: 1
-  access_log: false
-  drain_timeout: 2s
-backends:
-  - url: "$mock_url"
-    name: mock
-YAML
+gateway_config "$work/gateway.yaml" "$mock_url"
 taskset -c "$CPU_GATEWAY" build/llmproxy --config "$work/gateway.yaml" >"$work/gateway.log" 2>&1 &
 gw_pid=$!
-pids+=("$gw_pid")
-gw_url=$(wait_listening "$work/gateway.log" "$gw_pid" llmproxy)
-echo "basic.sh: mock $mock_url (pid $mock_pid, CPU $CPU_LOAD), gateway $gw_url (pid $gw_pid, CPU $CPU_GATEWAY)" >&2
+track "$gw_pid"
+gw_url=$(wait_listening "$work/gateway.log" "$gw_pid" llmproxy) || exit 1
+note "mock $mock_url (pid $mock_pid, CPU $CPU_LOAD), gateway $gw_url (pid $gw_pid, CPU $CPU_GATEWAY)"
 
 # Both answer a request before anything is measured.
-for target in "$mock_url" "$gw_url"; do
-  ok=
-  for _ in $(seq 20); do
-    if loadgen 10 --url "$target/v1/chat/completions" --requests 1 --json >"$work/smoke.json" 2>/dev/null &&
-      [ "$(jnum "$work/smoke.json" errors)" = 0 ] && grep -q '"status_counts":{"200":1}' "$work/smoke.json"; then
-      ok=1
-      break
-    fi
-    sleep 0.25
-  done
-  [ -n "$ok" ] || die "no 200 answer from $target/v1/chat/completions: $(cat "$work/smoke.json" 2>/dev/null)"
-done
+for target in "$mock_url" "$gw_url"; do smoke_200 "$target"; done
 
 rm -rf "$RAW"
 mkdir -p "$RAW"
@@ -200,21 +134,7 @@ collect() {  # collect SCENARIO
   done
 }
 
-# Shared awk: median of a column list; per-run rows already computed into r[run, name].
-AWK_MEDIAN='
-function median(name,   n, i, j, v, t) {
-  n = 0
-  for (i = 1; i <= runs; i++) if (r[i, name] != "" && r[i, name] != "null") v[++n] = r[i, name] + 0
-  if (n == 0) return "-"
-  for (i = 2; i <= n; i++) { t = v[i]; for (j = i - 1; j >= 1 && v[j] > t; j--) v[j + 1] = v[j]; v[j + 1] = t }
-  return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
-}
-function f(x, d) { return x == "-" || x == "null" || x == "" ? "-" : sprintf("%." d "f", x) }
-function ratio(a, b) { return (a == "null" || b == "null" || b + 0 == 0) ? "null" : a / b }
-# Busy share of one CPU: cpu seconds over wall seconds.
-function busy(c, w) { return w + 0 > 0 ? 100 * c / w : "null" }
-'
-
+# The tables' awk: AWK_MEDIAN (bench/lib.sh; median, f, ratio, busy) over r[run, name].
 nonstream_table() {
   collect nonstream | awk -F'\t' -v runs="$RUNS" "$AWK_MEDIAN"'
   {
@@ -275,15 +195,8 @@ stream_table() {
 
 # Things a reader must not miss: errors, non-200 answers, streams without [DONE].
 anomalies() {
-  local file status
-  for file in "$RAW"/*.json; do
-    [ "$(jnum "$file" errors)" = 0 ] || echo "- $(basename "$file"): $(jnum "$file" errors) errors: $(grep -o '"error_kinds":{[^}]*}' "$file")"
-    status=$(grep -o '"status_counts":{[^}]*}' "$file" || true)
-    grep -q '^"status_counts":{"200":[0-9]*}$' <<<"$status" || echo "- $(basename "$file"): $status"
-    if grep -q '"mode":"stream"' "$file" && [ "$(jnum "$file" streams_done)" != "$(jnum "$file" requests)" ]; then
-      echo "- $(basename "$file"): $(jnum "$file" streams_done) of $(jnum "$file" requests) streams ended with [DONE]"
-    fi
-  done
+  local file
+  for file in "$RAW"/*.json; do run_anomalies "$file"; done
 }
 
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -300,11 +213,7 @@ JSON (the load generator's output plus the servers' CPU time) is in \`bench/resu
 
 | machine | |
 |---|---|
-| date | $(date -u '+%Y-%m-%d %H:%M:%S UTC') |
-| CPUs (nproc) | $(nproc) |
-| CPU model | $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') |
-| kernel | $(uname -sr) |
-| compiler | $(g++ --version | head -n1) |
+$(machine_rows date cpus model kernel compiler)
 | build | release (-O2), commit $commit |
 | pinning | gateway on CPU $CPU_GATEWAY; mock backend and load generator on CPU $CPU_LOAD |
 | gateway | 1 worker, access log off, one backend (the mock, 1 thread) |
@@ -335,5 +244,5 @@ $st_table
 ${problems:-None: no errors, every answer 200, every stream ended with \`data: [DONE]\`.}
 MD
 
-echo "basic.sh: wrote $OUT/basic.md and $RAW/" >&2
+note "wrote $OUT/basic.md and $RAW/"
 cat "$OUT/basic.md"

@@ -120,17 +120,10 @@ BIN=$work/bin
 copy_binaries "$BIN" llmproxy llmproxy-mock llmproxy-loadgen
 bin_built="$(date -u -r build/llmproxy '+%Y-%m-%d %H:%M:%S UTC'), sha256 $(sha256sum "$BIN/llmproxy" | cut -c1-12)"
 
-loadgen() {  # loadgen MAX_SECONDS ARGS...
-  local max=$1
-  shift
-  taskset -c "$CPU_LOAD" timeout --kill-after=5 "$max" "$BIN/llmproxy-loadgen" "$@"
-}
+# loadgen (bench/lib.sh) runs $BIN/llmproxy-loadgen.
 
 # How busy the machine is before anything starts (other work is not pinned away from our CPUs).
-b0=$(cpu_busy_s "$CPU_PROXY"); b1=$(cpu_busy_s "$CPU_LOAD")
-sleep 2
-busy_before=$(awk -v a0="$b0" -v a1="$b1" -v c0="$(cpu_busy_s "$CPU_PROXY")" -v c1="$(cpu_busy_s "$CPU_LOAD")" \
-  'BEGIN { printf "CPU 0 %.0f %%, CPU 1 %.0f %%", 100 * (c0 - a0) / 2, 100 * (c1 - a1) / 2 }')
+busy_before=$(other_load "$CPU_PROXY" "$CPU_LOAD")
 note "before the run, other processes kept busy: $busy_before"
 
 # --- the mock (required: without it nothing can be measured) -----------------------------------

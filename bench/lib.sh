@@ -7,6 +7,8 @@
 #   bench_init llmproxy-compare        # temp dir in $work, trap on EXIT/INT/TERM, $pids tracked
 #
 # What it gives (every wait has a timeout; nothing here binds anything but 127.0.0.1):
+#   bench_init PREFIX [KEEP_PREFIX]       $work (/tmp/PREFIX.XXXXXX), the traps; a failed run keeps
+#                                         its logs in /tmp/KEEP_PREFIX.XXXXXX ($BENCH_NAME-failed)
 #   die MSG / note MSG                    message to stderr (die exits 1; the trap then cleans up)
 #   track PID / forget PID / stop_pid PID NAME   processes stopped on exit; SIGTERM, 10 s, SIGKILL
 #   wait_listening LOG PID NAME           the http://127.0.0.1:PORT a process printed ("listening on")
@@ -19,8 +21,19 @@
 #   descendants PID                       the pids of every process below PID
 #   cpu_busy_s N / cpu_irq_s N            CPU N since boot: busy in processes + steal / irq+softirq
 #   jnum FILE KEY | jnum FILE OBJ KEY     a number from a flat one-line JSON (the loadgen's), or null
+#   check_binaries NAME...                die unless build/NAME... exist (scripts/build.sh release)
 #   copy_binaries DIR NAME...             copy build/NAME... to DIR once no link is writing them
-#   machine_rows                          Markdown table rows: date, CPUs, model, kernel, compiler
+#   machine_rows [ROW...]                 Markdown table rows: date, CPUs, model, memory, kernel,
+#                                         compiler, fd limit (ROW: date cpus model memory kernel
+#                                         compiler fds; all of them by default)
+#   other_load CPU_A CPU_B                how busy CPU_A and CPU_B are (2 s sample), before a run
+#   loadgen MAX_SECONDS ARGS...           ${BIN:-build}/llmproxy-loadgen on $CPU_LOAD, hard timeout
+#   gateway_config FILE MOCK_URL [YAML]   the gateway config of basic.sh/usage.sh (1 worker, access
+#                                         log off, the mock its backend), YAML appended
+#   smoke_200 URL                         a 200 answer to a chat request (20 tries), or die
+#   run_anomalies FILE                    a load run's errors, non-200 answers, streams without [DONE]
+#   AWK_MEDIAN                            awk functions for the tables: median(name) over r[run,
+#                                         name] (runs), f(x, decimals), ratio(a, b), busy(cpu, wall)
 
 : "${BENCH_NAME:=bench}"
 
@@ -29,6 +42,7 @@ note() { echo "$BENCH_NAME: $*" >&2; }
 
 pids=()
 work=
+keep_prefix=
 # Log files (*.log, *.yaml, *.conf) of a failed run are kept here for a post-mortem.
 bench_cleanup() {
   local pid rc=$? keep
@@ -40,7 +54,7 @@ bench_cleanup() {
   done
   if [ -n "$work" ] && [ -d "$work" ]; then
     if [ "$rc" != 0 ]; then
-      keep=$(mktemp -d "/tmp/$BENCH_NAME-failed.XXXXXX")
+      keep=$(mktemp -d "/tmp/${keep_prefix:-$BENCH_NAME-failed}.XXXXXX")
       cp "$work"/*.log "$work"/*.yaml "$work"/*.conf "$keep"/ 2>/dev/null || true
       note "failed (exit $rc); logs kept in $keep"
     fi
@@ -48,8 +62,10 @@ bench_cleanup() {
   fi
 }
 
-# bench_init PREFIX: the temp dir ($work) and the traps.
+# bench_init PREFIX [KEEP_PREFIX]: the temp dir ($work) and the traps; KEEP_PREFIX names the dir
+# that keeps the logs of a failed run (default $BENCH_NAME-failed).
 bench_init() {
+  keep_prefix=${2:-}
   work=$(mktemp -d "/tmp/$1.XXXXXX")
   trap bench_cleanup EXIT
   trap 'exit 130' INT TERM
@@ -179,6 +195,14 @@ jnum() {
   echo "${v:-null}"
 }
 
+# check_binaries NAME...: every build/NAME is there (after a build, or with BUILD=0).
+check_binaries() {
+  local bin
+  for bin in "$@"; do
+    [ -x "build/$bin" ] || die "build/$bin missing (scripts/build.sh release $bin)"
+  done
+}
+
 # copy_binaries DIR NAME...: build/NAME copied to DIR, so a rebuild of build/ during a long run (the
 # machine may be shared) cannot change what later phases run. Waits until no link is writing them
 # (modified at least 15 s ago, at most 5 minutes), copies, and compares.
@@ -186,10 +210,8 @@ copy_binaries() {
   local dir=$1 bin newest files=()
   shift
   mkdir -p "$dir"
-  for bin in "$@"; do
-    [ -x "build/$bin" ] || die "build/$bin missing (scripts/build.sh release $bin)"
-    files+=("build/$bin")
-  done
+  check_binaries "$@"
+  for bin in "$@"; do files+=("build/$bin"); done
   for _ in $(seq 60); do
     newest=$(stat -c %Y "${files[@]}" | sort -n | tail -n1)
     [ $(($(date +%s) - newest)) -ge 15 ] && break
@@ -202,13 +224,100 @@ copy_binaries() {
   done
 }
 
-# machine_rows: the rows every results file starts its machine table with.
+# machine_rows [ROW...]: the rows every results file starts its machine table with, in the order
+# given (ROW: date cpus model memory kernel compiler fds; all of them, in that order, by default).
 machine_rows() {
-  echo "| date | $(date -u '+%Y-%m-%d %H:%M:%S UTC') |"
-  echo "| CPUs (nproc) | $(nproc) |"
-  echo "| CPU model | $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') |"
-  echo "| memory | $(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo) |"
-  echo "| kernel | $(uname -sr) |"
-  echo "| compiler | $(g++ --version 2>/dev/null | head -n1) |"
-  echo "| fd limit (soft / hard) | $(ulimit -Sn) / $(ulimit -Hn) |"
+  local row
+  [ $# -gt 0 ] || set -- date cpus model memory kernel compiler fds
+  for row in "$@"; do
+    case "$row" in
+      date) echo "| date | $(date -u '+%Y-%m-%d %H:%M:%S UTC') |" ;;
+      cpus) echo "| CPUs (nproc) | $(nproc) |" ;;
+      model) echo "| CPU model | $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') |" ;;
+      memory) echo "| memory | $(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo) |" ;;
+      kernel) echo "| kernel | $(uname -sr) |" ;;
+      compiler) echo "| compiler | $(g++ --version 2>/dev/null | head -n1) |" ;;
+      fds) echo "| fd limit (soft / hard) | $(ulimit -Sn) / $(ulimit -Hn) |" ;;
+      *) die "machine_rows: unknown row $row" ;;
+    esac
+  done
 }
+
+# other_load CPU_A CPU_B: how busy other work keeps the two CPUs before anything starts (a 2 s
+# sample; it is not pinned away from ours): "CPU 0 N %, CPU 1 M %".
+other_load() {
+  local a0 b0
+  a0=$(cpu_busy_s "$1"); b0=$(cpu_busy_s "$2")
+  sleep 2
+  awk -v a0="$a0" -v b0="$b0" -v a1="$(cpu_busy_s "$1")" -v b1="$(cpu_busy_s "$2")" \
+    'BEGIN { printf "CPU 0 %.0f %%, CPU 1 %.0f %%", 100 * (a1 - a0) / 2, 100 * (b1 - b0) / 2 }'
+}
+
+# loadgen MAX_SECONDS ARGS...: the load generator (${BIN:-build}/llmproxy-loadgen) on CPU $CPU_LOAD,
+# killed after MAX_SECONDS.
+loadgen() {
+  local max=$1
+  shift
+  taskset -c "$CPU_LOAD" timeout --kill-after=5 "$max" "${BIN:-build}/llmproxy-loadgen" "$@"
+}
+
+# gateway_config FILE MOCK_URL [YAML]: the gateway of basic.sh and usage.sh (1 worker, access log
+# off, drain 2 s, one backend: the mock at MOCK_URL), with YAML (a usage block, say) appended.
+gateway_config() {
+  {
+    cat <<YAML
+listen: "127.0.0.1:0"
+server:
+  workers: 1
+  access_log: false
+  drain_timeout: 2s
+backends:
+  - url: "$2"
+    name: mock
+YAML
+    [ $# -lt 3 ] || echo "$3"
+  } >"$1"
+}
+
+# smoke_200 URL: one 200 answer to a chat request (20 tries, 0.25 s apart), or die.
+smoke_200() {
+  local ok=
+  for _ in $(seq 20); do
+    if loadgen 10 --url "$1/v1/chat/completions" --requests 1 --json >"$work/smoke.json" 2>/dev/null &&
+      [ "$(jnum "$work/smoke.json" errors)" = 0 ] && grep -q '"status_counts":{"200":1}' "$work/smoke.json"; then
+      ok=1
+      break
+    fi
+    sleep 0.25
+  done
+  [ -n "$ok" ] || die "no 200 answer from $1/v1/chat/completions: $(cat "$work/smoke.json" 2>/dev/null)"
+}
+
+# run_anomalies FILE: a Markdown list item per thing a reader of a load run (the loadgen's JSON)
+# must not miss: errors, non-200 answers, streams without [DONE].
+run_anomalies() {
+  local status
+  [ "$(jnum "$1" errors)" = 0 ] || echo "- $(basename "$1"): $(jnum "$1" errors) errors: $(grep -o '"error_kinds":{[^}]*}' "$1")"
+  status=$(grep -o '"status_counts":{[^}]*}' "$1" || true)
+  grep -q '^"status_counts":{"200":[0-9]*}$' <<<"$status" || echo "- $(basename "$1"): $status"
+  if grep -q '"mode":"stream"' "$1" && [ "$(jnum "$1" streams_done)" != "$(jnum "$1" requests)" ]; then
+    echo "- $(basename "$1"): $(jnum "$1" streams_done) of $(jnum "$1" requests) streams ended with [DONE]"
+  fi
+}
+
+# AWK_MEDIAN: awk functions for the tables, prepended to a program that fills r[run, name] for runs
+# 1..runs (-v runs=N): median(name) ("-" when no run has a number), f(x, decimals) ("-" for none),
+# ratio(a, b) and busy(cpu_s, wall_s) (the busy share of one CPU, %), "null" when undefined.
+# shellcheck disable=SC2034  # used by the scripts that source this file
+AWK_MEDIAN='
+function median(name,   n, i, j, v, t) {
+  n = 0
+  for (i = 1; i <= runs; i++) if (r[i, name] != "" && r[i, name] != "null") v[++n] = r[i, name] + 0
+  if (n == 0) return "-"
+  for (i = 2; i <= n; i++) { t = v[i]; for (j = i - 1; j >= 1 && v[j] > t; j--) v[j + 1] = v[j]; v[j + 1] = t }
+  return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+}
+function f(x, d) { return x == "-" || x == "null" || x == "" ? "-" : sprintf("%." d "f", x) }
+function ratio(a, b) { return (a == "null" || b == "null" || b + 0 == 0) ? "null" : a / b }
+function busy(c, w) { return w + 0 > 0 ? 100 * c / w : "null" }
+'

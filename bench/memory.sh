@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bench/memory.sh: resident memory of the gateway per concurrent stream, and whether it grows
-# with a stream's length. Usage: bench/memory.sh   (writes bench/results/memory.md)
+# with a stream's length. Usage: bench/memory.sh   (writes bench/results/memory.md; BUILD=0 uses the
+# binaries in build/ as they are)
 #
 #  - Slope: slow streams (one token every 500 ms, so none finishes during the run) held open at
 #    100, 500, 1000 and 2000 concurrent streams; the gateway's VmRSS is read from /proc once
@@ -12,31 +13,19 @@
 # Loopback only, everything started is stopped on exit, every load run has a hard timeout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/build.sh release llmproxy llmproxy-mock llmproxy-loadgen >/dev/null
-
-work=$(mktemp -d /tmp/llmproxy-mem.XXXXXX)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-listening() {  # listening LOG -> http://127.0.0.1:PORT
-  for _ in $(seq 100); do
-    grep -o 'http://127\.0\.0\.1:[0-9]*' "$1" 2>/dev/null | head -n1 && return 0
-    sleep 0.05
-  done
-  echo "memory.sh: no listening line in $1" >&2
-  return 1
-}
-rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+BENCH_NAME=memory.sh
+. bench/lib.sh
+if [ "${BUILD:-1}" = 1 ]; then
+  scripts/build.sh release llmproxy llmproxy-mock llmproxy-loadgen >/dev/null
+fi
+check_binaries llmproxy llmproxy-mock llmproxy-loadgen
+# cleanup on exit, wait_listening and rss_kib: bench/lib.sh.
+bench_init llmproxy-mem
 
 build/llmproxy-mock --listen 127.0.0.1:0 --threads 1 --quiet >"$work/mock.log" 2>&1 &
-pids+=($!)
-mock=$(listening "$work/mock.log")
+mock_pid=$!
+track "$mock_pid"
+mock=$(wait_listening "$work/mock.log" "$mock_pid" llmproxy-mock) || exit 1
 cat >"$work/gw.yaml" <<YAML
 listen: "127.0.0.1:0"
 server: { workers: 1, access_log: false, max_connections: 20000 }
@@ -46,19 +35,19 @@ backends:
 YAML
 build/llmproxy --config "$work/gw.yaml" >"$work/gw.log" 2>&1 &
 gw_pid=$!
-pids+=($gw_pid)
-gw=$(listening "$work/gw.log")
+track "$gw_pid"
+gw=$(wait_listening "$work/gw.log" "$gw_pid" llmproxy) || exit 1
 url="$gw/v1/chat/completions"
 
-rss_idle=$(rss_kib $gw_pid)
+rss_idle=$(rss_kib "$gw_pid")
 timeout 60 build/llmproxy-loadgen --url "$url" --mode stream --concurrency 100 --duration 12s \
   --timeout 30s --header 'X-Mock-Tokens: 20000' --header 'X-Mock-Delay-Ms: 1' --threads 1 \
   --json >"$work/length.json" 2>/dev/null &
 lg=$!
 samples=()
-for s in $(seq 1 10); do
+for _ in $(seq 1 10); do
   sleep 1
-  samples+=("$(rss_kib $gw_pid)")
+  samples+=("$(rss_kib "$gw_pid")")
 done
 kill -INT $lg 2>/dev/null || true
 wait $lg 2>/dev/null || true
@@ -72,7 +61,7 @@ for n in 100 500 1000 2000; do
     --threads 1 --json >"$work/slope-$n.json" 2>/dev/null &
   lg=$!
   sleep 4  # streams ramp up over ~1 s; their first events arrive 500 ms apart
-  rss[$n]=$(rss_kib $gw_pid)
+  rss[$n]=$(rss_kib "$gw_pid")
   kill -INT $lg 2>/dev/null || true
   wait $lg 2>/dev/null || true
   sleep 1

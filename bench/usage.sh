@@ -31,6 +31,8 @@
 # Writes bench/results/usage.md and bench/results/usage/*.json (raw, one flat JSON per run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+BENCH_NAME=usage.sh
+. bench/lib.sh
 
 RUNS=${RUNS:-5}
 NS_CONCURRENCY=32
@@ -53,98 +55,28 @@ RAW=$OUT/usage
 CPU_GATEWAY=0
 CPU_LOAD=1
 if [ "$(nproc)" -lt 2 ]; then
-  echo "usage.sh: fewer than 2 CPUs; running unpinned (results are not comparable)" >&2
+  note "fewer than 2 CPUs; running unpinned (results are not comparable)"
   CPU_LOAD=0
 fi
-command -v node >/dev/null || { echo "usage.sh: needs node (the receiver and the /metrics poller)" >&2; exit 1; }
+command -v node >/dev/null || die "needs node (the receiver and the /metrics poller)"
 TOOLS=bench/usage-tools.mjs
 
 if [ "${BUILD:-1}" = 1 ]; then
   scripts/build.sh release llmproxy llmproxy-mock llmproxy-loadgen
 fi
-for bin in llmproxy llmproxy-mock llmproxy-loadgen; do
-  [ -x "build/$bin" ] || { echo "usage.sh: build/$bin missing (scripts/build.sh release $bin)" >&2; exit 1; }
-done
+check_binaries llmproxy llmproxy-mock llmproxy-loadgen
 
-work=$(mktemp -d /tmp/llmproxy-usage.XXXXXX)
-pids=()
-cleanup() {
-  local pid rc=$?
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  if [ "$rc" != 0 ] && [ -d "$work" ]; then
-    # Keep the processes' logs (not the binaries and databases) for a post-mortem.
-    keep=$(mktemp -d /tmp/llmproxy-usage-failed.XXXXXX)
-    cp "$work"/*.log "$work"/*.yaml "$keep"/ 2>/dev/null || true
-    echo "usage.sh: failed (exit $rc); logs kept in $keep" >&2
-  fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# Cleanup on exit (a failed run keeps the processes' logs, not the binaries and databases, for a
+# post-mortem), die, wait_listening, forget/stop_pid, cpu_s, cpu_busy_s/cpu_irq_s, jnum, loadgen
+# ($BIN/llmproxy-loadgen), gateway_config FILE MOCK_URL USAGE_YAML (the gateway of basic.sh plus a
+# usage block), other_load, smoke_200, run_anomalies, AWK_MEDIAN and machine_rows: bench/lib.sh.
+bench_init llmproxy-usage llmproxy-usage-failed
 
 # The binaries are copied first: a rebuild of build/ during the run (the machine is shared) must not
 # change what the later phases run.
-# Wait until no link is writing them (modified at least 15 s ago), copy, and compare.
 BIN=$work/bin
-mkdir -p "$BIN"
-for _ in $(seq 60); do
-  newest=$(stat -c %Y build/llmproxy build/llmproxy-mock build/llmproxy-loadgen | sort -n | tail -n1)
-  [ $(($(date +%s) - newest)) -ge 15 ] && break
-  echo "usage.sh: build/ was modified $(($(date +%s) - newest)) s ago (a build is running?); waiting" >&2
-  sleep 5
-done
-for bin in llmproxy llmproxy-mock llmproxy-loadgen; do
-  cp "build/$bin" "$BIN/"
-  cmp -s "build/$bin" "$BIN/$bin" || { echo "usage.sh: build/$bin changed while it was copied" >&2; exit 1; }
-done
+copy_binaries "$BIN" llmproxy llmproxy-mock llmproxy-loadgen
 bin_built="$(date -u -r build/llmproxy '+%Y-%m-%d %H:%M:%S UTC'), sha256 $(sha256sum "$BIN/llmproxy" | cut -c1-12)"
-
-
-die() { echo "usage.sh: $*" >&2; exit 1; }
-
-# wait_listening LOGFILE PID NAME: prints the http://HOST:PORT the process announced.
-wait_listening() {
-  local url
-  for _ in $(seq 100); do
-    url=$(grep -o 'listening on http://127\.0\.0\.1:[0-9]*' "$1" 2>/dev/null | head -n1 | sed 's/^listening on //') || true
-    [ -n "$url" ] && { echo "$url"; return 0; }
-    kill -0 "$2" 2>/dev/null || { cat "$1" >&2; die "$3 exited before listening"; }
-    sleep 0.1
-  done
-  cat "$1" >&2
-  die "$3 did not print 'listening on' within 10 s"
-}
-
-# forget PID: drop a stopped process from the cleanup list (its id may be reused later).
-forget() {
-  local p keep=()
-  for p in "${pids[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
-  pids=("${keep[@]}")
-}
-
-# stop_pid PID NAME: SIGTERM, up to 10 s, then SIGKILL (reported).
-stop_pid() {
-  kill -TERM "$1" 2>/dev/null || true
-  for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$1" 2>/dev/null; then
-    echo "usage.sh: $2 (pid $1) did not exit within 10 s of SIGTERM; killed" >&2
-    kill -KILL "$1" 2>/dev/null || true
-  fi
-  wait "$1" 2>/dev/null || true
-  forget "$1"
-}
-
-# CPU seconds (utime + stime, all threads) of a process so far. Field 2 may hold spaces.
-cpu_s() {
-  local ticks
-  ticks=$(sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}')
-  awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.3f", t / hz }'
-}
 
 # thread_ticks PID: "TID TICKS" for every thread of a process (utime + stime).
 thread_ticks() {
@@ -161,34 +93,6 @@ busiest_thread() {
     END { printf "%.3f %.3f\n", mx / hz, (tot - mx) / hz }' "$1" "$2"
 }
 
-# cpu_busy_s N: seconds CPU N has spent in processes (user+nice+system) or stolen by the hypervisor
-# since boot; cpu_irq_s N: in interrupts and softirqs, which /proc/PID/stat charges to no process
-# (with loopback traffic most of it is the network stack working for our own processes).
-cpu_busy_s() {
-  awk -v c="cpu$1" -v hz="$(getconf CLK_TCK)" '$1 == c { printf "%.3f\n", ($2 + $3 + $4 + $9) / hz }' /proc/stat
-}
-cpu_irq_s() {
-  awk -v c="cpu$1" -v hz="$(getconf CLK_TCK)" '$1 == c { printf "%.3f\n", ($7 + $8) / hz }' /proc/stat
-}
-
-# jnum FILE KEY or jnum FILE OBJECT KEY: a number from a flat JSON line (null -> "null").
-jnum() {
-  local text v
-  if [ $# -eq 3 ]; then
-    text=$(grep -o "\"$2\":{[^}]*}" "$1" | head -n1)
-    [ -n "$text" ] || { echo null; return; }
-    v=$(grep -o "\"$3\":[-0-9.e]*" <<<"$text" | head -n1 | cut -d: -f2)
-  else
-    v=$(grep -o "\"$2\":[-0-9.e]*" "$1" | head -n1 | cut -d: -f2)
-  fi
-  echo "${v:-null}"
-}
-
-loadgen() {  # loadgen MAX_SECONDS ARGS...
-  local max=$1
-  shift
-  taskset -c "$CPU_LOAD" timeout --kill-after=5 "$max" "$BIN/llmproxy-loadgen" "$@"
-}
 tools() {  # tools MAX_SECONDS SUBCOMMAND ARGS...
   local max=$1
   shift
@@ -199,71 +103,40 @@ tools() {  # tools MAX_SECONDS SUBCOMMAND ARGS...
 start_receiver() {
   taskset -c "$CPU_LOAD" node "$TOOLS" receiver --port "$2" >"$work/$1.log" 2>&1 &
   rc_pid=$!
-  pids+=("$rc_pid")
-  rc_url=$(wait_listening "$work/$1.log" "$rc_pid" "receiver $1")
+  track "$rc_pid"
+  rc_url=$(wait_listening "$work/$1.log" "$rc_pid" "receiver $1") || exit 1
   rc_up_ms=$(grep -o 'listening on http://[0-9.:]* at [0-9]*' "$work/$1.log" | head -n1 | awk '{print $NF}')
-}
-
-# gateway_config FILE USAGE_YAML: the gateway config of basic.sh plus a usage block.
-gateway_config() {
-  cat >"$1" <<YAML
-listen: "127.0.0.1:0"
-server:
-  workers: 1
-  access_log: false
-  drain_timeout: 2s
-backends:
-  - url: "$mock_url"
-    name: mock
-$2
-YAML
 }
 
 # start_gateway NAME CONFIG: on CPU 0; sets gw_pid, gw_url.
 start_gateway() {
   taskset -c "$CPU_GATEWAY" "$BIN/llmproxy" --config "$2" >"$work/gw-$1.log" 2>&1 &
   gw_pid=$!
-  pids+=("$gw_pid")
-  gw_url=$(wait_listening "$work/gw-$1.log" "$gw_pid" "llmproxy ($1)")
-}
-
-smoke() {  # smoke URL: one 200 answer to a chat request
-  local ok=
-  for _ in $(seq 20); do
-    if loadgen 10 --url "$1/v1/chat/completions" --requests 1 --json >"$work/smoke.json" 2>/dev/null &&
-      [ "$(jnum "$work/smoke.json" errors)" = 0 ] && grep -q '"status_counts":{"200":1}' "$work/smoke.json"; then
-      ok=1
-      break
-    fi
-    sleep 0.25
-  done
-  [ -n "$ok" ] || die "no 200 answer from $1/v1/chat/completions: $(cat "$work/smoke.json" 2>/dev/null)"
+  track "$gw_pid"
+  gw_url=$(wait_listening "$work/gw-$1.log" "$gw_pid" "llmproxy ($1)") || exit 1
 }
 
 # How busy the machine is before anything starts (other work is not pinned away from our CPUs).
-idle0=$(cpu_busy_s "$CPU_GATEWAY"); idle1=$(cpu_busy_s "$CPU_LOAD")
-sleep 2
-busy_before=$(awk -v a0="$idle0" -v a1="$idle1" -v b0="$(cpu_busy_s "$CPU_GATEWAY")" -v b1="$(cpu_busy_s "$CPU_LOAD")" \
-  'BEGIN { printf "CPU 0 %.0f %%, CPU 1 %.0f %%", 100 * (b0 - a0) / 2, 100 * (b1 - a1) / 2 }')
-echo "usage.sh: before the run, other processes kept busy: $busy_before" >&2
+busy_before=$(other_load "$CPU_GATEWAY" "$CPU_LOAD")
+note "before the run, other processes kept busy: $busy_before"
 
 # --- start the mock, the receiver of (a) and the three gateways --------------------------------
 taskset -c "$CPU_LOAD" "$BIN/llmproxy-mock" --listen 127.0.0.1:0 --threads 1 --quiet >"$work/mock.log" 2>&1 &
 mock_pid=$!
-pids+=("$mock_pid")
-mock_url=$(wait_listening "$work/mock.log" "$mock_pid" llmproxy-mock)
+track "$mock_pid"
+mock_url=$(wait_listening "$work/mock.log" "$mock_pid" llmproxy-mock) || exit 1
 
 start_receiver recv-a 0
 recv_pid=$rc_pid
 recv_url=$rc_url
 
-gateway_config "$work/off.yaml" "usage:
+gateway_config "$work/off.yaml" "$mock_url" "usage:
   enabled: false"
-gateway_config "$work/log.yaml" "usage:
+gateway_config "$work/log.yaml" "$mock_url" "usage:
   enabled: true
   durability: disk
   log_path: \"$work/log.db\""
-gateway_config "$work/hook.yaml" "usage:
+gateway_config "$work/hook.yaml" "$mock_url" "usage:
   enabled: true
   durability: disk
   log_path: \"$work/hook.db\"
@@ -277,10 +150,10 @@ for c in "${CONFIGS[@]}"; do
   start_gateway "$c" "$work/$c.yaml"
   GW_PID[$c]=$gw_pid
   GW_URL[$c]=$gw_url
-  smoke "$gw_url"
+  smoke_200 "$gw_url"
 done
-echo "usage.sh: mock $mock_url, receiver $recv_url (CPU $CPU_LOAD); gateways off ${GW_URL[off]}," \
-  "log ${GW_URL[log]}, hook ${GW_URL[hook]} (CPU $CPU_GATEWAY)" >&2
+note "mock $mock_url, receiver $recv_url (CPU $CPU_LOAD); gateways off ${GW_URL[off]}," \
+  "log ${GW_URL[log]}, hook ${GW_URL[hook]} (CPU $CPU_GATEWAY)"
 
 rm -rf "$RAW"
 mkdir -p "$RAW"
@@ -302,7 +175,7 @@ run_one() {  # run_one SCENARIO CONFIG RUN
   taskset -c "$CPU_LOAD" timeout --kill-after=5 120 node "$TOOLS" watch "$url" --interval-ms 100 \
     >"$work/watch.json" 2>"$work/watch.err" &
   wpid=$!
-  pids+=("$wpid")
+  track "$wpid"
   for _ in $(seq 100); do grep -q ready "$work/watch.err" 2>/dev/null && break; sleep 0.05; done
   grep -q ready "$work/watch.err" || die "the /metrics poller did not start: $(cat "$work/watch.err")"
   g0=$(cpu_s "$pid"); m0=$(cpu_s "$mock_pid"); r0=$(cpu_s "$recv_pid")
@@ -324,7 +197,7 @@ run_one() {  # run_one SCENARIO CONFIG RUN
   stop_pid "$wpid" "the /metrics poller"
   # Everything served in this run committed (and delivered, for hook): counters are compared then.
   tools 20 settle "$url" --timeout-ms 10000 >"$work/post.json" ||
-    echo "usage.sh: $c: usage queue or sink backlog not 0 within 10 s after $scenario run $run: $(cat "$work/post.json")" >&2
+    note "$c: usage queue or sink backlog not 0 within 10 s after $scenario run $run: $(cat "$work/post.json")"
   kill -0 "$pid" 2>/dev/null || die "the $c gateway exited during $scenario run $run"
   kill -0 "$mock_pid" 2>/dev/null || die "the mock exited during $scenario run $run"
   sed 's/}$//' "$work/run.json" | tr -d '\n' >"$file"
@@ -378,7 +251,7 @@ for run in $(seq "$RUNS"); do
       sed -i "s/}\$/,\"attempt\":$attempt,\"run_foreign_cpu0_pct\":$worst}/" "$RAW/nonstream-$c-$run.json"
     done
     [ "$worst" -le "$FOREIGN_MAX" ] && break
-    [ "$attempt" -lt "$NS_ATTEMPTS" ] && echo "usage.sh: run $run: other processes took up to $worst % of a CPU; non-stream runs again" >&2
+    [ "$attempt" -lt "$NS_ATTEMPTS" ] && note "run $run: other processes took up to $worst % of a CPU; non-stream runs again"
   done
   for c in "${order[@]}"; do run_one stream "$c" "$run"; done
 done
@@ -401,7 +274,7 @@ drain_one() {  # drain_one BATCH N RUN
   start_receiver "$name-probe" 0
   port=${rc_url##*:}
   stop_pid "$rc_pid" "receiver probe"
-  gateway_config "$work/$name.yaml" "usage:
+  gateway_config "$work/$name.yaml" "$mock_url" "usage:
   enabled: true
   durability: disk
   log_path: \"$work/$name.db\"
@@ -430,7 +303,7 @@ usage_hook:
   r_up=$rc_up_ms
   if ! tools $((DRAIN_TIMEOUT_S + 10)) settle "$gw_url" --expect-success "$logged" --since "$r_up" \
     --timeout-ms $((DRAIN_TIMEOUT_S * 1000)) >"$work/$name-after.json"; then
-    echo "usage.sh: $name: backlog not drained within $DRAIN_TIMEOUT_S s: $(cat "$work/$name-after.json")" >&2
+    note "$name: backlog not drained within $DRAIN_TIMEOUT_S s: $(cat "$work/$name-after.json")"
   fi
   g1=$(cpu_s "$gw_pid")
   thread_ticks "$gw_pid" >"$work/threads1.txt"
@@ -478,17 +351,8 @@ for run in $(seq "$RUNS"); do
 done
 
 # --- tables ------------------------------------------------------------------------------------
-AWK_MEDIAN='
-function median(name,   n, i, j, v, t) {
-  n = 0
-  for (i = 1; i <= runs; i++) if (r[i, name] != "" && r[i, name] != "null") v[++n] = r[i, name] + 0
-  if (n == 0) return "-"
-  for (i = 2; i <= n; i++) { t = v[i]; for (j = i - 1; j >= 1 && v[j] > t; j--) v[j + 1] = v[j]; v[j + 1] = t }
-  return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
-}
-function f(x, d) { return x == "-" || x == "null" || x == "" ? "-" : sprintf("%." d "f", x) }
-function ratio(a, b) { return (a == "null" || b == "null" || b + 0 == 0) ? "null" : a / b }
-function busy(c, w) { return w + 0 > 0 ? 100 * c / w : "null" }
+# AWK_MEDIAN (bench/lib.sh: median, f, ratio, busy) and two formats of pairs.
+AWK_MEDIAN=$AWK_MEDIAN'
 function fp(a, b) { return f(a, 0) " / " f(b, 0) }
 function fa(a, b) { return f(a, 0) " (" f(b, 0) ")" }
 '
@@ -655,14 +519,9 @@ drain_table() {
 }
 
 anomalies() {
-  local file status
+  local file
   for file in "$RAW"/nonstream-*.json "$RAW"/stream-*.json; do
-    [ "$(jnum "$file" errors)" = 0 ] || echo "- $(basename "$file"): $(jnum "$file" errors) errors: $(grep -o '"error_kinds":{[^}]*}' "$file")"
-    status=$(grep -o '"status_counts":{[^}]*}' "$file" || true)
-    grep -q '^"status_counts":{"200":[0-9]*}$' <<<"$status" || echo "- $(basename "$file"): $status"
-    if grep -q '"mode":"stream"' "$file" && [ "$(jnum "$file" streams_done)" != "$(jnum "$file" requests)" ]; then
-      echo "- $(basename "$file"): $(jnum "$file" streams_done) of $(jnum "$file" requests) streams ended with [DONE]"
-    fi
+    run_anomalies "$file"
     grep -q '"settled":true' "$file" || echo "- $(basename "$file"): usage queue / sink backlog not 0 within 10 s after the run"
     if grep -q '"mode":"nonstream"' "$file" && [ "$(foreign_pct "$file")" -gt "$FOREIGN_MAX" ]; then
       echo "- $(basename "$file"): other processes kept a CPU $(foreign_pct "$file") % busy (after $(jnum "$file" attempt) attempts): its throughput is not comparable"
@@ -725,11 +584,7 @@ in \`bench/results/usage/\`. The receiver and the /metrics poller are \`bench/us
 
 | machine | |
 |---|---|
-| date | $(date -u '+%Y-%m-%d %H:%M:%S UTC') |
-| CPUs (nproc) | $(nproc) |
-| CPU model | $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') |
-| kernel | $(uname -sr) |
-| compiler | $(g++ --version | head -n1) |
+$(machine_rows date cpus model kernel compiler)
 | build | ${build_type:-?} (${build_flags:-?}), commit $commit; build/llmproxy built $bin_built |
 | versions | $("$BIN/llmproxy" --version 2>&1 | head -n1); node $(node --version); libsqlite3 $(dpkg-query -W -f='${Version}' libsqlite3-0 2>/dev/null || echo '?') (linked dynamically) |
 | other load | before the run, processes other than this benchmark kept $busy_before busy (2 s sample) |
@@ -818,5 +673,5 @@ $dr_table
 ${problems:-None: no errors, every answer 200, every stream ended with \`data: [DONE]\`, every request served has its record committed, every record was delivered exactly once.}
 MD
 
-echo "usage.sh: wrote $OUT/usage.md and $RAW/" >&2
+note "wrote $OUT/usage.md and $RAW/"
 cat "$OUT/usage.md"
