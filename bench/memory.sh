@@ -51,7 +51,9 @@ for _ in $(seq 1 10); do
 done
 kill -INT $lg 2>/dev/null || true
 wait $lg 2>/dev/null || true
-events=$(grep -o '"events":[0-9]*' "$work/length.json" | head -n1 | cut -d: -f2)
+# A load generator stopped before it printed its summary leaves no count: say so, do not abort.
+events=$(grep -o '"events":[0-9]*' "$work/length.json" 2>/dev/null | head -n1 | cut -d: -f2 || true)
+events=${events:-unknown}
 sleep 1
 
 declare -A rss
