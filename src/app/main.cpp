@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "config/config.h"
+#include "log/log.h"
 #include "proxy/server.h"
 #include "usage/ledger.h"
 
@@ -63,9 +64,7 @@ int run_usage(const UsageArgs& a) {
     }
     db = cfg.usage.log_path;  // relative to the working directory, as the gateway opens it
   }
-  auto now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-                    std::chrono::system_clock::now().time_since_epoch())
-                    .count();
+  const std::int64_t now_ms = llmproxy::log::unix_ms_now();
   u::LedgerQuery q;
   for (auto [text, out, name] : {std::tuple{&a.since, &q.since_ms, "--since"},
                                  std::tuple{&a.until, &q.until_ms, "--until"}}) {

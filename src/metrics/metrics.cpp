@@ -75,8 +75,7 @@ std::string_view upstream_error_label(UpstreamError e) {
 WorkerMetrics::WorkerMetrics(std::size_t backends)
     : ttft_by_backend(backends, Histogram(kLatencyBoundsMs.size())),
       upstream_errors(backends, std::array<std::uint64_t, kUpstreamErrorKinds>{}),
-      backend_duration_sum_ms(backends, 0.0),
-      backend_requests(backends, 0) {}
+      backend_duration_sum_ms(backends, 0.0) {}
 
 void WorkerMetrics::request(Route route, bool stream, int backend, unsigned status,
                             double duration_ms) {
@@ -85,10 +84,17 @@ void WorkerMetrics::request(Route route, bool stream, int backend, unsigned stat
                       (static_cast<std::uint64_t>(backend + 1) << 10) | (status & 0x3ff);
   ++requests[key];
   latency.observe(duration_ms, kLatencyBoundsMs);
-  if (backend >= 0 && static_cast<std::size_t>(backend) < backend_requests.size()) {
+  if (backend >= 0 && static_cast<std::size_t>(backend) < backend_duration_sum_ms.size()) {
     backend_duration_sum_ms[static_cast<std::size_t>(backend)] += duration_ms;
-    ++backend_requests[static_cast<std::size_t>(backend)];
   }
+}
+
+std::uint64_t WorkerMetrics::requests_to(int backend) const {
+  std::uint64_t n = 0;
+  for (const auto& [key, count] : requests) {
+    if (static_cast<int>((key >> 10) & 0xffff) - 1 == backend) n += count;
+  }
+  return n;
 }
 
 void WorkerMetrics::merge(const WorkerMetrics& other) {
@@ -98,9 +104,9 @@ void WorkerMetrics::merge(const WorkerMetrics& other) {
     ttft_by_backend[i].merge(other.ttft_by_backend[i]);
   }
   gaps.merge(other.gaps);
-  for (std::size_t i = 0; i < backend_requests.size() && i < other.backend_requests.size(); ++i) {
+  for (std::size_t i = 0;
+       i < backend_duration_sum_ms.size() && i < other.backend_duration_sum_ms.size(); ++i) {
     backend_duration_sum_ms[i] += other.backend_duration_sum_ms[i];
-    backend_requests[i] += other.backend_requests[i];
   }
   for (std::size_t i = 0; i < upstream_errors.size() && i < other.upstream_errors.size(); ++i) {
     for (std::size_t k = 0; k < kUpstreamErrorKinds; ++k) {
@@ -159,6 +165,14 @@ ClientMetric histogram(const Histogram& h, std::span<const double> bounds, doubl
   cumulative += h.counts().back();
   m.histogram.bucket.push_back({cumulative, std::numeric_limits<double>::infinity()});
   return m;
+}
+
+// A family with one unlabelled sample (a counter or a gauge), appended to `out`.
+void add_single(std::vector<MetricFamily>& out, std::string name, std::string help, MetricType type,
+                double value) {
+  MetricFamily f = family(std::move(name), std::move(help), type);
+  f.metric.push_back(type == MetricType::Gauge ? gauge(value) : counter(value));
+  out.push_back(std::move(f));
 }
 
 }  // namespace
@@ -232,17 +246,13 @@ std::string render(const Snapshot& s) {
   }
   out.push_back(std::move(errors));
 
-  auto retries = family("llmproxy_retries_total",
-                        "Requests sent to another backend after a failure before any response "
-                        "byte.",
-                        MetricType::Counter);
-  retries.metric.push_back(counter(static_cast<double>(r.retries)));
-  out.push_back(std::move(retries));
-  auto disconnects = family("llmproxy_client_disconnects_total",
-                            "Requests whose client hung up before the response was complete.",
-                            MetricType::Counter);
-  disconnects.metric.push_back(counter(static_cast<double>(r.client_disconnects)));
-  out.push_back(std::move(disconnects));
+  add_single(out, "llmproxy_retries_total",
+             "Requests sent to another backend after a failure before any response "
+             "byte.",
+             MetricType::Counter, static_cast<double>(r.retries));
+  add_single(out, "llmproxy_client_disconnects_total",
+             "Requests whose client hung up before the response was complete.", MetricType::Counter,
+             static_cast<double>(r.client_disconnects));
 
   auto up =
       family("llmproxy_backend_up", "1 when the backend is healthy, else 0.", MetricType::Gauge);
@@ -254,10 +264,8 @@ std::string render(const Snapshot& s) {
   }
   out.push_back(std::move(up));
   out.push_back(std::move(in_flight));
-  auto connections =
-      family("llmproxy_open_connections", "Open client connections.", MetricType::Gauge);
-  connections.metric.push_back(gauge(static_cast<double>(s.open_connections)));
-  out.push_back(std::move(connections));
+  add_single(out, "llmproxy_open_connections", "Open client connections.", MetricType::Gauge,
+             static_cast<double>(s.open_connections));
 
   // Usage metering. The original names count records: a webhook success is a record a sink's
   // receiver acknowledged with 2xx, a failure a record in a POST that failed (each attempt).
@@ -267,17 +275,13 @@ std::string render(const Snapshot& s) {
     delivered += sink.delivered;
     failed += sink.failed;
   }
-  auto webhook_ok =
-      family("llmproxy_webhook_success_total",
-             "Usage records delivered to a webhook (2xx), over all sinks.", MetricType::Counter);
-  webhook_ok.metric.push_back(counter(static_cast<double>(delivered)));
-  out.push_back(std::move(webhook_ok));
-  auto webhook_failed = family("llmproxy_webhook_failure_total",
-                               "Usage records in webhook deliveries that failed (each attempt), "
-                               "over all sinks.",
-                               MetricType::Counter);
-  webhook_failed.metric.push_back(counter(static_cast<double>(failed)));
-  out.push_back(std::move(webhook_failed));
+  add_single(out, "llmproxy_webhook_success_total",
+             "Usage records delivered to a webhook (2xx), over all sinks.", MetricType::Counter,
+             static_cast<double>(delivered));
+  add_single(out, "llmproxy_webhook_failure_total",
+             "Usage records in webhook deliveries that failed (each attempt), "
+             "over all sinks.",
+             MetricType::Counter, static_cast<double>(failed));
   auto tokens =
       family("llmproxy_usage_tokens_total", "Tokens metered, by type.", MetricType::Counter);
   tokens.metric.push_back(
@@ -293,29 +297,20 @@ std::string render(const Snapshot& s) {
   records.metric.push_back(
       counter(static_cast<double>(r.usage_estimated), {{"source", "estimated"}}));
   out.push_back(std::move(records));
-  auto rejects =
-      family("llmproxy_usage_backlog_rejected_total",
-             "Requests refused with 503 because the usage backlog was full.", MetricType::Counter);
-  rejects.metric.push_back(counter(static_cast<double>(r.usage_backlog_rejects)));
-  out.push_back(std::move(rejects));
-  auto dropped = family("llmproxy_usage_records_dropped_total",
-                        "Usage records dropped because the backlog was full (on_backlog: serve).",
-                        MetricType::Counter);
-  dropped.metric.push_back(counter(static_cast<double>(u.dropped)));
-  out.push_back(std::move(dropped));
-  auto depth = family("llmproxy_usage_queue_depth",
-                      "Usage records waiting to be written to the usage log.", MetricType::Gauge);
-  depth.metric.push_back(gauge(static_cast<double>(u.queue_depth)));
-  out.push_back(std::move(depth));
-  auto logged = family("llmproxy_usage_log_records_total",
-                       "Usage records committed to the usage log.", MetricType::Counter);
-  logged.metric.push_back(counter(static_cast<double>(u.logged)));
-  out.push_back(std::move(logged));
-  auto commits =
-      family("llmproxy_usage_log_commits_total",
-             "Usage log transactions (each commits a group of records).", MetricType::Counter);
-  commits.metric.push_back(counter(static_cast<double>(u.commits)));
-  out.push_back(std::move(commits));
+  add_single(out, "llmproxy_usage_backlog_rejected_total",
+             "Requests refused with 503 because the usage backlog was full.", MetricType::Counter,
+             static_cast<double>(r.usage_backlog_rejects));
+  add_single(out, "llmproxy_usage_records_dropped_total",
+             "Usage records dropped because the backlog was full (on_backlog: serve).",
+             MetricType::Counter, static_cast<double>(u.dropped));
+  add_single(out, "llmproxy_usage_queue_depth",
+             "Usage records waiting to be written to the usage log.", MetricType::Gauge,
+             static_cast<double>(u.queue_depth));
+  add_single(out, "llmproxy_usage_log_records_total", "Usage records committed to the usage log.",
+             MetricType::Counter, static_cast<double>(u.logged));
+  add_single(out, "llmproxy_usage_log_commits_total",
+             "Usage log transactions (each commits a group of records).", MetricType::Counter,
+             static_cast<double>(u.commits));
 
   auto backlog = family("llmproxy_usage_sink_backlog",
                         "Usage records in the log not yet delivered, by sink.", MetricType::Gauge);

@@ -83,9 +83,10 @@ struct WorkerMetrics {
   std::vector<Histogram> ttft_by_backend;
   Histogram gaps{kGapBoundsMs.size()};
   std::vector<std::array<std::uint64_t, kUpstreamErrorKinds>> upstream_errors;
-  // Per backend: request durations (sum in ms, count), for /admin/backends' average.
+  // Per backend: the sum of request durations in ms, for /admin/backends' average (the count is
+  // in `requests`: requests_to()).
   std::vector<double> backend_duration_sum_ms;
-  std::vector<std::uint64_t> backend_requests;
+  std::uint64_t requests_to(int backend) const;
   std::uint64_t retries = 0;
   std::uint64_t client_disconnects = 0;
   std::uint64_t refused = 0;  // answered by the gateway itself (4xx/5xx before forwarding)

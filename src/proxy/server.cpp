@@ -39,6 +39,7 @@
 #include "llm/request_rewrite.h"
 #include "llm/stream_meter.h"
 #include "llm/usage.h"
+#include "log/log.h"
 #include "metrics/metrics.h"
 #include "proxy/access_log.h"
 #include "proxy/request_id.h"
@@ -71,25 +72,10 @@ constexpr std::size_t kUpstreamInitialBuffer = 4 * 1024;
 // (one recv(MSG_PEEK) syscall) because keep-alive timeouts of a few seconds are common.
 constexpr auto kProbeIdleAfter = std::chrono::seconds(1);
 
-template <class... Args>
-void log_line(std::string_view level, fmt::format_string<Args...> f, Args&&... args) {
-  std::string msg = fmt::format(f, std::forward<Args>(args)...);
-  std::string line = "{\"level\":\"";
-  line += level;
-  line += "\",\"msg\":\"";
-  http::append_json_escaped(line, msg);
-  line += "\"}\n";
-  std::fwrite(line.data(), 1, line.size(), stderr);
-}
+using log::unix_ms_now;
 
 double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
-
-std::int64_t unix_ms_now() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
 }
 
 bool iequals(std::string_view a, std::string_view b) {
@@ -430,9 +416,7 @@ struct RequestContext {
   bool metered = false;
   bool forwarded = false;                // the request reached a backend
   const lb::Backend* sent_to = nullptr;  // the backend it reached (ctx.backend is the last pick)
-  bool logged = false;                   // log() ran: it runs once
   Clock::time_point end{};               // set before post-response work (/tokenize)
-  std::string authorization;             // the client's, for /tokenize on a backend with keys
   bool injected = false;                 // include_usage was added upstream by the gateway
   bool upstream_answered = false;
   unsigned upstream_status = 0;
@@ -487,7 +471,9 @@ class ClientSession {
  private:
   asio::awaitable<bool> handle_request();
   asio::awaitable<bool> proxy(Request& req, RequestContext& ctx, bool keep_alive);
-  enum class Attempt { done, retry };
+  // done: the response was relayed; retry: try another backend; first_byte_timeout: the
+  // backend took the request but sent no header in time (answered 504 by proxy()).
+  enum class Attempt { done, retry, first_byte_timeout };
   asio::awaitable<Attempt> attempt(lb::Backend& backend, Request& req, RequestContext& ctx,
                                    bool keep_alive, bool& client_keep_alive, std::string& error);
   // A response the gateway writes itself. Built into a named local before the co_await that
@@ -518,8 +504,11 @@ class ClientSession {
   // Metering: usage from what passed (sync), then, when the backend reported none, the prompt
   // counted by the backend's /tokenize (after the client has its whole response).
   void resolve_usage(RequestContext& ctx);
-  asio::awaitable<void> resolve_usage_with_tokenize(RequestContext& ctx, bool client_keep_alive);
-  asio::awaitable<std::int64_t> tokenize(const lb::Backend& backend, const RequestContext& ctx);
+  // `authorization`: the client's header, passed on to /tokenize (backends started with keys).
+  asio::awaitable<void> resolve_usage_with_tokenize(RequestContext& ctx, bool client_keep_alive,
+                                                    std::string_view authorization);
+  asio::awaitable<std::int64_t> tokenize(const lb::Backend& backend, const RequestContext& ctx,
+                                         std::string_view authorization);
   void submit_usage(RequestContext& ctx, double duration_ms);
 
   Worker& w_;
@@ -581,8 +570,6 @@ asio::awaitable<void> ClientSession::run() {
 
 void ClientSession::log(RequestContext& ctx) {
   // The one place every request passes exactly once: metrics, the usage record, the access log.
-  if (ctx.logged) return;  // e.g. a 504 sent (and logged) from inside attempt()
-  ctx.logged = true;
   if (aborted_) ctx.finish = "timeout";  // cut by the gateway at the drain deadline
   const int backend = ctx.backend ? static_cast<int>(ctx.backend->index()) : metrics::kNoBackend;
   const double duration_ms =
@@ -714,7 +701,7 @@ asio::awaitable<std::string> ClientSession::admin_backends_body() {
     http::append_json_escaped(out, b.name());
     out += R"(","url":")";
     http::append_json_escaped(out, b.config().url);
-    const std::uint64_t n = i < m.backend_requests.size() ? m.backend_requests[i] : 0;
+    const std::uint64_t n = m.requests_to(static_cast<int>(i));
     const double avg = n ? m.backend_duration_sum_ms[i] / static_cast<double>(n) : 0.0;
     const std::int64_t last = b.last_check_unix_ms();
     out += fmt::format(R"(","weight":{},"healthy":{},"in_flight":{},"consecutive_failures":{},)"
@@ -988,7 +975,6 @@ asio::awaitable<bool> ClientSession::handle_request() {
     ctx.endpoint = endpoint;
     if (!ucfg.user_header.empty()) ctx.user_id = std::string(req[ucfg.user_header]);
     if (ctx.user_id.empty()) ctx.user_id = ctx.info.user;
-    if (ucfg.tokenize) ctx.authorization = std::string(req[bhttp::field::authorization]);
     ctx.api_key = usage::present_api_key(
         usage::api_key_from_headers(req[bhttp::field::authorization], req["X-API-Key"]),
         ucfg.api_key);
@@ -1046,8 +1032,8 @@ void ClientSession::record_passive(lb::Backend& backend, bool ok) {
   if (ok) {
     if (backend.consecutive_failures() != 0) backend.record_success(hc.healthy_threshold);
   } else if (backend.record_failure(hc.unhealthy_threshold)) {
-    log_line("warn", "backend {} marked unhealthy after {} consecutive failures", backend.name(),
-             backend.consecutive_failures());
+    log::line("warn", "backend {} marked unhealthy after {} consecutive failures", backend.name(),
+              backend.consecutive_failures());
   }
 }
 
@@ -1101,7 +1087,8 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
 }
 
 asio::awaitable<void> ClientSession::resolve_usage_with_tokenize(RequestContext& ctx,
-                                                                 bool client_keep_alive) {
+                                                                 bool client_keep_alive,
+                                                                 std::string_view authorization) {
   if (!ctx.metered || !ctx.forwarded) co_return;
   resolve_usage(ctx);
   if (ctx.prompt_estimated && !ctx.retained_body.empty() && ctx.sent_to &&
@@ -1114,7 +1101,7 @@ asio::awaitable<void> ClientSession::resolve_usage_with_tokenize(RequestContext&
       error_code ec;
       stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
     }
-    std::int64_t n = co_await tokenize(*ctx.sent_to, ctx);
+    std::int64_t n = co_await tokenize(*ctx.sent_to, ctx, authorization);
     // 0 is no answer: llama.cpp's /tokenize reads `content` and answers [] to other shapes.
     if (n > 0) {
       ctx.usage.prompt_tokens = n;
@@ -1130,7 +1117,8 @@ asio::awaitable<void> ClientSession::resolve_usage_with_tokenize(RequestContext&
 // as vLLM's and the mock's /tokenize take them; the answer's `count`, else the length of its
 // `tokens`. -1 when the backend has no such endpoint or does not answer in time.
 asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend,
-                                                      const RequestContext& ctx) {
+                                                      const RequestContext& ctx,
+                                                      std::string_view authorization) {
   const auto& cfg = w_.shared.cfg;
   std::string body;
   {
@@ -1158,7 +1146,7 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
   req.set(bhttp::field::host, url.authority());
   req.set(bhttp::field::content_type, "application/json");
   req.set(bhttp::field::user_agent, "llmproxy-metering");
-  if (!ctx.authorization.empty()) req.set(bhttp::field::authorization, ctx.authorization);
+  if (!authorization.empty()) req.set(bhttp::field::authorization, authorization);
   req.keep_alive(false);
   req.body() = std::move(body);
   req.prepare_payload();
@@ -1305,16 +1293,26 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
     auto outcome = co_await attempt(backend, req, ctx, keep_alive, client_keep_alive, last_error);
     if (outcome == Attempt::done) {
       co_await disarm_watch();
-      co_await resolve_usage_with_tokenize(ctx, client_keep_alive);
+      co_await resolve_usage_with_tokenize(ctx, client_keep_alive,
+                                           req[bhttp::field::authorization]);
       log(ctx);
       co_return client_keep_alive;
+    }
+    if (outcome == Attempt::first_byte_timeout) {
+      co_await disarm_watch();
+      ctx.finish = "timeout";
+      Reply reply = error_reply(
+          http::errors::gateway_timeout,
+          fmt::format("The backend did not answer within {} ms.", cfg.timeouts.first_byte.count()),
+          keep_alive);
+      co_return co_await send(ctx, reply);
     }
   }
   co_await disarm_watch();
   if (watch_.client_gone) {
     ctx.finish = "client_disconnected";
     ctx.status = 499;
-    co_await resolve_usage_with_tokenize(ctx, false);
+    co_await resolve_usage_with_tokenize(ctx, false, req[bhttp::field::authorization]);
     log(ctx);
     co_return false;
   }
@@ -1408,15 +1406,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       }
       if (hec == beast::error::timeout) {
         record_passive(backend, false);
-        ctx.finish = "timeout";
-        {
-          Reply reply = error_reply(http::errors::gateway_timeout,
-                                    fmt::format("The backend did not answer within {} ms.",
-                                                cfg.timeouts.first_byte.count()),
-                                    keep_alive);
-          client_keep_alive = co_await send(ctx, reply);
-        }
-        co_return Attempt::done;
+        co_return Attempt::first_byte_timeout;
       }
       if (stale) continue;
       error = fmt::format("{}: {}", backend.name(), hec.message());
@@ -1459,9 +1449,10 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   if (is_stream) res.set("X-Accel-Buffering", "no");
   bool draining = w_.shared.draining.load(std::memory_order_relaxed);
   client_keep_alive = keep_alive && !draining;
-  // A stream whose injected usage chunk will be removed cannot keep the backend's length.
-  const bool reframe = is_stream && ctx.metered && ctx.injected && !rp.is_done();
-  if (auto cl = rp.content_length(); cl && !reframe) {
+  // The usage chunk the gateway caused is removed from the stream, which then cannot keep the
+  // backend's length (ctx.injected implies metering).
+  const bool remove_injected = is_stream && ctx.injected && !rp.is_done();
+  if (auto cl = rp.content_length(); cl && !remove_injected) {
     res.content_length(*cl);
   } else if (!rp.is_done()) {
     if (ctx.client_version >= 11) {
@@ -1477,7 +1468,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   res.body().more = true;
   ctx.status = status;
   if (ctx.metered && is_stream) {
-    ctx.meter.emplace(&w_.usage_parser, ctx.injected && !rp.is_done());
+    ctx.meter.emplace(&w_.usage_parser, remove_injected);
   }
   const std::size_t copy_limit = cfg.usage.max_response_copy;
 
@@ -1619,7 +1610,7 @@ asio::awaitable<void> run_session(Worker* w, tcp::socket socket, bool metrics_on
     co_await session.run();
   } catch (const std::exception& e) {
     // Untrusted input must never take the process down; this connection ends, others go on.
-    log_line("error", "connection closed after an internal error: {}", e.what());
+    log::line("error", "connection closed after an internal error: {}", e.what());
   }
 }
 
@@ -1739,15 +1730,15 @@ asio::awaitable<void> health_loop(asio::io_context* ioc, Shared* shared, lb::Bac
     b->set_last_check(unix_ms_now());
     if (result.ok) {
       if (b->record_success(hc.healthy_threshold)) {
-        log_line("info", "backend {} is healthy again", b->name());
+        log::line("info", "backend {} is healthy again", b->name());
       }
       if (!b->lists_models() && (round % 6 == 0 || b->discovered_models().empty())) {
         auto models = co_await probe(*ioc, *shared, *b, "/v1/models", hc.timeout);
         if (models.ok) b->set_discovered_models(parse_model_ids(models.body));
       }
     } else if (b->record_failure(hc.unhealthy_threshold)) {
-      log_line("warn", "backend {} marked unhealthy: health check failed: {}", b->name(),
-               result.error);
+      log::line("warn", "backend {} marked unhealthy: health check failed: {}", b->name(),
+                result.error);
     }
     timer.expires_after(hc.interval);
     co_await timer.async_wait(use_nothrow);
@@ -1781,7 +1772,7 @@ int Gateway::run() {
   } else {
     shared.tls.set_default_verify_paths(ec);
   }
-  if (ec) log_line("warn", "TLS trust store: {}", ec.message());
+  if (ec) log::line("warn", "TLS trust store: {}", ec.message());
 
   // Metering: the usage log is opened before any request can be served.
   if (cfg.usage.enabled) {
@@ -1790,7 +1781,7 @@ int Gateway::run() {
     try {
       impl_->usage = std::make_unique<usage::Pipeline>(cfg.usage, std::move(sinks));
     } catch (const std::exception& e) {
-      log_line("error", "{}", e.what());
+      log::line("error", "{}", e.what());
       return 1;
     }
     impl_->usage->start();
@@ -1800,7 +1791,7 @@ int Gateway::run() {
   const int nworkers = cfg.effective_workers();
   auto address = asio::ip::make_address(cfg.listen.host, ec);
   if (ec) {
-    log_line("error", "listen address {}: {}", cfg.listen.host, ec.message());
+    log::line("error", "listen address {}: {}", cfg.listen.host, ec.message());
     return 1;
   }
   tcp::endpoint endpoint(address, cfg.listen.port);
@@ -1818,7 +1809,7 @@ int Gateway::run() {
     if (!ec) acc.bind(endpoint, ec);
     if (!ec) acc.listen(asio::socket_base::max_listen_connections, ec);
     if (ec) {
-      log_line("error", "cannot listen on {}: {}", cfg.listen.to_string(), ec.message());
+      log::line("error", "cannot listen on {}: {}", cfg.listen.to_string(), ec.message());
       return 1;
     }
     if (i == 0) endpoint.port(acc.local_endpoint().port());  // port 0: the others follow
@@ -1835,8 +1826,8 @@ int Gateway::run() {
     if (!ec) acc.bind(mep, ec);
     if (!ec) acc.listen(asio::socket_base::max_listen_connections, ec);
     if (ec) {
-      log_line("error", "cannot listen for metrics on {}: {}", cfg.metrics.listen->to_string(),
-               ec.message());
+      log::line("error", "cannot listen for metrics on {}: {}", cfg.metrics.listen->to_string(),
+                ec.message());
       return 1;
     }
     mep = acc.local_endpoint();
@@ -1856,7 +1847,7 @@ int Gateway::run() {
           w->ioc.run();
           break;
         } catch (const std::exception& e) {
-          log_line("error", "worker {}: internal error, continuing: {}", w->id, e.what());
+          log::line("error", "worker {}: internal error, continuing: {}", w->id, e.what());
         }
       }
       w->log.flush();
@@ -1888,7 +1879,7 @@ int Gateway::run() {
       // Cut what is still running, but let each request end through log() (its usage record)
       // for a moment before the event loops stop.
       cut = true;
-      log_line("warn", "drain timeout: cutting {} connections", open);
+      log::line("warn", "drain timeout: cutting {} connections", open);
       for (auto& wp : impl_->workers) {
         Worker* w = wp.get();
         asio::post(w->ioc, [w] {
@@ -1897,7 +1888,7 @@ int Gateway::run() {
       }
       drain_deadline = Clock::now() + std::chrono::seconds(2);
     } else if (open == 0 || Clock::now() >= drain_deadline) {
-      if (open > 0) log_line("warn", "closing {} connections that did not end", open);
+      if (open > 0) log::line("warn", "closing {} connections that did not end", open);
       stop_all();
       return;
     }
@@ -1907,12 +1898,12 @@ int Gateway::run() {
   on_signal = [&](error_code sec, int signo) {
     if (sec) return;
     if (stopping) {
-      log_line("warn", "second signal: stopping now");
+      log::line("warn", "second signal: stopping now");
       stop_all();
       return;
     }
     stopping = true;
-    log_line("info", "signal {}: draining (up to {} ms)", signo, cfg.server.drain_timeout.count());
+    log::line("info", "signal {}: draining (up to {} ms)", signo, cfg.server.drain_timeout.count());
     shared.draining.store(true);
     for (auto& wp : impl_->workers) {
       Worker* w = wp.get();
@@ -1944,7 +1935,7 @@ int Gateway::run() {
                                                                           std::chrono::seconds(5)));
     shared.usage = nullptr;
   }
-  log_line("info", "stopped");
+  log::line("info", "stopped");
   return 0;
 }
 

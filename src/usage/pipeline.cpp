@@ -46,12 +46,11 @@
 #include <openssl/hmac.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <limits>
 #include <random>
 #include <stdexcept>
 
-#include "http/errors.h"
+#include "log/log.h"
 #include "usage/usage_log.h"
 #include "usage/webhook_client.h"
 
@@ -71,23 +70,7 @@ constexpr auto kRetentionPeriod = std::chrono::hours(1);
 constexpr auto kLogEvery = std::chrono::seconds(10);
 constexpr milliseconds kFirstBackoff{100};
 
-std::int64_t unix_ms_now() {
-  return std::chrono::duration_cast<milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
-// One JSON line on stderr, as the server's log_line writes them.
-template <class... Args>
-void log_line(std::string_view level, fmt::format_string<Args...> f, Args&&... args) {
-  std::string msg = fmt::format(f, std::forward<Args>(args)...);
-  std::string line = "{\"level\":\"";
-  line += level;
-  line += "\",\"msg\":\"";
-  http::append_json_escaped(line, msg);
-  line += "\"}\n";
-  std::fwrite(line.data(), 1, line.size(), stderr);
-}
+using log::unix_ms_now;
 
 std::string hmac_sha256_hex(std::string_view key, std::string_view data) {
   unsigned char mac[EVP_MAX_MD_SIZE];
@@ -237,14 +220,14 @@ bool Pipeline::Impl::commit(std::vector<UsageRecord>& taken) {
     ++commit_failures;
     auto now = Clock::now();
     if (commit_failures == 1 || now - last_commit_report >= kLogEvery) {
-      log_line("error", "usage log: cannot commit {} records ({} attempts so far), retrying: {}",
-               taken.size(), commit_failures, e.what());
+      log::line("error", "usage log: cannot commit {} records ({} attempts so far), retrying: {}",
+                taken.size(), commit_failures, e.what());
       last_commit_report = now;
     }
     return false;
   }
   if (commit_failures > 0) {
-    log_line("info", "usage log: committing again after {} failed attempts", commit_failures);
+    log::line("info", "usage log: committing again after {} failed attempts", commit_failures);
     commit_failures = 0;
   }
   auto n = static_cast<std::int64_t>(taken.size());
@@ -260,7 +243,7 @@ bool Pipeline::Impl::commit(std::vector<UsageRecord>& taken) {
       log->delete_records(last, std::nullopt, std::numeric_limits<int>::max());
       pruned.store(last, std::memory_order_relaxed);
     } catch (const std::exception& e) {
-      log_line("error", "usage log: {}", e.what());
+      log::line("error", "usage log: {}", e.what());
     }
   }
   wake_sinks();
@@ -276,12 +259,12 @@ bool Pipeline::Impl::retention_chunk(std::int64_t& deleted) {
     if (n >= kRetentionChunk) return true;
     std::int64_t dl = log->delete_dead_letters(cutoff);
     if (deleted > 0 || dl > 0) {
-      log_line("info",
-               "usage log: retention ({} days) deleted {} delivered records and {} dead letters",
-               cfg.retention_days, deleted, dl);
+      log::line("info",
+                "usage log: retention ({} days) deleted {} delivered records and {} dead letters",
+                cfg.retention_days, deleted, dl);
     }
   } catch (const std::exception& e) {
-    log_line("error", "usage log: retention: {}", e.what());
+    log::line("error", "usage log: retention: {}", e.what());
   }
   return false;
 }
@@ -343,10 +326,10 @@ void Pipeline::Impl::writer_loop() {
         std::size_t lost = taken.size() + queue.size();
         depth->fetch_sub(static_cast<std::int64_t>(lost), std::memory_order_relaxed);
         dropped.fetch_add(lost, std::memory_order_relaxed);
-        log_line("error",
-                 "usage log: stopping with {} records that could not be committed (counted as "
-                 "dropped)",
-                 lost);
+        log::line("error",
+                  "usage log: stopping with {} records that could not be committed (counted as "
+                  "dropped)",
+                  lost);
         taken.clear();
         queue.clear();
         jsons.clear();
@@ -365,10 +348,10 @@ void Pipeline::Impl::writer_loop() {
       if (!queue.empty()) {
         depth->fetch_sub(static_cast<std::int64_t>(queue.size()), std::memory_order_relaxed);
         dropped.fetch_add(queue.size(), std::memory_order_relaxed);
-        log_line("error",
-                 "usage log: stopping with {} records not logged (durability: memory, the "
-                 "sinks did not make room before the deadline; counted as dropped)",
-                 queue.size());
+        log::line("error",
+                  "usage log: stopping with {} records not logged (durability: memory, the "
+                  "sinks did not make room before the deadline; counted as dropped)",
+                  queue.size());
         queue.clear();
       }
       break;
@@ -409,7 +392,7 @@ void Pipeline::Impl::prune_memory() {
       while (old < m && !pruned.compare_exchange_weak(old, m)) {
       }
     } catch (const std::exception& e) {
-      log_line("error", "usage log: {}", e.what());
+      log::line("error", "usage log: {}", e.what());
     }
   }
   wake_writer();  // it may be waiting for room
@@ -424,8 +407,8 @@ void Pipeline::Impl::persist_cursor(Sink& s) {
   } catch (const std::exception& e) {
     // Delivered but not yet recorded as such: retried with the next delivery or at exit; if the
     // process dies first, these records are delivered again (receivers de-duplicate).
-    log_line("warn", "usage sink {}: cannot store the cursor ({}), will retry: {}", s.cfg.name, c,
-             e.what());
+    log::line("warn", "usage sink {}: cannot store the cursor ({}), will retry: {}", s.cfg.name, c,
+              e.what());
   }
 }
 
@@ -435,11 +418,11 @@ void Pipeline::Impl::report_failure(Sink& s, std::size_t records, const std::str
   auto now = Clock::now();
   if (s.consecutive_failures == 1 || now - s.last_report >= kLogEvery) {
     std::int64_t backlog = head.load() - s.cursor.load();
-    log_line("warn",
-             "usage sink {}: POST of {} record{} failed: {} ({} failed attempt{} since the last "
-             "report, backlog {}); retrying",
-             s.cfg.name, records, records == 1 ? "" : "s", why, s.unreported,
-             s.unreported == 1 ? "" : "s", backlog);
+    log::line("warn",
+              "usage sink {}: POST of {} record{} failed: {} ({} failed attempt{} since the last "
+              "report, backlog {}); retrying",
+              s.cfg.name, records, records == 1 ? "" : "s", why, s.unreported,
+              s.unreported == 1 ? "" : "s", backlog);
     s.unreported = 0;
     s.last_report = now;
   }
@@ -468,8 +451,8 @@ void Pipeline::Impl::sink_loop(Sink& s) {
         unsaved_dead.reset();
         prune_memory();
       } catch (const std::exception& e) {
-        log_line("error", "usage sink {}: cannot store a dead letter, will retry: {}", s.cfg.name,
-                 e.what());
+        log::line("error", "usage sink {}: cannot store a dead letter, will retry: {}", s.cfg.name,
+                  e.what());
         if (!pause(Clock::now() + milliseconds(500))) break;
         continue;
       }
@@ -514,15 +497,15 @@ void Pipeline::Impl::sink_loop(Sink& s) {
         if (batch.empty()) {
           // Nothing after the cursor although head is beyond it: the records are gone (deleted
           // outside of the pipeline). Skip to what was the head.
-          log_line("warn", "usage sink {}: records {}..{} are missing from the log, skipped",
-                   s.cfg.name, s.cursor.load() + 1, head_seen);
+          log::line("warn", "usage sink {}: records {}..{} are missing from the log, skipped",
+                    s.cfg.name, s.cursor.load() + 1, head_seen);
           s.cursor.store(head_seen);
           persist_cursor(s);
           continue;
         }
       } catch (const std::exception& e) {
         batch.clear();
-        log_line("error", "usage sink {}: cannot read the log: {}", s.cfg.name, e.what());
+        log::line("error", "usage sink {}: cannot read the log: {}", s.cfg.name, e.what());
         if (!pause(Clock::now() + milliseconds(500))) break;
         continue;
       }
@@ -571,8 +554,8 @@ void Pipeline::Impl::sink_loop(Sink& s) {
     const std::size_t n = batch.size();
     if (resp.status >= 200 && resp.status < 300) {
       if (s.consecutive_failures > 0) {
-        log_line("info", "usage sink {}: delivering again after {} failed attempt{}", s.cfg.name,
-                 s.consecutive_failures, s.consecutive_failures == 1 ? "" : "s");
+        log::line("info", "usage sink {}: delivering again after {} failed attempt{}", s.cfg.name,
+                  s.consecutive_failures, s.consecutive_failures == 1 ? "" : "s");
         s.consecutive_failures = 0;
         s.unreported = 0;
       }
@@ -609,11 +592,11 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       ++s.dead_unreported;
       auto now = Clock::now();
       if (s.dead_unreported == 1 || now - s.last_dead_report >= kLogEvery) {
-        log_line("error",
-                 "usage sink {}: receiver rejected {} record{} with HTTP {} (first {}); stored "
-                 "as dead letter, not retried ({} rejected POSTs since the last report)",
-                 s.cfg.name, n, n == 1 ? "" : "s", resp.status, batch.front().request_id,
-                 s.dead_unreported);
+        log::line("error",
+                  "usage sink {}: receiver rejected {} record{} with HTTP {} (first {}); stored "
+                  "as dead letter, not retried ({} rejected POSTs since the last report)",
+                  s.cfg.name, n, n == 1 ? "" : "s", resp.status, batch.front().request_id,
+                  s.dead_unreported);
         s.dead_unreported = 0;
         s.last_dead_report = now;
       }
@@ -637,8 +620,8 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       s.log->dead_letter(*unsaved_dead);
       s.persisted = unsaved_dead->last_seq;
     } catch (const std::exception& e) {
-      log_line("error", "usage sink {}: dead letter for records {}..{} not stored: {}", s.cfg.name,
-               unsaved_dead->first_seq, unsaved_dead->last_seq, e.what());
+      log::line("error", "usage sink {}: dead letter for records {}..{} not stored: {}", s.cfg.name,
+                unsaved_dead->first_seq, unsaved_dead->last_seq, e.what());
     }
   }
   persist_cursor(s);
@@ -699,9 +682,9 @@ Pipeline::Pipeline(const config::UsageConfig& usage, std::vector<config::SinkCon
     im.sinks.push_back(std::move(s));
   }
   im.pruned.store(0);
-  log_line("info", "usage log {} opened ({}, head seq {}); {}", im.log->path(),
-           im.memory ? "durability: memory" : "durability: disk, WAL", head,
-           im.sinks.empty() ? std::string("no webhook sinks") : "sinks: " + summary);
+  log::line("info", "usage log {} opened ({}, head seq {}); {}", im.log->path(),
+            im.memory ? "durability: memory" : "durability: disk, WAL", head,
+            im.sinks.empty() ? std::string("no webhook sinks") : "sinks: " + summary);
 }
 
 Pipeline::~Pipeline() {
@@ -750,7 +733,7 @@ void Pipeline::stop(std::chrono::steady_clock::time_point deadline) {
     state += fmt::format(", sink {}: {} delivered, backlog {}", s->cfg.name, s->delivered.load(),
                          std::max<std::int64_t>(0, im.head.load() - s->cursor.load()));
   }
-  log_line("info", "usage pipeline stopped: {} records logged{}", im.logged.load(), state);
+  log::line("info", "usage pipeline stopped: {} records logged{}", im.logged.load(), state);
 }
 
 bool Pipeline::submit(UsageRecord&& record) {

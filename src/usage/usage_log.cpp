@@ -226,6 +226,11 @@ UsageLog::~UsageLog() {
   if (db_) sqlite3_close_v2(db_);
 }
 
+void UsageLog::step_done(sqlite3_stmt* st, const char* what) {
+  int rc = sqlite3_step(st);
+  if (rc != SQLITE_DONE) fail(rc, what);
+}
+
 void UsageLog::fail(int rc, const char* what) {
   throw SqliteError(rc, "usage log " + path_ + ": " + what + ": " + sqlite3_errmsg(db_));
 }
@@ -281,8 +286,7 @@ std::int64_t UsageLog::append(std::span<const PendingRecord> records) {
     u.opt_i64(16, r.cached_tokens);
     u.opt_i64(17, r.reasoning_tokens);
     u.text(18, p.json);
-    int rc = sqlite3_step(st.s);
-    if (rc != SQLITE_DONE) fail(rc, "insert record");
+    step_done(st.s, "insert record");
   }
   std::int64_t last = sqlite3_last_insert_rowid(db_);
   int rc = tx.commit();
@@ -313,6 +317,10 @@ std::optional<std::int64_t> UsageLog::cursor(const std::string& sink) {
 
 void UsageLog::set_cursor(const std::string& sink, std::int64_t seq, std::int64_t now_ms) {
   std::lock_guard lk(mu_);
+  store_cursor(sink, seq, now_ms);
+}
+
+void UsageLog::store_cursor(const std::string& sink, std::int64_t seq, std::int64_t now_ms) {
   auto& st =
       stmt(kCursorSet,
            "INSERT INTO sink_cursors(name, seq, updated_ms) VALUES(?,?,?) "
@@ -321,8 +329,7 @@ void UsageLog::set_cursor(const std::string& sink, std::int64_t seq, std::int64_
   u.text(1, sink);
   u.i64(2, seq);
   u.i64(3, now_ms);
-  int rc = sqlite3_step(st.s);
-  if (rc != SQLITE_DONE) fail(rc, "store cursor");
+  step_done(st.s, "store cursor");
 }
 
 void UsageLog::read_after(std::int64_t after, int limit, std::vector<LoggedRecord>& out) {
@@ -362,21 +369,9 @@ void UsageLog::dead_letter(const DeadLetterRow& row) {
     u.text(6, row.response);
     u.i64(7, row.at_ms);
     u.text(8, row.body);
-    int rc = sqlite3_step(st.s);
-    if (rc != SQLITE_DONE) fail(rc, "insert dead letter");
+    step_done(st.s, "insert dead letter");
   }
-  {
-    auto& st = stmt(kCursorSet,
-                    "INSERT INTO sink_cursors(name, seq, updated_ms) VALUES(?,?,?) "
-                    "ON CONFLICT(name) DO UPDATE SET seq=excluded.seq, "
-                    "updated_ms=excluded.updated_ms");
-    Use u(st.s);
-    u.text(1, row.sink);
-    u.i64(2, row.last_seq);
-    u.i64(3, row.at_ms);
-    int rc = sqlite3_step(st.s);
-    if (rc != SQLITE_DONE) fail(rc, "store cursor");
-  }
+  store_cursor(row.sink, row.last_seq, row.at_ms);
   int rc = tx.commit();
   if (rc != SQLITE_OK) fail(rc, "commit");
 }
@@ -401,8 +396,7 @@ std::int64_t UsageLog::delete_records(std::int64_t max_seq, std::optional<std::i
   } else {
     u.i64(2, limit);
   }
-  int rc = sqlite3_step(st.s);
-  if (rc != SQLITE_DONE) fail(rc, "delete records");
+  step_done(st.s, "delete records");
   return sqlite3_changes64(db_);
 }
 
@@ -411,8 +405,7 @@ std::int64_t UsageLog::delete_dead_letters(std::int64_t before_ms) {
   auto& st = stmt(kDeleteDeadLetters, "DELETE FROM dead_letters WHERE at_ms < ?");
   Use u(st.s);
   u.i64(1, before_ms);
-  int rc = sqlite3_step(st.s);
-  if (rc != SQLITE_DONE) fail(rc, "delete dead letters");
+  step_done(st.s, "delete dead letters");
   return sqlite3_changes64(db_);
 }
 

@@ -121,6 +121,10 @@ class UsageLog {
   Statement& stmt(int index, const char* sql);
   void exec(const char* sql);
   [[noreturn]] void fail(int rc, const char* what);
+  // Runs a statement that returns no rows; throws (fail) unless it completed.
+  void step_done(sqlite3_stmt* st, const char* what);
+  // The cursor upsert, inside the caller's lock (and transaction, when it has one).
+  void store_cursor(const std::string& sink, std::int64_t seq, std::int64_t now_ms);
 
   std::mutex mu_;
   sqlite3* db_ = nullptr;

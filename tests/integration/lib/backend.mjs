@@ -2,7 +2,7 @@
 // socket), lets each test script the response, and can stop and listen again on the same port.
 import http from 'node:http';
 import { EventEmitter } from 'node:events';
-import { withTimeout } from './util.mjs';
+import { closeServer, listenLoopback, withTimeout } from './util.mjs';
 
 const backends = new Set();
 const closedBySocket = new WeakMap();
@@ -62,15 +62,8 @@ export class TestBackend extends EventEmitter {
       this.sockets.add(socket);
       socket.once('close', () => this.sockets.delete(socket));
     });
-    await new Promise((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(port, '127.0.0.1', () => {
-        server.off('error', reject);
-        resolve();
-      });
-    });
+    this.port = await listenLoopback(server, port);
     this.server = server;
-    this.port = server.address().port;
     return this;
   }
 
@@ -79,10 +72,7 @@ export class TestBackend extends EventEmitter {
     const server = this.server;
     if (!server) return;
     this.server = null;
-    const closed = new Promise((resolve) => server.close(() => resolve()));
-    for (const s of this.sockets) s.destroy();
-    server.closeAllConnections?.();
-    await withTimeout(closed, 5_000, `backend ${this.name} to close`);
+    await closeServer(server, this.sockets, `backend ${this.name}`);
   }
 
   #onRequest(req, res) {

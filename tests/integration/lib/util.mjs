@@ -65,3 +65,23 @@ export function mockTokens(n) {
   for (let i = 0; i < n; i++) s += `tok${i} `;
   return s;
 }
+
+// Listens on 127.0.0.1:`port` (0: an ephemeral port); resolves with the port it got.
+export function listenLoopback(server, port = 0) {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, '127.0.0.1', () => {
+      server.off('error', reject);
+      resolve(server.address().port);
+    });
+  });
+}
+
+// Stops listening and drops every open connection, hung requests included (the port is
+// refused until it listens again).
+export async function closeServer(server, sockets, what) {
+  const closed = new Promise((resolve) => server.close(() => resolve()));
+  for (const s of sockets) s.destroy();
+  server.closeAllConnections?.();
+  await withTimeout(closed, 5_000, `${what} to close`);
+}

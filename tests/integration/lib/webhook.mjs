@@ -6,7 +6,7 @@
 import http from 'node:http';
 import crypto from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import { withTimeout } from './util.mjs';
+import { closeServer, listenLoopback, withTimeout } from './util.mjs';
 
 const receivers = new Set();
 const entriesBySocket = new WeakMap();
@@ -68,15 +68,8 @@ export class WebhookReceiver extends EventEmitter {
         }
       });
     });
-    await new Promise((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(port, '127.0.0.1', () => {
-        server.off('error', reject);
-        resolve();
-      });
-    });
+    this.port = await listenLoopback(server, port);
     this.server = server;
-    this.port = server.address().port;
     return this;
   }
 
@@ -86,10 +79,7 @@ export class WebhookReceiver extends EventEmitter {
     const server = this.server;
     if (!server) return;
     this.server = null;
-    const closed = new Promise((resolve) => server.close(() => resolve()));
-    for (const s of this.sockets) s.destroy();
-    server.closeAllConnections?.();
-    await withTimeout(closed, 5_000, `webhook ${this.name} to close`);
+    await closeServer(server, this.sockets, `webhook ${this.name}`);
   }
 
   // Stop, then listen again on the same port.

@@ -1,0 +1,26 @@
+#include "log/log.h"
+
+#include <chrono>
+#include <cstdio>
+#include <string>
+
+#include "http/errors.h"
+
+namespace llmproxy::log {
+
+void write_line(std::string_view level, std::string_view msg) {
+  std::string out = "{\"level\":\"";
+  out += level;
+  out += "\",\"msg\":\"";
+  http::append_json_escaped(out, msg);
+  out += "\"}\n";
+  std::fwrite(out.data(), 1, out.size(), stderr);
+}
+
+std::int64_t unix_ms_now() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace llmproxy::log

@@ -1,0 +1,24 @@
+// The process's own log lines (JSON, one per line, on stderr) and the wall clock that log
+// lines, health checks and usage records share. The access log (proxy/access_log) is separate:
+// buffered per worker on stdout.
+#pragma once
+
+#include <fmt/format.h>
+
+#include <cstdint>
+#include <string_view>
+
+namespace llmproxy::log {
+
+// {"level":"<level>","msg":"<msg>"} on stderr, written with one call.
+void write_line(std::string_view level, std::string_view msg);
+
+template <class... Args>
+void line(std::string_view level, fmt::format_string<Args...> f, Args&&... args) {
+  write_line(level, fmt::format(f, std::forward<Args>(args)...));
+}
+
+// Milliseconds since the Unix epoch (system clock).
+std::int64_t unix_ms_now();
+
+}  // namespace llmproxy::log
