@@ -4,8 +4,12 @@
 
 namespace llmproxy::lb {
 
-Backend::Backend(std::size_t index, config::BackendConfig cfg)
-    : index_(index), cfg_(std::move(cfg)) {}
+Backend::Backend(std::size_t index, config::BackendConfig cfg, std::shared_ptr<BackendLive> live,
+                 int metric_id)
+    : index_(index),
+      cfg_(std::move(cfg)),
+      live_(live ? std::move(live) : std::make_shared<BackendLive>()),
+      metric_id_(metric_id) {}
 
 bool Backend::serves(std::string_view model) const {
   if (cfg_.models.empty() || model.empty()) return true;
@@ -13,39 +17,59 @@ bool Backend::serves(std::string_view model) const {
 }
 
 bool Backend::record_success(int healthy_threshold) {
-  failures_.store(0, std::memory_order_relaxed);
-  int s = successes_.fetch_add(1, std::memory_order_relaxed) + 1;
-  if (!healthy_.load(std::memory_order_relaxed) && s >= healthy_threshold) {
+  auto& l = *live_;
+  l.failures.store(0, std::memory_order_relaxed);
+  int s = l.successes.fetch_add(1, std::memory_order_relaxed) + 1;
+  if (!l.healthy.load(std::memory_order_relaxed) && s >= healthy_threshold) {
     bool expected = false;
-    return healthy_.compare_exchange_strong(expected, true);
+    return l.healthy.compare_exchange_strong(expected, true);
   }
   return false;
 }
 
 bool Backend::record_failure(int unhealthy_threshold) {
-  successes_.store(0, std::memory_order_relaxed);
-  int f = failures_.fetch_add(1, std::memory_order_relaxed) + 1;
-  if (healthy_.load(std::memory_order_relaxed) && f >= unhealthy_threshold) {
+  auto& l = *live_;
+  l.successes.store(0, std::memory_order_relaxed);
+  int f = l.failures.fetch_add(1, std::memory_order_relaxed) + 1;
+  if (l.healthy.load(std::memory_order_relaxed) && f >= unhealthy_threshold) {
     bool expected = true;
-    return healthy_.compare_exchange_strong(expected, false);
+    return l.healthy.compare_exchange_strong(expected, false);
   }
   return false;
 }
 
 std::vector<std::string> Backend::discovered_models() const {
-  std::lock_guard lock(discovered_mutex_);
-  return discovered_;
+  std::lock_guard lock(live_->discovered_mutex);
+  return live_->discovered;
 }
 
 void Backend::set_discovered_models(std::vector<std::string> models) {
-  std::lock_guard lock(discovered_mutex_);
-  discovered_ = std::move(models);
+  std::lock_guard lock(live_->discovered_mutex);
+  live_->discovered = std::move(models);
 }
 
 BackendSet::BackendSet(const std::vector<config::BackendConfig>& configs) {
   backends_.reserve(configs.size());
   for (std::size_t i = 0; i < configs.size(); ++i) {
     backends_.push_back(std::make_unique<Backend>(i, configs[i]));
+  }
+}
+
+BackendSet::BackendSet(const std::vector<config::BackendConfig>& configs,
+                       const BackendSet* previous, const std::vector<int>& metric_ids) {
+  backends_.reserve(configs.size());
+  for (std::size_t i = 0; i < configs.size(); ++i) {
+    std::shared_ptr<BackendLive> live;
+    if (previous) {
+      for (const auto& old : previous->backends_) {
+        if (old->name() == configs[i].name && old->config().url == configs[i].url) {
+          live = old->live();
+          break;
+        }
+      }
+    }
+    int id = i < metric_ids.size() ? metric_ids[i] : -1;
+    backends_.push_back(std::make_unique<Backend>(i, configs[i], std::move(live), id));
   }
 }
 

@@ -1,8 +1,12 @@
 // The set of upstream backends and their live state (health, in-flight requests).
 //
-// A BackendSet is built once from the config and shared by every worker thread; its state is
-// atomics only, so reading it on the request path takes no lock. Health flips only after N
-// consecutive results in the other direction (active checks and passive failures both count).
+// A BackendSet is built from one configuration generation and shared by every worker thread; its
+// state is atomics only, so reading it on the request path takes no lock. Health flips only after
+// N consecutive results in the other direction (active checks and passive failures both count).
+//
+// Hot reload builds a new BackendSet; a backend that keeps its name and URL keeps its live state
+// (health, in-flight count, discovered models): both generations' Backend objects share one
+// BackendLive, so requests still running on the old generation count where the new one looks.
 #pragma once
 
 #include <atomic>
@@ -18,9 +22,25 @@
 
 namespace llmproxy::lb {
 
+// What is known about a backend at run time, as opposed to what was configured.
+struct BackendLive {
+  std::atomic<bool> healthy{true};
+  std::atomic<int> failures{0};
+  std::atomic<int> successes{0};
+  std::atomic<std::int64_t> in_flight{0};
+  std::atomic<std::int64_t> last_check_ms{0};
+  std::atomic<bool> no_tokenize{false};  // a hint, not part of the backend's config
+  std::mutex discovered_mutex;           // admin/models path only, never per request
+  std::vector<std::string> discovered;
+};
+
 class Backend {
  public:
-  Backend(std::size_t index, config::BackendConfig cfg);
+  // `live`: the state of the same backend in the previous generation, or null for a new one.
+  // `metric_id`: the backend's index among every backend label the process has seen (stable
+  // across reloads, so per-thread metrics keep counting under the same name).
+  Backend(std::size_t index, config::BackendConfig cfg, std::shared_ptr<BackendLive> live = {},
+          int metric_id = -1);
 
   std::size_t index() const { return index_; }
   const config::BackendConfig& config() const { return cfg_; }
@@ -31,23 +51,32 @@ class Backend {
   bool serves(std::string_view model) const;
   bool lists_models() const { return !cfg_.models.empty(); }
 
-  bool healthy() const { return healthy_.load(std::memory_order_relaxed); }
-  std::int64_t in_flight() const { return in_flight_.load(std::memory_order_relaxed); }
-  int consecutive_failures() const { return failures_.load(std::memory_order_relaxed); }
-  std::int64_t last_check_unix_ms() const { return last_check_ms_.load(std::memory_order_relaxed); }
+  int metric_id() const { return metric_id_ >= 0 ? metric_id_ : static_cast<int>(index_); }
+  const std::shared_ptr<BackendLive>& live() const { return live_; }
+
+  bool healthy() const { return live_->healthy.load(std::memory_order_relaxed); }
+  std::int64_t in_flight() const { return live_->in_flight.load(std::memory_order_relaxed); }
+  int consecutive_failures() const { return live_->failures.load(std::memory_order_relaxed); }
+  std::int64_t last_check_unix_ms() const {
+    return live_->last_check_ms.load(std::memory_order_relaxed);
+  }
 
   // Health bookkeeping; both return true when the call flipped the health state.
   bool record_success(int healthy_threshold);
   bool record_failure(int unhealthy_threshold);
   void set_last_check(std::int64_t unix_ms) {
-    last_check_ms_.store(unix_ms, std::memory_order_relaxed);
+    live_->last_check_ms.store(unix_ms, std::memory_order_relaxed);
   }
 
-  void add_in_flight(int delta) { in_flight_.fetch_add(delta, std::memory_order_relaxed); }
+  void add_in_flight(int delta) const {
+    live_->in_flight.fetch_add(delta, std::memory_order_relaxed);
+  }
 
   // Metering: the backend answered /tokenize with 404/405/501 once; not asked again.
-  bool tokenize_unsupported() const { return no_tokenize_.load(std::memory_order_relaxed); }
-  void set_tokenize_unsupported() const { no_tokenize_.store(true, std::memory_order_relaxed); }
+  bool tokenize_unsupported() const { return live_->no_tokenize.load(std::memory_order_relaxed); }
+  void set_tokenize_unsupported() const {
+    live_->no_tokenize.store(true, std::memory_order_relaxed);
+  }
 
   // Models the backend reported on GET /v1/models (for backends that list none in the config).
   std::vector<std::string> discovered_models() const;
@@ -56,19 +85,17 @@ class Backend {
  private:
   std::size_t index_;
   config::BackendConfig cfg_;
-  std::atomic<bool> healthy_{true};
-  std::atomic<int> failures_{0};
-  std::atomic<int> successes_{0};
-  std::atomic<std::int64_t> in_flight_{0};
-  std::atomic<std::int64_t> last_check_ms_{0};
-  mutable std::atomic<bool> no_tokenize_{false};  // a hint, not part of the backend's config
-  mutable std::mutex discovered_mutex_;           // admin/models path only, never per request
-  std::vector<std::string> discovered_;
+  std::shared_ptr<BackendLive> live_;
+  int metric_id_;
 };
 
 class BackendSet {
  public:
   explicit BackendSet(const std::vector<config::BackendConfig>& configs);
+  // A reload: backends of `previous` with the same name and URL keep their live state;
+  // `metric_ids[i]` is backend i's stable metrics index.
+  BackendSet(const std::vector<config::BackendConfig>& configs, const BackendSet* previous,
+             const std::vector<int>& metric_ids);
 
   std::size_t size() const { return backends_.size(); }
   Backend& operator[](std::size_t i) { return *backends_[i]; }
@@ -85,7 +112,7 @@ class BackendSet {
 class InFlightGuard {
  public:
   InFlightGuard() = default;
-  explicit InFlightGuard(Backend& b) : backend_(&b) { b.add_in_flight(1); }
+  explicit InFlightGuard(const Backend& b) : backend_(&b) { b.add_in_flight(1); }
   InFlightGuard(InFlightGuard&& o) noexcept : backend_(o.backend_) { o.backend_ = nullptr; }
   InFlightGuard& operator=(InFlightGuard&& o) noexcept {
     if (this != &o) {
@@ -102,7 +129,7 @@ class InFlightGuard {
   }
 
  private:
-  Backend* backend_ = nullptr;
+  const Backend* backend_ = nullptr;
 };
 
 }  // namespace llmproxy::lb

@@ -515,3 +515,32 @@ TEST(InFlightGuard, FeedsLeastInFlight) {
 
 }  // namespace
 }  // namespace llmproxy::lb
+
+namespace llmproxy::lb {
+namespace {
+
+// Hot reload: a backend kept with the same name and URL shares its live state with the previous
+// generation (health, in-flight requests still running there); a changed URL starts afresh.
+TEST(BackendSet, ReloadCarriesLiveStateOfUnchangedBackends) {
+  BackendSet before({backend("a", 1), backend("b", 1)});
+  mark_down(before[0]);
+  InFlightGuard running(before[1]);
+  auto b_moved = backend("b", 1);
+  b_moved.url = "http://b-new:8000";
+  BackendSet after({backend("a", 5), b_moved, backend("c", 1)}, &before, {0, 1, 2});
+  EXPECT_FALSE(after[0].healthy());  // still down: same name and URL
+  EXPECT_EQ(after[0].weight(), 5);   // with its new weight
+  EXPECT_TRUE(after[1].healthy());
+  EXPECT_EQ(after[1].in_flight(), 0);  // a different URL is a different backend
+  EXPECT_TRUE(after[2].healthy());
+  EXPECT_EQ(after[2].metric_id(), 2);
+  InFlightGuard old_request(before[0]);
+  EXPECT_EQ(after[0].in_flight(), 1);  // a request of the old generation counts in the new
+  old_request.release();
+  EXPECT_EQ(after[0].in_flight(), 0);
+  mark_up(after[0]);
+  EXPECT_TRUE(before[0].healthy());
+}
+
+}  // namespace
+}  // namespace llmproxy::lb
