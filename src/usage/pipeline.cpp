@@ -110,6 +110,7 @@ class Sink {
   UsageLog* log = nullptr;
   std::unique_ptr<WebhookClient> client;
   std::thread thread;
+  std::atomic<bool> retire{false};  // a reload removed or changed it: stop after this POST
 
   std::atomic<std::int64_t> cursor{0};
   std::int64_t persisted = 0;  // the cursor as stored (sink thread only)
@@ -130,10 +131,15 @@ class Sink {
 
 struct Pipeline::Impl {
   config::UsageConfig cfg;
+  std::string cfg_log_path;
   bool memory = false;
   std::atomic<std::int64_t>* depth = nullptr;
   std::unique_ptr<UsageLog> log;  // the writer's connection; with durability: memory, everyone's
+  // Changed only by reconfigure(), under both lifecycle_mu and sinks_mu; read under either.
   std::vector<std::unique_ptr<Sink>> sinks;
+  mutable std::mutex sinks_mu;
+  std::uint64_t removed_delivered = 0;  // under sinks_mu: counts of sinks a reload removed
+  std::uint64_t removed_failed = 0;
 
   std::mutex mu;  // queue, writer_gone
   std::condition_variable writer_cv;
@@ -166,6 +172,7 @@ struct Pipeline::Impl {
 
   std::int64_t min_cursor() const {
     std::int64_t m = head.load(std::memory_order_acquire);
+    std::lock_guard lk(sinks_mu);
     for (const auto& s : sinks) m = std::min(m, s->cursor.load(std::memory_order_acquire));
     return m;
   }
@@ -195,6 +202,11 @@ struct Pipeline::Impl {
   bool retention_chunk(std::int64_t& deleted);
   void writer_loop();
 
+  std::unique_ptr<Sink> make_sink(config::SinkConfig cfg, std::int64_t head, std::string& summary);
+  void start_sink(Sink& s) {
+    Sink* sp = &s;
+    s.thread = std::thread([this, sp] { sink_loop(*sp); });
+  }
   void sink_loop(Sink& s);
   void prune_memory();
   void report_failure(Sink& s, std::size_t records, const std::string& why);
@@ -237,7 +249,12 @@ bool Pipeline::Impl::commit(std::vector<UsageRecord>& taken) {
   head.store(last, std::memory_order_release);
   taken.clear();
   jsons.clear();
-  if (memory && sinks.empty()) {
+  bool unread;
+  {
+    std::lock_guard lk(sinks_mu);
+    unread = sinks.empty();
+  }
+  if (memory && unread) {
     // Nothing will read these: keep the memory flat.
     try {
       log->delete_records(last, std::nullopt, std::numeric_limits<int>::max());
@@ -440,7 +457,7 @@ void Pipeline::Impl::sink_loop(Sink& s) {
   // Waits until `until` or stop; false when stop() interrupted the wait.
   auto pause = [&](Clock::time_point until) {
     std::unique_lock lk(sink_mu);
-    return !sink_cv.wait_until(lk, until, [&] { return stop_requested.load(); });
+    return !sink_cv.wait_until(lk, until, [&] { return stop_requested.load() || s.retire.load(); });
   };
 
   for (;;) {
@@ -464,6 +481,10 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       {
         std::unique_lock lk(sink_mu);
         for (;;) {
+          if (s.retire.load(std::memory_order_acquire)) {
+            done = true;
+            break;
+          }
           bool stopping = stop_requested.load(std::memory_order_acquire);
           std::int64_t avail = head.load(std::memory_order_acquire) - s.cursor.load();
           if (stopping) {
@@ -528,6 +549,7 @@ void Pipeline::Impl::sink_loop(Sink& s) {
     }
 
     // One attempt.
+    if (s.retire.load(std::memory_order_acquire)) break;  // its successor resumes at the cursor
     auto timeout = s.cfg.timeout;
     if (stop_requested.load(std::memory_order_acquire)) {
       auto left = std::chrono::duration_cast<milliseconds>(stop_deadline() - Clock::now());
@@ -606,7 +628,9 @@ void Pipeline::Impl::sink_loop(Sink& s) {
     }
     s.failed.fetch_add(n, std::memory_order_relaxed);
     report_failure(s, n, resp.status ? fmt::format("HTTP {}", resp.status) : resp.error);
-    if (stop_requested.load(std::memory_order_acquire)) break;  // the records stay in the log
+    if (stop_requested.load(std::memory_order_acquire) || s.retire.load()) {
+      break;  // the records stay in the log
+    }
     auto k = s.consecutive_failures;
     auto cap = std::min<std::int64_t>(s.cfg.max_backoff.count(),
                                       kFirstBackoff.count() << std::min<std::uint64_t>(k - 1, 20));
@@ -638,6 +662,7 @@ Pipeline::Pipeline(const config::UsageConfig& usage, std::vector<config::SinkCon
   auto& im = *impl_;
   im.cfg = usage;
   im.cfg.sinks.clear();
+  im.cfg_log_path = usage.log_path;
   im.depth = &depth_;
   im.memory = usage.durability == config::Durability::memory;
   im.log = std::make_unique<UsageLog>(im.memory ? UsageLog::Mode::memory : UsageLog::Mode::disk,
@@ -647,44 +672,51 @@ Pipeline::Pipeline(const config::UsageConfig& usage, std::vector<config::SinkCon
   std::string summary;
   for (auto& cfg : sinks) {
     if (!cfg.enabled) continue;
-    if (cfg.name.empty()) throw std::runtime_error("usage sink without a name");
     for (const auto& other : im.sinks) {
       if (other->cfg.name == cfg.name) {
         throw std::runtime_error("usage sink \"" + cfg.name + "\" is configured twice");
       }
     }
-    auto s = std::make_unique<Sink>();
-    std::string why;
-    auto url = config::parse_url(cfg.url, &why);
-    if (!url) throw std::runtime_error("usage sink " + cfg.name + ": " + why);
-    s->url = *url;
-    s->client = std::make_unique<WebhookClient>(s->url, target_of(cfg.url));
-    if (im.memory) {
-      s->log = im.log.get();
-    } else {
-      s->own_log = std::make_unique<UsageLog>(UsageLog::Mode::disk, usage.log_path, false);
-      s->log = s->own_log.get();
-    }
-    auto c = im.log->cursor(cfg.name);
-    std::string origin = "stored cursor";
-    if (!c) {
-      // New to this log: from its head, or from the beginning with replay. Stored now, so that a
-      // restart before the first delivery does not skip what arrived in between.
-      c = cfg.replay ? 0 : head;
-      origin = cfg.replay ? "new, replaying the log" : "new, starting at the head";
-      im.log->set_cursor(cfg.name, *c, unix_ms_now());
-    }
-    s->cursor.store(*c);
-    s->persisted = *c;
-    summary += fmt::format("{}{} -> {} (seq {}, {}, backlog {})", summary.empty() ? "" : "; ",
-                           cfg.name, cfg.url, *c, origin, std::max<std::int64_t>(0, head - *c));
-    s->cfg = std::move(cfg);
-    im.sinks.push_back(std::move(s));
+    im.sinks.push_back(im.make_sink(std::move(cfg), head, summary));
   }
   im.pruned.store(0);
   log::line("info", "usage log {} opened ({}, head seq {}); {}", im.log->path(),
             im.memory ? "durability: memory" : "durability: disk, WAL", head,
             im.sinks.empty() ? std::string("no webhook sinks") : "sinks: " + summary);
+}
+
+// A sink's thread state, its cursor read from the log (or created: at `head`, or at the start with
+// replay). Throws std::runtime_error for an invalid sink.
+std::unique_ptr<Sink> Pipeline::Impl::make_sink(config::SinkConfig cfg, std::int64_t head,
+                                                std::string& summary) {
+  if (cfg.name.empty()) throw std::runtime_error("usage sink without a name");
+  auto s = std::make_unique<Sink>();
+  std::string why;
+  auto url = config::parse_url(cfg.url, &why);
+  if (!url) throw std::runtime_error("usage sink " + cfg.name + ": " + why);
+  s->url = *url;
+  s->client = std::make_unique<WebhookClient>(s->url, target_of(cfg.url));
+  if (memory) {
+    s->log = log.get();
+  } else {
+    s->own_log = std::make_unique<UsageLog>(UsageLog::Mode::disk, cfg_log_path, false);
+    s->log = s->own_log.get();
+  }
+  auto c = s->log->cursor(cfg.name);
+  std::string origin = "stored cursor";
+  if (!c) {
+    // New to this log: from its head, or from the beginning with replay. Stored now, so that a
+    // restart before the first delivery does not skip what arrived in between.
+    c = cfg.replay ? 0 : head;
+    origin = cfg.replay ? "new, replaying the log" : "new, starting at the head";
+    s->log->set_cursor(cfg.name, *c, unix_ms_now());
+  }
+  s->cursor.store(*c);
+  s->persisted = *c;
+  summary += fmt::format("{}{} -> {} (seq {}, {}, backlog {})", summary.empty() ? "" : "; ",
+                         cfg.name, cfg.url, *c, origin, std::max<std::int64_t>(0, head - *c));
+  s->cfg = std::move(cfg);
+  return s;
 }
 
 Pipeline::~Pipeline() {
@@ -702,10 +734,104 @@ void Pipeline::start() {
   if (im.started || im.stopped) return;
   im.started = true;
   im.writer = std::thread([&im] { im.writer_loop(); });
-  for (auto& s : im.sinks) {
-    Sink* sp = s.get();
-    sp->thread = std::thread([&im, sp] { im.sink_loop(*sp); });
+  for (auto& s : im.sinks) im.start_sink(*s);
+}
+
+namespace {
+
+bool same_sink(const config::SinkConfig& a, const config::SinkConfig& b) {
+  return a.name == b.name && a.url == b.url && a.timeout == b.timeout && a.retry == b.retry &&
+         a.max_backoff == b.max_backoff && a.batch_size == b.batch_size &&
+         a.batch_interval == b.batch_interval && a.headers == b.headers && a.secret == b.secret &&
+         a.replay == b.replay;
+}
+
+}  // namespace
+
+std::string Pipeline::reconfigure(std::vector<config::SinkConfig> wanted) {
+  auto& im = *impl_;
+  std::lock_guard life(im.lifecycle_mu);
+  if (im.stopped) throw std::runtime_error("the usage pipeline is stopping");
+  std::erase_if(wanted, [](const config::SinkConfig& c) { return !c.enabled; });
+  // Validate everything before touching anything: a bad sink changes nothing.
+  for (std::size_t i = 0; i < wanted.size(); ++i) {
+    std::string why;
+    if (wanted[i].name.empty()) throw std::runtime_error("usage sink without a name");
+    if (!config::parse_url(wanted[i].url, &why)) {
+      throw std::runtime_error("usage sink " + wanted[i].name + ": " + why);
+    }
+    for (std::size_t k = 0; k < i; ++k) {
+      if (wanted[k].name == wanted[i].name) {
+        throw std::runtime_error("usage sink \"" + wanted[i].name + "\" is configured twice");
+      }
+    }
   }
+  auto find_wanted = [&](const std::string& name) -> const config::SinkConfig* {
+    for (const auto& c : wanted) {
+      if (c.name == name) return &c;
+    }
+    return nullptr;
+  };
+  // Stop the sinks that go away or change: each finishes the POST it is in, stores its cursor.
+  std::vector<Sink*> leaving;
+  for (auto& s : im.sinks) {
+    const auto* w = find_wanted(s->cfg.name);
+    if (!w || !same_sink(*w, s->cfg)) {
+      s->retire.store(true, std::memory_order_release);
+      leaving.push_back(s.get());
+    }
+  }
+  im.wake_sinks();
+  for (Sink* s : leaving) {
+    if (s->thread.joinable()) s->thread.join();
+  }
+  std::vector<std::unique_ptr<Sink>> kept, gone;
+  {
+    std::lock_guard lk(im.sinks_mu);
+    for (auto& s : im.sinks) (s->retire.load() ? gone : kept).push_back(std::move(s));
+    im.sinks = std::move(kept);
+  }
+  // Start the new and changed ones. A changed sink keeps its counters and resumes at its cursor.
+  std::string summary, removed;
+  const std::int64_t head = im.head.load(std::memory_order_acquire);
+  for (auto& cfg : wanted) {
+    bool running = false;
+    for (const auto& s : im.sinks) running = running || s->cfg.name == cfg.name;
+    if (running) continue;
+    std::unique_ptr<Sink> s;
+    try {
+      s = im.make_sink(cfg, head, summary);
+    } catch (const std::exception& e) {
+      log::line("error", "usage sink {}: not started after the reload: {}", cfg.name, e.what());
+      continue;
+    }
+    for (auto& old : gone) {
+      if (old && old->cfg.name == s->cfg.name) {
+        s->delivered.store(old->delivered.load());
+        s->failed.store(old->failed.load());
+        s->dead_letters.store(old->dead_letters.load());
+        s->latency = old->latency;
+        old.reset();
+      }
+    }
+    Sink* sp = s.get();
+    {
+      std::lock_guard lk(im.sinks_mu);
+      im.sinks.push_back(std::move(s));
+    }
+    if (im.started) im.start_sink(*sp);
+  }
+  for (auto& old : gone) {
+    if (!old) continue;
+    removed += (removed.empty() ? "" : ", ") + old->cfg.name;
+    std::lock_guard lk(im.sinks_mu);
+    im.removed_delivered += old->delivered.load();
+    im.removed_failed += old->failed.load();
+  }
+  std::string out;
+  if (!summary.empty()) out += "started " + summary;
+  if (!removed.empty()) out += (out.empty() ? "removed " : "; removed ") + removed;
+  return out;
 }
 
 void Pipeline::stop(std::chrono::steady_clock::time_point deadline) {
@@ -766,6 +892,9 @@ metrics::UsageStats Pipeline::stats() const {
   st.dropped = im.dropped.load(std::memory_order_relaxed);
   st.commits = im.commits.load(std::memory_order_relaxed);
   std::int64_t head = im.head.load(std::memory_order_acquire);
+  std::lock_guard lk(im.sinks_mu);
+  st.removed_delivered = im.removed_delivered;
+  st.removed_failed = im.removed_failed;
   for (const auto& s : im.sinks) {
     metrics::SinkStats ss;
     ss.name = s->cfg.name;

@@ -59,6 +59,13 @@ class Pipeline {
   // then stops every thread. Undelivered records stay in the log (disk) for the next start.
   void stop(std::chrono::steady_clock::time_point deadline);
 
+  // Hot reload: a sink with the same name and settings keeps running; a removed or changed one
+  // finishes the POST it is in and stops (its cursor stays in the log); an added one starts at
+  // its stored cursor or, new to the log, at the head (at the start with replay); a changed one
+  // resumes at its cursor with its counters. Throws std::runtime_error, changing nothing, when
+  // a sink is invalid. Returns a summary for the log ("" when nothing changed).
+  std::string reconfigure(std::vector<config::SinkConfig> sinks);
+
   // False while the queue is at its bound and on_backlog is reject: refuse new requests.
   bool accepting() const noexcept {
     return !reject_on_backlog_ || depth_.load(std::memory_order_relaxed) < soft_limit_;

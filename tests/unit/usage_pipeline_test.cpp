@@ -456,6 +456,78 @@ TEST(UsagePipeline, NewSinkStartsAtHeadUnlessReplay) {
   EXPECT_EQ(delivered_ids(c), expected_ids(0, 8));
 }
 
+// Hot reload: a sink kept as it was keeps going, an added one starts at the head, a changed one
+// resumes at its own cursor (nothing delivered twice, nothing skipped) with its counters, and a
+// removed one stops; its deliveries stay in the totals.
+TEST(UsagePipeline, ReconfigureAddsChangesAndRemovesSinks) {
+  TempDir dir;
+  Receiver a, a2, b;
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("a", a.url())});
+  p.start();
+  for (int i = 0; i < 5; ++i) p.submit(make_record(i));
+  WAIT_FOR(delivered(p, "a") == 5);
+
+  EXPECT_NE(p.reconfigure({make_sink("a", a.url()), make_sink("b", b.url())}), "");
+  for (int i = 5; i < 10; ++i) p.submit(make_record(i));
+  WAIT_FOR(delivered(p, "a") == 10 && delivered(p, "b") == 5);
+  EXPECT_EQ(a.connections(), 1u);  // "a" was not restarted: same kept-alive connection
+
+  p.reconfigure({make_sink("a", a2.url("/moved"))});  // "a" changed, "b" removed
+  for (int i = 10; i < 15; ++i) p.submit(make_record(i));
+  WAIT_FOR(delivered(p, "a") == 15);
+  auto st = p.stats();
+  ASSERT_EQ(st.sinks.size(), 1u);
+  EXPECT_EQ(st.sinks[0].name, "a");
+  EXPECT_EQ(st.removed_delivered, 5u);  // "b"'s deliveries stay in the seed's totals
+  p.stop(soon());
+  EXPECT_EQ(delivered_ids(a), expected_ids(0, 10));
+  EXPECT_EQ(delivered_ids(a2), expected_ids(10, 15));
+  EXPECT_EQ(a2.accepted().front().target, "/moved");
+  EXPECT_EQ(delivered_ids(b), expected_ids(5, 10));  // nothing after its removal
+  Db db(dir.file("usage.db"));
+  EXPECT_EQ(db.number("SELECT seq FROM sink_cursors WHERE name='a'"), 15);
+  EXPECT_EQ(db.number("SELECT seq FROM sink_cursors WHERE name='b'"), 10);
+}
+
+TEST(UsagePipeline, ReconfigureWithAnInvalidSinkChangesNothing) {
+  TempDir dir;
+  Receiver a;
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("a", a.url())});
+  p.start();
+  EXPECT_THROW(p.reconfigure({make_sink("a", "ftp://nowhere/x")}), std::runtime_error);
+  EXPECT_THROW(p.reconfigure({make_sink("a", a.url()), make_sink("a", a.url("/2"))}),
+               std::runtime_error);
+  for (int i = 0; i < 3; ++i) p.submit(make_record(i));
+  WAIT_FOR(delivered(p, "a") == 3);
+  EXPECT_EQ(a.connections(), 1u);
+  p.stop(soon());
+  EXPECT_EQ(delivered_ids(a), expected_ids(0, 3));
+}
+
+// A sink stuck retrying (receiver failing, backoff) is replaced at once by a reload that fixes
+// its URL, and the new one delivers the backlog from the cursor.
+TEST(UsagePipeline, ReconfigureReplacesASinkInBackoff) {
+  TempDir dir;
+  Receiver bad, good;
+  bad.set_script([](const Receiver::Request&, std::size_t) {
+    Receiver::Reply r;
+    r.status = 500;
+    return r;
+  });
+  auto cfg = make_sink("hook", bad.url());
+  cfg.retry = 0;
+  cfg.max_backoff = std::chrono::milliseconds(60'000);
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
+  p.start();
+  for (int i = 0; i < 4; ++i) p.submit(make_record(i));
+  WAIT_FOR(sink(p.stats(), "hook").failed >= 2);  // in the slow lane now
+  p.reconfigure({make_sink("hook", good.url())});
+  WAIT_FOR(delivered(p) == 4);
+  EXPECT_GE(sink(p.stats(), "hook").failed, 2u);  // counters carried over
+  p.stop(soon());
+  EXPECT_EQ(delivered_ids(good), expected_ids(0, 4));
+}
+
 TEST(UsagePipeline, MemoryDurabilityDelivers) {
   Receiver rx;
   config::UsageConfig u;
