@@ -44,6 +44,8 @@ std::string_view route_label(Route r) {
       return "/admin/backends";
     case Route::admin_config:
       return "/admin/config";
+    case Route::admin_reload:
+      return "/admin/reload";
     case Route::other:
       break;
   }
@@ -52,7 +54,8 @@ std::string_view route_label(Route r) {
 
 Route route_for_path(std::string_view path) {
   for (Route r : {Route::chat, Route::completions, Route::embeddings, Route::models, Route::health,
-                  Route::ready, Route::metrics, Route::admin_backends, Route::admin_config}) {
+                  Route::ready, Route::metrics, Route::admin_backends, Route::admin_config,
+                  Route::admin_reload}) {
     if (route_label(r) == path) return r;
   }
   return Route::other;
@@ -77,6 +80,16 @@ WorkerMetrics::WorkerMetrics(std::size_t backends)
       upstream_errors(backends, std::array<std::uint64_t, kUpstreamErrorKinds>{}),
       backend_duration_sum_ms(backends, 0.0) {}
 
+void WorkerMetrics::ensure_backends(std::size_t backends) {
+  if (ttft_by_backend.size() < backends) {
+    ttft_by_backend.resize(backends, Histogram(kLatencyBoundsMs.size()));
+  }
+  if (upstream_errors.size() < backends) {
+    upstream_errors.resize(backends, std::array<std::uint64_t, kUpstreamErrorKinds>{});
+  }
+  if (backend_duration_sum_ms.size() < backends) backend_duration_sum_ms.resize(backends, 0.0);
+}
+
 void WorkerMetrics::request(Route route, bool stream, int backend, unsigned status,
                             double duration_ms) {
   std::uint64_t key = (static_cast<std::uint64_t>(route) << 27) |
@@ -99,6 +112,7 @@ std::uint64_t WorkerMetrics::requests_to(int backend) const {
 
 void WorkerMetrics::merge(const WorkerMetrics& other) {
   for (const auto& [key, n] : other.requests) requests[key] += n;
+  ensure_backends(other.ttft_by_backend.size());
   latency.merge(other.latency);
   for (std::size_t i = 0; i < ttft_by_backend.size() && i < other.ttft_by_backend.size(); ++i) {
     ttft_by_backend[i].merge(other.ttft_by_backend[i]);
@@ -259,6 +273,7 @@ std::string render(const Snapshot& s) {
   auto in_flight = family("llmproxy_backend_in_flight_requests",
                           "Requests currently being served by the backend.", MetricType::Gauge);
   for (const auto& b : s.backends) {
+    if (!b.current) continue;
     up.metric.push_back(gauge(b.up ? 1 : 0, {{"backend", b.name}}));
     in_flight.metric.push_back(gauge(static_cast<double>(b.in_flight), {{"backend", b.name}}));
   }
@@ -266,11 +281,20 @@ std::string render(const Snapshot& s) {
   out.push_back(std::move(in_flight));
   add_single(out, "llmproxy_open_connections", "Open client connections.", MetricType::Gauge,
              static_cast<double>(s.open_connections));
+  auto reloads =
+      family("llmproxy_config_reloads_total",
+             "Configuration reloads (SIGHUP, POST /admin/reload) by result.", MetricType::Counter);
+  reloads.metric.push_back(counter(static_cast<double>(s.reloads.ok), {{"result", "ok"}}));
+  reloads.metric.push_back(counter(static_cast<double>(s.reloads.failed), {{"result", "failed"}}));
+  out.push_back(std::move(reloads));
+  add_single(out, "llmproxy_config_generation",
+             "The running configuration's generation: 1 at start, +1 per successful reload.",
+             MetricType::Gauge, static_cast<double>(s.reloads.generation));
 
   // Usage metering. The original names count records: a webhook success is a record a sink's
   // receiver acknowledged with 2xx, a failure a record in a POST that failed (each attempt).
   const auto& u = s.usage;
-  std::uint64_t delivered = 0, failed = 0;
+  std::uint64_t delivered = u.removed_delivered, failed = u.removed_failed;
   for (const auto& sink : u.sinks) {
     delivered += sink.delivered;
     failed += sink.failed;

@@ -52,6 +52,7 @@ enum class Route : std::uint8_t {
   metrics,
   admin_backends,
   admin_config,
+  admin_reload,
   other
 };
 std::string_view route_label(Route r);
@@ -66,6 +67,8 @@ inline constexpr int kNoBackend = -1;
 
 struct WorkerMetrics {
   explicit WorkerMetrics(std::size_t backends = 0);
+  // A reload added backend labels: grow the per-backend series (never shrinks, ids are stable).
+  void ensure_backends(std::size_t backends);
 
   void request(Route route, bool stream, int backend, unsigned status, double duration_ms);
   void ttft(int backend, double ms) {
@@ -114,17 +117,30 @@ struct UsageStats {
   std::uint64_t dropped = 0;     // on_backlog: serve, queue full
   std::uint64_t commits = 0;     // log transactions (group commits)
   std::vector<SinkStats> sinks;
+  // Sinks a reload removed: their counts stay in the totals (the seed's webhook counters).
+  std::uint64_t removed_delivered = 0;
+  std::uint64_t removed_failed = 0;
 };
 
-// Live state read at scrape time (atomics elsewhere), rendered as gauges.
+// One backend label (index: its metrics id, stable across reloads). Live state read at scrape
+// time, rendered as gauges for the backends of the running configuration only; a backend that a
+// reload removed keeps its counters but has no gauges.
 struct BackendState {
   std::string name;
   bool up = false;
   std::int64_t in_flight = 0;
+  bool current = true;
+};
+
+struct ReloadStats {
+  std::uint64_t ok = 0;
+  std::uint64_t failed = 0;
+  std::uint64_t generation = 1;
 };
 
 struct Snapshot {
   WorkerMetrics requests;
+  ReloadStats reloads;
   std::vector<BackendState> backends;
   std::int64_t open_connections = 0;
   UsageStats usage;

@@ -128,16 +128,68 @@ void strip_hop_by_hop(Fields& fields) {
 
 class Worker;
 
-struct Shared {
-  explicit Shared(config::Config c)
-      : cfg(std::move(c)), backends(cfg.backends), tls(asio::ssl::context::tls_client) {}
-
-  config::Config cfg;
+// One configuration generation: what a reload replaces as a whole. Immutable once published,
+// except for the backends' live state (atomics). A request holds its generation (through its
+// worker's WorkerGen) until it ends, so it finishes on the backends and timeouts it started with.
+struct Generation {
+  Generation(std::uint64_t id, config::Config c, const lb::BackendSet* previous,
+             const std::vector<int>& metric_ids, std::size_t labels)
+      : id(id), cfg(std::move(c)), backends(cfg.backends, previous, metric_ids), labels(labels) {}
+  const std::uint64_t id;
+  const config::Config cfg;
   lb::BackendSet backends;
+  const std::size_t labels;          // backend labels known when it was built (metrics ids)
+  std::atomic<bool> retired{false};  // replaced: its health checks stop
+};
+
+// Backend metrics labels (name, else URL) ever configured in this process, each with a stable
+// index: a reload keeps a backend's counters under its name. Grows only on reload; bounded by
+// the backends an operator configures.
+class BackendLabels {
+ public:
+  int id(const std::string& name) {
+    std::lock_guard lk(mu_);
+    for (std::size_t i = 0; i < names_.size(); ++i) {
+      if (names_[i] == name) return static_cast<int>(i);
+    }
+    names_.push_back(name);
+    return static_cast<int>(names_.size() - 1);
+  }
+  std::vector<std::string> names() const {
+    std::lock_guard lk(mu_);
+    return names_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<std::string> names_;
+};
+
+struct ReloadResult {
+  bool ok = false;
+  std::uint64_t generation = 0;
+  std::size_t backends = 0;
+  std::vector<std::string> problems;  // failed: every error found in the file
+  std::vector<std::string> warnings;  // ok: restart-only keys that changed and were kept
+};
+
+struct Shared {
+  explicit Shared(config::Config c) : cfg(std::move(c)), tls(asio::ssl::context::tls_client) {}
+
+  // The configuration the process started with: restart-only settings (listen, workers, limits,
+  // the usage log) are read from here and never change.
+  const config::Config cfg;
   asio::ssl::context tls;
   std::atomic<bool> draining{false};
   std::vector<Worker*> workers;      // filled before any worker runs; read by scrapes
   usage::Pipeline* usage = nullptr;  // null when usage.enabled is false
+  BackendLabels labels;
+  asio::io_context* control = nullptr;   // reloads run there, one at a time
+  std::function<ReloadResult()> reload;  // control thread only
+  std::shared_ptr<Generation> current;   // control thread only (workers: WorkerGen)
+  std::atomic<std::uint64_t> reloads_ok{0};
+  std::atomic<std::uint64_t> reloads_failed{0};
+  std::atomic<std::uint64_t> generation{1};
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -149,12 +201,12 @@ struct UpstreamConn {
 
   // The read buffer starts at 4 KiB: a typical response header plus a small JSON body then
   // arrives in one read (Beast would otherwise start at 512 bytes and read twice).
-  UpstreamConn(Plain s, std::size_t b)
-      : stream(std::in_place_type<Plain>, std::move(s)), backend(b) {
+  UpstreamConn(Plain s, std::size_t b, std::uint64_t gen)
+      : stream(std::in_place_type<Plain>, std::move(s)), backend(b), generation(gen) {
     buffer.reserve(kUpstreamInitialBuffer);
   }
-  UpstreamConn(asio::any_io_executor ex, asio::ssl::context& ctx, std::size_t b)
-      : stream(std::in_place_type<Tls>, ex, ctx), backend(b) {
+  UpstreamConn(asio::any_io_executor ex, asio::ssl::context& ctx, std::size_t b, std::uint64_t gen)
+      : stream(std::in_place_type<Tls>, ex, ctx), backend(b), generation(gen) {
     buffer.reserve(kUpstreamInitialBuffer);
   }
 
@@ -171,7 +223,8 @@ struct UpstreamConn {
 
   std::variant<Plain, Tls> stream;
   beast::flat_buffer buffer{kUpstreamHeaderLimit};
-  std::size_t backend;
+  std::size_t backend;       // index in its generation's BackendSet
+  std::uint64_t generation;  // the generation it was opened for (pools move on reload)
   Clock::time_point idle_since{};
   bool reused = false;
 };
@@ -192,23 +245,34 @@ bool idle_conn_alive(UpstreamConn& c) {
 
 class ClientSession;
 
+// One worker's view of one generation: its balancer state and its idle upstream connections.
+// Requests hold theirs (shared_ptr, a count on this worker's own cache line) until they end.
+struct WorkerGen {
+  explicit WorkerGen(std::shared_ptr<Generation> g)
+      : gen(std::move(g)),
+        balancer(gen->backends, gen->cfg.load_balancing.strategy),
+        idle(gen->backends.size()) {}
+  std::shared_ptr<Generation> gen;
+  lb::Balancer balancer;
+  std::vector<std::vector<std::unique_ptr<UpstreamConn>>> idle;  // pool, per backend
+};
+
 class Worker {
  public:
-  Worker(Shared& s, int id)
+  Worker(Shared& s, int id, std::shared_ptr<Generation> gen)
       : shared(s),
         id(id),
         ioc(1),
         acceptor(ioc),
         housekeeping(ioc),
-        balancer(s.backends, s.cfg.load_balancing.strategy),
+        cur(std::make_shared<WorkerGen>(gen)),
         inspector(s.cfg.server.max_body_size + 1024),
         log(STDOUT_FILENO, s.cfg.server.access_log),
-        idle(s.backends.size()),
-        metrics(s.backends.size()) {}
+        metrics(gen->labels) {}
   // Pooled connections use the io_context: close them before it goes. The io_context then
   // destroys the suspended coroutines, whose sessions unregister from `sessions` (declared
-  // before the io_context, so it is still alive then).
-  ~Worker() { idle.clear(); }
+  // before the io_context, so it is still alive then). Only the current WorkerGen has a pool.
+  ~Worker() { cur->idle.clear(); }
 
   Shared& shared;
   int id;
@@ -217,23 +281,25 @@ class Worker {
   tcp::acceptor acceptor;
   std::optional<tcp::acceptor> metrics_acceptor;  // metrics.listen, on worker 0 only
   asio::steady_timer housekeeping;
-  lb::Balancer balancer;
+  std::shared_ptr<WorkerGen> cur;  // this thread only; swapped by adopt()
   llm::RequestInspector inspector;
   simdjson::dom::parser usage_parser;  // usage events, bodies, rewrites: one thread, reused
   RequestIdGenerator ids;
   AccessLog log;
-  std::vector<std::vector<std::unique_ptr<UpstreamConn>>> idle;  // pool, per backend
   metrics::WorkerMetrics metrics;  // written by this thread only; copied on its thread by scrapes
   std::atomic<std::int64_t> connections{0};
   std::thread thread;
 
-  std::unique_ptr<UpstreamConn> take_idle(std::size_t backend) {
-    auto& list = idle[backend];
+  const config::Config& cfg() const { return cur->gen->cfg; }
+
+  // `wg`: the request's generation; after a reload its pool is empty, so it connects afresh.
+  std::unique_ptr<UpstreamConn> take_idle(WorkerGen& wg, std::size_t backend) {
+    auto& list = wg.idle[backend];
     while (!list.empty()) {
       auto c = std::move(list.back());
       list.pop_back();
       auto idle_for = Clock::now() - c->idle_since;
-      if (idle_for < shared.cfg.upstream.idle_timeout &&
+      if (idle_for < wg.gen->cfg.upstream.idle_timeout &&
           (idle_for < kProbeIdleAfter || idle_conn_alive(*c))) {
         c->reused = true;
         return c;
@@ -243,10 +309,16 @@ class Worker {
     return nullptr;
   }
 
-  void put_idle(std::unique_ptr<UpstreamConn> c) {
-    auto& list = idle[c->backend];
+  // `wg`: the generation the connection was used in. A connection of an older generation goes
+  // to the current pool when its backend (same name and URL) is still configured.
+  void put_idle(const WorkerGen& wg, std::unique_ptr<UpstreamConn> c) {
+    if (c->generation != cur->gen->id && !rebase(wg, *c)) {
+      c->close();
+      return;
+    }
+    auto& list = cur->idle[c->backend];
     if (shared.draining.load(std::memory_order_relaxed) ||
-        list.size() >= static_cast<std::size_t>(shared.cfg.upstream.max_idle_per_backend)) {
+        list.size() >= static_cast<std::size_t>(cfg().upstream.max_idle_per_backend)) {
       c->close();
       return;
     }
@@ -255,11 +327,44 @@ class Worker {
     list.push_back(std::move(c));
   }
 
+  // Moves a connection of generation `from` to the same backend in the current generation.
+  bool rebase(const WorkerGen& from, UpstreamConn& c) {
+    if (from.gen->id != c.generation || c.backend >= from.gen->backends.size()) return false;
+    const auto& old = from.gen->backends[c.backend];
+    const auto& now = cur->gen->backends;
+    for (std::size_t i = 0; i < now.size(); ++i) {
+      if (now[i].name() == old.name() && now[i].config().url == old.config().url) {
+        c.backend = i;
+        c.generation = cur->gen->id;
+        return true;
+      }
+    }
+    return false;
+  }
+
+  // A reload: later requests use `gen`; idle connections to backends it keeps move along.
+  void adopt(std::shared_ptr<Generation> gen) {
+    auto old = std::move(cur);
+    cur = std::make_shared<WorkerGen>(std::move(gen));
+    metrics.ensure_backends(cur->gen->labels);
+    for (auto& list : old->idle) {
+      for (auto& c : list) {
+        if (rebase(*old, *c) && cur->idle[c->backend].size() <
+                                    static_cast<std::size_t>(cfg().upstream.max_idle_per_backend)) {
+          cur->idle[c->backend].push_back(std::move(c));
+        } else {
+          c->close();
+        }
+      }
+      list.clear();
+    }
+  }
+
   void sweep_idle() {
     auto now = Clock::now();
-    for (auto& list : idle) {
+    for (auto& list : cur->idle) {
       std::erase_if(list, [&](std::unique_ptr<UpstreamConn>& c) {
-        if (now - c->idle_since >= shared.cfg.upstream.idle_timeout || !idle_conn_alive(*c)) {
+        if (now - c->idle_since >= cfg().upstream.idle_timeout || !idle_conn_alive(*c)) {
           c->close();
           return true;
         }
@@ -289,7 +394,7 @@ struct ConnectResult {
 // Resolves, connects and (for https://) handshakes with verification, all within `timeout`.
 // Used by requests (connect timeout) and health checks (their own timeout) alike.
 asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared& shared,
-                                               const lb::Backend& backend,
+                                               const Generation& gen, const lb::Backend& backend,
                                                std::chrono::milliseconds timeout) {
   const auto& url = backend.config().parsed;
   ConnectResult out;
@@ -310,9 +415,9 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
   }
   std::unique_ptr<UpstreamConn> conn;
   if (url.tls) {
-    conn = std::make_unique<UpstreamConn>(ex, shared.tls, backend.index());
+    conn = std::make_unique<UpstreamConn>(ex, shared.tls, backend.index(), gen.id);
   } else {
-    conn = std::make_unique<UpstreamConn>(beast::tcp_stream(ex), backend.index());
+    conn = std::make_unique<UpstreamConn>(beast::tcp_stream(ex), backend.index(), gen.id);
   }
   auto& tcp_stream = conn->tcp();
   tcp_stream.expires_after(timeout);
@@ -329,7 +434,7 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
       out.ec = error_code(static_cast<int>(::ERR_get_error()), asio::error::get_ssl_category());
       co_return out;
     }
-    if (shared.cfg.upstream.tls_verify) {
+    if (gen.cfg.upstream.tls_verify) {
       tls.set_verify_mode(asio::ssl::verify_peer);
       tls.set_verify_callback(asio::ssl::host_name_verification(url.host));
     } else {
@@ -397,6 +502,7 @@ struct HangupWatch {
 
 struct RequestContext {
   Clock::time_point start = Clock::now();
+  std::shared_ptr<WorkerGen> wg;  // the configuration generation it runs on, to its end
   std::string request_id;
   std::string method;
   std::string path;
@@ -499,7 +605,8 @@ class ClientSession {
 
   void arm_watch();
   asio::awaitable<void> disarm_watch();
-  void record_passive(lb::Backend& b, bool ok);
+  void record_passive(const config::HealthCheck& hc, lb::Backend& b, bool ok);
+  asio::awaitable<void> handle_reload(RequestContext& ctx, bool keep_alive);
   void log(RequestContext& ctx);
   // Metering: usage from what passed (sync), then, when the backend reported none, the prompt
   // counted by the backend's /tokenize (after the client has its whole response).
@@ -527,7 +634,7 @@ void Worker::begin_drain() {
   acceptor.close(ec);
   if (metrics_acceptor) metrics_acceptor->close(ec);
   for (auto* s : sessions) s->cancel_if_idle();
-  for (auto& list : idle) {
+  for (auto& list : cur->idle) {
     for (auto& c : list) c->close();
     list.clear();
   }
@@ -540,7 +647,7 @@ asio::awaitable<void> ClientSession::run() {
     // Keep-alive idle wait: the first bytes of the next request.
     if (buffer_.size() == 0) {
       idle_ = true;
-      stream_.expires_after(w_.shared.cfg.timeouts.keepalive);
+      stream_.expires_after(w_.cfg().timeouts.keepalive);
       auto [ec, n] = co_await stream_.async_read_some(buffer_.prepare(4096), use_nothrow);
       idle_ = false;
       if (ec) break;
@@ -571,7 +678,7 @@ asio::awaitable<void> ClientSession::run() {
 void ClientSession::log(RequestContext& ctx) {
   // The one place every request passes exactly once: metrics, the usage record, the access log.
   if (aborted_) ctx.finish = "timeout";  // cut by the gateway at the drain deadline
-  const int backend = ctx.backend ? static_cast<int>(ctx.backend->index()) : metrics::kNoBackend;
+  const int backend = ctx.backend ? ctx.backend->metric_id() : metrics::kNoBackend;
   const double duration_ms =
       std::chrono::duration<double, std::milli>(
           (ctx.end == Clock::time_point{} ? Clock::now() : ctx.end) - ctx.start)
@@ -612,7 +719,7 @@ asio::awaitable<bool> ClientSession::send(RequestContext& ctx, Reply& reply) {
   res.prepare_payload();
   ctx.status = reply.status;
   ctx.bytes_out = res.body().size();
-  stream_.expires_after(w_.shared.cfg.timeouts.stream_idle);
+  stream_.expires_after(w_.cfg().timeouts.stream_idle);
   auto [ec, n] = co_await bhttp::async_write(stream_, res, use_nothrow);
   if (ec) {
     ctx.finish = "client_disconnected";
@@ -623,7 +730,7 @@ asio::awaitable<bool> ClientSession::send(RequestContext& ctx, Reply& reply) {
 }
 
 std::string ClientSession::health_body(bool ready_check) const {
-  const auto& set = w_.shared.backends;
+  const auto& set = w_.cur->gen->backends;
   std::string out = ready_check ? R"({"status":"ready")" : R"({"status":"ok")";
   out += fmt::format(R"(,"draining":{},"backends":{{"total":{},"healthy":{}}},"backend_status":[)",
                      w_.shared.draining.load(), set.size(), set.healthy_count());
@@ -645,7 +752,7 @@ asio::awaitable<metrics::WorkerMetrics> copy_metrics(Worker* w) {
 // Every worker copies its own metrics on its own thread (a message through its event loop),
 // so the request path never synchronises with a scrape.
 asio::awaitable<metrics::WorkerMetrics> ClientSession::merged_metrics() {
-  metrics::WorkerMetrics merged(w_.shared.backends.size());
+  metrics::WorkerMetrics merged(w_.cur->gen->labels);
   for (Worker* other : w_.shared.workers) {
     if (other == &w_) {
       merged.merge(w_.metrics);
@@ -659,23 +766,32 @@ asio::awaitable<metrics::WorkerMetrics> ClientSession::merged_metrics() {
 }
 
 asio::awaitable<std::string> ClientSession::metrics_body() {
-  const auto& set = w_.shared.backends;
   // Awaited into a named local first (GCC 12 mishandles co_await inside an initializer list).
   metrics::WorkerMetrics merged = co_await merged_metrics();
+  const auto gen = w_.cur->gen;  // after the await: the generation now running
+  const auto& set = gen->backends;
   metrics::Snapshot snap;
   snap.requests = std::move(merged);
   for (Worker* other : w_.shared.workers) {
     snap.open_connections += other->connections.load(std::memory_order_relaxed);
   }
-  for (std::size_t i = 0; i < set.size(); ++i) {
-    snap.backends.push_back({set[i].name(), set[i].healthy(), set[i].in_flight()});
+  for (auto& name : w_.shared.labels.names()) {
+    snap.backends.push_back({std::move(name), false, 0, false});
   }
+  for (std::size_t i = 0; i < set.size(); ++i) {
+    auto id = static_cast<std::size_t>(set[i].metric_id());
+    if (id >= snap.backends.size()) continue;
+    snap.backends[id] = {set[i].name(), set[i].healthy(), set[i].in_flight(), true};
+  }
+  snap.reloads.ok = w_.shared.reloads_ok.load();
+  snap.reloads.failed = w_.shared.reloads_failed.load();
+  snap.reloads.generation = gen->id;
   if (w_.shared.usage) snap.usage = w_.shared.usage->stats();
   co_return metrics::render(snap);
 }
 
 bool ClientSession::admin_authorized(std::string_view authorization) const {
-  const std::string& token = w_.shared.cfg.admin.token;
+  const std::string& token = w_.cfg().admin.token;
   if (token.empty()) return true;
   constexpr std::string_view kBearer = "Bearer ";
   if (authorization.size() != kBearer.size() + token.size() ||
@@ -691,8 +807,9 @@ bool ClientSession::admin_authorized(std::string_view authorization) const {
 }
 
 asio::awaitable<std::string> ClientSession::admin_backends_body() {
-  const auto& set = w_.shared.backends;
   metrics::WorkerMetrics m = co_await merged_metrics();
+  const auto gen = w_.cur->gen;
+  const auto& set = gen->backends;
   std::string out = R"({"backends":[)";
   for (std::size_t i = 0; i < set.size(); ++i) {
     const lb::Backend& b = set[i];
@@ -701,8 +818,12 @@ asio::awaitable<std::string> ClientSession::admin_backends_body() {
     http::append_json_escaped(out, b.name());
     out += R"(","url":")";
     http::append_json_escaped(out, b.config().url);
-    const std::uint64_t n = m.requests_to(static_cast<int>(i));
-    const double avg = n ? m.backend_duration_sum_ms[i] / static_cast<double>(n) : 0.0;
+    const int id = b.metric_id();
+    const std::uint64_t n = m.requests_to(id);
+    const double sum = static_cast<std::size_t>(id) < m.backend_duration_sum_ms.size()
+                           ? m.backend_duration_sum_ms[static_cast<std::size_t>(id)]
+                           : 0.0;
+    const double avg = n ? sum / static_cast<double>(n) : 0.0;
     const std::int64_t last = b.last_check_unix_ms();
     out += fmt::format(R"(","weight":{},"healthy":{},"in_flight":{},"consecutive_failures":{},)"
                        R"("last_check":{},"requests":{},"latency_avg_ms":{:.3f},"models":[)",
@@ -721,7 +842,7 @@ asio::awaitable<std::string> ClientSession::admin_backends_body() {
 }
 
 std::string ClientSession::models_body() const {
-  const auto& set = w_.shared.backends;
+  const auto& set = w_.cur->gen->backends;
   std::vector<std::pair<std::string, std::string>> models;  // id, owner
   for (std::size_t i = 0; i < set.size(); ++i) {
     const auto& b = set[i];
@@ -747,8 +868,9 @@ std::string ClientSession::models_body() const {
 }
 
 asio::awaitable<bool> ClientSession::handle_request() {
-  const auto& cfg = w_.shared.cfg;
   RequestContext ctx;
+  ctx.wg = w_.cur;
+  const auto& cfg = ctx.wg->gen->cfg;
   bhttp::request_parser<bhttp::string_body> parser;
   parser.header_limit(static_cast<std::uint32_t>(cfg.server.max_header_size));
   parser.body_limit(cfg.server.max_body_size);
@@ -831,32 +953,30 @@ asio::awaitable<bool> ClientSession::handle_request() {
   }
   bool llm_route =
       route == Route::chat || route == Route::completions || route == Route::embeddings;
-  if (llm_route && req.method() != bhttp::verb::post) {
-    {
-      Reply reply = error_reply(
-          http::errors::method_not_allowed,
-          fmt::format("Method {} is not allowed on {}; use POST.", ctx.method, ctx.path),
-          keep_alive && !body_pending, "POST");
+  const bool post_route = llm_route || route == Route::admin_reload;
+  if (req.method() != (post_route ? bhttp::verb::post : bhttp::verb::get)) {
+    const std::string_view allow = post_route ? "POST" : "GET";
+    Reply reply = error_reply(
+        http::errors::method_not_allowed,
+        fmt::format("Method {} is not allowed on {}; use {}.", ctx.method, ctx.path, allow),
+        keep_alive && !body_pending, allow);
+    co_return co_await send(ctx, reply);
+  }
+  if (route == Route::admin_backends || route == Route::admin_config ||
+      route == Route::admin_reload) {
+    if (!admin_authorized(req[bhttp::field::authorization])) {
+      Reply reply = error_reply(http::errors::unauthorized,
+                                "The admin API needs 'Authorization: Bearer <admin.token>'.",
+                                keep_alive && !body_pending);
       co_return co_await send(ctx, reply);
     }
   }
+  if (route == Route::admin_reload) {
+    co_await handle_reload(ctx, keep_alive && !body_pending);
+    co_return keep_alive && !body_pending;
+  }
   if (!llm_route) {
-    if (req.method() != bhttp::verb::get) {
-      {
-        Reply reply = error_reply(
-            http::errors::method_not_allowed,
-            fmt::format("Method {} is not allowed on {}; use GET.", ctx.method, ctx.path),
-            keep_alive && !body_pending, "GET");
-        co_return co_await send(ctx, reply);
-      }
-    }
     if (route == Route::admin_backends || route == Route::admin_config) {
-      if (!admin_authorized(req[bhttp::field::authorization])) {
-        Reply reply = error_reply(http::errors::unauthorized,
-                                  "The admin API needs 'Authorization: Bearer <admin.token>'.",
-                                  keep_alive && !body_pending);
-        co_return co_await send(ctx, reply);
-      }
       if (route == Route::admin_config) {
         Reply reply{200,
                     config::to_yaml(cfg),
@@ -890,7 +1010,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
         co_return co_await send(ctx, reply);
       }
     }
-    bool ready = w_.shared.backends.healthy_count() > 0 &&
+    bool ready = ctx.wg->gen->backends.healthy_count() > 0 &&
                  !w_.shared.draining.load(std::memory_order_relaxed);
     if (ready) {
       Reply reply{200, health_body(true), keep_alive && !body_pending, {}};
@@ -992,6 +1112,44 @@ asio::awaitable<bool> ClientSession::handle_request() {
   co_return co_await proxy(req, ctx, keep_alive);
 }
 
+asio::awaitable<ReloadResult> reload_on_control(Shared* shared) {
+  co_return shared->reload();
+}
+asio::awaitable<void> worker_barrier() {
+  co_return;
+}
+
+// POST /admin/reload: the reload runs on the control thread (as for SIGHUP); the answer waits
+// until every worker has switched, so a request sent after it uses the new configuration.
+asio::awaitable<void> ClientSession::handle_reload(RequestContext& ctx, bool keep_alive) {
+  auto op = asio::co_spawn(*w_.shared.control, reload_on_control(&w_.shared), asio::use_awaitable);
+  ReloadResult result = co_await std::move(op);
+  if (result.ok) {
+    for (Worker* other : w_.shared.workers) {
+      auto sync = asio::co_spawn(other->ioc, worker_barrier(), asio::use_awaitable);
+      co_await std::move(sync);
+    }
+    std::string body = fmt::format(R"({{"status":"ok","generation":{},"backends":{},"warnings":[)",
+                                   result.generation, result.backends);
+    for (std::size_t i = 0; i < result.warnings.size(); ++i) {
+      body += i ? ",\"" : "\"";
+      http::append_json_escaped(body, result.warnings[i]);
+      body += '"';
+    }
+    body += "]}";
+    Reply reply{200, std::move(body), keep_alive, {}};
+    co_await send(ctx, reply);
+    co_return;
+  }
+  std::string message = "The configuration file is invalid; nothing was changed: ";
+  for (std::size_t i = 0; i < result.problems.size(); ++i) {
+    if (i) message += "; ";
+    message += result.problems[i];
+  }
+  Reply reply = error_reply(http::errors::invalid_config, message, keep_alive);
+  co_await send(ctx, reply);
+}
+
 void ClientSession::arm_watch() {
   watch_.client_gone = false;
   watch_.upstream = nullptr;
@@ -1024,10 +1182,9 @@ asio::awaitable<void> ClientSession::disarm_watch() {
   }
 }
 
-void ClientSession::record_passive(lb::Backend& backend, bool ok) {
+void ClientSession::record_passive(const config::HealthCheck& hc, lb::Backend& backend, bool ok) {
   // Passive results only feed health when active checks run: they alone can bring a
   // backend back, so without them a passive "down" would be permanent.
-  const auto& hc = w_.shared.cfg.health_check;
   if (!hc.enabled) return;
   if (ok) {
     if (backend.consecutive_failures() != 0) backend.record_success(hc.healthy_threshold);
@@ -1092,7 +1249,7 @@ asio::awaitable<void> ClientSession::resolve_usage_with_tokenize(RequestContext&
   if (!ctx.metered || !ctx.forwarded) co_return;
   resolve_usage(ctx);
   if (ctx.prompt_estimated && !ctx.retained_body.empty() && ctx.sent_to &&
-      ctx.endpoint != llm::Endpoint::embeddings && w_.shared.cfg.usage.tokenize &&
+      ctx.endpoint != llm::Endpoint::embeddings && ctx.wg->gen->cfg.usage.tokenize &&
       !ctx.sent_to->tokenize_unsupported()) {
     // The request ends here for the client and for the metrics; a body that ends with the
     // connection ends now, not after the /tokenize round trip.
@@ -1119,7 +1276,8 @@ asio::awaitable<void> ClientSession::resolve_usage_with_tokenize(RequestContext&
 asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend,
                                                       const RequestContext& ctx,
                                                       std::string_view authorization) {
-  const auto& cfg = w_.shared.cfg;
+  const auto& gen = *ctx.wg->gen;
+  const auto& cfg = gen.cfg;
   std::string body;
   {
     std::string& padded = ctx_scratch_;
@@ -1137,8 +1295,8 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
     body += '}';
   }
   // A connection of its own, closed afterwards: this rare call never touches the pool.
-  auto cr =
-      co_await connect_backend(w_.ioc.get_executor(), w_.shared, backend, cfg.timeouts.connect);
+  auto cr = co_await connect_backend(w_.ioc.get_executor(), w_.shared, gen, backend,
+                                     cfg.timeouts.connect);
   if (!cr.conn) co_return -1;
   std::unique_ptr<UpstreamConn> conn = std::move(cr.conn);
   const auto& url = backend.config().parsed;
@@ -1230,7 +1388,7 @@ void ClientSession::submit_usage(RequestContext& ctx, double duration_ms) {
 }
 
 asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bool keep_alive) {
-  const auto& cfg = w_.shared.cfg;
+  const auto& cfg = ctx.wg->gen->cfg;
   // Rewrite the client's request in place into the upstream request (no copy of the body).
   strip_hop_by_hop(req.base());
   std::string xff(req["X-Forwarded-For"]);
@@ -1250,7 +1408,7 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
   bool client_keep_alive = keep_alive;
   for (int i = 0; i <= cfg.load_balancing.max_retries; ++i) {
     if (watch_.client_gone) break;
-    auto pick = w_.balancer.pick(ctx.info.model, std::span(tried.data(), ntried));
+    auto pick = ctx.wg->balancer.pick(ctx.info.model, std::span(tried.data(), ntried));
     if (!pick.backend) {
       co_await disarm_watch();
       if (i > 0) {
@@ -1345,7 +1503,9 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
                                                                RequestContext& ctx, bool keep_alive,
                                                                bool& client_keep_alive,
                                                                std::string& error) {
-  const auto& cfg = w_.shared.cfg;
+  WorkerGen& wg = *ctx.wg;
+  const auto& cfg = wg.gen->cfg;
+  const int metric_id = backend.metric_id();
   std::unique_ptr<UpstreamConn> conn;
   // One parser per response header: interim 1xx responses each need a fresh one.
   std::optional<bhttp::response_parser<bhttp::buffer_body>> parser;
@@ -1354,18 +1514,17 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // fails fast with EOF/reset and nothing received: retried once on a fresh connection to the
   // same backend without counting against it.
   for (int fresh_retry = 0;; ++fresh_retry) {
-    conn = w_.take_idle(backend.index());
+    conn = w_.take_idle(wg, backend.index());
     if (!conn) {
-      auto cr =
-          co_await connect_backend(w_.ioc.get_executor(), w_.shared, backend, cfg.timeouts.connect);
+      auto cr = co_await connect_backend(w_.ioc.get_executor(), w_.shared, *wg.gen, backend,
+                                         cfg.timeouts.connect);
       if (watch_.client_gone) co_return Attempt::retry;
       if (!cr.conn) {
-        w_.metrics.upstream_error(
-            static_cast<int>(backend.index()),
-            cr.timed_out ? metrics::UpstreamError::timeout : metrics::UpstreamError::connect);
+        w_.metrics.upstream_error(metric_id, cr.timed_out ? metrics::UpstreamError::timeout
+                                                          : metrics::UpstreamError::connect);
         error = fmt::format("{}: connect: {}", backend.name(),
                             cr.timed_out ? "timed out" : cr.ec.message());
-        record_passive(backend, false);
+        record_passive(cfg.health_check, backend, false);
         co_return Attempt::retry;
       }
       conn = std::move(cr.conn);
@@ -1395,22 +1554,22 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
           !wec && conn->reused && fresh_retry == 0 &&
           (hec == bhttp::error::end_of_stream || hec == asio::error::connection_reset);
       if (!stale) {
-        w_.metrics.upstream_error(static_cast<int>(backend.index()),
-                                  hec == beast::error::timeout ? metrics::UpstreamError::timeout
-                                                               : metrics::UpstreamError::reset);
+        w_.metrics.upstream_error(metric_id, hec == beast::error::timeout
+                                                 ? metrics::UpstreamError::timeout
+                                                 : metrics::UpstreamError::reset);
       }
       if (wec) {
         error = fmt::format("{}: send: {}", backend.name(), wec.message());
-        record_passive(backend, false);
+        record_passive(cfg.health_check, backend, false);
         co_return Attempt::retry;
       }
       if (hec == beast::error::timeout) {
-        record_passive(backend, false);
+        record_passive(cfg.health_check, backend, false);
         co_return Attempt::first_byte_timeout;
       }
       if (stale) continue;
       error = fmt::format("{}: {}", backend.name(), hec.message());
-      record_passive(backend, false);
+      record_passive(cfg.health_check, backend, false);
       co_return Attempt::retry;
     }
     break;
@@ -1423,10 +1582,9 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // From here on the response belongs to the client: no retry.
   auto& up = rp.get();
   const unsigned status = up.result_int();
-  record_passive(backend, status < 500);
+  record_passive(cfg.health_check, backend, status < 500);
   if (status >= 500) {
-    w_.metrics.upstream_error(static_cast<int>(backend.index()),
-                              metrics::UpstreamError::status_5xx);
+    w_.metrics.upstream_error(metric_id, metrics::UpstreamError::status_5xx);
   }
   ctx.upstream_status = status;
   if (ctx.metered && cfg.usage.tokenize && req.body().size() <= kMaxTokenizeBody) {
@@ -1500,11 +1658,10 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
         client_ok = false;
       } else if (rec == beast::error::timeout) {
         ctx.finish = "timeout";
-        w_.metrics.upstream_error(static_cast<int>(backend.index()),
-                                  metrics::UpstreamError::timeout);
+        w_.metrics.upstream_error(metric_id, metrics::UpstreamError::timeout);
       } else {
         ctx.finish = "upstream_error";
-        w_.metrics.upstream_error(static_cast<int>(backend.index()), metrics::UpstreamError::reset);
+        w_.metrics.upstream_error(metric_id, metrics::UpstreamError::reset);
       }
       break;
     }
@@ -1589,7 +1746,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   if (upstream_ok && rp.is_done() && rp.keep_alive() && conn->buffer.size() == 0 &&
       conn->tcp().socket().is_open()) {
     conn->tcp().expires_never();
-    w_.put_idle(std::move(conn));
+    w_.put_idle(wg, std::move(conn));
   } else {
     conn->close();
   }
@@ -1673,11 +1830,12 @@ struct ProbeResult {
   std::string error;
 };
 
-asio::awaitable<ProbeResult> probe(asio::io_context& ioc, Shared& shared, const lb::Backend& b,
-                                   std::string path, std::chrono::milliseconds timeout) {
+asio::awaitable<ProbeResult> probe(asio::io_context& ioc, Shared& shared, const Generation& gen,
+                                   const lb::Backend& b, std::string path,
+                                   std::chrono::milliseconds timeout) {
   ProbeResult out;
   const auto& url = b.config().parsed;
-  auto cr = co_await connect_backend(ioc.get_executor(), shared, b, timeout);
+  auto cr = co_await connect_backend(ioc.get_executor(), shared, gen, b, timeout);
   if (!cr.conn) {
     out.error = cr.timed_out ? "timed out" : cr.ec.message();
     co_return out;
@@ -1722,18 +1880,22 @@ std::vector<std::string> parse_model_ids(const std::string& body) {
   return ids;
 }
 
-asio::awaitable<void> health_loop(asio::io_context* ioc, Shared* shared, lb::Backend* b) {
-  const auto& hc = shared->cfg.health_check;
+// One loop per backend of a generation; it ends once a reload has replaced that generation.
+asio::awaitable<void> health_loop(asio::io_context* ioc, Shared* shared,
+                                  std::shared_ptr<Generation> gen, std::size_t index) {
+  const auto& hc = gen->cfg.health_check;
+  lb::Backend* b = &gen->backends[index];
   asio::steady_timer timer(*ioc);
-  for (std::uint64_t round = 0;; ++round) {
-    auto result = co_await probe(*ioc, *shared, *b, hc.path, hc.timeout);
+  for (std::uint64_t round = 0; !gen->retired.load(); ++round) {
+    auto result = co_await probe(*ioc, *shared, *gen, *b, hc.path, hc.timeout);
+    if (gen->retired.load()) co_return;
     b->set_last_check(unix_ms_now());
     if (result.ok) {
       if (b->record_success(hc.healthy_threshold)) {
         log::line("info", "backend {} is healthy again", b->name());
       }
       if (!b->lists_models() && (round % 6 == 0 || b->discovered_models().empty())) {
-        auto models = co_await probe(*ioc, *shared, *b, "/v1/models", hc.timeout);
+        auto models = co_await probe(*ioc, *shared, *gen, *b, "/v1/models", hc.timeout);
         if (models.ok) b->set_discovered_models(parse_model_ids(models.body));
       }
     } else if (b->record_failure(hc.unhealthy_threshold)) {
@@ -1743,6 +1905,64 @@ asio::awaitable<void> health_loop(asio::io_context* ioc, Shared* shared, lb::Bac
     timer.expires_after(hc.interval);
     co_await timer.async_wait(use_nothrow);
   }
+}
+
+void start_health_checks(asio::io_context& control, Shared& shared,
+                         const std::shared_ptr<Generation>& gen) {
+  if (!gen->cfg.health_check.enabled) return;
+  for (std::size_t i = 0; i < gen->backends.size(); ++i) {
+    asio::co_spawn(control, health_loop(&control, &shared, gen, i), asio::detached);
+  }
+}
+
+std::vector<int> metric_ids(BackendLabels& labels, const config::Config& cfg) {
+  std::vector<int> ids;
+  for (const auto& b : cfg.backends) ids.push_back(labels.id(b.name));
+  return ids;
+}
+
+// Settings that only a restart applies: a reload keeps the running value and says so.
+std::vector<std::string> keep_restart_only(const config::Config& running, config::Config& next) {
+  std::vector<std::string> warnings;
+  auto keep = [&](auto& now, const auto& was, std::string_view key, bool same) {
+    if (same) return;
+    warnings.push_back(fmt::format(
+        "{} changed: it takes effect only after a restart; the running value is kept", key));
+    now = was;
+  };
+  auto same_listen = [](const auto& a, const auto& b) { return a.to_string() == b.to_string(); };
+  keep(next.listen, running.listen, "listen", same_listen(next.listen, running.listen));
+  const auto& rs = running.server;
+  auto& ns = next.server;
+  keep(ns.workers, rs.workers, "server.workers", ns.workers == rs.workers);
+  keep(ns.max_body_size, rs.max_body_size, "server.max_body_size",
+       ns.max_body_size == rs.max_body_size);
+  keep(ns.max_header_size, rs.max_header_size, "server.max_header_size",
+       ns.max_header_size == rs.max_header_size);
+  keep(ns.max_connections, rs.max_connections, "server.max_connections",
+       ns.max_connections == rs.max_connections);
+  keep(ns.drain_timeout, rs.drain_timeout, "server.drain_timeout",
+       ns.drain_timeout == rs.drain_timeout);
+  keep(ns.access_log, rs.access_log, "server.access_log", ns.access_log == rs.access_log);
+  keep(next.metrics.listen, running.metrics.listen, "metrics.listen",
+       next.metrics.listen.has_value() == running.metrics.listen.has_value() &&
+           (!next.metrics.listen || same_listen(*next.metrics.listen, *running.metrics.listen)));
+  keep(next.upstream.ca_file, running.upstream.ca_file, "upstream.ca_file",
+       next.upstream.ca_file == running.upstream.ca_file);
+  const auto& ru = running.usage;
+  auto& nu = next.usage;
+  keep(nu.enabled, ru.enabled, "usage.enabled", nu.enabled == ru.enabled);
+  keep(nu.durability, ru.durability, "usage.durability", nu.durability == ru.durability);
+  keep(nu.log_path, ru.log_path, "usage.log_path", nu.log_path == ru.log_path);
+  keep(nu.queue_size, ru.queue_size, "usage.queue_size", nu.queue_size == ru.queue_size);
+  keep(nu.commit_interval, ru.commit_interval, "usage.commit_interval",
+       nu.commit_interval == ru.commit_interval);
+  keep(nu.on_backlog, ru.on_backlog, "usage.on_backlog", nu.on_backlog == ru.on_backlog);
+  keep(nu.memory_max_records, ru.memory_max_records, "usage.memory_max_records",
+       nu.memory_max_records == ru.memory_max_records);
+  keep(nu.retention_days, ru.retention_days, "usage.retention_days",
+       nu.retention_days == ru.retention_days);
+  return warnings;
 }
 
 }  // namespace
@@ -1788,6 +2008,62 @@ int Gateway::run() {
     shared.usage = impl_->usage.get();
   }
 
+  // Generation 1: the configuration as started. Reloads (SIGHUP, POST /admin/reload) replace it.
+  shared.control = &impl_->control;
+  const auto boot_ids = metric_ids(shared.labels, cfg);  // before the label count below
+  shared.current =
+      std::make_shared<Generation>(1, cfg, nullptr, boot_ids, shared.labels.names().size());
+  shared.reload = [&impl = *impl_]() -> ReloadResult {
+    Shared& sh = impl.shared;
+    ReloadResult r;
+    const std::string& path = sh.cfg.source;
+    auto loaded = config::load_file(path);
+    auto fail = [&] {
+      for (const auto& p : r.problems) log::line("error", "reload: {}", p);
+      sh.reloads_failed.fetch_add(1);
+      log::line("error", "reload of {} failed ({} problem{}); the running configuration is kept",
+                path, r.problems.size(), r.problems.size() == 1 ? "" : "s");
+      return r;
+    };
+    if (!loaded.ok()) {
+      for (const auto& e : loaded.errors) r.problems.push_back(e.to_string());
+      if (r.problems.empty()) r.problems.push_back(path + ": cannot be loaded");
+      return fail();
+    }
+    config::Config next = std::move(*loaded.config);
+    r.warnings = keep_restart_only(sh.cfg, next);
+    std::string sinks_note;
+    if (sh.usage) {
+      std::vector<config::SinkConfig> sinks;
+      for (const auto* sink : next.active_sinks()) sinks.push_back(*sink);
+      try {
+        sinks_note = sh.usage->reconfigure(std::move(sinks));
+      } catch (const std::exception& e) {
+        r.problems.push_back(path + ": " + e.what());
+        return fail();
+      }
+    }
+    auto old = sh.current;
+    auto ids = metric_ids(sh.labels, next);
+    auto gen = std::make_shared<Generation>(old->id + 1, std::move(next), &old->backends, ids,
+                                            sh.labels.names().size());
+    old->retired.store(true);
+    sh.current = gen;
+    for (Worker* w : sh.workers) {
+      asio::post(w->ioc, [w, gen] { w->adopt(gen); });
+    }
+    start_health_checks(impl.control, sh, gen);
+    sh.reloads_ok.fetch_add(1);
+    for (const auto& warning : r.warnings) log::line("warn", "reload: {}", warning);
+    log::line("info", "reloaded {}: generation {}, {} backend{}{}{}", path, gen->id,
+              gen->backends.size(), gen->backends.size() == 1 ? "" : "s",
+              sinks_note.empty() ? "" : "; usage sinks: ", sinks_note);
+    r.ok = true;
+    r.generation = gen->id;
+    r.backends = gen->backends.size();
+    return r;
+  };
+
   const int nworkers = cfg.effective_workers();
   auto address = asio::ip::make_address(cfg.listen.host, ec);
   if (ec) {
@@ -1796,7 +2072,7 @@ int Gateway::run() {
   }
   tcp::endpoint endpoint(address, cfg.listen.port);
   for (int i = 0; i < nworkers; ++i) {
-    impl_->workers.push_back(std::make_unique<Worker>(shared, i));
+    impl_->workers.push_back(std::make_unique<Worker>(shared, i, shared.current));
     auto& acc = impl_->workers.back()->acceptor;
     acc.open(endpoint.protocol(), ec);
     if (!ec) acc.set_option(tcp::acceptor::reuse_address(true), ec);
@@ -1853,12 +2129,15 @@ int Gateway::run() {
       w->log.flush();
     });
   }
-  if (cfg.health_check.enabled) {
-    for (std::size_t i = 0; i < shared.backends.size(); ++i) {
-      asio::co_spawn(impl_->control, health_loop(&impl_->control, &shared, &shared.backends[i]),
-                     asio::detached);
-    }
-  }
+  start_health_checks(impl_->control, shared, shared.current);
+  asio::signal_set hangup(impl_->control, SIGHUP);
+  std::function<void(error_code, int)> on_hangup = [&](error_code hec, int) {
+    if (hec) return;
+    log::line("info", "SIGHUP: reloading {}", cfg.source);
+    shared.reload();
+    hangup.async_wait(on_hangup);
+  };
+  hangup.async_wait(on_hangup);
 
   // Shutdown: first signal drains, a second one stops at once.
   asio::signal_set signals(impl_->control, SIGINT, SIGTERM);
@@ -1905,6 +2184,7 @@ int Gateway::run() {
     stopping = true;
     log::line("info", "signal {}: draining (up to {} ms)", signo, cfg.server.drain_timeout.count());
     shared.draining.store(true);
+    hangup.cancel();
     for (auto& wp : impl_->workers) {
       Worker* w = wp.get();
       asio::post(w->ioc, [w] { w->begin_drain(); });
@@ -1919,7 +2199,7 @@ int Gateway::run() {
   std::string host = cfg.listen.host.find(':') != std::string::npos ? "[" + cfg.listen.host + "]"
                                                                     : cfg.listen.host;
   std::printf("llmproxy: listening on http://%s:%u (%d workers, %zu backends)%s\n", host.c_str(),
-              static_cast<unsigned>(endpoint.port()), nworkers, shared.backends.size(),
+              static_cast<unsigned>(endpoint.port()), nworkers, shared.current->backends.size(),
               metrics_note.c_str());
   std::fflush(stdout);
 

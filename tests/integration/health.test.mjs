@@ -20,6 +20,7 @@ import {
   freePort,
   chatStreamContent,
   mockTokens,
+  tally,
 } from './lib/harness.mjs';
 
 beforeEach(trackTest);
@@ -51,15 +52,6 @@ async function allFrom(gw, name, n, agent) {
   return true;
 }
 
-async function tally(gw, n, agent) {
-  const out = {};
-  for (let i = 0; i < n; i++) {
-    const res = await postJson(gw.url, CHAT, chatBody('m1'), { agent });
-    const key = res.status === 200 ? res.headers['x-mock-backend'] : `HTTP ${res.status}`;
-    out[key] = (out[key] ?? 0) + 1;
-  }
-  return out;
-}
 
 test('a killed backend leaves the rotation: all traffic goes to the survivor, no 5xx', { timeout: 60_000 }, async () => {
   const a = await startMock({ name: 'a' });

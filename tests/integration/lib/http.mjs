@@ -475,3 +475,15 @@ export function jsonPostBytes(port, path, payload, extraHeaders = []) {
     ...extraHeaders,
   ], body);
 }
+
+// Who answered `n` sequential chat requests (model m1), by the mock's X-Mock-Backend header:
+// {a: 3, b: 1, 'HTTP 502': 1}.
+export async function tally(gw, n, agent = false) {
+  const out = {};
+  for (let i = 0; i < n; i++) {
+    const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { agent });
+    const key = res.status === 200 ? res.headers['x-mock-backend'] : `HTTP ${res.status}`;
+    out[key] = (out[key] ?? 0) + 1;
+  }
+  return out;
+}

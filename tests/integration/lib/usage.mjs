@@ -115,18 +115,36 @@ export async function scrapeMetrics(gw) {
   return res.text();
 }
 
-// Sum of the samples of `name` whose labels include every pair of `labels` (0 when none).
-export function metricSum(text, name, labels = {}) {
-  let sum = 0;
+// Every sample of `name` in an exposition: [{labels: {k: v}, value}].
+function samplesOf(text, name) {
+  const out = [];
   for (const line of text.split('\n')) {
     if (line.startsWith('#')) continue;
     const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)(?: \d+)?$/.exec(line);
     if (!m || m[1] !== name) continue;
-    const have = {};
-    for (const p of (m[2] ?? '').matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"/g)) have[p[1]] = p[2];
-    if (Object.entries(labels).every(([k, v]) => have[k] === String(v))) sum += Number(m[3]);
+    const labels = {};
+    for (const p of (m[2] ?? '').matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"/g)) labels[p[1]] = p[2];
+    out.push({ labels, value: Number(m[3]) });
+  }
+  return out;
+}
+
+// Sum of the samples of `name` whose labels include every pair of `labels` (0 when none).
+export function metricSum(text, name, labels = {}) {
+  let sum = 0;
+  for (const s of samplesOf(text, name)) {
+    if (Object.entries(labels).every(([k, v]) => s.labels[k] === String(v))) sum += s.value;
   }
   return sum;
+}
+
+// The value of the sample of `name` with exactly the label set `labels`; undefined when absent.
+export function metricSample(text, name, labels = {}) {
+  const want = Object.entries(labels);
+  for (const s of samplesOf(text, name)) {
+    if (Object.keys(s.labels).length === want.length && want.every(([k, v]) => s.labels[k] === String(v))) return s.value;
+  }
+  return undefined;
 }
 
 // ---- the `llmproxy usage` command ----
