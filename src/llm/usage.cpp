@@ -179,20 +179,12 @@ std::string_view balanced_object(std::string_view s, std::size_t open) {
 }
 }  // namespace
 
-bool read_body_usage(std::string_view copy, bool complete, simdjson::dom::parser& parser,
-                     Usage& out, TextCount& content) {
-  count_content(copy, content);
+namespace {
+bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage& out) {
   std::string padded;
-  if (complete) {
-    padded.reserve(copy.size() + simdjson::SIMDJSON_PADDING);
-    padded.assign(copy);
-    simdjson::dom::element doc;
-    if (parser.parse(padded.data(), padded.size(), false).get(doc) != simdjson::SUCCESS) {
-      return false;
-    }
-    return read_usage(doc, out);
-  }
-  // A tail: the last `"usage":{...}` in it (nested objects are skipped by the brace match).
+  // The last `"usage":{...}` in the body (or its tail), parsed alone: a whole-body parse would
+  // cost more than the rest of the metering. The pattern cannot match inside a JSON string
+  // (quotes there are escaped), and servers write usage at the top level, after the choices.
   for (std::size_t pos = copy.rfind("\"usage\""); pos != std::string_view::npos;
        pos = pos == 0 ? std::string_view::npos : copy.rfind("\"usage\"", pos - 1)) {
     std::size_t open = copy.find_first_not_of(" \t\r\n:", pos + 7);
@@ -208,6 +200,16 @@ bool read_body_usage(std::string_view copy, bool complete, simdjson::dom::parser
     if (read_usage(doc, out)) return true;
   }
   return false;
+}
+}  // namespace
+
+bool read_body_usage(std::string_view copy, bool complete, simdjson::dom::parser& parser,
+                     Usage& out, TextCount& content) {
+  (void)complete;  // the same search serves a whole body and a tail
+  const bool found = find_body_usage(copy, parser, out);
+  // The generated text is counted only when it may be needed: no usage, or a count missing.
+  if (!found || out.prompt_tokens < 0 || out.completion_tokens < 0) count_content(copy, content);
+  return found;
 }
 
 }  // namespace llmproxy::llm

@@ -66,9 +66,11 @@ class StreamUsageTracker {
 };
 
 // Usage of a non-stream response from the copy the gateway kept of it. `complete`: the copy is
-// the whole body; otherwise it is the body's tail (a large response), where usage is searched
-// for textually (OpenAI-compatible servers write it last). `content` receives the generated
-// text's size, the basis of an estimate when no usage is found.
+// the whole body; otherwise it is the body's tail (a large response). Either way usage is found
+// textually, the last `"usage":{...}` parsed alone (OpenAI-compatible servers write it at the top
+// level, after the choices; escaped quotes keep it from matching inside strings). `content`
+// receives the generated text's size, the basis of an estimate when no usage is found (counted only
+// then, or when the usage lacks a count).
 bool read_body_usage(std::string_view copy, bool complete, simdjson::dom::parser& parser,
                      Usage& out, TextCount& content);
 

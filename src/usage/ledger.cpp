@@ -1,9 +1,10 @@
-// Ledger queries and their output formats (see ledger.h). The GROUP BY is built from a fixed
-// table of column expressions, never from user text, and every value is bound, so the query
-// text cannot be influenced by arguments beyond choosing among known columns.
+// Ledger queries and their output formats (see ledger.h). Totals are summed here from the
+// records' JSON (the log stores one row per commit group, not per record); a group key names a
+// fixed JSON field, never user text.
 #include "usage/ledger.h"
 
 #include <fmt/format.h>
+#include <simdjson.h>
 #include <sqlite3.h>
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include <cctype>
 #include <ctime>
 #include <iterator>
+#include <map>
 #include <stdexcept>
 
 #include "http/errors.h"
@@ -23,7 +25,7 @@ namespace {
 struct KeyInfo {
   GroupKey key;
   std::string_view name;
-  std::string_view sql;
+  std::string_view field;  // the record's JSON field ("" for day: from the timestamp)
 };
 
 constexpr KeyInfo kKeys[] = {
@@ -33,7 +35,7 @@ constexpr KeyInfo kKeys[] = {
     {GroupKey::backend, "backend", "backend"},
     {GroupKey::endpoint, "endpoint", "endpoint"},
     {GroupKey::finish, "finish", "finish"},
-    {GroupKey::day, "day", "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')"},
+    {GroupKey::day, "day", ""},
 };
 
 const KeyInfo& info(GroupKey k) {
@@ -41,11 +43,6 @@ const KeyInfo& info(GroupKey k) {
     if (i.key == k) return i;
   }
   return kKeys[0];
-}
-
-std::string text(sqlite3_stmt* s, int i) {
-  auto* p = reinterpret_cast<const char*>(sqlite3_column_text(s, i));
-  return p ? std::string(p, static_cast<std::size_t>(sqlite3_column_bytes(s, i))) : std::string();
 }
 
 void json_string(std::string& out, std::string_view v) {
@@ -197,53 +194,67 @@ Ledger::Ledger(const std::string& path)
     : log_(std::make_unique<UsageLog>(UsageLog::Mode::read_only, path, false)) {
   auto lk = log_->lock();
   sqlite3_stmt* s = nullptr;
-  int rc = sqlite3_prepare_v2(log_->raw(),
-                              "SELECT 1 FROM sqlite_master WHERE type='table' AND name='records'",
-                              -1, &s, nullptr);
+  int rc = sqlite3_prepare_v2(
+      log_->raw(), "SELECT 1 FROM sqlite_master WHERE type='table' AND name='record_batches'", -1,
+      &s, nullptr);
   bool ok = rc == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW;
   std::string why = rc == SQLITE_OK ? "" : std::string(": ") + sqlite3_errmsg(log_->raw());
   sqlite3_finalize(s);
-  if (!ok) throw std::runtime_error(path + ": not a usage log" + why);
+  if (!ok) {
+    throw std::runtime_error(path + ": not a usage log of this version" + why +
+                             " (a log written by an older gateway is converted when the gateway "
+                             "opens it)");
+  }
 }
 
 Ledger::~Ledger() = default;
 
 std::vector<LedgerRow> Ledger::totals(const LedgerQuery& q) {
-  std::string keys;
-  std::string order;
-  for (std::size_t i = 0; i < q.group_by.size(); ++i) {
-    keys += info(q.group_by[i]).sql;
-    keys += ", ";
-    order += (i ? ", " : "") + std::to_string(i + 1);
-  }
-  std::string sql = "SELECT " + keys +
-                    "count(*), coalesce(sum(prompt_tokens), 0), "
-                    "coalesce(sum(completion_tokens), 0), coalesce(sum(total_tokens), 0) "
-                    "FROM records WHERE ts_ms >= ? AND ts_ms < ?";
-  if (!q.group_by.empty()) sql += " GROUP BY " + order + " ORDER BY " + order;
-  auto lk = log_->lock();
-  sqlite3* db = log_->raw();
-  sqlite3_stmt* s = nullptr;
-  if (sqlite3_prepare_v2(db, sql.c_str(), -1, &s, nullptr) != SQLITE_OK) {
-    throw std::runtime_error(std::string("usage ledger: ") + sqlite3_errmsg(db));
-  }
-  std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> guard(s, sqlite3_finalize);
-  sqlite3_bind_int64(s, 1, q.since_ms.value_or(INT64_MIN));
-  sqlite3_bind_int64(s, 2, q.until_ms.value_or(INT64_MAX));
+  std::map<std::vector<std::string>, LedgerRow> groups;
+  simdjson::dom::parser parser;
+  std::string padded;
+  std::vector<std::string> keys(q.group_by.size());
+  std::string error;
+  log_->for_each_record(q.since_ms.value_or(INT64_MIN), q.until_ms.value_or(INT64_MAX),
+                        [&](std::int64_t ts_ms, std::string_view json) {
+                          if (!error.empty()) return;
+                          padded.assign(json);
+                          padded.reserve(json.size() + simdjson::SIMDJSON_PADDING);
+                          simdjson::dom::element doc;
+                          if (parser.parse(padded.data(), padded.size(), false).get(doc)) {
+                            error = "a record in the log is not valid JSON";
+                            return;
+                          }
+                          for (std::size_t i = 0; i < q.group_by.size(); ++i) {
+                            const auto& k = info(q.group_by[i]);
+                            if (k.field.empty()) {
+                              std::int64_t secs = ts_ms / 1000 - (ts_ms % 1000 < 0 ? 1 : 0);
+                              std::time_t t = static_cast<std::time_t>(secs);
+                              std::tm tm{};
+                              gmtime_r(&t, &tm);
+                              keys[i] = fmt::format("{:04}-{:02}-{:02}", tm.tm_year + 1900,
+                                                    tm.tm_mon + 1, tm.tm_mday);
+                            } else {
+                              std::string_view v;
+                              keys[i] =
+                                  doc[k.field].get_string().get(v) ? std::string() : std::string(v);
+                            }
+                          }
+                          auto& row = groups[keys];
+                          std::int64_t n;
+                          row.requests += 1;
+                          if (!doc["prompt_tokens"].get_int64().get(n)) row.prompt_tokens += n;
+                          if (!doc["completion_tokens"].get_int64().get(n))
+                            row.completion_tokens += n;
+                          if (!doc["total_tokens"].get_int64().get(n)) row.total_tokens += n;
+                        });
+  if (!error.empty()) throw std::runtime_error("usage ledger: " + error);
   std::vector<LedgerRow> out;
-  int rc;
-  const int k = static_cast<int>(q.group_by.size());
-  while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-    LedgerRow r;
-    for (int i = 0; i < k; ++i) r.keys.push_back(text(s, i));
-    r.requests = sqlite3_column_int64(s, k);
-    r.prompt_tokens = sqlite3_column_int64(s, k + 1);
-    r.completion_tokens = sqlite3_column_int64(s, k + 2);
-    r.total_tokens = sqlite3_column_int64(s, k + 3);
-    out.push_back(std::move(r));
+  if (q.group_by.empty() && groups.empty()) out.emplace_back();  // one total, even of nothing
+  for (auto& [k, row] : groups) {
+    row.keys = k;
+    out.push_back(std::move(row));
   }
-  if (rc != SQLITE_DONE)
-    throw std::runtime_error(std::string("usage ledger: ") + sqlite3_errmsg(db));
   return out;
 }
 

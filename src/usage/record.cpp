@@ -5,11 +5,11 @@
 // fields first, in the seed's order and with the seed's JSON types (strings are never null, an
 // unknown value is ""), then the additions. No JSON library and no iostreams: strings are copied
 // through http::append_json_escaped (invalid UTF-8 from a header becomes U+FFFD, so a receiver's
-// JSON parser never rejects a record because of one odd byte), numbers go through fmt.
+// JSON parser never rejects a record because of one odd byte), numbers through std::to_chars.
 #include "usage/record.h"
 
-#include <fmt/format.h>
-
+#include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <ctime>
 #include <iterator>
@@ -34,14 +34,24 @@ void append_key(std::string& out, std::string_view key, bool first = false) {
 }
 
 void append_int(std::string& out, std::int64_t v) {
-  fmt::format_to(std::back_inserter(out), "{}", v);
+  char buf[24];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);
+  out.append(buf, end);
+}
+
+void append_digits(char* p, int value, int width) {
+  for (int i = width - 1; i >= 0; --i) {
+    p[i] = static_cast<char>('0' + value % 10);
+    value /= 10;
+  }
 }
 
 // A JSON number with at most three decimals and no trailing zeros ("12.5", "7", "0.125").
 void append_millis(std::string& out, double v) {
   if (!std::isfinite(v)) v = 0;
   char buf[64];
-  auto end = fmt::format_to_n(buf, sizeof buf, "{:.3f}", v).out;
+  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::fixed, 3);
+  if (ec != std::errc()) end = buf + (buf[0] = '0', 1);
   std::string_view text(buf, static_cast<std::size_t>(end - buf));
   while (text.back() == '0') text.remove_suffix(1);
   if (text.back() == '.') text.remove_suffix(1);
@@ -57,8 +67,14 @@ std::string rfc3339(std::int64_t unix_ms) {
   std::time_t t = static_cast<std::time_t>(secs);
   std::tm tm{};
   gmtime_r(&t, &tm);
-  return fmt::format("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z", tm.tm_year + 1900, tm.tm_mon + 1,
-                     tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+  char buf[21] = "0000-00-00T00:00:00Z";
+  append_digits(buf, std::clamp(tm.tm_year + 1900, 0, 9999), 4);
+  append_digits(buf + 5, tm.tm_mon + 1, 2);
+  append_digits(buf + 8, tm.tm_mday, 2);
+  append_digits(buf + 11, tm.tm_hour, 2);
+  append_digits(buf + 14, tm.tm_min, 2);
+  append_digits(buf + 17, tm.tm_sec, 2);
+  return std::string(buf, 20);
 }
 
 void append_json(std::string& out, const UsageRecord& r) {

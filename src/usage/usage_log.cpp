@@ -13,35 +13,36 @@ namespace llmproxy::usage {
 
 namespace {
 
-constexpr int kSchemaVersion = 1;
+// 1: one row per record (columns + json). 2: one row per group commit (record_batches), which
+// costs the writer a fraction per record; a version-1 file is converted on open.
+constexpr int kSchemaVersion = 2;
 // A lock held by another process (an operator's sqlite3 shell, a backup) is waited for this long
 // before an operation reports busy; the pipeline then retries from its own loop, where stop()
 // can interrupt it.
 constexpr int kBusyTimeoutMs = 1000;
 
+// Records are stored one row per group commit: the writer's cost per record is then a memcpy
+// into the batch, not a B-tree insert with eighteen bound columns. `records` holds the batch's
+// records as a JSON array, each element byte for byte the JSON a sink POSTs; `meta` has, per
+// record, 20 bytes little-endian: the end offset of its JSON in `records` (u32), its ts_ms (i64,
+// request start) and end_ms (i64). The view `records` shows one row per record for ad-hoc SQL.
 constexpr const char* kSchema = R"sql(
-CREATE TABLE IF NOT EXISTS records (
-  seq INTEGER PRIMARY KEY AUTOINCREMENT,
-  ts_ms INTEGER NOT NULL,
-  end_ms INTEGER NOT NULL,
-  request_id TEXT NOT NULL,
-  user_id TEXT NOT NULL,
-  api_key TEXT NOT NULL,
-  model TEXT NOT NULL,
-  endpoint TEXT NOT NULL,
-  backend TEXT NOT NULL,
-  is_stream INTEGER NOT NULL,
-  status INTEGER NOT NULL,
-  finish TEXT NOT NULL,
-  usage_source TEXT NOT NULL,
-  prompt_tokens INTEGER NOT NULL,
-  completion_tokens INTEGER NOT NULL,
-  total_tokens INTEGER NOT NULL,
-  cached_tokens INTEGER,
-  reasoning_tokens INTEGER,
-  json TEXT NOT NULL
+CREATE TABLE IF NOT EXISTS record_batches (
+  first_seq INTEGER PRIMARY KEY,
+  last_seq INTEGER NOT NULL,
+  min_ts_ms INTEGER NOT NULL,
+  max_ts_ms INTEGER NOT NULL,
+  records TEXT NOT NULL,
+  meta BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS records_ts ON records(ts_ms);
+CREATE INDEX IF NOT EXISTS record_batches_ts ON record_batches(max_ts_ms);
+CREATE TABLE IF NOT EXISTS log_head (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  seq INTEGER NOT NULL
+);
+CREATE VIEW IF NOT EXISTS records AS
+  SELECT b.first_seq + r.key AS seq, r.value AS json
+  FROM record_batches AS b, json_each(b.records) AS r;
 CREATE TABLE IF NOT EXISTS sink_cursors (
   name TEXT PRIMARY KEY,
   seq INTEGER NOT NULL,
@@ -61,17 +62,40 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE INDEX IF NOT EXISTS dead_letters_at ON dead_letters(at_ms);
 )sql";
 
+constexpr std::size_t kMetaBytes = 20;
+
+void put_le(std::string& out, std::uint64_t v, int bytes) {
+  for (int i = 0; i < bytes; ++i) out += static_cast<char>((v >> (8 * i)) & 0xff);
+}
+
+std::uint64_t get_le(const unsigned char* p, int bytes) {
+  std::uint64_t v = 0;
+  for (int i = 0; i < bytes; ++i) v |= static_cast<std::uint64_t>(p[i]) << (8 * i);
+  return v;
+}
+
+// The request_id of a record's JSON: its first field, always the gateway's own id (no escapes).
+std::string_view request_id_of(std::string_view json) {
+  constexpr std::string_view kPrefix = R"({"request_id":")";
+  if (json.substr(0, kPrefix.size()) != kPrefix) return {};
+  auto rest = json.substr(kPrefix.size());
+  auto end = rest.find('"');
+  return end == std::string_view::npos ? std::string_view() : rest.substr(0, end);
+}
+
 enum StatementIndex {
   kInsert,
+  kHeadSet,
   kHead,
   kCursorGet,
   kCursorSet,
   kReadAfter,
   kDeadLetterInsert,
   kDeleteRecords,
-  kDeleteRecordsBefore,
   kDeleteDeadLetters,
   kCount,
+  kCountAll,
+  kReadBatches,
   kStatementCount
 };
 
@@ -204,6 +228,7 @@ UsageLog::UsageLog(Mode mode, const std::string& path, bool create_schema) {
       }
       exec("BEGIN IMMEDIATE");
       try {
+        if (version == 1) migrate_v1();
         exec(kSchema);
         exec(("PRAGMA user_version=" + std::to_string(kSchemaVersion)).c_str());
         exec("COMMIT");
@@ -258,45 +283,102 @@ UsageLog::Statement& UsageLog::stmt(int index, const char* sql) {
 
 std::int64_t UsageLog::append(std::span<const PendingRecord> records) {
   std::lock_guard lk(mu_);
+  if (records.empty()) return head_locked();
   Transaction tx(db_);
   if (tx.begin_rc() != SQLITE_OK) fail(tx.begin_rc(), "begin transaction");
-  auto& st = stmt(kInsert,
-                  "INSERT INTO records(ts_ms, end_ms, request_id, user_id, api_key, model, "
-                  "endpoint, backend, is_stream, status, finish, usage_source, prompt_tokens, "
-                  "completion_tokens, total_tokens, cached_tokens, reasoning_tokens, json) "
-                  "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
-  for (const auto& p : records) {
-    const UsageRecord& r = *p.record;
-    Use u(st.s);
-    u.i64(1, r.timestamp_ms);
-    u.i64(2, r.timestamp_ms + static_cast<std::int64_t>(r.duration_ms > 0 ? r.duration_ms : 0));
-    u.text(3, r.request_id);
-    u.text(4, r.user_id);
-    u.text(5, r.api_key);
-    u.text(6, r.model);
-    u.text(7, r.endpoint);
-    u.text(8, r.backend);
-    u.i64(9, r.is_stream ? 1 : 0);
-    u.i64(10, r.status_code);
-    u.text(11, r.finish);
-    u.text(12, r.usage_source);
-    u.i64(13, r.prompt_tokens);
-    u.i64(14, r.completion_tokens);
-    u.i64(15, r.total_tokens);
-    u.opt_i64(16, r.cached_tokens);
-    u.opt_i64(17, r.reasoning_tokens);
-    u.text(18, p.json);
-    step_done(st.s, "insert record");
+  const std::int64_t first = head_locked() + 1;
+  const std::int64_t last = first + static_cast<std::int64_t>(records.size()) - 1;
+  std::string& text = batch_text_;
+  std::string& meta = batch_meta_;
+  text.clear();
+  meta.clear();
+  std::size_t size = 2 + records.size();
+  for (const auto& p : records) size += p.json.size();
+  text.reserve(size);
+  meta.reserve(records.size() * kMetaBytes);
+  std::int64_t min_ts = INT64_MAX, max_ts = INT64_MIN;
+  text += '[';
+  for (std::size_t i = 0; i < records.size(); ++i) {
+    const UsageRecord& r = *records[i].record;
+    if (i) text += ',';
+    text += records[i].json;
+    const std::int64_t end_ms =
+        r.timestamp_ms + static_cast<std::int64_t>(r.duration_ms > 0 ? r.duration_ms : 0);
+    put_le(meta, text.size(), 4);
+    put_le(meta, static_cast<std::uint64_t>(r.timestamp_ms), 8);
+    put_le(meta, static_cast<std::uint64_t>(end_ms), 8);
+    min_ts = std::min(min_ts, r.timestamp_ms);
+    max_ts = std::max(max_ts, r.timestamp_ms);
   }
-  std::int64_t last = sqlite3_last_insert_rowid(db_);
+  text += ']';
+  insert_batch(first, last, min_ts, max_ts, text, meta);
   int rc = tx.commit();
   if (rc != SQLITE_OK) fail(rc, "commit");
   return last;
 }
 
+void UsageLog::insert_batch(std::int64_t first, std::int64_t last, std::int64_t min_ts,
+                            std::int64_t max_ts, std::string_view text, std::string_view meta) {
+  {
+    auto& st = stmt(kInsert,
+                    "INSERT INTO record_batches(first_seq, last_seq, min_ts_ms, max_ts_ms, "
+                    "records, meta) VALUES(?,?,?,?,?,?)");
+    Use u(st.s);
+    u.i64(1, first);
+    u.i64(2, last);
+    u.i64(3, min_ts);
+    u.i64(4, max_ts);
+    u.text(5, text);
+    sqlite3_bind_blob(st.s, 6, meta.data(), static_cast<int>(meta.size()), SQLITE_STATIC);
+    step_done(st.s, "insert records");
+  }
+  auto& st = stmt(kHeadSet,
+                  "INSERT INTO log_head(id, seq) VALUES(1, ?) "
+                  "ON CONFLICT(id) DO UPDATE SET seq=excluded.seq");
+  Use u(st.s);
+  u.i64(1, last);
+  step_done(st.s, "store head");
+}
+
+// Version 1 (one row per record, AUTOINCREMENT seq) to version 2, inside the caller's
+// transaction: every record becomes a batch of one, the head and the cursors stay as they were.
+void UsageLog::migrate_v1() {
+  exec("ALTER TABLE records RENAME TO records_v1");
+  exec(kSchema);
+  sqlite3_stmt* s = nullptr;
+  int rc = sqlite3_prepare_v2(db_, "SELECT seq, ts_ms, end_ms, json FROM records_v1 ORDER BY seq",
+                              -1, &s, nullptr);
+  if (rc != SQLITE_OK) fail(rc, "migrate the usage log from version 1");
+  std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> guard(s, sqlite3_finalize);
+  statements_.resize(kStatementCount);
+  std::string text, meta;
+  while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+    const std::int64_t seq = sqlite3_column_int64(s, 0);
+    const std::int64_t ts = sqlite3_column_int64(s, 1);
+    text = "[" + column_text(s, 3) + "]";
+    meta.clear();
+    put_le(meta, text.size() - 1, 4);
+    put_le(meta, static_cast<std::uint64_t>(ts), 8);
+    put_le(meta, static_cast<std::uint64_t>(sqlite3_column_int64(s, 2)), 8);
+    insert_batch(seq, seq, ts, ts, text, meta);
+  }
+  if (rc != SQLITE_DONE) fail(rc, "migrate the usage log from version 1");
+  guard.reset();
+  // The head: AUTOINCREMENT's, which counts deleted records too.
+  exec(
+      "INSERT INTO log_head(id, seq) SELECT 1, seq FROM sqlite_sequence WHERE name='records_v1' "
+      "ON CONFLICT(id) DO UPDATE SET seq=max(seq, excluded.seq)");
+  statements_.clear();
+  exec("DROP TABLE records_v1");
+}
+
 std::int64_t UsageLog::head() {
   std::lock_guard lk(mu_);
-  auto& st = stmt(kHead, "SELECT seq FROM sqlite_sequence WHERE name='records'");
+  return head_locked();
+}
+
+std::int64_t UsageLog::head_locked() {
+  auto& st = stmt(kHead, "SELECT seq FROM log_head WHERE id=1");
   Use u(st.s);
   int rc = sqlite3_step(st.s);
   if (rc == SQLITE_ROW) return sqlite3_column_int64(st.s, 0);
@@ -334,22 +416,52 @@ void UsageLog::store_cursor(const std::string& sink, std::int64_t seq, std::int6
 
 void UsageLog::read_after(std::int64_t after, int limit, std::vector<LoggedRecord>& out) {
   std::lock_guard lk(mu_);
-  auto& st = stmt(kReadAfter,
-                  "SELECT seq, request_id, end_ms, json FROM records WHERE seq > ? "
-                  "ORDER BY seq LIMIT ?");
+  int left = limit;
+  // A sink usually reads the batch it read last time again (batch_size < records per commit):
+  // the last batch read stays decoded here.
+  auto take = [&](const CachedBatch& b) {
+    if (b.last_seq <= after || b.first_seq > after + 1) return false;
+    const auto* meta = reinterpret_cast<const unsigned char*>(b.meta.data());
+    const std::size_t n = b.meta.size() / kMetaBytes;
+    std::size_t begin = 1;  // after '['
+    for (std::size_t i = 0; i < n && left > 0; ++i) {
+      const std::size_t end = get_le(meta + i * kMetaBytes, 4);
+      const std::int64_t seq = b.first_seq + static_cast<std::int64_t>(i);
+      if (seq > after && end > begin && end <= b.text.size()) {
+        LoggedRecord r;
+        r.seq = seq;
+        r.json.assign(b.text, begin, end - begin);
+        r.request_id = std::string(request_id_of(r.json));
+        r.end_ms = static_cast<std::int64_t>(get_le(meta + i * kMetaBytes + 12, 8));
+        out.push_back(std::move(r));
+        --left;
+        after = seq;
+      }
+      begin = end + 1;  // skip ','
+    }
+    return true;
+  };
+  if (left > 0) take(cached_);
+  if (left <= 0) return;
+  auto& st = stmt(kReadBatches,
+                  // From the batch holding seq after+1 on: a seek on the rowid, not a scan.
+                  "SELECT first_seq, last_seq, records, meta FROM record_batches "
+                  "WHERE first_seq >= coalesce((SELECT max(first_seq) FROM record_batches "
+                  "WHERE first_seq <= ?1 + 1), 0) ORDER BY first_seq");
   Use u(st.s);
   u.i64(1, after);
-  u.i64(2, limit);
   int rc;
-  while ((rc = sqlite3_step(st.s)) == SQLITE_ROW) {
-    LoggedRecord r;
-    r.seq = sqlite3_column_int64(st.s, 0);
-    r.request_id = column_text(st.s, 1);
-    r.end_ms = sqlite3_column_int64(st.s, 2);
-    r.json = column_text(st.s, 3);
-    out.push_back(std::move(r));
+  while (left > 0 && (rc = sqlite3_step(st.s)) == SQLITE_ROW) {
+    cached_.first_seq = sqlite3_column_int64(st.s, 0);
+    cached_.last_seq = sqlite3_column_int64(st.s, 1);
+    cached_.text = column_text(st.s, 2);
+    auto* blob = static_cast<const char*>(sqlite3_column_blob(st.s, 3));
+    cached_.meta.assign(blob ? blob : "", static_cast<std::size_t>(sqlite3_column_bytes(st.s, 3)));
+    if (cached_.first_seq > after + 1 && !out.empty()) break;  // a gap: the caller goes on later
+    if (cached_.first_seq > after + 1) after = cached_.first_seq - 1;  // deleted records: skip
+    take(cached_);
   }
-  if (rc != SQLITE_DONE) fail(rc, "read records");
+  if (left > 0 && rc != SQLITE_DONE && rc != SQLITE_ROW) fail(rc, "read records");
 }
 
 void UsageLog::dead_letter(const DeadLetterRow& row) {
@@ -379,25 +491,35 @@ void UsageLog::dead_letter(const DeadLetterRow& row) {
 std::int64_t UsageLog::delete_records(std::int64_t max_seq, std::optional<std::int64_t> before_ms,
                                       int limit) {
   std::lock_guard lk(mu_);
-  // seq is the rowid: the range scan is on the primary key; the time condition uses records_ts
-  // when it is the narrower one.
-  auto& st = before_ms
-                 ? stmt(kDeleteRecordsBefore,
-                        "DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE seq <= ? "
-                        "AND ts_ms < ? LIMIT ?)")
-                 : stmt(kDeleteRecords,
-                        "DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE seq <= ? "
-                        "ORDER BY seq LIMIT ?)");
-  Use u(st.s);
-  u.i64(1, max_seq);
-  if (before_ms) {
-    u.i64(2, *before_ms);
+  // Whole batches only: every record of one must be at or below max_seq (and, with before_ms,
+  // the newest one older than it). first_seq is the rowid; max_ts_ms has an index.
+  auto& count = stmt(kCount,
+                     "SELECT coalesce(sum(last_seq - first_seq + 1), 0) FROM "
+                     "record_batches WHERE first_seq IN (SELECT first_seq FROM "
+                     "record_batches WHERE first_seq <= ?1 AND last_seq <= ?1 AND "
+                     "max_ts_ms < ?2 "
+                     "ORDER BY first_seq LIMIT ?3)");
+  auto& del = stmt(kDeleteRecords,
+                   "DELETE FROM record_batches WHERE first_seq IN (SELECT first_seq FROM "
+                   "record_batches WHERE first_seq <= ?1 AND last_seq <= ?1 AND max_ts_ms < ?2 "
+                   "ORDER BY first_seq "
+                   "LIMIT ?3)");
+  std::int64_t n = 0;
+  for (auto* st : {&count, &del}) {
+    Use u(st->s);
+    u.i64(1, max_seq);
+    u.i64(2, before_ms.value_or(INT64_MAX));
     u.i64(3, limit);
-  } else {
-    u.i64(2, limit);
+    if (st == &count) {
+      int rc = sqlite3_step(st->s);
+      if (rc != SQLITE_ROW) fail(rc, "count records to delete");
+      n = sqlite3_column_int64(st->s, 0);
+    } else {
+      step_done(st->s, "delete records");
+    }
   }
-  step_done(st.s, "delete records");
-  return sqlite3_changes64(db_);
+  if (cached_.last_seq <= max_seq) cached_ = CachedBatch{};
+  return n;
 }
 
 std::int64_t UsageLog::delete_dead_letters(std::int64_t before_ms) {
@@ -411,11 +533,42 @@ std::int64_t UsageLog::delete_dead_letters(std::int64_t before_ms) {
 
 std::int64_t UsageLog::count_records() {
   std::lock_guard lk(mu_);
-  auto& st = stmt(kCount, "SELECT count(*) FROM records");
+  auto& st =
+      stmt(kCountAll, "SELECT coalesce(sum(last_seq - first_seq + 1), 0) FROM record_batches");
   Use u(st.s);
   int rc = sqlite3_step(st.s);
   if (rc != SQLITE_ROW) fail(rc, "count records");
   return sqlite3_column_int64(st.s, 0);
+}
+
+void UsageLog::for_each_record(std::int64_t since_ms, std::int64_t until_ms,
+                               const std::function<void(std::int64_t, std::string_view)>& fn) {
+  std::lock_guard lk(mu_);
+  sqlite3_stmt* s = nullptr;
+  int rc = sqlite3_prepare_v2(db_,
+                              "SELECT records, meta FROM record_batches WHERE max_ts_ms >= ? AND "
+                              "min_ts_ms < ? ORDER BY first_seq",
+                              -1, &s, nullptr);
+  if (rc != SQLITE_OK) fail(rc, "prepare");
+  std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> guard(s, sqlite3_finalize);
+  sqlite3_bind_int64(s, 1, since_ms);
+  sqlite3_bind_int64(s, 2, until_ms);
+  while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+    std::string_view text(reinterpret_cast<const char*>(sqlite3_column_text(s, 0)),
+                          static_cast<std::size_t>(sqlite3_column_bytes(s, 0)));
+    const auto* meta = static_cast<const unsigned char*>(sqlite3_column_blob(s, 1));
+    const std::size_t n = static_cast<std::size_t>(sqlite3_column_bytes(s, 1)) / kMetaBytes;
+    std::size_t begin = 1;
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::size_t end = get_le(meta + i * kMetaBytes, 4);
+      const auto ts = static_cast<std::int64_t>(get_le(meta + i * kMetaBytes + 4, 8));
+      if (end > begin && end <= text.size() && ts >= since_ms && ts < until_ms) {
+        fn(ts, text.substr(begin, end - begin));
+      }
+      begin = end + 1;
+    }
+  }
+  if (rc != SQLITE_DONE) fail(rc, "read records");
 }
 
 std::vector<DeadLetterRow> UsageLog::dead_letters(std::optional<std::int64_t> since_ms,

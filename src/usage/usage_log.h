@@ -14,11 +14,14 @@
 // file). This trades the last few hundred milliseconds on a power cut for commits that cost
 // microseconds instead of an fsync each.
 //
-// Sequence numbers come from AUTOINCREMENT and never repeat, even after deletes: a cursor names
-// "everything up to seq N is done" forever.
+// Records are stored one row per group commit (see kSchema in usage_log.cpp), numbered by seq:
+// the head (the last seq assigned) is stored with every commit, so a seq never repeats, even after
+// deletes: a cursor names "everything up to seq N is done" forever. Retention and pruning delete
+// whole commit groups.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -100,8 +103,8 @@ class UsageLog {
   // Stores the dead letter and moves the sink's cursor to its last_seq in one transaction.
   void dead_letter(const DeadLetterRow& row);
 
-  // Deletes at most `limit` records with seq <= max_seq and (when before_ms is set) ts_ms <
-  // *before_ms; returns how many were deleted.
+  // Deletes at most `limit` commit groups whose records all have seq <= max_seq and (when
+  // before_ms is set) ts_ms < *before_ms; returns how many records were deleted.
   std::int64_t delete_records(std::int64_t max_seq, std::optional<std::int64_t> before_ms,
                               int limit);
   // Deletes dead letters older than `before_ms`.
@@ -109,6 +112,9 @@ class UsageLog {
 
   // Rows for tests and the ledger.
   std::int64_t count_records();
+  // Calls fn(ts_ms, json) for every record with since_ms <= ts_ms < until_ms, in seq order.
+  void for_each_record(std::int64_t since_ms, std::int64_t until_ms,
+                       const std::function<void(std::int64_t, std::string_view)>& fn);
   std::vector<DeadLetterRow> dead_letters(std::optional<std::int64_t> since_ms = {},
                                           std::optional<std::int64_t> until_ms = {});
 
@@ -125,11 +131,25 @@ class UsageLog {
   void step_done(sqlite3_stmt* st, const char* what);
   // The cursor upsert, inside the caller's lock (and transaction, when it has one).
   void store_cursor(const std::string& sink, std::int64_t seq, std::int64_t now_ms);
+  std::int64_t head_locked();
+  void insert_batch(std::int64_t first, std::int64_t last, std::int64_t min_ts, std::int64_t max_ts,
+                    std::string_view text, std::string_view meta);
+  void migrate_v1();
+
+  struct CachedBatch {
+    std::int64_t first_seq = 0;
+    std::int64_t last_seq = 0;
+    std::string text;
+    std::string meta;
+  };
 
   std::mutex mu_;
   sqlite3* db_ = nullptr;
   std::string path_;
   std::vector<std::unique_ptr<Statement>> statements_;
+  std::string batch_text_;  // append's buffers, kept between commits
+  std::string batch_meta_;
+  CachedBatch cached_;  // read_after's last batch
 };
 
 }  // namespace llmproxy::usage

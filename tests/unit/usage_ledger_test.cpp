@@ -1,9 +1,13 @@
 // The ledger over a real log file written by the pipeline: grouped sums, time windows, output
 // formats, dead letters, and the --since/--until time syntax.
+#include <fmt/format.h>
 #include <simdjson.h>
+
+#include <span>
 
 #include "usage/ledger.h"
 #include "usage/pipeline.h"
+#include "usage/usage_log.h"
 #include "usage_test_support.h"
 
 namespace llmproxy::usage {
@@ -230,6 +234,89 @@ TEST(UsageLedger, GroupKeyNames) {
   EXPECT_EQ(parse_group_key("api_key"), GroupKey::api_key);
   EXPECT_FALSE(parse_group_key("users"));
   EXPECT_EQ(group_key_name(GroupKey::endpoint), "endpoint");
+}
+
+}  // namespace
+}  // namespace llmproxy::usage
+
+namespace llmproxy::usage {
+namespace {
+
+// A log written by a version-1 gateway (one row per record, AUTOINCREMENT seq) is converted on
+// open: its records, head (deleted records included), cursors and dead letters stay; new
+// records follow the old head; the ledger reads old and new alike.
+TEST(UsageLog, ConvertsAVersion1Log) {
+  TempDir dir;
+  const std::string path = dir.file("usage.db");
+  std::vector<std::string> jsons;
+  {
+    testing::Db db(path, true);
+    db.exec(R"sql(
+      PRAGMA journal_mode=WAL;
+      CREATE TABLE records (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts_ms INTEGER NOT NULL,
+        end_ms INTEGER NOT NULL, request_id TEXT NOT NULL, user_id TEXT NOT NULL,
+        api_key TEXT NOT NULL, model TEXT NOT NULL, endpoint TEXT NOT NULL, backend TEXT NOT NULL,
+        is_stream INTEGER NOT NULL, status INTEGER NOT NULL, finish TEXT NOT NULL,
+        usage_source TEXT NOT NULL, prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL, total_tokens INTEGER NOT NULL, cached_tokens INTEGER,
+        reasoning_tokens INTEGER, json TEXT NOT NULL);
+      CREATE INDEX records_ts ON records(ts_ms);
+      CREATE TABLE sink_cursors (name TEXT PRIMARY KEY, seq INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL);
+      CREATE TABLE dead_letters (id INTEGER PRIMARY KEY, sink TEXT NOT NULL,
+        first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, request_ids TEXT NOT NULL,
+        status INTEGER NOT NULL, response TEXT NOT NULL, at_ms INTEGER NOT NULL,
+        body TEXT NOT NULL);
+      PRAGMA user_version=1;)sql");
+    for (int i = 0; i < 4; ++i) {
+      auto r = rec("alice", "llama", kJan14 + i * 1000, 10 + i, 1);
+      r.request_id = testing::request_id(i);
+      jsons.push_back(to_json(r));
+      db.exec(fmt::format(
+          "INSERT INTO records(ts_ms, end_ms, request_id, user_id, api_key, model, endpoint, "
+          "backend, is_stream, status, finish, usage_source, prompt_tokens, completion_tokens, "
+          "total_tokens, json) VALUES({}, {}, '{}', 'alice', '', 'llama', '/v1/chat/completions', "
+          "'b', 0, 200, 'completed', 'backend', {}, 1, {}, '{}')",
+          r.timestamp_ms, r.timestamp_ms + 7, r.request_id, 10 + i, 11 + i, jsons.back()));
+    }
+    db.exec("DELETE FROM records WHERE seq = 1");  // delivered and pruned: seq 1 is gone
+    jsons.erase(jsons.begin());
+    db.exec("INSERT INTO sink_cursors VALUES('hook', 2, 0)");
+  }
+  {
+    UsageLog log(UsageLog::Mode::disk, path, true);
+    EXPECT_EQ(log.head(), 4);
+    EXPECT_EQ(log.count_records(), 3);
+    EXPECT_EQ(log.cursor("hook"), 2);
+    std::vector<LoggedRecord> got;
+    log.read_after(0, 10, got);
+    ASSERT_EQ(got.size(), 3u);
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      EXPECT_EQ(got[i].seq, static_cast<std::int64_t>(i) + 2);
+      EXPECT_EQ(got[i].json, jsons[i]);  // byte for byte what a sink sends
+      EXPECT_EQ(got[i].request_id, testing::request_id(static_cast<int>(i) + 1));
+      EXPECT_EQ(got[i].end_ms, kJan14 + static_cast<std::int64_t>(i + 1) * 1000 + 7);
+    }
+    auto r = rec("bob", "qwen", kJan14 + 9000, 5, 5);
+    std::string json = to_json(r);
+    PendingRecord p{&r, json};
+    EXPECT_EQ(log.append(std::span(&p, 1)), 5);  // after the old head
+  }
+  testing::Db db(path);
+  EXPECT_EQ(db.number("PRAGMA user_version"), 2);
+  EXPECT_EQ(db.scalar("SELECT group_concat(seq) FROM (SELECT seq FROM records ORDER BY seq)"),
+            "2,3,4,5");
+  EXPECT_EQ(db.scalar("SELECT json FROM records WHERE seq=3"), jsons[1]);
+  Ledger ledger(path);
+  LedgerQuery q;
+  q.group_by = {GroupKey::user};
+  auto rows = ledger.totals(q);
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_EQ(rows[0].keys[0], "alice");
+  EXPECT_EQ(rows[0].requests, 3);
+  EXPECT_EQ(rows[0].prompt_tokens, 11 + 12 + 13);
+  EXPECT_EQ(rows[1].keys[0], "bob");
+  EXPECT_EQ(rows[1].total_tokens, 10);
 }
 
 }  // namespace
