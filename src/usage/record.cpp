@@ -11,27 +11,13 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
-#include <ctime>
-#include <iterator>
+#include <cstring>
 
 #include "http/errors.h"
 
 namespace llmproxy::usage {
 
 namespace {
-
-void append_string(std::string& out, std::string_view s) {
-  out += '"';
-  http::append_json_escaped(out, s);
-  out += '"';
-}
-
-void append_key(std::string& out, std::string_view key, bool first = false) {
-  if (!first) out += ',';
-  out += '"';
-  out += key;
-  out += "\":";
-}
 
 void append_int(std::string& out, std::int64_t v) {
   char buf[24];
@@ -61,77 +47,101 @@ void append_millis(std::string& out, double v) {
 
 }  // namespace
 
-std::string rfc3339(std::int64_t unix_ms) {
+namespace {
+
+// RFC 3339 UTC with seconds, "2026-01-14T10:30:00Z", into p[0..20). The date from the day count
+// by the usual proleptic-Gregorian arithmetic (400-year eras), without gmtime_r's locking.
+void format_rfc3339(char* p, std::int64_t unix_ms) {
   std::int64_t secs = unix_ms / 1000;
   if (unix_ms % 1000 < 0) --secs;  // floor for times before 1970
-  std::time_t t = static_cast<std::time_t>(secs);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char buf[21] = "0000-00-00T00:00:00Z";
-  append_digits(buf, std::clamp(tm.tm_year + 1900, 0, 9999), 4);
-  append_digits(buf + 5, tm.tm_mon + 1, 2);
-  append_digits(buf + 8, tm.tm_mday, 2);
-  append_digits(buf + 11, tm.tm_hour, 2);
-  append_digits(buf + 14, tm.tm_min, 2);
-  append_digits(buf + 17, tm.tm_sec, 2);
+  std::int64_t days = secs / 86400;
+  std::int64_t sod = secs % 86400;
+  if (sod < 0) {
+    sod += 86400;
+    --days;
+  }
+  const std::int64_t z = days + 719468;  // days since 0000-03-01
+  const std::int64_t era = (z >= 0 ? z : z - 146096) / 146097;
+  const std::int64_t doe = z - era * 146097;                                       // [0, 146096]
+  const std::int64_t yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;  // [0, 399]
+  const std::int64_t doy = doe - (365 * yoe + yoe / 4 - yoe / 100);                // [0, 365]
+  const std::int64_t mp = (5 * doy + 2) / 153;                                     // March = 0
+  const int day = static_cast<int>(doy - (153 * mp + 2) / 5 + 1);
+  const int month = static_cast<int>(mp < 10 ? mp + 3 : mp - 9);
+  const std::int64_t year = yoe + era * 400 + (month <= 2 ? 1 : 0);
+  std::memcpy(p, "0000-00-00T00:00:00Z", 20);
+  append_digits(p, static_cast<int>(std::clamp<std::int64_t>(year, 0, 9999)), 4);
+  append_digits(p + 5, month, 2);
+  append_digits(p + 8, day, 2);
+  append_digits(p + 11, static_cast<int>(sod / 3600), 2);
+  append_digits(p + 14, static_cast<int>(sod / 60 % 60), 2);
+  append_digits(p + 17, static_cast<int>(sod % 60), 2);
+}
+
+}  // namespace
+
+std::string rfc3339(std::int64_t unix_ms) {
+  char buf[20];
+  format_rfc3339(buf, unix_ms);
   return std::string(buf, 20);
 }
 
+// Keys are written with their punctuation as one literal each: this runs once per record.
 void append_json(std::string& out, const UsageRecord& r) {
-  out += '{';
-  append_key(out, "request_id", true);
-  append_string(out, r.request_id);
-  append_key(out, "user_id");
-  append_string(out, r.user_id);
-  append_key(out, "api_key");
-  append_string(out, r.api_key);
-  append_key(out, "model");
-  append_string(out, r.model);
-  append_key(out, "prompt_tokens");
+  using namespace std::string_view_literals;
+  out += R"({"request_id":")"sv;
+  http::append_json_escaped(out, r.request_id);
+  out += R"(","user_id":")"sv;
+  http::append_json_escaped(out, r.user_id);
+  out += R"(","api_key":")"sv;
+  http::append_json_escaped(out, r.api_key);
+  out += R"(","model":")"sv;
+  http::append_json_escaped(out, r.model);
+  out += R"(","prompt_tokens":)"sv;
   append_int(out, r.prompt_tokens);
-  append_key(out, "completion_tokens");
+  out += R"(,"completion_tokens":)"sv;
   append_int(out, r.completion_tokens);
-  append_key(out, "total_tokens");
+  out += R"(,"total_tokens":)"sv;
   append_int(out, r.total_tokens);
-  append_key(out, "is_stream");
-  out += r.is_stream ? "true" : "false";
-  append_key(out, "endpoint");
-  append_string(out, r.endpoint);
-  append_key(out, "timestamp");
-  out += '"';
-  out += rfc3339(r.timestamp_ms);
-  out += '"';
-  append_key(out, "backend_url");
-  append_string(out, r.backend_url);
+  out +=
+      r.is_stream ? R"(,"is_stream":true,"endpoint":")"sv : R"(,"is_stream":false,"endpoint":")"sv;
+  http::append_json_escaped(out, r.endpoint);
+  out += R"(","timestamp":")"sv;
+  char ts[20];
+  format_rfc3339(ts, r.timestamp_ms);
+  out.append(ts, 20);
+  out += R"(","backend_url":")"sv;
+  http::append_json_escaped(out, r.backend_url);
   // Additions.
-  append_key(out, "client_request_id");
   if (r.client_request_id.empty()) {
-    out += "null";
+    out += R"(","client_request_id":null,"backend":")"sv;
   } else {
-    append_string(out, r.client_request_id);
+    out += R"(","client_request_id":")"sv;
+    http::append_json_escaped(out, r.client_request_id);
+    out += R"(","backend":")"sv;
   }
-  append_key(out, "backend");
-  append_string(out, r.backend);
-  append_key(out, "status_code");
+  http::append_json_escaped(out, r.backend);
+  out += R"(","status_code":)"sv;
   append_int(out, r.status_code);
-  append_key(out, "duration_ms");
+  out += R"(,"duration_ms":)"sv;
   append_millis(out, r.duration_ms);
-  append_key(out, "ttft_ms");
+  out += R"(,"ttft_ms":)"sv;
   if (r.ttft_ms < 0) {
-    out += "null";
+    out += "null"sv;
   } else {
     append_millis(out, r.ttft_ms);
   }
-  append_key(out, "finish");
-  append_string(out, r.finish);
-  append_key(out, "usage_source");
-  append_string(out, r.usage_source);
+  out += R"(,"finish":")"sv;
+  http::append_json_escaped(out, r.finish);
+  out += R"(","usage_source":")"sv;
+  http::append_json_escaped(out, r.usage_source);
+  out += '"';
   if (r.cached_tokens >= 0) {
-    append_key(out, "cached_tokens");
+    out += R"(,"cached_tokens":)"sv;
     append_int(out, r.cached_tokens);
   }
   if (r.reasoning_tokens >= 0) {
-    append_key(out, "reasoning_tokens");
+    out += R"(,"reasoning_tokens":)"sv;
     append_int(out, r.reasoning_tokens);
   }
   out += '}';

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <simdjson.h>
 
+#include <ctime>
 #include <string>
 #include <vector>
 
@@ -141,6 +142,16 @@ TEST(UsageRecord, Rfc3339) {
   EXPECT_EQ(rfc3339(0), "1970-01-01T00:00:00Z");
   EXPECT_EQ(rfc3339(-1), "1969-12-31T23:59:59Z");
   EXPECT_EQ(rfc3339(951782400000), "2000-02-29T00:00:00Z");
+  // The date arithmetic against the C library, every ~9 hours from 1950 to 2150 (leap years,
+  // century rules, times before 1970).
+  for (std::int64_t t = -631152000000; t < 5680281600000; t += 32'399'999) {
+    std::time_t secs = static_cast<std::time_t>(t / 1000 - (t % 1000 < 0 ? 1 : 0));
+    std::tm tm{};
+    gmtime_r(&secs, &tm);
+    char want[32];
+    std::strftime(want, sizeof want, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    ASSERT_EQ(rfc3339(t), want) << t;
+  }
 }
 
 TEST(UsageRecord, AppendJsonAppends) {
