@@ -3,8 +3,12 @@
 #   docker build -t llmproxy .                  (no docker0 bridge on this machine: add --network host)
 #   docker run -d -p 8080:8080 -v "$PWD/config.yaml:/home/llmproxy/config.yaml" llmproxy
 #
-# Nothing here is architecture-specific: every package exists for amd64 and arm64 in Debian 12, so
-# `docker buildx build --platform linux/amd64,linux/arm64 .` builds both (only amd64 is tried here).
+# Nothing here is architecture-specific (no architecture paths, packages or binaries: ldd and dpkg
+# report the build's own), and every package exists for amd64 and arm64 in Debian 12, so
+# `docker buildx build --platform linux/amd64,linux/arm64 .` builds both. scripts/docker-check.sh
+# builds and runs this image for amd64; no arm64 base image is reachable here, so
+# scripts/arm64-check.sh cross-compiles the same sources against the same Debian packages for arm64
+# and serves requests with the result under QEMU.
 
 # ---- builder: the project's own scripts, exactly as on a fresh Debian 12 machine -------------------
 FROM debian:bookworm AS builder
