@@ -172,11 +172,19 @@ run_one() {  # run_one SCENARIO CONFIG RUN
   tools 20 settle "$url" --timeout-ms 10000 >"$work/pre.json" || die "$c: usage not settled before $scenario run $run: $(cat "$work/pre.json")"
   # Started directly (not through the tools function, which would fork a subshell): $! is then
   # the process that receives the SIGTERM (timeout, which forwards it to node).
-  taskset -c "$CPU_LOAD" timeout --kill-after=5 120 node "$TOOLS" watch "$url" --interval-ms 100 \
-    >"$work/watch.json" 2>"$work/watch.err" &
-  wpid=$!
-  track "$wpid"
-  for _ in $(seq 100); do grep -q ready "$work/watch.err" 2>/dev/null && break; sleep 0.05; done
+  # A poller that prints nothing within 20 s is started once more (seen twice in 2026-11 runs, with
+  # an empty stderr and /metrics answering curl in 15 ms meanwhile; cause not found).
+  for attempt in 1 2; do
+    taskset -c "$CPU_LOAD" timeout --kill-after=5 120 node "$TOOLS" watch "$url" --interval-ms 100 \
+      </dev/null >"$work/watch.json" 2>"$work/watch.err" &
+    wpid=$!
+    track "$wpid"
+    for _ in $(seq 400); do grep -q ready "$work/watch.err" 2>/dev/null && break; sleep 0.05; done
+    grep -q ready "$work/watch.err" && break
+    note "the /metrics poller printed nothing in 20 s (attempt $attempt, state $(ps -o stat= -p "$wpid" 2>/dev/null | tr -d ' '), stderr: $(cat "$work/watch.err"))"
+    kill "$wpid" 2>/dev/null || true
+    wait "$wpid" 2>/dev/null || true
+  done
   grep -q ready "$work/watch.err" || die "the /metrics poller did not start: $(cat "$work/watch.err")"
   g0=$(cpu_s "$pid"); m0=$(cpu_s "$mock_pid"); r0=$(cpu_s "$recv_pid")
   thread_ticks "$pid" >"$work/threads0.txt"
