@@ -203,9 +203,8 @@ bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage
 }
 }  // namespace
 
-bool read_body_usage(std::string_view copy, bool complete, simdjson::dom::parser& parser,
-                     Usage& out, TextCount& content) {
-  (void)complete;  // the same search serves a whole body and a tail
+bool read_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage& out,
+                     TextCount& content) {
   const bool found = find_body_usage(copy, parser, out);
   // The generated text is counted only when it may be needed: no usage, or a count missing.
   if (!found || out.prompt_tokens < 0 || out.completion_tokens < 0) count_content(copy, content);

@@ -65,14 +65,13 @@ class StreamUsageTracker {
   std::unique_ptr<simdjson::dom::parser> own_;
 };
 
-// Usage of a non-stream response from the copy the gateway kept of it. `complete`: the copy is
-// the whole body; otherwise it is the body's tail (a large response). Either way usage is found
-// textually, the last `"usage":{...}` parsed alone (OpenAI-compatible servers write it at the top
-// level, after the choices; escaped quotes keep it from matching inside strings). `content`
-// receives the generated text's size, the basis of an estimate when no usage is found (counted only
-// then, or when the usage lacks a count).
-bool read_body_usage(std::string_view copy, bool complete, simdjson::dom::parser& parser,
-                     Usage& out, TextCount& content);
+// Usage of a non-stream response from the copy the gateway kept of it: the whole body, or its
+// tail when the body was larger than the copy. Found textually: the last `"usage":{...}` parsed
+// alone (OpenAI-compatible servers write it at the top level, after the choices; escaped quotes
+// keep it from matching inside strings). `content` receives the generated text's size, the basis
+// of an estimate, counted only when no usage is found or it lacks a count.
+bool read_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage& out,
+                     TextCount& content);
 
 // Is this event the usage-only chunk that `stream_options.include_usage` adds (OpenAI, vLLM,
 // TGI): `choices` present and empty, `usage` non-null? A chunk with content or a finish_reason

@@ -189,7 +189,6 @@ struct Shared {
   std::shared_ptr<Generation> current;   // control thread only (workers: WorkerGen)
   std::atomic<std::uint64_t> reloads_ok{0};
   std::atomic<std::uint64_t> reloads_failed{0};
-  std::atomic<std::uint64_t> generation{1};
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1208,8 +1207,7 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
     reported = u.reported();
     content = ctx.meter->tracker().content_text();
   } else if (!ctx.body_copy.empty()) {
-    reported =
-        llm::read_body_usage(ctx.body_copy, ctx.body_copy_complete, w_.usage_parser, u, content);
+    reported = llm::read_body_usage(ctx.body_copy, w_.usage_parser, u, content);
   }
   ctx.body_copy.clear();
   ctx.body_copy.shrink_to_fit();

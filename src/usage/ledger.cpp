@@ -228,12 +228,7 @@ std::vector<LedgerRow> Ledger::totals(const LedgerQuery& q) {
                           for (std::size_t i = 0; i < q.group_by.size(); ++i) {
                             const auto& k = info(q.group_by[i]);
                             if (k.field.empty()) {
-                              std::int64_t secs = ts_ms / 1000 - (ts_ms % 1000 < 0 ? 1 : 0);
-                              std::time_t t = static_cast<std::time_t>(secs);
-                              std::tm tm{};
-                              gmtime_r(&t, &tm);
-                              keys[i] = fmt::format("{:04}-{:02}-{:02}", tm.tm_year + 1900,
-                                                    tm.tm_mon + 1, tm.tm_mday);
+                              keys[i] = rfc3339(ts_ms).substr(0, 10);  // the UTC date
                             } else {
                               std::string_view v;
                               keys[i] =

@@ -100,6 +100,22 @@ bool permanent_rejection(unsigned status) {
   return status >= 400 && status < 500 && status != 408 && status != 429;
 }
 
+// Throws std::runtime_error for a sink without a name or a valid URL, or a name used twice.
+void check_sinks(const std::vector<config::SinkConfig>& sinks) {
+  for (std::size_t i = 0; i < sinks.size(); ++i) {
+    std::string why;
+    if (sinks[i].name.empty()) throw std::runtime_error("usage sink without a name");
+    if (!config::parse_url(sinks[i].url, &why)) {
+      throw std::runtime_error("usage sink " + sinks[i].name + ": " + why);
+    }
+    for (std::size_t k = 0; k < i; ++k) {
+      if (sinks[k].name == sinks[i].name) {
+        throw std::runtime_error("usage sink \"" + sinks[i].name + "\" is configured twice");
+      }
+    }
+  }
+}
+
 }  // namespace
 
 class Sink {
@@ -670,15 +686,9 @@ Pipeline::Pipeline(const config::UsageConfig& usage, std::vector<config::SinkCon
   std::int64_t head = im.log->head();
   im.head.store(head);
   std::string summary;
-  for (auto& cfg : sinks) {
-    if (!cfg.enabled) continue;
-    for (const auto& other : im.sinks) {
-      if (other->cfg.name == cfg.name) {
-        throw std::runtime_error("usage sink \"" + cfg.name + "\" is configured twice");
-      }
-    }
-    im.sinks.push_back(im.make_sink(std::move(cfg), head, summary));
-  }
+  std::erase_if(sinks, [](const config::SinkConfig& c) { return !c.enabled; });
+  check_sinks(sinks);
+  for (auto& cfg : sinks) im.sinks.push_back(im.make_sink(std::move(cfg), head, summary));
   im.pruned.store(0);
   log::line("info", "usage log {} opened ({}, head seq {}); {}", im.log->path(),
             im.memory ? "durability: memory" : "durability: disk, WAL", head,
@@ -689,7 +699,6 @@ Pipeline::Pipeline(const config::UsageConfig& usage, std::vector<config::SinkCon
 // replay). Throws std::runtime_error for an invalid sink.
 std::unique_ptr<Sink> Pipeline::Impl::make_sink(config::SinkConfig cfg, std::int64_t head,
                                                 std::string& summary) {
-  if (cfg.name.empty()) throw std::runtime_error("usage sink without a name");
   auto s = std::make_unique<Sink>();
   std::string why;
   auto url = config::parse_url(cfg.url, &why);
@@ -753,19 +762,7 @@ std::string Pipeline::reconfigure(std::vector<config::SinkConfig> wanted) {
   std::lock_guard life(im.lifecycle_mu);
   if (im.stopped) throw std::runtime_error("the usage pipeline is stopping");
   std::erase_if(wanted, [](const config::SinkConfig& c) { return !c.enabled; });
-  // Validate everything before touching anything: a bad sink changes nothing.
-  for (std::size_t i = 0; i < wanted.size(); ++i) {
-    std::string why;
-    if (wanted[i].name.empty()) throw std::runtime_error("usage sink without a name");
-    if (!config::parse_url(wanted[i].url, &why)) {
-      throw std::runtime_error("usage sink " + wanted[i].name + ": " + why);
-    }
-    for (std::size_t k = 0; k < i; ++k) {
-      if (wanted[k].name == wanted[i].name) {
-        throw std::runtime_error("usage sink \"" + wanted[i].name + "\" is configured twice");
-      }
-    }
-  }
+  check_sinks(wanted);  // before touching anything: a bad sink changes nothing
   auto find_wanted = [&](const std::string& name) -> const config::SinkConfig* {
     for (const auto& c : wanted) {
       if (c.name == name) return &c;

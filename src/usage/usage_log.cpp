@@ -74,6 +74,31 @@ std::uint64_t get_le(const unsigned char* p, int bytes) {
   return v;
 }
 
+// One record's entry in a batch's `meta` (layout in kSchema's comment).
+void put_meta(std::string& meta, std::size_t end_offset, std::int64_t ts_ms, std::int64_t end_ms) {
+  put_le(meta, end_offset, 4);
+  put_le(meta, static_cast<std::uint64_t>(ts_ms), 8);
+  put_le(meta, static_cast<std::uint64_t>(end_ms), 8);
+}
+
+// Calls fn(index, json, ts_ms, end_ms) for each record of a batch, in order.
+template <class Fn>
+void for_each_in_batch(std::string_view text, std::string_view meta, Fn&& fn) {
+  const auto* m = reinterpret_cast<const unsigned char*>(meta.data());
+  const std::size_t n = meta.size() / kMetaBytes;
+  std::size_t begin = 1;  // after '['
+  for (std::size_t i = 0; i < n; ++i, m += kMetaBytes) {
+    const std::size_t end = get_le(m, 4);
+    if (end > begin && end <= text.size()) {
+      if (!fn(i, text.substr(begin, end - begin), static_cast<std::int64_t>(get_le(m + 4, 8)),
+              static_cast<std::int64_t>(get_le(m + 12, 8)))) {
+        return;
+      }
+    }
+    begin = end + 1;  // skip ','
+  }
+}
+
 // The request_id of a record's JSON: its first field, always the gateway's own id (no escapes).
 std::string_view request_id_of(std::string_view json) {
   constexpr std::string_view kPrefix = R"({"request_id":")";
@@ -93,7 +118,6 @@ enum StatementIndex {
   kDeadLetterInsert,
   kDeleteRecords,
   kDeleteDeadLetters,
-  kCount,
   kCountAll,
   kReadBatches,
   kStatementCount
@@ -304,9 +328,7 @@ std::int64_t UsageLog::append(std::span<const PendingRecord> records) {
     text += records[i].json;
     const std::int64_t end_ms =
         r.timestamp_ms + static_cast<std::int64_t>(r.duration_ms > 0 ? r.duration_ms : 0);
-    put_le(meta, text.size(), 4);
-    put_le(meta, static_cast<std::uint64_t>(r.timestamp_ms), 8);
-    put_le(meta, static_cast<std::uint64_t>(end_ms), 8);
+    put_meta(meta, text.size(), r.timestamp_ms, end_ms);
     min_ts = std::min(min_ts, r.timestamp_ms);
     max_ts = std::max(max_ts, r.timestamp_ms);
   }
@@ -357,9 +379,7 @@ void UsageLog::migrate_v1() {
     const std::int64_t ts = sqlite3_column_int64(s, 1);
     text = "[" + column_text(s, 3) + "]";
     meta.clear();
-    put_le(meta, text.size() - 1, 4);
-    put_le(meta, static_cast<std::uint64_t>(ts), 8);
-    put_le(meta, static_cast<std::uint64_t>(sqlite3_column_int64(s, 2)), 8);
+    put_meta(meta, text.size() - 1, ts, sqlite3_column_int64(s, 2));
     insert_batch(seq, seq, ts, ts, text, meta);
   }
   if (rc != SQLITE_DONE) fail(rc, "migrate the usage log from version 1");
@@ -420,26 +440,20 @@ void UsageLog::read_after(std::int64_t after, int limit, std::vector<LoggedRecor
   // A sink usually reads the batch it read last time again (batch_size < records per commit):
   // the last batch read stays decoded here.
   auto take = [&](const CachedBatch& b) {
-    if (b.last_seq <= after || b.first_seq > after + 1) return false;
-    const auto* meta = reinterpret_cast<const unsigned char*>(b.meta.data());
-    const std::size_t n = b.meta.size() / kMetaBytes;
-    std::size_t begin = 1;  // after '['
-    for (std::size_t i = 0; i < n && left > 0; ++i) {
-      const std::size_t end = get_le(meta + i * kMetaBytes, 4);
-      const std::int64_t seq = b.first_seq + static_cast<std::int64_t>(i);
-      if (seq > after && end > begin && end <= b.text.size()) {
-        LoggedRecord r;
-        r.seq = seq;
-        r.json.assign(b.text, begin, end - begin);
-        r.request_id = std::string(request_id_of(r.json));
-        r.end_ms = static_cast<std::int64_t>(get_le(meta + i * kMetaBytes + 12, 8));
-        out.push_back(std::move(r));
-        --left;
-        after = seq;
-      }
-      begin = end + 1;  // skip ','
-    }
-    return true;
+    if (b.last_seq <= after || b.first_seq > after + 1) return;
+    for_each_in_batch(b.text, b.meta,
+                      [&](std::size_t i, std::string_view json, std::int64_t, std::int64_t end_ms) {
+                        const std::int64_t seq = b.first_seq + static_cast<std::int64_t>(i);
+                        if (seq <= after) return true;
+                        LoggedRecord r;
+                        r.seq = seq;
+                        r.json = json;
+                        r.request_id = request_id_of(json);
+                        r.end_ms = end_ms;
+                        out.push_back(std::move(r));
+                        after = seq;
+                        return --left > 0;
+                      });
   };
   if (left > 0) take(cached_);
   if (left <= 0) return;
@@ -493,31 +507,18 @@ std::int64_t UsageLog::delete_records(std::int64_t max_seq, std::optional<std::i
   std::lock_guard lk(mu_);
   // Whole batches only: every record of one must be at or below max_seq (and, with before_ms,
   // the newest one older than it). first_seq is the rowid; max_ts_ms has an index.
-  auto& count = stmt(kCount,
-                     "SELECT coalesce(sum(last_seq - first_seq + 1), 0) FROM "
-                     "record_batches WHERE first_seq IN (SELECT first_seq FROM "
-                     "record_batches WHERE first_seq <= ?1 AND last_seq <= ?1 AND "
-                     "max_ts_ms < ?2 "
-                     "ORDER BY first_seq LIMIT ?3)");
-  auto& del = stmt(kDeleteRecords,
-                   "DELETE FROM record_batches WHERE first_seq IN (SELECT first_seq FROM "
-                   "record_batches WHERE first_seq <= ?1 AND last_seq <= ?1 AND max_ts_ms < ?2 "
-                   "ORDER BY first_seq "
-                   "LIMIT ?3)");
+  auto& st = stmt(kDeleteRecords,
+                  "DELETE FROM record_batches WHERE first_seq IN (SELECT first_seq FROM "
+                  "record_batches WHERE first_seq <= ?1 AND last_seq <= ?1 AND max_ts_ms < ?2 "
+                  "ORDER BY first_seq LIMIT ?3) RETURNING last_seq - first_seq + 1");
+  Use u(st.s);
+  u.i64(1, max_seq);
+  u.i64(2, before_ms.value_or(INT64_MAX));
+  u.i64(3, limit);
   std::int64_t n = 0;
-  for (auto* st : {&count, &del}) {
-    Use u(st->s);
-    u.i64(1, max_seq);
-    u.i64(2, before_ms.value_or(INT64_MAX));
-    u.i64(3, limit);
-    if (st == &count) {
-      int rc = sqlite3_step(st->s);
-      if (rc != SQLITE_ROW) fail(rc, "count records to delete");
-      n = sqlite3_column_int64(st->s, 0);
-    } else {
-      step_done(st->s, "delete records");
-    }
-  }
+  int rc;
+  while ((rc = sqlite3_step(st.s)) == SQLITE_ROW) n += sqlite3_column_int64(st.s, 0);
+  if (rc != SQLITE_DONE) fail(rc, "delete records");
   if (cached_.last_seq <= max_seq) cached_ = CachedBatch{};
   return n;
 }
@@ -556,17 +557,13 @@ void UsageLog::for_each_record(std::int64_t since_ms, std::int64_t until_ms,
   while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
     std::string_view text(reinterpret_cast<const char*>(sqlite3_column_text(s, 0)),
                           static_cast<std::size_t>(sqlite3_column_bytes(s, 0)));
-    const auto* meta = static_cast<const unsigned char*>(sqlite3_column_blob(s, 1));
-    const std::size_t n = static_cast<std::size_t>(sqlite3_column_bytes(s, 1)) / kMetaBytes;
-    std::size_t begin = 1;
-    for (std::size_t i = 0; i < n; ++i) {
-      const std::size_t end = get_le(meta + i * kMetaBytes, 4);
-      const auto ts = static_cast<std::int64_t>(get_le(meta + i * kMetaBytes + 4, 8));
-      if (end > begin && end <= text.size() && ts >= since_ms && ts < until_ms) {
-        fn(ts, text.substr(begin, end - begin));
-      }
-      begin = end + 1;
-    }
+    std::string_view meta(static_cast<const char*>(sqlite3_column_blob(s, 1)),
+                          static_cast<std::size_t>(sqlite3_column_bytes(s, 1)));
+    for_each_in_batch(text, meta,
+                      [&](std::size_t, std::string_view json, std::int64_t ts, std::int64_t) {
+                        if (ts >= since_ms && ts < until_ms) fn(ts, json);
+                        return true;
+                      });
   }
   if (rc != SQLITE_DONE) fail(rc, "read records");
 }

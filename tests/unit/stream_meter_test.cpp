@@ -216,7 +216,7 @@ TEST(BodyUsage, FoundInTheTailOfALargeResponse) {
   std::string tail = R"(0.12,0.5]}],"model":"e","usage":{"prompt_tokens":900,"total_tokens":900}})";
   Usage u;
   TextCount content;
-  ASSERT_TRUE(read_body_usage(tail, false, p, u, content));
+  ASSERT_TRUE(read_body_usage(tail, p, u, content));
   EXPECT_EQ(u.prompt_tokens, 900);
   EXPECT_EQ(u.total_tokens, 900);
 }
