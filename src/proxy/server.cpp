@@ -22,6 +22,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <memory>
@@ -71,6 +72,10 @@ constexpr std::size_t kUpstreamInitialBuffer = 4 * 1024;
 // closing it that fast is rare, and the stale-connection retry covers it. Older ones are probed
 // (one recv(MSG_PEEK) syscall) because keep-alive timeouts of a few seconds are common.
 constexpr auto kProbeIdleAfter = std::chrono::seconds(1);
+// How often each worker checks its sessions' I/O deadlines: at most this late, and a quarter of
+// the shortest configured timeout when that is smaller (but not below 10 ms).
+constexpr auto kDeadlineSweep = std::chrono::milliseconds(100);
+constexpr auto kDeadlineSweepMin = std::chrono::milliseconds(10);
 
 using log::unix_ms_now;
 
@@ -461,27 +466,67 @@ asio::awaitable<std::tuple<error_code, std::size_t>> upstream_write(UpstreamConn
 }
 
 template <class Parser>
-asio::awaitable<std::tuple<error_code, std::size_t>> upstream_read_header(UpstreamConn& c,
-                                                                          Parser& p) {
-  auto op = std::visit(
-      [&](auto& s) { return bhttp::async_read_header(s, c.buffer, p, use_nothrow); }, c.stream);
-  co_return co_await std::move(op);
-}
-
-template <class Parser>
-asio::awaitable<std::tuple<error_code, std::size_t>> upstream_read_some(UpstreamConn& c,
-                                                                        Parser& p) {
-  auto op = std::visit([&](auto& s) { return bhttp::async_read_some(s, c.buffer, p, use_nothrow); },
-                       c.stream);
-  co_return co_await std::move(op);
-}
-
-template <class Parser>
 asio::awaitable<std::tuple<error_code, std::size_t>> upstream_read(UpstreamConn& c, Parser& p) {
   auto op =
       std::visit([&](auto& s) { return bhttp::async_read(s, c.buffer, p, use_nothrow); }, c.stream);
   co_return co_await std::move(op);
 }
+
+// The request path's upstream I/O, on the connection's own layers: the plain socket itself
+// (Beast's timed stream layer would arm and cancel a timer around every operation; deadlines
+// are the session's, see ClientSession::arm), or the TLS stream. Not a coroutine: the caller
+// awaits the operation itself, with no frame in between. `f` takes the stream, returns the op.
+template <class F>
+auto on_upstream(UpstreamConn& c, F&& f) {
+  if (auto* plain = std::get_if<UpstreamConn::Plain>(&c.stream)) return f(plain->socket());
+  return f(std::get<UpstreamConn::Tls>(c.stream));
+}
+
+// A response header as bytes, so that it can leave in the same write as the first piece of body.
+void append_response_header(std::string& out, const bhttp::response_header<>& h) {
+  out += "HTTP/1.1 ";
+  char status[8];
+  auto [end, ec] = std::to_chars(status, status + sizeof status, h.result_int());
+  out.append(status, end);
+  out += ' ';
+  std::string_view reason = h.reason();
+  if (reason.empty()) reason = bhttp::obsolete_reason(h.result());
+  out += reason;
+  out += "\r\n";
+  for (const auto& f : h) {
+    out += f.name_string();
+    out += ": ";
+    out += f.value();
+    out += "\r\n";
+  }
+  out += "\r\n";
+}
+
+// One write of relayed body to the client, as a gather list: the header while it is unsent,
+// then the piece, framed as a chunk when the client's message is chunked, and the last chunk
+// with the end of the message.
+struct BodyWrite {
+  std::array<asio::const_buffer, 5> buffers{};
+  std::array<char, 20> size_line{};
+
+  void frame(std::string_view head, bool chunked, std::string_view piece, bool last) {
+    static constexpr std::string_view kCrlf = "\r\n";
+    static constexpr std::string_view kLastChunk = "0\r\n\r\n";
+    std::size_t i = 0;
+    buffers = {};
+    if (!head.empty()) buffers[i++] = asio::buffer(head);
+    if (chunked && !piece.empty()) {
+      auto [end, ec] = std::to_chars(size_line.data(), size_line.data() + 16, piece.size(), 16);
+      *end++ = '\r';
+      *end++ = '\n';
+      buffers[i++] =
+          asio::buffer(size_line.data(), static_cast<std::size_t>(end - size_line.data()));
+    }
+    if (!piece.empty()) buffers[i++] = asio::buffer(piece);
+    if (chunked && !piece.empty()) buffers[i++] = asio::buffer(kCrlf);
+    if (chunked && last) buffers[i++] = asio::buffer(kLastChunk);
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Client hang-up detection while the upstream is busy: a read-readiness wait on the client
@@ -572,6 +617,18 @@ class ClientSession {
     stream_.socket().close(ec);
     if (watch_.upstream) watch_.upstream->close();
   }
+  // The worker's deadline sweep: cuts the I/O of a session past its deadline (see arm()).
+  void check_deadline(Clock::time_point now) {
+    if (now < deadline_) return;
+    deadline_ = Clock::time_point::max();
+    timed_out_ = true;
+    if (deadline_upstream_) {
+      deadline_upstream_->close();
+    } else {
+      error_code ec;
+      stream_.socket().close(ec);
+    }
+  }
 
  private:
   asio::awaitable<bool> handle_request();
@@ -617,8 +674,27 @@ class ClientSession {
                                          std::string_view authorization);
   void submit_usage(RequestContext& ctx, double duration_ms);
 
+  // I/O deadlines: one per session, checked by the worker every kDeadlineSweep, rather than a
+  // timer armed and cancelled around every read and write (two more handler runs each). arm()
+  // before an operation on the client socket, or on `upstream`; settle() after it: it disarms,
+  // and reports an operation the deadline cut (its socket closed, as Beast's own timeouts do)
+  // as beast::error::timeout.
+  void arm(Clock::duration timeout, UpstreamConn* upstream = nullptr) {
+    deadline_ = Clock::now() + timeout;
+    deadline_upstream_ = upstream;
+  }
+  error_code settle(error_code ec) {
+    deadline_ = Clock::time_point::max();
+    deadline_upstream_ = nullptr;
+    if (std::exchange(timed_out_, false)) return beast::error::timeout;
+    return ec;
+  }
+
   Worker& w_;
   beast::tcp_stream stream_;
+  Clock::time_point deadline_ = Clock::time_point::max();
+  UpstreamConn* deadline_upstream_ = nullptr;
+  bool timed_out_ = false;
   beast::flat_buffer buffer_;
   std::string client_ip_;
   HangupWatch watch_;
@@ -646,10 +722,10 @@ asio::awaitable<void> ClientSession::run() {
     // Keep-alive idle wait: the first bytes of the next request.
     if (buffer_.size() == 0) {
       idle_ = true;
-      stream_.expires_after(w_.cfg().timeouts.keepalive);
-      auto [ec, n] = co_await stream_.async_read_some(buffer_.prepare(4096), use_nothrow);
+      arm(w_.cfg().timeouts.keepalive);
+      auto [ec, n] = co_await stream_.socket().async_read_some(buffer_.prepare(4096), use_nothrow);
       idle_ = false;
-      if (ec) break;
+      if (settle(ec)) break;
       buffer_.commit(n);
     }
     bool keep_alive = co_await handle_request();
@@ -718,9 +794,9 @@ asio::awaitable<bool> ClientSession::send(RequestContext& ctx, Reply& reply) {
   res.prepare_payload();
   ctx.status = reply.status;
   ctx.bytes_out = res.body().size();
-  stream_.expires_after(w_.cfg().timeouts.stream_idle);
-  auto [ec, n] = co_await bhttp::async_write(stream_, res, use_nothrow);
-  if (ec) {
+  arm(w_.cfg().timeouts.stream_idle);
+  auto [wec, n] = co_await bhttp::async_write(stream_.socket(), res, use_nothrow);
+  if (settle(wec)) {
     ctx.finish = "client_disconnected";
     keep_alive = false;
   }
@@ -874,8 +950,10 @@ asio::awaitable<bool> ClientSession::handle_request() {
   parser.header_limit(static_cast<std::uint32_t>(cfg.server.max_header_size));
   parser.body_limit(cfg.server.max_body_size);
 
-  stream_.expires_after(cfg.timeouts.client_header);
-  auto [hec, hn] = co_await bhttp::async_read_header(stream_, buffer_, parser, use_nothrow);
+  arm(cfg.timeouts.client_header);
+  auto [rhec, hn] =
+      co_await bhttp::async_read_header(stream_.socket(), buffer_, parser, use_nothrow);
+  const error_code hec = settle(rhec);
   if (hec) {
     if (hec == bhttp::error::body_limit) {
       // Content-Length over the limit is detected with the header: refuse before the body.
@@ -1039,13 +1117,16 @@ asio::awaitable<bool> ClientSession::handle_request() {
   }
   if (iequals(req[bhttp::field::expect], "100-continue") && !parser.is_done()) {
     static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
-    stream_.expires_after(cfg.timeouts.client_header);
-    auto [cec, cn] = co_await asio::async_write(stream_, asio::buffer(kContinue), use_nothrow);
-    if (cec) co_return false;
+    arm(cfg.timeouts.client_header);
+    auto [cec, cn] =
+        co_await asio::async_write(stream_.socket(), asio::buffer(kContinue), use_nothrow);
+    if (settle(cec)) co_return false;
   }
   while (!parser.is_done()) {
-    stream_.expires_after(cfg.timeouts.client_header);
-    auto [bec, bn] = co_await bhttp::async_read_some(stream_, buffer_, parser, use_nothrow);
+    arm(cfg.timeouts.client_header);
+    auto [rbec, bn] =
+        co_await bhttp::async_read_some(stream_.socket(), buffer_, parser, use_nothrow);
+    const error_code bec = settle(rbec);
     if (bec == bhttp::error::body_limit) {
       {
         Reply reply =
@@ -1489,7 +1570,10 @@ asio::awaitable<error_code> read_final_header(
     parser.emplace();
     parser->body_limit(boost::none);
     parser->header_limit(kUpstreamHeaderLimit);
-    auto [ec, n] = co_await upstream_read_header(conn, *parser);
+    auto op = on_upstream(conn, [&](auto& s) {
+      return bhttp::async_read_header(s, conn.buffer, *parser, use_nothrow);
+    });
+    auto [ec, n] = co_await std::move(op);
     if (ec) co_return ec;
     const unsigned status = parser->get().result_int();
     if (status >= 200 || status == 101) co_return error_code{};
@@ -1528,8 +1612,10 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       conn = std::move(cr.conn);
     }
     watch_.upstream = conn.get();
-    conn->tcp().expires_after(cfg.timeouts.stream_idle);
-    auto [wec, wn] = co_await upstream_write(*conn, req);
+    arm(cfg.timeouts.stream_idle, conn.get());
+    auto wop = on_upstream(*conn, [&](auto& s) { return bhttp::async_write(s, req, use_nothrow); });
+    auto [rwec, wn] = co_await std::move(wop);
+    const error_code wec = settle(rwec);
     if (!wec) {
       ctx.forwarded = true;
       ctx.sent_to = &backend;
@@ -1542,8 +1628,9 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     }
     // After a failed send the backend may still have answered before closing (a 413 for a
     // body over its own limit): read that answer rather than calling the backend down.
-    conn->tcp().expires_after(wec ? cfg.timeouts.connect : cfg.timeouts.first_byte);
-    error_code hec = co_await read_final_header(*conn, parser);
+    arm(wec ? cfg.timeouts.connect : cfg.timeouts.first_byte, conn.get());
+    const error_code rhec = co_await read_final_header(*conn, parser);
+    const error_code hec = settle(rhec);
     if (watch_.client_gone) co_return Attempt::retry;
     if (hec) {
       watch_.upstream = nullptr;
@@ -1628,28 +1715,72 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   }
   const std::size_t copy_limit = cfg.usage.max_response_copy;
 
-  bhttp::response_serializer<bhttp::buffer_body> sr{res};
+  // The body is relayed with the session's own reads and writes: upstream bytes go through the
+  // parser (chunked framing and length), each piece is written to the client as it is found,
+  // with the header while unsent, framed as a chunk when the client's message is chunked.
+  std::string head;
+  head.reserve(512);
+  append_response_header(head, res.base());
+  const bool chunked = res.chunked();
+  BodyWrite out;
   bool client_ok = true;
   // An event stream's header goes out at once, so the client learns the status while the
   // backend is still prefilling; any other header rides with the first piece of body.
   if (is_stream && conn->buffer.size() == 0 && !rp.is_done()) {
-    stream_.expires_after(cfg.timeouts.stream_idle);
-    auto [whec, whn] = co_await bhttp::async_write_header(stream_, sr, use_nothrow);
-    client_ok = !whec;
+    out.frame(head, false, {}, false);
+    arm(cfg.timeouts.stream_idle);
+    auto [rwhec, whn] = co_await asio::async_write(stream_.socket(), out.buffers, use_nothrow);
+    client_ok = !settle(rwhec);
+    head.clear();
   }
   bool upstream_ok = true;
-  bool ended = false;  // the write that ends the message (more = false) went out
+  bool ended = false;  // the write that ends the message went out
   std::array<char, kRelayBufferSize> relay;
   Clock::time_point last_write{};
   // Once the upstream response is complete, a client hang-up no longer concerns the upstream
   // connection: it stays reusable, so the watch must not close it.
   if (rp.is_done()) watch_.upstream = nullptr;
   while (client_ok && !rp.is_done()) {
+    // Parse what the connection holds into `relay`; read only when that yields nothing, so
+    // that every piece goes out as soon as it arrived.
     rp.get().body().data = relay.data();
     rp.get().body().size = relay.size();
-    conn->tcp().expires_after(cfg.timeouts.stream_idle);
-    auto [rec, rn] = co_await upstream_read_some(*conn, rp);
-    if (rec == bhttp::error::need_buffer) rec = {};
+    error_code rec;
+    for (;;) {
+      if (conn->buffer.size() > 0) {
+        error_code pec;
+        std::size_t used = rp.put(conn->buffer.data(), pec);
+        conn->buffer.consume(used);
+        if (pec == bhttp::error::need_buffer) break;  // relay full
+        if (pec && pec != bhttp::error::need_more) {
+          rec = pec;
+          break;
+        }
+        if (rp.is_done()) break;
+        if (!pec && used > 0) continue;  // one parser step done: take the next
+      }
+      if (rp.get().body().size != relay.size()) break;  // body found: send it first
+      const std::size_t room =
+          std::min(kRelayBufferSize, conn->buffer.max_size() - conn->buffer.size());
+      if (room == 0) {
+        rec = bhttp::error::buffer_overflow;
+        break;
+      }
+      arm(cfg.timeouts.stream_idle, conn.get());
+      auto rop = on_upstream(*conn, [&](auto& s) {
+        return s.async_read_some(conn->buffer.prepare(room), use_nothrow);
+      });
+      auto [rrec, rn] = co_await std::move(rop);
+      rec = settle(rrec);
+      if (watch_.client_gone) break;
+      conn->buffer.commit(rn);
+      if (rec == asio::error::eof) {
+        rec = {};
+        rp.put_eof(rec);  // ends a body delimited by the connection's close; else partial_message
+        break;
+      }
+      if (rec) break;
+    }
     if (rec || watch_.client_gone) {
       upstream_ok = false;
       if (watch_.client_gone) {
@@ -1695,20 +1826,18 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     }
     n = piece.size();
     if (n == 0 && !rp.is_done()) continue;
-    // The last piece and the end of the message (chunked: the zero-size chunk) in one write.
-    res.body().data = n ? const_cast<char*>(piece.data()) : nullptr;
-    res.body().size = n;
-    res.body().more = !rp.is_done();
-    stream_.expires_after(cfg.timeouts.stream_idle);
-    auto [cwec, cwn] = co_await bhttp::async_write(stream_, sr, use_nothrow);
-    if (cwec == bhttp::error::need_buffer) cwec = {};
-    if (cwec) {
+    // The last piece and the end of the message (chunked: the last chunk) in one write.
+    out.frame(head, chunked, piece, rp.is_done());
+    arm(cfg.timeouts.stream_idle);
+    auto [rcwec, cwn] = co_await asio::async_write(stream_.socket(), out.buffers, use_nothrow);
+    if (settle(rcwec)) {
       client_ok = false;
       ctx.body_copy_complete = false;  // a prefix: usage is searched for in it, not parsed
       break;
     }
+    head.clear();
     ctx.bytes_out += n;
-    ended = !res.body().more;
+    ended = rp.is_done();
     if (n > 0) {
       const auto now = Clock::now();
       if (ctx.first_byte_ms < 0) {
@@ -1720,13 +1849,12 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     }
   }
   if (client_ok && upstream_ok && !ended) {
-    // (Beast already reported the message complete with the last piece: nothing held.)
-    res.body().data = nullptr;
-    res.body().size = 0;
-    res.body().more = false;
-    stream_.expires_after(cfg.timeouts.stream_idle);
-    auto [fec, fn] = co_await bhttp::async_write(stream_, sr, use_nothrow);
-    if (fec) client_ok = false;
+    // A response complete with its header (no body, or a body already whole) or whose last
+    // read carried no body: the header if unsent, and the end of the message.
+    out.frame(head, chunked, {}, true);
+    arm(cfg.timeouts.stream_idle);
+    auto [rfec, fn] = co_await asio::async_write(stream_.socket(), out.buffers, use_nothrow);
+    if (settle(rfec)) client_ok = false;
   }
   watch_.upstream = nullptr;
   if (!client_ok) {
@@ -1743,7 +1871,6 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // (it may hang up right after reading it); one the watch closed is not.
   if (upstream_ok && rp.is_done() && rp.keep_alive() && conn->buffer.size() == 0 &&
       conn->tcp().socket().is_open()) {
-    conn->tcp().expires_never();
     w_.put_idle(wg, std::move(conn));
   } else {
     conn->close();
@@ -1808,13 +1935,28 @@ asio::awaitable<void> metrics_accept_loop(Worker* w, tcp::acceptor* acceptor) {
   }
 }
 
+// The sweep interval for `t`: kDeadlineSweep, or a quarter of the shortest timeout.
+Clock::duration deadline_sweep(const config::Timeouts& t) {
+  Clock::duration d = kDeadlineSweep;
+  for (auto timeout : {t.first_byte, t.stream_idle, t.client_header, t.keepalive, t.connect}) {
+    d = std::min<Clock::duration>(d, timeout / 4);
+  }
+  return std::max<Clock::duration>(d, kDeadlineSweepMin);
+}
+
 asio::awaitable<void> housekeeping_loop(Worker* w) {
+  Clock::time_point next_flush = Clock::now();
   for (;;) {
-    w->housekeeping.expires_after(std::chrono::milliseconds(250));
+    w->housekeeping.expires_after(deadline_sweep(w->cfg().timeouts));
     auto [ec] = co_await w->housekeeping.async_wait(use_nothrow);
     if (ec) co_return;
-    w->log.flush();
-    w->sweep_idle();
+    const auto now = Clock::now();
+    for (auto* s : w->sessions) s->check_deadline(now);
+    if (now >= next_flush) {
+      next_flush = now + std::chrono::milliseconds(250);
+      w->log.flush();
+      w->sweep_idle();
+    }
   }
 }
 

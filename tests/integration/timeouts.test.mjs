@@ -1,0 +1,100 @@
+// The gateway's I/O deadlines (timeouts.*): each one cuts exactly the wait it is for, and none
+// cuts a request that keeps making progress. They are checked by a per-worker sweep rather than
+// a timer per operation, so these tests pin down what the sweep must still do.
+import { test, after, afterEach, beforeEach } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  cleanup,
+  checkProcesses,
+  trackTest,
+  startMock,
+  startGateway,
+  backendEntry,
+  connect,
+  chatBody,
+  openStream,
+  readAll,
+  sseData,
+  rawExchange,
+  jsonPostBytes,
+  mockPathCount,
+  withTimeout,
+} from './lib/harness.mjs';
+
+beforeEach(trackTest);
+afterEach(checkProcesses);
+after(cleanup);
+
+// Everything the gateway sends on `socket` until it closes the connection.
+function untilClosed(socket, what) {
+  return withTimeout(
+    new Promise((resolve) => {
+      const chunks = [];
+      socket.on('data', (d) => chunks.push(d));
+      socket.on('error', () => {});
+      socket.once('close', () => resolve(Buffer.concat(chunks).toString('latin1')));
+    }),
+    10_000,
+    what,
+  );
+}
+
+async function gatewayWith(timeouts) {
+  const mock = await startMock({ name: 'mock' });
+  const gw = await startGateway({ server: { workers: 1 }, timeouts, backends: [backendEntry(mock, { name: 'mock' })] });
+  return { mock, gw };
+}
+
+test('a keep-alive connection idle past timeouts.keepalive is closed after its response', { timeout: 20_000 }, async () => {
+  const { gw } = await gatewayWith({ keepalive: '300ms' });
+  const socket = await connect(gw.port);
+  const closed = untilClosed(socket, 'the gateway closing an idle keep-alive connection');
+  socket.write(jsonPostBytes(gw.port, '/v1/chat/completions', chatBody('m1')));
+  const seen = await closed;
+  assert.match(seen, /^HTTP\/1\.1 200 /, 'the response came first');
+  assert.doesNotMatch(seen, /connection: close/i, 'kept alive until the idle timeout, not closed with the response');
+});
+
+test('a request header that stalls past timeouts.client_header is dropped and never forwarded', { timeout: 20_000 }, async () => {
+  const { mock, gw } = await gatewayWith({ client_header: '300ms' });
+  const socket = await connect(gw.port);
+  const closed = untilClosed(socket, 'the gateway dropping a stalled header');
+  socket.write('POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n');
+  assert.equal(await closed, '', 'no response to half a header');
+  assert.equal(await mockPathCount(mock, '/v1/chat/completions'), 0);
+});
+
+test('a request body that stalls past timeouts.client_header is dropped and never forwarded', { timeout: 20_000 }, async () => {
+  const { mock, gw } = await gatewayWith({ client_header: '300ms' });
+  const socket = await connect(gw.port);
+  const closed = untilClosed(socket, 'the gateway dropping a stalled body');
+  socket.write('POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model":');
+  await closed;
+  assert.equal(await mockPathCount(mock, '/v1/chat/completions'), 0);
+});
+
+test('a stream longer than timeouts.stream_idle in total, with shorter gaps, is not cut', { timeout: 20_000 }, async () => {
+  // 8 events 100 ms apart: about 2.5 x the idle timeout in total.
+  const { gw } = await gatewayWith({ stream_idle: '300ms', first_byte: '300ms' });
+  const { res } = await openStream(`${gw.url}/v1/chat/completions`, {
+    body: JSON.stringify(chatBody('m1', { stream: true })),
+    headers: { 'content-type': 'application/json', 'x-mock-tokens': '8', 'x-mock-delay-ms': '100' },
+  });
+  assert.equal(res.statusCode, 200);
+  const data = sseData((await readAll(res)).toString());
+  assert.equal(data.at(-1), '[DONE]');
+  const deltas = data.filter((d) => d !== '[DONE]' && JSON.parse(d).choices?.[0]?.delta?.content !== undefined);
+  assert.equal(deltas.length, 8);
+});
+
+test('a backend silent mid-stream past timeouts.stream_idle: the client sees a truncated message', { timeout: 20_000 }, async () => {
+  const { gw } = await gatewayWith({ stream_idle: '300ms' });
+  const body = JSON.stringify(chatBody('m1', { stream: true }));
+  const request = Buffer.from(
+    `POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Mock-Tokens: 3\r\n` +
+      `X-Mock-Delay-Ms: 2000\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`,
+  );
+  // The header and the first event come at once, then 2 s of silence: the gateway must end the
+  // connection without the last chunk, so the client cannot take the cut stream as complete.
+  await assert.rejects(rawExchange(gw.port, request, { timeout: 10_000 }), /without a complete response/);
+});
