@@ -25,6 +25,7 @@
 #include <charconv>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -60,8 +61,10 @@ using boost::system::error_code;
 
 constexpr auto use_nothrow = asio::as_tuple(asio::use_awaitable);
 
-// Relay buffer per in-flight response: small and fixed, so memory per stream is constant.
-constexpr std::size_t kRelayBufferSize = 8 * 1024;
+// The relay's scratch space, one pair per worker (not per stream): plain upstream bytes are read
+// into the first only when the socket is readable, the body is parsed into the second, and
+// written from there at once. A stream waiting for its next event holds no relay buffer.
+constexpr std::size_t kRelayScratch = 32 * 1024;
 // Metering: the tail of a large non-stream response kept for its usage, and the largest
 // request body kept after sending for a /tokenize call (larger prompts are estimated).
 constexpr std::size_t kResponseTailBytes = 64 * 1024;
@@ -288,6 +291,8 @@ class Worker {
   std::shared_ptr<WorkerGen> cur;  // this thread only; swapped by adopt()
   llm::RequestInspector inspector;
   simdjson::dom::parser usage_parser;  // usage events, bodies, rewrites: one thread, reused
+  std::unique_ptr<char[]> relay_in{new char[kRelayScratch]};  // see kRelayScratch
+  std::unique_ptr<char[]> relay_out{new char[kRelayScratch]};
   RequestIdGenerator ids;
   AccessLog log;
   metrics::WorkerMetrics metrics;  // written by this thread only; copied on its thread by scrapes
@@ -328,6 +333,7 @@ class Worker {
     }
     c->idle_since = Clock::now();
     c->buffer.clear();
+    c->buffer.reserve(kUpstreamInitialBuffer);  // the relay may have released it
     list.push_back(std::move(c));
   }
 
@@ -690,6 +696,34 @@ class ClientSession {
     return ec;
   }
 
+  // Writes what the client socket takes now; the rest (a client not keeping up) is copied to
+  // pending_, for flush_pending() to send. An error means the client is gone.
+  error_code write_now(const BodyWrite& out) {
+    error_code ec;
+    std::size_t sent = stream_.socket().write_some(out.buffers, ec);
+    if (ec == asio::error::would_block || ec == asio::error::try_again) {
+      ec = {};
+      sent = 0;
+    }
+    if (ec) return ec;
+    for (const auto& b : out.buffers) {
+      if (sent >= b.size()) {
+        sent -= b.size();
+        continue;
+      }
+      pending_.append(static_cast<const char*>(b.data()) + sent, b.size() - sent);
+      sent = 0;
+    }
+    return ec;
+  }
+  asio::awaitable<error_code> flush_pending(Clock::duration timeout) {
+    arm(timeout);
+    auto [ec, n] =
+        co_await asio::async_write(stream_.socket(), asio::buffer(pending_), use_nothrow);
+    std::string().swap(pending_);
+    co_return settle(ec);
+  }
+
   Worker& w_;
   beast::tcp_stream stream_;
   Clock::time_point deadline_ = Clock::time_point::max();
@@ -702,6 +736,10 @@ class ClientSession {
   bool aborted_ = false;       // cut at the drain deadline
   bool idle_ = false;
   std::string ctx_scratch_;  // a padded copy of a retained body for /tokenize
+  std::string pending_;      // relayed bytes a slow client has not taken yet (see write_now)
+  // The answer the gateway itself gives, built here rather than in a local of the coroutine:
+  // GCC gives every local of every branch its own place in the frame, held for the request.
+  Reply reply_;
 };
 
 void Worker::begin_drain() {
@@ -717,6 +755,8 @@ void Worker::begin_drain() {
 
 asio::awaitable<void> ClientSession::run() {
   tune_socket(stream_.socket());
+  error_code nbec;
+  stream_.socket().non_blocking(true, nbec);  // write_now(): writes that never wait
   for (;;) {
     if (w_.shared.draining.load(std::memory_order_relaxed)) break;
     // Keep-alive idle wait: the first bytes of the next request.
@@ -962,17 +1002,16 @@ asio::awaitable<bool> ClientSession::handle_request() {
       ctx.request_id = w_.ids.next();
       std::string message = fmt::format("The request body is larger than the limit of {} bytes.",
                                         cfg.server.max_body_size);
-      Reply reply = error_reply(http::errors::body_too_large, message, false);
-      co_await send(ctx, reply);
+      reply_ = error_reply(http::errors::body_too_large, message, false);
+      co_await send(ctx, reply_);
     } else if (hec == bhttp::error::header_limit) {
       ctx.method = "-";
       ctx.path = "-";
       ctx.request_id = w_.ids.next();
       {
-        Reply reply =
-            error_reply(http::errors::headers_too_large,
-                        "The request headers are larger than server.max_header_size.", false);
-        co_await send(ctx, reply);
+        reply_ = error_reply(http::errors::headers_too_large,
+                             "The request headers are larger than server.max_header_size.", false);
+        co_await send(ctx, reply_);
       }
     } else if (hec != bhttp::error::end_of_stream && hec != beast::error::timeout &&
                hec != asio::error::operation_aborted && hec != asio::error::eof &&
@@ -981,9 +1020,9 @@ asio::awaitable<bool> ClientSession::handle_request() {
       ctx.path = "-";
       ctx.request_id = w_.ids.next();
       {
-        Reply reply = error_reply(http::errors::invalid_request,
-                                  "Malformed HTTP request: " + hec.message(), false);
-        co_await send(ctx, reply);
+        reply_ = error_reply(http::errors::invalid_request,
+                             "Malformed HTTP request: " + hec.message(), false);
+        co_await send(ctx, reply_);
       }
     }
     co_return false;
@@ -1005,10 +1044,9 @@ asio::awaitable<bool> ClientSession::handle_request() {
   // A Transfer-Encoding that does not end in chunked leaves the body length undefined (RFC 9112
   // 6.3): refuse it rather than guess, so no body can be read as a second request.
   if (req.count(bhttp::field::transfer_encoding) != 0 && !parser.chunked()) {
-    Reply reply =
-        error_reply(http::errors::invalid_request,
-                    "Unsupported Transfer-Encoding; use chunked or Content-Length.", false);
-    co_return co_await send(ctx, reply);
+    reply_ = error_reply(http::errors::invalid_request,
+                         "Unsupported Transfer-Encoding; use chunked or Content-Length.", false);
+    co_return co_await send(ctx, reply_);
   }
   Route route = metrics::route_for_path(path);
   bool body_pending = !parser.is_done();
@@ -1022,10 +1060,10 @@ asio::awaitable<bool> ClientSession::handle_request() {
 
   if (route == Route::other) {
     {
-      Reply reply = error_reply(http::errors::not_found,
-                                fmt::format("Unknown path {}.", ctx.path.substr(0, 200)),
-                                keep_alive && !body_pending);
-      co_return co_await send(ctx, reply);
+      reply_ = error_reply(http::errors::not_found,
+                           fmt::format("Unknown path {}.", ctx.path.substr(0, 200)),
+                           keep_alive && !body_pending);
+      co_return co_await send(ctx, reply_);
     }
   }
   bool llm_route =
@@ -1033,19 +1071,19 @@ asio::awaitable<bool> ClientSession::handle_request() {
   const bool post_route = llm_route || route == Route::admin_reload;
   if (req.method() != (post_route ? bhttp::verb::post : bhttp::verb::get)) {
     const std::string_view allow = post_route ? "POST" : "GET";
-    Reply reply = error_reply(
+    reply_ = error_reply(
         http::errors::method_not_allowed,
         fmt::format("Method {} is not allowed on {}; use {}.", ctx.method, ctx.path, allow),
         keep_alive && !body_pending, allow);
-    co_return co_await send(ctx, reply);
+    co_return co_await send(ctx, reply_);
   }
   if (route == Route::admin_backends || route == Route::admin_config ||
       route == Route::admin_reload) {
     if (!admin_authorized(req[bhttp::field::authorization])) {
-      Reply reply = error_reply(http::errors::unauthorized,
-                                "The admin API needs 'Authorization: Bearer <admin.token>'.",
-                                keep_alive && !body_pending);
-      co_return co_await send(ctx, reply);
+      reply_ = error_reply(http::errors::unauthorized,
+                           "The admin API needs 'Authorization: Bearer <admin.token>'.",
+                           keep_alive && !body_pending);
+      co_return co_await send(ctx, reply_);
     }
   }
   if (route == Route::admin_reload) {
@@ -1055,62 +1093,62 @@ asio::awaitable<bool> ClientSession::handle_request() {
   if (!llm_route) {
     if (route == Route::admin_backends || route == Route::admin_config) {
       if (route == Route::admin_config) {
-        Reply reply{200,
-                    config::to_yaml(cfg),
-                    keep_alive && !body_pending,
-                    {},
-                    "application/yaml; charset=utf-8"};
-        co_return co_await send(ctx, reply);
+        reply_ = Reply{200,
+                       config::to_yaml(cfg),
+                       keep_alive && !body_pending,
+                       {},
+                       "application/yaml; charset=utf-8"};
+        co_return co_await send(ctx, reply_);
       }
       std::string body = co_await admin_backends_body();
-      Reply reply{200, std::move(body), keep_alive && !body_pending, {}};
-      co_return co_await send(ctx, reply);
+      reply_ = Reply{200, std::move(body), keep_alive && !body_pending, {}};
+      co_return co_await send(ctx, reply_);
     }
     if (route == Route::metrics) {
       std::string body = co_await metrics_body();
-      Reply reply{200,
-                  std::move(body),
-                  keep_alive && !body_pending,
-                  {},
-                  "text/plain; version=0.0.4; charset=utf-8"};
-      co_return co_await send(ctx, reply);
+      reply_ = Reply{200,
+                     std::move(body),
+                     keep_alive && !body_pending,
+                     {},
+                     "text/plain; version=0.0.4; charset=utf-8"};
+      co_return co_await send(ctx, reply_);
     }
     if (route == Route::models) {
       {
-        Reply reply{200, models_body(), keep_alive && !body_pending, {}};
-        co_return co_await send(ctx, reply);
+        reply_ = Reply{200, models_body(), keep_alive && !body_pending, {}};
+        co_return co_await send(ctx, reply_);
       }
     }
     if (route == Route::health) {
       {
-        Reply reply{200, health_body(false), keep_alive && !body_pending, {}};
-        co_return co_await send(ctx, reply);
+        reply_ = Reply{200, health_body(false), keep_alive && !body_pending, {}};
+        co_return co_await send(ctx, reply_);
       }
     }
     bool ready = ctx.wg->gen->backends.healthy_count() > 0 &&
                  !w_.shared.draining.load(std::memory_order_relaxed);
     if (ready) {
-      Reply reply{200, health_body(true), keep_alive && !body_pending, {}};
-      co_return co_await send(ctx, reply);
+      reply_ = Reply{200, health_body(true), keep_alive && !body_pending, {}};
+      co_return co_await send(ctx, reply_);
     }
     {
-      Reply reply = error_reply(
+      reply_ = error_reply(
           http::errors::no_healthy_backend,
           w_.shared.draining ? "The gateway is shutting down." : "No healthy backend is available.",
           keep_alive && !body_pending);
-      co_return co_await send(ctx, reply);
+      co_return co_await send(ctx, reply_);
     }
   }
 
   // LLM endpoints: read the whole body (bounded), with room for simdjson's padding.
   if (auto len = parser.content_length(); len && *len > cfg.server.max_body_size) {
     {
-      Reply reply = error_reply(
+      reply_ = error_reply(
           http::errors::body_too_large,
           fmt::format("The request body ({} bytes) is larger than the limit of {} bytes.", *len,
                       cfg.server.max_body_size),
           false);
-      co_return co_await send(ctx, reply);
+      co_return co_await send(ctx, reply_);
     }
   } else if (len) {
     req.body().reserve(*len + simdjson::SIMDJSON_PADDING);
@@ -1129,12 +1167,11 @@ asio::awaitable<bool> ClientSession::handle_request() {
     const error_code bec = settle(rbec);
     if (bec == bhttp::error::body_limit) {
       {
-        Reply reply =
-            error_reply(http::errors::body_too_large,
-                        fmt::format("The request body is larger than the limit of {} bytes.",
-                                    cfg.server.max_body_size),
-                        false);
-        co_return co_await send(ctx, reply);
+        reply_ = error_reply(http::errors::body_too_large,
+                             fmt::format("The request body is larger than the limit of {} bytes.",
+                                         cfg.server.max_body_size),
+                             false);
+        co_return co_await send(ctx, reply_);
       }
     }
     if (bec) {
@@ -1156,19 +1193,19 @@ asio::awaitable<bool> ClientSession::handle_request() {
   bool padded = body.capacity() >= body.size() + simdjson::SIMDJSON_PADDING;
   if (!w_.inspector.inspect(endpoint, body, padded, ctx.info, ierr)) {
     {
-      Reply reply = error_reply(ierr.spec, ierr.message, keep_alive);
-      co_return co_await send(ctx, reply);
+      reply_ = error_reply(ierr.spec, ierr.message, keep_alive);
+      co_return co_await send(ctx, reply_);
     }
   }
   if (usage::Pipeline* pipeline = w_.shared.usage) {
     // Serving what cannot be metered would give tokens away: refuse until the log catches up.
     if (!pipeline->accepting()) {
       ++w_.metrics.usage_backlog_rejects;
-      Reply reply = error_reply(http::errors::usage_backlog,
-                                "The gateway cannot record usage right now (usage backlog "
-                                "full); retry shortly.",
-                                keep_alive);
-      co_return co_await send(ctx, reply);
+      reply_ = error_reply(http::errors::usage_backlog,
+                           "The gateway cannot record usage right now (usage backlog "
+                           "full); retry shortly.",
+                           keep_alive);
+      co_return co_await send(ctx, reply_);
     }
     const auto& ucfg = cfg.usage;
     ctx.metered = true;
@@ -1217,8 +1254,8 @@ asio::awaitable<void> ClientSession::handle_reload(RequestContext& ctx, bool kee
       body += '"';
     }
     body += "]}";
-    Reply reply{200, std::move(body), keep_alive, {}};
-    co_await send(ctx, reply);
+    reply_ = Reply{200, std::move(body), keep_alive, {}};
+    co_await send(ctx, reply_);
     co_return;
   }
   std::string message = "The configuration file is invalid; nothing was changed: ";
@@ -1226,8 +1263,8 @@ asio::awaitable<void> ClientSession::handle_reload(RequestContext& ctx, bool kee
     if (i) message += "; ";
     message += result.problems[i];
   }
-  Reply reply = error_reply(http::errors::invalid_config, message, keep_alive);
-  co_await send(ctx, reply);
+  reply_ = error_reply(http::errors::invalid_config, message, keep_alive);
+  co_await send(ctx, reply_);
 }
 
 void ClientSession::arm_watch() {
@@ -1493,29 +1530,28 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
       if (i > 0) {
         if (ctx.forwarded) ctx.finish = "upstream_error";
         {
-          Reply reply = error_reply(http::errors::bad_gateway,
-                                    "No backend could be reached: " + last_error, keep_alive);
-          co_return co_await send(ctx, reply);
+          reply_ = error_reply(http::errors::bad_gateway,
+                               "No backend could be reached: " + last_error, keep_alive);
+          co_return co_await send(ctx, reply_);
         }
       }
       if (pick.error == lb::PickError::no_backend_for_model) {
         {
-          Reply reply =
-              error_reply(http::errors::model_not_found,
-                          fmt::format("The model '{}' does not exist or no backend serves it.",
-                                      ctx.info.model.substr(0, 200)),
-                          keep_alive);
-          co_return co_await send(ctx, reply);
+          reply_ = error_reply(http::errors::model_not_found,
+                               fmt::format("The model '{}' does not exist or no backend serves it.",
+                                           ctx.info.model.substr(0, 200)),
+                               keep_alive);
+          co_return co_await send(ctx, reply_);
         }
       }
       {
-        Reply reply = error_reply(http::errors::no_healthy_backend,
-                                  ctx.info.model.empty()
-                                      ? "No healthy backend is available."
-                                      : fmt::format("No healthy backend serves the model '{}'.",
-                                                    ctx.info.model.substr(0, 200)),
-                                  keep_alive);
-        co_return co_await send(ctx, reply);
+        reply_ = error_reply(http::errors::no_healthy_backend,
+                             ctx.info.model.empty()
+                                 ? "No healthy backend is available."
+                                 : fmt::format("No healthy backend serves the model '{}'.",
+                                               ctx.info.model.substr(0, 200)),
+                             keep_alive);
+        co_return co_await send(ctx, reply_);
       }
     }
     lb::Backend& backend = *pick.backend;
@@ -1538,11 +1574,11 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
     if (outcome == Attempt::first_byte_timeout) {
       co_await disarm_watch();
       ctx.finish = "timeout";
-      Reply reply = error_reply(
+      reply_ = error_reply(
           http::errors::gateway_timeout,
           fmt::format("The backend did not answer within {} ms.", cfg.timeouts.first_byte.count()),
           keep_alive);
-      co_return co_await send(ctx, reply);
+      co_return co_await send(ctx, reply_);
     }
   }
   co_await disarm_watch();
@@ -1555,9 +1591,9 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
   }
   if (ctx.forwarded) ctx.finish = "upstream_error";
   {
-    Reply reply = error_reply(http::errors::bad_gateway,
-                              "The backend could not be reached: " + last_error, keep_alive);
-    co_return co_await send(ctx, reply);
+    reply_ = error_reply(http::errors::bad_gateway,
+                         "The backend could not be reached: " + last_error, keep_alive);
+    co_return co_await send(ctx, reply_);
   }
 }
 
@@ -1728,40 +1764,90 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // backend is still prefilling; any other header rides with the first piece of body.
   if (is_stream && conn->buffer.size() == 0 && !rp.is_done()) {
     out.frame(head, false, {}, false);
-    arm(cfg.timeouts.stream_idle);
-    auto [rwhec, whn] = co_await asio::async_write(stream_.socket(), out.buffers, use_nothrow);
-    client_ok = !settle(rwhec);
+    error_code whec = write_now(out);
+    if (!whec && !pending_.empty()) whec = co_await flush_pending(cfg.timeouts.stream_idle);
+    client_ok = !whec;
     head.clear();
   }
+  // A stream holds no buffer of its own while it waits: the request's read space goes too.
+  if (is_stream && buffer_.size() == 0) buffer_.shrink_to_fit();
   bool upstream_ok = true;
   bool ended = false;  // the write that ends the message went out
-  std::array<char, kRelayBufferSize> relay;
+  char* const body_space = w_.relay_out.get();
+  char* const in_space = w_.relay_in.get();
+  const bool plain = !conn->is_tls();
+  // Feeds input to the parser until it needs more, the body space is full or the message
+  // ends; returns the bytes used.
+  auto feed = [&rp](const char* p, std::size_t len, error_code& ec) {
+    std::size_t used = 0;
+    while (used < len && !rp.is_done()) {
+      error_code pec;
+      const std::size_t k = rp.put(asio::const_buffer(p + used, len - used), pec);
+      used += k;
+      if (pec == bhttp::error::need_more || pec == bhttp::error::need_buffer) break;
+      if (pec) {
+        ec = pec;
+        break;
+      }
+      if (k == 0) break;
+    }
+    return used;
+  };
   Clock::time_point last_write{};
   // Once the upstream response is complete, a client hang-up no longer concerns the upstream
   // connection: it stays reusable, so the watch must not close it.
   if (rp.is_done()) watch_.upstream = nullptr;
   while (client_ok && !rp.is_done()) {
-    // Parse what the connection holds into `relay`; read only when that yields nothing, so
-    // that every piece goes out as soon as it arrived.
-    rp.get().body().data = relay.data();
-    rp.get().body().size = relay.size();
+    rp.get().body().data = body_space;
+    rp.get().body().size = kRelayScratch;
     error_code rec;
+    // Parse what the connection holds; read only when that yields no body, so that every piece
+    // goes out as soon as it arrived. Bytes the parser leaves (a partial chunk header) stay in
+    // conn->buffer for the next round.
     for (;;) {
       if (conn->buffer.size() > 0) {
-        error_code pec;
-        std::size_t used = rp.put(conn->buffer.data(), pec);
-        conn->buffer.consume(used);
-        if (pec == bhttp::error::need_buffer) break;  // relay full
-        if (pec && pec != bhttp::error::need_more) {
-          rec = pec;
+        const auto held = conn->buffer.data();
+        conn->buffer.consume(feed(static_cast<const char*>(held.data()), held.size(), rec));
+        if (rec) break;
+      }
+      if (rp.is_done() || rp.get().body().size != kRelayScratch) break;
+      if (plain) {
+        // Wait for readability, then read into the worker's space behind what is held.
+        auto& sock = std::get<UpstreamConn::Plain>(conn->stream).socket();
+        arm(cfg.timeouts.stream_idle, conn.get());
+        auto [rwec] = co_await sock.async_wait(tcp::socket::wait_read, use_nothrow);
+        rec = settle(rwec);
+        if (rec || watch_.client_gone) break;
+        const std::size_t held = conn->buffer.size();
+        if (held >= kRelayScratch / 2) {
+          rec = bhttp::error::buffer_overflow;  // a chunk header of 16 KiB is not a chunk header
           break;
         }
-        if (rp.is_done()) break;
-        if (!pec && used > 0) continue;  // one parser step done: take the next
+        std::memcpy(in_space, conn->buffer.data().data(), held);
+        const ssize_t got =
+            ::recv(sock.native_handle(), in_space + held, kRelayScratch - held, MSG_DONTWAIT);
+        if (got < 0) {
+          if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) continue;
+          rec = error_code(errno, asio::error::get_system_category());
+          break;
+        }
+        if (got == 0) {
+          rp.put_eof(rec);  // ends a body delimited by the connection's close; else an error
+          break;
+        }
+        conn->buffer.consume(held);
+        const std::size_t len = held + static_cast<std::size_t>(got);
+        const std::size_t used = feed(in_space, len, rec);
+        if (used < len) {
+          auto room = conn->buffer.prepare(len - used);
+          std::memcpy(room.data(), in_space + used, len - used);
+          conn->buffer.commit(len - used);
+        }
+        if (rec || rp.is_done() || rp.get().body().size != kRelayScratch) break;
+        continue;
       }
-      if (rp.get().body().size != relay.size()) break;  // body found: send it first
       const std::size_t room =
-          std::min(kRelayBufferSize, conn->buffer.max_size() - conn->buffer.size());
+          std::min(kRelayScratch, conn->buffer.max_size() - conn->buffer.size());
       if (room == 0) {
         rec = bhttp::error::buffer_overflow;
         break;
@@ -1776,10 +1862,15 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       conn->buffer.commit(rn);
       if (rec == asio::error::eof) {
         rec = {};
-        rp.put_eof(rec);  // ends a body delimited by the connection's close; else partial_message
+        rp.put_eof(rec);
         break;
       }
       if (rec) break;
+    }
+    // A stream keeps no read space between events, only what the parser left: usually the
+    // CRLF that ends a chunk (the pool gives a reused connection its space back).
+    if (plain && is_stream && conn->buffer.capacity() > 256 && conn->buffer.size() <= 64) {
+      conn->buffer.shrink_to_fit();
     }
     if (rec || watch_.client_gone) {
       upstream_ok = false;
@@ -1795,8 +1886,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       break;
     }
     if (rp.is_done()) watch_.upstream = nullptr;
-    std::size_t n = relay.size() - rp.get().body().size;
-    std::string_view piece(relay.data(), n);
+    std::size_t n = kRelayScratch - rp.get().body().size;
+    std::string_view piece(body_space, n);
     std::string joined;  // only when a held tail must go out with the last piece
     if (ctx.meter) {
       piece = ctx.meter->relay(piece);
@@ -1828,9 +1919,9 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     if (n == 0 && !rp.is_done()) continue;
     // The last piece and the end of the message (chunked: the last chunk) in one write.
     out.frame(head, chunked, piece, rp.is_done());
-    arm(cfg.timeouts.stream_idle);
-    auto [rcwec, cwn] = co_await asio::async_write(stream_.socket(), out.buffers, use_nothrow);
-    if (settle(rcwec)) {
+    error_code cwec = write_now(out);
+    if (!cwec && !pending_.empty()) cwec = co_await flush_pending(cfg.timeouts.stream_idle);
+    if (cwec) {
       client_ok = false;
       ctx.body_copy_complete = false;  // a prefix: usage is searched for in it, not parsed
       break;
@@ -1852,9 +1943,9 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     // A response complete with its header (no body, or a body already whole) or whose last
     // read carried no body: the header if unsent, and the end of the message.
     out.frame(head, chunked, {}, true);
-    arm(cfg.timeouts.stream_idle);
-    auto [rfec, fn] = co_await asio::async_write(stream_.socket(), out.buffers, use_nothrow);
-    if (settle(rfec)) client_ok = false;
+    error_code fec = write_now(out);
+    if (!fec && !pending_.empty()) fec = co_await flush_pending(cfg.timeouts.stream_idle);
+    if (fec) client_ok = false;
   }
   watch_.upstream = nullptr;
   if (!client_ok) {

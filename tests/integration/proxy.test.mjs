@@ -17,6 +17,8 @@ import {
   rawRequest,
   keepAliveAgent,
   fillerText,
+  openStream,
+  readAll,
 } from './lib/harness.mjs';
 
 let backend;
@@ -102,6 +104,39 @@ test('a ~1 MB chunked non-stream body is byte-identical', { timeout: 30_000 }, a
   assert.equal(res.status, 200);
   assert.equal(res.body.length, body.length);
   assert.ok(res.body.equals(body), 'chunked large body differs');
+});
+
+test('a client that stops reading holds the stream back, then gets every byte in order', { timeout: 60_000 }, async () => {
+  // 8 MB of events, far more than the socket buffers on both sides hold: with the client paused,
+  // the gateway's writes must wait (bytes kept for it, not dropped), and its reads from the
+  // backend must stop, until the backend itself sees backpressure.
+  const event = (i) => `data: {"i":${i},"pad":"${'x'.repeat(1000)}"}\n\n`;
+  const total = 8000;
+  const expected = Buffer.from(Array.from({ length: total }, (_, i) => event(i)).join(''));
+  let backendBlocked;
+  const blocked = new Promise((resolve) => (backendBlocked = resolve));
+  backend.handler = async (req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' });
+    for (let i = 0; i < total; i++) {
+      if (!res.write(event(i))) {
+        backendBlocked();
+        await new Promise((resolve) => res.once('drain', resolve));
+      }
+    }
+    res.end();
+  };
+  const { res } = await openStream(`${gw.url}/v1/chat/completions`, {
+    body: JSON.stringify(chatBody('m1', { stream: true, stream_options: { include_usage: true } })),
+    headers: { 'content-type': 'application/json' },
+  });
+  assert.equal(res.statusCode, 200);
+  res.pause();
+  await blocked;
+  const reading = readAll(res, 50_000);
+  res.resume();
+  const got = await reading;
+  assert.equal(got.length, expected.length);
+  assert.ok(got.equals(expected), 'the stream differs after backpressure');
 });
 
 const SSE_BODY = Buffer.from(
