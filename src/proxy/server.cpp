@@ -90,18 +90,6 @@ bool iequals(std::string_view a, std::string_view b) {
   return beast::iequals(a, b);
 }
 
-// Hop-by-hop headers (RFC 9110 7.6.1) plus the legacy ones proxies must not forward.
-bool is_hop_by_hop(std::string_view name) {
-  static constexpr std::string_view kNames[] = {
-      "connection",          "keep-alive", "proxy-authenticate",
-      "proxy-authorization", "te",         "trailer",
-      "transfer-encoding",   "upgrade",    "proxy-connection"};
-  for (auto n : kNames) {
-    if (iequals(n, name)) return true;
-  }
-  return false;
-}
-
 // Does the Connection header value `connection` list the header `name` (a comma-separated,
 // case-insensitive token list)?
 bool connection_lists(std::string_view connection, std::string_view name) {
@@ -118,12 +106,31 @@ bool connection_lists(std::string_view connection, std::string_view name) {
   return false;
 }
 
+// Hop-by-hop headers (RFC 9110 7.6.1) plus the legacy ones proxies must not forward. All are
+// names Beast knows, so the parsed field's code is enough: no string comparison.
+bool is_hop_by_hop(bhttp::field f) {
+  switch (f) {
+    case bhttp::field::connection:
+    case bhttp::field::keep_alive:
+    case bhttp::field::proxy_authenticate:
+    case bhttp::field::proxy_authorization:
+    case bhttp::field::te:
+    case bhttp::field::trailer:
+    case bhttp::field::transfer_encoding:
+    case bhttp::field::upgrade:
+    case bhttp::field::proxy_connection:
+      return true;
+    default:
+      return false;
+  }
+}
+
 // Removes the headers named in Connection and the fixed hop-by-hop set.
 template <class Fields>
 void strip_hop_by_hop(Fields& fields) {
   const std::string connection(fields[bhttp::field::connection]);
   for (auto it = fields.begin(); it != fields.end();) {
-    if (is_hop_by_hop(it->name_string()) || connection_lists(connection, it->name_string())) {
+    if (is_hop_by_hop(it->name()) || connection_lists(connection, it->name_string())) {
       it = fields.erase(it);
     } else {
       ++it;
@@ -208,10 +215,10 @@ struct UpstreamConn {
 
   // The read buffer starts at 4 KiB: a typical response header plus a small JSON body then
   // arrives in one read (Beast would otherwise start at 512 bytes and read twice).
+  // A plain connection reads into the worker's scratch space and keeps only what the parser
+  // leaves (see attempt()): no buffer of its own until then.
   UpstreamConn(Plain s, std::size_t b, std::uint64_t gen)
-      : stream(std::in_place_type<Plain>, std::move(s)), backend(b), generation(gen) {
-    buffer.reserve(kUpstreamInitialBuffer);
-  }
+      : stream(std::in_place_type<Plain>, std::move(s)), backend(b), generation(gen) {}
   UpstreamConn(asio::any_io_executor ex, asio::ssl::context& ctx, std::size_t b, std::uint64_t gen)
       : stream(std::in_place_type<Tls>, ex, ctx), backend(b), generation(gen) {
     buffer.reserve(kUpstreamInitialBuffer);
@@ -333,7 +340,7 @@ class Worker {
     }
     c->idle_since = Clock::now();
     c->buffer.clear();
-    c->buffer.reserve(kUpstreamInitialBuffer);  // the relay may have released it
+    if (c->is_tls()) c->buffer.reserve(kUpstreamInitialBuffer);  // the relay may have released it
     list.push_back(std::move(c));
   }
 
@@ -438,7 +445,10 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
     co_return out;
   }
   tune_socket(tcp_stream.socket());
-  if (url.tls) {
+  if (!url.tls) {
+    // The request path writes without waiting when the socket takes the bytes (attempt()).
+    tcp_stream.socket().non_blocking(true, ec);
+  } else {
     auto& tls = std::get<UpstreamConn::Tls>(conn->stream);
     if (!SSL_set_tlsext_host_name(tls.native_handle(), url.host.c_str())) {
       out.ec = error_code(static_cast<int>(::ERR_get_error()), asio::error::get_ssl_category());
@@ -488,26 +498,6 @@ auto on_upstream(UpstreamConn& c, F&& f) {
   return f(std::get<UpstreamConn::Tls>(c.stream));
 }
 
-// A response header as bytes, so that it can leave in the same write as the first piece of body.
-void append_response_header(std::string& out, const bhttp::response_header<>& h) {
-  out += "HTTP/1.1 ";
-  char status[8];
-  auto [end, ec] = std::to_chars(status, status + sizeof status, h.result_int());
-  out.append(status, end);
-  out += ' ';
-  std::string_view reason = h.reason();
-  if (reason.empty()) reason = bhttp::obsolete_reason(h.result());
-  out += reason;
-  out += "\r\n";
-  for (const auto& f : h) {
-    out += f.name_string();
-    out += ": ";
-    out += f.value();
-    out += "\r\n";
-  }
-  out += "\r\n";
-}
-
 // One write of relayed body to the client, as a gather list: the header while it is unsent,
 // then the piece, framed as a chunk when the client's message is chunked, and the last chunk
 // with the end of the message.
@@ -539,12 +529,14 @@ struct BodyWrite {
 // socket (no bytes consumed). EOF there means the client is gone: the upstream connection is
 // closed at once so the backend stops generating, even during a long silent prefill.
 
+// The wait's handler holds the watch by shared_ptr, so disarming is two stores: the wait stays
+// queued (it serves the next request, or ends with the connection) and a completion that
+// finds the watch disarmed does nothing. No cancel, no waiting for the handler per request.
 struct HangupWatch {
-  explicit HangupWatch(asio::any_io_executor ex) : done(ex) {}
-  bool pending = false;
+  bool armed = false;    // a request waits on its upstream: a hang-up now closes it
+  bool pending = false;  // a readiness wait is queued on the client socket
   bool client_gone = false;
   UpstreamConn* upstream = nullptr;
-  asio::steady_timer done;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -597,10 +589,7 @@ using Request = bhttp::request<bhttp::string_body>;
 class ClientSession {
  public:
   ClientSession(Worker& w, tcp::socket socket, bool metrics_only)
-      : w_(w),
-        stream_(std::move(socket)),
-        watch_(stream_.get_executor()),
-        metrics_only_(metrics_only) {
+      : w_(w), stream_(std::move(socket)), metrics_only_(metrics_only) {
     error_code ec;
     auto ep = stream_.socket().remote_endpoint(ec);
     if (!ec) client_ip_ = ep.address().to_string();
@@ -666,7 +655,7 @@ class ClientSession {
   std::string models_body() const;
 
   void arm_watch();
-  asio::awaitable<void> disarm_watch();
+  void disarm_watch();
   void record_passive(const config::HealthCheck& hc, lb::Backend& b, bool ok);
   asio::awaitable<void> handle_reload(RequestContext& ctx, bool keep_alive);
   void log(RequestContext& ctx);
@@ -731,7 +720,8 @@ class ClientSession {
   bool timed_out_ = false;
   beast::flat_buffer buffer_;
   std::string client_ip_;
-  HangupWatch watch_;
+  std::shared_ptr<HangupWatch> watch_state_ = std::make_shared<HangupWatch>();
+  HangupWatch& watch_ = *watch_state_;
   bool metrics_only_ = false;  // a connection to metrics.listen
   bool aborted_ = false;       // cut at the drain deadline
   bool idle_ = false;
@@ -990,10 +980,18 @@ asio::awaitable<bool> ClientSession::handle_request() {
   parser.header_limit(static_cast<std::uint32_t>(cfg.server.max_header_size));
   parser.body_limit(cfg.server.max_body_size);
 
-  arm(cfg.timeouts.client_header);
-  auto [rhec, hn] =
-      co_await bhttp::async_read_header(stream_.socket(), buffer_, parser, use_nothrow);
-  const error_code hec = settle(rhec);
+  error_code hec;
+  // The keep-alive wait has usually read the whole header: parsed here, with no operation.
+  if (buffer_.size() > 0) {
+    buffer_.consume(parser.put(buffer_.data(), hec));
+    if (hec == bhttp::error::need_more) hec = {};
+  }
+  if (!hec && !parser.is_header_done()) {
+    arm(cfg.timeouts.client_header);
+    auto [rhec, hn] =
+        co_await bhttp::async_read_header(stream_.socket(), buffer_, parser, use_nothrow);
+    hec = settle(rhec);
+  }
   if (hec) {
     if (hec == bhttp::error::body_limit) {
       // Content-Length over the limit is detected with the header: refuse before the body.
@@ -1161,10 +1159,20 @@ asio::awaitable<bool> ClientSession::handle_request() {
     if (settle(cec)) co_return false;
   }
   while (!parser.is_done()) {
-    arm(cfg.timeouts.client_header);
-    auto [rbec, bn] =
-        co_await bhttp::async_read_some(stream_.socket(), buffer_, parser, use_nothrow);
-    const error_code bec = settle(rbec);
+    // What the header's read brought is parsed here; a read only when that makes no progress.
+    error_code bec;
+    std::size_t used = 0;
+    if (buffer_.size() > 0) {
+      used = parser.put(buffer_.data(), bec);
+      buffer_.consume(used);
+      if (bec == bhttp::error::need_more) bec = {};
+    }
+    if (!bec && used == 0) {
+      arm(cfg.timeouts.client_header);
+      auto [rbec, bn] =
+          co_await bhttp::async_read_some(stream_.socket(), buffer_, parser, use_nothrow);
+      bec = settle(rbec);
+    }
     if (bec == bhttp::error::body_limit) {
       {
         reply_ = error_reply(http::errors::body_too_large,
@@ -1270,33 +1278,27 @@ asio::awaitable<void> ClientSession::handle_reload(RequestContext& ctx, bool kee
 void ClientSession::arm_watch() {
   watch_.client_gone = false;
   watch_.upstream = nullptr;
+  watch_.armed = true;
+  if (watch_.pending) return;  // an earlier request's wait is still queued: it serves this one
   watch_.pending = true;
-  HangupWatch* watch = &watch_;
-  stream_.socket().async_wait(tcp::socket::wait_read, [watch, this](error_code ec) {
+  const int fd = stream_.socket().native_handle();
+  stream_.socket().async_wait(tcp::socket::wait_read, [watch = watch_state_, fd](error_code ec) {
     watch->pending = false;
-    if (!ec) {
-      char b;
-      ssize_t n = ::recv(stream_.socket().native_handle(), &b, 1, MSG_PEEK | MSG_DONTWAIT);
-      bool gone = n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
-      if (gone) {
-        watch->client_gone = true;
-        if (watch->upstream) watch->upstream->close();
-      }
-      // Bytes (a pipelined request) leave the watch disarmed: a hang-up is then seen on write.
+    if (ec || !watch->armed) return;  // the connection closed, or no request is waiting
+    char b;
+    ssize_t n = ::recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    bool gone = n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+    if (gone) {
+      watch->client_gone = true;
+      if (watch->upstream) watch->upstream->close();
     }
-    watch->done.cancel();
+    // Bytes (a pipelined request) leave the watch disarmed: a hang-up is then seen on write.
   });
 }
 
-asio::awaitable<void> ClientSession::disarm_watch() {
+void ClientSession::disarm_watch() {
+  watch_.armed = false;
   watch_.upstream = nullptr;
-  if (!watch_.pending) co_return;
-  error_code ec;
-  stream_.socket().cancel(ec);
-  while (watch_.pending) {
-    watch_.done.expires_at(Clock::time_point::max());
-    co_await watch_.done.async_wait(use_nothrow);
-  }
 }
 
 void ClientSession::record_passive(const config::HealthCheck& hc, lb::Backend& backend, bool ok) {
@@ -1526,7 +1528,7 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
     if (watch_.client_gone) break;
     auto pick = ctx.wg->balancer.pick(ctx.info.model, std::span(tried.data(), ntried));
     if (!pick.backend) {
-      co_await disarm_watch();
+      disarm_watch();
       if (i > 0) {
         if (ctx.forwarded) ctx.finish = "upstream_error";
         {
@@ -1565,14 +1567,14 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
     lb::InFlightGuard in_flight(backend);
     auto outcome = co_await attempt(backend, req, ctx, keep_alive, client_keep_alive, last_error);
     if (outcome == Attempt::done) {
-      co_await disarm_watch();
+      disarm_watch();
       co_await resolve_usage_with_tokenize(ctx, client_keep_alive,
                                            req[bhttp::field::authorization]);
       log(ctx);
       co_return client_keep_alive;
     }
     if (outcome == Attempt::first_byte_timeout) {
-      co_await disarm_watch();
+      disarm_watch();
       ctx.finish = "timeout";
       reply_ = error_reply(
           http::errors::gateway_timeout,
@@ -1581,7 +1583,7 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
       co_return co_await send(ctx, reply_);
     }
   }
-  co_await disarm_watch();
+  disarm_watch();
   if (watch_.client_gone) {
     ctx.finish = "client_disconnected";
     ctx.status = 499;
@@ -1597,15 +1599,34 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
   }
 }
 
+void new_response_parser(std::optional<bhttp::response_parser<bhttp::buffer_body>>& parser) {
+  parser.emplace();
+  parser->body_limit(boost::none);
+  parser->header_limit(kUpstreamHeaderLimit);
+}
+
+// The upstream request's header, for a gather write with its body.
+void append_request_header(std::string& out, const Request& req) {
+  out += req.method_string();
+  out += ' ';
+  out += req.target();
+  out += " HTTP/1.1\r\n";
+  for (const auto& f : req.base()) {
+    out += f.name_string();
+    out += ": ";
+    out += f.value();
+    out += "\r\n";
+  }
+  out += "\r\n";
+}
+
 // Reads response headers until the final one: interim responses (100 Continue, 103 Early
 // Hints) are consumed here and never reach the client, or the next response on this
 // connection would be misread as this one's body.
 asio::awaitable<error_code> read_final_header(
     UpstreamConn& conn, std::optional<bhttp::response_parser<bhttp::buffer_body>>& parser) {
   for (int interim = 0; interim < 8; ++interim) {
-    parser.emplace();
-    parser->body_limit(boost::none);
-    parser->header_limit(kUpstreamHeaderLimit);
+    new_response_parser(parser);
     auto op = on_upstream(conn, [&](auto& s) {
       return bhttp::async_read_header(s, conn.buffer, *parser, use_nothrow);
     });
@@ -1627,6 +1648,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   std::unique_ptr<UpstreamConn> conn;
   // One parser per response header: interim 1xx responses each need a fresh one.
   std::optional<bhttp::response_parser<bhttp::buffer_body>> parser;
+  std::string request_head;  // the upstream request's header (plain connections)
 
   // Send, and read the response header. A pooled connection the backend closed meanwhile
   // fails fast with EOF/reset and nothing received: retried once on a fresh connection to the
@@ -1648,10 +1670,36 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       conn = std::move(cr.conn);
     }
     watch_.upstream = conn.get();
-    arm(cfg.timeouts.stream_idle, conn.get());
-    auto wop = on_upstream(*conn, [&](auto& s) { return bhttp::async_write(s, req, use_nothrow); });
-    auto [rwec, wn] = co_await std::move(wop);
-    const error_code wec = settle(rwec);
+    error_code wec;
+    if (conn->is_tls()) {
+      arm(cfg.timeouts.stream_idle, conn.get());
+      auto wop =
+          on_upstream(*conn, [&](auto& s) { return bhttp::async_write(s, req, use_nothrow); });
+      auto [rwec, wn] = co_await std::move(wop);
+      wec = settle(rwec);
+    } else {
+      // Header and body in one gather write, with no operation when the socket takes them all
+      // (the usual case: a request is small next to a socket buffer).
+      request_head.clear();
+      append_request_header(request_head, req);
+      std::array<asio::const_buffer, 2> bufs{asio::buffer(request_head), asio::buffer(req.body())};
+      auto& sock = std::get<UpstreamConn::Plain>(conn->stream).socket();
+      std::size_t sent = sock.write_some(bufs, wec);
+      if (wec == asio::error::would_block || wec == asio::error::try_again) {
+        wec = {};
+        sent = 0;
+      }
+      if (!wec && sent < asio::buffer_size(bufs)) {
+        for (auto& b : bufs) {
+          const std::size_t skip = std::min(sent, b.size());
+          b += skip;
+          sent -= skip;
+        }
+        arm(cfg.timeouts.stream_idle, conn.get());
+        auto [rwec, wn] = co_await asio::async_write(sock, bufs, use_nothrow);
+        wec = settle(rwec);
+      }
+    }
     if (!wec) {
       ctx.forwarded = true;
       ctx.sent_to = &backend;
@@ -1665,7 +1713,57 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     // After a failed send the backend may still have answered before closing (a 413 for a
     // body over its own limit): read that answer rather than calling the backend down.
     arm(wec ? cfg.timeouts.connect : cfg.timeouts.first_byte, conn.get());
-    const error_code rhec = co_await read_final_header(*conn, parser);
+    error_code rhec;
+    if (conn->is_tls()) {
+      rhec = co_await read_final_header(*conn, parser);
+    } else {
+      // Read when readable into the worker's space; the connection keeps only the bytes after
+      // the header (the start of the body), or a header still incomplete.
+      auto& sock = std::get<UpstreamConn::Plain>(conn->stream).socket();
+      char* const space = w_.relay_in.get();
+      int interim = 0;
+      new_response_parser(parser);
+      for (;;) {
+        if (conn->buffer.size() > 0) {
+          conn->buffer.consume(parser->put(conn->buffer.data(), rhec));
+          if (rhec == bhttp::error::need_more) rhec = {};
+          if (rhec) break;
+          if (parser->is_header_done()) {
+            const unsigned st = parser->get().result_int();
+            if (st >= 200 || st == 101) break;
+            if (++interim == 8) {
+              rhec = bhttp::error::bad_status;
+              break;
+            }
+            new_response_parser(parser);  // an interim 1xx: the real answer follows
+            continue;
+          }
+        }
+        auto [rwait] = co_await sock.async_wait(tcp::socket::wait_read, use_nothrow);
+        if (rwait) {
+          rhec = rwait;
+          break;
+        }
+        const ssize_t got = ::recv(sock.native_handle(), space, kRelayScratch, MSG_DONTWAIT);
+        if (got < 0) {
+          if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) continue;
+          rhec = error_code(errno, asio::error::get_system_category());
+          break;
+        }
+        if (got == 0) {
+          rhec = parser->got_some() || conn->buffer.size() > 0 ? bhttp::error::partial_message
+                                                               : bhttp::error::end_of_stream;
+          break;
+        }
+        if (conn->buffer.size() + static_cast<std::size_t>(got) > conn->buffer.max_size()) {
+          rhec = bhttp::error::header_limit;
+          break;
+        }
+        auto room = conn->buffer.prepare(static_cast<std::size_t>(got));
+        std::memcpy(room.data(), space, static_cast<std::size_t>(got));
+        conn->buffer.commit(static_cast<std::size_t>(got));
+      }
+    }
     const error_code hec = settle(rhec);
     if (watch_.client_gone) co_return Attempt::retry;
     if (hec) {
@@ -1714,37 +1812,70 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   req.body().clear();
   req.body().shrink_to_fit();
 
-  bhttp::response<bhttp::buffer_body> res{up.result(), 11};
-  res.reason(up.reason());
-  const std::string_view up_connection = up[bhttp::field::connection];
-  for (const auto& f : up.base()) {
-    if (!is_hop_by_hop(f.name_string()) && !connection_lists(up_connection, f.name_string())) {
-      res.base().insert(f.name(), f.name_string(), f.value());
-    }
-  }
-  res.set("X-Request-Id", ctx.request_id);
   bool is_stream =
       beast::iequals(up[bhttp::field::content_type].substr(0, 17), "text/event-stream");
-  if (is_stream) res.set("X-Accel-Buffering", "no");
   bool draining = w_.shared.draining.load(std::memory_order_relaxed);
   client_keep_alive = keep_alive && !draining;
   // The usage chunk the gateway caused is removed from the stream, which then cannot keep the
   // backend's length (ctx.injected implies metering).
   const bool remove_injected = is_stream && ctx.injected && !rp.is_done();
+  // The client's header, written straight from the backend's: its end-to-end fields in order,
+  // then the gateway's own (request id, no proxy buffering for streams) and the framing.
+  enum class Framing { length, chunked, close, none } framing;
+  std::uint64_t length = 0;
   if (auto cl = rp.content_length(); cl && !remove_injected) {
-    res.content_length(*cl);
+    framing = Framing::length;
+    length = *cl;
   } else if (!rp.is_done()) {
-    if (ctx.client_version >= 11) {
-      res.chunked(true);
-    } else {
-      client_keep_alive = false;  // HTTP/1.0 knows no chunks: the body ends with the connection
-    }
+    // HTTP/1.0 knows no chunks: the body ends with the connection.
+    framing = ctx.client_version >= 11 ? Framing::chunked : Framing::close;
   } else if (status != 204 && status != 304) {
-    res.content_length(0);
+    framing = Framing::length;
+  } else {
+    framing = Framing::none;  // the backend's fields say all there is
   }
-  res.keep_alive(client_keep_alive);
-  res.body().data = nullptr;
-  res.body().more = true;
+  if (framing == Framing::close) client_keep_alive = false;
+  std::string head;
+  head.reserve(512);
+  head += "HTTP/1.1 ";
+  {
+    char digits[8];
+    auto [end, ec] = std::to_chars(digits, digits + sizeof digits, status);
+    head.append(digits, end);
+    head += ' ';
+    std::string_view reason = up.reason();
+    head += reason.empty() ? std::string_view(bhttp::obsolete_reason(up.result())) : reason;
+    head += "\r\n";
+  }
+  const std::string_view up_connection = up[bhttp::field::connection];
+  for (const auto& f : up.base()) {
+    const std::string_view name = f.name_string();
+    if (is_hop_by_hop(f.name()) || connection_lists(up_connection, name)) continue;
+    if (f.name() == bhttp::field::content_length && framing != Framing::none) continue;
+    if (iequals(name, "x-request-id") || (is_stream && iequals(name, "x-accel-buffering"))) {
+      continue;
+    }
+    head += name;
+    head += ": ";
+    head += f.value();
+    head += "\r\n";
+  }
+  head += "X-Request-Id: ";
+  head += ctx.request_id;
+  head += "\r\n";
+  if (is_stream) head += "X-Accel-Buffering: no\r\n";
+  if (framing == Framing::length) {
+    char digits[24];
+    auto [end, ec] = std::to_chars(digits, digits + sizeof digits, length);
+    head += "Content-Length: ";
+    head.append(digits, end);
+    head += "\r\n";
+  } else if (framing == Framing::chunked) {
+    head += "Transfer-Encoding: chunked\r\n";
+  }
+  if (!client_keep_alive) head += "Connection: close\r\n";
+  head += "\r\n";
+  const bool chunked = framing == Framing::chunked;
   ctx.status = status;
   if (ctx.metered && is_stream) {
     ctx.meter.emplace(&w_.usage_parser, remove_injected);
@@ -1754,10 +1885,6 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // The body is relayed with the session's own reads and writes: upstream bytes go through the
   // parser (chunked framing and length), each piece is written to the client as it is found,
   // with the header while unsent, framed as a chunk when the client's message is chunked.
-  std::string head;
-  head.reserve(512);
-  append_response_header(head, res.base());
-  const bool chunked = res.chunked();
   BodyWrite out;
   bool client_ok = true;
   // An event stream's header goes out at once, so the client learns the status while the
@@ -1767,7 +1894,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     error_code whec = write_now(out);
     if (!whec && !pending_.empty()) whec = co_await flush_pending(cfg.timeouts.stream_idle);
     client_ok = !whec;
-    head.clear();
+    std::string().swap(head);  // sent: nothing kept for the rest of the stream
   }
   // A stream holds no buffer of its own while it waits: the request's read space goes too.
   if (is_stream && buffer_.size() == 0) buffer_.shrink_to_fit();
@@ -1926,7 +2053,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       ctx.body_copy_complete = false;  // a prefix: usage is searched for in it, not parsed
       break;
     }
-    head.clear();
+    if (!head.empty()) std::string().swap(head);
     ctx.bytes_out += n;
     ended = rp.is_done();
     if (n > 0) {
