@@ -1950,7 +1950,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
           rec = bhttp::error::buffer_overflow;  // a chunk header of 16 KiB is not a chunk header
           break;
         }
-        std::memcpy(in_space, conn->buffer.data().data(), held);
+        if (held > 0) std::memcpy(in_space, conn->buffer.data().data(), held);  // empty: no data()
         const ssize_t got =
             ::recv(sock.native_handle(), in_space + held, kRelayScratch - held, MSG_DONTWAIT);
         if (got < 0) {

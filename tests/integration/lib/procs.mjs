@@ -105,7 +105,11 @@ export class Proc {
   }
 
   describe() {
-    return `${this.name} pid ${this.pid}\n--- stdout ---\n${this.stdout.slice(-4000)}\n--- stderr ---\n${this.stderr.slice(-4000)}`;
+    // A sanitizer report starts with its one-line cause and then a long stack: show it from the
+    // start, which a tail of the output would cut off.
+    const report = this.stderr.search(/runtime error:|ERROR: (Address|Leak|Thread)Sanitizer/);
+    const err = report >= 0 ? this.stderr.slice(report, report + 6000) : this.stderr.slice(-4000);
+    return `${this.name} pid ${this.pid}\n--- stdout ---\n${this.stdout.slice(-4000)}\n--- stderr ---\n${err}`;
   }
 }
 
