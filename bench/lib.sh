@@ -232,7 +232,7 @@ machine_rows() {
   for row in "$@"; do
     case "$row" in
       date) echo "| date | $(date -u '+%Y-%m-%d %H:%M:%S UTC') |" ;;
-      cpus) echo "| CPUs (nproc) | $(nproc) |" ;;
+      cpus) echo "| CPUs (nproc --all) | $(nproc --all) |" ;;  # the caller may run pinned to one
       model) echo "| CPU model | $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') |" ;;
       memory) echo "| memory | $(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo) |" ;;
       kernel) echo "| kernel | $(uname -sr) |" ;;
