@@ -45,16 +45,12 @@ check_binaries llmproxy llmproxy-mock llmproxy-loadgen
 bench_init llmproxy-bench
 
 # --- start the mock and the gateway ------------------------------------------------------------
-taskset -c "$CPU_LOAD" build/llmproxy-mock --listen 127.0.0.1:0 --threads 1 >"$work/mock.log" 2>&1 &
-mock_pid=$!
-track "$mock_pid"
-mock_url=$(wait_listening "$work/mock.log" "$mock_pid" llmproxy-mock) || exit 1
+start_server mock_url "$work/mock.log" "$CPU_LOAD" build/llmproxy-mock --listen 127.0.0.1:0 --threads 1 || exit 1
+mock_pid=$mock_url_pid
 
 gateway_config "$work/gateway.yaml" "$mock_url"
-taskset -c "$CPU_GATEWAY" build/llmproxy --config "$work/gateway.yaml" >"$work/gateway.log" 2>&1 &
-gw_pid=$!
-track "$gw_pid"
-gw_url=$(wait_listening "$work/gateway.log" "$gw_pid" llmproxy) || exit 1
+start_server gw_url "$work/gateway.log" "$CPU_GATEWAY" build/llmproxy --config "$work/gateway.yaml" || exit 1
+gw_pid=$gw_url_pid
 note "mock $mock_url (pid $mock_pid, CPU $CPU_LOAD), gateway $gw_url (pid $gw_pid, CPU $CPU_GATEWAY)"
 
 # Both answer a request before anything is measured.

@@ -12,6 +12,8 @@
 #   die MSG / note MSG                    message to stderr (die exits 1; the trap then cleans up)
 #   track PID / forget PID / stop_pid PID NAME   processes stopped on exit; SIGTERM, 10 s, SIGKILL
 #   wait_listening LOG PID NAME           the http://127.0.0.1:PORT a process printed ("listening on")
+#   start_server VAR LOG CPUS CMD...      CMD started (pinned to CPUS, "-": not) and tracked; VAR =
+#                                         the URL it announced, VAR_pid = its pid
 #   listen_port_of PID                    a TCP port PID listens on (from ss), for servers that
 #                                         cannot print the port they got from port 0
 #   free_port                             an unused loopback port (bind port 0, release it)
@@ -106,6 +108,24 @@ wait_listening() {
   tail -n 20 "$1" >&2
   note "$3 did not print 'listening on' within 10 s"
   return 1
+}
+
+# start_server VAR LOG CPUS CMD...: runs CMD in the background (pinned to CPUS, or unpinned when
+# CPUS is "-"), output to LOG, tracked for cleanup; waits for its "listening on" line and sets VAR
+# to the http://HOST:PORT it announced and VAR_pid to its pid. Returns 1 when it did not listen.
+start_server() {
+  local var=$1 log=$2 cpus=$3 pid url
+  shift 3
+  if [ "$cpus" = - ]; then
+    "$@" >"$log" 2>&1 &
+  else
+    taskset -c "$cpus" "$@" >"$log" 2>&1 &
+  fi
+  pid=$!
+  track "$pid"
+  printf -v "${var}_pid" '%s' "$pid"
+  url=$(wait_listening "$log" "$pid" "$(basename "$1")") || return 1
+  printf -v "$var" '%s' "$url"
 }
 
 # descendants PID: every process below PID (children, grandchildren, ...), one per line.

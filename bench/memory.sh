@@ -19,13 +19,10 @@ if [ "${BUILD:-1}" = 1 ]; then
   scripts/build.sh release llmproxy llmproxy-mock llmproxy-loadgen >/dev/null
 fi
 check_binaries llmproxy llmproxy-mock llmproxy-loadgen
-# cleanup on exit, wait_listening and rss_kib: bench/lib.sh.
+# cleanup on exit, start_server and rss_kib: bench/lib.sh.
 bench_init llmproxy-mem
 
-build/llmproxy-mock --listen 127.0.0.1:0 --threads 1 --quiet >"$work/mock.log" 2>&1 &
-mock_pid=$!
-track "$mock_pid"
-mock=$(wait_listening "$work/mock.log" "$mock_pid" llmproxy-mock) || exit 1
+start_server mock "$work/mock.log" - build/llmproxy-mock --listen 127.0.0.1:0 --threads 1 --quiet || exit 1
 cat >"$work/gw.yaml" <<YAML
 listen: "127.0.0.1:0"
 server: { workers: 1, access_log: false, max_connections: 20000 }
@@ -33,10 +30,7 @@ health_check: { enabled: false }
 backends:
   - url: "$mock"
 YAML
-build/llmproxy --config "$work/gw.yaml" >"$work/gw.log" 2>&1 &
-gw_pid=$!
-track "$gw_pid"
-gw=$(wait_listening "$work/gw.log" "$gw_pid" llmproxy) || exit 1
+start_server gw "$work/gw.log" - build/llmproxy --config "$work/gw.yaml" || exit 1
 url="$gw/v1/chat/completions"
 
 rss_idle=$(rss_kib "$gw_pid")
