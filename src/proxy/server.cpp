@@ -595,7 +595,13 @@ class ClientSession {
     if (!ec) client_ip_ = ep.address().to_string();
     w_.sessions.insert(this);
   }
-  ~ClientSession() { w_.sessions.erase(this); }
+  ~ClientSession() {
+    w_.sessions.erase(this);
+    // A queued hang-up wait outlives the session (it holds the shared state): it must not touch
+    // an upstream connection that an unwinding frame has freed.
+    watch_.armed = false;
+    watch_.upstream = nullptr;
+  }
 
   asio::awaitable<void> run();
 
@@ -608,6 +614,7 @@ class ClientSession {
   // stops.
   void abort() {
     aborted_ = true;
+    watch_.client_gone = true;  // a request still connecting stops before it is sent
     error_code ec;
     stream_.socket().close(ec);
     if (watch_.upstream) watch_.upstream->close();
@@ -1649,6 +1656,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // One parser per response header: interim 1xx responses each need a fresh one.
   std::optional<bhttp::response_parser<bhttp::buffer_body>> parser;
   std::string request_head;  // the upstream request's header (plain connections)
+  bool send_failed = false;  // the answer read after a failed send never makes the conn reusable
 
   // Send, and read the response header. A pooled connection the backend closed meanwhile
   // fails fast with EOF/reset and nothing received: retried once on a fresh connection to the
@@ -1700,6 +1708,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
         wec = settle(rwec);
       }
     }
+    send_failed = static_cast<bool>(wec);
     if (!wec) {
       ctx.forwarded = true;
       ctx.sent_to = &backend;
@@ -1888,8 +1897,10 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   BodyWrite out;
   bool client_ok = true;
   // An event stream's header goes out at once, so the client learns the status while the
-  // backend is still prefilling; any other header rides with the first piece of body.
-  if (is_stream && conn->buffer.size() == 0 && !rp.is_done()) {
+  // backend is still prefilling (even when the bytes that came with it hold no whole piece of
+  // body yet, such as the start of a chunk-size line); any other header rides with the first
+  // piece of body.
+  if (is_stream && !rp.is_done()) {
     out.frame(head, false, {}, false);
     error_code whec = write_now(out);
     if (!whec && !pending_.empty()) whec = co_await flush_pending(cfg.timeouts.stream_idle);
@@ -2087,7 +2098,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   }
   // A complete response leaves the upstream connection reusable whatever the client does next
   // (it may hang up right after reading it); one the watch closed is not.
-  if (upstream_ok && rp.is_done() && rp.keep_alive() && conn->buffer.size() == 0 &&
+  if (upstream_ok && !send_failed && rp.is_done() && rp.keep_alive() && conn->buffer.size() == 0 &&
       conn->tcp().socket().is_open()) {
     w_.put_idle(wg, std::move(conn));
   } else {

@@ -178,6 +178,31 @@ test('an SSE stream sent with Content-Length by the backend is byte-identical', 
   assert.ok(res.body.equals(SSE_BODY), 'stream with Content-Length differs');
 });
 
+test('a stream header that arrives with the start of a chunk-size line reaches the client before the first event', { timeout: 20_000 }, async () => {
+  // The backend's header and the first digit of its first chunk's size come in one packet, then
+  // nothing until the test says so (a prefill): the client must have the status meanwhile.
+  const event = Buffer.from('data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n');
+  const size = event.length.toString(16);
+  assert.ok(size.length >= 2, 'the event must need two hex digits');
+  let release;
+  const released = new Promise((resolve) => (release = resolve));
+  backend.handler = async (req, res, body, record) => {
+    const s = record.socket;
+    s.write(`HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n${size[0]}`);
+    await released;
+    s.end(Buffer.concat([Buffer.from(`${size.slice(1)}\r\n`), event, Buffer.from('\r\n0\r\n\r\n')]));
+  };
+  const { res } = await openStream(`${gw.url}/v1/chat/completions`, {
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify(chatBody('m1', STREAM_WITH_USAGE)),
+    timeout: 5_000,
+  }).finally(() => release());
+  assert.equal(res.statusCode, 200);
+  assert.equal(res.headers['content-type'], 'text/event-stream');
+  const got = await readAll(res);
+  assert.ok(got.equals(event), `body differs: ${JSON.stringify(got.toString())}`);
+});
+
 test('X-Request-Id is generated when absent, returned, and forwarded upstream', { timeout: 20_000 }, async () => {
   backend.handler = null;
   const before = backend.apiRequests.length;
