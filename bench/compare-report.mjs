@@ -227,8 +227,15 @@ if (stCases.length) {
   P(`## (2) Streams: ${params.st_tokens} tokens at ${params.st_delay_ms} ms per token`);
   P();
   if (params.st_rounds === undefined) P(`Closed loop, ${params.st_duration_s} s measured after ${params.warmup_s} s of warmup (an earlier version of the harness: a window, not a count);`);
-  else P(`Closed loop, ${params.st_rounds} x the concurrency streams measured after each connection's first stream (the warmup: a burst on cold`);
-  P('connections); every measured stream runs on an open client connection. When CPU 1 (the mock and the load generator) is');
+  else if (params.st_arrival === 'spread') {
+    P(`Open loop: streams start at even intervals (the level / the stream's length per second, over 1.25 x the level of connections),`);
+    P(`so that about the level are open at any time, not in step; ${params.st_rounds} x the level streams measured after one stream length of warmup`);
+    P('(while the count of open streams rises); latency from the scheduled start. When CPU 1 (the mock and the load generator) is');
+  } else {
+    P(`Closed loop, ${params.st_rounds} x the concurrency streams measured after each connection's first stream (the warmup: a burst on cold`);
+    P('connections); every measured stream runs on an open client connection; all streams being equally long, they stay in step,');
+    P("so each round starts as a burst of the level's requests. When CPU 1 (the mock and the load generator) is");
+  }
   P('~100 % busy, the load side is the bottleneck: the streams stretch, and TTFT and gaps include its queueing for every peer;');
   P(`the first token ${params.st_delay_ms} ms after the headers. TTFT: request sent -> first \`data:\` event. Gap: between consecutive events of`);
   P('a stream. "Added" = peer minus direct in the same run. Coalesced reads: socket reads that completed more');
@@ -442,7 +449,7 @@ for (const m of mem) {
 for (const p of peerList) if (status(p).status !== 'ok') anomalies.push(`- ${LABEL[p]} failed: ${status(p).reason}`);
 P('## Anomalies');
 P();
-P(anomalies.length ? anomalies.slice(0, 60).join('\n') + (anomalies.length > 60 ? `\n- ... ${anomalies.length - 60} more (runs.csv)` : '') : 'None: no errors, every answer 200, every stream ended with `data: [DONE]`, every memory level fully established.');
+P(anomalies.length ? anomalies.slice(0, 60).join('\n') + (anomalies.length > 60 ? `\n- ... ${anomalies.length - 60} more (runs.csv)` : '') : `None: no errors, every answer 200, every stream ended with \`data: [DONE]\`${mem.length ? ', every memory level fully established' : ''}.`);
 P();
 if (logLines) {
   P('Error and warning lines in the peers\' logs (first 5 each):');

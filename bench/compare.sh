@@ -47,11 +47,12 @@ BENCH_NAME=compare.sh
 
 # The command that reproduces this run: the knobs given in the environment, then the script.
 KNOBS=(QUICK RUNS PEERS NS_CONCURRENCY NS_DURATION_S NS_RATE NS_RATE_CONCURRENCY NS_RATE_DURATION_S
-  ST_LEVELS ST_TOKENS ST_DELAY_MS ST_ROUNDS MEM_RUNS MEM_LEVELS MEM_TOKENS MEM_DELAY_MS
+  ST_LEVELS ST_TOKENS ST_DELAY_MS ST_ROUNDS ST_ARRIVAL MEM_RUNS MEM_LEVELS MEM_TOKENS MEM_DELAY_MS
   PROMPT_SIZES PROMPT_DURATION_S WARMUP_S OUT)
 command_line=
 for k in "${KNOBS[@]}"; do
-  [ -n "${!k+x}" ] && command_line+="$k=${!k} "
+  [ -n "${!k+x}" ] || continue
+  if [[ ${!k} == *" "* ]]; then command_line+="$k='${!k}' "; else command_line+="$k=${!k} "; fi
 done
 command_line+="bench/compare.sh"
 
@@ -85,6 +86,14 @@ ST_DELAY_MS=${ST_DELAY_MS:-20}
 # = 50,000 events/s through the mock and the load generator on one core), a window shorter than one
 # stream would measure nothing.
 ST_ROUNDS=${ST_ROUNDS:-2}
+# How streams start. burst (default): closed loop, every connection starts its stream at once and,
+# all streams being equally long, they stay in step: each round is a burst of `level` requests, and
+# the TTFT tail includes the queue of that burst on the proxy's one core. spread: open loop, streams
+# start at even intervals (level / stream length per second, on level x 1.25 connections) so that
+# about `level` are open at any time, as when clients come and go independently; one stream length
+# of warmup lets the count of open streams rise to the level before anything is measured.
+ST_ARRIVAL=${ST_ARRIVAL:-burst}
+case "$ST_ARRIVAL" in burst | spread) ;; *) die "ST_ARRIVAL must be burst or spread" ;; esac
 MEM_RUNS=${MEM_RUNS:-3}         # each ramps fresh proxies to the top level: ~3.5 minutes a run
 MEM_LEVELS=${MEM_LEVELS:-1000 3000 6000 9000}
 MEM_TOKENS=${MEM_TOKENS:-30}
@@ -393,9 +402,14 @@ for run in $(seq "$RUNS"); do
     for peer in "${order[@]}"; do
       is_active "$peer" || continue
       [ "$peer" = llmproxy-metered ] && [ "$level" != "$first_level" ] && continue
+      if [ "$ST_ARRIVAL" = spread ]; then
+        st_load=(--concurrency $((level + level / 4)) --rate "$(awk -v l="$level" -v t="$ST_TOKENS" -v d="$ST_DELAY_MS" \
+          'BEGIN { printf "%.1f", l * 1000 / ((t + 1) * d) }')" --warmup "$(((ST_TOKENS + 1) * ST_DELAY_MS))ms")
+      else
+        st_load=(--concurrency "$level" --warmup "${WARMUP_S}s")
+      fi
       run_load stream "s$level" "$peer" "$run" $((WARMUP_S + 4 * (ST_ROUNDS + 1) * st_len_s + 60)) "" \
-        --mode stream --concurrency "$level" --requests $((ST_ROUNDS * level)) --warmup "${WARMUP_S}s" --timeout 60s \
-        "${ST_HEADERS[@]}"
+        --mode stream "${st_load[@]}" --requests $((ST_ROUNDS * level)) --timeout 60s "${ST_HEADERS[@]}"
     done
   done
   # (4) prompt size
@@ -534,7 +548,7 @@ cat >"$RAW/params.json" <<JSON
 {"quick":$([ "$QUICK" = 1 ] && echo true || echo false),"runs":$RUNS,"command":"$command_line","peers":"$PEERS",
 "ns_concurrency":$NS_CONCURRENCY,"ns_duration_s":$NS_DURATION_S,"ns_rate":$NS_RATE,"ns_rate_concurrency":$NS_RATE_CONCURRENCY,
 "ns_rate_duration_s":$NS_RATE_DURATION_S,"warmup_s":$WARMUP_S,"st_levels":"$ST_LEVELS","st_tokens":$ST_TOKENS,
-"st_delay_ms":$ST_DELAY_MS,"st_rounds":$ST_ROUNDS,"mem_runs":$MEM_RUNS,"mem_levels":"$MEM_LEVELS",
+"st_delay_ms":$ST_DELAY_MS,"st_rounds":$ST_ROUNDS,"st_arrival":"$ST_ARRIVAL","mem_runs":$MEM_RUNS,"mem_levels":"$MEM_LEVELS",
 "mem_tokens":$MEM_TOKENS,"mem_delay_ms":$MEM_DELAY_MS,"prompt_sizes":"$PROMPT_SIZES","prompt_duration_s":$PROMPT_DURATION_S,
 "lp_workers":$LP_WORKERS,"cpu_proxy":$CPU_PROXY,"cpu_load":$CPU_LOAD,"load_s":$load_s,"total_s":$(($(date +%s) - started + 2)),
 "mock_url":"$mock_url"}
