@@ -18,7 +18,9 @@
 //  - Each socket read is timestamped once; every SSE event completed by that read gets that time.
 //    That is what a client sees: events that arrive in one read arrive together. A read that
 //    completes more than one event is counted as "coalesced" (someone between the backend and us
-//    held events back and sent them together).
+//    held events back and sent them together). "Coalesced data reads" leave `data: [DONE]` out:
+//    servers write it right behind the last chunk, so a proxy that reads both at once sends them
+//    together without having held anything back.
 //  - Open loop (--rate): request k is scheduled at k/R seconds; a free connection takes the next
 //    slot, waits for its time and sends. Latency and TTFT are measured from the scheduled time,
 //    not from the send, so a slow server cannot hide its queueing by slowing the load down
@@ -676,6 +678,7 @@ struct Results {
   std::uint64_t warmup_requests = 0;
   std::uint64_t reads = 0;
   std::uint64_t coalesced_reads = 0;
+  std::uint64_t coalesced_data_reads = 0;  // more than one event other than [DONE] in a read
   std::uint64_t connects = 0;
   std::uint64_t stale_retries = 0;
   std::int64_t last_completion_ns = 0;  // absolute (from t0)
@@ -762,6 +765,7 @@ struct Exchange {
   std::int64_t last_event_ns = 0;
   std::uint32_t events = 0;
   std::uint32_t events_this_read = 0;
+  std::uint32_t data_events_this_read = 0;  // [DONE] left out
   bool last_is_done = false;
   bool got_bytes = false;
   bool measured = false;
@@ -784,6 +788,7 @@ struct BodySink {
   void operator()(bool is_done) {
     ++x.events;
     ++x.events_this_read;
+    if (!is_done) ++x.data_events_this_read;
     if (x.events == 1) {
       x.ttft_ns = read_ns - x.start_ns;
     } else if (x.measured) {
@@ -843,10 +848,12 @@ asio::awaitable<ErrorKind> exchange(const Plan& plan, Connection& c, Exchange& x
     x.got_bytes = true;
     c.buffered += n;
     x.events_this_read = 0;
+    x.data_events_this_read = 0;
     const auto step = parse_buffered(c, x, r, read_ns, scan);
     if (x.measured) {
       ++r.reads;
       if (x.events_this_read > 1) ++r.coalesced_reads;
+      if (x.data_events_this_read > 1) ++r.coalesced_data_reads;
     }
     if (step == ResponseParser::Step::kDone) co_return ErrorKind::kNone;
     if (step == ResponseParser::Step::kError) co_return ErrorKind::kProtocol;
@@ -997,6 +1004,7 @@ int report(const Options& opt, std::vector<std::unique_ptr<Worker>>& workers) {
     all.warmup_requests += r.warmup_requests;
     all.reads += r.reads;
     all.coalesced_reads += r.coalesced_reads;
+    all.coalesced_data_reads += r.coalesced_data_reads;
     all.connects += r.connects;
     all.stale_retries += r.stale_retries;
     all.last_completion_ns = std::max(all.last_completion_ns, r.last_completion_ns);
@@ -1086,9 +1094,10 @@ int report(const Options& opt, std::vector<std::unique_ptr<Worker>>& workers) {
     fmt::print(human, "  gap       {}\n", stats_text(gap));
     fmt::print(
         human,
-        "  events    {} ({:.1f} per request), ended with [DONE] {}/{}, coalesced reads {} of {}\n",
+        "  events    {} ({:.1f} per request), ended with [DONE] {}/{}, coalesced reads {} of {} "
+        "({} without [DONE])\n",
         events, requests ? static_cast<double>(events) / requests : 0.0, streams_done, completed,
-        all.coalesced_reads, all.reads);
+        all.coalesced_reads, all.reads, all.coalesced_data_reads);
   }
   if (opt.rate > 0) fmt::print(human, "  send lag  {}\n", stats_text(lg));
   fmt::print(
@@ -1101,14 +1110,15 @@ int report(const Options& opt, std::vector<std::unique_ptr<Worker>>& workers) {
         "{{\"mode\":\"{}\",\"concurrency\":{},\"threads\":{},\"rate\":{},\"requests\":{},"
         "\"errors\":{},\"error_kinds\":{{{}}},\"status_counts\":{{{}}},\"duration_s\":{:.3f},"
         "\"rps\":{:.2f},\"latency_ms\":{},\"ttft_ms\":{},\"gap_ms\":{},\"events\":{},"
-        "\"streams_done\":{},\"coalesced_reads\":{},\"reads\":{},\"send_lag_ms\":{},"
+        "\"streams_done\":{},\"coalesced_reads\":{},\"coalesced_data_reads\":{},\"reads\":{},"
+        "\"send_lag_ms\":{},"
         "\"connects\":{},\"stale_retries\":{},\"warmup_requests\":{},\"loadgen_cpu_s\":{:.3f}}}\n",
         stream ? "stream" : "nonstream", opt.concurrency, opt.threads,
         opt.rate > 0 ? fmt::format("{}", opt.rate) : "null", requests, errors, error_json, statuses,
         duration_s, rps, stats_json(lat, true), stream ? stats_json(tt, false) : "null",
         stream ? stats_json(gap, false) : "null", events, streams_done, all.coalesced_reads,
-        all.reads, opt.rate > 0 ? stats_json(lg, false) : "null", all.connects, all.stale_retries,
-        all.warmup_requests, cpu_s);
+        all.coalesced_data_reads, all.reads, opt.rate > 0 ? stats_json(lg, false) : "null",
+        all.connects, all.stale_retries, all.warmup_requests, cpu_s);
   }
   std::fflush(stdout);
   return 0;
@@ -1143,7 +1153,7 @@ std::string chunked(std::initializer_list<std::string_view> pieces) {
 
 // Feeds t.bytes as up to three reads cut at split_a and split_b. Returns what went wrong, or "".
 std::string run_case(const SelfTestCase& t, std::size_t split_a, std::size_t split_b,
-                     std::uint64_t& coalesced) {
+                     std::uint64_t& coalesced, std::uint64_t& coalesced_data) {
   asio::io_context ioc;
   Worker w;
   Connection c(w, ioc);
@@ -1161,11 +1171,14 @@ std::string run_case(const SelfTestCase& t, std::size_t split_a, std::size_t spl
     c.buffered += to - from;
     from = to;
     x.events_this_read = 0;
+    x.data_events_this_read = 0;
     step = parse_buffered(c, x, w.results, ++now, t.scan);
     if (x.events_this_read > 1) ++w.results.coalesced_reads;
+    if (x.data_events_this_read > 1) ++w.results.coalesced_data_reads;
     if (step != ResponseParser::Step::kNeedMore) break;
   }
   coalesced = w.results.coalesced_reads;
+  coalesced_data = w.results.coalesced_data_reads;
   if (step == ResponseParser::Step::kNeedMore && c.parser.complete_at_eof()) {
     step = ResponseParser::Step::kDone;
   }
@@ -1225,11 +1238,16 @@ int self_test() {
     bool ok = true;
     for (std::size_t a = 0; a <= t.bytes.size() && ok; ++a) {
       for (std::size_t b = a; b <= t.bytes.size() && ok; ++b) {
-        std::uint64_t coalesced = 0;
-        std::string why = run_case(t, a, b, coalesced);
-        // Everything in one read: every event after the first arrived coalesced.
+        std::uint64_t coalesced = 0, coalesced_data = 0;
+        std::string why = run_case(t, a, b, coalesced, coalesced_data);
+        // Everything in one read: every event after the first arrived coalesced; without the
+        // [DONE] that ends a stream, only when two other events came with it.
+        const std::uint32_t data_events = t.events - (t.done ? 1u : 0u);
         if (why.empty() && a == t.bytes.size() && coalesced != (t.events > 1 ? 1u : 0u)) {
           why = fmt::format("one read counted {} coalesced reads", coalesced);
+        }
+        if (why.empty() && a == t.bytes.size() && coalesced_data != (data_events > 1 ? 1u : 0u)) {
+          why = fmt::format("one read counted {} coalesced data reads", coalesced_data);
         }
         if (!why.empty()) {
           fmt::print(stderr, "FAIL {}: split at {},{}: {}\n", t.name, a, b, why);
