@@ -40,17 +40,15 @@ if [ "${BUILD:-1}" = 1 ]; then
   scripts/build.sh release llmproxy llmproxy-mock llmproxy-loadgen
 fi
 check_binaries llmproxy llmproxy-mock llmproxy-loadgen
-# cleanup on exit, die, wait_listening, cpu_s, jnum, loadgen (build/llmproxy-loadgen), gateway_config,
+# cleanup on exit, die, start_server, cpu_s, jnum, loadgen (build/llmproxy-loadgen), gateway_config,
 # smoke_200, run_anomalies, AWK_MEDIAN and machine_rows: bench/lib.sh.
 bench_init llmproxy-bench
 
 # --- start the mock and the gateway ------------------------------------------------------------
-start_server mock_url "$work/mock.log" "$CPU_LOAD" build/llmproxy-mock --listen 127.0.0.1:0 --threads 1 || exit 1
-mock_pid=$mock_url_pid
+start_server mock_url mock_pid "$work/mock.log" "$CPU_LOAD" build/llmproxy-mock --listen 127.0.0.1:0 --threads 1 || exit 1
 
 gateway_config "$work/gateway.yaml" "$mock_url"
-start_server gw_url "$work/gateway.log" "$CPU_GATEWAY" build/llmproxy --config "$work/gateway.yaml" || exit 1
-gw_pid=$gw_url_pid
+start_server gw_url gw_pid "$work/gateway.log" "$CPU_GATEWAY" build/llmproxy --config "$work/gateway.yaml" || exit 1
 note "mock $mock_url (pid $mock_pid, CPU $CPU_LOAD), gateway $gw_url (pid $gw_pid, CPU $CPU_GATEWAY)"
 
 # Both answer a request before anything is measured.

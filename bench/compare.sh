@@ -136,10 +136,8 @@ busy_before=$(other_load "$CPU_PROXY" "$CPU_LOAD")
 note "before the run, other processes kept busy: $busy_before"
 
 # --- the mock (required: without it nothing can be measured) -----------------------------------
-taskset -c "$CPU_LOAD" "$BIN/llmproxy-mock" --listen 127.0.0.1:0 --threads 1 --quiet >"$work/mock.log" 2>&1 &
-mock_pid=$!
-track "$mock_pid"
-mock_url=$(wait_listening "$work/mock.log" "$mock_pid" llmproxy-mock) || die "the mock did not start"
+start_server mock_url mock_pid "$work/mock.log" "$CPU_LOAD" "$BIN/llmproxy-mock" --listen 127.0.0.1:0 --threads 1 --quiet ||
+  die "the mock did not start"
 mock_port=${mock_url##*:}
 
 # --- peers -------------------------------------------------------------------------------------
@@ -189,10 +187,7 @@ start_peer() {
   enabled: true
   log_path: \"$work/$name-usage.db\""
       fi
-      taskset -c "$CPU_PROXY" "$BIN/llmproxy" --config "$work/$name.yaml" >"$work/$name.log" 2>&1 &
-      pid=$!
-      track "$pid"
-      url=$(wait_listening "$work/$name.log" "$pid" "$name") || {
+      start_server url pid "$work/$name.log" "$CPU_PROXY" "$BIN/llmproxy" --config "$work/$name.yaml" || {
         P_FAIL[$name]="did not start: $(tail -n 3 "$work/$name.log" | tr '\n|' '  ')"
         stop_pid "$pid" "$name"
         return 1
@@ -399,15 +394,15 @@ for run in $(seq "$RUNS"); do
   done
   # (2) streams
   for level in $ST_LEVELS; do
+    if [ "$ST_ARRIVAL" = spread ]; then
+      st_load=(--concurrency $((level + level / 4)) --rate "$(awk -v l="$level" -v t="$ST_TOKENS" -v d="$ST_DELAY_MS" \
+        'BEGIN { printf "%.1f", l * 1000 / ((t + 1) * d) }')" --warmup "$(((ST_TOKENS + 1) * ST_DELAY_MS))ms")
+    else
+      st_load=(--concurrency "$level" --warmup "${WARMUP_S}s")
+    fi
     for peer in "${order[@]}"; do
       is_active "$peer" || continue
       [ "$peer" = llmproxy-metered ] && [ "$level" != "$first_level" ] && continue
-      if [ "$ST_ARRIVAL" = spread ]; then
-        st_load=(--concurrency $((level + level / 4)) --rate "$(awk -v l="$level" -v t="$ST_TOKENS" -v d="$ST_DELAY_MS" \
-          'BEGIN { printf "%.1f", l * 1000 / ((t + 1) * d) }')" --warmup "$(((ST_TOKENS + 1) * ST_DELAY_MS))ms")
-      else
-        st_load=(--concurrency "$level" --warmup "${WARMUP_S}s")
-      fi
       run_load stream "s$level" "$peer" "$run" $((WARMUP_S + 4 * (ST_ROUNDS + 1) * st_len_s + 60)) "" \
         --mode stream "${st_load[@]}" --requests $((ST_ROUNDS * level)) --timeout 60s "${ST_HEADERS[@]}"
     done

@@ -12,8 +12,8 @@
 #   die MSG / note MSG                    message to stderr (die exits 1; the trap then cleans up)
 #   track PID / forget PID / stop_pid PID NAME   processes stopped on exit; SIGTERM, 10 s, SIGKILL
 #   wait_listening LOG PID NAME           the http://127.0.0.1:PORT a process printed ("listening on")
-#   start_server VAR LOG CPUS CMD...      CMD started (pinned to CPUS, "-": not) and tracked; VAR =
-#                                         the URL it announced, VAR_pid = its pid
+#   start_server URL_VAR PID_VAR LOG CPUS CMD...   CMD started (pinned to CPUS, "-": not) and
+#                                         tracked; sets the URL it announced and its pid
 #   listen_port_of PID                    a TCP port PID listens on (from ss), for servers that
 #                                         cannot print the port they got from port 0
 #   free_port                             an unused loopback port (bind port 0, release it)
@@ -110,22 +110,23 @@ wait_listening() {
   return 1
 }
 
-# start_server VAR LOG CPUS CMD...: runs CMD in the background (pinned to CPUS, or unpinned when
-# CPUS is "-"), output to LOG, tracked for cleanup; waits for its "listening on" line and sets VAR
-# to the http://HOST:PORT it announced and VAR_pid to its pid. Returns 1 when it did not listen.
+# start_server URL_VAR PID_VAR LOG CPUS CMD...: runs CMD in the background (pinned to CPUS, or
+# unpinned when CPUS is "-"), output to LOG, tracked for cleanup; sets PID_VAR to its pid, waits
+# for its "listening on" line and sets URL_VAR to the http://HOST:PORT it announced. Returns 1
+# when it did not listen (messages name it after LOG). Its own locals start with _ss_ so that a
+# caller's local URL_VAR or PID_VAR (pid, url) is the one set.
 start_server() {
-  local var=$1 log=$2 cpus=$3 pid url
-  shift 3
-  if [ "$cpus" = - ]; then
-    "$@" >"$log" 2>&1 &
+  local _ss_url_var=$1 _ss_pid_var=$2 _ss_log=$3 _ss_cpus=$4 _ss_url
+  shift 4
+  if [ "$_ss_cpus" = - ]; then
+    "$@" >"$_ss_log" 2>&1 &
   else
-    taskset -c "$cpus" "$@" >"$log" 2>&1 &
+    taskset -c "$_ss_cpus" "$@" >"$_ss_log" 2>&1 &
   fi
-  pid=$!
-  track "$pid"
-  printf -v "${var}_pid" '%s' "$pid"
-  url=$(wait_listening "$log" "$pid" "$(basename "$1")") || return 1
-  printf -v "$var" '%s' "$url"
+  printf -v "$_ss_pid_var" '%s' "$!"
+  track "${!_ss_pid_var}"
+  _ss_url=$(wait_listening "$_ss_log" "${!_ss_pid_var}" "$(basename "$_ss_log" .log)") || return 1
+  printf -v "$_ss_url_var" '%s' "$_ss_url"
 }
 
 # descendants PID: every process below PID (children, grandchildren, ...), one per line.

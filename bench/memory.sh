@@ -22,7 +22,7 @@ check_binaries llmproxy llmproxy-mock llmproxy-loadgen
 # cleanup on exit, start_server and rss_kib: bench/lib.sh.
 bench_init llmproxy-mem
 
-start_server mock "$work/mock.log" - build/llmproxy-mock --listen 127.0.0.1:0 --threads 1 --quiet || exit 1
+start_server mock mock_pid "$work/mock.log" - build/llmproxy-mock --listen 127.0.0.1:0 --threads 1 --quiet || exit 1
 cat >"$work/gw.yaml" <<YAML
 listen: "127.0.0.1:0"
 server: { workers: 1, access_log: false, max_connections: 20000 }
@@ -30,7 +30,7 @@ health_check: { enabled: false }
 backends:
   - url: "$mock"
 YAML
-start_server gw "$work/gw.log" - build/llmproxy --config "$work/gw.yaml" || exit 1
+start_server gw gw_pid "$work/gw.log" - build/llmproxy --config "$work/gw.yaml" || exit 1
 url="$gw/v1/chat/completions"
 
 rss_idle=$(rss_kib "$gw_pid")

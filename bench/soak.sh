@@ -43,7 +43,7 @@ check_binaries llmproxy llmproxy-mock llmproxy-loadgen
 bench_init llmproxy-soak
 taskset -cp "$CPU_LOAD" $$ >/dev/null
 
-start_server mock "$work/mock.log" "$CPU_LOAD" build/llmproxy-mock --listen 127.0.0.1:0 --threads 1 --quiet || exit 1
+start_server mock mock_pid "$work/mock.log" "$CPU_LOAD" build/llmproxy-mock --listen 127.0.0.1:0 --threads 1 --quiet || exit 1
 cat >"$work/gw.yaml" <<YAML
 listen: "127.0.0.1:0"
 server: { workers: 1, access_log: false, max_connections: 20000 }
@@ -52,7 +52,7 @@ usage: { enabled: false }
 backends:
   - url: "$mock"
 YAML
-start_server gw "$work/gw.log" "$CPU_PROXY" build/llmproxy --config "$work/gw.yaml" || exit 1
+start_server gw gw_pid "$work/gw.log" "$CPU_PROXY" build/llmproxy --config "$work/gw.yaml" || exit 1
 gw_port=${gw##*:}
 smoke_200 "$gw"
 idle_rss=$(rss_kib "$gw_pid")

@@ -67,7 +67,7 @@ fi
 check_binaries llmproxy llmproxy-mock llmproxy-loadgen
 
 # Cleanup on exit (a failed run keeps the processes' logs, not the binaries and databases, for a
-# post-mortem), die, wait_listening, forget/stop_pid, cpu_s, cpu_busy_s/cpu_irq_s, jnum, loadgen
+# post-mortem), die, start_server, forget/stop_pid, cpu_s, cpu_busy_s/cpu_irq_s, jnum, loadgen
 # ($BIN/llmproxy-loadgen), gateway_config FILE MOCK_URL USAGE_YAML (the gateway of basic.sh plus a
 # usage block), other_load, smoke_200, run_anomalies, AWK_MEDIAN and machine_rows: bench/lib.sh.
 bench_init llmproxy-usage llmproxy-usage-failed
@@ -101,19 +101,13 @@ tools() {  # tools MAX_SECONDS SUBCOMMAND ARGS...
 
 # start_receiver NAME PORT: a webhook receiver on CPU 1; sets rc_pid, rc_url, rc_up_ms.
 start_receiver() {
-  taskset -c "$CPU_LOAD" node "$TOOLS" receiver --port "$2" >"$work/$1.log" 2>&1 &
-  rc_pid=$!
-  track "$rc_pid"
-  rc_url=$(wait_listening "$work/$1.log" "$rc_pid" "receiver $1") || exit 1
+  start_server rc_url rc_pid "$work/$1.log" "$CPU_LOAD" node "$TOOLS" receiver --port "$2" || exit 1
   rc_up_ms=$(grep -o 'listening on http://[0-9.:]* at [0-9]*' "$work/$1.log" | head -n1 | awk '{print $NF}')
 }
 
 # start_gateway NAME CONFIG: on CPU 0; sets gw_pid, gw_url.
 start_gateway() {
-  taskset -c "$CPU_GATEWAY" "$BIN/llmproxy" --config "$2" >"$work/gw-$1.log" 2>&1 &
-  gw_pid=$!
-  track "$gw_pid"
-  gw_url=$(wait_listening "$work/gw-$1.log" "$gw_pid" "llmproxy ($1)") || exit 1
+  start_server gw_url gw_pid "$work/gw-$1.log" "$CPU_GATEWAY" "$BIN/llmproxy" --config "$2" || exit 1
 }
 
 # How busy the machine is before anything starts (other work is not pinned away from our CPUs).
@@ -121,10 +115,7 @@ busy_before=$(other_load "$CPU_GATEWAY" "$CPU_LOAD")
 note "before the run, other processes kept busy: $busy_before"
 
 # --- start the mock, the receiver of (a) and the three gateways --------------------------------
-taskset -c "$CPU_LOAD" "$BIN/llmproxy-mock" --listen 127.0.0.1:0 --threads 1 --quiet >"$work/mock.log" 2>&1 &
-mock_pid=$!
-track "$mock_pid"
-mock_url=$(wait_listening "$work/mock.log" "$mock_pid" llmproxy-mock) || exit 1
+start_server mock_url mock_pid "$work/mock.log" "$CPU_LOAD" "$BIN/llmproxy-mock" --listen 127.0.0.1:0 --threads 1 --quiet || exit 1
 
 start_receiver recv-a 0
 recv_pid=$rc_pid

@@ -765,7 +765,6 @@ struct Exchange {
   std::int64_t last_event_ns = 0;
   std::uint32_t events = 0;
   std::uint32_t events_this_read = 0;
-  std::uint32_t data_events_this_read = 0;  // [DONE] left out
   bool last_is_done = false;
   bool got_bytes = false;
   bool measured = false;
@@ -788,7 +787,6 @@ struct BodySink {
   void operator()(bool is_done) {
     ++x.events;
     ++x.events_this_read;
-    if (!is_done) ++x.data_events_this_read;
     if (x.events == 1) {
       x.ttft_ns = read_ns - x.start_ns;
     } else if (x.measured) {
@@ -798,6 +796,15 @@ struct BodySink {
     x.last_is_done = is_done;
   }
 };
+
+// After a read: counts it as coalesced when it completed more than one event, and as a coalesced
+// data read when more than one besides a [DONE] that ended it.
+void count_coalesced(const Exchange& x, Results& r) {
+  if (x.events_this_read > 1) ++r.coalesced_reads;
+  if (x.events_this_read - (x.last_is_done && x.events_this_read > 0 ? 1u : 0u) > 1) {
+    ++r.coalesced_data_reads;
+  }
+}
 
 ResponseParser::Step parse_buffered(Connection& c, Exchange& x, Results& r, std::int64_t read_ns,
                                     bool scan) {
@@ -848,12 +855,10 @@ asio::awaitable<ErrorKind> exchange(const Plan& plan, Connection& c, Exchange& x
     x.got_bytes = true;
     c.buffered += n;
     x.events_this_read = 0;
-    x.data_events_this_read = 0;
     const auto step = parse_buffered(c, x, r, read_ns, scan);
     if (x.measured) {
       ++r.reads;
-      if (x.events_this_read > 1) ++r.coalesced_reads;
-      if (x.data_events_this_read > 1) ++r.coalesced_data_reads;
+      count_coalesced(x, r);
     }
     if (step == ResponseParser::Step::kDone) co_return ErrorKind::kNone;
     if (step == ResponseParser::Step::kError) co_return ErrorKind::kProtocol;
@@ -1171,10 +1176,8 @@ std::string run_case(const SelfTestCase& t, std::size_t split_a, std::size_t spl
     c.buffered += to - from;
     from = to;
     x.events_this_read = 0;
-    x.data_events_this_read = 0;
     step = parse_buffered(c, x, w.results, ++now, t.scan);
-    if (x.events_this_read > 1) ++w.results.coalesced_reads;
-    if (x.data_events_this_read > 1) ++w.results.coalesced_data_reads;
+    count_coalesced(x, w.results);
     if (step != ResponseParser::Step::kNeedMore) break;
   }
   coalesced = w.results.coalesced_reads;
