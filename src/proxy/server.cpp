@@ -202,8 +202,12 @@ struct Shared {
   asio::io_context* control = nullptr;   // reloads run there, one at a time
   std::function<ReloadResult()> reload;  // control thread only
   std::shared_ptr<Generation> current;   // control thread only (workers: WorkerGen)
+  // A reload counts as done (and its generation as live) once every worker has adopted it, so a
+  // scrape that shows it promises that every request from then on runs on it. `live_generation`
+  // is stored before `reloads_ok` is incremented; a scrape reads them in the other order.
   std::atomic<std::uint64_t> reloads_ok{0};
   std::atomic<std::uint64_t> reloads_failed{0};
+  std::atomic<std::uint64_t> live_generation{1};
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -897,7 +901,7 @@ asio::awaitable<std::string> ClientSession::metrics_body() {
   }
   snap.reloads.ok = w_.shared.reloads_ok.load();
   snap.reloads.failed = w_.shared.reloads_failed.load();
-  snap.reloads.generation = gen->id;
+  snap.reloads.generation = w_.shared.live_generation.load();
   if (w_.shared.usage) snap.usage = w_.shared.usage->stats();
   co_return metrics::render(snap);
 }
@@ -2418,11 +2422,21 @@ int Gateway::run() {
                                             sh.labels.names().size());
     old->retired.store(true);
     sh.current = gen;
+    // Workers exist before any reload can run. Each adopts in its queue's order, so reloads
+    // complete in order too.
+    auto pending = std::make_shared<std::atomic<std::size_t>>(sh.workers.size());
+    auto adopted = [&sh, pending, id = gen->id] {
+      if (pending->fetch_sub(1) != 1) return;
+      sh.live_generation.store(id);
+      sh.reloads_ok.fetch_add(1);
+    };
     for (Worker* w : sh.workers) {
-      asio::post(w->ioc, [w, gen] { w->adopt(gen); });
+      asio::post(w->ioc, [w, gen, adopted] {
+        w->adopt(gen);
+        adopted();
+      });
     }
     start_health_checks(impl.control, sh, gen);
-    sh.reloads_ok.fetch_add(1);
     for (const auto& warning : r.warnings) log::line("warn", "reload: {}", warning);
     log::line("info", "reloaded {}: generation {}, {} backend{}{}{}", path, gen->id,
               gen->backends.size(), gen->backends.size() == 1 ? "" : "s",
