@@ -538,9 +538,10 @@ struct BodyWrite {
 // finds the watch disarmed does nothing. No cancel, no waiting for the handler per request.
 struct HangupWatch {
   bool armed = false;    // a request waits on its upstream: a hang-up now closes it
-  bool pending = false;  // a readiness wait is queued on the client socket
+  bool pending = false;  // a peek is queued on the client socket
   bool client_gone = false;
   UpstreamConn* upstream = nullptr;
+  char peek = 0;  // the peek's one byte (here: it outlives the session with the queued peek)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -667,6 +668,7 @@ class ClientSession {
 
   void arm_watch();
   void disarm_watch();
+  void stop_watch();  // disarms and cancels the queued peek: the connection is read again
   void record_passive(const config::HealthCheck& hc, lb::Backend& b, bool ok);
   asio::awaitable<void> handle_reload(RequestContext& ctx, bool keep_alive);
   void log(RequestContext& ctx);
@@ -760,6 +762,7 @@ asio::awaitable<void> ClientSession::run() {
   stream_.socket().non_blocking(true, nbec);  // write_now(): writes that never wait
   for (;;) {
     if (w_.shared.draining.load(std::memory_order_relaxed)) break;
+    stop_watch();
     // Keep-alive idle wait: the first bytes of the next request.
     if (buffer_.size() == 0) {
       idle_ = true;
@@ -775,6 +778,7 @@ asio::awaitable<void> ClientSession::run() {
   // Lingering close: a client may still be sending (a refused body, a pipelined request).
   // Closing with unread bytes makes the kernel answer with RST, which can destroy our last
   // response before the client has read it; so half-close, then drain briefly until EOF.
+  stop_watch();
   error_code ec;
   stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
   if (!ec && stream_.socket().is_open()) {
@@ -1290,26 +1294,35 @@ void ClientSession::arm_watch() {
   watch_.client_gone = false;
   watch_.upstream = nullptr;
   watch_.armed = true;
-  if (watch_.pending) return;  // an earlier request's wait is still queued: it serves this one
+  if (watch_.pending) return;  // an earlier request's peek is still queued: it serves this one
   watch_.pending = true;
-  const int fd = stream_.socket().native_handle();
-  stream_.socket().async_wait(tcp::socket::wait_read, [watch = watch_state_, fd](error_code ec) {
+  // A one-byte peek rather than a readiness wait: Asio queues a read without touching epoll
+  // (the socket is registered edge-triggered once), where each readiness wait costs an
+  // epoll_ctl. stop_watch() cancels it before the next read of the connection.
+  auto on_peek = [watch = watch_state_](error_code ec, std::size_t n) {
     watch->pending = false;
-    if (ec || !watch->armed) return;  // the connection closed, or no request is waiting
-    char b;
-    ssize_t n = ::recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
-    bool gone = n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
-    if (gone) {
+    if (ec == asio::error::operation_aborted || !watch->armed) return;
+    // End of stream or an error: the client is gone. A byte (a pipelined request) leaves the
+    // watch disarmed: a hang-up is then seen on write.
+    if (ec || n == 0) {
       watch->client_gone = true;
       if (watch->upstream) watch->upstream->close();
     }
-    // Bytes (a pipelined request) leave the watch disarmed: a hang-up is then seen on write.
-  });
+  };
+  stream_.socket().async_receive(asio::buffer(&watch_.peek, 1), tcp::socket::message_peek,
+                                 std::move(on_peek));
 }
 
 void ClientSession::disarm_watch() {
   watch_.armed = false;
   watch_.upstream = nullptr;
+}
+
+void ClientSession::stop_watch() {
+  disarm_watch();
+  if (!watch_.pending) return;
+  error_code ec;
+  stream_.socket().cancel(ec);  // only the peek is queued on the client socket now
 }
 
 void ClientSession::record_passive(const config::HealthCheck& hc, lb::Backend& backend, bool ok) {
@@ -1730,8 +1743,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     if (conn->is_tls()) {
       rhec = co_await read_final_header(*conn, parser);
     } else {
-      // Read when readable into the worker's space; the connection keeps only the bytes after
-      // the header (the start of the body), or a header still incomplete.
+      // A stream's answer: read when readable into the worker's space; the connection keeps
+      // only the bytes after the header (the start of the body), or a header still incomplete.
       auto& sock = std::get<UpstreamConn::Plain>(conn->stream).socket();
       char* const space = w_.relay_in.get();
       int interim = 0;
@@ -1751,6 +1764,29 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
             new_response_parser(parser);  // an interim 1xx: the real answer follows
             continue;
           }
+        }
+        if (!ctx.info.stream) {
+          // A non-stream answer is read straight into the connection's buffer: a readiness wait
+          // costs an epoll_ctl per request, a read does not. (A stream keeps the wait: while its
+          // backend prefills, the connection holds no buffer.)
+          const std::size_t room = conn->buffer.max_size() - conn->buffer.size();
+          if (room == 0) {
+            rhec = bhttp::error::header_limit;
+            break;
+          }
+          auto [rrec, rn] = co_await sock.async_read_some(
+              conn->buffer.prepare(std::min(room, kUpstreamInitialBuffer)), use_nothrow);
+          conn->buffer.commit(rn);
+          if (rrec == asio::error::eof) {
+            rhec = parser->got_some() || conn->buffer.size() > 0 ? bhttp::error::partial_message
+                                                                 : bhttp::error::end_of_stream;
+            break;
+          }
+          if (rrec) {
+            rhec = rrec;
+            break;
+          }
+          continue;
         }
         auto [rwait] = co_await sock.async_wait(tcp::socket::wait_read, use_nothrow);
         if (rwait) {
