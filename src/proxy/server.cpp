@@ -22,6 +22,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
+#include <cassert>
 #include <charconv>
 #include <chrono>
 #include <cstdio>
@@ -125,18 +126,43 @@ bool is_hop_by_hop(bhttp::field f) {
   }
 }
 
-// Removes the headers named in Connection and the fixed hop-by-hop set.
-template <class Fields>
-void strip_hop_by_hop(Fields& fields) {
-  const std::string connection(fields[bhttp::field::connection]);
-  for (auto it = fields.begin(); it != fields.end();) {
-    if (is_hop_by_hop(it->name()) || connection_lists(connection, it->name_string())) {
-      it = fields.erase(it);
-    } else {
-      ++it;
-    }
+// Builds an HTTP header in a string: sized once for a bound on its length, then filled with
+// plain copies (std::string's out-of-line append, one call per piece, was a measurable share of
+// every request). done() trims the string to what was written.
+class HeadWriter {
+ public:
+  // Room for a field line besides name and value, and for a decimal number.
+  static constexpr std::size_t kFieldExtra = 4;
+  static constexpr std::size_t kNumber = 20;
+
+  HeadWriter(std::string& out, std::size_t bound) : out_(out) {
+    const std::size_t at = out.size();
+    out_.resize(at + bound);
+    p_ = out_.data() + at;
+    end_ = out_.data() + out_.size();
   }
-}
+  void put(std::string_view v) {
+    assert(static_cast<std::size_t>(end_ - p_) >= v.size());
+    std::memcpy(p_, v.data(), v.size());
+    p_ += v.size();
+  }
+  void put(std::uint64_t n) {
+    assert(static_cast<std::size_t>(end_ - p_) >= kNumber);
+    p_ = std::to_chars(p_, p_ + kNumber, n).ptr;
+  }
+  void field(std::string_view name, std::string_view value) {
+    put(name);
+    put(": ");
+    put(value);
+    put("\r\n");
+  }
+  void done() { out_.resize(static_cast<std::size_t>(p_ - out_.data())); }
+
+ private:
+  std::string& out_;
+  char* p_;
+  char* end_;
+};
 
 // ---------------------------------------------------------------------------------------------
 // Shared, read-mostly state.
@@ -670,6 +696,8 @@ class ClientSession {
   void disarm_watch();
   void stop_watch();  // disarms and cancels the queued peek: the connection is read again
   void record_passive(const config::HealthCheck& hc, lb::Backend& b, bool ok);
+  void upstream_head(std::string& out, const Request& req, const RequestContext& ctx,
+                     const lb::Backend& backend) const;
   asio::awaitable<void> handle_reload(RequestContext& ctx, bool keep_alive);
   void log(RequestContext& ctx);
   // Metering: usage from what passed (sync), then, when the backend reported none, the prompt
@@ -1204,8 +1232,6 @@ asio::awaitable<bool> ClientSession::handle_request() {
       co_return false;
     }
   }
-  // Erased only now: a chunked body's trailer can bring Expect back into the header.
-  req.erase(bhttp::field::expect);
   ctx.bytes_in = req.body().size();
 
   auto endpoint = route == Route::chat          ? llm::Endpoint::chat_completions
@@ -1246,8 +1272,6 @@ asio::awaitable<bool> ClientSession::handle_request() {
         ctx.injected = true;
       }
     }
-    // Compressed answers could not be read for usage (nor scanned as events).
-    req.set(bhttp::field::accept_encoding, "identity");
   }
   co_return co_await proxy(req, ctx, keep_alive);
 }
@@ -1531,18 +1555,8 @@ void ClientSession::submit_usage(RequestContext& ctx, double duration_ms) {
 
 asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bool keep_alive) {
   const auto& cfg = ctx.wg->gen->cfg;
-  // Rewrite the client's request in place into the upstream request (no copy of the body).
-  strip_hop_by_hop(req.base());
-  std::string xff(req["X-Forwarded-For"]);
-  xff = xff.empty() ? client_ip_ : xff + ", " + client_ip_;
-  req.set("X-Forwarded-For", xff);
-  req.set("X-Forwarded-Proto", "http");
-  req.set("X-Request-Id", ctx.request_id);
-  req.version(11);
-  req.keep_alive(true);
-  req.content_length(req.body().size());
-  const std::string client_target(req.target());
-
+  // The client's request is forwarded as it is: attempt() writes the upstream header from its
+  // fields (upstream_head()), the body goes out unchanged.
   std::array<std::size_t, 16> tried{};
   std::size_t ntried = 0;
   std::string last_error;
@@ -1585,9 +1599,6 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
     if (i > 0) ++w_.metrics.retries;
     ctx.backend = &backend;
     ++ctx.attempts;
-    const auto& base = backend.config().parsed.base_path;
-    if (!base.empty()) req.target(base + client_target);
-    req.set(bhttp::field::host, backend.config().parsed.authority());
     lb::InFlightGuard in_flight(backend);
     auto outcome = co_await attempt(backend, req, ctx, keep_alive, client_keep_alive, last_error);
     if (outcome == Attempt::done) {
@@ -1629,19 +1640,68 @@ void new_response_parser(std::optional<bhttp::response_parser<bhttp::buffer_body
   parser->header_limit(kUpstreamHeaderLimit);
 }
 
-// The upstream request's header, for a gather write with its body.
-void append_request_header(std::string& out, const Request& req) {
-  out += req.method_string();
-  out += ' ';
-  out += req.target();
-  out += " HTTP/1.1\r\n";
+// The upstream request's header, for a gather write with its body: the client's end-to-end
+// fields in order, then the gateway's (Host of the backend, X-Forwarded-For/-Proto, the request
+// id, identity encoding when metered) and the body's length. Hop-by-hop fields, those the
+// client's Connection lists, and Expect (the gateway answered it) are not forwarded.
+void ClientSession::upstream_head(std::string& out, const Request& req, const RequestContext& ctx,
+                                  const lb::Backend& backend) const {
+  const config::Url& url = backend.config().parsed;
+  const std::string host = url.authority();
+  const std::string_view connection = req[bhttp::field::connection];
+  std::size_t bound = req.method_string().size() + url.base_path.size() + req.target().size() +
+                      host.size() + client_ip_.size() + ctx.request_id.size() + 256;
   for (const auto& f : req.base()) {
-    out += f.name_string();
-    out += ": ";
-    out += f.value();
-    out += "\r\n";
+    bound += f.name_string().size() + f.value().size() + HeadWriter::kFieldExtra;
   }
-  out += "\r\n";
+  HeadWriter w(out, bound);
+  w.put(req.method_string());
+  w.put(" ");
+  w.put(url.base_path);
+  w.put(req.target());
+  w.put(" HTTP/1.1\r\n");
+  w.field("Host", host);
+  std::string_view forwarded_for;
+  bool have_forwarded_for = false;
+  for (const auto& f : req.base()) {
+    const std::string_view name = f.name_string();
+    switch (f.name()) {
+      case bhttp::field::host:
+      case bhttp::field::content_length:
+      case bhttp::field::expect:
+        continue;
+      case bhttp::field::accept_encoding:
+        if (ctx.metered) continue;  // replaced: compressed answers could not be read for usage
+        break;
+      case bhttp::field::unknown:
+        if (iequals(name, "x-forwarded-for")) {
+          if (!have_forwarded_for) forwarded_for = f.value();  // the first; the others go
+          have_forwarded_for = true;
+          continue;
+        }
+        if (iequals(name, "x-forwarded-proto") || iequals(name, "x-request-id")) continue;
+        break;
+      default:
+        if (is_hop_by_hop(f.name())) continue;
+        break;
+    }
+    if (!connection.empty() && connection_lists(connection, name)) continue;
+    w.field(name, f.value());
+  }
+  w.put("X-Forwarded-For: ");
+  if (!forwarded_for.empty()) {
+    w.put(forwarded_for);
+    w.put(", ");
+  }
+  w.put(client_ip_);
+  w.put("\r\n");
+  w.field("X-Forwarded-Proto", "http");
+  w.field("X-Request-Id", ctx.request_id);
+  if (ctx.metered) w.field("Accept-Encoding", "identity");
+  w.put("Content-Length: ");
+  w.put(static_cast<std::uint64_t>(req.body().size()));
+  w.put("\r\n\r\n");
+  w.done();
 }
 
 // Reads response headers until the final one: interim responses (100 Continue, 103 Early
@@ -1672,7 +1732,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   std::unique_ptr<UpstreamConn> conn;
   // One parser per response header: interim 1xx responses each need a fresh one.
   std::optional<bhttp::response_parser<bhttp::buffer_body>> parser;
-  std::string request_head;  // the upstream request's header (plain connections)
+  std::string request_head;  // the upstream request's header, for this backend
   bool send_failed = false;  // the answer read after a failed send never makes the conn reusable
 
   // Send, and read the response header. A pooled connection the backend closed meanwhile
@@ -1696,18 +1756,17 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     }
     watch_.upstream = conn.get();
     error_code wec;
+    if (request_head.empty()) upstream_head(request_head, req, ctx, backend);
+    std::array<asio::const_buffer, 2> bufs{asio::buffer(request_head), asio::buffer(req.body())};
     if (conn->is_tls()) {
       arm(cfg.timeouts.stream_idle, conn.get());
       auto wop =
-          on_upstream(*conn, [&](auto& s) { return bhttp::async_write(s, req, use_nothrow); });
+          on_upstream(*conn, [&](auto& s) { return asio::async_write(s, bufs, use_nothrow); });
       auto [rwec, wn] = co_await std::move(wop);
       wec = settle(rwec);
     } else {
       // Header and body in one gather write, with no operation when the socket takes them all
       // (the usual case: a request is small next to a socket buffer).
-      request_head.clear();
-      append_request_header(request_head, req);
-      std::array<asio::const_buffer, 2> bufs{asio::buffer(request_head), asio::buffer(req.body())};
       auto& sock = std::get<UpstreamConn::Plain>(conn->stream).socket();
       std::size_t sent = sock.write_some(bufs, wec);
       if (wec == asio::error::would_block || wec == asio::error::try_again) {
@@ -1885,45 +1944,42 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   }
   if (framing == Framing::close) client_keep_alive = false;
   std::string head;
-  head.reserve(512);
-  head += "HTTP/1.1 ";
   {
-    char digits[8];
-    auto [end, ec] = std::to_chars(digits, digits + sizeof digits, status);
-    head.append(digits, end);
-    head += ' ';
     std::string_view reason = up.reason();
-    head += reason.empty() ? std::string_view(bhttp::obsolete_reason(up.result())) : reason;
-    head += "\r\n";
-  }
-  const std::string_view up_connection = up[bhttp::field::connection];
-  for (const auto& f : up.base()) {
-    const std::string_view name = f.name_string();
-    if (is_hop_by_hop(f.name()) || connection_lists(up_connection, name)) continue;
-    if (f.name() == bhttp::field::content_length && framing != Framing::none) continue;
-    if (iequals(name, "x-request-id") || (is_stream && iequals(name, "x-accel-buffering"))) {
-      continue;
+    if (reason.empty()) reason = bhttp::obsolete_reason(up.result());
+    std::size_t bound = reason.size() + ctx.request_id.size() + 192 + HeadWriter::kNumber;
+    for (const auto& f : up.base()) {
+      bound += f.name_string().size() + f.value().size() + HeadWriter::kFieldExtra;
     }
-    head += name;
-    head += ": ";
-    head += f.value();
-    head += "\r\n";
+    HeadWriter w(head, bound);
+    w.put("HTTP/1.1 ");
+    w.put(static_cast<std::uint64_t>(status));
+    w.put(" ");
+    w.put(reason);
+    w.put("\r\n");
+    const std::string_view up_connection = up[bhttp::field::connection];
+    for (const auto& f : up.base()) {
+      const std::string_view name = f.name_string();
+      if (is_hop_by_hop(f.name()) || connection_lists(up_connection, name)) continue;
+      if (f.name() == bhttp::field::content_length && framing != Framing::none) continue;
+      if (iequals(name, "x-request-id") || (is_stream && iequals(name, "x-accel-buffering"))) {
+        continue;
+      }
+      w.field(name, f.value());
+    }
+    w.field("X-Request-Id", ctx.request_id);
+    if (is_stream) w.field("X-Accel-Buffering", "no");
+    if (framing == Framing::length) {
+      w.put("Content-Length: ");
+      w.put(length);
+      w.put("\r\n");
+    } else if (framing == Framing::chunked) {
+      w.field("Transfer-Encoding", "chunked");
+    }
+    if (!client_keep_alive) w.field("Connection", "close");
+    w.put("\r\n");
+    w.done();
   }
-  head += "X-Request-Id: ";
-  head += ctx.request_id;
-  head += "\r\n";
-  if (is_stream) head += "X-Accel-Buffering: no\r\n";
-  if (framing == Framing::length) {
-    char digits[24];
-    auto [end, ec] = std::to_chars(digits, digits + sizeof digits, length);
-    head += "Content-Length: ";
-    head.append(digits, end);
-    head += "\r\n";
-  } else if (framing == Framing::chunked) {
-    head += "Transfer-Encoding: chunked\r\n";
-  }
-  if (!client_keep_alive) head += "Connection: close\r\n";
-  head += "\r\n";
   const bool chunked = framing == Framing::chunked;
   ctx.status = status;
   if (ctx.metered && is_stream) {
