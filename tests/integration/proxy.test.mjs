@@ -292,6 +292,50 @@ test('hop-by-hop request headers are not forwarded; end-to-end ones are', { time
   assert.equal(seen[0].body.toString(), body, 'non-stream request body changed');
 });
 
+test("the gateway's own upstream fields replace the client's: Host, X-Forwarded-*, X-Request-Id, Content-Length", { timeout: 20_000 }, async () => {
+  backend.handler = null;
+  const before = backend.apiRequests.length;
+  const body = JSON.stringify(chatBody('m1'));
+  // A chunked body: the backend gets it with a Content-Length instead.
+  const size = Buffer.byteLength(body).toString(16);
+  const bytes = rawRequest(
+    'POST',
+    '/v1/chat/completions',
+    [
+      ['Host', 'client-chosen.example'],
+      ['Content-Type', 'application/json'],
+      ['Transfer-Encoding', 'chunked'],
+      ['X-Forwarded-For', '192.0.2.1'],
+      ['X-Forwarded-For', '192.0.2.2'],
+      ['X-Forwarded-Proto', 'https'],
+      ['X-Request-Id', 'it-own-fields'],
+      ['X-End-To-End', 'kept'],
+    ],
+    `${size}\r\n${body}\r\n0\r\n\r\n`,
+  );
+  const res = await rawExchange(gw.port, bytes);
+  assert.equal(res.status, 200);
+  const seen = backend.apiRequests.slice(before);
+  assert.equal(seen.length, 1);
+  // Each field name once, with the gateway's value.
+  const raw = seen[0].rawHeaders;
+  const pairs = [];
+  for (let i = 0; i < raw.length; i += 2) pairs.push([raw[i].toLowerCase(), raw[i + 1]]);
+  const only = (name) => {
+    const found = pairs.filter(([n]) => n === name).map(([, v]) => v);
+    assert.equal(found.length, 1, `${name}: ${JSON.stringify(found)} in ${JSON.stringify(raw)}`);
+    return found[0];
+  };
+  assert.equal(only('host'), new URL(backend.url).host);
+  assert.equal(only('x-forwarded-for'), '192.0.2.1, 127.0.0.1', 'the first X-Forwarded-For, extended');
+  assert.equal(only('x-forwarded-proto'), 'http');
+  assert.equal(only('x-request-id'), 'it-own-fields');
+  assert.equal(only('content-length'), String(Buffer.byteLength(body)));
+  assert.equal(only('x-end-to-end'), 'kept');
+  assert.equal(pairs.filter(([n]) => n === 'transfer-encoding').length, 0, 'Transfer-Encoding was forwarded');
+  assert.equal(seen[0].body.toString(), body);
+});
+
 test('hop-by-hop response headers from the backend are not forwarded to the client', { timeout: 20_000 }, async () => {
   const body = Buffer.from(chatCompletionLike());
   backend.handler = async (req, res) => {
