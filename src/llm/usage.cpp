@@ -180,6 +180,159 @@ std::string_view balanced_object(std::string_view s, std::size_t open) {
 }  // namespace
 
 namespace {
+
+// A usage object as servers write it, read without a JSON parser: keys without escapes, values
+// that are unsigned integers or null, or (one level down) objects of those. Anything else (a
+// string, a float, a negative number, an array, deeper nesting, malformed text) makes read()
+// return false, and the caller parses the object with simdjson instead: the two never give
+// different results (tests/unit/usage_test.cpp compares them). Per response this is a few
+// hundred instructions where a DOM parse of even this small object costs thousands.
+class FlatUsageReader {
+ public:
+  explicit FlatUsageReader(std::string_view s) : s_(s) {}
+
+  // Reads the object `s` holds (exactly one object, nothing after it). On true, `out` has what
+  // read_usage_object() would find and the report is accepted as accept() would.
+  bool read(Usage& r) {
+    if (!object(0) || (skip_space(), i_ != s_.size())) return false;
+    r.prompt_tokens = top_[kPrompt];
+    r.completion_tokens = top_[kCompletion];
+    if (r.prompt_tokens < 0) r.prompt_tokens = top_[kInput];
+    if (r.completion_tokens < 0) r.completion_tokens = top_[kOutput];
+    r.total_tokens = top_[kTotal];
+    // The first of each pair that is an object, as simdjson's lookup of the first key would.
+    const Details& cached =
+        details_[kPromptDetails].object ? details_[kPromptDetails] : details_[kInputDetails];
+    if (cached.object) r.cached_tokens = cached.value;
+    const Details& reasoning = details_[kCompletionDetails].object ? details_[kCompletionDetails]
+                                                                   : details_[kOutputDetails];
+    if (reasoning.object) r.reasoning_tokens = reasoning.value;
+    return true;
+  }
+
+ private:
+  enum Top { kPrompt, kCompletion, kInput, kOutput, kTotal, kTopCount };
+  enum Detail { kPromptDetails, kInputDetails, kCompletionDetails, kOutputDetails, kDetailCount };
+  struct Details {
+    bool seen = false;
+    bool object = false;
+    bool value_seen = false;
+    std::int64_t value = -1;  // cached_tokens or reasoning_tokens, as int_field reads it
+  };
+
+  void skip_space() {
+    while (i_ < s_.size() && json_space(s_[i_])) ++i_;
+  }
+  bool take(char c) {
+    skip_space();
+    if (i_ >= s_.size() || s_[i_] != c) return false;
+    ++i_;
+    return true;
+  }
+  // A key: no escapes (a backslash sends the object to simdjson).
+  bool key(std::string_view& k) {
+    if (!take('"')) return false;
+    const std::size_t start = i_;
+    while (i_ < s_.size() && s_[i_] != '"') {
+      const auto c = static_cast<unsigned char>(s_[i_]);
+      if (c == '\\' || c < 0x20) return false;
+      ++i_;
+    }
+    if (i_ >= s_.size()) return false;
+    k = s_.substr(start, i_ - start);
+    ++i_;
+    return true;
+  }
+  // null (-1) or an unsigned integer of at most 18 digits (fits int64 without care).
+  bool scalar(std::int64_t& v) {
+    skip_space();
+    if (s_.substr(i_, 4) == "null") {
+      i_ += 4;
+      v = -1;
+      return true;
+    }
+    const std::size_t start = i_;
+    std::int64_t n = 0;
+    while (i_ < s_.size() && s_[i_] >= '0' && s_[i_] <= '9') n = n * 10 + (s_[i_++] - '0');
+    const std::size_t digits = i_ - start;
+    if (digits == 0 || digits > 18 || (digits > 1 && s_[start] == '0')) return false;
+    if (i_ < s_.size() && (s_[i_] == '.' || s_[i_] == 'e' || s_[i_] == 'E')) return false;
+    v = n;
+    return true;
+  }
+  // depth 0: the usage object; depth 1: a details object (`d`, or null when not one we read).
+  bool object(int depth, Details* d = nullptr) {
+    if (!take('{')) return false;
+    if (take('}')) return true;
+    bool top_seen[kTopCount] = {};
+    for (;;) {
+      std::string_view k;
+      if (!key(k) || !take(':')) return false;
+      skip_space();
+      if (i_ < s_.size() && s_[i_] == '{') {
+        if (depth > 0) return false;
+        if (int which = top_index(k); which >= 0) top_seen[which] = true;  // an object: -1
+        Details* into = nullptr;
+        if (int which = detail_index(k); which >= 0 && !details_[which].seen) {
+          into = &details_[which];
+          into->seen = true;
+          into->object = true;
+        }
+        if (!object(1, into)) return false;
+      } else {
+        std::int64_t v;
+        if (!scalar(v)) return false;
+        if (depth == 0) {
+          if (int which = top_index(k); which >= 0 && !top_seen[which]) {
+            top_seen[which] = true;
+            top_[which] = v;
+          } else if (int dw = detail_index(k); dw >= 0 && !details_[dw].seen) {
+            details_[dw].seen = true;  // null or a number: not an object, so never read
+          }
+        } else if (d && !d->value_seen && k == inner_key(d)) {
+          d->value_seen = true;
+          d->value = v;
+        }
+      }
+      if (take('}')) return true;
+      if (!take(',')) return false;
+    }
+  }
+  static int top_index(std::string_view k) {
+    if (k == "prompt_tokens") return kPrompt;
+    if (k == "completion_tokens") return kCompletion;
+    if (k == "input_tokens") return kInput;
+    if (k == "output_tokens") return kOutput;
+    if (k == "total_tokens") return kTotal;
+    return -1;
+  }
+  static int detail_index(std::string_view k) {
+    if (k == "prompt_tokens_details") return kPromptDetails;
+    if (k == "input_tokens_details") return kInputDetails;
+    if (k == "completion_tokens_details") return kCompletionDetails;
+    if (k == "output_tokens_details") return kOutputDetails;
+    return -1;
+  }
+  std::string_view inner_key(const Details* d) const {
+    return d == &details_[kPromptDetails] || d == &details_[kInputDetails] ? "cached_tokens"
+                                                                           : "reasoning_tokens";
+  }
+
+  std::string_view s_;
+  std::size_t i_ = 0;
+  std::int64_t top_[kTopCount] = {-1, -1, -1, -1, -1};
+  Details details_[kDetailCount];
+};
+
+}  // namespace
+
+std::optional<bool> read_usage_text(std::string_view object, Usage& out) {
+  Usage r;
+  if (!FlatUsageReader(object).read(r)) return std::nullopt;
+  return accept(r, out);
+}
+
+namespace {
 bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage& out) {
   std::string padded;
   // The last `"usage":{...}` in the body (or its tail), parsed alone: a whole-body parse would
@@ -191,6 +344,10 @@ bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage
     if (open == std::string_view::npos || copy[open] != '{') continue;
     std::string_view object = balanced_object(copy, open);
     if (object.empty()) continue;
+    if (auto reported = read_usage_text(object, out)) {
+      if (*reported) return true;
+      continue;
+    }
     padded.assign("{\"usage\":");
     padded.append(object);
     padded.push_back('}');

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -64,6 +65,13 @@ class StreamUsageTracker {
   simdjson::dom::parser* shared_ = nullptr;
   std::unique_ptr<simdjson::dom::parser> own_;
 };
+
+// Reads the text of one usage object (`{"prompt_tokens":...}`) without a JSON parser, when it has
+// the simple form servers write: keys without escapes, values that are unsigned integers or
+// null, or one level of objects of those. nullopt: not that form (parse it with simdjson and
+// read_usage()); otherwise whether it is a report, `out` replaced when it is, exactly as
+// read_usage() would.
+std::optional<bool> read_usage_text(std::string_view object, Usage& out);
 
 // Usage of a non-stream response from the copy the gateway kept of it: the whole body, or its
 // tail when the body was larger than the copy. Found textually: the last `"usage":{...}` parsed

@@ -5,6 +5,9 @@
 #include <gtest/gtest.h>
 #include <simdjson.h>
 
+#include <functional>
+#include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -51,6 +54,143 @@ TEST(Usage, MissingOrNullUsageIsNotReported) {
   EXPECT_FALSE(from_body(R"({"choices":[]})").reported());
   EXPECT_FALSE(from_body(R"({"choices":[],"usage":null})").reported());
   EXPECT_FALSE(from_body(R"([1,2])").reported());
+}
+
+// The text reader must agree with simdjson on every object it accepts, and accept what servers
+// write (else the fast path would never run).
+struct TextRead {
+  std::optional<bool> reported;
+  Usage usage;
+};
+TextRead text_read(const std::string& object) {
+  TextRead t;
+  t.reported = read_usage_text(object, t.usage);
+  return t;
+}
+void expect_same_as_simdjson(const std::string& object) {
+  SCOPED_TRACE(object);
+  Usage want;
+  simdjson::dom::parser p;
+  simdjson::dom::element doc;
+  const std::string wrapped = "{\"usage\":" + object + "}";
+  const bool parses = p.parse(wrapped).get(doc) == simdjson::SUCCESS;
+  const bool want_reported = parses && read_usage(doc, want);
+  const TextRead got = text_read(object);
+  if (!got.reported) return;  // left to simdjson
+  ASSERT_TRUE(parses) << "accepted text simdjson rejects";
+  EXPECT_EQ(*got.reported, want_reported);
+  if (!want_reported) return;
+  EXPECT_EQ(got.usage.prompt_tokens, want.prompt_tokens);
+  EXPECT_EQ(got.usage.completion_tokens, want.completion_tokens);
+  EXPECT_EQ(got.usage.total_tokens, want.total_tokens);
+  EXPECT_EQ(got.usage.cached_tokens, want.cached_tokens);
+  EXPECT_EQ(got.usage.reasoning_tokens, want.reasoning_tokens);
+}
+
+TEST(UsageText, ServersObjectsTakeTheFastPathAndAgree) {
+  const std::vector<std::string> servers = {
+      // OpenAI, with details
+      R"({"prompt_tokens":15,"completion_tokens":42,"total_tokens":57,"prompt_tokens_details":{"cached_tokens":8,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":3,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}})",
+      // vLLM (details null), llama.cpp, TGI, embeddings, pretty-printed
+      R"({"prompt_tokens":9,"total_tokens":21,"completion_tokens":12,"prompt_tokens_details":null})",
+      R"({"completion_tokens":7,"prompt_tokens":5,"total_tokens":12})",
+      R"({"prompt_tokens":9,"total_tokens":9})",
+      "{\n  \"prompt_tokens\" : 3 ,\n  \"completion_tokens\": 0,\n  \"total_tokens\": 3\n}",
+      // Responses API names
+      R"({"input_tokens":11,"output_tokens":4,"total_tokens":15,"input_tokens_details":{"cached_tokens":2},"output_tokens_details":{"reasoning_tokens":1}})",
+      R"({})",
+      R"({"prompt_tokens":null,"completion_tokens":null})",
+  };
+  for (const auto& o : servers) {
+    EXPECT_TRUE(text_read(o).reported.has_value()) << o;
+    expect_same_as_simdjson(o);
+  }
+  auto t = text_read(servers[0]);
+  EXPECT_EQ(t.usage.cached_tokens, 8);
+  EXPECT_EQ(t.usage.reasoning_tokens, 3);
+  t = text_read(servers[5]);
+  EXPECT_EQ(t.usage.prompt_tokens, 11);
+  EXPECT_EQ(t.usage.cached_tokens, 2);
+}
+
+TEST(UsageText, OtherFormsAreLeftToSimdjson) {
+  for (const std::string o :
+       {R"({"prompt_tokens":-1})", R"({"prompt_tokens":1.5})", R"({"prompt_tokens":1e3})",
+        R"({"prompt_tokens":"7"})", R"({"prompt_tokens":[1]})", R"({"prompt_tokens":true})",
+        R"({"pro\u006dpt_tokens":7})", R"({"a":{"b":{"c":1}}})", R"({"prompt_tokens":07})",
+        R"({"prompt_tokens":12345678901234567890})", R"({"prompt_tokens":1,})",
+        R"({"prompt_tokens":1} x)", R"({"prompt_tokens" 1})", R"({"prompt_tokens":1)"}) {
+    EXPECT_FALSE(text_read(o).reported.has_value()) << o;
+    expect_same_as_simdjson(o);
+  }
+}
+
+TEST(UsageText, FirstOfDuplicateKeysAndDetailsWinAsInSimdjson) {
+  for (
+      const std::string o : {
+          R"({"prompt_tokens":1,"prompt_tokens":2,"completion_tokens":3})",
+          R"({"prompt_tokens":{"x":1},"prompt_tokens":2,"completion_tokens":3})",
+          R"({"prompt_tokens":null,"input_tokens":4,"completion_tokens":3})",
+          R"({"prompt_tokens":1,"prompt_tokens_details":null,"input_tokens_details":{"cached_tokens":5}})",
+          R"({"prompt_tokens":1,"prompt_tokens_details":3,"prompt_tokens_details":{"cached_tokens":5}})",
+          R"({"prompt_tokens":1,"prompt_tokens_details":{"cached_tokens":5,"cached_tokens":6}})",
+          R"({"prompt_tokens":1,"prompt_tokens_details":{"cached_tokens":null},"input_tokens_details":{"cached_tokens":5}})",
+          R"({"completion_tokens":1,"output_tokens_details":{"reasoning_tokens":2},"completion_tokens_details":{}})",
+      }) {
+    EXPECT_TRUE(text_read(o).reported.has_value()) << o;
+    expect_same_as_simdjson(o);
+  }
+}
+
+TEST(UsageText, RandomObjectsAgreeWithSimdjson) {
+  // Random keys (the known ones, others, duplicates), values (numbers, null, objects, strings,
+  // floats), whitespace: whatever the text reader accepts must read as simdjson reads it.
+  std::mt19937 rng(12345);
+  const std::vector<std::string> keys = {"prompt_tokens",         "completion_tokens",
+                                         "total_tokens",          "input_tokens",
+                                         "output_tokens",         "prompt_tokens_details",
+                                         "input_tokens_details",  "completion_tokens_details",
+                                         "output_tokens_details", "cached_tokens",
+                                         "reasoning_tokens",      "other"};
+  const std::vector<std::string> spaces = {"", " ", "\n  ", "\t"};
+  auto pick = [&](const auto& v) { return v[rng() % v.size()]; };
+  std::function<std::string(int)> value = [&](int depth) -> std::string {
+    switch (rng() % 8) {
+      case 0:
+        return "null";
+      case 1:
+        return "\"s\"";
+      case 2:
+        return "2.5";
+      case 3:
+      case 4: {
+        if (depth >= 2) return "1";
+        std::string o = "{";
+        const int n = static_cast<int>(rng() % 4);
+        for (int k = 0; k < n; ++k) {
+          if (k) o += ",";
+          o += pick(spaces) + "\"" + pick(keys) + "\"" + pick(spaces) + ":" + pick(spaces) +
+               value(depth + 1);
+        }
+        return o + pick(spaces) + "}";
+      }
+      default:
+        return std::to_string(rng() % 100000);
+    }
+  };
+  int accepted = 0;
+  for (int i = 0; i < 3000; ++i) {
+    std::string o = "{";
+    const int n = static_cast<int>(rng() % 7);
+    for (int k = 0; k < n; ++k) {
+      if (k) o += ",";
+      o += pick(spaces) + "\"" + pick(keys) + "\"" + pick(spaces) + ":" + pick(spaces) + value(1);
+    }
+    o += "}";
+    if (text_read(o).reported) ++accepted;
+    expect_same_as_simdjson(o);
+  }
+  EXPECT_GT(accepted, 300);  // the generator reaches the fast path often
 }
 
 TEST(Usage, TotalIsFilledWhenLeftOut) {
