@@ -1,5 +1,8 @@
 #include "http/errors.h"
 
+#include <cstdint>
+#include <cstring>
+
 namespace llmproxy::http {
 
 namespace {
@@ -28,6 +31,17 @@ std::size_t utf8_sequence(std::string_view s, std::size_t i) {
   return 0;
 }
 
+// Do all eight bytes of `x` go out as they are: none a control byte, a quote, a backslash or
+// above 0x7f? (Word-at-a-time tests: exact for whether any byte matches, which is all we need.)
+bool plain_word(std::uint64_t x) {
+  constexpr std::uint64_t kOnes = 0x0101010101010101ull;
+  constexpr std::uint64_t kHigh = 0x8080808080808080ull;
+  auto has_zero = [](std::uint64_t v) { return (v - kOnes) & ~v & kHigh; };
+  const std::uint64_t below_space = (x - kOnes * 0x20) & ~x & kHigh;
+  return ((x & kHigh) | below_space | has_zero(x ^ (kOnes * '"')) | has_zero(x ^ (kOnes * '\\'))) ==
+         0;
+}
+
 }  // namespace
 
 // Bytes that need no escaping are copied in runs; a byte that does not start a valid UTF-8
@@ -36,6 +50,14 @@ void append_json_escaped(std::string& out, std::string_view s) {
   std::size_t run = 0;  // start of the bytes not yet copied
   std::size_t i = 0;
   while (i < s.size()) {
+    if (i + 8 <= s.size()) {
+      std::uint64_t word;
+      std::memcpy(&word, s.data() + i, 8);
+      if (plain_word(word)) {
+        i += 8;
+        continue;
+      }
+    }
     auto c = static_cast<unsigned char>(s[i]);
     if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
       ++i;

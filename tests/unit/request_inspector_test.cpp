@@ -6,10 +6,13 @@
 #include <gtest/gtest.h>
 #include <simdjson.h>
 
+#include <random>
 #include <regex>
 #include <set>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "http/errors.h"
 #include "proxy/request_id.h"
@@ -403,6 +406,41 @@ TEST(ErrorBody, AppendJsonEscapedAppends) {
   std::string out = "prefix:";
   http::append_json_escaped(out, "a\"b\\c\x7f");
   EXPECT_EQ(out, "prefix:a\\\"b\\\\c\x7f");
+}
+
+TEST(ErrorBody, AppendJsonEscapedAtEveryAlignment) {
+  // Random runs of pieces with known escapes: the word-at-a-time skip must find every byte
+  // that needs a look, wherever it falls in a word.
+  const std::vector<std::pair<std::string, std::string>> pieces = {
+      {"a", "a"},
+      {"plain-ascii-0123456789", "plain-ascii-0123456789"},
+      {"\"", "\\\""},
+      {"\\", "\\\\"},
+      {"\n", "\\n"},
+      {"\t", "\\t"},
+      {std::string("\x01", 1), "\\u0001"},
+      {std::string("\x1f", 1), "\\u001f"},
+      {" ", " "},
+      {"~\x7f", "~\x7f"},
+      {"\xc3\xa9", "\xc3\xa9"},          // é
+      {"\xe2\x82\xac", "\xe2\x82\xac"},  // €
+      {"\xf0\x9f\x98\x80", "\xf0\x9f\x98\x80"},
+      {"\xff", "\\ufffd"},
+      {"\x80", "\\ufffd"},
+  };
+  std::mt19937 rng(7);
+  for (int round = 0; round < 2000; ++round) {
+    std::string in, want;
+    const int n = static_cast<int>(rng() % 24);
+    for (int k = 0; k < n; ++k) {
+      const auto& [raw, escaped] = pieces[rng() % pieces.size()];
+      in += raw;
+      want += escaped;
+    }
+    std::string out = "p";
+    http::append_json_escaped(out, in);
+    ASSERT_EQ(out, "p" + want) << "round " << round;
+  }
 }
 
 TEST(ErrorBody, InspectorMessagesMakeValidBodies) {
