@@ -252,12 +252,12 @@ class FlatUsageReader {
       return true;
     }
     const std::size_t start = i_;
-    std::int64_t n = 0;
-    while (i_ < s_.size() && s_[i_] >= '0' && s_[i_] <= '9') n = n * 10 + (s_[i_++] - '0');
+    while (i_ < s_.size() && s_[i_] >= '0' && s_[i_] <= '9') ++i_;
     const std::size_t digits = i_ - start;
     if (digits == 0 || digits > 18 || (digits > 1 && s_[start] == '0')) return false;
     if (i_ < s_.size() && (s_[i_] == '.' || s_[i_] == 'e' || s_[i_] == 'E')) return false;
-    v = n;
+    v = 0;
+    for (std::size_t k = start; k < i_; ++k) v = v * 10 + (s_[k] - '0');
     return true;
   }
   // depth 0: the usage object; depth 1: a details object (`d`, or null when not one we read).
