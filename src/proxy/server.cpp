@@ -662,6 +662,8 @@ class ClientSession {
       stream_.socket().close(ec);
     }
   }
+  // Also the sweep's: starts the hang-up watch of a request still waiting (see arm_watch()).
+  void watch_tick();
 
  private:
   asio::awaitable<bool> handle_request();
@@ -1318,7 +1320,13 @@ void ClientSession::arm_watch() {
   watch_.client_gone = false;
   watch_.upstream = nullptr;
   watch_.armed = true;
-  if (watch_.pending) return;  // an earlier request's peek is still queued: it serves this one
+  // The peek itself starts at the worker's next sweep (watch_tick()): most requests end before
+  // it, and a peek started now would cost a recv that finds nothing (Asio tries every read at
+  // once). A hang-up is so noticed within one sweep interval (kDeadlineSweep or less).
+}
+
+void ClientSession::watch_tick() {
+  if (!watch_.armed || watch_.pending || watch_.client_gone) return;
   watch_.pending = true;
   // A one-byte peek rather than a readiness wait: Asio queues a read without touching epoll
   // (the socket is registered edge-triggered once), where each readiness wait costs an
@@ -1326,11 +1334,12 @@ void ClientSession::arm_watch() {
   auto on_peek = [watch = watch_state_](error_code ec, std::size_t n) {
     watch->pending = false;
     if (ec == asio::error::operation_aborted || !watch->armed) return;
-    // End of stream or an error: the client is gone. A byte (a pipelined request) leaves the
-    // watch disarmed: a hang-up is then seen on write.
-    if (ec || n == 0) {
+    if (ec || n == 0) {  // end of stream or an error: the client is gone
       watch->client_gone = true;
       if (watch->upstream) watch->upstream->close();
+    } else {
+      // A byte (a pipelined request): the watch ends; a hang-up is then seen on write.
+      watch->armed = false;
     }
   };
   stream_.socket().async_receive(asio::buffer(&watch_.peek, 1), tcp::socket::message_peek,
@@ -2276,7 +2285,10 @@ asio::awaitable<void> housekeeping_loop(Worker* w) {
     auto [ec] = co_await w->housekeeping.async_wait(use_nothrow);
     if (ec) co_return;
     const auto now = Clock::now();
-    for (auto* s : w->sessions) s->check_deadline(now);
+    for (auto* s : w->sessions) {
+      s->check_deadline(now);
+      s->watch_tick();
+    }
     if (now >= next_flush) {
       next_flush = now + std::chrono::milliseconds(250);
       w->log.flush();
