@@ -29,6 +29,7 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <unordered_set>
@@ -36,6 +37,7 @@
 #include <vector>
 
 #include "http/errors.h"
+#include "http/response_head.h"
 #include "lb/backend.h"
 #include "lb/balancer.h"
 #include "llm/request_inspector.h"
@@ -163,6 +165,30 @@ class HeadWriter {
   char* p_;
   char* end_;
 };
+
+// A response field's code, name and value, whether read by http::parse_response_head() or by
+// Beast's parser (the header forms the direct reader leaves to Beast).
+bhttp::field field_code(const http::HeadField& f) {
+  return f.name;
+}
+std::string_view field_name(const http::HeadField& f) {
+  return f.name_string;
+}
+std::string_view field_value(const http::HeadField& f) {
+  return f.value;
+}
+template <class Field>
+bhttp::field field_code(const Field& f) {
+  return f.name();
+}
+template <class Field>
+std::string_view field_name(const Field& f) {
+  return f.name_string();
+}
+template <class Field>
+std::string_view field_value(const Field& f) {
+  return f.value();
+}
 
 // ---------------------------------------------------------------------------------------------
 // Shared, read-mostly state.
@@ -328,6 +354,9 @@ class Worker {
   std::shared_ptr<WorkerGen> cur;  // this thread only; swapped by adopt()
   llm::RequestInspector inspector;
   simdjson::dom::parser usage_parser;  // usage events, bodies, rewrites: one thread, reused
+  // The upstream response header just read (views into its connection's buffer): valid from
+  // its parse to the client's header, with no co_await between.
+  http::ResponseHead resp_head;
   std::unique_ptr<char[]> relay_in{new char[kRelayScratch]};  // see kRelayScratch
   std::unique_ptr<char[]> relay_out{new char[kRelayScratch]};
   RequestIdGenerator ids;
@@ -1742,6 +1771,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // One parser per response header: interim 1xx responses each need a fresh one.
   std::optional<bhttp::response_parser<bhttp::buffer_body>> parser;
   std::string request_head;  // the upstream request's header, for this backend
+  bool fast_head = false;    // the header was read directly: w_.resp_head holds it
   bool send_failed = false;  // the answer read after a failed send never makes the conn reusable
 
   // Send, and read the response header. A pooled connection the backend closed meanwhile
@@ -1817,20 +1847,63 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       char* const space = w_.relay_in.get();
       int interim = 0;
       new_response_parser(parser);
+      fast_head = false;
       for (;;) {
         if (conn->buffer.size() > 0) {
-          conn->buffer.consume(parser->put(conn->buffer.data(), rhec));
-          if (rhec == bhttp::error::need_more) rhec = {};
-          if (rhec) break;
-          if (parser->is_header_done()) {
-            const unsigned st = parser->get().result_int();
-            if (st >= 200 || st == 101) break;
-            if (++interim == 8) {
-              rhec = bhttp::error::bad_status;
-              break;
+          // The header is read directly when it has the plain form servers write; Beast's
+          // parser then gets only the framing (status, length or chunking, Connection), from a
+          // short header of its own. Other forms go to Beast whole.
+          auto direct = http::HeadParse::unsupported;
+          if (!parser->got_some()) {
+            const auto held = conn->buffer.data();
+            direct = http::parse_response_head(
+                std::string_view(static_cast<const char*>(held.data()), held.size()), w_.resp_head);
+          }
+          if (direct == http::HeadParse::done) {
+            const http::ResponseHead& h = w_.resp_head;
+            if (h.status < 200) {  // an interim 1xx (101 is left to Beast): the answer follows
+              conn->buffer.consume(h.size);
+              if (++interim == 8) {
+                rhec = bhttp::error::bad_status;
+                break;
+              }
+              continue;
             }
-            new_response_parser(parser);  // an interim 1xx: the real answer follows
-            continue;
+            std::string framing;
+            HeadWriter fw(framing, h.connection.size() + 96 + HeadWriter::kNumber);
+            fw.put(h.version == 10 ? "HTTP/1.0 " : "HTTP/1.1 ");
+            fw.put(static_cast<std::uint64_t>(h.status));
+            fw.put(" R\r\n");
+            if (h.chunked) fw.put("Transfer-Encoding: chunked\r\n");
+            if (h.content_length) {
+              fw.put("Content-Length: ");
+              fw.put(*h.content_length);
+              fw.put("\r\n");
+            }
+            if (!h.connection.empty()) fw.field("Connection", h.connection);
+            fw.put("\r\n");
+            fw.done();
+            parser->put(asio::buffer(framing), rhec);
+            if (!rhec && !parser->is_header_done()) rhec = bhttp::error::bad_value;
+            if (rhec) break;
+            conn->buffer.consume(h.size);  // the views stay valid: nothing is written there
+            fast_head = true;
+            break;
+          }
+          if (direct == http::HeadParse::unsupported) {
+            conn->buffer.consume(parser->put(conn->buffer.data(), rhec));
+            if (rhec == bhttp::error::need_more) rhec = {};
+            if (rhec) break;
+            if (parser->is_header_done()) {
+              const unsigned st = parser->get().result_int();
+              if (st >= 200 || st == 101) break;
+              if (++interim == 8) {
+                rhec = bhttp::error::bad_status;
+                break;
+              }
+              new_response_parser(parser);  // an interim 1xx: the real answer follows
+              continue;
+            }
           }
         }
         if (!ctx.info.stream) {
@@ -1929,8 +2002,10 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   req.body().clear();
   req.body().shrink_to_fit();
 
-  bool is_stream =
-      beast::iequals(up[bhttp::field::content_type].substr(0, 17), "text/event-stream");
+  const http::ResponseHead* direct = fast_head ? &w_.resp_head : nullptr;
+  const std::string_view content_type = direct ? (*direct)[bhttp::field::content_type]
+                                               : std::string_view(up[bhttp::field::content_type]);
+  bool is_stream = beast::iequals(content_type.substr(0, 17), "text/event-stream");
   bool draining = w_.shared.draining.load(std::memory_order_relaxed);
   client_keep_alive = keep_alive && !draining;
   // The usage chunk the gateway caused is removed from the stream, which then cannot keep the
@@ -1953,12 +2028,12 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   }
   if (framing == Framing::close) client_keep_alive = false;
   std::string head;
-  {
-    std::string_view reason = up.reason();
+  auto write_head = [&](const auto& fields, std::string_view reason,
+                        std::string_view up_connection) {
     if (reason.empty()) reason = bhttp::obsolete_reason(up.result());
     std::size_t bound = reason.size() + ctx.request_id.size() + 192 + HeadWriter::kNumber;
-    for (const auto& f : up.base()) {
-      bound += f.name_string().size() + f.value().size() + HeadWriter::kFieldExtra;
+    for (const auto& f : fields) {
+      bound += field_name(f).size() + field_value(f).size() + HeadWriter::kFieldExtra;
     }
     HeadWriter w(head, bound);
     w.put("HTTP/1.1 ");
@@ -1966,15 +2041,15 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     w.put(" ");
     w.put(reason);
     w.put("\r\n");
-    const std::string_view up_connection = up[bhttp::field::connection];
-    for (const auto& f : up.base()) {
-      const std::string_view name = f.name_string();
-      if (is_hop_by_hop(f.name()) || connection_lists(up_connection, name)) continue;
-      if (f.name() == bhttp::field::content_length && framing != Framing::none) continue;
+    for (const auto& f : fields) {
+      const std::string_view name = field_name(f);
+      const bhttp::field code = field_code(f);
+      if (is_hop_by_hop(code) || connection_lists(up_connection, name)) continue;
+      if (code == bhttp::field::content_length && framing != Framing::none) continue;
       if (iequals(name, "x-request-id") || (is_stream && iequals(name, "x-accel-buffering"))) {
         continue;
       }
-      w.field(name, f.value());
+      w.field(name, field_value(f));
     }
     w.field("X-Request-Id", ctx.request_id);
     if (is_stream) w.field("X-Accel-Buffering", "no");
@@ -1988,6 +2063,12 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     if (!client_keep_alive) w.field("Connection", "close");
     w.put("\r\n");
     w.done();
+  };
+  if (direct) {
+    write_head(std::span<const http::HeadField>(direct->fields.data(), direct->count),
+               direct->reason, direct->connection);
+  } else {
+    write_head(up.base(), up.reason(), up[bhttp::field::connection]);
   }
   const bool chunked = framing == Framing::chunked;
   ctx.status = status;

@@ -1,0 +1,54 @@
+// The header of an HTTP/1.x response from a backend, read in one pass without allocating: the
+// status line and the fields, as views into the bytes given. Beast's parser spends ~1,000
+// instructions a field (a search tree insert and an allocation each); this handles the plain
+// form servers write in a few hundred for the whole header. Anything else (obsolete line
+// folding, bare LF line ends, control bytes in a value, Content-Length and Transfer-Encoding
+// together, a transfer coding other than "chunked", several Content-Length fields, 101) is
+// reported as unsupported: the caller gives the header to Beast's parser, whose rules then apply.
+#pragma once
+
+#include <array>
+#include <boost/beast/http/field.hpp>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+namespace llmproxy::http {
+
+struct HeadField {
+  // The field's code for the fields the gateway acts on (framing, hop-by-hop, Content-Type);
+  // unknown for the others, which it only forwards.
+  boost::beast::http::field name = boost::beast::http::field::unknown;
+  std::string_view name_string;
+  std::string_view value;
+};
+
+struct ResponseHead {
+  static constexpr std::size_t kMaxFields = 48;
+
+  unsigned version = 11;  // 10 or 11
+  unsigned status = 0;
+  std::string_view reason;
+  std::array<HeadField, kMaxFields> fields;
+  std::size_t count = 0;
+  std::optional<std::uint64_t> content_length;
+  bool chunked = false;
+  std::string_view connection;  // the Connection field's value, "" when absent
+  std::size_t size = 0;         // bytes of the header, its final empty line included
+
+  // The first field named `f` (a known name), "" when absent.
+  std::string_view operator[](boost::beast::http::field f) const {
+    for (std::size_t i = 0; i < count; ++i) {
+      if (fields[i].name == f) return fields[i].value;
+    }
+    return {};
+  }
+};
+
+enum class HeadParse { done, need_more, unsupported };
+
+// Parses the header at the start of `bytes` into `out` (views into `bytes`).
+HeadParse parse_response_head(std::string_view bytes, ResponseHead& out);
+
+}  // namespace llmproxy::http
