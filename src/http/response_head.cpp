@@ -1,5 +1,6 @@
 #include "http/response_head.h"
 
+#include <algorithm>
 #include <boost/beast/core/string.hpp>
 #include <cstring>
 
@@ -139,6 +140,9 @@ HeadParse parse_response_head(std::string_view bytes, ResponseHead& out) {
   };
 
   // Status line: HTTP/1.x SP 3DIGIT SP reason CRLF
+  if (std::memcmp(p, "HTTP/1.", std::min<std::size_t>(bytes.size(), 7)) != 0) {
+    return HeadParse::unsupported;  // not a response Beast could read either: it says so at once
+  }
   if (end - p < 13) return incomplete(bytes);
   if (std::memcmp(p, "HTTP/1.", 7) != 0 || (p[7] != '0' && p[7] != '1') || p[8] != ' ' ||
       p[12] != ' ') {
@@ -212,9 +216,8 @@ HeadParse parse_response_head(std::string_view bytes, ResponseHead& out) {
         out.connection = f.value;
         have_connection = true;
         break;
-      case bhttp::field::proxy_connection:  // Beast reads it as a token list too
-        if (!token_list(f.value)) return HeadParse::unsupported;
-        break;
+      case bhttp::field::proxy_connection:  // Beast reads it like Connection: its keep-alive
+        return HeadParse::unsupported;
       default:
         break;
     }
@@ -223,6 +226,24 @@ HeadParse parse_response_head(std::string_view bytes, ResponseHead& out) {
   if (have_length && have_coding) return HeadParse::unsupported;
   out.size = static_cast<std::size_t>(p + 2 - begin);
   return HeadParse::done;
+}
+
+void append_framing_header(std::string& out, const ResponseHead& head) {
+  out += head.version == 10 ? "HTTP/1.0 " : "HTTP/1.1 ";
+  out += std::to_string(head.status);
+  out += " R\r\n";
+  if (head.chunked) out += "Transfer-Encoding: chunked\r\n";
+  if (head.content_length) {
+    out += "Content-Length: ";
+    out += std::to_string(*head.content_length);
+    out += "\r\n";
+  }
+  if (!head.connection.empty()) {
+    out += "Connection: ";
+    out += head.connection;
+    out += "\r\n";
+  }
+  out += "\r\n";
 }
 
 }  // namespace llmproxy::http

@@ -3,7 +3,8 @@
 // instructions a field (a search tree insert and an allocation each); this handles the plain
 // form servers write in a few hundred for the whole header. Anything else (obsolete line
 // folding, bare LF line ends, control bytes in a value, Content-Length and Transfer-Encoding
-// together, a transfer coding other than "chunked", several Content-Length fields, 101) is
+// together, a transfer coding other than "chunked", several Content-Length fields,
+// Proxy-Connection (Beast reads it like Connection), 101) is
 // reported as unsupported: the caller gives the header to Beast's parser, whose rules then apply.
 #pragma once
 
@@ -12,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <string_view>
 
 namespace llmproxy::http {
@@ -50,5 +52,10 @@ enum class HeadParse { done, need_more, unsupported };
 
 // Parses the header at the start of `bytes` into `out` (views into `bytes`).
 HeadParse parse_response_head(std::string_view bytes, ResponseHead& out);
+
+// The short header a parser of the body is given in place of the one read: the status line and
+// the framing fields (Transfer-Encoding, Content-Length, Connection), so that the body's framing
+// and the connection's keep-alive are read as from the original.
+void append_framing_header(std::string& out, const ResponseHead& head);
 
 }  // namespace llmproxy::http

@@ -181,8 +181,8 @@ std::string_view balanced_object(std::string_view s, std::size_t open) {
 
 namespace {
 
-// A usage object as servers write it, read without a JSON parser: keys without escapes, values
-// that are unsigned integers or null, or (one level down) objects of those. Anything else (a
+// A usage object as servers write it, read without a JSON parser: ASCII keys without escapes,
+// values that are unsigned integers or null, or (one level down) objects of those. Anything else (a
 // string, a float, a negative number, an array, deeper nesting, malformed text) makes read()
 // return false, and the caller parses the object with simdjson instead: the two never give
 // different results (tests/unit/usage_test.cpp compares them). Per response this is a few
@@ -235,7 +235,7 @@ class FlatUsageReader {
     const std::size_t start = i_;
     while (i_ < s_.size() && s_[i_] != '"') {
       const auto c = static_cast<unsigned char>(s_[i_]);
-      if (c == '\\' || c < 0x20) return false;
+      if (c == '\\' || c < 0x20 || c >= 0x80) return false;  // simdjson checks UTF-8
       ++i_;
     }
     if (i_ >= s_.size()) return false;

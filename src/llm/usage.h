@@ -67,7 +67,7 @@ class StreamUsageTracker {
 };
 
 // Reads the text of one usage object (`{"prompt_tokens":...}`) without a JSON parser, when it has
-// the simple form servers write: keys without escapes, values that are unsigned integers or
+// the simple form servers write: ASCII keys without escapes, values that are unsigned integers or
 // null, or one level of objects of those. nullopt: not that form (parse it with simdjson and
 // read_usage()); otherwise whether it is a report, `out` replaced when it is, exactly as
 // read_usage() would.

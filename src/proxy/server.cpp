@@ -74,6 +74,8 @@ constexpr std::size_t kResponseTailBytes = 64 * 1024;
 constexpr std::size_t kMaxTokenizeBody = 1024 * 1024;
 constexpr std::size_t kUpstreamHeaderLimit = 64 * 1024;
 constexpr std::size_t kUpstreamInitialBuffer = 4 * 1024;
+// A response header still incomplete past this many bytes is left to Beast's parser.
+constexpr std::size_t kDirectHeadMax = 8 * 1024;
 // A pooled connection idle for less than this is reused without probing it first: a backend
 // closing it that fast is rare, and the stale-connection retry covers it. Older ones are probed
 // (one recv(MSG_PEEK) syscall) because keep-alive timeouts of a few seconds are common.
@@ -271,8 +273,9 @@ struct UpstreamConn {
 
   // The read buffer starts at 4 KiB: a typical response header plus a small JSON body then
   // arrives in one read (Beast would otherwise start at 512 bytes and read twice).
-  // A plain connection reads into the worker's scratch space and keeps only what the parser
-  // leaves (see attempt()): no buffer of its own until then.
+  // A plain connection reads a stream's answer into the worker's scratch space and keeps only
+  // what the parser leaves (see attempt()); a non-stream answer is read into this buffer, which
+  // a pooled connection keeps (trimmed back when a large header grew it).
   UpstreamConn(Plain s, std::size_t b, std::uint64_t gen)
       : stream(std::in_place_type<Plain>, std::move(s)), backend(b), generation(gen) {}
   UpstreamConn(asio::any_io_executor ex, asio::ssl::context& ctx, std::size_t b, std::uint64_t gen)
@@ -399,6 +402,7 @@ class Worker {
     }
     c->idle_since = Clock::now();
     c->buffer.clear();
+    if (c->buffer.capacity() > 2 * kUpstreamInitialBuffer) c->buffer.shrink_to_fit();
     if (c->is_tls()) c->buffer.reserve(kUpstreamInitialBuffer);  // the relay may have released it
     list.push_back(std::move(c));
   }
@@ -1356,6 +1360,8 @@ void ClientSession::arm_watch() {
 
 void ClientSession::watch_tick() {
   if (!watch_.armed || watch_.pending || watch_.client_gone) return;
+  // A socket the deadline sweep just closed (a client too slow to read) is not a hang-up.
+  if (timed_out_ || !stream_.socket().is_open()) return;
   watch_.pending = true;
   // A one-byte peek rather than a readiness wait: Asio queues a read without touching epoll
   // (the socket is registered edge-triggered once), where each readiness wait costs an
@@ -1699,8 +1705,13 @@ void ClientSession::upstream_head(std::string& out, const Request& req, const Re
   w.put(req.target());
   w.put(" HTTP/1.1\r\n");
   w.field("Host", host);
-  std::string_view forwarded_for;
-  bool have_forwarded_for = false;
+  // A field the client's Connection lists is hop-by-hop too, X-Forwarded-For included.
+  auto listed = [&](std::string_view name) {
+    return !connection.empty() && connection_lists(connection, name);
+  };
+  auto is_forwarded_for = [](const auto& f) {
+    return f.name() == bhttp::field::unknown && iequals(f.name_string(), "x-forwarded-for");
+  };
   for (const auto& f : req.base()) {
     const std::string_view name = f.name_string();
     switch (f.name()) {
@@ -1712,23 +1723,25 @@ void ClientSession::upstream_head(std::string& out, const Request& req, const Re
         if (ctx.metered) continue;  // replaced: compressed answers could not be read for usage
         break;
       case bhttp::field::unknown:
-        if (iequals(name, "x-forwarded-for")) {
-          if (!have_forwarded_for) forwarded_for = f.value();  // the first; the others go
-          have_forwarded_for = true;
+        // X-Forwarded-For is written below, extended; the other two are the gateway's.
+        if (is_forwarded_for(f) || iequals(name, "x-forwarded-proto") ||
+            iequals(name, "x-request-id")) {
           continue;
         }
-        if (iequals(name, "x-forwarded-proto") || iequals(name, "x-request-id")) continue;
         break;
       default:
         if (is_hop_by_hop(f.name())) continue;
         break;
     }
-    if (!connection.empty() && connection_lists(connection, name)) continue;
+    if (listed(name)) continue;
     w.field(name, f.value());
   }
+  // The client's X-Forwarded-For fields joined in order (one list, RFC 9110 5.3), then the
+  // client's address.
   w.put("X-Forwarded-For: ");
-  if (!forwarded_for.empty()) {
-    w.put(forwarded_for);
+  for (const auto& f : req.base()) {
+    if (!is_forwarded_for(f) || f.value().empty() || listed(f.name_string())) continue;
+    w.put(f.value());
     w.put(", ");
   }
   w.put(client_ip_);
@@ -1848,21 +1861,28 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       int interim = 0;
       new_response_parser(parser);
       fast_head = false;
+      std::size_t direct_seen = 0;  // bytes the direct reader saw without a whole header
       for (;;) {
         if (conn->buffer.size() > 0) {
           // The header is read directly when it has the plain form servers write; Beast's
           // parser then gets only the framing (status, length or chunking, Connection), from a
           // short header of its own. Other forms go to Beast whole.
           auto direct = http::HeadParse::unsupported;
-          if (!parser->got_some()) {
+          if (!parser->got_some() && conn->buffer.size() <= kDirectHeadMax) {
             const auto held = conn->buffer.data();
-            direct = http::parse_response_head(
-                std::string_view(static_cast<const char*>(held.data()), held.size()), w_.resp_head);
+            const std::string_view bytes(static_cast<const char*>(held.data()), held.size());
+            // Read again only when a line ended since the last try: no quadratic re-reading of
+            // a header that trickles in.
+            direct = bytes.find('\n', direct_seen) == std::string_view::npos
+                         ? http::HeadParse::need_more
+                         : http::parse_response_head(bytes, w_.resp_head);
+            if (direct == http::HeadParse::need_more) direct_seen = bytes.size();
           }
           if (direct == http::HeadParse::done) {
             const http::ResponseHead& h = w_.resp_head;
             if (h.status < 200) {  // an interim 1xx (101 is left to Beast): the answer follows
               conn->buffer.consume(h.size);
+              direct_seen = 0;
               if (++interim == 8) {
                 rhec = bhttp::error::bad_status;
                 break;
@@ -1870,19 +1890,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
               continue;
             }
             std::string framing;
-            HeadWriter fw(framing, h.connection.size() + 96 + HeadWriter::kNumber);
-            fw.put(h.version == 10 ? "HTTP/1.0 " : "HTTP/1.1 ");
-            fw.put(static_cast<std::uint64_t>(h.status));
-            fw.put(" R\r\n");
-            if (h.chunked) fw.put("Transfer-Encoding: chunked\r\n");
-            if (h.content_length) {
-              fw.put("Content-Length: ");
-              fw.put(*h.content_length);
-              fw.put("\r\n");
-            }
-            if (!h.connection.empty()) fw.field("Connection", h.connection);
-            fw.put("\r\n");
-            fw.done();
+            framing.reserve(128);
+            http::append_framing_header(framing, h);
             parser->put(asio::buffer(framing), rhec);
             if (!rhec && !parser->is_header_done()) rhec = bhttp::error::bad_value;
             if (rhec) break;

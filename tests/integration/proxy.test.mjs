@@ -269,8 +269,9 @@ test('hop-by-hop request headers are not forwarded; end-to-end ones are', { time
       ['Host', `127.0.0.1:${gw.port}`],
       ['Content-Type', 'application/json'],
       ['Content-Length', String(Buffer.byteLength(body))],
-      ['Connection', 'close, X-Custom'],
+      ['Connection', 'close, X-Custom, X-Forwarded-For'],
       ['X-Custom', 'must-not-pass'],
+      ['X-Forwarded-For', '198.51.100.9'],
       ['Keep-Alive', 'timeout=5, max=100'],
       ['Proxy-Connection', 'keep-alive'],
       ['Authorization', 'Bearer sk-it-test'],
@@ -284,6 +285,7 @@ test('hop-by-hop request headers are not forwarded; end-to-end ones are', { time
   assert.equal(seen.length, 1);
   const h = seen[0].headers;
   assert.equal(h['x-custom'], undefined, 'a header named in Connection was forwarded');
+  assert.equal(h['x-forwarded-for'], '127.0.0.1', 'an X-Forwarded-For named in Connection was forwarded');
   assert.equal(h['keep-alive'], undefined, 'Keep-Alive was forwarded');
   assert.equal(h['proxy-connection'], undefined, 'Proxy-Connection was forwarded');
   assert.ok(!/x-custom/i.test(h.connection ?? ''), `Connection forwarded as ${h.connection}`);
@@ -327,7 +329,7 @@ test("the gateway's own upstream fields replace the client's: Host, X-Forwarded-
     return found[0];
   };
   assert.equal(only('host'), new URL(backend.url).host);
-  assert.equal(only('x-forwarded-for'), '192.0.2.1, 127.0.0.1', 'the first X-Forwarded-For, extended');
+  assert.equal(only('x-forwarded-for'), '192.0.2.1, 192.0.2.2, 127.0.0.1', 'the X-Forwarded-For fields joined, extended');
   assert.equal(only('x-forwarded-proto'), 'http');
   assert.equal(only('x-request-id'), 'it-own-fields');
   assert.equal(only('content-length'), String(Buffer.byteLength(body)));
