@@ -14,7 +14,7 @@ build=(g++ cmake ninja-build ccache pkg-config curl
   libboost1.81-dev libsimdjson-dev libyaml-cpp-dev libspdlog-dev libfmt-dev libcli11-dev
   libsqlite3-dev libssl-dev prometheus-cpp-dev libgtest-dev libgmock-dev libbenchmark-dev)
 test=(prometheus sqlite3)  # promtool checks /metrics; sqlite3 lets the SIGKILL test see commits
-bench=(nginx-light wrk gnuplot-nox procps util-linux)
+bench=(nginx-light wrk gnuplot-nox procps util-linux valgrind)
 
 case "$profile" in
   --runtime) want=("${runtime[@]}") ;;
