@@ -43,20 +43,9 @@ gateway_config "$work/gw.yaml" "$mock" "health_check:
 $usage"
 out=bench/results/tmp/callgrind-$mode.out
 mkdir -p bench/results/tmp
-# Under callgrind the gateway starts ~50 x slower: wait_listening's 10 s may not do; poll longer.
-valgrind --tool=callgrind --callgrind-out-file="$out" build/llmproxy --config "$work/gw.yaml" \
-  >"$work/gw.log" 2>"$work/valgrind.log" &
-gw_pid=$!
-track "$gw_pid"
-gw=
-for _ in $(seq 600); do
-  gw=$(grep -o 'listening on http://127\.0\.0\.1:[0-9]*' "$work/gw.log" 2>/dev/null | head -n1 |
-    sed 's/^listening on //') || true
-  [ -n "$gw" ] && break
-  kill -0 "$gw_pid" 2>/dev/null || { cat "$work/gw.log" "$work/valgrind.log" >&2; die "the gateway exited"; }
-  sleep 0.1
-done
-[ -n "$gw" ] || die "the gateway did not listen within 60 s under callgrind"
+# Under callgrind the gateway starts ~50 x slower than natively: give it a minute to listen.
+LISTEN_WAIT_S=60 start_server gw gw_pid "$work/gw.log" - \
+  valgrind --tool=callgrind --callgrind-out-file="$out" build/llmproxy --config "$work/gw.yaml" || exit 1
 loadgen 600 --url "$gw/v1/chat/completions" --mode nonstream --concurrency 8 --requests "$requests" \
   --json >"$work/load.json" 2>/dev/null || die "the load generator failed: $(cat "$work/load.json")"
 [ "$(jnum "$work/load.json" errors)" = 0 ] || die "load errors: $(cat "$work/load.json")"

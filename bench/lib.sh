@@ -11,7 +11,8 @@
 #                                         its logs in /tmp/KEEP_PREFIX.XXXXXX ($BENCH_NAME-failed)
 #   die MSG / note MSG                    message to stderr (die exits 1; the trap then cleans up)
 #   track PID / forget PID / stop_pid PID NAME   processes stopped on exit; SIGTERM, 10 s, SIGKILL
-#   wait_listening LOG PID NAME           the http://127.0.0.1:PORT a process printed ("listening on")
+#   wait_listening LOG PID NAME           the http://127.0.0.1:PORT a process printed ("listening on";
+#                                         LISTEN_WAIT_S seconds, default 10)
 #   start_server URL_VAR PID_VAR LOG CPUS CMD...   CMD started (pinned to CPUS, "-": not) and
 #                                         tracked; sets the URL it announced and its pid
 #   listen_port_of PID                    a TCP port PID listens on (from ss), for servers that
@@ -94,19 +95,19 @@ stop_pid() {
   forget "$1"
 }
 
-# wait_listening LOGFILE PID NAME: prints the http://HOST:PORT the process announced (10 s).
-# Returns 1 (after printing the log to stderr) when it exits or stays silent: the caller decides
-# whether that is fatal.
+# wait_listening LOGFILE PID NAME: prints the http://HOST:PORT the process announced (within
+# LISTEN_WAIT_S seconds, 10 by default). Returns 1 (after printing the log to stderr) when it exits
+# or stays silent: the caller decides whether that is fatal.
 wait_listening() {
   local url
-  for _ in $(seq 100); do
+  for _ in $(seq $((${LISTEN_WAIT_S:-10} * 10))); do
     url=$(grep -o 'listening on http://127\.0\.0\.1:[0-9]*' "$1" 2>/dev/null | head -n1 | sed 's/^listening on //') || true
     [ -n "$url" ] && { echo "$url"; return 0; }
     kill -0 "$2" 2>/dev/null || { tail -n 20 "$1" >&2; note "$3 exited before listening"; return 1; }
     sleep 0.1
   done
   tail -n 20 "$1" >&2
-  note "$3 did not print 'listening on' within 10 s"
+  note "$3 did not print 'listening on' within ${LISTEN_WAIT_S:-10} s"
   return 1
 }
 

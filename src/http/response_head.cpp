@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <boost/beast/core/string.hpp>
+#include <charconv>
 #include <cstring>
 
 namespace llmproxy::http {
@@ -76,35 +77,32 @@ bool name_is(std::string_view n, std::string_view lower) {
   return (word(n.data() + last) | kLower) == word(lower.data() + last);
 }
 
-// The code of the fields the gateway acts on (framing, hop-by-hop, Content-Type); unknown for
-// the others, which it only forwards.
+// The fields the gateway acts on (framing, hop-by-hop, Content-Type), by lower-case name.
+struct ActedOn {
+  std::string_view name;
+  bhttp::field code;
+};
+constexpr ActedOn kActedOn[] = {
+    {"te", bhttp::field::te},
+    {"trailer", bhttp::field::trailer},
+    {"upgrade", bhttp::field::upgrade},
+    {"connection", bhttp::field::connection},
+    {"keep-alive", bhttp::field::keep_alive},
+    {"content-type", bhttp::field::content_type},
+    {"content-length", bhttp::field::content_length},
+    {"proxy-connection", bhttp::field::proxy_connection},
+    {"transfer-encoding", bhttp::field::transfer_encoding},
+    {"proxy-authenticate", bhttp::field::proxy_authenticate},
+    {"proxy-authorization", bhttp::field::proxy_authorization},
+};
+
+// The code of a field the gateway acts on; unknown for the others, which it only forwards.
 bhttp::field classify(std::string_view n) {
-  using F = bhttp::field;
-  auto is = [n](std::string_view name) {
-    return name.size() >= 8 ? name_is(n, name) : boost::beast::iequals(n, name);
-  };
-  switch (n.size()) {
-    case 2:
-      return is("te") ? F::te : F::unknown;
-    case 7:
-      return is("trailer") ? F::trailer : is("upgrade") ? F::upgrade : F::unknown;
-    case 10:
-      return is("connection") ? F::connection : is("keep-alive") ? F::keep_alive : F::unknown;
-    case 12:
-      return is("content-type") ? F::content_type : F::unknown;
-    case 14:
-      return is("content-length") ? F::content_length : F::unknown;
-    case 16:
-      return is("proxy-connection") ? F::proxy_connection : F::unknown;
-    case 17:
-      return is("transfer-encoding") ? F::transfer_encoding : F::unknown;
-    case 18:
-      return is("proxy-authenticate") ? F::proxy_authenticate : F::unknown;
-    case 19:
-      return is("proxy-authorization") ? F::proxy_authorization : F::unknown;
-    default:
-      return F::unknown;
+  for (const auto& [name, code] : kActedOn) {
+    if (name.size() != n.size()) continue;
+    if (n.size() >= 8 ? name_is(n, name) : boost::beast::iequals(n, name)) return code;
   }
+  return bhttp::field::unknown;
 }
 
 // No complete header yet: more bytes, unless a line already ends in a bare LF (Beast decides).
@@ -187,14 +185,15 @@ HeadParse parse_response_head(std::string_view bytes, ResponseHead& out) {
     if (!eol) return incomplete(bytes);
     if (bad || out.count == out.fields.size()) return HeadParse::unsupported;
     HeadField& f = out.fields[out.count++];
-    f.name_string = std::string_view(p, static_cast<std::size_t>(colon - p));
-    f.value = trim(std::string_view(colon + 1, static_cast<std::size_t>(eol - colon - 1)));
-    f.name = classify(f.name_string);
-    switch (f.name) {
+    f.name_text = std::string_view(p, static_cast<std::size_t>(colon - p));
+    f.value_text = trim(std::string_view(colon + 1, static_cast<std::size_t>(eol - colon - 1)));
+    f.code = classify(f.name_text);
+    const std::string_view value = f.value_text;
+    switch (f.code) {
       case bhttp::field::content_length: {
-        if (have_length || f.value.empty() || f.value.size() > 18) return HeadParse::unsupported;
+        if (have_length || value.empty() || value.size() > 18) return HeadParse::unsupported;
         std::uint64_t n = 0;
-        for (char c : f.value) {
+        for (char c : value) {
           if (c < '0' || c > '9') return HeadParse::unsupported;
           n = n * 10 + static_cast<std::uint64_t>(c - '0');
         }
@@ -203,17 +202,17 @@ HeadParse parse_response_head(std::string_view bytes, ResponseHead& out) {
         break;
       }
       case bhttp::field::transfer_encoding:
-        if (have_coding || !boost::beast::iequals(f.value, "chunked")) {
+        if (have_coding || !boost::beast::iequals(value, "chunked")) {
           return HeadParse::unsupported;
         }
         out.chunked = true;
         have_coding = true;
         break;
       case bhttp::field::connection:
-        if (have_connection || f.value.size() > 128 || !token_list(f.value)) {
+        if (have_connection || value.size() > 128 || !token_list(value)) {
           return HeadParse::unsupported;
         }
-        out.connection = f.value;
+        out.connection = value;
         have_connection = true;
         break;
       case bhttp::field::proxy_connection:  // Beast reads it like Connection: its keep-alive
@@ -228,22 +227,28 @@ HeadParse parse_response_head(std::string_view bytes, ResponseHead& out) {
   return HeadParse::done;
 }
 
-void append_framing_header(std::string& out, const ResponseHead& head) {
-  out += head.version == 10 ? "HTTP/1.0 " : "HTTP/1.1 ";
-  out += std::to_string(head.status);
-  out += " R\r\n";
-  if (head.chunked) out += "Transfer-Encoding: chunked\r\n";
-  if (head.content_length) {
-    out += "Content-Length: ";
-    out += std::to_string(*head.content_length);
-    out += "\r\n";
+std::string_view ResponseHead::framing_header() {
+  char* p = framing_.data();
+  auto put = [&p](std::string_view v) {
+    std::memcpy(p, v.data(), v.size());
+    p += v.size();
+  };
+  put(version == 10 ? "HTTP/1.0 " : "HTTP/1.1 ");
+  p = std::to_chars(p, p + 3, status).ptr;
+  put(" R\r\n");
+  if (chunked) put("Transfer-Encoding: chunked\r\n");
+  if (content_length) {
+    put("Content-Length: ");
+    p = std::to_chars(p, p + 20, *content_length).ptr;
+    put("\r\n");
   }
-  if (!head.connection.empty()) {
-    out += "Connection: ";
-    out += head.connection;
-    out += "\r\n";
+  if (!connection.empty()) {
+    put("Connection: ");
+    put(connection);
+    put("\r\n");
   }
-  out += "\r\n";
+  put("\r\n");
+  return {framing_.data(), static_cast<std::size_t>(p - framing_.data())};
 }
 
 }  // namespace llmproxy::http

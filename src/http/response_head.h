@@ -13,17 +13,23 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
-#include <string>
+#include <span>
 #include <string_view>
 
 namespace llmproxy::http {
 
+// One field, with the accessors of a Beast field (name(), name_string(), value()), so that code
+// written for either reads both.
 struct HeadField {
   // The field's code for the fields the gateway acts on (framing, hop-by-hop, Content-Type);
   // unknown for the others, which it only forwards.
-  boost::beast::http::field name = boost::beast::http::field::unknown;
-  std::string_view name_string;
-  std::string_view value;
+  boost::beast::http::field code = boost::beast::http::field::unknown;
+  std::string_view name_text;
+  std::string_view value_text;
+
+  boost::beast::http::field name() const { return code; }
+  std::string_view name_string() const { return name_text; }
+  std::string_view value() const { return value_text; }
 };
 
 struct ResponseHead {
@@ -39,23 +45,30 @@ struct ResponseHead {
   std::string_view connection;  // the Connection field's value, "" when absent
   std::size_t size = 0;         // bytes of the header, its final empty line included
 
+  // The fields read, in order (as Beast's message.base()).
+  std::span<const HeadField> base() const { return {fields.data(), count}; }
   // The first field named `f` (a known name), "" when absent.
   std::string_view operator[](boost::beast::http::field f) const {
-    for (std::size_t i = 0; i < count; ++i) {
-      if (fields[i].name == f) return fields[i].value;
+    for (const auto& field : base()) {
+      if (field.code == f) return field.value_text;
     }
     return {};
   }
+  // The short header a parser of the body is given in place of the one read: the status line
+  // and the framing fields (Transfer-Encoding, Content-Length, Connection), so that the body's
+  // framing and the connection's keep-alive are read as from the original. Written into this
+  // object (no allocation per response); valid until the next call or parse.
+  std::string_view framing_header();
+
+ private:
+  // "HTTP/1.1 SSS R", one framing field (chunked and a length never come together) with at most
+  // 18 digits, Connection of at most 128 bytes, the line ends.
+  std::array<char, 256> framing_{};
 };
 
 enum class HeadParse { done, need_more, unsupported };
 
 // Parses the header at the start of `bytes` into `out` (views into `bytes`).
 HeadParse parse_response_head(std::string_view bytes, ResponseHead& out);
-
-// The short header a parser of the body is given in place of the one read: the status line and
-// the framing fields (Transfer-Encoding, Content-Length, Connection), so that the body's framing
-// and the connection's keep-alive are read as from the original.
-void append_framing_header(std::string& out, const ResponseHead& head);
 
 }  // namespace llmproxy::http

@@ -177,9 +177,6 @@ std::string_view balanced_object(std::string_view s, std::size_t open) {
   }
   return {};
 }
-}  // namespace
-
-namespace {
 
 // A usage object as servers write it, read without a JSON parser: ASCII keys without escapes,
 // values that are unsigned integers or null, or (one level down) objects of those. Anything else (a

@@ -168,30 +168,6 @@ class HeadWriter {
   char* end_;
 };
 
-// A response field's code, name and value, whether read by http::parse_response_head() or by
-// Beast's parser (the header forms the direct reader leaves to Beast).
-bhttp::field field_code(const http::HeadField& f) {
-  return f.name;
-}
-std::string_view field_name(const http::HeadField& f) {
-  return f.name_string;
-}
-std::string_view field_value(const http::HeadField& f) {
-  return f.value;
-}
-template <class Field>
-bhttp::field field_code(const Field& f) {
-  return f.name();
-}
-template <class Field>
-std::string_view field_name(const Field& f) {
-  return f.name_string();
-}
-template <class Field>
-std::string_view field_value(const Field& f) {
-  return f.value();
-}
-
 // ---------------------------------------------------------------------------------------------
 // Shared, read-mostly state.
 
@@ -1879,7 +1855,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
             if (direct == http::HeadParse::need_more) direct_seen = bytes.size();
           }
           if (direct == http::HeadParse::done) {
-            const http::ResponseHead& h = w_.resp_head;
+            http::ResponseHead& h = w_.resp_head;
             if (h.status < 200) {  // an interim 1xx (101 is left to Beast): the answer follows
               conn->buffer.consume(h.size);
               direct_seen = 0;
@@ -1889,10 +1865,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
               }
               continue;
             }
-            std::string framing;
-            framing.reserve(128);
-            http::append_framing_header(framing, h);
-            parser->put(asio::buffer(framing), rhec);
+            parser->put(asio::buffer(h.framing_header()), rhec);
             if (!rhec && !parser->is_header_done()) rhec = bhttp::error::bad_value;
             if (rhec) break;
             conn->buffer.consume(h.size);  // the views stay valid: nothing is written there
@@ -2042,7 +2015,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     if (reason.empty()) reason = bhttp::obsolete_reason(up.result());
     std::size_t bound = reason.size() + ctx.request_id.size() + 192 + HeadWriter::kNumber;
     for (const auto& f : fields) {
-      bound += field_name(f).size() + field_value(f).size() + HeadWriter::kFieldExtra;
+      bound += f.name_string().size() + f.value().size() + HeadWriter::kFieldExtra;
     }
     HeadWriter w(head, bound);
     w.put("HTTP/1.1 ");
@@ -2051,14 +2024,14 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     w.put(reason);
     w.put("\r\n");
     for (const auto& f : fields) {
-      const std::string_view name = field_name(f);
-      const bhttp::field code = field_code(f);
+      const std::string_view name = f.name_string();
+      const bhttp::field code = f.name();
       if (is_hop_by_hop(code) || connection_lists(up_connection, name)) continue;
       if (code == bhttp::field::content_length && framing != Framing::none) continue;
       if (iequals(name, "x-request-id") || (is_stream && iequals(name, "x-accel-buffering"))) {
         continue;
       }
-      w.field(name, field_value(f));
+      w.field(name, f.value());
     }
     w.field("X-Request-Id", ctx.request_id);
     if (is_stream) w.field("X-Accel-Buffering", "no");
@@ -2074,8 +2047,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     w.done();
   };
   if (direct) {
-    write_head(std::span<const http::HeadField>(direct->fields.data(), direct->count),
-               direct->reason, direct->connection);
+    write_head(direct->base(), direct->reason, direct->connection);
   } else {
     write_head(up.base(), up.reason(), up[bhttp::field::connection]);
   }

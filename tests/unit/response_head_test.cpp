@@ -61,10 +61,10 @@ void expect_same_as_beast(const std::string& bytes) {
   std::vector<std::pair<std::string, std::string>> want, got;
   for (const auto& f : m.base()) want.emplace_back(f.name_string(), f.value());
   for (std::size_t i = 0; i < head.count; ++i) {
-    got.emplace_back(head.fields[i].name_string, head.fields[i].value);
+    got.emplace_back(head.fields[i].name_string(), head.fields[i].value());
     // The code, where given, is Beast's (ClassifiesTheFieldsTheGatewayActsOn: which are given).
-    if (head.fields[i].name != bhttp::field::unknown) {
-      EXPECT_EQ(head.fields[i].name, bhttp::string_to_field(head.fields[i].name_string));
+    if (head.fields[i].name() != bhttp::field::unknown) {
+      EXPECT_EQ(head.fields[i].name(), bhttp::string_to_field(head.fields[i].name_string()));
     }
   }
   EXPECT_EQ(by_name(got), by_name(want));
@@ -75,8 +75,7 @@ void expect_same_as_beast(const std::string& bytes) {
   EXPECT_EQ(head.chunked, b.p.chunked());
   EXPECT_EQ(head.connection, m[bhttp::field::connection]);
   // Beast given only the framing header reads the framing and keep-alive as from the original.
-  std::string framing;
-  append_framing_header(framing, head);
+  const std::string framing(head.framing_header());
   BeastHead short_head;
   parse_with_beast(framing, short_head);
   ASSERT_TRUE(short_head.ok) << framing;
@@ -141,9 +140,9 @@ TEST(ResponseHead, ClassifiesTheFieldsTheGatewayActsOn) {
   ASSERT_EQ(parse_response_head(h, head), HeadParse::done) << h;
   ASSERT_EQ(head.count, acted_on.size() + 3);
   for (std::size_t i = 0; i < head.count; ++i) {
-    const auto beast = bhttp::string_to_field(head.fields[i].name_string);
-    EXPECT_EQ(head.fields[i].name, i < acted_on.size() ? beast : bhttp::field::unknown)
-        << head.fields[i].name_string;
+    const auto beast = bhttp::string_to_field(head.fields[i].name_string());
+    EXPECT_EQ(head.fields[i].name(), i < acted_on.size() ? beast : bhttp::field::unknown)
+        << head.fields[i].name_string();
   }
 }
 
