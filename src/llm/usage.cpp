@@ -188,10 +188,11 @@ class FlatUsageReader {
  public:
   explicit FlatUsageReader(std::string_view s) : s_(s) {}
 
-  // Reads the object `s` holds (exactly one object, nothing after it). On true, `out` has what
-  // read_usage_object() would find and the report is accepted as accept() would.
-  bool read(Usage& r) {
-    if (!object(0) || (skip_space(), i_ != s_.size())) return false;
+  // Reads the object `s` holds (exactly one object, nothing after it; with `leading`, the object
+  // `s` starts with, whatever follows it). On true, `out` has what read_usage_object() would find
+  // and the report is accepted as accept() would.
+  bool read(Usage& r, bool leading = false) {
+    if (!object(0) || (!leading && (skip_space(), i_ != s_.size()))) return false;
     r.prompt_tokens = top_[kPrompt];
     r.completion_tokens = top_[kCompletion];
     if (r.prompt_tokens < 0) r.prompt_tokens = top_[kInput];
@@ -295,20 +296,32 @@ class FlatUsageReader {
       if (!take(',')) return false;
     }
   }
+  // By length first: one comparison per key instead of up to five.
   static int top_index(std::string_view k) {
-    if (k == "prompt_tokens") return kPrompt;
-    if (k == "completion_tokens") return kCompletion;
-    if (k == "input_tokens") return kInput;
-    if (k == "output_tokens") return kOutput;
-    if (k == "total_tokens") return kTotal;
-    return -1;
+    switch (k.size()) {
+      case 12:
+        return k == "input_tokens" ? kInput : k == "total_tokens" ? kTotal : -1;
+      case 13:
+        return k == "prompt_tokens" ? kPrompt : k == "output_tokens" ? kOutput : -1;
+      case 17:
+        return k == "completion_tokens" ? kCompletion : -1;
+      default:
+        return -1;
+    }
   }
   static int detail_index(std::string_view k) {
-    if (k == "prompt_tokens_details") return kPromptDetails;
-    if (k == "input_tokens_details") return kInputDetails;
-    if (k == "completion_tokens_details") return kCompletionDetails;
-    if (k == "output_tokens_details") return kOutputDetails;
-    return -1;
+    switch (k.size()) {
+      case 20:
+        return k == "input_tokens_details" ? kInputDetails : -1;
+      case 21:
+        return k == "prompt_tokens_details"   ? kPromptDetails
+               : k == "output_tokens_details" ? kOutputDetails
+                                              : -1;
+      case 25:
+        return k == "completion_tokens_details" ? kCompletionDetails : -1;
+      default:
+        return -1;
+    }
   }
   std::string_view inner_key(const Details* d) const {
     return d == &details_[kPromptDetails] || d == &details_[kInputDetails] ? "cached_tokens"
@@ -330,15 +343,39 @@ std::optional<bool> read_usage_text(std::string_view object, Usage& out) {
 }
 
 namespace {
+// The start of the last `"usage"` that begins before `end`, or npos. Backwards from quote to
+// quote (memrchr): std::string_view::rfind compares the whole pattern at every position.
+std::size_t rfind_usage_key(std::string_view s, std::size_t end) {
+  static constexpr std::string_view kKey = "\"usage\"";
+  const char* const base = s.data();
+  std::size_t limit = end;
+  while (limit > 0) {
+    const void* q = ::memrchr(base, '"', limit);
+    if (!q) break;
+    const auto at = static_cast<std::size_t>(static_cast<const char*>(q) - base);
+    if (s.size() - at >= kKey.size() && s.compare(at, kKey.size(), kKey) == 0) return at;
+    limit = at;
+  }
+  return std::string_view::npos;
+}
+
 bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage& out) {
   std::string padded;
   // The last `"usage":{...}` in the body (or its tail), parsed alone: a whole-body parse would
   // cost more than the rest of the metering. The pattern cannot match inside a JSON string
   // (quotes there are escaped), and servers write usage at the top level, after the choices.
-  for (std::size_t pos = copy.rfind("\"usage\""); pos != std::string_view::npos;
-       pos = pos == 0 ? std::string_view::npos : copy.rfind("\"usage\"", pos - 1)) {
+  for (std::size_t pos = rfind_usage_key(copy, copy.size()); pos != std::string_view::npos;
+       pos = rfind_usage_key(copy, pos)) {
     std::size_t open = copy.find_first_not_of(" \t\r\n:", pos + 7);
     if (open == std::string_view::npos || copy[open] != '{') continue;
+    {
+      // The simple form, read in one pass from the brace on (it ends where the object does).
+      Usage r;
+      if (FlatUsageReader(copy.substr(open)).read(r, true)) {
+        if (accept(r, out)) return true;
+        continue;
+      }
+    }
     std::string_view object = balanced_object(copy, open);
     if (object.empty()) continue;
     if (auto reported = read_usage_text(object, out)) {

@@ -615,6 +615,11 @@ struct RequestContext {
   std::optional<llm::StreamMeter> meter;  // event streams
   std::string body_copy;                  // other responses: the body, or its tail when large
   bool body_copy_complete = true;
+  // A body relayed in one piece is read for usage where it lies, once written: no copy.
+  bool body_read = false;
+  bool body_reported = false;
+  llm::Usage body_usage;
+  llm::TextCount body_content;
   std::string retained_body;  // the request body, kept for /tokenize when usage is missing
   bool usage_resolved = false;
   llm::Usage usage;
@@ -711,12 +716,16 @@ class ClientSession {
                      const lb::Backend& backend) const;
   asio::awaitable<void> handle_reload(RequestContext& ctx, bool keep_alive);
   void log(RequestContext& ctx);
+  void access_log(const RequestContext& ctx, double duration_ms);
   // Metering: usage from what passed (sync), then, when the backend reported none, the prompt
   // counted by the backend's /tokenize (after the client has its whole response).
   void resolve_usage(RequestContext& ctx);
+  // Resolves usage; true when the prompt count should then come from /tokenize (otherwise the
+  // retained request body is freed). Plain call: most requests need no coroutine frame for it.
+  bool wants_tokenize(RequestContext& ctx);
   // `authorization`: the client's header, passed on to /tokenize (backends started with keys).
-  asio::awaitable<void> resolve_usage_with_tokenize(RequestContext& ctx, bool client_keep_alive,
-                                                    std::string_view authorization);
+  asio::awaitable<void> tokenize_prompt(RequestContext& ctx, bool client_keep_alive,
+                                        std::string_view authorization);
   asio::awaitable<std::int64_t> tokenize(const lb::Backend& backend, const RequestContext& ctx,
                                          std::string_view authorization);
   void submit_usage(RequestContext& ctx, double duration_ms);
@@ -842,13 +851,17 @@ void ClientSession::log(RequestContext& ctx) {
       std::chrono::duration<double, std::milli>(
           (ctx.end == Clock::time_point{} ? Clock::now() : ctx.end) - ctx.start)
           .count();
-  if (ctx.metered && ctx.forwarded) submit_usage(ctx, duration_ms);
   w_.metrics.request(ctx.route, ctx.info.stream, backend, ctx.status, duration_ms);
   if (ctx.finish == "client_disconnected") ++w_.metrics.client_disconnects;
   if (ctx.info.stream && ctx.backend && ctx.first_byte_ms >= 0) {
     w_.metrics.ttft(backend, ctx.first_byte_ms);
   }
-  if (!w_.log.enabled()) return;
+  if (w_.log.enabled()) access_log(ctx, duration_ms);
+  // Last: the record takes the context's strings instead of copying them.
+  if (ctx.metered && ctx.forwarded) submit_usage(ctx, duration_ms);
+}
+
+void ClientSession::access_log(const RequestContext& ctx, double duration_ms) {
   AccessEntry e;
   e.request_id = ctx.request_id;
   e.client = client_ip_;
@@ -1270,11 +1283,29 @@ asio::awaitable<bool> ClientSession::handle_request() {
     const auto& ucfg = cfg.usage;
     ctx.metered = true;
     ctx.endpoint = endpoint;
-    if (!ucfg.user_header.empty()) ctx.user_id = std::string(req[ucfg.user_header]);
-    if (ctx.user_id.empty()) ctx.user_id = ctx.info.user;
-    ctx.api_key = usage::present_api_key(
-        usage::api_key_from_headers(req[bhttp::field::authorization], req["X-API-Key"]),
-        ucfg.api_key);
+    // One pass over the header for the three fields metering reads (the first of each, as
+    // req[name] would give), instead of three lookups.
+    std::string_view user, authorization, x_api_key;
+    bool have_user = false, have_authorization = false, have_x_api_key = false;
+    const std::string_view user_header = ucfg.user_header;
+    for (const auto& f : req) {
+      const std::string_view name = f.name_string();
+      if (!have_user && !user_header.empty() && name.size() == user_header.size() &&
+          beast::iequals(name, user_header)) {
+        user = f.value();
+        have_user = true;
+      }
+      if (f.name() == bhttp::field::authorization) {
+        if (!have_authorization) authorization = f.value();
+        have_authorization = true;
+      } else if (!have_x_api_key && name.size() == 9 && beast::iequals(name, "X-API-Key")) {
+        x_api_key = f.value();
+        have_x_api_key = true;
+      }
+    }
+    ctx.user_id = user.empty() ? std::move(ctx.info.user) : std::string(user);
+    ctx.api_key =
+        usage::present_api_key(usage::api_key_from_headers(authorization, x_api_key), ucfg.api_key);
     if (ucfg.inject_stream_usage && ctx.info.stream && !ctx.info.include_usage &&
         endpoint != llm::Endpoint::embeddings) {
       if (auto rewritten =
@@ -1394,6 +1425,10 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
     u = ctx.meter->tracker().usage();
     reported = u.reported();
     content = ctx.meter->tracker().content_text();
+  } else if (ctx.body_read) {
+    reported = ctx.body_reported;
+    u = ctx.body_usage;
+    content = ctx.body_content;
   } else if (!ctx.body_copy.empty()) {
     reported = llm::read_body_usage(ctx.body_copy, w_.usage_parser, u, content);
   }
@@ -1429,31 +1464,35 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
   ctx.prompt_estimated = true;
 }
 
-asio::awaitable<void> ClientSession::resolve_usage_with_tokenize(RequestContext& ctx,
-                                                                 bool client_keep_alive,
-                                                                 std::string_view authorization) {
-  if (!ctx.metered || !ctx.forwarded) co_return;
+bool ClientSession::wants_tokenize(RequestContext& ctx) {
+  if (!ctx.metered || !ctx.forwarded) return false;
   resolve_usage(ctx);
   if (ctx.prompt_estimated && !ctx.retained_body.empty() && ctx.sent_to &&
       ctx.endpoint != llm::Endpoint::embeddings && ctx.wg->gen->cfg.usage.tokenize &&
       !ctx.sent_to->tokenize_unsupported()) {
-    // The request ends here for the client and for the metrics; a body that ends with the
-    // connection ends now, not after the /tokenize round trip.
-    ctx.end = Clock::now();
-    if (!client_keep_alive) {
-      error_code ec;
-      stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
-    }
-    std::int64_t n = co_await tokenize(*ctx.sent_to, ctx, authorization);
-    // 0 is no answer: llama.cpp's /tokenize reads `content` and answers [] to other shapes.
-    if (n > 0) {
-      ctx.usage.prompt_tokens = n;
-      ctx.usage.total_tokens = n + ctx.usage.completion_tokens;
-      ctx.prompt_estimated = false;
-    }
+    return true;
   }
-  ctx.retained_body.clear();
-  ctx.retained_body.shrink_to_fit();
+  std::string().swap(ctx.retained_body);
+  return false;
+}
+
+asio::awaitable<void> ClientSession::tokenize_prompt(RequestContext& ctx, bool client_keep_alive,
+                                                     std::string_view authorization) {
+  // The request ends here for the client and for the metrics; a body that ends with the
+  // connection ends now, not after the /tokenize round trip.
+  ctx.end = Clock::now();
+  if (!client_keep_alive) {
+    error_code ec;
+    stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+  }
+  std::int64_t n = co_await tokenize(*ctx.sent_to, ctx, authorization);
+  // 0 is no answer: llama.cpp's /tokenize reads `content` and answers [] to other shapes.
+  if (n > 0) {
+    ctx.usage.prompt_tokens = n;
+    ctx.usage.total_tokens = n + ctx.usage.completion_tokens;
+    ctx.prompt_estimated = false;
+  }
+  std::string().swap(ctx.retained_body);
 }
 
 // POST {base}/tokenize with the request's model and messages (chat) or prompt (completions),
@@ -1537,23 +1576,24 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
 
 void ClientSession::submit_usage(RequestContext& ctx, double duration_ms) {
   resolve_usage(ctx);  // paths that did not resolve it already (errors answered by the gateway)
+  // The context ends with this call (log() submits last): its strings move into the record.
   usage::UsageRecord r;
   if (ctx.client_request_id.empty()) {
-    r.request_id = ctx.request_id;
+    r.request_id = std::move(ctx.request_id);
   } else {
     r.request_id = w_.ids.next();  // the client's id may repeat; ours never does
-    r.client_request_id = ctx.client_request_id;
+    r.client_request_id = std::move(ctx.client_request_id);
   }
-  r.user_id = ctx.user_id;
-  r.api_key = ctx.api_key;
-  r.model = ctx.info.model;
+  r.user_id = std::move(ctx.user_id);
+  r.api_key = std::move(ctx.api_key);
+  r.model = std::move(ctx.info.model);
   r.prompt_tokens = ctx.usage.prompt_tokens;
   r.completion_tokens = ctx.usage.completion_tokens;
   r.total_tokens = ctx.usage.total_tokens;
   r.cached_tokens = ctx.usage.cached_tokens;
   r.reasoning_tokens = ctx.usage.reasoning_tokens;
   r.is_stream = ctx.info.stream;
-  r.endpoint = std::string(llm::to_string(ctx.endpoint));
+  r.endpoint = llm::to_string(ctx.endpoint);
   r.timestamp_ms = unix_ms_now() - static_cast<std::int64_t>(duration_ms);
   if (const lb::Backend* b = ctx.sent_to ? ctx.sent_to : ctx.backend) {
     r.backend_url = b->config().url;
@@ -1562,7 +1602,7 @@ void ClientSession::submit_usage(RequestContext& ctx, double duration_ms) {
   r.status_code = ctx.status;
   r.duration_ms = duration_ms;
   r.ttft_ms = ctx.info.stream ? ctx.first_byte_ms : -1;
-  r.finish = std::string(ctx.finish);
+  r.finish = ctx.finish;
   r.usage_source = ctx.estimated ? "estimated" : "backend";
   w_.metrics.usage_prompt_tokens +=
       static_cast<std::uint64_t>(std::max<std::int64_t>(r.prompt_tokens, 0));
@@ -1570,7 +1610,7 @@ void ClientSession::submit_usage(RequestContext& ctx, double duration_ms) {
       static_cast<std::uint64_t>(std::max<std::int64_t>(r.completion_tokens, 0));
   ++w_.metrics.usage_records;
   if (ctx.estimated) ++w_.metrics.usage_estimated;
-  w_.shared.usage->submit(std::move(r));
+  w_.shared.usage->submit(r);
 }
 
 asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bool keep_alive) {
@@ -1623,8 +1663,9 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
     auto outcome = co_await attempt(backend, req, ctx, keep_alive, client_keep_alive, last_error);
     if (outcome == Attempt::done) {
       disarm_watch();
-      co_await resolve_usage_with_tokenize(ctx, client_keep_alive,
-                                           req[bhttp::field::authorization]);
+      if (wants_tokenize(ctx)) {
+        co_await tokenize_prompt(ctx, client_keep_alive, req[bhttp::field::authorization]);
+      }
       log(ctx);
       co_return client_keep_alive;
     }
@@ -1642,7 +1683,7 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
   if (watch_.client_gone) {
     ctx.finish = "client_disconnected";
     ctx.status = 499;
-    co_await resolve_usage_with_tokenize(ctx, false, req[bhttp::field::authorization]);
+    if (wants_tokenize(ctx)) co_await tokenize_prompt(ctx, false, req[bhttp::field::authorization]);
     log(ctx);
     co_return false;
   }
@@ -2208,11 +2249,27 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
           piece = joined;
         }
       }
-    } else if (ctx.metered && n > 0) {
-      // A bounded copy for the usage read after the response: past the limit only the tail
-      // is kept (servers write usage last).
+    }
+    n = piece.size();
+    if (n == 0 && !rp.is_done()) continue;
+    // The last piece and the end of the message (chunked: the last chunk) in one write.
+    out.frame(head, chunked, piece, rp.is_done());
+    error_code cwec = write_now(out);
+    if (!ctx.meter && ctx.metered && n > 0) {
+      // The usage read happens after the response went out. A whole body in one piece that the
+      // socket took at once is read where it lies (the worker's space, valid until the next
+      // co_await); anything else gets a bounded copy, past the limit only its tail (servers
+      // write usage last).
       auto& copy = ctx.body_copy;
-      if (ctx.body_copy_complete && copy.size() + n <= copy_limit) {
+      if (rp.is_done() && !cwec && pending_.empty() && copy.empty() && ctx.body_copy_complete) {
+        std::string_view body = piece;
+        if (body.size() > copy_limit && body.size() > 2 * kResponseTailBytes) {
+          body.remove_prefix(body.size() - kResponseTailBytes);
+        }
+        ctx.body_read = true;
+        ctx.body_reported =
+            llm::read_body_usage(body, w_.usage_parser, ctx.body_usage, ctx.body_content);
+      } else if (ctx.body_copy_complete && copy.size() + n <= copy_limit) {
         copy.append(piece);
       } else {
         ctx.body_copy_complete = false;
@@ -2220,11 +2277,6 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
         if (copy.size() > 2 * kResponseTailBytes) copy.erase(0, copy.size() - kResponseTailBytes);
       }
     }
-    n = piece.size();
-    if (n == 0 && !rp.is_done()) continue;
-    // The last piece and the end of the message (chunked: the last chunk) in one write.
-    out.frame(head, chunked, piece, rp.is_done());
-    error_code cwec = write_now(out);
     if (!cwec && !pending_.empty()) cwec = co_await flush_pending(cfg.timeouts.stream_idle);
     if (cwec) {
       client_ok = false;

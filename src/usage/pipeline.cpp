@@ -61,6 +61,9 @@ namespace {
 // Records per transaction at most: a burst this large is committed without waiting out the
 // commit window.
 constexpr std::size_t kGroupMax = 4096;
+// Buffers (packed records, their JSON) keep at most this much capacity between commits: a
+// burst's growth is given back (a full group of large records is a few MiB).
+constexpr std::size_t kKeepBytes = std::size_t{1} << 20;
 
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
@@ -159,7 +162,7 @@ struct Pipeline::Impl {
 
   std::mutex mu;  // queue, writer_gone
   std::condition_variable writer_cv;
-  std::vector<UsageRecord> queue;
+  PackedRecords queue;
   Clock::time_point queue_since{};          // when the oldest queued record arrived
   std::atomic<Clock::rep> deadline_rep{0};  // stop()'s deadline, stored before stop_requested
   std::atomic<bool> stop_requested{false};
@@ -181,7 +184,11 @@ struct Pipeline::Impl {
   bool stopped = false;
 
   // Writer-thread state.
-  std::vector<std::string> jsons;
+  // The JSON of the records taken, back to back in one buffer (kept between commits: no
+  // allocation per record); json_ends[i] is where record i's ends.
+  std::string json_text;
+  std::vector<std::size_t> json_ends;
+  std::vector<UsageRecordView> views;
   std::vector<PendingRecord> pending;
   std::uint64_t commit_failures = 0;
   Clock::time_point last_commit_report{};
@@ -214,7 +221,13 @@ struct Pipeline::Impl {
     return Clock::time_point(Clock::duration(deadline_rep.load(std::memory_order_acquire)));
   }
 
-  bool commit(std::vector<UsageRecord>& taken);
+  bool commit(PackedRecords& taken);
+  void clear_json() {
+    json_ends.clear();
+    json_text.clear();
+    // A burst's buffer is not kept for ever (a full group is ~2 MiB).
+    if (json_text.capacity() > kKeepBytes) std::string().swap(json_text);
+  }
   bool retention_chunk(std::int64_t& deleted);
   void writer_loop();
 
@@ -232,15 +245,22 @@ struct Pipeline::Impl {
 // ---------------------------------------------------------------------------------------------
 // Writer
 
-bool Pipeline::Impl::commit(std::vector<UsageRecord>& taken) {
+bool Pipeline::Impl::commit(PackedRecords& taken) {
   // Serialize what was not serialized by an earlier failed attempt.
-  for (std::size_t i = jsons.size(); i < taken.size(); ++i) {
-    jsons.emplace_back();
-    jsons.back().reserve(768);  // a record's JSON is ~450 bytes: one allocation, not five
-    append_json(jsons.back(), taken[i]);
+  views.clear();
+  taken.views(views);
+  for (std::size_t i = json_ends.size(); i < views.size(); ++i) {
+    append_json(json_text, views[i]);
+    json_ends.push_back(json_text.size());
   }
   pending.clear();
-  for (std::size_t i = 0; i < taken.size(); ++i) pending.push_back({&taken[i], jsons[i]});
+  for (std::size_t i = 0, from = 0; i < views.size(); from = json_ends[i++]) {
+    const UsageRecordView& r = views[i];
+    const std::int64_t end_ms =
+        r.timestamp_ms + static_cast<std::int64_t>(r.duration_ms > 0 ? r.duration_ms : 0);
+    pending.push_back(
+        {r.timestamp_ms, end_ms, std::string_view(json_text).substr(from, json_ends[i] - from)});
+  }
   std::int64_t last = 0;
   try {
     last = log->append(pending);
@@ -264,7 +284,8 @@ bool Pipeline::Impl::commit(std::vector<UsageRecord>& taken) {
   commits.fetch_add(1, std::memory_order_relaxed);
   head.store(last, std::memory_order_release);
   taken.clear();
-  jsons.clear();
+  taken.trim(kKeepBytes);
+  clear_json();
   bool unread;
   {
     std::lock_guard lk(sinks_mu);
@@ -303,7 +324,7 @@ bool Pipeline::Impl::retention_chunk(std::int64_t& deleted) {
 }
 
 void Pipeline::Impl::writer_loop() {
-  std::vector<UsageRecord> taken;
+  PackedRecords taken;
   auto next_retention = Clock::now();  // once at start, then hourly
   bool retention_running = false;
   std::int64_t retention_deleted = 0;
@@ -330,10 +351,7 @@ void Pipeline::Impl::writer_loop() {
           if (static_cast<std::int64_t>(queue.size()) <= cap) {
             taken.swap(queue);
           } else {
-            auto n = static_cast<std::ptrdiff_t>(cap);
-            taken.assign(std::make_move_iterator(queue.begin()),
-                         std::make_move_iterator(queue.begin() + n));
-            queue.erase(queue.begin(), queue.begin() + n);
+            queue.move_front(static_cast<std::size_t>(cap), taken);
           }
           break;
         }
@@ -365,7 +383,7 @@ void Pipeline::Impl::writer_loop() {
                   lost);
         taken.clear();
         queue.clear();
-        jsons.clear();
+        clear_json();
         break;
       }
       auto wait = milliseconds(std::uniform_int_distribution<int>(
@@ -859,7 +877,7 @@ void Pipeline::stop(std::chrono::steady_clock::time_point deadline) {
   log::line("info", "usage pipeline stopped: {} records logged{}", im.logged.load(), state);
 }
 
-bool Pipeline::submit(UsageRecord&& record) {
+bool Pipeline::submit(const UsageRecord& record) {
   auto& im = *impl_;
   std::unique_lock lk(im.mu);
   if (im.writer_gone ||
@@ -868,7 +886,7 @@ bool Pipeline::submit(UsageRecord&& record) {
     im.dropped.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
-  im.queue.push_back(std::move(record));
+  im.queue.push(record);
   bool first = im.queue.size() == 1;
   if (first) im.queue_since = Clock::now();
   // A full group is committed at once; otherwise the writer waits out the commit window.

@@ -4,7 +4,8 @@
 //                                                                  |  one cursor per sink
 //                                                sink threads <----+  (advance only on success)
 //
-// The request path only moves a record into an in-memory queue (a mutex held for a push).
+// The request path only copies a record into an in-memory queue (PackedRecords: its bytes appended
+// to a buffer, a mutex held for that).
 // A writer thread takes everything queued and commits it in one transaction (group commit), so
 // a record is durable within one commit of the request ending. Each sink reads the log in order
 // from its own cursor, POSTs, and moves the cursor only after a 2xx: outages, restarts and
@@ -72,7 +73,7 @@ class Pipeline {
   }
   // Never blocks on I/O. Returns false only when the record was dropped (on_backlog: serve,
   // queue full), which is counted.
-  bool submit(UsageRecord&& record);
+  bool submit(const UsageRecord& record);
 
   // For /metrics (called off the request path).
   metrics::UsageStats stats() const;

@@ -9,6 +9,7 @@
 #include "usage/record.h"
 
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <cmath>
 #include <cstring>
@@ -87,7 +88,7 @@ std::string rfc3339(std::int64_t unix_ms) {
 }
 
 // Keys are written with their punctuation as one literal each: this runs once per record.
-void append_json(std::string& out, const UsageRecord& r) {
+void append_json(std::string& out, const UsageRecordView& r) {
   using namespace std::string_view_literals;
   out += R"({"request_id":")"sv;
   http::append_json_escaped(out, r.request_id);
@@ -153,6 +154,140 @@ std::string to_json(const UsageRecord& r) {
               r.endpoint.size() + r.backend_url.size() + r.backend.size());
   append_json(out, r);
   return out;
+}
+
+UsageRecordView view_of(const UsageRecord& r) {
+  UsageRecordView v;
+  v.request_id = r.request_id;
+  v.client_request_id = r.client_request_id;
+  v.user_id = r.user_id;
+  v.api_key = r.api_key;
+  v.model = r.model;
+  v.prompt_tokens = r.prompt_tokens;
+  v.completion_tokens = r.completion_tokens;
+  v.total_tokens = r.total_tokens;
+  v.cached_tokens = r.cached_tokens;
+  v.reasoning_tokens = r.reasoning_tokens;
+  v.is_stream = r.is_stream;
+  v.endpoint = r.endpoint;
+  v.timestamp_ms = r.timestamp_ms;
+  v.backend_url = r.backend_url;
+  v.backend = r.backend;
+  v.status_code = r.status_code;
+  v.duration_ms = r.duration_ms;
+  v.ttft_ms = r.ttft_ms;
+  v.finish = r.finish;
+  v.usage_source = r.usage_source;
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// PackedRecords: per record a fixed head (copied with memcpy, so no alignment is needed), then
+// the strings' bytes back to back in the order of the head's lengths.
+
+namespace {
+
+struct PackedHead {
+  std::uint32_t bytes;  // the whole record, this head included
+  std::uint32_t len[10];
+  std::int64_t prompt_tokens, completion_tokens, total_tokens, cached_tokens, reasoning_tokens;
+  std::int64_t timestamp_ms;
+  double duration_ms, ttft_ms;
+  std::uint32_t status_code;
+  std::uint8_t is_stream;
+};
+
+// The strings of a record, in packed order; the same order for both string types.
+template <class R>
+auto strings_of(R& r) {
+  return std::array{&r.request_id, &r.client_request_id, &r.user_id, &r.api_key,
+                    &r.model,      &r.backend_url,       &r.backend};
+}
+
+}  // namespace
+
+void PackedRecords::push(const UsageRecord& r) {
+  PackedHead h{};
+  const auto strs = strings_of(r);
+  const std::string_view fixed[3] = {r.endpoint, r.finish, r.usage_source};
+  std::size_t total = sizeof h;
+  for (std::size_t i = 0; i < strs.size(); ++i) {
+    h.len[i] = static_cast<std::uint32_t>(strs[i]->size());
+    total += strs[i]->size();
+  }
+  for (std::size_t i = 0; i < 3; ++i) {
+    h.len[strs.size() + i] = static_cast<std::uint32_t>(fixed[i].size());
+    total += fixed[i].size();
+  }
+  h.bytes = static_cast<std::uint32_t>(total);
+  h.prompt_tokens = r.prompt_tokens;
+  h.completion_tokens = r.completion_tokens;
+  h.total_tokens = r.total_tokens;
+  h.cached_tokens = r.cached_tokens;
+  h.reasoning_tokens = r.reasoning_tokens;
+  h.timestamp_ms = r.timestamp_ms;
+  h.duration_ms = r.duration_ms;
+  h.ttft_ms = r.ttft_ms;
+  h.status_code = r.status_code;
+  h.is_stream = r.is_stream ? 1 : 0;
+  data_.reserve(data_.size() + total);
+  data_.append(reinterpret_cast<const char*>(&h), sizeof h);
+  for (const auto* str : strs) data_.append(*str);
+  for (std::string_view f : fixed) data_.append(f);
+  ++count_;
+}
+
+void PackedRecords::views(std::vector<UsageRecordView>& out) const {
+  const char* p = data_.data();
+  for (std::size_t k = 0; k < count_; ++k) {
+    PackedHead h;
+    std::memcpy(&h, p, sizeof h);
+    const char* s = p + sizeof h;
+    UsageRecordView& v = out.emplace_back();
+    const auto strs = strings_of(v);
+    std::size_t i = 0;
+    for (auto* str : strs) {
+      *str = std::string_view(s, h.len[i]);
+      s += h.len[i++];
+    }
+    for (std::string_view* f : {&v.endpoint, &v.finish, &v.usage_source}) {
+      *f = std::string_view(s, h.len[i]);
+      s += h.len[i++];
+    }
+    v.prompt_tokens = h.prompt_tokens;
+    v.completion_tokens = h.completion_tokens;
+    v.total_tokens = h.total_tokens;
+    v.cached_tokens = h.cached_tokens;
+    v.reasoning_tokens = h.reasoning_tokens;
+    v.timestamp_ms = h.timestamp_ms;
+    v.duration_ms = h.duration_ms;
+    v.ttft_ms = h.ttft_ms;
+    v.status_code = h.status_code;
+    v.is_stream = h.is_stream != 0;
+    p += h.bytes;
+  }
+}
+
+void PackedRecords::move_front(std::size_t n, PackedRecords& to) {
+  std::size_t off = 0;
+  for (std::size_t k = 0; k < n; ++k) {
+    std::uint32_t bytes;
+    std::memcpy(&bytes, data_.data() + off, sizeof bytes);
+    off += bytes;
+  }
+  to.data_.append(data_, 0, off);
+  to.count_ += n;
+  data_.erase(0, off);
+  count_ -= n;
+}
+
+void PackedRecords::trim(std::size_t keep) {
+  if (data_.capacity() > keep) {
+    std::string fresh;
+    fresh.reserve(data_.size());
+    fresh.append(data_);
+    data_.swap(fresh);
+  }
 }
 
 }  // namespace llmproxy::usage

@@ -6,40 +6,86 @@
 // however it ended; requests the gateway refused itself are counted in metrics, not billed.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace llmproxy::usage {
 
-struct UsageRecord {
-  std::string request_id;         // the gateway's own id, unique: receivers de-duplicate on it
-  std::string client_request_id;  // the client's X-Request-Id, when it sent one (may repeat)
-  std::string user_id;            // usage.user_header, else the body's `user`
-  std::string api_key;            // as usage.api_key says: full, masked or sha256
-  std::string model;
+// The fields, over a string type: std::string (UsageRecord, what the request path fills) or
+// std::string_view (UsageRecordView, a record read back from PackedRecords without a copy).
+template <class Str>
+struct BasicUsageRecord {
+  Str request_id;         // the gateway's own id, unique: receivers de-duplicate on it
+  Str client_request_id;  // the client's X-Request-Id, when it sent one (may repeat)
+  Str user_id;            // usage.user_header, else the body's `user`
+  Str api_key;            // as usage.api_key says: full, masked or sha256
+  Str model;
   std::int64_t prompt_tokens = 0;
   std::int64_t completion_tokens = 0;
   std::int64_t total_tokens = 0;
   std::int64_t cached_tokens = -1;     // -1: not reported (field left out of the JSON)
   std::int64_t reasoning_tokens = -1;  // -1: not reported
   bool is_stream = false;
-  std::string endpoint;           // e.g. /v1/chat/completions
+  // endpoint, finish and usage_source take their values from fixed sets: in a UsageRecord,
+  // views of string literals (static storage), so a record costs no allocation for them.
+  std::string_view endpoint;      // e.g. /v1/chat/completions
   std::int64_t timestamp_ms = 0;  // request start, Unix milliseconds (JSON: RFC 3339 UTC)
-  std::string backend_url;
-  std::string backend;       // the backend's name
+  Str backend_url;
+  Str backend;               // the backend's name
   unsigned status_code = 0;  // what the client got
   double duration_ms = 0;
-  double ttft_ms = -1;                   // streams: first body byte to the client; -1: none
-  std::string finish = "completed";      // completed, client_disconnected, upstream_error, timeout
-  std::string usage_source = "backend";  // backend or estimated
+  double ttft_ms = -1;                    // streams: first body byte to the client; -1: none
+  std::string_view finish = "completed";  // completed, client_disconnected, upstream_error, timeout
+  std::string_view usage_source = "backend";  // backend or estimated
 };
+
+using UsageRecord = BasicUsageRecord<std::string>;
+using UsageRecordView = BasicUsageRecord<std::string_view>;
+
+UsageRecordView view_of(const UsageRecord& r);
 
 // The webhook's JSON object: the seed's fields first, in the seed's order, then the additions.
 std::string to_json(const UsageRecord& r);
-void append_json(std::string& out, const UsageRecord& r);
+void append_json(std::string& out, const UsageRecordView& r);
+inline void append_json(std::string& out, const UsageRecord& r) {
+  append_json(out, view_of(r));
+}
 
 // RFC 3339 UTC with second precision, as in the seed's example: 2026-01-14T10:30:00Z.
 std::string rfc3339(std::int64_t unix_ms);
+
+// Records packed back to back in one byte buffer: how the request path hands records to the log
+// writer. push() copies a record's fields into the buffer (one memcpy per string, no allocation
+// once the buffer has grown), so the strings the request path allocated are freed by the thread
+// that allocated them, and the writer reads the records in place (views). A buffer and its
+// capacity are reused: the pipeline swaps two of them between the request path and the writer.
+class PackedRecords {
+ public:
+  void push(const UsageRecord& r);
+  std::size_t size() const noexcept { return count_; }
+  bool empty() const noexcept { return count_ == 0; }
+  std::size_t bytes() const noexcept { return data_.size(); }
+  void clear() noexcept {
+    data_.clear();
+    count_ = 0;
+  }
+  void swap(PackedRecords& o) noexcept {
+    data_.swap(o.data_);
+    std::swap(count_, o.count_);
+  }
+  // Frees the buffer when it holds more than `keep` bytes of capacity (after a burst).
+  void trim(std::size_t keep);
+  // Moves the first n records (n <= size()) to the end of `to`.
+  void move_front(std::size_t n, PackedRecords& to);
+  // Appends a view of every record, in order, to `out` (valid until this buffer changes).
+  void views(std::vector<UsageRecordView>& out) const;
+
+ private:
+  std::string data_;
+  std::size_t count_ = 0;
+};
 
 }  // namespace llmproxy::usage

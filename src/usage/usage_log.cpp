@@ -323,12 +323,10 @@ std::int64_t UsageLog::append(std::span<const PendingRecord> records) {
   std::int64_t min_ts = INT64_MAX, max_ts = INT64_MIN;
   text += '[';
   for (std::size_t i = 0; i < records.size(); ++i) {
-    const UsageRecord& r = *records[i].record;
+    const PendingRecord& r = records[i];
     if (i) text += ',';
-    text += records[i].json;
-    const std::int64_t end_ms =
-        r.timestamp_ms + static_cast<std::int64_t>(r.duration_ms > 0 ? r.duration_ms : 0);
-    put_meta(meta, text.size(), r.timestamp_ms, end_ms);
+    text += r.json;
+    put_meta(meta, text.size(), r.timestamp_ms, r.end_ms);
     min_ts = std::min(min_ts, r.timestamp_ms);
     max_ts = std::max(max_ts, r.timestamp_ms);
   }

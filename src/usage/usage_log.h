@@ -46,9 +46,10 @@ class SqliteError : public std::runtime_error {
   int code_;
 };
 
-// A record as the writer hands it to the log: the record and its serialized JSON.
+// A record as the writer hands it to the log: its times and its serialized JSON.
 struct PendingRecord {
-  const UsageRecord* record;
+  std::int64_t timestamp_ms;  // request start
+  std::int64_t end_ms;        // timestamp + duration
   std::string_view json;
 };
 

@@ -299,7 +299,8 @@ TEST(UsageLog, ConvertsAVersion1Log) {
     }
     auto r = rec("bob", "qwen", kJan14 + 9000, 5, 5);
     std::string json = to_json(r);
-    PendingRecord p{&r, json};
+    PendingRecord p{r.timestamp_ms, r.timestamp_ms + static_cast<std::int64_t>(r.duration_ms),
+                    json};
     EXPECT_EQ(log.append(std::span(&p, 1)), 5);  // after the old head
   }
   testing::Db db(path);

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <simdjson.h>
 
+#include <cstdint>
 #include <ctime>
 #include <string>
 #include <vector>
@@ -164,6 +165,114 @@ TEST(UsageRecord, AppendJsonAppends) {
   simdjson::dom::array a;
   ASSERT_EQ(p.parse(out).get(a), simdjson::SUCCESS);
   EXPECT_EQ(a.size(), 2u);
+}
+
+// PackedRecords is how records travel from the request path to the writer: every field must come
+// back as it went in, whatever the strings hold (empty, long, NUL and non-ASCII bytes), and the
+// JSON written from the packed form must be the JSON of the record itself.
+UsageRecord varied_record(int i) {
+  UsageRecord r = seed_record();
+  r.request_id = "req_" + std::to_string(i);
+  r.client_request_id = i % 3 == 0 ? "" : std::string(static_cast<std::size_t>(i % 200), 'c');
+  r.user_id = i % 4 == 0 ? std::string() : "user\"" + std::to_string(i) + std::string(1, '\0');
+  r.api_key = std::string(static_cast<std::size_t>(i * 37 % 5000), 'k');
+  r.model = i % 2 ? "模型-ü" : "m";
+  r.prompt_tokens = i;
+  r.completion_tokens = -i;
+  r.total_tokens = INT64_MAX - i;
+  r.cached_tokens = i % 5 ? -1 : i;
+  r.reasoning_tokens = i % 7 ? -1 : 2 * i;
+  r.is_stream = i % 2 == 0;
+  r.endpoint = i % 3 ? "/v1/completions" : "/v1/embeddings";
+  r.timestamp_ms = kSeedTimeMs + i;
+  r.backend_url = "http://b" + std::to_string(i) + ":8000";
+  r.backend = i % 2 ? "" : "b";
+  r.status_code = static_cast<unsigned>(200 + i % 400);
+  r.duration_ms = 0.125 * i;
+  r.ttft_ms = i % 2 ? -1 : 1.5 * i;
+  r.finish = i % 4 == 1 ? "client_disconnected" : "completed";
+  r.usage_source = i % 2 ? "estimated" : "backend";
+  return r;
+}
+
+void expect_same(const UsageRecordView& got, const UsageRecord& want) {
+  const UsageRecordView w = view_of(want);
+  EXPECT_EQ(got.request_id, w.request_id);
+  EXPECT_EQ(got.client_request_id, w.client_request_id);
+  EXPECT_EQ(got.user_id, w.user_id);
+  EXPECT_EQ(got.api_key, w.api_key);
+  EXPECT_EQ(got.model, w.model);
+  EXPECT_EQ(got.prompt_tokens, w.prompt_tokens);
+  EXPECT_EQ(got.completion_tokens, w.completion_tokens);
+  EXPECT_EQ(got.total_tokens, w.total_tokens);
+  EXPECT_EQ(got.cached_tokens, w.cached_tokens);
+  EXPECT_EQ(got.reasoning_tokens, w.reasoning_tokens);
+  EXPECT_EQ(got.is_stream, w.is_stream);
+  EXPECT_EQ(got.endpoint, w.endpoint);
+  EXPECT_EQ(got.timestamp_ms, w.timestamp_ms);
+  EXPECT_EQ(got.backend_url, w.backend_url);
+  EXPECT_EQ(got.backend, w.backend);
+  EXPECT_EQ(got.status_code, w.status_code);
+  EXPECT_EQ(got.duration_ms, w.duration_ms);
+  EXPECT_EQ(got.ttft_ms, w.ttft_ms);
+  EXPECT_EQ(got.finish, w.finish);
+  EXPECT_EQ(got.usage_source, w.usage_source);
+  std::string a, b;
+  append_json(a, got);
+  append_json(b, want);
+  EXPECT_EQ(a, b);
+}
+
+TEST(PackedRecords, EveryFieldComesBack) {
+  PackedRecords q;
+  std::vector<UsageRecord> want;
+  for (int i = 0; i < 300; ++i) {
+    want.push_back(varied_record(i));
+    q.push(want.back());
+  }
+  ASSERT_EQ(q.size(), want.size());
+  std::vector<UsageRecordView> got;
+  q.views(got);
+  ASSERT_EQ(got.size(), want.size());
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    SCOPED_TRACE(i);
+    expect_same(got[i], want[i]);
+  }
+}
+
+TEST(PackedRecords, MoveFrontSwapClearTrim) {
+  PackedRecords q, taken;
+  for (int i = 0; i < 10; ++i) q.push(varied_record(i));
+  q.move_front(4, taken);
+  EXPECT_EQ(q.size(), 6u);
+  EXPECT_EQ(taken.size(), 4u);
+  q.move_front(1, taken);  // appended behind what `taken` holds
+  std::vector<UsageRecordView> v;
+  taken.views(v);
+  ASSERT_EQ(v.size(), 5u);
+  for (int i = 0; i < 5; ++i) expect_same(v[static_cast<std::size_t>(i)], varied_record(i));
+  v.clear();
+  q.views(v);
+  ASSERT_EQ(v.size(), 5u);
+  for (int i = 0; i < 5; ++i) expect_same(v[static_cast<std::size_t>(i)], varied_record(i + 5));
+
+  q.swap(taken);
+  EXPECT_EQ(q.size(), 5u);
+  v.clear();
+  q.views(v);
+  expect_same(v.at(0), varied_record(0));
+  const std::size_t bytes = q.bytes();
+  q.trim(0);  // gives back spare capacity, keeps the records
+  EXPECT_EQ(q.bytes(), bytes);
+  v.clear();
+  q.views(v);
+  expect_same(v.at(4), varied_record(4));
+  q.clear();
+  EXPECT_TRUE(q.empty());
+  EXPECT_EQ(q.bytes(), 0u);
+  v.clear();
+  q.views(v);
+  EXPECT_TRUE(v.empty());
 }
 
 }  // namespace
