@@ -21,4 +21,8 @@ void line(std::string_view level, fmt::format_string<Args...> f, Args&&... args)
 // Milliseconds since the Unix epoch (system clock).
 std::int64_t unix_ms_now();
 
+// Names the calling thread (cut to the kernel's 15 bytes), so that `top -H` and
+// /proc/PID/task/*/comm tell the workers, the usage writer and the sinks apart.
+void name_thread(std::string_view name);
+
 }  // namespace llmproxy::log

@@ -2719,6 +2719,7 @@ int Gateway::run() {
     asio::co_spawn(w->ioc, accept_loop(w), asio::detached);
     asio::co_spawn(w->ioc, housekeeping_loop(w), asio::detached);
     w->thread = std::thread([w] {
+      log::name_thread(fmt::format("worker-{}", w->id));
       for (;;) {
         try {
           w->ioc.run();

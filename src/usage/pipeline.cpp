@@ -234,7 +234,10 @@ struct Pipeline::Impl {
   std::unique_ptr<Sink> make_sink(config::SinkConfig cfg, std::int64_t head, std::string& summary);
   void start_sink(Sink& s) {
     Sink* sp = &s;
-    s.thread = std::thread([this, sp] { sink_loop(*sp); });
+    s.thread = std::thread([this, sp] {
+      log::name_thread("sink-" + sp->cfg.name);
+      sink_loop(*sp);
+    });
   }
   void sink_loop(Sink& s);
   void prune_memory();
@@ -760,7 +763,10 @@ void Pipeline::start() {
   std::lock_guard life(im.lifecycle_mu);
   if (im.started || im.stopped) return;
   im.started = true;
-  im.writer = std::thread([&im] { im.writer_loop(); });
+  im.writer = std::thread([&im] {
+    log::name_thread("usage-writer");
+    im.writer_loop();
+  });
   for (auto& s : im.sinks) im.start_sink(*s);
 }
 

@@ -4,6 +4,7 @@
 // its own cursor in the usage log), signed POSTs, batches.
 import { test, before, after, afterEach, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
+import { readdirSync, readFileSync } from 'node:fs';
 import {
   cleanup,
   checkProcesses,
@@ -279,4 +280,26 @@ test('a second sink in usage.sinks gets every record too; after a restart each s
   // Both sinks received the same records.
   const byId = new Map(primary.delivered.map((r) => [r.request_id, r]));
   for (const r of audit.delivered) assert.deepEqual(r, byId.get(r.request_id));
+});
+
+test('threads carry names an operator can tell apart: worker-N, usage-writer, sink-<name>', { timeout: 30_000 }, async () => {
+  const primary = await startWebhook({ name: 'primary' });
+  const audit = await startWebhook({ name: 'audit' });
+  const gw = await startUsageGateway({ mock, receiver: primary, server: { workers: 2 }, usage: { sinks: [sinkConfig('audit', audit)] } });
+  const names = () =>
+    readdirSync(`/proc/${gw.pid}/task`)
+      .map((tid) => {
+        try {
+          return readFileSync(`/proc/${gw.pid}/task/${tid}/comm`, 'utf8').trim();
+        } catch {
+          return ''; // a thread that ended between the listing and the read
+        }
+      })
+      .sort();
+  // Every thread names itself as it starts: wait for the last of them.
+  await waitUntil(() => names().includes('sink-audit'), { timeout: 10_000, what: 'the sink threads to start' });
+  const got = names();
+  for (const want of ['worker-0', 'worker-1', 'usage-writer', 'sink-usage_hook', 'sink-audit']) {
+    assert.ok(got.includes(want), `thread ${want} among ${JSON.stringify(got)}`);
+  }
 });
