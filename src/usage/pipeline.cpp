@@ -227,6 +227,12 @@ struct Pipeline::Impl {
     json_text.clear();
     // A burst's buffer is not kept for ever (a full group is ~2 MiB).
     if (json_text.capacity() > kKeepBytes) std::string().swap(json_text);
+    // The per-record vectors too (~200 bytes a record of capacity after a large take).
+    if (views.capacity() > kKeepBytes / sizeof(UsageRecordView)) {
+      std::vector<UsageRecordView>().swap(views);
+      std::vector<PendingRecord>().swap(pending);
+      std::vector<std::size_t>().swap(json_ends);
+    }
   }
   bool retention_chunk(std::int64_t& deleted);
   void writer_loop();
@@ -355,6 +361,7 @@ void Pipeline::Impl::writer_loop() {
             taken.swap(queue);
           } else {
             queue.move_front(static_cast<std::size_t>(cap), taken);
+            queue.trim(kKeepBytes);
           }
           break;
         }

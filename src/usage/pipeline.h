@@ -71,8 +71,9 @@ class Pipeline {
   bool accepting() const noexcept {
     return !reject_on_backlog_ || depth_.load(std::memory_order_relaxed) < soft_limit_;
   }
-  // Never blocks on I/O. Returns false only when the record was dropped (on_backlog: serve,
-  // queue full), which is counted.
+  // Never blocks on I/O: copies the record's bytes into the queue (the record's endpoint,
+  // finish and usage_source views are read here and not kept). Returns false only when the
+  // record was dropped (on_backlog: serve, queue full), which is counted.
   bool submit(const UsageRecord& record);
 
   // For /metrics (called off the request path).

@@ -188,7 +188,7 @@ UsageRecordView view_of(const UsageRecord& r) {
 namespace {
 
 struct PackedHead {
-  std::uint32_t bytes;  // the whole record, this head included
+  std::uint64_t bytes;  // the whole record, this head included
   std::uint32_t len[10];
   std::int64_t prompt_tokens, completion_tokens, total_tokens, cached_tokens, reasoning_tokens;
   std::int64_t timestamp_ms;
@@ -196,6 +196,8 @@ struct PackedHead {
   std::uint32_t status_code;
   std::uint8_t is_stream;
 };
+
+constexpr std::size_t kMaxField = std::size_t{1} << 30;
 
 // The strings of a record, in packed order; the same order for both string types.
 template <class R>
@@ -209,17 +211,20 @@ auto strings_of(R& r) {
 void PackedRecords::push(const UsageRecord& r) {
   PackedHead h{};
   const auto strs = strings_of(r);
-  const std::string_view fixed[3] = {r.endpoint, r.finish, r.usage_source};
-  std::size_t total = sizeof h;
-  for (std::size_t i = 0; i < strs.size(); ++i) {
-    h.len[i] = static_cast<std::uint32_t>(strs[i]->size());
-    total += strs[i]->size();
+  std::array<std::string_view, 10> parts;
+  for (std::size_t i = 0; i < strs.size(); ++i) parts[i] = *strs[i];
+  parts[strs.size()] = r.endpoint;
+  parts[strs.size() + 1] = r.finish;
+  parts[strs.size() + 2] = r.usage_source;
+  std::uint64_t total = sizeof h;
+  for (std::size_t i = 0; i < parts.size(); ++i) {
+    // A field is cut at kMaxField bytes (no header or body the gateway accepts comes near it),
+    // so a length always fits its 32 bits.
+    parts[i] = parts[i].substr(0, kMaxField);
+    h.len[i] = static_cast<std::uint32_t>(parts[i].size());
+    total += parts[i].size();
   }
-  for (std::size_t i = 0; i < 3; ++i) {
-    h.len[strs.size() + i] = static_cast<std::uint32_t>(fixed[i].size());
-    total += fixed[i].size();
-  }
-  h.bytes = static_cast<std::uint32_t>(total);
+  h.bytes = total;
   h.prompt_tokens = r.prompt_tokens;
   h.completion_tokens = r.completion_tokens;
   h.total_tokens = r.total_tokens;
@@ -230,10 +235,8 @@ void PackedRecords::push(const UsageRecord& r) {
   h.ttft_ms = r.ttft_ms;
   h.status_code = r.status_code;
   h.is_stream = r.is_stream ? 1 : 0;
-  data_.reserve(data_.size() + total);
   data_.append(reinterpret_cast<const char*>(&h), sizeof h);
-  for (const auto* str : strs) data_.append(*str);
-  for (std::string_view f : fixed) data_.append(f);
+  for (std::string_view part : parts) data_.append(part);
   ++count_;
 }
 
@@ -271,7 +274,7 @@ void PackedRecords::views(std::vector<UsageRecordView>& out) const {
 void PackedRecords::move_front(std::size_t n, PackedRecords& to) {
   std::size_t off = 0;
   for (std::size_t k = 0; k < n; ++k) {
-    std::uint32_t bytes;
+    std::uint64_t bytes;
     std::memcpy(&bytes, data_.data() + off, sizeof bytes);
     off += bytes;
   }
