@@ -41,7 +41,7 @@ std::string_view to_string(Endpoint e) {
 RequestInspector::RequestInspector(std::size_t max_body_size) : parser_(max_body_size) {}
 
 bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool padded,
-                               RequestInfo& info, InspectError& error) {
+                               RequestInfo& info, InspectError& error, bool count_text) {
   // The DOM parser validates the whole document (the on-demand API would skip unread values),
   // so a malformed body is refused here instead of being forwarded.
   simdjson::dom::element root;
@@ -93,11 +93,13 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
         for (auto m : list) {
           ++info.messages;
           simdjson::dom::element content;
-          if (m["content"].get(content) == simdjson::SUCCESS) count_prompt(content, info);
+          if (count_text && m["content"].get(content) == simdjson::SUCCESS) {
+            count_prompt(content, info);
+          }
         }
       }
     } else if (key == "prompt" || key == "input") {
-      count_prompt(field.value, info);
+      if (count_text) count_prompt(field.value, info);
     } else if (key == "stream_options") {
       info.has_stream_options = true;
       simdjson::dom::object so;

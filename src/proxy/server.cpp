@@ -1264,7 +1264,8 @@ asio::awaitable<bool> ClientSession::handle_request() {
   llm::InspectError ierr;
   const auto& body = req.body();
   bool padded = body.capacity() >= body.size() + simdjson::SIMDJSON_PADDING;
-  if (!w_.inspector.inspect(endpoint, body, padded, ctx.info, ierr)) {
+  if (!w_.inspector.inspect(endpoint, body, padded, ctx.info, ierr,
+                            /*count_prompt=*/w_.shared.usage != nullptr)) {
     {
       reply_ = error_reply(ierr.spec, ierr.message, keep_alive);
       co_return co_await send(ctx, reply_);

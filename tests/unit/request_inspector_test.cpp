@@ -94,6 +94,29 @@ TEST(RequestInspector, ModelAndUserExtracted) {
   EXPECT_FALSE(o.info.include_usage);
 }
 
+// Without metering the prompt is not counted (the estimate is never needed); the rest is read.
+TEST(RequestInspector, PromptCountedOnlyWhenAsked) {
+  const std::string body =
+      R"({"model":"m","stream":true,"messages":[{"role":"user","content":"hello there"},)"
+      R"({"role":"user","content":[{"type":"text","text":"again"}]}]})";
+  RequestInspector insp(1 << 20);
+  RequestInfo counted, plain;
+  InspectError error;
+  ASSERT_TRUE(insp.inspect(Endpoint::chat_completions, body, false, counted, error));
+  ASSERT_TRUE(insp.inspect(Endpoint::chat_completions, body, false, plain, error, false));
+  EXPECT_EQ(counted.prompt_text.ascii, 16u);  // "hello there" + "again"
+  EXPECT_TRUE(plain.prompt_text.empty());
+  for (const RequestInfo* i : {&counted, &plain}) {
+    EXPECT_EQ(i->model, "m");
+    EXPECT_TRUE(i->stream);
+    EXPECT_EQ(i->messages, 2);
+  }
+  RequestInfo ids;
+  ASSERT_TRUE(
+      insp.inspect(Endpoint::completions, R"({"prompt":[1,2,3]})", false, ids, error, false));
+  EXPECT_EQ(ids.prompt_token_ids, 0);
+}
+
 TEST(RequestInspector, AbsentFieldsStayEmpty) {
   Outcome o = inspect(R"({"messages":[]})");
   ASSERT_TRUE(o.ok) << o.error.message;

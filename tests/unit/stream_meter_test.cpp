@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <simdjson.h>
 
+#include <random>
 #include <string>
 #include <vector>
 
@@ -209,6 +210,39 @@ TEST(TokenEstimate, AsciiAndOtherScripts) {
   e.add_json_escaped(R"(\u4f60\u597d a\n)");
   EXPECT_EQ(e.other, 2u);
   EXPECT_EQ(e.ascii, 3u);
+}
+
+// add_utf8 counts sixteen bytes at a time and folds its lane counters every 255 rounds: it must
+// agree with the plain definition (ASCII bytes; non-ASCII lead bytes) on any bytes, at any length
+// and alignment, across the folds.
+TEST(TokenEstimate, WordAtATimeCountMatchesBytewise) {
+  std::mt19937 rng(7);
+  std::string buf(16 * 255 * 3 + 64, '\0');
+  for (int round = 0; round < 400; ++round) {
+    const int kind = round % 4;  // ASCII only, UTF-8 text, all 0x80..0xff, any byte
+    for (auto& c : buf) {
+      unsigned v = rng();
+      c = static_cast<char>(kind == 0   ? 0x20 + v % 0x5f
+                            : kind == 1 ? (v % 3 ? 0x61 + v % 26 : 0x80 + v % 0x80)
+                            : kind == 2 ? 0x80 + v % 0x80
+                                        : v & 0xff);
+    }
+    const std::size_t start = rng() % 8;
+    const std::size_t len = round < 8 ? 16 * 255 * 3 : rng() % (buf.size() - start);
+    std::string_view text(buf.data() + start, len);
+    std::uint64_t ascii = 0, other = 0;
+    for (unsigned char c : text) {
+      if (c < 0x80) {
+        ++ascii;
+      } else if ((c & 0xC0) != 0x80) {
+        ++other;
+      }
+    }
+    TextCount t;
+    t.add_utf8(text);
+    ASSERT_EQ(t.ascii, ascii) << "round " << round << " len " << len;
+    ASSERT_EQ(t.other, other) << "round " << round << " len " << len;
+  }
 }
 
 TEST(BodyUsage, FoundInTheTailOfALargeResponse) {
