@@ -10,7 +10,10 @@
 //     or after a permanent rejection (4xx other than 408 and 429), which stores the POST in
 //     dead_letters. So a record is delivered at least once, and exactly once unless the process
 //     dies between a 2xx and the cursor's commit; receivers de-duplicate on request_id /
-//     Idempotency-Key.
+//     Idempotency-Key. The cursor is committed before the sink waits for records, and while it
+//     delivers without waiting (a backlog, a steady flow that fills every batch) at most every
+//     kCursorEvery: a transaction per POST cost more than the POST's share of the sink's work, and
+//     a kill -9 then re-sends at most that much.
 //   - batch_size 1: the body is the record's JSON object (the seed's format); batch_size > 1: a
 //     JSON array of up to batch_size objects, sent when it is full or batch_interval after the
 //     first record became available. A batch that failed is resent unchanged (same body, same
@@ -72,6 +75,7 @@ constexpr int kRetentionChunk = 5000;
 constexpr auto kRetentionPeriod = std::chrono::hours(1);
 constexpr auto kLogEvery = std::chrono::seconds(10);
 constexpr milliseconds kFirstBackoff{100};
+constexpr milliseconds kCursorEvery{100};
 
 using log::unix_ms_now;
 
@@ -133,6 +137,7 @@ class Sink {
 
   std::atomic<std::int64_t> cursor{0};
   std::int64_t persisted = 0;  // the cursor as stored (sink thread only)
+  Clock::time_point persisted_at{};
 
   std::atomic<std::uint64_t> delivered{0};
   std::atomic<std::uint64_t> failed{0};
@@ -465,6 +470,7 @@ void Pipeline::Impl::persist_cursor(Sink& s) {
   try {
     s.log->set_cursor(s.cfg.name, c, unix_ms_now());
     s.persisted = c;
+    s.persisted_at = Clock::now();
   } catch (const std::exception& e) {
     // Delivered but not yet recorded as such: retried with the next delivery or at exit; if the
     // process dies first, these records are delivered again (receivers de-duplicate).
@@ -522,6 +528,7 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       // Wait for records (and, in batch mode, for a batch to fill or batch_interval to pass).
       std::optional<Clock::time_point> fill_until;
       bool done = false;
+      bool stored = false;  // the cursor was stored (or tried) before this wait
       {
         std::unique_lock lk(sink_mu);
         for (;;) {
@@ -546,6 +553,16 @@ void Pipeline::Impl::sink_loop(Sink& s) {
             continue;
           }
           if (avail >= batch_size) break;
+          if (!stored && s.cursor.load() != s.persisted) {
+            // About to wait: the cursor is stored first (deliveries that need no wait store it
+            // at most every kCursorEvery).
+            stored = true;
+            lk.unlock();
+            persist_cursor(s);
+            prune_memory();
+            lk.lock();
+            continue;
+          }
           if (avail > 0) {
             if (!fill_until) fill_until = Clock::now() + s.cfg.batch_interval;
             if (Clock::now() >= *fill_until) break;
@@ -636,8 +653,12 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       s.cursor.store(batch.back().seq, std::memory_order_release);
       s.delivered.fetch_add(n, std::memory_order_relaxed);
       batch.clear();
-      persist_cursor(s);
-      prune_memory();
+      // At most every kCursorEvery (and before the next wait for records, below); with
+      // durability: memory at once: no disk, and pruning keeps memory_max_records true.
+      if (memory || Clock::now() - s.persisted_at >= kCursorEvery) {
+        persist_cursor(s);
+        prune_memory();
+      }
       continue;
     }
     if (permanent_rejection(resp.status)) {

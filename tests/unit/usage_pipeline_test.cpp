@@ -297,6 +297,26 @@ TEST(UsagePipeline, BatchesAreArraysAndEveryRecordArrivesOnce) {
   EXPECT_EQ(rx.requests().size(), got.size());
 }
 
+// A sink stores its cursor at most every 100 ms while batches follow each other, but always
+// before it waits for records: once everything is delivered the stored cursor is the head,
+// with the gateway still running (a kill -9 now would re-send nothing).
+TEST(UsagePipeline, CursorIsStoredBeforeTheSinkWaits) {
+  TempDir dir;
+  Receiver rx;
+  auto cfg = make_sink("hook", rx.url());
+  cfg.batch_size = 10;
+  cfg.batch_interval = 20ms;
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
+  p.start();
+  constexpr int N = 2000;
+  for (int i = 0; i < N; ++i) p.submit(make_record(i));
+  WAIT_FOR(delivered(p) == N);
+  UsageLog log(UsageLog::Mode::read_only, dir.file("usage.db"));
+  WAIT_FOR(log.cursor("hook").value_or(0) == N);
+  p.stop(soon());
+  EXPECT_EQ(delivered_ids(rx), expected_ids(0, N));
+}
+
 TEST(UsagePipeline, BatchFillsUpToBatchIntervalThenGoes) {
   TempDir dir;
   Receiver rx;
