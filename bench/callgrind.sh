@@ -4,8 +4,10 @@
 # number to compare before and after a change to the request path (the ratios against nginx come
 # from bench/compare.sh).
 #
-# Usage: bench/callgrind.sh [off|on] [REQUESTS]      (default: off 20000)
-#   off  the gateway with usage: {enabled: false}; on: with the SQLite usage log (its defaults)
+# Usage: bench/callgrind.sh [off|on|hook] [REQUESTS]      (default: off 20000)
+#   off  the gateway with usage: {enabled: false}; on: with the SQLite usage log (its defaults);
+#   hook: on plus usage_hook (batch_size 100) to bench/usage-tools.mjs's receiver (the sink thread
+#   is counted too; the gateway drains its backlog on SIGTERM, so every record is delivered)
 # The mock and the load generator (8 connections, non-stream chat) run natively; the gateway (1
 # worker) runs under callgrind. Prints the instructions per request of the worker thread and of the
 # usage writer (startup excluded: they are the threads' own totals), then the functions with the
@@ -18,7 +20,7 @@ BENCH_NAME=callgrind.sh
 . bench/lib.sh
 mode=${1:-off}
 requests=${2:-20000}
-case "$mode" in off | on) ;; *) die "usage: bench/callgrind.sh [off|on] [REQUESTS]" ;; esac
+case "$mode" in off | on | hook) ;; *) die "usage: bench/callgrind.sh [off|on|hook] [REQUESTS]" ;; esac
 command -v valgrind >/dev/null || scripts/install-deps.sh --bench >/dev/null ||
   die "valgrind missing (scripts/install-deps.sh --bench)"
 if [ "${BUILD:-1}" = 1 ]; then
@@ -30,10 +32,20 @@ CPU_LOAD=$(($(nproc) - 1)) # loadgen() pins the load generator here
 
 start_server mock mock_pid "$work/mock.log" - build/llmproxy-mock --listen 127.0.0.1:0 --threads 1 --quiet ||
   exit 1
-if [ "$mode" = on ]; then
+if [ "$mode" = on ] || [ "$mode" = hook ]; then
   usage="usage:
   enabled: true
   log_path: \"$work/usage.db\""
+  if [ "$mode" = hook ]; then
+    start_server receiver receiver_pid "$work/receiver.log" - node bench/usage-tools.mjs receiver ||
+      exit 1
+    usage="$usage
+usage_hook:
+  enabled: true
+  url: \"$receiver/usage\"
+  batch_size: 100
+  batch_interval: 200ms"
+  fi
 else
   usage="usage:
   enabled: false"
@@ -58,6 +70,7 @@ callgrind_annotate --inclusive=yes "$out" 2>/dev/null | awk -v n="$requests" -v 
     name = $0; sub(/^ *[0-9,]+ +(\([^)]*\) +)?/, "", name)
     if (name ~ /Gateway::run\(\)::\{lambda\(\)#2\}.*_M_run/) worker = ir
     else if (name ~ /usage::Pipeline::Impl::writer_loop/) writer = ir
+    else if (name ~ /usage::Pipeline::Impl::sink_loop/) sink = ir
     if (name ~ /_M_run|Gateway::run\(\) \[|Gateway::Impl|Gateway::Gateway|main \[/) next  # threads, startup
     if (name ~ /llmproxy::|beast::http::basic_parser|malloc\.c:(malloc|free) |simdjson.*parse/ && rows < 14) {
       gsub(/\(anonymous namespace\)/, "{anon}", name)
@@ -69,6 +82,7 @@ callgrind_annotate --inclusive=yes "$out" 2>/dev/null | awk -v n="$requests" -v 
     printf "metering %s, %d requests\n", mode, n
     printf "worker thread: %.0f instructions per request\n", worker / n
     if (writer) printf "usage writer:  %.0f instructions per request\n", writer / n
+    if (sink) printf "usage sink:    %.0f instructions per request\n", sink / n
     print "heaviest (inclusive, per request):"
     for (i = 1; i <= rows; ++i) print top[i]
   }'

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# bench/threads.sh: CPU time per request of each gateway thread (worker-N, usage-writer, ...),
-# metering off and on, interleaved. Where callgrind.sh counts instructions, this reads what the
+# bench/threads.sh: CPU time per request of each gateway thread (worker-N, usage-writer,
+# sink-usage_hook), metering off, on (the SQLite log) and on with the webhook, interleaved. Where callgrind.sh counts instructions, this reads what the
 # kernel charged each thread (utime and stime from /proc/PID/task/TID/stat), so system-call and
 # page-cache work (the usage log's writes) shows too.
 #
 # Usage: bench/threads.sh [RUNS] [REQUESTS]        (default: 3 runs of 300000 requests per mode)
 # The gateway (1 worker) on CPU 0, the mock (1 thread) and the load generator (32 connections,
-# non-stream chat, closed loop) on CPU 1. Prints one line per thread and run, then the medians,
+# non-stream chat, closed loop) on CPU 1, and in "hook" the webhook receiver
+# (bench/usage-tools.mjs, batch_size 100, batch_interval 200ms) too. MODES="off on hook" (default)
+# picks the configurations. Prints one line per thread and run, then the medians,
 # and writes the same to bench/results/threads.md (OUT=... elsewhere).
 # The clock tick is 10 ms: with 300,000 requests one tick is 0.03 us per request. BUILD=0 uses the
 # binaries in build/ as they are. Loopback only; everything stops on exit.
@@ -16,6 +18,7 @@ BENCH_NAME=threads.sh
 . bench/lib.sh
 runs=${1:-3}
 requests=${2:-300000}
+MODES=${MODES:-off on hook}
 OUT=${OUT:-bench/results/threads.md}
 if [ "${BUILD:-1}" = 1 ]; then
   scripts/build.sh release llmproxy llmproxy-mock llmproxy-loadgen >/dev/null
@@ -31,6 +34,11 @@ gateway_config "$work/off.yaml" "$mock" "health_check:
   enabled: false
 usage:
   enabled: false"
+receiver=
+if [[ " $MODES " == *" hook "* ]]; then
+  start_server receiver receiver_pid "$work/receiver.log" "$CPU_LOAD" node bench/usage-tools.mjs \
+    receiver || exit 1
+fi
 
 # thread_ticks PID: "name utime stime" per thread, sorted by name.
 thread_ticks() {
@@ -43,22 +51,34 @@ thread_ticks() {
 rows=$work/rows.txt
 : >"$rows"
 for run in $(seq "$runs"); do
-  for mode in off on; do
+  for mode in $MODES; do
     cfg=$work/off.yaml
-    if [ "$mode" = on ]; then
-      cfg=$work/on-$run.yaml
+    if [ "$mode" != off ]; then
+      cfg=$work/$mode-$run.yaml
       rm -f "$work"/usage-*.db*
+      hook=
+      [ "$mode" = hook ] && hook="usage_hook:
+  enabled: true
+  url: \"$receiver/usage\"
+  batch_size: 100
+  batch_interval: 200ms"
       gateway_config "$cfg" "$mock" "health_check:
   enabled: false
 usage:
   enabled: true
-  log_path: \"$work/usage-$run.db\""
+  log_path: \"$work/usage-$run.db\"
+$hook"
     fi
     start_server gw gw_pid "$work/gw-$mode.log" 0 build/llmproxy --config "$cfg" || exit 1
     thread_ticks "$gw_pid" >"$work/before"
     loadgen 600 --url "$gw/v1/chat/completions" --mode nonstream --concurrency 32 \
       --requests "$requests" --json >"$work/load.json" 2>/dev/null ||
       die "the load generator failed: $(cat "$work/load.json")"
+    if [ "$mode" != off ]; then
+      # Until the log and the sink have caught up: their work for these requests is counted.
+      taskset -c "$CPU_LOAD" node bench/usage-tools.mjs settle "$gw" --timeout-ms 30000 \
+        >"$work/settle.json" || die "the usage backlog did not drain: $(cat "$work/settle.json")"
+    fi
     thread_ticks "$gw_pid" >"$work/after"
     stop_pid "$gw_pid" gateway
     [ "$(jnum "$work/load.json" errors)" = 0 ] || die "load errors: $(cat "$work/load.json")"
@@ -82,7 +102,8 @@ echo "\`bench/threads.sh $runs $requests\` on $(date -u '+%Y-%m-%d %H:%M UTC'), 
   "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' + uncommitted changes'):" \
   "the gateway (1 worker) on CPU 0, the mock and the load generator (32 connections, non-stream" \
   "chat, closed loop) on CPU 1; utime/stime of each thread from /proc over each run, divided by" \
-  "the requests served. Metering on: the SQLite usage log with its defaults, no webhook."
+  "the requests served. on: metering with the SQLite usage log (its defaults); hook: the same" \
+  "plus usage_hook (batch_size 100, batch_interval 200ms) to a local receiver on CPU 1."
 echo
 echo "| run | metering | thread | req/s | user µs/req | system µs/req | total µs/req |"
 echo "|---|---|---|---|---|---|---|"
@@ -93,7 +114,7 @@ echo
 echo "| metering | thread | user µs/req | system µs/req | total µs/req |"
 echo "|---|---|---|---|---|"
 median() { sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
-for mode in off on; do
+for mode in $MODES; do
   for th in $(awk -v m="$mode" '$2 == m {print $3}' "$rows" | sort -u); do
     sel() { awk -v m="$mode" -v t="$th" "\$2 == m && \$3 == t {print $1}" "$rows" | median; }
     printf '| %s | %s | %s | %s | %.2f |\n' "$mode" "$th" "$(sel '$5')" "$(sel '$6')" "$(sel '$5 + $6')"

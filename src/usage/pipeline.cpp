@@ -497,7 +497,7 @@ void Pipeline::Impl::report_failure(Sink& s, std::size_t records, const std::str
 
 void Pipeline::Impl::sink_loop(Sink& s) {
   const int batch_size = std::max(1, s.cfg.batch_size);
-  std::vector<LoggedRecord> batch;  // in flight: resent unchanged until it is done
+  LoggedRecords batch;  // in flight: resent unchanged until it is done
   std::string body;
   std::string key;
   std::optional<DeadLetterRow> unsaved_dead;  // rejected, not yet stored (the log was busy)
@@ -593,19 +593,14 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       }
       body.clear();
       if (batch_size == 1) {
-        body = batch.front().json;
-        key = batch.front().request_id;
+        body = batch.json;
+        key = batch.request_id(0);
       } else {
-        std::size_t size = 2;
-        for (const auto& r : batch) size += r.json.size() + 1;
-        body.reserve(size);
+        body.reserve(batch.json.size() + 2);
         body += '[';
-        for (std::size_t i = 0; i < batch.size(); ++i) {
-          if (i) body += ',';
-          body += batch[i].json;
-        }
+        body += batch.json;  // the records joined by ','
         body += ']';
-        key = batch.front().request_id + "+" + std::to_string(batch.size());
+        key = fmt::format("{}+{}", batch.request_id(0), batch.size());
       }
     }
 
@@ -645,12 +640,12 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       std::int64_t now_ms = unix_ms_now();
       {
         std::lock_guard lk(s.latency_mu);
-        for (const auto& r : batch) {
+        for (const auto& r : batch.entries) {
           s.latency.observe(static_cast<double>(std::max<std::int64_t>(0, now_ms - r.end_ms)),
                             metrics::kLatencyBoundsMs);
         }
       }
-      s.cursor.store(batch.back().seq, std::memory_order_release);
+      s.cursor.store(batch.entries.back().seq, std::memory_order_release);
       s.delivered.fetch_add(n, std::memory_order_relaxed);
       batch.clear();
       // At most every kCursorEvery (and before the next wait for records, below); with
@@ -664,17 +659,17 @@ void Pipeline::Impl::sink_loop(Sink& s) {
     if (permanent_rejection(resp.status)) {
       DeadLetterRow row;
       row.sink = s.cfg.name;
-      row.first_seq = batch.front().seq;
-      row.last_seq = batch.back().seq;
+      row.first_seq = batch.entries.front().seq;
+      row.last_seq = batch.entries.back().seq;
       for (std::size_t i = 0; i < n; ++i) {
         if (i) row.request_ids += ',';
-        row.request_ids += batch[i].request_id;
+        row.request_ids += batch.request_id(i);
       }
       row.status = resp.status;
       row.response = std::move(resp.body);
       row.at_ms = unix_ms_now();
       row.body = body;
-      s.cursor.store(batch.back().seq, std::memory_order_release);
+      s.cursor.store(batch.entries.back().seq, std::memory_order_release);
       s.dead_letters.fetch_add(n, std::memory_order_relaxed);
       ++s.dead_unreported;
       auto now = Clock::now();
@@ -682,7 +677,7 @@ void Pipeline::Impl::sink_loop(Sink& s) {
         log::line("error",
                   "usage sink {}: receiver rejected {} record{} with HTTP {} (first {}); stored "
                   "as dead letter, not retried ({} rejected POSTs since the last report)",
-                  s.cfg.name, n, n == 1 ? "" : "s", resp.status, batch.front().request_id,
+                  s.cfg.name, n, n == 1 ? "" : "s", resp.status, batch.request_id(0),
                   s.dead_unreported);
         s.dead_unreported = 0;
         s.last_dead_report = now;

@@ -432,7 +432,11 @@ void UsageLog::store_cursor(const std::string& sink, std::int64_t seq, std::int6
   step_done(st.s, "store cursor");
 }
 
-void UsageLog::read_after(std::int64_t after, int limit, std::vector<LoggedRecord>& out) {
+std::string_view LoggedRecords::request_id(std::size_t i) const {
+  return request_id_of(json_of(i));
+}
+
+void UsageLog::read_after(std::int64_t after, int limit, LoggedRecords& out) {
   std::lock_guard lk(mu_);
   int left = limit;
   // A sink usually reads the batch it read last time again (batch_size < records per commit):
@@ -443,12 +447,10 @@ void UsageLog::read_after(std::int64_t after, int limit, std::vector<LoggedRecor
                       [&](std::size_t i, std::string_view json, std::int64_t, std::int64_t end_ms) {
                         const std::int64_t seq = b.first_seq + static_cast<std::int64_t>(i);
                         if (seq <= after) return true;
-                        LoggedRecord r;
-                        r.seq = seq;
-                        r.json = json;
-                        r.request_id = request_id_of(json);
-                        r.end_ms = end_ms;
-                        out.push_back(std::move(r));
+                        if (!out.json.empty()) out.json += ',';
+                        const std::size_t begin = out.json.size();
+                        out.json += json;
+                        out.entries.push_back({seq, end_ms, begin, out.json.size()});
                         after = seq;
                         return --left > 0;
                       });

@@ -53,12 +53,30 @@ struct PendingRecord {
   std::string_view json;
 };
 
-// A record as a sink reads it back.
-struct LoggedRecord {
-  std::int64_t seq = 0;
-  std::string request_id;
-  std::int64_t end_ms = 0;  // timestamp + duration: the request's end (delivery latency origin)
+// Records as a sink reads them back: their JSON back to back with a ',' between two (so a batch's
+// POST body is '[' + json + ']', and no record costs an allocation of its own), and per record its
+// seq, end and place in `json`.
+struct LoggedRecords {
+  struct Entry {
+    std::int64_t seq = 0;
+    std::int64_t end_ms = 0;  // timestamp + duration: the request's end (delivery latency origin)
+    std::size_t begin = 0;    // the record's JSON is json[begin, end)
+    std::size_t end = 0;
+  };
   std::string json;
+  std::vector<Entry> entries;
+
+  bool empty() const noexcept { return entries.empty(); }
+  std::size_t size() const noexcept { return entries.size(); }
+  void clear() noexcept {
+    json.clear();
+    entries.clear();
+  }
+  std::string_view json_of(std::size_t i) const {
+    return std::string_view(json).substr(entries[i].begin, entries[i].end - entries[i].begin);
+  }
+  // The gateway's own id: the JSON's first field (no escapes in it).
+  std::string_view request_id(std::size_t i) const;
 };
 
 struct DeadLetterRow {
@@ -99,7 +117,7 @@ class UsageLog {
   void set_cursor(const std::string& sink, std::int64_t seq, std::int64_t now_ms);
 
   // Up to `limit` records with seq > after, in seq order, appended to `out`.
-  void read_after(std::int64_t after, int limit, std::vector<LoggedRecord>& out);
+  void read_after(std::int64_t after, int limit, LoggedRecords& out);
 
   // Stores the dead letter and moves the sink's cursor to its last_seq in one transaction.
   void dead_letter(const DeadLetterRow& row);

@@ -288,15 +288,18 @@ TEST(UsageLog, ConvertsAVersion1Log) {
     EXPECT_EQ(log.head(), 4);
     EXPECT_EQ(log.count_records(), 3);
     EXPECT_EQ(log.cursor("hook"), 2);
-    std::vector<LoggedRecord> got;
-    log.read_after(0, 10, got);
+    LoggedRecords got;
+    log.read_after(0, 2, got);
+    log.read_after(3, 10, got);  // appended behind the first read
     ASSERT_EQ(got.size(), 3u);
     for (std::size_t i = 0; i < got.size(); ++i) {
-      EXPECT_EQ(got[i].seq, static_cast<std::int64_t>(i) + 2);
-      EXPECT_EQ(got[i].json, jsons[i]);  // byte for byte what a sink sends
-      EXPECT_EQ(got[i].request_id, testing::request_id(static_cast<int>(i) + 1));
-      EXPECT_EQ(got[i].end_ms, kJan14 + static_cast<std::int64_t>(i + 1) * 1000 + 7);
+      EXPECT_EQ(got.entries[i].seq, static_cast<std::int64_t>(i) + 2);
+      EXPECT_EQ(got.json_of(i), jsons[i]);  // byte for byte what a sink sends
+      EXPECT_EQ(got.request_id(i), testing::request_id(static_cast<int>(i) + 1));
+      EXPECT_EQ(got.entries[i].end_ms, kJan14 + static_cast<std::int64_t>(i + 1) * 1000 + 7);
     }
+    // The records joined by ',': a batch's body is '[' + json + ']'.
+    EXPECT_EQ(got.json, jsons[0] + "," + jsons[1] + "," + jsons[2]);
     auto r = rec("bob", "qwen", kJan14 + 9000, 5, 5);
     std::string json = to_json(r);
     PendingRecord p{r.timestamp_ms, r.timestamp_ms + static_cast<std::int64_t>(r.duration_ms),
