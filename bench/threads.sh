@@ -94,12 +94,13 @@ $hook"
   done
 done
 
+# The commit, read before the results file is rewritten (it would count as a change itself).
+rev="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet -- . ":(exclude)$OUT" 2>/dev/null || echo ' + uncommitted changes')"
 mkdir -p "$(dirname "$OUT")"
 exec > >(tee "$OUT")
 echo "# CPU per request by gateway thread"
 echo
-echo "\`bench/threads.sh $runs $requests\` on $(date -u '+%Y-%m-%d %H:%M UTC'), commit" \
-  "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' + uncommitted changes'):" \
+echo "\`bench/threads.sh $runs $requests\` on $(date -u '+%Y-%m-%d %H:%M UTC'), commit $rev:" \
   "the gateway (1 worker) on CPU 0, the mock and the load generator (32 connections, non-stream" \
   "chat, closed loop) on CPU 1; utime/stime of each thread from /proc over each run, divided by" \
   "the requests served. on: metering with the SQLite usage log (its defaults); hook: the same" \
