@@ -64,8 +64,9 @@ CREATE INDEX IF NOT EXISTS dead_letters_at ON dead_letters(at_ms);
 
 constexpr std::size_t kMetaBytes = 20;
 
-void put_le(std::string& out, std::uint64_t v, int bytes) {
-  for (int i = 0; i < bytes; ++i) out += static_cast<char>((v >> (8 * i)) & 0xff);
+// Little-endian into p[0, bytes).
+void put_le(char* p, std::uint64_t v, int bytes) {
+  for (int i = 0; i < bytes; ++i) p[i] = static_cast<char>((v >> (8 * i)) & 0xff);
 }
 
 std::uint64_t get_le(const unsigned char* p, int bytes) {
@@ -76,9 +77,11 @@ std::uint64_t get_le(const unsigned char* p, int bytes) {
 
 // One record's entry in a batch's `meta` (layout in kSchema's comment).
 void put_meta(std::string& meta, std::size_t end_offset, std::int64_t ts_ms, std::int64_t end_ms) {
-  put_le(meta, end_offset, 4);
-  put_le(meta, static_cast<std::uint64_t>(ts_ms), 8);
-  put_le(meta, static_cast<std::uint64_t>(end_ms), 8);
+  char entry[kMetaBytes];  // one append per record, not one per byte
+  put_le(entry, end_offset, 4);
+  put_le(entry + 4, static_cast<std::uint64_t>(ts_ms), 8);
+  put_le(entry + 12, static_cast<std::uint64_t>(end_ms), 8);
+  meta.append(entry, kMetaBytes);
 }
 
 // Calls fn(index, json, ts_ms, end_ms) for each record of a batch, in order.
