@@ -697,6 +697,9 @@ void Pipeline::Impl::sink_loop(Sink& s) {
     cap = std::max<std::int64_t>(cap, 1);
     std::int64_t lo = k <= static_cast<std::uint64_t>(std::max(0, s.cfg.retry)) ? 0 : cap / 2;
     auto wait = milliseconds(std::uniform_int_distribution<std::int64_t>(lo, cap)(rng));
+    // A backoff is a wait too: what was delivered before the failure is stored first (nothing
+    // when it is stored already), so an outage never leaves a delivered cursor only in memory.
+    persist_cursor(s);
     if (!pause(Clock::now() + wait)) break;
   }
   if (unsaved_dead) {

@@ -442,6 +442,7 @@ std::string_view LoggedRecords::request_id(std::size_t i) const {
 void UsageLog::read_after(std::int64_t after, int limit, LoggedRecords& out) {
   std::lock_guard lk(mu_);
   int left = limit;
+  const std::size_t had = out.size();  // `out` may hold records already: this read's are after
   // A sink usually reads the batch it read last time again (batch_size < records per commit):
   // the last batch read stays decoded here.
   auto take = [&](const CachedBatch& b) {
@@ -474,7 +475,8 @@ void UsageLog::read_after(std::int64_t after, int limit, LoggedRecords& out) {
     cached_.text = column_text(st.s, 2);
     auto* blob = static_cast<const char*>(sqlite3_column_blob(st.s, 3));
     cached_.meta.assign(blob ? blob : "", static_cast<std::size_t>(sqlite3_column_bytes(st.s, 3)));
-    if (cached_.first_seq > after + 1 && !out.empty()) break;  // a gap: the caller goes on later
+    if (cached_.first_seq > after + 1 && out.size() > had)
+      break;  // a gap: the caller goes on later
     if (cached_.first_seq > after + 1) after = cached_.first_seq - 1;  // deleted records: skip
     take(cached_);
   }

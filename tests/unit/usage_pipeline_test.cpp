@@ -317,6 +317,28 @@ TEST(UsagePipeline, CursorIsStoredBeforeTheSinkWaits) {
   EXPECT_EQ(delivered_ids(rx), expected_ids(0, N));
 }
 
+// The sink's backoff after a failure is a wait too: what it delivered before the failure is
+// stored then, not only at exit (deliveries within 100 ms of a store are otherwise not stored).
+TEST(UsagePipeline, CursorIsStoredBeforeABackoff) {
+  TempDir dir;
+  Receiver rx;
+  rx.set_script([](const Receiver::Request&, std::size_t n) {
+    Receiver::Reply r;
+    if (n >= 5) r.status = 503;  // five records go through, then the receiver fails
+    return r;
+  });
+  auto cfg = make_sink("hook", rx.url());
+  cfg.max_backoff = 50ms;
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
+  p.start();
+  for (int i = 0; i < 10; ++i) p.submit(make_record(i));
+  WAIT_FOR(sink(p.stats(), "hook").failed >= 1);
+  EXPECT_EQ(delivered(p), 5u);
+  UsageLog log(UsageLog::Mode::read_only, dir.file("usage.db"));
+  WAIT_FOR(log.cursor("hook").value_or(0) == 5);
+  p.stop(soon());
+}
+
 TEST(UsagePipeline, BatchFillsUpToBatchIntervalThenGoes) {
   TempDir dir;
   Receiver rx;
