@@ -245,6 +245,33 @@ namespace {
 // A log written by a version-1 gateway (one row per record, AUTOINCREMENT seq) is converted on
 // open: its records, head (deleted records included), cursors and dead letters stay; new
 // records follow the old head; the ledger reads old and new alike.
+// read_after appends: records deleted before the cursor (retention) are skipped, also when the
+// LoggedRecords passed in holds records already.
+TEST(UsageLog, ReadAfterSkipsDeletedRecordsWhileAppending) {
+  TempDir dir;
+  UsageLog log(UsageLog::Mode::disk, dir.file("usage.db"), true);
+  std::vector<std::string> jsons;
+  for (int i = 0; i < 6; ++i) jsons.push_back(to_json(make_record(i)));
+  for (int group = 0; group < 3; ++group) {  // three commit groups: seq 1-2, 3-4, 5-6
+    PendingRecord p[2];
+    for (int k = 0; k < 2; ++k) {
+      p[k] = {kJan14, kJan14 + 1, jsons[static_cast<std::size_t>(2 * group + k)]};
+    }
+    log.append(std::span(p, 2));
+  }
+  EXPECT_EQ(log.delete_records(4, std::nullopt, 100), 4);  // the first two groups
+  LoggedRecords got;
+  got.json = "{}";
+  got.entries.push_back({99, 0, 0, 2});  // held from an earlier read
+  log.read_after(0, 10, got);
+  ASSERT_EQ(got.size(), 3u);
+  EXPECT_EQ(got.entries[1].seq, 5);
+  EXPECT_EQ(got.entries[2].seq, 6);
+  EXPECT_EQ(got.json_of(1), jsons[4]);
+  EXPECT_EQ(got.json_of(2), jsons[5]);
+  EXPECT_EQ(got.json, "{}," + jsons[4] + "," + jsons[5]);
+}
+
 TEST(UsageLog, ConvertsAVersion1Log) {
   TempDir dir;
   const std::string path = dir.file("usage.db");
