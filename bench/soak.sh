@@ -3,12 +3,14 @@
 #
 # Usage: bench/soak.sh                     10 minutes (SOAK_S=600), writes bench/results/soak.md
 #        SOAK_S=60 OUT=bench/results/tmp bench/soak.sh     a short smoke run
+#        METERING=1 OUT=bench/results/soak-metered bench/soak.sh   with usage metering on (the SQLite
+#                                          log in a temp dir, no webhook): its queue and buffers too
 # Uses the binaries in build/ (BUILD=1 builds them first with scripts/build.sh release).
 #
 # Load, all on 127.0.0.1: STREAMS concurrent streams, closed loop (each connection starts its next
 # stream when one ends), TOKENS tokens at DELAY_MS per token, so a stream lasts ~TOKENS x DELAY_MS
 # and thousands of streams start and end during the run; beside them, NS_RATE non-stream requests
-# per second (open loop). The gateway (1 worker, metering off) is pinned to CPU 0, the mock and the
+# per second (open loop). The gateway (1 worker, metering off unless METERING=1) is pinned to CPU 0, the mock and the
 # load generators to CPU 1. Every SAMPLE_S seconds: the gateway's VmRSS, open descriptors,
 # established client connections and CPU time. Reported: RSS after the first minute (the warm-up:
 # pools, allocator arenas, the first high-water mark), at the end and its largest value, and the
@@ -27,11 +29,12 @@ DELAY_MS=${DELAY_MS:-100}
 NS_RATE=${NS_RATE:-500}
 SAMPLE_S=${SAMPLE_S:-10}
 OUT=${OUT:-bench/results}
+METERING=${METERING:-0}
 CPU_PROXY=0
 CPU_LOAD=1
 [ "$(nproc)" -ge 2 ] || CPU_LOAD=0
 command_line=
-for k in SOAK_S STREAMS TOKENS DELAY_MS NS_RATE SAMPLE_S OUT; do
+for k in SOAK_S STREAMS TOKENS DELAY_MS NS_RATE SAMPLE_S METERING OUT; do
   [ -n "${!k+x}" ] && command_line+="$k=${!k} "
 done
 command_line+="bench/soak.sh"
@@ -48,7 +51,7 @@ cat >"$work/gw.yaml" <<YAML
 listen: "127.0.0.1:0"
 server: { workers: 1, access_log: false, max_connections: 20000 }
 health_check: { enabled: false }
-usage: { enabled: false }
+usage: $([ "$METERING" = 1 ] && echo "{ enabled: true, log_path: \"$work/usage.db\" }" || echo "{ enabled: false }")
 backends:
   - url: "$mock"
 YAML
@@ -124,7 +127,7 @@ flat=$(awk -v g="$growth_pct" 'BEGIN { print (g + 0 <= 5) ? "yes" : "no" }')
   echo
   echo "Load: $STREAMS concurrent streams of $TOKENS tokens at $DELAY_MS ms per token (closed loop) and"
   echo "$NS_RATE non-stream requests/s (open loop, 16 connections), for $SOAK_S s; gateway (1 worker,"
-  echo "metering off) on CPU $CPU_PROXY, mock and load generators on CPU $CPU_LOAD."
+  echo "metering $([ "$METERING" = 1 ] && echo "on: the SQLite usage log, no webhook" || echo off)) on CPU $CPU_PROXY, mock and load generators on CPU $CPU_LOAD."
   echo
   echo "| | |"
   echo "|---|---|"
