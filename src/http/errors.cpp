@@ -46,9 +46,14 @@ bool plain_word(std::uint64_t x) {
 
 // Bytes that need no escaping are copied in runs; a byte that does not start a valid UTF-8
 // sequence (client input can carry any byte) becomes U+FFFD, so the output is always valid JSON.
-void append_json_escaped(std::string& out, std::string_view s) {
+char* write_json_escaped(char* p, std::string_view s) {
   std::size_t run = 0;  // start of the bytes not yet copied
   std::size_t i = 0;
+  const auto put = [&p](std::string_view piece) {
+    if (piece.empty()) return;  // an empty view may have no data pointer to copy from
+    std::memcpy(p, piece.data(), piece.size());
+    p += piece.size();
+  };
   while (i < s.size()) {
     if (i + 8 <= s.size()) {
       std::uint64_t word;
@@ -69,36 +74,43 @@ void append_json_escaped(std::string& out, std::string_view s) {
         continue;
       }
     }
-    out.append(s.data() + run, i - run);
+    put(s.substr(run, i - run));
     switch (c) {
       case '"':
-        out += "\\\"";
+        put("\\\"");
         break;
       case '\\':
-        out += "\\\\";
+        put("\\\\");
         break;
       case '\n':
-        out += "\\n";
+        put("\\n");
         break;
       case '\r':
-        out += "\\r";
+        put("\\r");
         break;
       case '\t':
-        out += "\\t";
+        put("\\t");
         break;
       default:
         if (c < 0x20) {
-          out += "\\u00";
-          out += kHex[c >> 4];
-          out += kHex[c & 0xf];
+          const char u[6] = {'\\', 'u', '0', '0', kHex[c >> 4], kHex[c & 0xf]};
+          put(std::string_view(u, 6));
         } else {
-          out += "\\ufffd";  // a byte that does not start a valid UTF-8 sequence
+          put("\\ufffd");  // a byte that does not start a valid UTF-8 sequence
         }
     }
     ++i;
     run = i;
   }
-  out.append(s.data() + run, s.size() - run);
+  put(s.substr(run));
+  return p;
+}
+
+void append_json_escaped(std::string& out, std::string_view s) {
+  const std::size_t old = out.size();
+  out.resize(old + kJsonEscapedMax * s.size());
+  char* end = write_json_escaped(out.data() + old, s);
+  out.resize(static_cast<std::size_t>(end - out.data()));
 }
 
 std::string error_body(const ErrorSpec& spec, std::string_view message) {

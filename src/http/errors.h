@@ -38,4 +38,9 @@ std::string error_body(const ErrorSpec& spec, std::string_view message);
 // Appends `text` to `out` as the inside of a JSON string literal (quotes not included).
 void append_json_escaped(std::string& out, std::string_view text);
 
+// The same bytes written at p, which must have room for kJsonEscapedMax * text.size() bytes (an
+// escape is at most six bytes for one); returns the end of what was written.
+inline constexpr std::size_t kJsonEscapedMax = 6;
+char* write_json_escaped(char* p, std::string_view text);
+
 }  // namespace llmproxy::http

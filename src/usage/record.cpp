@@ -4,7 +4,7 @@
 // output is what every receiver parses, so it is exact rather than generic: the seed's eleven
 // fields first, in the seed's order and with the seed's JSON types (strings are never null, an
 // unknown value is ""), then the additions. No JSON library and no iostreams: strings are copied
-// through http::append_json_escaped (invalid UTF-8 from a header becomes U+FFFD, so a receiver's
+// through http::write_json_escaped (invalid UTF-8 from a header becomes U+FFFD, so a receiver's
 // JSON parser never rejects a record because of one odd byte), numbers through std::to_chars.
 #include "usage/record.h"
 
@@ -20,10 +20,14 @@ namespace llmproxy::usage {
 
 namespace {
 
-void append_int(std::string& out, std::int64_t v) {
-  char buf[24];
-  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);
-  out.append(buf, end);
+// The writers below put their bytes at p (the caller reserved room) and return the end.
+char* put(char* p, std::string_view text) {
+  std::memcpy(p, text.data(), text.size());
+  return p + text.size();
+}
+
+char* put_int(char* p, std::int64_t v) {
+  return std::to_chars(p, p + 20, v).ptr;
 }
 
 void append_digits(char* p, int value, int width) {
@@ -34,7 +38,7 @@ void append_digits(char* p, int value, int width) {
 }
 
 // A JSON number with at most three decimals and no trailing zeros ("12.5", "7", "0.125").
-void append_millis(std::string& out, double v) {
+char* put_millis(char* p, double v) {
   if (!std::isfinite(v)) v = 0;
   char buf[64];
   auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::fixed, 3);
@@ -43,8 +47,13 @@ void append_millis(std::string& out, double v) {
   while (text.back() == '0') text.remove_suffix(1);
   if (text.back() == '.') text.remove_suffix(1);
   if (text == "-0") text = "0";
-  out += text;
+  return put(p, text);
 }
+
+// Room for a number written by put_int (19 digits and a sign) or put_millis (at most its 64-byte
+// buffer: a value too large for it is written as 0).
+constexpr std::size_t kIntMax = 20;
+constexpr std::size_t kMillisMax = 64;
 
 }  // namespace
 
@@ -87,65 +96,73 @@ std::string rfc3339(std::int64_t unix_ms) {
   return std::string(buf, 20);
 }
 
-// Keys are written with their punctuation as one literal each: this runs once per record.
+// Keys are written with their punctuation as one literal each, into room reserved once (one
+// size check per record instead of one per piece): this runs once per record.
 void append_json(std::string& out, const UsageRecordView& r) {
   using namespace std::string_view_literals;
-  out += R"({"request_id":")"sv;
-  http::append_json_escaped(out, r.request_id);
-  out += R"(","user_id":")"sv;
-  http::append_json_escaped(out, r.user_id);
-  out += R"(","api_key":")"sv;
-  http::append_json_escaped(out, r.api_key);
-  out += R"(","model":")"sv;
-  http::append_json_escaped(out, r.model);
-  out += R"(","prompt_tokens":)"sv;
-  append_int(out, r.prompt_tokens);
-  out += R"(,"completion_tokens":)"sv;
-  append_int(out, r.completion_tokens);
-  out += R"(,"total_tokens":)"sv;
-  append_int(out, r.total_tokens);
-  out +=
-      r.is_stream ? R"(,"is_stream":true,"endpoint":")"sv : R"(,"is_stream":false,"endpoint":")"sv;
-  http::append_json_escaped(out, r.endpoint);
-  out += R"(","timestamp":")"sv;
-  char ts[20];
-  format_rfc3339(ts, r.timestamp_ms);
-  out.append(ts, 20);
-  out += R"(","backend_url":")"sv;
-  http::append_json_escaped(out, r.backend_url);
+  const std::size_t strings = r.request_id.size() + r.user_id.size() + r.api_key.size() +
+                              r.model.size() + r.endpoint.size() + r.backend_url.size() +
+                              r.client_request_id.size() + r.backend.size() + r.finish.size() +
+                              r.usage_source.size();
+  // Keys and punctuation (~400 bytes), six integers, two millisecond values, the timestamp.
+  const std::size_t bound =
+      512 + 6 * kIntMax + 2 * kMillisMax + 20 + http::kJsonEscapedMax * strings;
+  const std::size_t old = out.size();
+  out.resize(old + bound);
+  char* p = out.data() + old;
+  const auto str = [&p](std::string_view text) { p = http::write_json_escaped(p, text); };
+  p = put(p, R"({"request_id":")"sv);
+  str(r.request_id);
+  p = put(p, R"(","user_id":")"sv);
+  str(r.user_id);
+  p = put(p, R"(","api_key":")"sv);
+  str(r.api_key);
+  p = put(p, R"(","model":")"sv);
+  str(r.model);
+  p = put(p, R"(","prompt_tokens":)"sv);
+  p = put_int(p, r.prompt_tokens);
+  p = put(p, R"(,"completion_tokens":)"sv);
+  p = put_int(p, r.completion_tokens);
+  p = put(p, R"(,"total_tokens":)"sv);
+  p = put_int(p, r.total_tokens);
+  p = put(p, r.is_stream ? R"(,"is_stream":true,"endpoint":")"sv
+                         : R"(,"is_stream":false,"endpoint":")"sv);
+  str(r.endpoint);
+  p = put(p, R"(","timestamp":")"sv);
+  format_rfc3339(p, r.timestamp_ms);
+  p += 20;
+  p = put(p, R"(","backend_url":")"sv);
+  str(r.backend_url);
   // Additions.
   if (r.client_request_id.empty()) {
-    out += R"(","client_request_id":null,"backend":")"sv;
+    p = put(p, R"(","client_request_id":null,"backend":")"sv);
   } else {
-    out += R"(","client_request_id":")"sv;
-    http::append_json_escaped(out, r.client_request_id);
-    out += R"(","backend":")"sv;
+    p = put(p, R"(","client_request_id":")"sv);
+    str(r.client_request_id);
+    p = put(p, R"(","backend":")"sv);
   }
-  http::append_json_escaped(out, r.backend);
-  out += R"(","status_code":)"sv;
-  append_int(out, r.status_code);
-  out += R"(,"duration_ms":)"sv;
-  append_millis(out, r.duration_ms);
-  out += R"(,"ttft_ms":)"sv;
-  if (r.ttft_ms < 0) {
-    out += "null"sv;
-  } else {
-    append_millis(out, r.ttft_ms);
-  }
-  out += R"(,"finish":")"sv;
-  http::append_json_escaped(out, r.finish);
-  out += R"(","usage_source":")"sv;
-  http::append_json_escaped(out, r.usage_source);
-  out += '"';
+  str(r.backend);
+  p = put(p, R"(","status_code":)"sv);
+  p = put_int(p, r.status_code);
+  p = put(p, R"(,"duration_ms":)"sv);
+  p = put_millis(p, r.duration_ms);
+  p = put(p, R"(,"ttft_ms":)"sv);
+  p = r.ttft_ms < 0 ? put(p, "null"sv) : put_millis(p, r.ttft_ms);
+  p = put(p, R"(,"finish":")"sv);
+  str(r.finish);
+  p = put(p, R"(","usage_source":")"sv);
+  str(r.usage_source);
+  p = put(p, "\""sv);
   if (r.cached_tokens >= 0) {
-    out += R"(,"cached_tokens":)"sv;
-    append_int(out, r.cached_tokens);
+    p = put(p, R"(,"cached_tokens":)"sv);
+    p = put_int(p, r.cached_tokens);
   }
   if (r.reasoning_tokens >= 0) {
-    out += R"(,"reasoning_tokens":)"sv;
-    append_int(out, r.reasoning_tokens);
+    p = put(p, R"(,"reasoning_tokens":)"sv);
+    p = put_int(p, r.reasoning_tokens);
   }
-  out += '}';
+  p = put(p, "}"sv);
+  out.resize(static_cast<std::size_t>(p - out.data()));
 }
 
 std::string to_json(const UsageRecord& r) {
