@@ -32,27 +32,12 @@ CPU_LOAD=$(($(nproc) - 1)) # loadgen() pins the load generator here
 
 start_server mock mock_pid "$work/mock.log" - build/llmproxy-mock --listen 127.0.0.1:0 --threads 1 --quiet ||
   exit 1
-if [ "$mode" = on ] || [ "$mode" = hook ]; then
-  usage="usage:
-  enabled: true
-  log_path: \"$work/usage.db\""
-  if [ "$mode" = hook ]; then
-    start_server receiver receiver_pid "$work/receiver.log" - node bench/usage-tools.mjs receiver ||
-      exit 1
-    usage="$usage
-usage_hook:
-  enabled: true
-  url: \"$receiver/usage\"
-  batch_size: 100
-  batch_interval: 200ms"
-  fi
-else
-  usage="usage:
-  enabled: false"
+receiver=
+if [ "$mode" = hook ]; then
+  start_server receiver receiver_pid "$work/receiver.log" - node bench/usage-tools.mjs receiver ||
+    exit 1
 fi
-gateway_config "$work/gw.yaml" "$mock" "health_check:
-  enabled: false
-$usage"
+gateway_config "$work/gw.yaml" "$mock" "$(metering_yaml "$mode" "$work/usage.db" "$receiver")"
 out=bench/results/tmp/callgrind-$mode.out
 mkdir -p bench/results/tmp
 # Under callgrind the gateway starts ~50 x slower than natively: give it a minute to listen.

@@ -301,6 +301,22 @@ YAML
   } >"$1"
 }
 
+# metering_yaml MODE LOG_PATH [RECEIVER_URL]: health checks off and the usage blocks of a gateway
+# config (gateway_config's YAML) for MODE off (usage disabled), on (the SQLite log at LOG_PATH) or
+# hook (that plus usage_hook, batch_size 100, batch_interval 200ms, to RECEIVER_URL/usage).
+metering_yaml() {
+  printf 'health_check:\n  enabled: false\nusage:\n'
+  if [ "$1" = off ]; then
+    printf '  enabled: false\n'
+    return
+  fi
+  printf '  enabled: true\n  log_path: "%s"\n' "$2"
+  if [ "$1" = hook ]; then
+    printf 'usage_hook:\n  enabled: true\n  url: "%s/usage"\n  batch_size: 100\n' "$3"
+    printf '  batch_interval: 200ms\n'
+  fi
+}
+
 # smoke_200 URL: one 200 answer to a chat request (20 tries, 0.25 s apart), or die.
 smoke_200() {
   local ok=

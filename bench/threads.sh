@@ -30,10 +30,6 @@ hz=$(getconf CLK_TCK)
 
 start_server mock mock_pid "$work/mock.log" "$CPU_LOAD" build/llmproxy-mock --listen 127.0.0.1:0 \
   --threads 1 --quiet || exit 1
-gateway_config "$work/off.yaml" "$mock" "health_check:
-  enabled: false
-usage:
-  enabled: false"
 receiver=
 if [[ " $MODES " == *" hook "* ]]; then
   start_server receiver receiver_pid "$work/receiver.log" "$CPU_LOAD" node bench/usage-tools.mjs \
@@ -52,23 +48,9 @@ rows=$work/rows.txt
 : >"$rows"
 for run in $(seq "$runs"); do
   for mode in $MODES; do
-    cfg=$work/off.yaml
-    if [ "$mode" != off ]; then
-      cfg=$work/$mode-$run.yaml
-      rm -f "$work"/usage-*.db*
-      hook=
-      [ "$mode" = hook ] && hook="usage_hook:
-  enabled: true
-  url: \"$receiver/usage\"
-  batch_size: 100
-  batch_interval: 200ms"
-      gateway_config "$cfg" "$mock" "health_check:
-  enabled: false
-usage:
-  enabled: true
-  log_path: \"$work/usage-$run.db\"
-$hook"
-    fi
+    cfg=$work/$mode-$run.yaml
+    rm -f "$work"/usage-*.db*
+    gateway_config "$cfg" "$mock" "$(metering_yaml "$mode" "$work/usage-$run.db" "$receiver")"
     start_server gw gw_pid "$work/gw-$mode.log" 0 build/llmproxy --config "$cfg" || exit 1
     thread_ticks "$gw_pid" >"$work/before"
     loadgen 600 --url "$gw/v1/chat/completions" --mode nonstream --concurrency 32 \

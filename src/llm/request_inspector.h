@@ -42,10 +42,10 @@ class RequestInspector {
   // `body` must be followed by at least simdjson::SIMDJSON_PADDING readable bytes when
   // `padded` is true (the server reserves them); otherwise the body is copied once.
   // Returns false and fills `error` when the request must be refused with 400. The prompt's
-  // text is counted (prompt_text, prompt_token_ids: the usage estimate) only with `count_prompt`:
+  // text is counted (prompt_text, prompt_token_ids: the usage estimate) only with `count_text`:
   // a gateway that meters nothing does not read a large prompt twice.
   bool inspect(Endpoint endpoint, std::string_view body, bool padded, RequestInfo& info,
-               InspectError& error, bool count_prompt = true);
+               InspectError& error, bool count_text = true);
 
  private:
   simdjson::dom::parser parser_;

@@ -336,10 +336,17 @@ class FlatUsageReader {
 
 }  // namespace
 
-std::optional<bool> read_usage_text(std::string_view object, Usage& out) {
+namespace {
+// read_usage_text(); with `leading`, of the object `s` starts with (it ends where that does).
+std::optional<bool> read_flat(std::string_view s, bool leading, Usage& out) {
   Usage r;
-  if (!FlatUsageReader(object).read(r)) return std::nullopt;
+  if (!FlatUsageReader(s).read(r, leading)) return std::nullopt;
   return accept(r, out);
+}
+}  // namespace
+
+std::optional<bool> read_usage_text(std::string_view object, Usage& out) {
+  return read_flat(object, false, out);
 }
 
 namespace {
@@ -368,13 +375,10 @@ bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage
        pos = rfind_usage_key(copy, pos)) {
     std::size_t open = copy.find_first_not_of(" \t\r\n:", pos + 7);
     if (open == std::string_view::npos || copy[open] != '{') continue;
-    {
-      // The simple form, read in one pass from the brace on (it ends where the object does).
-      Usage r;
-      if (FlatUsageReader(copy.substr(open)).read(r, true)) {
-        if (accept(r, out)) return true;
-        continue;
-      }
+    // The simple form, read in one pass from the brace on.
+    if (auto reported = read_flat(copy.substr(open), true, out)) {
+      if (*reported) return true;
+      continue;
     }
     // The reader could not take it (the same reader would fail on the balanced object too).
     std::string_view object = balanced_object(copy, open);

@@ -616,10 +616,12 @@ struct RequestContext {
   std::string body_copy;                  // other responses: the body, or its tail when large
   bool body_copy_complete = true;
   // A body relayed in one piece is read for usage where it lies, once written: no copy.
-  bool body_read = false;
-  bool body_reported = false;
-  llm::Usage body_usage;
-  llm::TextCount body_content;
+  struct BodyUsage {
+    bool reported = false;
+    llm::Usage usage;
+    llm::TextCount content;
+  };
+  std::optional<BodyUsage> body_usage;
   std::string retained_body;  // the request body, kept for /tokenize when usage is missing
   bool usage_resolved = false;
   llm::Usage usage;
@@ -1265,7 +1267,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
   const auto& body = req.body();
   bool padded = body.capacity() >= body.size() + simdjson::SIMDJSON_PADDING;
   if (!w_.inspector.inspect(endpoint, body, padded, ctx.info, ierr,
-                            /*count_prompt=*/w_.shared.usage != nullptr)) {
+                            /*count_text=*/w_.shared.usage != nullptr)) {
     {
       reply_ = error_reply(ierr.spec, ierr.message, keep_alive);
       co_return co_await send(ctx, reply_);
@@ -1426,10 +1428,10 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
     u = ctx.meter->tracker().usage();
     reported = u.reported();
     content = ctx.meter->tracker().content_text();
-  } else if (ctx.body_read) {
-    reported = ctx.body_reported;
-    u = ctx.body_usage;
-    content = ctx.body_content;
+  } else if (ctx.body_usage) {
+    reported = ctx.body_usage->reported;
+    u = ctx.body_usage->usage;
+    content = ctx.body_usage->content;
   } else if (!ctx.body_copy.empty()) {
     reported = llm::read_body_usage(ctx.body_copy, w_.usage_parser, u, content);
   }
@@ -2259,17 +2261,13 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     if (!ctx.meter && ctx.metered && n > 0) {
       // The usage read happens after the response went out. A whole body in one piece that the
       // socket took at once is read where it lies (the worker's space, valid until the next
-      // co_await); anything else gets a bounded copy, past the limit only its tail (servers
-      // write usage last).
+      // co_await; one piece is never more than the tail the copy would keep); anything else
+      // gets a bounded copy, past the limit only its tail (servers write usage last).
+      static_assert(kRelayScratch <= 2 * kResponseTailBytes);
       auto& copy = ctx.body_copy;
       if (rp.is_done() && !cwec && pending_.empty() && copy.empty() && ctx.body_copy_complete) {
-        std::string_view body = piece;
-        if (body.size() > copy_limit && body.size() > 2 * kResponseTailBytes) {
-          body.remove_prefix(body.size() - kResponseTailBytes);
-        }
-        ctx.body_read = true;
-        ctx.body_reported =
-            llm::read_body_usage(body, w_.usage_parser, ctx.body_usage, ctx.body_content);
+        auto& b = ctx.body_usage.emplace();
+        b.reported = llm::read_body_usage(piece, w_.usage_parser, b.usage, b.content);
       } else if (ctx.body_copy_complete && copy.size() + n <= copy_limit) {
         copy.append(piece);
       } else {

@@ -98,7 +98,8 @@ std::string rfc3339(std::int64_t unix_ms) {
 
 // Keys are written with their punctuation as one literal each, into room reserved once (one
 // size check per record instead of one per piece): this runs once per record.
-void append_json(std::string& out, const UsageRecordView& r) {
+template <class Str>
+void append_json(std::string& out, const BasicUsageRecord<Str>& r) {
   using namespace std::string_view_literals;
   const std::size_t strings = r.request_id.size() + r.user_id.size() + r.api_key.size() +
                               r.model.size() + r.endpoint.size() + r.backend_url.size() +
@@ -110,92 +111,54 @@ void append_json(std::string& out, const UsageRecordView& r) {
   const std::size_t old = out.size();
   out.resize(old + bound);
   char* p = out.data() + old;
-  const auto str = [&p](std::string_view text) { p = http::write_json_escaped(p, text); };
-  p = put(p, R"({"request_id":")"sv);
-  str(r.request_id);
-  p = put(p, R"(","user_id":")"sv);
-  str(r.user_id);
-  p = put(p, R"(","api_key":")"sv);
-  str(r.api_key);
-  p = put(p, R"(","model":")"sv);
-  str(r.model);
-  p = put(p, R"(","prompt_tokens":)"sv);
-  p = put_int(p, r.prompt_tokens);
-  p = put(p, R"(,"completion_tokens":)"sv);
-  p = put_int(p, r.completion_tokens);
-  p = put(p, R"(,"total_tokens":)"sv);
-  p = put_int(p, r.total_tokens);
-  p = put(p, r.is_stream ? R"(,"is_stream":true,"endpoint":")"sv
-                         : R"(,"is_stream":false,"endpoint":")"sv);
-  str(r.endpoint);
+  // A key (with the punctuation around it) and a string value, or a number.
+  const auto text = [&p](std::string_view key, std::string_view value) {
+    p = http::write_json_escaped(put(p, key), value);
+  };
+  const auto num = [&p](std::string_view key, std::int64_t value) {
+    p = put_int(put(p, key), value);
+  };
+  text(R"({"request_id":")"sv, r.request_id);
+  text(R"(","user_id":")"sv, r.user_id);
+  text(R"(","api_key":")"sv, r.api_key);
+  text(R"(","model":")"sv, r.model);
+  num(R"(","prompt_tokens":)"sv, r.prompt_tokens);
+  num(R"(,"completion_tokens":)"sv, r.completion_tokens);
+  num(R"(,"total_tokens":)"sv, r.total_tokens);
+  text(r.is_stream ? R"(,"is_stream":true,"endpoint":")"sv : R"(,"is_stream":false,"endpoint":")"sv,
+       r.endpoint);
   p = put(p, R"(","timestamp":")"sv);
   format_rfc3339(p, r.timestamp_ms);
   p += 20;
-  p = put(p, R"(","backend_url":")"sv);
-  str(r.backend_url);
+  text(R"(","backend_url":")"sv, r.backend_url);
   // Additions.
   if (r.client_request_id.empty()) {
-    p = put(p, R"(","client_request_id":null,"backend":")"sv);
+    p = put(p, R"(","client_request_id":null)"sv);
   } else {
-    p = put(p, R"(","client_request_id":")"sv);
-    str(r.client_request_id);
-    p = put(p, R"(","backend":")"sv);
+    text(R"(","client_request_id":")"sv, r.client_request_id);
+    p = put(p, "\""sv);
   }
-  str(r.backend);
-  p = put(p, R"(","status_code":)"sv);
-  p = put_int(p, r.status_code);
-  p = put(p, R"(,"duration_ms":)"sv);
-  p = put_millis(p, r.duration_ms);
+  text(R"(,"backend":")"sv, r.backend);
+  num(R"(","status_code":)"sv, r.status_code);
+  p = put_millis(put(p, R"(,"duration_ms":)"sv), r.duration_ms);
   p = put(p, R"(,"ttft_ms":)"sv);
   p = r.ttft_ms < 0 ? put(p, "null"sv) : put_millis(p, r.ttft_ms);
-  p = put(p, R"(,"finish":")"sv);
-  str(r.finish);
-  p = put(p, R"(","usage_source":")"sv);
-  str(r.usage_source);
+  text(R"(,"finish":")"sv, r.finish);
+  text(R"(","usage_source":")"sv, r.usage_source);
   p = put(p, "\""sv);
-  if (r.cached_tokens >= 0) {
-    p = put(p, R"(,"cached_tokens":)"sv);
-    p = put_int(p, r.cached_tokens);
-  }
-  if (r.reasoning_tokens >= 0) {
-    p = put(p, R"(,"reasoning_tokens":)"sv);
-    p = put_int(p, r.reasoning_tokens);
-  }
+  if (r.cached_tokens >= 0) num(R"(,"cached_tokens":)"sv, r.cached_tokens);
+  if (r.reasoning_tokens >= 0) num(R"(,"reasoning_tokens":)"sv, r.reasoning_tokens);
   p = put(p, "}"sv);
   out.resize(static_cast<std::size_t>(p - out.data()));
 }
 
+template void append_json(std::string& out, const UsageRecord& r);
+template void append_json(std::string& out, const UsageRecordView& r);
+
 std::string to_json(const UsageRecord& r) {
   std::string out;
-  out.reserve(384 + r.request_id.size() + r.user_id.size() + r.api_key.size() + r.model.size() +
-              r.endpoint.size() + r.backend_url.size() + r.backend.size());
   append_json(out, r);
   return out;
-}
-
-UsageRecordView view_of(const UsageRecord& r) {
-  UsageRecordView v;
-  v.request_id = r.request_id;
-  v.client_request_id = r.client_request_id;
-  v.user_id = r.user_id;
-  v.api_key = r.api_key;
-  v.model = r.model;
-  v.prompt_tokens = r.prompt_tokens;
-  v.completion_tokens = r.completion_tokens;
-  v.total_tokens = r.total_tokens;
-  v.cached_tokens = r.cached_tokens;
-  v.reasoning_tokens = r.reasoning_tokens;
-  v.is_stream = r.is_stream;
-  v.endpoint = r.endpoint;
-  v.timestamp_ms = r.timestamp_ms;
-  v.backend_url = r.backend_url;
-  v.backend = r.backend;
-  v.status_code = r.status_code;
-  v.duration_ms = r.duration_ms;
-  v.ttft_ms = r.ttft_ms;
-  v.finish = r.finish;
-  v.usage_source = r.usage_source;
-  return v;
 }
 
 // ---------------------------------------------------------------------------------------------

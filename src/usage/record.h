@@ -45,14 +45,11 @@ struct BasicUsageRecord {
 using UsageRecord = BasicUsageRecord<std::string>;
 using UsageRecordView = BasicUsageRecord<std::string_view>;
 
-UsageRecordView view_of(const UsageRecord& r);
-
 // The webhook's JSON object: the seed's fields first, in the seed's order, then the additions.
+// append_json is defined for UsageRecord and UsageRecordView.
 std::string to_json(const UsageRecord& r);
-void append_json(std::string& out, const UsageRecordView& r);
-inline void append_json(std::string& out, const UsageRecord& r) {
-  append_json(out, view_of(r));
-}
+template <class Str>
+void append_json(std::string& out, const BasicUsageRecord<Str>& r);
 
 // RFC 3339 UTC with second precision, as in the seed's example: 2026-01-14T10:30:00Z.
 std::string rfc3339(std::int64_t unix_ms);

@@ -475,8 +475,7 @@ void UsageLog::read_after(std::int64_t after, int limit, LoggedRecords& out) {
     cached_.text = column_text(st.s, 2);
     auto* blob = static_cast<const char*>(sqlite3_column_blob(st.s, 3));
     cached_.meta.assign(blob ? blob : "", static_cast<std::size_t>(sqlite3_column_bytes(st.s, 3)));
-    if (cached_.first_seq > after + 1 && out.size() > had)
-      break;  // a gap: the caller goes on later
+    if (cached_.first_seq > after + 1 && out.size() > had) break;      // a gap: next call goes on
     if (cached_.first_seq > after + 1) after = cached_.first_seq - 1;  // deleted records: skip
     take(cached_);
   }

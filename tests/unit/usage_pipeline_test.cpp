@@ -66,6 +66,15 @@ std::uint64_t delivered(const Pipeline& p, const std::string& name = "hook") {
   return sink(p.stats(), name).delivered;
 }
 
+// The sink "hook" posting to `url` in batches of up to `size`, waiting at most `interval`.
+config::SinkConfig batched_sink(const std::string& url, int size,
+                                std::chrono::milliseconds interval) {
+  auto cfg = make_sink("hook", url);
+  cfg.batch_size = size;
+  cfg.batch_interval = interval;
+  return cfg;
+}
+
 std::string hmac_hex(const std::string& key, const std::string& data) {
   unsigned char mac[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
@@ -276,9 +285,7 @@ TEST(UsagePipeline, PermanentRejectionIsDeadLetteredNotRetried) {
 TEST(UsagePipeline, BatchesAreArraysAndEveryRecordArrivesOnce) {
   TempDir dir;
   Receiver rx;
-  auto cfg = make_sink("hook", rx.url());
-  cfg.batch_size = 7;
-  cfg.batch_interval = 30ms;
+  auto cfg = batched_sink(rx.url(), 7, 30ms);
   Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
   p.start();
   constexpr int N = 100;
@@ -303,9 +310,7 @@ TEST(UsagePipeline, BatchesAreArraysAndEveryRecordArrivesOnce) {
 TEST(UsagePipeline, CursorIsStoredBeforeTheSinkWaits) {
   TempDir dir;
   Receiver rx;
-  auto cfg = make_sink("hook", rx.url());
-  cfg.batch_size = 10;
-  cfg.batch_interval = 20ms;
+  auto cfg = batched_sink(rx.url(), 10, 20ms);
   Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
   p.start();
   constexpr int N = 2000;
@@ -342,9 +347,7 @@ TEST(UsagePipeline, CursorIsStoredBeforeABackoff) {
 TEST(UsagePipeline, BatchFillsUpToBatchIntervalThenGoes) {
   TempDir dir;
   Receiver rx;
-  auto cfg = make_sink("hook", rx.url());
-  cfg.batch_size = 1000;
-  cfg.batch_interval = 50ms;
+  auto cfg = batched_sink(rx.url(), 1000, 50ms);
   Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
   p.start();
   for (int i = 0; i < 3; ++i) p.submit(make_record(i));
@@ -362,9 +365,7 @@ TEST(UsagePipeline, FailedBatchIsResentUnchanged) {
     if (n < 3) r.status = 503;
     return r;
   });
-  auto cfg = make_sink("hook", rx.url());
-  cfg.batch_size = 5;
-  cfg.batch_interval = 500ms;
+  auto cfg = batched_sink(rx.url(), 5, 500ms);
   Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
   // Queue everything before start so that the first batch is full.
   for (int i = 0; i < 12; ++i) p.submit(make_record(i));
