@@ -296,10 +296,18 @@ test('threads carry names an operator can tell apart: worker-N, usage-writer, si
         }
       })
       .sort();
-  // Every thread names itself as it starts: wait for the last of them.
-  await waitUntil(() => names().includes('sink-audit'), { timeout: 10_000, what: 'the sink threads to start' });
-  const got = names();
-  for (const want of ['worker-0', 'worker-1', 'usage-writer', 'sink-usage_hook', 'sink-audit']) {
+  // Every thread names itself as it starts, in no particular order: wait until all have (a
+  // thread that never does fails here with the names seen).
+  const wanted = ['worker-0', 'worker-1', 'usage-writer', 'sink-usage_hook', 'sink-audit'];
+  let got = [];
+  await waitUntil(
+    () => {
+      got = names();
+      return wanted.every((w) => got.includes(w));
+    },
+    { timeout: 10_000, what: 'every thread to name itself' },
+  ).catch(() => {});
+  for (const want of wanted) {
     assert.ok(got.includes(want), `thread ${want} among ${JSON.stringify(got)}`);
   }
 });
