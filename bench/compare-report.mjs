@@ -21,11 +21,14 @@ const params = JSON.parse(readFileSync(join(raw, 'params.json'), 'utf8'));
 const machine = readFileSync(join(raw, 'machine.md'), 'utf8').trim();
 const logLines = existsSync(join(raw, 'peer-log-lines.txt')) ? readFileSync(join(raw, 'peer-log-lines.txt'), 'utf8').trim() : '';
 
-const ORDER = ['direct', 'llmproxy', 'llmproxy-metered', 'nginx', 'portkey'];
+const ORDER = ['direct', 'llmproxy', 'llmproxy-metered', 'llmproxy-hooked', 'nginx', 'portkey'];
+// The peers of (5): LLMProxy with metering on, measured only in (1) and at the first stream level.
+const METERED = ['llmproxy-metered', 'llmproxy-hooked'];
 const LABEL = {
   direct: 'direct (mock)',
   llmproxy: 'LLMProxy',
   'llmproxy-metered': 'LLMProxy, metering on',
+  'llmproxy-hooked': 'LLMProxy, metering + webhook',
   nginx: 'nginx',
   portkey: 'Portkey',
 };
@@ -148,7 +151,7 @@ P(`Produced by \`${params.command}\` (${RUNS} run${RUNS > 1 ? 's' : ''}, the pee
 P(`${Math.round(params.total_s / 60)} minutes). Raw data: \`${raw}/\` (\`runs.jsonl\`: one JSON line per load run, the load`);
 P('generator\'s output plus the CPU and memory of the processes; `runs.csv` / `memory.csv`: the same per run,');
 P('with each run\'s differences to direct and ratios to LLMProxy). The configurations used are there too');
-P('(`llmproxy.yaml`, `llmproxy-metered.yaml`, `nginx.conf`; template `bench/nginx/nginx.conf.template`;');
+P('(`llmproxy.yaml`, `llmproxy-metered.yaml`, `llmproxy-hooked.yaml`, `nginx.conf`; template `bench/nginx/nginx.conf.template`;');
 P('Portkey: `bench/portkey/package.json` + `package-lock.json`). Plot: `compare.png`.');
 P();
 P('| machine | |');
@@ -163,6 +166,7 @@ const HOW = {
   direct: 'the mock backend (`llmproxy-mock`, 1 thread, on CPU 1) requested directly: the ceiling',
   llmproxy: `\`build/llmproxy\`, ${params.lp_workers} worker, \`access_log: false\`, \`usage: {enabled: false}\`, health checks off, \`max_connections: 20000\``,
   'llmproxy-metered': 'the same with usage metering on (defaults: records to a SQLite log in a temp dir, durability disk, no webhook)',
+  'llmproxy-hooked': 'the same plus `usage_hook` (`batch_size: 100`, `batch_interval: 200ms`) to the mock\'s own receiver, `POST /mock/usage` (C++, on CPU 1 with the mock): the webhook sink\'s thread runs on CPU 0 with the gateway',
   nginx: `Debian's nginx, \`bench/nginx/nginx.conf.template\`: ${params.lp_workers} worker process, upstream keepalive 64, HTTP/1.1, \`Connection ""\`, \`proxy_buffering off\`, \`proxy_request_buffering off\`, access log off`,
   portkey: '`@portkey-ai/gateway` (bench/portkey, `npm ci`), `node build/start-server.js --port=0 --headless`, `NODE_ENV=production`, bound to 127.0.0.1 by `bench/portkey/loopback.cjs`; each request carries `x-portkey-provider: openai`, `x-portkey-custom-host: <mock>/v1`, a dummy `Authorization` and `x-portkey-forward-headers: x-mock-tokens,x-mock-delay-ms,x-mock-ttft-ms` (Portkey drops other request headers, and the `mock` body field, so the mock\'s controls must be forwarded by name); `TRUSTED_CUSTOM_HOSTS=127.0.0.1,localhost` (its default list already has them) lets the loopback custom host pass its SSRF check',
 };
@@ -328,8 +332,8 @@ if (prCases.length) {
   P(`One connection, closed loop, ${params.prompt_duration_s} s after 0.5 s of warmup; the body is a chat request whose one user message`);
   P('has the given size. Latency: request sent -> whole response received (the response is small).');
   P();
-  P(`| prompt | ${peerList.filter((p) => p !== 'llmproxy-metered' && runs.some((r) => r.scenario === 'prompt' && r.peer === p)).map((p) => `${LABEL[p]} latency p50 / p99 ms${p === 'direct' ? '' : ' (**added p50**)'}`).join(' | ')} | ${peerList.filter((p) => p !== 'direct' && p !== 'llmproxy-metered' && runs.some((r) => r.scenario === 'prompt' && r.peer === p)).map((p) => `${LABEL[p]} CPU µs/req`).join(' | ')} |`);
-  const ps = peerList.filter((p) => p !== 'llmproxy-metered' && runs.some((r) => r.scenario === 'prompt' && r.peer === p));
+  P(`| prompt | ${peerList.filter((p) => !METERED.includes(p) && runs.some((r) => r.scenario === 'prompt' && r.peer === p)).map((p) => `${LABEL[p]} latency p50 / p99 ms${p === 'direct' ? '' : ' (**added p50**)'}`).join(' | ')} | ${peerList.filter((p) => p !== 'direct' && !METERED.includes(p) && runs.some((r) => r.scenario === 'prompt' && r.peer === p)).map((p) => `${LABEL[p]} CPU µs/req`).join(' | ')} |`);
+  const ps = peerList.filter((p) => !METERED.includes(p) && runs.some((r) => r.scenario === 'prompt' && r.peer === p));
   P(`|---|${ps.map(() => '---|').join('')}${ps.filter((p) => p !== 'direct').map(() => '---|').join('')}`);
   for (const cas of prCases) {
     const dr = runsOf('prompt', cas, 'direct');
@@ -345,32 +349,48 @@ if (prCases.length) {
 }
 
 // (5) metering
-const hasMetered = runs.some((r) => r.peer === 'llmproxy-metered');
-const meterRatio = [];
-if (hasMetered || peerList.includes('llmproxy-metered')) {
+const meterRatio = {};  // peer -> per-run on / off ratios of non-stream req/s
+const meteredPeers = METERED.filter((p) => peerList.includes(p) || runs.some((r) => r.peer === p));
+if (meteredPeers.length) {
   P('## (5) Metering on vs off (LLMProxy)');
   P();
-  P('`llmproxy-metered` (usage records to the SQLite log, defaults) against `llmproxy` (`usage: {enabled: false}`),');
-  P('in the same runs as above. The webhook sink and its drain rates are measured by `bench/usage.sh`.');
+  P('`llmproxy-metered` (usage records to the SQLite log, defaults) and `llmproxy-hooked` (the same plus the webhook,');
+  P('batches of 100 to the mock\'s receiver) against `llmproxy` (`usage: {enabled: false}`), in the same runs as above.');
+  P('The usage writer and the webhook sink are threads of the gateway: pinned with it to CPU 0, their CPU time is');
+  P('taken from the requests\' (on a machine with a spare core they would run there). Drain rates: `bench/usage.sh`.');
   P();
-  P('| measure | off | on | **on / off** (per run) | added CPU µs per request / stream |');
-  P('|---|---|---|---|---|');
-  if (nsCase) {
-    const off = runsOf('ns_closed', nsCase, 'llmproxy'), on = runsOf('ns_closed', nsCase, 'llmproxy-metered');
-    const rat = on.map((r, i) => ratio(v(r, 'rps'), v(off[i], 'rps')));
-    meterRatio.push(...rat);
-    P(`| non-stream req/s (closed loop) | ${spread(off.map((r) => v(r, 'rps')), 0, true)} | ${spread(on.map((r) => v(r, 'rps')), 0, true)} | **${spread(rat, 3)}** | ${spread(on.map((r, i) => diff(d(r, 'cpu_us_per_req'), d(off[i], 'cpu_us_per_req'))), 1)} |`);
+  P('| measure | metering | off | on | **on / off** (per run) | added CPU µs per request / stream |');
+  P('|---|---|---|---|---|---|');
+  const what = { 'llmproxy-metered': 'log', 'llmproxy-hooked': 'log + webhook' };
+  for (const mp of meteredPeers) {
+    if (nsCase) {
+      const off = runsOf('ns_closed', nsCase, 'llmproxy'), on = runsOf('ns_closed', nsCase, mp);
+      const rat = on.map((r, i) => ratio(v(r, 'rps'), v(off[i], 'rps')));
+      meterRatio[mp] = rat;
+      P(`| non-stream req/s (closed loop) | ${what[mp]} | ${spread(off.map((r) => v(r, 'rps')), 0, true)} | ${spread(on.map((r) => v(r, 'rps')), 0, true)} | **${spread(rat, 3)}** | ${spread(on.map((r, i) => diff(d(r, 'cpu_us_per_req'), d(off[i], 'cpu_us_per_req'))), 1)} |`);
+    }
   }
-  if (rateCase) {
-    const off = runsOf('ns_rate', rateCase, 'llmproxy'), on = runsOf('ns_rate', rateCase, 'llmproxy-metered');
-    P(`| non-stream latency p99 ms at ${params.ns_rate} req/s | ${f(median(off.map((r) => v(r, 'latency_ms.p99'))), 3)} | ${f(median(on.map((r) => v(r, 'latency_ms.p99'))), 3)} | ${spread(on.map((r, i) => ratio(v(r, 'latency_ms.p99'), v(off[i], 'latency_ms.p99'))), 2)} | ${spread(on.map((r, i) => diff(d(r, 'cpu_us_per_req'), d(off[i], 'cpu_us_per_req'))), 1)} |`);
+  for (const mp of meteredPeers) {
+    if (rateCase) {
+      const off = runsOf('ns_rate', rateCase, 'llmproxy'), on = runsOf('ns_rate', rateCase, mp);
+      P(`| non-stream latency p99 ms at ${params.ns_rate} req/s | ${what[mp]} | ${f(median(off.map((r) => v(r, 'latency_ms.p99'))), 3)} | ${f(median(on.map((r) => v(r, 'latency_ms.p99'))), 3)} | ${spread(on.map((r, i) => ratio(v(r, 'latency_ms.p99'), v(off[i], 'latency_ms.p99'))), 2)} | ${spread(on.map((r, i) => diff(d(r, 'cpu_us_per_req'), d(off[i], 'cpu_us_per_req'))), 1)} |`);
+    }
   }
-  if (stCases.length) {
-    const cas = stCases[0];
-    const off = runsOf('stream', cas, 'llmproxy'), on = runsOf('stream', cas, 'llmproxy-metered');
-    P(`| ${cas.slice(1)} streams: TTFT p99 ms | ${f(median(off.map((r) => v(r, 'ttft_ms.p99'))), 2)} | ${f(median(on.map((r) => v(r, 'ttft_ms.p99'))), 2)} | ${spread(on.map((r, i) => ratio(v(r, 'ttft_ms.p99'), v(off[i], 'ttft_ms.p99'))), 3)} | ${spread(on.map((r, i) => diff(d(r, 'cpu_us_per_req'), d(off[i], 'cpu_us_per_req'))), 0)} |`);
+  for (const mp of meteredPeers) {
+    if (stCases.length) {
+      const cas = stCases[0];
+      const off = runsOf('stream', cas, 'llmproxy'), on = runsOf('stream', cas, mp);
+      P(`| ${cas.slice(1)} streams: TTFT p99 ms | ${what[mp]} | ${f(median(off.map((r) => v(r, 'ttft_ms.p99'))), 2)} | ${f(median(on.map((r) => v(r, 'ttft_ms.p99'))), 2)} | ${spread(on.map((r, i) => ratio(v(r, 'ttft_ms.p99'), v(off[i], 'ttft_ms.p99'))), 3)} | ${spread(on.map((r, i) => diff(d(r, 'cpu_us_per_req'), d(off[i], 'cpu_us_per_req'))), 0)} |`);
+    }
   }
   P();
+  if (meteredPeers.includes('llmproxy-hooked')) {
+    const hd = existsSync(join(raw, 'hook-delivery.json')) ? JSON.parse(readFileSync(join(raw, 'hook-delivery.json'), 'utf8')) : null;
+    if (!hd) P('Delivery check: **not run** (`llmproxy-hooked` did not take part to the end).');
+    else if (!hd.settled) P('Delivery check: **failed**: the hooked gateway did not drain its usage backlog within 60 s after the load runs.');
+    else P(`Delivery check after the load runs: the hooked gateway logged ${hd.logged} records and the receiver got ${hd.received}: ${hd.logged === hd.received ? '**every record delivered**' : '**MISMATCH**'}.`);
+    P();
+  }
 }
 
 // --- targets ---------------------------------------------------------------------------------------
@@ -420,9 +440,9 @@ if (nsCase && peerList.includes('portkey')) {
   const m = median(rat);
   mark(m === null ? null : m >= 20, `At least 20 x the Portkey gateway's throughput: LLMProxy / Portkey = ${spread(rat, 1)} (per run, non-stream closed loop)${failedNote('portkey')}`);
 }
-if (meterRatio.length) {
-  const m = median(meterRatio);
-  mark(m === null ? null : m >= 0.95, `Metering on costs under 5 % of throughput: on / off = ${spread(meterRatio, 3)} (per run, non-stream closed loop; the webhook is measured by \`bench/usage.sh\`)`);
+for (const [mp, rat] of Object.entries(meterRatio)) {
+  const m = median(rat);
+  mark(m === null ? null : m >= 0.95, `Metering on costs under 5 % of throughput (${mp === 'llmproxy-hooked' ? 'log + webhook' : 'log only'}): on / off = ${spread(rat, 3)} (per run, non-stream closed loop)`);
 }
 P('## Issue 5 targets');
 P();
@@ -475,7 +495,7 @@ writeFileSync(join(out, 'compare.md'), md.join('\n'));
   if (nsCase) for (const p of peerRows('ns_closed', nsCase)) {
     const xs = perRun('ns_closed', nsCase, p, 'rps');
     if (median(xs) === null) continue;
-    rows.push(`${i++} "${LABEL[p].replace('LLMProxy, metering on', 'LLMProxy+meter').replace(' (mock)', '')}" ${median(xs)} ${min(xs)} ${max(xs)}`);
+    rows.push(`${i++} "${LABEL[p].replace('LLMProxy, metering on', 'LLMProxy+meter').replace('LLMProxy, metering + webhook', 'LLMProxy+hook').replace(' (mock)', '')}" ${median(xs)} ${min(xs)} ${max(xs)}`);
   }
   writeFileSync(join(raw, 'throughput.dat'), '# idx peer median_rps min max\n' + rows.join('\n') + '\n');
 }
@@ -483,7 +503,7 @@ writeFileSync(join(out, 'compare.md'), md.join('\n'));
   const rows = [];
   let i = 0;
   for (const cas of stCases) for (const p of peerRows('stream', cas)) {
-    if (p === 'direct' || p === 'llmproxy-metered') continue;
+    if (p === 'direct' || METERED.includes(p)) continue;
     const dr = perRun('stream', cas, 'direct', 'ttft_ms.p99');
     const a = perRun('stream', cas, p, 'ttft_ms.p99').map((x, k) => diff(x, dr[k]));
     if (median(a) === null) continue;

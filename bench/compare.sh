@@ -16,6 +16,8 @@
 #   direct            the mock backend itself (1 thread): the ceiling every proxy is compared to
 #   llmproxy          1 worker, access log off, usage: {enabled: false}, health checks off
 #   llmproxy-metered  the same with usage metering on (defaults: SQLite log, durability disk)
+#   llmproxy-hooked   the same plus usage_hook (batch_size 100, batch_interval 200ms) to the mock's
+#                     own receiver, POST /mock/usage (C++, on CPU 1 with the mock)
 #   nginx             bench/nginx/nginx.conf.template: 1 worker process, upstream keep-alive,
 #                     HTTP/1.1, proxy_buffering off, proxy_request_buffering off, access log off
 #   portkey           @portkey-ai/gateway pinned in bench/portkey/ (package-lock.json, npm ci),
@@ -33,7 +35,9 @@
 #   (3) memory per stream: fresh proxies, MEM_LEVELS concurrent slow streams held (ramp up), RSS of
 #       the proxy (all its processes) from /proc once they are all established; slope per stream
 #   (4) prompt size PROMPT_SIZES bytes, one connection, closed loop: added latency and CPU per request
-#   (5) metering on vs off: llmproxy-metered against llmproxy in (1) and at the first stream level
+#   (5) metering on vs off: llmproxy-metered and llmproxy-hooked against llmproxy in (1) and at the
+#       first stream level; after the load runs, the records the receiver got are checked against
+#       the hooked gateway's own count
 # Pinning: the proxy under test (every proxy; all processes and threads) on CPU 0; the mock, the
 # load generator and everything else on CPU 1. CPU time per request from /proc/PID/stat before and
 # after each load run; each CPU's busy time from /proc/stat, so other work on a shared machine shows.
@@ -70,7 +74,7 @@ if [ "$QUICK" = 1 ]; then
 else
   RUNS=${RUNS:-5}
 fi
-PEERS=${PEERS:-direct llmproxy llmproxy-metered nginx portkey}
+PEERS=${PEERS:-direct llmproxy llmproxy-metered llmproxy-hooked nginx portkey}
 WARMUP_S=${WARMUP_S:-1}
 NS_CONCURRENCY=${NS_CONCURRENCY:-32}
 NS_DURATION_S=${NS_DURATION_S:-5}
@@ -174,18 +178,28 @@ YAML
 }
 
 # start_peer NAME KIND: starts one peer pinned to CPU 0; on success sets P_PID/P_URL, on failure
-# P_FAIL (the reason) and returns 1. KIND: llmproxy, llmproxy-metered, nginx, portkey.
+# P_FAIL (the reason) and returns 1. KIND: llmproxy, llmproxy-metered, llmproxy-hooked, nginx,
+# portkey.
 start_peer() {
   local name=$1 kind=$2 pid url port dir
   case "$kind" in
-    llmproxy | llmproxy-metered)
+    llmproxy | llmproxy-metered | llmproxy-hooked)
       if [ "$kind" = llmproxy ]; then
         llmproxy_config "$work/$name.yaml" "usage:
   enabled: false"
-      else
+      elif [ "$kind" = llmproxy-metered ]; then
         llmproxy_config "$work/$name.yaml" "usage:
   enabled: true
   log_path: \"$work/$name-usage.db\""
+      else
+        llmproxy_config "$work/$name.yaml" "usage:
+  enabled: true
+  log_path: \"$work/$name-usage.db\"
+usage_hook:
+  enabled: true
+  url: \"$mock_url/mock/usage\"
+  batch_size: 100
+  batch_interval: 200ms"
       fi
       start_server url pid "$work/$name.log" "$CPU_PROXY" "$BIN/llmproxy" --config "$work/$name.yaml" || {
         P_FAIL[$name]="did not start: $(tail -n 3 "$work/$name.log" | tr '\n|' '  ')"
@@ -301,6 +315,8 @@ mkdir -p "$RAW"
 
 # is_active PEER
 is_active() { local p; for p in "${ACTIVE[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
+# The peers of (5), measured only in (1) and at the first stream level.
+is_metered() { [ "$1" = llmproxy-metered ] || [ "$1" = llmproxy-hooked ]; }
 deactivate() {  # deactivate PEER REASON
   local p keep=()
   for p in "${ACTIVE[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
@@ -402,7 +418,7 @@ for run in $(seq "$RUNS"); do
     fi
     for peer in "${order[@]}"; do
       is_active "$peer" || continue
-      [ "$peer" = llmproxy-metered ] && [ "$level" != "$first_level" ] && continue
+      is_metered "$peer" && [ "$level" != "$first_level" ] && continue
       run_load stream "s$level" "$peer" "$run" $((WARMUP_S + 4 * (ST_ROUNDS + 1) * st_len_s + 60)) "" \
         --mode stream "${st_load[@]}" --requests $((ST_ROUNDS * level)) --timeout 60s "${ST_HEADERS[@]}"
     done
@@ -411,7 +427,7 @@ for run in $(seq "$RUNS"); do
   for size in $PROMPT_SIZES; do
     for peer in "${order[@]}"; do
       is_active "$peer" || continue
-      [ "$peer" = llmproxy-metered ] && continue
+      is_metered "$peer" && continue
       run_load prompt "b$size" "$peer" "$run" $((PROMPT_DURATION_S + 60)) ",\"prompt_bytes\":$size" \
         --mode nonstream --concurrency 1 --duration "${PROMPT_DURATION_S}s" --warmup 0.5s --timeout 30s \
         --body-file "$work/prompt-$size.json"
@@ -427,6 +443,19 @@ for peer in $PEERS; do
   grep -i -E '"level":"(error|warn)"|\[(error|crit|alert|emerg)\]|error' "$work/$peer.log" "$work/$peer/nginx-error.log" 2>/dev/null |
     head -n 5 | sed "s|^$work/||; s/^/$peer: /" >>"$RAW/peer-log-lines.txt" || true
 done
+# (5) every record the hooked gateway logged reached the receiver: its queue and sink backlog drain,
+# then its log's record count is compared with the mock's count of records received.
+if is_active llmproxy-hooked; then
+  if node bench/usage-tools.mjs settle "${P_URL[llmproxy-hooked]}" --timeout-ms 60000 >"$work/hook-settle.json"; then
+    logged=$(jnum "$work/hook-settle.json" log_records)
+    received=$(node -e 'fetch(process.argv[1] + "/mock/stats").then((r) => r.json()).then((j) => console.log(j.usage_records))' "$mock_url")
+    printf '{"settled":true,"logged":%s,"received":%s}\n' "$logged" "$received" >"$RAW/hook-delivery.json"
+    [ "$logged" = "$received" ] || note "llmproxy-hooked logged $logged records but the receiver got $received"
+  else
+    printf '{"settled":false,"last":%s}\n' "$(tail -n 1 "$work/hook-settle.json" 2>/dev/null || echo null)" >"$RAW/hook-delivery.json"
+    note "llmproxy-hooked did not drain its usage backlog within 60 s"
+  fi
+fi
 for peer in $PEERS; do [ "$peer" = direct ] || stop_peer "$peer"; done
 
 # --- (3) memory per stream: fresh proxies, a ramp of held slow streams ---------------------------
@@ -550,6 +579,7 @@ cat >"$RAW/params.json" <<JSON
 JSON
 cp "$work/llmproxy.yaml" "$RAW/llmproxy.yaml" 2>/dev/null || true
 cp "$work/llmproxy-metered.yaml" "$RAW/llmproxy-metered.yaml" 2>/dev/null || true
+cp "$work/llmproxy-hooked.yaml" "$RAW/llmproxy-hooked.yaml" 2>/dev/null || true
 cp "$work/nginx.conf" "$RAW/nginx.conf" 2>/dev/null || true
 sed -i "s|$work|/tmp/llmproxy-compare.XXXXXX|g" "$RAW"/*.yaml "$RAW"/*.conf "$RAW/peer-log-lines.txt" "$RAW/peers.json" 2>/dev/null || true
 

@@ -10,6 +10,8 @@ import {
   checkProcesses,
   trackTest,
   startMock,
+  mockStats,
+  mockPathCount,
   startWebhook,
   restartGateway,
   verifySignature,
@@ -248,6 +250,32 @@ test('batch_size 50: JSON arrays of at most 50 records, keyed "<first request_id
   );
   assertExactlyOnce(hook, ids);
   assert.equal(hook.delivered.length, 120);
+});
+
+// The benchmarks (bench/compare.sh) point usage_hook at the mock's own receiver, POST /mock/usage,
+// which counts what it is given: it must count each record once, in both formats.
+test('the mock as webhook receiver (/mock/usage) counts every record, one per POST and in batches', { timeout: 60_000 }, async () => {
+  const receiver = await startMock({ name: 'usage-receiver' });
+  const target = { url: `${receiver.url}/mock` }; // hookConfig appends /usage
+  const single = await startUsageGateway({ mock, receiver: target });
+  await fire(single, 30, 'mock-single', { concurrency: 10 });
+  await waitUntil(async () => (await mockStats(receiver)).usage_records === 30, {
+    timeout: 20_000,
+    what: '30 records at /mock/usage',
+  });
+  assert.equal(await mockPathCount(receiver, '/mock/usage'), 30, 'one POST per record by default');
+
+  const batched = await startUsageGateway({ mock, receiver: target, hook: { batch_size: 50, batch_interval: '100ms' } });
+  await fire(batched, 120, 'mock-batch', { concurrency: 20 });
+  await waitUntil(async () => (await mockStats(receiver)).usage_records === 150, {
+    timeout: 20_000,
+    what: '120 more records at /mock/usage',
+  });
+  const posts = (await mockPathCount(receiver, '/mock/usage')) - 30;
+  assert.ok(posts >= 3 && posts < 120, `120 records in ${posts} POSTs: batches of at most 50, more than one record in some`);
+  const stats = await mockStats(receiver);
+  assert.equal(stats.bad_requests, 0, 'the receiver refused nothing');
+  assert.equal(stats.usage_records, 150, 'nothing delivered twice');
 });
 
 test('a second sink in usage.sinks gets every record too; after a restart each sink resumes from its own cursor', { timeout: 120_000 }, async () => {

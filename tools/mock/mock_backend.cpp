@@ -129,13 +129,14 @@ enum class Route : std::uint8_t {
   kHealth,
   kTokenize,
   kStats,
+  kUsage,
   kOther,
 };
-constexpr std::size_t kRouteCount = 8;
+constexpr std::size_t kRouteCount = 9;
 constexpr std::array<std::string_view, kRouteCount> kRoutePaths = {
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
     "/v1/models",           "/health",         "/tokenize",
-    "/mock/stats",          "other",
+    "/mock/stats",          "/mock/usage",     "other",
 };
 
 Route route_for(std::string_view path) {
@@ -156,6 +157,7 @@ struct alignas(64) Stats {
   std::atomic<std::uint64_t> drops{0};               // drop_after closed the connection
   std::atomic<std::uint64_t> forced_status{0};       // X-Mock-Status answered
   std::atomic<std::uint64_t> bad_requests{0};        // 4xx the mock decided itself
+  std::atomic<std::uint64_t> usage_records{0};       // records POSTed to /mock/usage
   std::array<std::atomic<std::uint64_t>, kRouteCount> by_path{};
 };
 
@@ -1102,9 +1104,55 @@ asio::awaitable<Outcome> handle_tokenize(Connection& c, bool keep_alive) {
   co_return (ok && keep_alive) ? Outcome::kKeepAlive : Outcome::kClose;
 }
 
+// POST /mock/usage: a webhook receiver that costs next to nothing (the benchmarks' usage_hook
+// target). The body is one usage record (an object) or a batch (an array of objects); each object
+// with a string request_id counts as a record. Anything else is answered 400, which a sink
+// treats as a permanent rejection: a benchmark that miscounts shows it.
+asio::awaitable<Outcome> handle_usage(Connection& c, bool keep_alive) {
+  const std::size_t len = c.body.size();
+  if (c.body.capacity() < len + simdjson::SIMDJSON_PADDING) {
+    c.body.reserve(len + simdjson::SIMDJSON_PADDING);
+  }
+  std::int64_t records = -1;
+  simdjson::dom::element doc;
+  if (c.worker.json.parse(c.body.data(), len, false).get(doc) == simdjson::SUCCESS) {
+    auto is_record = [](simdjson::dom::element e) {
+      std::string_view id;
+      return e.at_key("request_id").get_string().get(id) == simdjson::SUCCESS;
+    };
+    simdjson::dom::array batch;
+    if (doc.get_array().get(batch) == simdjson::SUCCESS) {
+      records = 0;
+      for (simdjson::dom::element e : batch) {
+        if (!is_record(e)) {
+          records = -1;
+          break;
+        }
+        ++records;
+      }
+    } else if (is_record(doc)) {
+      records = 1;
+    }
+  }
+  if (records < 0) {
+    bump(c.worker.stats.bad_requests);
+    const bool ok = co_await write_error(c, 400, "Expected a usage record or an array of them.",
+                                         "invalid_request_error", "invalid_usage", keep_alive);
+    co_return (ok && keep_alive) ? Outcome::kKeepAlive : Outcome::kClose;
+  }
+  c.worker.stats.usage_records.fetch_add(static_cast<std::uint64_t>(records),
+                                         std::memory_order_relaxed);
+  c.payload.clear();
+  c.payload.append(R"({"received":)");
+  append_int(c.payload, records);
+  c.payload.push_back('}');
+  const bool ok = co_await write_response(c, 200, c.payload, keep_alive);
+  co_return (ok && keep_alive) ? Outcome::kKeepAlive : Outcome::kClose;
+}
+
 void build_stats_body(Connection& c) {
   std::uint64_t requests = 0, accepted = 0, completed = 0, disconnects = 0, drops = 0, forced = 0,
-                bad = 0;
+                bad = 0, usage = 0;
   std::int64_t open = 0;
   std::array<std::uint64_t, kRouteCount> by_path{};
   constexpr auto relaxed = std::memory_order_relaxed;
@@ -1118,6 +1166,7 @@ void build_stats_body(Connection& c) {
     drops += s.drops.load(relaxed);
     forced += s.forced_status.load(relaxed);
     bad += s.bad_requests.load(relaxed);
+    usage += s.usage_records.load(relaxed);
     for (std::size_t i = 0; i < kRouteCount; ++i) by_path[i] += s.by_path[i].load(relaxed);
   }
   std::string& out = c.payload;
@@ -1133,6 +1182,7 @@ void build_stats_body(Connection& c) {
       {"drops", std::int64_t(drops)},
       {"forced_status", std::int64_t(forced)},
       {"bad_requests", std::int64_t(bad)},
+      {"usage_records", std::int64_t(usage)},
   };
   for (const auto& [key, value] : counters) {
     out.push_back(',');
@@ -1167,20 +1217,21 @@ asio::awaitable<Outcome> handle_request(Connection& c, bool keep_alive) {
   switch (c.route) {
     case Route::kChat:
     case Route::kCompletions:
-    case Route::kEmbeddings: {
+    case Route::kEmbeddings:
+    case Route::kTokenize:
+    case Route::kUsage: {
       if (!post) {
         const Outcome out = co_await method_not_allowed(c, keep_alive);
         co_return out;
       }
-      const Outcome out = co_await handle_generation(c, keep_alive);
-      co_return out;
-    }
-    case Route::kTokenize: {
-      if (!post) {
-        const Outcome out = co_await method_not_allowed(c, keep_alive);
-        co_return out;
+      Outcome out;
+      if (c.route == Route::kTokenize) {
+        out = co_await handle_tokenize(c, keep_alive);
+      } else if (c.route == Route::kUsage) {
+        out = co_await handle_usage(c, keep_alive);
+      } else {
+        out = co_await handle_generation(c, keep_alive);
       }
-      const Outcome out = co_await handle_tokenize(c, keep_alive);
       co_return out;
     }
     case Route::kModels:
