@@ -47,6 +47,7 @@
 #include "log/log.h"
 #include "metrics/metrics.h"
 #include "proxy/access_log.h"
+#include "proxy/field_pool.h"
 #include "proxy/request_id.h"
 #include "usage/api_key.h"
 #include "usage/pipeline.h"
@@ -631,7 +632,12 @@ struct RequestContext {
 
 using metrics::Route;  // the route a request took, also its metrics label
 
-using Request = bhttp::request<bhttp::string_body>;
+// The fields of the messages parsed on the request path come from a per-thread pool (see
+// field_pool.h): the client's request and the backend's response header.
+using PooledFields = bhttp::basic_fields<PoolAllocator<char>>;
+using Request = bhttp::request<bhttp::string_body, PooledFields>;
+using RequestParser = bhttp::request_parser<bhttp::string_body, PoolAllocator<char>>;
+using ResponseParser = bhttp::response_parser<bhttp::buffer_body, PoolAllocator<char>>;
 
 class ClientSession {
  public:
@@ -1045,7 +1051,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
   RequestContext ctx;
   ctx.wg = w_.cur;
   const auto& cfg = ctx.wg->gen->cfg;
-  bhttp::request_parser<bhttp::string_body> parser;
+  RequestParser parser;
   parser.header_limit(static_cast<std::uint32_t>(cfg.server.max_header_size));
   parser.body_limit(cfg.server.max_body_size);
 
@@ -1698,7 +1704,7 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
   }
 }
 
-void new_response_parser(std::optional<bhttp::response_parser<bhttp::buffer_body>>& parser) {
+void new_response_parser(std::optional<ResponseParser>& parser) {
   parser.emplace();
   parser->body_limit(boost::none);
   parser->header_limit(kUpstreamHeaderLimit);
@@ -1778,8 +1784,8 @@ void ClientSession::upstream_head(std::string& out, const Request& req, const Re
 // Reads response headers until the final one: interim responses (100 Continue, 103 Early
 // Hints) are consumed here and never reach the client, or the next response on this
 // connection would be misread as this one's body.
-asio::awaitable<error_code> read_final_header(
-    UpstreamConn& conn, std::optional<bhttp::response_parser<bhttp::buffer_body>>& parser) {
+asio::awaitable<error_code> read_final_header(UpstreamConn& conn,
+                                              std::optional<ResponseParser>& parser) {
   for (int interim = 0; interim < 8; ++interim) {
     new_response_parser(parser);
     auto op = on_upstream(conn, [&](auto& s) {
@@ -1802,7 +1808,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   const int metric_id = backend.metric_id();
   std::unique_ptr<UpstreamConn> conn;
   // One parser per response header: interim 1xx responses each need a fresh one.
-  std::optional<bhttp::response_parser<bhttp::buffer_body>> parser;
+  std::optional<ResponseParser> parser;
   std::string request_head;  // the upstream request's header, for this backend
   bool fast_head = false;    // the header was read directly: w_.resp_head holds it
   bool send_failed = false;  // the answer read after a failed send never makes the conn reusable
