@@ -4,6 +4,9 @@
 #include <boost/beast/core/string.hpp>
 #include <charconv>
 #include <cstring>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace llmproxy::http {
 
@@ -30,6 +33,27 @@ constexpr std::array<bool, 256> make_value() {
   return t;
 }
 constexpr std::array<bool, 256> kValue = make_value();
+
+// The first byte in [from, end) that cannot be in a field value or reason phrase (a control
+// byte other than HTAB, or DEL), or `end`. Sixteen bytes at a time where sixteen remain: a byte
+// is a control byte when max(byte, 0x1f) == 0x1f, unsigned.
+const char* first_non_value(const char* from, const char* end) {
+#if defined(__SSE2__)
+  const __m128i tab = _mm_set1_epi8('\t');
+  const __m128i last_control = _mm_set1_epi8(0x1f);
+  const __m128i del = _mm_set1_epi8(0x7f);
+  while (end - from >= 16) {
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(from));
+    const __m128i control = _mm_cmpeq_epi8(_mm_max_epu8(x, last_control), last_control);
+    const __m128i bad =
+        _mm_or_si128(_mm_andnot_si128(_mm_cmpeq_epi8(x, tab), control), _mm_cmpeq_epi8(x, del));
+    if (const int mask = _mm_movemask_epi8(bad); mask != 0) return from + __builtin_ctz(mask);
+    from += 16;
+  }
+#endif
+  while (from < end && kValue[static_cast<unsigned char>(*from)]) ++from;
+  return from;
+}
 
 // A comma-separated list of tokens (Connection), spaces only around the commas: what Beast
 // accepts there.
@@ -124,13 +148,11 @@ HeadParse parse_response_head(std::string_view bytes, ResponseHead& out) {
   // first; `bad` when something else ends it.
   bool bad = false;
   auto line_end = [&](const char* from) -> const char* {
-    const auto* cr = static_cast<const char*>(std::memchr(from, '\r', end - from));
-    if (!cr) cr = end;
-    for (const char* q = from; q < cr; ++q) {
-      if (!kValue[static_cast<unsigned char>(*q)]) {
-        bad = true;  // a control byte (a bare LF among them) before the CR
-        return q;
-      }
+    const char* cr = first_non_value(from, end);
+    if (cr == end) return nullptr;
+    if (*cr != '\r') {
+      bad = true;  // a control byte (a bare LF among them) before the CR
+      return cr;
     }
     if (end - cr < 2) return nullptr;
     if (cr[1] != '\n') bad = true;
@@ -171,16 +193,11 @@ HeadParse parse_response_head(std::string_view bytes, ResponseHead& out) {
   for (;;) {
     if (end - p < 2) return incomplete(bytes);
     if (p[0] == '\r' && p[1] == '\n') break;
-    const auto* colon = static_cast<const char*>(std::memchr(p, ':', end - p));
-    if (colon == p) return HeadParse::unsupported;
-    for (const char* q = p; q < (colon ? colon : end); ++q) {
-      if (!kTchar[static_cast<unsigned char>(*q)]) {
-        // Not a name (a line without a colon, folding, a bare LF...): Beast decides, once the
-        // bytes it needs to are there.
-        return HeadParse::unsupported;
-      }
-    }
-    if (!colon) return incomplete(bytes);  // a name cut short by the end of the bytes
+    const char* colon = p;
+    while (colon < end && kTchar[static_cast<unsigned char>(*colon)]) ++colon;
+    if (colon == end) return incomplete(bytes);  // a name cut short by the end of the bytes
+    // Not a name (an empty one, a line without a colon, folding, a bare LF...): Beast decides.
+    if (*colon != ':' || colon == p) return HeadParse::unsupported;
     eol = line_end(colon + 1);
     if (!eol) return incomplete(bytes);
     if (bad || out.count == out.fields.size()) return HeadParse::unsupported;
