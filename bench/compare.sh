@@ -131,6 +131,11 @@ bench_init llmproxy-compare
 chmod 711 "$work"  # nginx workers run as nobody when started by root: they must reach their temp dir
 BIN=$work/bin
 copy_binaries "$BIN" llmproxy llmproxy-mock llmproxy-loadgen
+# The sources the copied binaries were built from, as far as git knows them: read now, not after
+# the run (edits made meanwhile are not in these binaries; the results this run rewrites are not
+# sources).
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD -- . ":(exclude)$OUT" 2>/dev/null || commit="$commit + uncommitted changes"
 bin_built="$(date -u -r build/llmproxy '+%Y-%m-%d %H:%M:%S UTC'), sha256 $(sha256sum "$BIN/llmproxy" | cut -c1-12)"
 
 # loadgen (bench/lib.sh) runs $BIN/llmproxy-loadgen.
@@ -544,8 +549,6 @@ for mrun in $(seq "$MEM_RUNS"); do
 done
 
 # --- metadata, report, plot ----------------------------------------------------------------------
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD 2>/dev/null || commit="$commit + uncommitted changes"
 build_type=$(grep -m1 '^CMAKE_BUILD_TYPE:' build/CMakeCache.txt 2>/dev/null | cut -d= -f2)
 build_flags=$(grep -m1 "^CMAKE_CXX_FLAGS_$(tr '[:lower:]' '[:upper:]' <<<"${build_type:-RELEASE}"):" build/CMakeCache.txt 2>/dev/null | cut -d= -f2)
 pkver() { node -p "require('./$1/package.json').version" 2>/dev/null || echo '?'; }
