@@ -132,10 +132,10 @@ chmod 711 "$work"  # nginx workers run as nobody when started by root: they must
 BIN=$work/bin
 copy_binaries "$BIN" llmproxy llmproxy-mock llmproxy-loadgen
 # The sources the copied binaries were built from, as far as git knows them: read now, not after
-# the run (edits made meanwhile are not in these binaries; the results this run rewrites are not
-# sources).
+# the run (edits made meanwhile are not in these binaries); result files (bench/results, OUT)
+# are not sources.
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD -- . ":(exclude)$OUT" 2>/dev/null || commit="$commit + uncommitted changes"
+git diff --quiet HEAD -- . ":(exclude)bench/results" ":(exclude)$OUT" 2>/dev/null || commit="$commit + uncommitted changes"
 bin_built="$(date -u -r build/llmproxy '+%Y-%m-%d %H:%M:%S UTC'), sha256 $(sha256sum "$BIN/llmproxy" | cut -c1-12)"
 
 # loadgen (bench/lib.sh) runs $BIN/llmproxy-loadgen.
