@@ -132,10 +132,10 @@ chmod 711 "$work"  # nginx workers run as nobody when started by root: they must
 BIN=$work/bin
 copy_binaries "$BIN" llmproxy llmproxy-mock llmproxy-loadgen
 # The sources the copied binaries were built from, as far as git knows them: read now, not after
-# the run (edits made meanwhile are not in these binaries); result files (bench/results, OUT)
-# are not sources.
+# the run (edits made meanwhile are not in these binaries); result files (bench/results) are not
+# sources.
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD -- . ":(exclude)bench/results" ":(exclude)$OUT" 2>/dev/null || commit="$commit + uncommitted changes"
+git diff --quiet HEAD -- . ":(exclude)bench/results" 2>/dev/null || commit="$commit + uncommitted changes"
 bin_built="$(date -u -r build/llmproxy '+%Y-%m-%d %H:%M:%S UTC'), sha256 $(sha256sum "$BIN/llmproxy" | cut -c1-12)"
 
 # loadgen (bench/lib.sh) runs $BIN/llmproxy-loadgen.
@@ -365,6 +365,13 @@ run_load() {
       }' >>"$RAW/runs.jsonl"
     sed -n '1,2p' "$work/run.txt" | sed "s/^/  [$scen $case $peer $run] /" >&2
   fi
+  # A metered peer's records still queued or undelivered are drained now, outside every timed
+  # window, so that its writer and sink never run during the next peer's load. (Its CPU per request
+  # leaves out this drain: the queue holds milliseconds of records when the writer keeps up.)
+  if is_metered "$peer" && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    node bench/usage-tools.mjs settle "$url" --timeout-ms 60000 >"$work/settle.json" 2>&1 ||
+      note "[$scen $case $peer $run] its usage backlog did not drain within 60 s: $(tail -c 300 "$work/settle.json")"
+  fi
   if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
     deactivate "$peer" "exited during $scen $case run $run: $(tail -n 3 "$work/$peer.log" | tr '\n|' '  ')"
   fi
@@ -453,11 +460,18 @@ done
 if is_active llmproxy-hooked; then
   if node bench/usage-tools.mjs settle "${P_URL[llmproxy-hooked]}" --timeout-ms 60000 >"$work/hook-settle.json"; then
     logged=$(jnum "$work/hook-settle.json" log_records)
-    received=$(node -e 'fetch(process.argv[1] + "/mock/stats").then((r) => r.json()).then((j) => console.log(j.usage_records))' "$mock_url")
+    received=$(node -e 'fetch(process.argv[1] + "/mock/stats").then((r) => r.json()).then((j) => console.log(j.usage_records))' "$mock_url") ||
+      received=null
+    [[ $received =~ ^[0-9]+$ ]] || received=null
+    [[ $logged =~ ^[0-9]+$ ]] || logged=null
     printf '{"settled":true,"logged":%s,"received":%s}\n' "$logged" "$received" >"$RAW/hook-delivery.json"
     [ "$logged" = "$received" ] || note "llmproxy-hooked logged $logged records but the receiver got $received"
   else
-    printf '{"settled":false,"last":%s}\n' "$(tail -n 1 "$work/hook-settle.json" 2>/dev/null || echo null)" >"$RAW/hook-delivery.json"
+    last=null
+    if [ -s "$work/hook-settle.json" ] && tail -n 1 "$work/hook-settle.json" | node -e 'JSON.parse(require("fs").readFileSync(0, "utf8"))' 2>/dev/null; then
+      last=$(tail -n 1 "$work/hook-settle.json")
+    fi
+    printf '{"settled":false,"last":%s}\n' "$last" >"$RAW/hook-delivery.json"
     note "llmproxy-hooked did not drain its usage backlog within 60 s"
   fi
 fi

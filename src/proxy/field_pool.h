@@ -49,8 +49,10 @@ class FieldPool {
     ++l.count;
   }
 
-  // Blocks kept by this thread for `bytes` (for tests).
-  static std::size_t kept(std::size_t bytes) { return lists()[index(bytes)].count; }
+  // Blocks kept by this thread for `bytes` (for tests); 0 for sizes the pool does not keep.
+  static std::size_t kept(std::size_t bytes) {
+    return bytes == 0 || bytes > kMaxBytes ? 0 : lists()[index(bytes)].count;
+  }
 
  private:
   struct Node {
@@ -78,6 +80,8 @@ class FieldPool {
 // A stateless standard allocator over FieldPool, for bhttp::basic_fields<PoolAllocator<char>>.
 template <class T>
 struct PoolAllocator {
+  // Blocks come from operator new(size_t): aligned for anything not over-aligned.
+  static_assert(alignof(T) <= __STDCPP_DEFAULT_NEW_ALIGNMENT__);
   using value_type = T;
   using is_always_equal = std::true_type;
   PoolAllocator() = default;
