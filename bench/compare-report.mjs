@@ -362,26 +362,20 @@ if (meteredPeers.length) {
   P('| measure | metering | off | on | **on / off** (per run) | added CPU µs per request / stream |');
   P('|---|---|---|---|---|---|');
   const what = { 'llmproxy-metered': 'log', 'llmproxy-hooked': 'log + webhook' };
-  for (const mp of meteredPeers) {
-    if (nsCase) {
-      const off = runsOf('ns_closed', nsCase, 'llmproxy'), on = runsOf('ns_closed', nsCase, mp);
-      const rat = on.map((r, i) => ratio(v(r, 'rps'), v(off[i], 'rps')));
-      meterRatio[mp] = rat;
-      P(`| non-stream req/s (closed loop) | ${what[mp]} | ${spread(off.map((r) => v(r, 'rps')), 0, true)} | ${spread(on.map((r) => v(r, 'rps')), 0, true)} | **${spread(rat, 3)}** | ${spread(on.map((r, i) => diff(d(r, 'cpu_us_per_req'), d(off[i], 'cpu_us_per_req'))), 1)} |`);
-    }
+  if (nsCase) for (const mp of meteredPeers) {
+    const off = runsOf('ns_closed', nsCase, 'llmproxy'), on = runsOf('ns_closed', nsCase, mp);
+    const rat = on.map((r, i) => ratio(v(r, 'rps'), v(off[i], 'rps')));
+    meterRatio[mp] = rat;
+    P(`| non-stream req/s (closed loop) | ${what[mp]} | ${spread(off.map((r) => v(r, 'rps')), 0, true)} | ${spread(on.map((r) => v(r, 'rps')), 0, true)} | **${spread(rat, 3)}** | ${spread(on.map((r, i) => diff(d(r, 'cpu_us_per_req'), d(off[i], 'cpu_us_per_req'))), 1)} |`);
   }
-  for (const mp of meteredPeers) {
-    if (rateCase) {
-      const off = runsOf('ns_rate', rateCase, 'llmproxy'), on = runsOf('ns_rate', rateCase, mp);
-      P(`| non-stream latency p99 ms at ${params.ns_rate} req/s | ${what[mp]} | ${f(median(off.map((r) => v(r, 'latency_ms.p99'))), 3)} | ${f(median(on.map((r) => v(r, 'latency_ms.p99'))), 3)} | ${spread(on.map((r, i) => ratio(v(r, 'latency_ms.p99'), v(off[i], 'latency_ms.p99'))), 2)} | ${spread(on.map((r, i) => diff(d(r, 'cpu_us_per_req'), d(off[i], 'cpu_us_per_req'))), 1)} |`);
-    }
+  if (rateCase) for (const mp of meteredPeers) {
+    const off = runsOf('ns_rate', rateCase, 'llmproxy'), on = runsOf('ns_rate', rateCase, mp);
+    P(`| non-stream latency p99 ms at ${params.ns_rate} req/s | ${what[mp]} | ${f(median(off.map((r) => v(r, 'latency_ms.p99'))), 3)} | ${f(median(on.map((r) => v(r, 'latency_ms.p99'))), 3)} | ${spread(on.map((r, i) => ratio(v(r, 'latency_ms.p99'), v(off[i], 'latency_ms.p99'))), 2)} | ${spread(on.map((r, i) => diff(d(r, 'cpu_us_per_req'), d(off[i], 'cpu_us_per_req'))), 1)} |`);
   }
-  for (const mp of meteredPeers) {
-    if (stCases.length) {
-      const cas = stCases[0];
-      const off = runsOf('stream', cas, 'llmproxy'), on = runsOf('stream', cas, mp);
-      P(`| ${cas.slice(1)} streams: TTFT p99 ms | ${what[mp]} | ${f(median(off.map((r) => v(r, 'ttft_ms.p99'))), 2)} | ${f(median(on.map((r) => v(r, 'ttft_ms.p99'))), 2)} | ${spread(on.map((r, i) => ratio(v(r, 'ttft_ms.p99'), v(off[i], 'ttft_ms.p99'))), 3)} | ${spread(on.map((r, i) => diff(d(r, 'cpu_us_per_req'), d(off[i], 'cpu_us_per_req'))), 0)} |`);
-    }
+  if (stCases.length) for (const mp of meteredPeers) {
+    const cas = stCases[0];
+    const off = runsOf('stream', cas, 'llmproxy'), on = runsOf('stream', cas, mp);
+    P(`| ${cas.slice(1)} streams: TTFT p99 ms | ${what[mp]} | ${f(median(off.map((r) => v(r, 'ttft_ms.p99'))), 2)} | ${f(median(on.map((r) => v(r, 'ttft_ms.p99'))), 2)} | ${spread(on.map((r, i) => ratio(v(r, 'ttft_ms.p99'), v(off[i], 'ttft_ms.p99'))), 3)} | ${spread(on.map((r, i) => diff(d(r, 'cpu_us_per_req'), d(off[i], 'cpu_us_per_req'))), 0)} |`);
   }
   P();
   if (meteredPeers.includes('llmproxy-hooked')) {

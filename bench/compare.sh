@@ -164,7 +164,8 @@ peer_headers() {
   fi
 }
 
-# llmproxy_config FILE USAGE_YAML
+# llmproxy_config FILE METERING: metering off, on or hook (bench/lib.sh metering_yaml; the webhook
+# goes to the mock's own receiver, POST /mock/usage), health checks off.
 llmproxy_config() {
   cat >"$1" <<YAML
 listen: "127.0.0.1:0"
@@ -173,12 +174,10 @@ server:
   access_log: false
   drain_timeout: 2s
   max_connections: 20000
-health_check:
-  enabled: false
 backends:
   - url: "$mock_url"
     name: mock
-$2
+$(metering_yaml "$2" "${1%.yaml}-usage.db" "$mock_url/mock")
 YAML
 }
 
@@ -189,23 +188,11 @@ start_peer() {
   local name=$1 kind=$2 pid url port dir
   case "$kind" in
     llmproxy | llmproxy-metered | llmproxy-hooked)
-      if [ "$kind" = llmproxy ]; then
-        llmproxy_config "$work/$name.yaml" "usage:
-  enabled: false"
-      elif [ "$kind" = llmproxy-metered ]; then
-        llmproxy_config "$work/$name.yaml" "usage:
-  enabled: true
-  log_path: \"$work/$name-usage.db\""
-      else
-        llmproxy_config "$work/$name.yaml" "usage:
-  enabled: true
-  log_path: \"$work/$name-usage.db\"
-usage_hook:
-  enabled: true
-  url: \"$mock_url/mock/usage\"
-  batch_size: 100
-  batch_interval: 200ms"
-      fi
+      case "$kind" in
+        llmproxy) llmproxy_config "$work/$name.yaml" off ;;
+        llmproxy-metered) llmproxy_config "$work/$name.yaml" on ;;
+        llmproxy-hooked) llmproxy_config "$work/$name.yaml" hook ;;
+      esac
       start_server url pid "$work/$name.log" "$CPU_PROXY" "$BIN/llmproxy" --config "$work/$name.yaml" || {
         P_FAIL[$name]="did not start: $(tail -n 3 "$work/$name.log" | tr '\n|' '  ')"
         stop_pid "$pid" "$name"

@@ -50,10 +50,9 @@ start_server mock mock_pid "$work/mock.log" "$CPU_LOAD" build/llmproxy-mock --li
 cat >"$work/gw.yaml" <<YAML
 listen: "127.0.0.1:0"
 server: { workers: 1, access_log: false, max_connections: 20000 }
-health_check: { enabled: false }
-usage: $([ "$METERING" = 1 ] && echo "{ enabled: true, log_path: \"$work/usage.db\" }" || echo "{ enabled: false }")
 backends:
   - url: "$mock"
+$(metering_yaml "$([ "$METERING" = 1 ] && echo on || echo off)" "$work/usage.db")
 YAML
 start_server gw gw_pid "$work/gw.log" "$CPU_PROXY" build/llmproxy --config "$work/gw.yaml" || exit 1
 gw_port=${gw##*:}

@@ -22,6 +22,7 @@ using testing::make_sink;
 using testing::now_ms;
 using testing::Receiver;
 using testing::request_id;
+using testing::submit_range;
 using testing::TempDir;
 
 auto soon() {
@@ -162,7 +163,7 @@ TEST(UsagePipeline, RetriesFailuresUntilDelivered) {
   Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("hook", rx.url())});
   p.start();
   constexpr int N = 20;
-  for (int i = 0; i < N; ++i) p.submit(make_record(i));
+  submit_range(p, 0, N);
   WAIT_FOR(delivered(p) == N);
   EXPECT_EQ(delivered_ids(rx), expected_ids(0, N));
   auto st = sink(p.stats(), "hook");
@@ -187,7 +188,7 @@ TEST(UsagePipeline, ReceiverDownThenUp) {
   Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
   p.start();
   constexpr int N = 30;
-  for (int i = 0; i < N; ++i) p.submit(make_record(i));
+  submit_range(p, 0, N);
   WAIT_FOR(sink(p.stats(), "hook").failed >= 3);  // connection refused, several times
   EXPECT_EQ(delivered(p), 0u);
   EXPECT_EQ(sink(p.stats(), "hook").backlog, N);
@@ -211,7 +212,7 @@ TEST(UsagePipeline, HangingReceiverTimesOutThenRecovers) {
   Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
   p.start();
   constexpr int N = 10;
-  for (int i = 0; i < N; ++i) p.submit(make_record(i));
+  submit_range(p, 0, N);
   WAIT_FOR(delivered(p) == N);
   // Two timeouts (more only if this machine is too loaded to answer within 150 ms).
   EXPECT_GE(sink(p.stats(), "hook").failed, 2u);
@@ -234,7 +235,7 @@ TEST(UsagePipeline, ClosedWithoutAnswerIsAFailure) {
   });
   Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("hook", rx.url())});
   p.start();
-  for (int i = 0; i < 5; ++i) p.submit(make_record(i));
+  submit_range(p, 0, 5);
   WAIT_FOR(delivered(p) == 5);
   EXPECT_EQ(delivered_ids(rx), expected_ids(0, 5));
   EXPECT_GE(sink(p.stats(), "hook").failed, 1u);
@@ -254,7 +255,7 @@ TEST(UsagePipeline, PermanentRejectionIsDeadLetteredNotRetried) {
   });
   Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("hook", rx.url())});
   p.start();
-  for (int i = 0; i < 5; ++i) p.submit(make_record(i));
+  submit_range(p, 0, 5);
   WAIT_FOR(delivered(p) == 4);
   auto st = sink(p.stats(), "hook");
   EXPECT_EQ(st.dead_letters, 1u);
@@ -289,7 +290,7 @@ TEST(UsagePipeline, BatchesAreArraysAndEveryRecordArrivesOnce) {
   Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
   p.start();
   constexpr int N = 100;
-  for (int i = 0; i < N; ++i) p.submit(make_record(i));
+  submit_range(p, 0, N);
   WAIT_FOR(delivered(p) == N);
   p.stop(soon());
   auto got = rx.accepted();
@@ -314,7 +315,7 @@ TEST(UsagePipeline, CursorIsStoredBeforeTheSinkWaits) {
   Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
   p.start();
   constexpr int N = 2000;
-  for (int i = 0; i < N; ++i) p.submit(make_record(i));
+  submit_range(p, 0, N);
   WAIT_FOR(delivered(p) == N);
   UsageLog log(UsageLog::Mode::read_only, dir.file("usage.db"));
   WAIT_FOR(log.cursor("hook").value_or(0) == N);
@@ -336,7 +337,7 @@ TEST(UsagePipeline, CursorIsStoredBeforeABackoff) {
   cfg.max_backoff = 50ms;
   Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
   p.start();
-  for (int i = 0; i < 10; ++i) p.submit(make_record(i));
+  submit_range(p, 0, 10);
   WAIT_FOR(sink(p.stats(), "hook").failed >= 1);
   EXPECT_EQ(delivered(p), 5u);
   UsageLog log(UsageLog::Mode::read_only, dir.file("usage.db"));
@@ -350,7 +351,7 @@ TEST(UsagePipeline, BatchFillsUpToBatchIntervalThenGoes) {
   auto cfg = batched_sink(rx.url(), 1000, 50ms);
   Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
   p.start();
-  for (int i = 0; i < 3; ++i) p.submit(make_record(i));
+  submit_range(p, 0, 3);
   // Far fewer than batch_size: sent anyway once batch_interval has passed.
   WAIT_FOR(delivered(p) == 3);
   EXPECT_EQ(delivered_ids(rx), expected_ids(0, 3));
@@ -368,7 +369,7 @@ TEST(UsagePipeline, FailedBatchIsResentUnchanged) {
   auto cfg = batched_sink(rx.url(), 5, 500ms);
   Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
   // Queue everything before start so that the first batch is full.
-  for (int i = 0; i < 12; ++i) p.submit(make_record(i));
+  submit_range(p, 0, 12);
   p.start();
   WAIT_FOR(delivered(p) == 12);
   auto all = rx.requests();
@@ -393,7 +394,7 @@ TEST(UsagePipeline, SignsBodiesWithHmac) {
     cfg.batch_size = batch;
     Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
     p.start();
-    for (int i = 0; i < 8; ++i) p.submit(make_record(i));
+    submit_range(p, 0, 8);
     WAIT_FOR(delivered(p, cfg.name) == 8);
     p.stop(soon());
   }
@@ -422,10 +423,10 @@ TEST(UsagePipeline, RestartResumesFromTheStoredCursor) {
     auto cfg = make_sink("hook", rx.url());
     Pipeline p(testing::disk_config(path), {cfg});
     p.start();
-    for (int i = 0; i < 10; ++i) p.submit(make_record(i));
+    submit_range(p, 0, 10);
     WAIT_FOR(delivered(p) == 10);
     rx.stop();  // the receiver goes away
-    for (int i = 10; i < 25; ++i) p.submit(make_record(i));
+    submit_range(p, 10, 25);
     WAIT_FOR(p.stats().logged == 25 && sink(p.stats(), "hook").failed > 0);
     p.stop(std::chrono::steady_clock::now() + 100ms);
     EXPECT_EQ(sink(p.stats(), "hook").backlog, 15);
@@ -452,7 +453,7 @@ TEST(UsagePipeline, StopDeliversTheBacklogBeforeTheDeadline) {
   Receiver rx;
   Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("hook", rx.url())});
   p.start();
-  for (int i = 0; i < 50; ++i) p.submit(make_record(i));
+  submit_range(p, 0, 50);
   p.stop(soon());  // right away: the queue is drained into the log, then delivered
   EXPECT_EQ(p.stats().logged, 50u);
   EXPECT_EQ(delivered(p), 50u);
@@ -466,7 +467,7 @@ TEST(UsagePipeline, StopWithoutStartStillCommits) {
   TempDir dir;
   {
     Pipeline p(testing::disk_config(dir.file("usage.db")), {});
-    for (int i = 0; i < 5; ++i) p.submit(make_record(i));
+    submit_range(p, 0, 5);
   }  // destructor stops
   Db db(dir.file("usage.db"));
   EXPECT_EQ(db.number("SELECT count(*) FROM records"), 5);
@@ -479,7 +480,7 @@ TEST(UsagePipeline, NewSinkStartsAtHeadUnlessReplay) {
   {
     Pipeline p(testing::disk_config(path), {make_sink("a", a.url())});
     p.start();
-    for (int i = 0; i < 5; ++i) p.submit(make_record(i));
+    submit_range(p, 0, 5);
     WAIT_FOR(delivered(p, "a") == 5);
     p.stop(soon());
   }
@@ -491,7 +492,7 @@ TEST(UsagePipeline, NewSinkStartsAtHeadUnlessReplay) {
   Pipeline p(testing::disk_config(path), {make_sink("a", a.url()), sb, sc, disabled});
   EXPECT_EQ(p.stats().sinks.size(), 3u);  // the disabled sink is not run
   p.start();
-  for (int i = 5; i < 8; ++i) p.submit(make_record(i));
+  submit_range(p, 5, 8);
   WAIT_FOR(delivered(p, "a") == 3 && delivered(p, "b") == 3 && delivered(p, "c") == 8);
   p.stop(soon());
   EXPECT_EQ(delivered_ids(a), expected_ids(0, 8));
@@ -507,16 +508,16 @@ TEST(UsagePipeline, ReconfigureAddsChangesAndRemovesSinks) {
   Receiver a, a2, b;
   Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("a", a.url())});
   p.start();
-  for (int i = 0; i < 5; ++i) p.submit(make_record(i));
+  submit_range(p, 0, 5);
   WAIT_FOR(delivered(p, "a") == 5);
 
   EXPECT_NE(p.reconfigure({make_sink("a", a.url()), make_sink("b", b.url())}), "");
-  for (int i = 5; i < 10; ++i) p.submit(make_record(i));
+  submit_range(p, 5, 10);
   WAIT_FOR(delivered(p, "a") == 10 && delivered(p, "b") == 5);
   EXPECT_EQ(a.connections(), 1u);  // "a" was not restarted: same kept-alive connection
 
   p.reconfigure({make_sink("a", a2.url("/moved"))});  // "a" changed, "b" removed
-  for (int i = 10; i < 15; ++i) p.submit(make_record(i));
+  submit_range(p, 10, 15);
   WAIT_FOR(delivered(p, "a") == 15);
   auto st = p.stats();
   ASSERT_EQ(st.sinks.size(), 1u);
@@ -540,7 +541,7 @@ TEST(UsagePipeline, ReconfigureWithAnInvalidSinkChangesNothing) {
   EXPECT_THROW(p.reconfigure({make_sink("a", "ftp://nowhere/x")}), std::runtime_error);
   EXPECT_THROW(p.reconfigure({make_sink("a", a.url()), make_sink("a", a.url("/2"))}),
                std::runtime_error);
-  for (int i = 0; i < 3; ++i) p.submit(make_record(i));
+  submit_range(p, 0, 3);
   WAIT_FOR(delivered(p, "a") == 3);
   EXPECT_EQ(a.connections(), 1u);
   p.stop(soon());
@@ -562,7 +563,7 @@ TEST(UsagePipeline, ReconfigureReplacesASinkInBackoff) {
   cfg.max_backoff = std::chrono::milliseconds(60'000);
   Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
   p.start();
-  for (int i = 0; i < 4; ++i) p.submit(make_record(i));
+  submit_range(p, 0, 4);
   WAIT_FOR(sink(p.stats(), "hook").failed >= 2);  // in the slow lane now
   p.reconfigure({make_sink("hook", good.url())});
   WAIT_FOR(delivered(p) == 4);
@@ -577,7 +578,7 @@ TEST(UsagePipeline, MemoryDurabilityDelivers) {
   u.durability = config::Durability::memory;
   Pipeline p(u, {make_sink("hook", rx.url())});
   p.start();
-  for (int i = 0; i < 50; ++i) p.submit(make_record(i));
+  submit_range(p, 0, 50);
   WAIT_FOR(delivered(p) == 50);
   EXPECT_EQ(delivered_ids(rx), expected_ids(0, 50));
   EXPECT_EQ(p.stats().logged, 50u);
@@ -749,7 +750,7 @@ TEST(UsagePipeline, DISABLED_BatchThroughput) {
     u.queue_size = 1'000'000;
     Pipeline p(u, {cfg});
     const int n = batch == 1 ? 20'000 : 200'000;
-    for (int i = 0; i < n; ++i) p.submit(make_record(i));  // queued before start
+    submit_range(p, 0, n);  // queued before start
     auto t0 = std::chrono::steady_clock::now();
     p.start();
     WAIT_FOR(p.stats().logged == static_cast<std::uint64_t>(n));

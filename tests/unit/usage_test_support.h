@@ -374,6 +374,12 @@ inline UsageRecord make_record(int i, std::int64_t ts_ms = now_ms()) {
   return r;
 }
 
+// Submits make_record(from) .. make_record(to - 1) to a pipeline, ignoring what submit returns.
+template <class Pipeline>
+void submit_range(Pipeline& p, int from, int to) {
+  for (int i = from; i < to; ++i) p.submit(make_record(i));
+}
+
 inline config::SinkConfig make_sink(const std::string& name, const std::string& url) {
   config::SinkConfig s;
   s.name = name;

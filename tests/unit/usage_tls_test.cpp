@@ -20,6 +20,7 @@ using namespace std::chrono_literals;
 using testing::make_record;
 using testing::make_sink;
 using testing::Receiver;
+using testing::submit_range;
 using testing::TempDir;
 
 struct Cert {
@@ -100,7 +101,7 @@ TEST_F(UsageTls, DeliversOverVerifiedHttps) {
   Receiver rx(0, cert.server);
   Pipeline p(testing::disk_config(dir_.file("usage.db")), {make_sink("hook", https(rx))});
   p.start();
-  for (int i = 0; i < 5; ++i) p.submit(make_record(i));
+  submit_range(p, 0, 5);
   WAIT_FOR(p.stats().sinks[0].delivered == 5);
   p.stop(std::chrono::steady_clock::now() + 10s);
   auto got = rx.accepted();

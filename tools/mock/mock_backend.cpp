@@ -620,16 +620,19 @@ void apply_body_controls(simdjson::dom::object mock, Controls& controls) {
 
 enum class BodyError { kNone, kInvalidJson, kNotObject };
 
-BodyError inspect_body(Connection& c, BodyInfo& info) {
+// Parses the request body with the thread's parser into `doc`; false when it is not JSON.
+bool parse_body(Connection& c, simdjson::dom::element& doc) {
   // simdjson reads up to SIMDJSON_PADDING bytes past the end; give it that room in place.
   const std::size_t len = c.body.size();
   if (c.body.capacity() < len + simdjson::SIMDJSON_PADDING) {
     c.body.reserve(len + simdjson::SIMDJSON_PADDING);
   }
+  return c.worker.json.parse(c.body.data(), len, false).get(doc) == simdjson::SUCCESS;
+}
+
+BodyError inspect_body(Connection& c, BodyInfo& info) {
   simdjson::dom::element doc;
-  if (c.worker.json.parse(c.body.data(), len, false).get(doc) != simdjson::SUCCESS) {
-    return BodyError::kInvalidJson;
-  }
+  if (!parse_body(c, doc)) return BodyError::kInvalidJson;
   simdjson::dom::object obj;
   if (doc.get_object().get(obj) != simdjson::SUCCESS) return BodyError::kNotObject;
   for (auto field : obj) {
@@ -1109,13 +1112,9 @@ asio::awaitable<Outcome> handle_tokenize(Connection& c, bool keep_alive) {
 // with a string request_id counts as a record. Anything else is answered 400, which a sink
 // treats as a permanent rejection: a benchmark that miscounts shows it.
 asio::awaitable<Outcome> handle_usage(Connection& c, bool keep_alive) {
-  const std::size_t len = c.body.size();
-  if (c.body.capacity() < len + simdjson::SIMDJSON_PADDING) {
-    c.body.reserve(len + simdjson::SIMDJSON_PADDING);
-  }
   std::int64_t records = -1;
   simdjson::dom::element doc;
-  if (c.worker.json.parse(c.body.data(), len, false).get(doc) == simdjson::SUCCESS) {
+  if (parse_body(c, doc)) {
     auto is_record = [](simdjson::dom::element e) {
       std::string_view id;
       return e.at_key("request_id").get_string().get(id) == simdjson::SUCCESS;
