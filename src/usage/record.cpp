@@ -40,9 +40,32 @@ void append_digits(char* p, int value, int width) {
 // A JSON number with at most three decimals and no trailing zeros ("12.5", "7", "0.125").
 char* put_millis(char* p, double v) {
   if (!std::isfinite(v)) v = 0;
+  // Most values take an integer path: when 0 <= v * 1000 < 2^40 (about 12 days), the product is
+  // off by at most 2^-13 from the exact one, so unless its thousandths are within 1/1000 of a tie
+  // it rounds to the integer to_chars would round the exact value to. Ties and the rest go to
+  // to_chars.
+  const double m = v * 1000;
+  if (m >= 0 && m < 0x1p40) {
+    const double whole = std::floor(m);
+    const double frac = m - whole;
+    if (std::fabs(frac - 0.5) > 1e-3) {
+      const auto n = static_cast<std::uint64_t>(whole) + (frac > 0.5 ? 1 : 0);
+      p = std::to_chars(p, p + 20, n / 1000).ptr;
+      auto decimals = static_cast<unsigned>(n % 1000);
+      if (decimals != 0) {
+        char d[4] = {'.', static_cast<char>('0' + decimals / 100),
+                     static_cast<char>('0' + decimals / 10 % 10),
+                     static_cast<char>('0' + decimals % 10)};
+        std::size_t len = 4;
+        while (d[len - 1] == '0') --len;
+        p = put(p, std::string_view(d, len));
+      }
+      return p;
+    }
+  }
   char buf[64];
   auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::fixed, 3);
-  if (ec != std::errc()) end = buf + (buf[0] = '0', 1);
+  if (ec != std::errc()) return put(p, "0");  // too large for buf (the trim below needs a '.')
   std::string_view text(buf, static_cast<std::size_t>(end - buf));
   while (text.back() == '0') text.remove_suffix(1);
   if (text.back() == '.') text.remove_suffix(1);

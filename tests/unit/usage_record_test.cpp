@@ -1,10 +1,14 @@
 // The usage record's JSON: the seed's webhook fields byte for byte (names, order, types), then
 // the additions; escaping checked by parsing the output back with simdjson, a real JSON parser.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <simdjson.h>
 
+#include <charconv>
+#include <cmath>
 #include <cstdint>
 #include <ctime>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -116,6 +120,39 @@ TEST(UsageRecord, MillisecondsHaveAtMostThreeDecimals) {
   EXPECT_EQ(field(0.0126), "0.013");
   EXPECT_EQ(field(99999.9999), "100000");
   EXPECT_EQ(field(std::numeric_limits<double>::quiet_NaN()), "0");
+  EXPECT_EQ(field(-2.5), "-2.5");
+  EXPECT_EQ(field(1e300), "0");  // beyond the 64-byte buffer: written as 0
+  // Against to_chars (fixed, 3 decimals, trailing zeros dropped) over values of every magnitude,
+  // ties (x.xxx5 are rarely exact in binary) and their neighbours included.
+  auto expected = [](double d) {
+    char buf[400];
+    auto end = std::to_chars(buf, buf + sizeof buf, d, std::chars_format::fixed, 3).ptr;
+    std::string t(buf, end);
+    while (t.back() == '0') t.pop_back();
+    if (t.back() == '.') t.pop_back();
+    return t == "-0" ? std::string("0") : t;
+  };
+  std::mt19937_64 rng(7);
+  std::vector<double> values;
+  for (int i = 0; i < 20000; ++i) {
+    double scale = std::pow(10.0, std::uniform_int_distribution<int>(-4, 12)(rng));
+    values.push_back(std::uniform_real_distribution<double>(0, scale)(rng));
+    // Half-thousandths: 0.0005, 1.2345, ... and the doubles around them.
+    double tie = (static_cast<double>(rng() % 100'000'000) + 0.5) / 1000;
+    values.push_back(tie);
+    values.push_back(std::nextafter(tie, 0.0));
+    values.push_back(std::nextafter(tie, 1e18));
+  }
+  for (double d : {0.0, 0.001, 0.0015, 1.0005, 2.0005, 1099511627.7765, 0x1p30, 0x1p40 / 1000}) {
+    values.push_back(d);
+  }
+  int mismatches = 0;
+  for (double d : values) {
+    if (field(d) != expected(d) && ++mismatches <= 5) {
+      ADD_FAILURE() << fmt::format("{:.17g}: {} vs to_chars {}", d, field(d), expected(d));
+    }
+  }
+  EXPECT_EQ(mismatches, 0);
 }
 
 TEST(UsageRecord, StringEscaping) {
