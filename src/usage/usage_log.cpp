@@ -342,25 +342,17 @@ std::int64_t UsageLog::append(std::span<const PendingRecord> records) {
 
 void UsageLog::insert_batch(std::int64_t first, std::int64_t last, std::int64_t min_ts,
                             std::int64_t max_ts, std::string_view text, std::string_view meta) {
-  {
-    auto& st = stmt(kInsert,
-                    "INSERT INTO record_batches(first_seq, last_seq, min_ts_ms, max_ts_ms, "
-                    "records, meta) VALUES(?,?,?,?,?,?)");
-    Use u(st.s);
-    u.i64(1, first);
-    u.i64(2, last);
-    u.i64(3, min_ts);
-    u.i64(4, max_ts);
-    u.text(5, text);
-    sqlite3_bind_blob(st.s, 6, meta.data(), static_cast<int>(meta.size()), SQLITE_STATIC);
-    step_done(st.s, "insert records");
-  }
-  auto& st = stmt(kHeadSet,
-                  "INSERT INTO log_head(id, seq) VALUES(1, ?) "
-                  "ON CONFLICT(id) DO UPDATE SET seq=excluded.seq");
+  auto& st = stmt(kInsert,
+                  "INSERT INTO record_batches(first_seq, last_seq, min_ts_ms, max_ts_ms, "
+                  "records, meta) VALUES(?,?,?,?,?,?)");
   Use u(st.s);
-  u.i64(1, last);
-  step_done(st.s, "store head");
+  u.i64(1, first);
+  u.i64(2, last);
+  u.i64(3, min_ts);
+  u.i64(4, max_ts);
+  u.text(5, text);
+  sqlite3_bind_blob(st.s, 6, meta.data(), static_cast<int>(meta.size()), SQLITE_STATIC);
+  step_done(st.s, "insert records");
 }
 
 // Version 1 (one row per record, AUTOINCREMENT seq) to version 2, inside the caller's
@@ -399,7 +391,11 @@ std::int64_t UsageLog::head() {
 }
 
 std::int64_t UsageLog::head_locked() {
-  auto& st = stmt(kHead, "SELECT seq FROM log_head WHERE id=1");
+  // The newest batch's last seq, unless deletes took it: then log_head, which every delete
+  // brings up to the head first (a commit need not write it: one page less per commit).
+  auto& st = stmt(kHead,
+                  "SELECT max(coalesce((SELECT last_seq FROM record_batches ORDER BY first_seq "
+                  "DESC LIMIT 1), 0), coalesce((SELECT seq FROM log_head WHERE id=1), 0))");
   Use u(st.s);
   int rc = sqlite3_step(st.s);
   if (rc == SQLITE_ROW) return sqlite3_column_int64(st.s, 0);
@@ -509,6 +505,18 @@ void UsageLog::dead_letter(const DeadLetterRow& row) {
 std::int64_t UsageLog::delete_records(std::int64_t max_seq, std::optional<std::int64_t> before_ms,
                                       int limit) {
   std::lock_guard lk(mu_);
+  Transaction tx(db_);
+  if (tx.begin_rc() != SQLITE_OK) fail(tx.begin_rc(), "begin transaction");
+  {
+    // The head is kept in log_head before the batch that holds it can go (see head_locked).
+    const std::int64_t head = head_locked();
+    auto& st = stmt(kHeadSet,
+                    "INSERT INTO log_head(id, seq) VALUES(1, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET seq=max(seq, excluded.seq)");
+    Use u(st.s);
+    u.i64(1, head);
+    step_done(st.s, "store head");
+  }
   // Whole batches only: every record of one must be at or below max_seq (and, with before_ms,
   // the newest one older than it). first_seq is the rowid; max_ts_ms has an index.
   auto& st = stmt(kDeleteRecords,
@@ -523,6 +531,9 @@ std::int64_t UsageLog::delete_records(std::int64_t max_seq, std::optional<std::i
   int rc;
   while ((rc = sqlite3_step(st.s)) == SQLITE_ROW) n += sqlite3_column_int64(st.s, 0);
   if (rc != SQLITE_DONE) fail(rc, "delete records");
+  sqlite3_reset(st.s);  // before the commit: a statement still stepping would hold it open
+  rc = tx.commit();
+  if (rc != SQLITE_OK) fail(rc, "commit");
   if (cached_.last_seq <= max_seq) cached_ = CachedBatch{};
   return n;
 }

@@ -14,10 +14,11 @@
 // file). This trades the last few hundred milliseconds on a power cut for commits that cost
 // microseconds instead of an fsync each.
 //
-// Records are stored one row per group commit (see kSchema in usage_log.cpp), numbered by seq:
-// the head (the last seq assigned) is stored with every commit, so a seq never repeats, even after
-// deletes: a cursor names "everything up to seq N is done" forever. Retention and pruning delete
-// whole commit groups.
+// Records are stored one row per group commit (see kSchema in usage_log.cpp), numbered by seq.
+// The head (the last seq assigned) is the newest row's last seq; a delete first stores it in
+// log_head (a commit does not: that would be a third page written per commit), so a seq never
+// repeats, even after deletes: a cursor names "everything up to seq N is done" forever. Retention
+// and pruning delete whole commit groups.
 #pragma once
 
 #include <cstdint>

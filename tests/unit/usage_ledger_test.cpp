@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <simdjson.h>
 
+#include <filesystem>
 #include <span>
 
 #include "usage/ledger.h"
@@ -348,6 +349,61 @@ TEST(UsageLog, ConvertsAVersion1Log) {
   EXPECT_EQ(rows[0].prompt_tokens, 11 + 12 + 13);
   EXPECT_EQ(rows[1].keys[0], "bob");
   EXPECT_EQ(rows[1].total_tokens, 10);
+}
+
+// An integer PRAGMA as the log's own connection sees it (wal_autocheckpoint is per connection).
+std::int64_t pragma_of(UsageLog& log, const char* sql) {
+  auto lk = log.lock();
+  sqlite3_stmt* s = nullptr;
+  if (sqlite3_prepare_v2(log.raw(), sql, -1, &s, nullptr) != SQLITE_OK) return -1;
+  std::int64_t v = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : -1;
+  sqlite3_finalize(s);
+  return v;
+}
+
+// Appends `n` records after the log's head; returns the new head.
+std::int64_t append_some(UsageLog& log, int n) {
+  std::vector<std::string> jsons;
+  std::vector<PendingRecord> pending;
+  for (int i = 0; i < n; ++i) jsons.push_back(to_json(rec("carol", "llama", kJan14 + i, 1, 2)));
+  for (const auto& j : jsons) pending.push_back({kJan14, kJan14 + 1, j});
+  return log.append(pending);
+}
+
+// What a commit costs on disk is bounded: the WAL grows by two pages per one-record commit (the
+// batch's B-tree leaf and the index leaf; the head is not stored by commits, only by deletes).
+TEST(UsageLog, ASmallCommitWritesTwoPages) {
+  TempDir dir;
+  const std::string path = dir.file("usage.db");
+  UsageLog log(UsageLog::Mode::disk, path, true);
+  append_some(log, 1);
+  const auto wal = [&] { return std::filesystem::file_size(path + "-wal"); };
+  const auto before = wal();
+  constexpr int kCommits = 20;
+  for (int i = 0; i < kCommits; ++i) append_some(log, 1);
+  const auto frame = static_cast<double>(24 + pragma_of(log, "PRAGMA page_size"));
+  const double frames = static_cast<double>(wal() - before) / frame / kCommits;
+  EXPECT_GE(frames, 1.0);
+  EXPECT_LE(frames, 2.5);  // 3 when every commit also stored the head
+}
+
+// The head survives deletes of every record and a restart: a seq is never given out twice.
+TEST(UsageLog, HeadOutlivesDeletedRecords) {
+  TempDir dir;
+  const std::string path = dir.file("usage.db");
+  {
+    UsageLog log(UsageLog::Mode::disk, path, true);
+    EXPECT_EQ(append_some(log, 3), 3);
+    EXPECT_EQ(append_some(log, 3), 6);
+    EXPECT_EQ(log.delete_records(6, std::nullopt, 100), 6);
+    EXPECT_EQ(log.count_records(), 0);
+    EXPECT_EQ(log.head(), 6);
+  }
+  UsageLog log(UsageLog::Mode::disk, path, true);
+  EXPECT_EQ(log.head(), 6);
+  EXPECT_EQ(append_some(log, 1), 7);
+  EXPECT_EQ(log.delete_records(3, std::nullopt, 100), 0);  // no batch lies wholly below 3
+  EXPECT_EQ(log.head(), 7);
 }
 
 }  // namespace
