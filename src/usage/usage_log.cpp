@@ -14,8 +14,12 @@ namespace llmproxy::usage {
 namespace {
 
 // 1: one row per record (columns + json). 2: one row per group commit (record_batches), which
-// costs the writer a fraction per record; a version-1 file is converted on open.
-constexpr int kSchemaVersion = 2;
+// costs the writer a fraction per record; a version-1 file is converted on open. 3: commits no
+// longer store the head in log_head (a trigger raises it on delete); a version-2 build would take
+// log_head alone for the head and give seqs out again, so the version tells it to refuse the
+// file. A version-2 file needs no conversion: its log_head is the head, and kSchema adds the
+// trigger.
+constexpr int kSchemaVersion = 3;
 // A lock held by another process (an operator's sqlite3 shell, a backup) is waited for this long
 // before an operation reports busy; the pipeline then retries from its own loop, where stop()
 // can interrupt it.
@@ -40,6 +44,10 @@ CREATE TABLE IF NOT EXISTS log_head (
   id INTEGER PRIMARY KEY CHECK (id = 1),
   seq INTEGER NOT NULL
 );
+CREATE TRIGGER IF NOT EXISTS record_batches_keep_head AFTER DELETE ON record_batches BEGIN
+  INSERT INTO log_head(id, seq) VALUES(1, old.last_seq)
+    ON CONFLICT(id) DO UPDATE SET seq = excluded.seq WHERE excluded.seq > log_head.seq;
+END;
 CREATE VIEW IF NOT EXISTS records AS
   SELECT b.first_seq + r.key AS seq, r.value AS json
   FROM record_batches AS b, json_each(b.records) AS r;
@@ -113,7 +121,6 @@ std::string_view request_id_of(std::string_view json) {
 
 enum StatementIndex {
   kInsert,
-  kHeadSet,
   kHead,
   kCursorGet,
   kCursorSet,
@@ -391,8 +398,9 @@ std::int64_t UsageLog::head() {
 }
 
 std::int64_t UsageLog::head_locked() {
-  // The newest batch's last seq, unless deletes took it: then log_head, which every delete
-  // brings up to the head first (a commit need not write it: one page less per commit).
+  // The newest batch's last seq, unless deletes took it: then log_head, which the trigger on
+  // record_batches raises on every delete, by SQL typed by hand too (a commit need not write
+  // it: one page less per commit).
   auto& st = stmt(kHead,
                   "SELECT max(coalesce((SELECT last_seq FROM record_batches ORDER BY first_seq "
                   "DESC LIMIT 1), 0), coalesce((SELECT seq FROM log_head WHERE id=1), 0))");
@@ -505,18 +513,6 @@ void UsageLog::dead_letter(const DeadLetterRow& row) {
 std::int64_t UsageLog::delete_records(std::int64_t max_seq, std::optional<std::int64_t> before_ms,
                                       int limit) {
   std::lock_guard lk(mu_);
-  Transaction tx(db_);
-  if (tx.begin_rc() != SQLITE_OK) fail(tx.begin_rc(), "begin transaction");
-  {
-    // The head is kept in log_head before the batch that holds it can go (see head_locked).
-    const std::int64_t head = head_locked();
-    auto& st = stmt(kHeadSet,
-                    "INSERT INTO log_head(id, seq) VALUES(1, ?) "
-                    "ON CONFLICT(id) DO UPDATE SET seq=max(seq, excluded.seq)");
-    Use u(st.s);
-    u.i64(1, head);
-    step_done(st.s, "store head");
-  }
   // Whole batches only: every record of one must be at or below max_seq (and, with before_ms,
   // the newest one older than it). first_seq is the rowid; max_ts_ms has an index.
   auto& st = stmt(kDeleteRecords,
@@ -531,9 +527,6 @@ std::int64_t UsageLog::delete_records(std::int64_t max_seq, std::optional<std::i
   int rc;
   while ((rc = sqlite3_step(st.s)) == SQLITE_ROW) n += sqlite3_column_int64(st.s, 0);
   if (rc != SQLITE_DONE) fail(rc, "delete records");
-  sqlite3_reset(st.s);  // before the commit: a statement still stepping would hold it open
-  rc = tx.commit();
-  if (rc != SQLITE_OK) fail(rc, "commit");
   if (cached_.last_seq <= max_seq) cached_ = CachedBatch{};
   return n;
 }

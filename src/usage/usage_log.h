@@ -15,10 +15,10 @@
 // microseconds instead of an fsync each.
 //
 // Records are stored one row per group commit (see kSchema in usage_log.cpp), numbered by seq.
-// The head (the last seq assigned) is the newest row's last seq; a delete first stores it in
-// log_head (a commit does not: that would be a third page written per commit), so a seq never
-// repeats, even after deletes: a cursor names "everything up to seq N is done" forever. Retention
-// and pruning delete whole commit groups.
+// The head (the last seq assigned) is the newest row's last seq, or log_head's when deletes took
+// that row: a trigger raises log_head on every delete (a commit does not write it: that would be
+// a third page per commit). So a seq never repeats, even after deletes: a cursor names
+// "everything up to seq N is done" forever. Retention and pruning delete whole commit groups.
 #pragma once
 
 #include <cstdint>

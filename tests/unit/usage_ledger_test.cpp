@@ -335,7 +335,7 @@ TEST(UsageLog, ConvertsAVersion1Log) {
     EXPECT_EQ(log.append(std::span(&p, 1)), 5);  // after the old head
   }
   testing::Db db(path);
-  EXPECT_EQ(db.number("PRAGMA user_version"), 2);
+  EXPECT_EQ(db.number("PRAGMA user_version"), 3);
   EXPECT_EQ(db.scalar("SELECT group_concat(seq) FROM (SELECT seq FROM records ORDER BY seq)"),
             "2,3,4,5");
   EXPECT_EQ(db.scalar("SELECT json FROM records WHERE seq=3"), jsons[1]);
@@ -351,7 +351,7 @@ TEST(UsageLog, ConvertsAVersion1Log) {
   EXPECT_EQ(rows[1].total_tokens, 10);
 }
 
-// An integer PRAGMA as the log's own connection sees it (wal_autocheckpoint is per connection).
+// An integer PRAGMA as the log's own connection sees it.
 std::int64_t pragma_of(UsageLog& log, const char* sql) {
   auto lk = log.lock();
   sqlite3_stmt* s = nullptr;
@@ -399,11 +399,54 @@ TEST(UsageLog, HeadOutlivesDeletedRecords) {
     EXPECT_EQ(log.count_records(), 0);
     EXPECT_EQ(log.head(), 6);
   }
+  {
+    UsageLog log(UsageLog::Mode::disk, path, true);
+    EXPECT_EQ(log.head(), 6);
+    EXPECT_EQ(append_some(log, 1), 7);
+    EXPECT_EQ(log.delete_records(3, std::nullopt, 100), 0);  // no batch lies wholly below 3
+    EXPECT_EQ(log.head(), 7);
+    EXPECT_EQ(append_some(log, 2), 9);
+  }
+  // An operator's own SQL deleting the newest batches keeps the head too.
+  testing::Db(path).exec("DELETE FROM record_batches WHERE last_seq >= 8");
   UsageLog log(UsageLog::Mode::disk, path, true);
-  EXPECT_EQ(log.head(), 6);
-  EXPECT_EQ(append_some(log, 1), 7);
-  EXPECT_EQ(log.delete_records(3, std::nullopt, 100), 0);  // no batch lies wholly below 3
-  EXPECT_EQ(log.head(), 7);
+  EXPECT_EQ(log.head(), 9);
+  EXPECT_EQ(append_some(log, 1), 10);
+}
+
+// A version-2 file (its head stored by every commit) is used as it is, and marked version 3 so
+// that a version-2 build, which would take the head from log_head alone, refuses it.
+TEST(UsageLog, OpensAVersion2LogAndVersion2BuildsRefuseTheResult) {
+  TempDir dir;
+  const std::string path = dir.file("usage.db");
+  {
+    UsageLog log(UsageLog::Mode::disk, path, true);
+    EXPECT_EQ(append_some(log, 4), 4);
+    EXPECT_EQ(log.delete_records(4, std::nullopt, 100), 4);
+  }
+  {
+    testing::Db db(path);
+    db.exec("DROP TRIGGER record_batches_keep_head; PRAGMA user_version=2");
+  }
+  {
+    UsageLog log(UsageLog::Mode::disk, path, true);
+    EXPECT_EQ(log.head(), 4);
+    EXPECT_EQ(append_some(log, 1), 5);
+  }
+  testing::Db db(path);
+  EXPECT_EQ(db.number("PRAGMA user_version"), 3);
+  EXPECT_EQ(db.number("SELECT count(*) FROM sqlite_master WHERE name='record_batches_keep_head'"),
+            1);
+  // What a build that knows only version 2 does with it: refuse, with the versions in the message.
+  db.exec("PRAGMA user_version=4");
+  try {
+    UsageLog newer(UsageLog::Mode::disk, path, true);
+    ADD_FAILURE() << "a newer schema was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("schema version 4 is newer than this build's (3)"),
+              std::string::npos)
+        << e.what();
+  }
 }
 
 }  // namespace
