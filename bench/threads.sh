@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # bench/threads.sh: CPU time per request of each gateway thread (worker-N, usage-writer,
-# sink-usage_hook), metering off, on (the SQLite log) and on with the webhook, interleaved. Where callgrind.sh counts instructions, this reads what the
-# kernel charged each thread (utime and stime from /proc/PID/task/TID/stat), so system-call and
-# page-cache work (the usage log's writes) shows too.
+# sink-usage_hook), metering off, on (the SQLite log), apart (on, the usage writer on another
+# CPU) and on with the webhook, interleaved. Where callgrind.sh counts instructions, this reads
+# what the kernel charged each thread (utime and stime from /proc/PID/task/TID/stat), so
+# system-call and page-cache work (the usage log's writes) shows too.
 #
 # Usage: bench/threads.sh [RUNS] [REQUESTS]        (default: 3 runs of 300000 requests per mode)
 # The gateway (1 worker) on CPU 0, the mock (1 thread) and the load generator (32 connections,
 # non-stream chat, closed loop) on CPU 1, and in "hook" the webhook receiver
-# (bench/usage-tools.mjs, batch_size 100, batch_interval 200ms) too. MODES="off on hook" (default)
-# picks the configurations. Prints one line per thread and run, then the medians,
+# (bench/usage-tools.mjs, batch_size 100, batch_interval 200ms) too; in "apart" the usage-writer
+# thread is moved to CPU 1 once the gateway listens. MODES="off on apart hook" (default) picks the
+# configurations. Prints one line per thread and run, then the medians,
 # and writes the same to bench/results/threads.md (OUT=... elsewhere).
 # The clock tick is 10 ms: with 300,000 requests one tick is 0.03 us per request. BUILD=0 uses the
 # binaries in build/ as they are. Loopback only; everything stops on exit.
@@ -18,7 +20,7 @@ BENCH_NAME=threads.sh
 . bench/lib.sh
 runs=${1:-3}
 requests=${2:-300000}
-MODES=${MODES:-off on hook}
+MODES=${MODES:-off on apart hook}
 OUT=${OUT:-bench/results/threads.md}
 if [ "${BUILD:-1}" = 1 ]; then
   scripts/build.sh release llmproxy llmproxy-mock llmproxy-loadgen >/dev/null
@@ -50,8 +52,15 @@ for run in $(seq "$runs"); do
   for mode in $MODES; do
     cfg=$work/$mode-$run.yaml
     rm -f "$work"/usage-*.db*
-    gateway_config "$cfg" "$mock" "$(metering_yaml "$mode" "$work/usage-$run.db" "$receiver")"
+    yaml_mode=$mode
+    [ "$mode" != apart ] || yaml_mode=on
+    gateway_config "$cfg" "$mock" "$(metering_yaml "$yaml_mode" "$work/usage-$run.db" "$receiver")"
     start_server gw gw_pid "$work/gw-$mode.log" 0 build/llmproxy --config "$cfg" || exit 1
+    if [ "$mode" = apart ]; then
+      writer_tid=$(grep -lx usage-writer /proc/"$gw_pid"/task/*/comm | cut -d/ -f5)
+      [ -n "$writer_tid" ] || die "no usage-writer thread in the gateway"
+      taskset -p -c "$CPU_LOAD" "$writer_tid" >/dev/null || die "cannot move the usage writer"
+    fi
     thread_ticks "$gw_pid" >"$work/before"
     loadgen 600 --url "$gw/v1/chat/completions" --mode nonstream --concurrency 32 \
       --requests "$requests" --json >"$work/load.json" 2>/dev/null ||
@@ -85,8 +94,10 @@ echo
 echo "\`bench/threads.sh $runs $requests\` on $(date -u '+%Y-%m-%d %H:%M UTC'), commit $rev:" \
   "the gateway (1 worker) on CPU 0, the mock and the load generator (32 connections, non-stream" \
   "chat, closed loop) on CPU 1; utime/stime of each thread from /proc over each run, divided by" \
-  "the requests served. on: metering with the SQLite usage log (its defaults); hook: the same" \
-  "plus usage_hook (batch_size 100, batch_interval 200ms) to a local receiver on CPU 1."
+  "the requests served. on: metering with the SQLite usage log (its defaults); apart: the same" \
+  "with the usage-writer thread moved to CPU 1 after start, as on a machine with a core to spare" \
+  "(the worker's cost without the writer sharing its core); hook: on plus usage_hook" \
+  "(batch_size 100, batch_interval 200ms) to a local receiver on CPU 1."
 echo
 echo "| run | metering | thread | req/s | user µs/req | system µs/req | total µs/req |"
 echo "|---|---|---|---|---|---|---|"
