@@ -57,7 +57,7 @@ for run in $(seq "$runs"); do
     gateway_config "$cfg" "$mock" "$(metering_yaml "$yaml_mode" "$work/usage-$run.db" "$receiver")"
     start_server gw gw_pid "$work/gw-$mode.log" 0 build/llmproxy --config "$cfg" || exit 1
     if [ "$mode" = apart ]; then
-      writer_tid=$(grep -lx usage-writer /proc/"$gw_pid"/task/*/comm | cut -d/ -f5)
+      writer_tid=$({ grep -lx usage-writer /proc/"$gw_pid"/task/*/comm || true; } | cut -d/ -f5)
       [ -n "$writer_tid" ] || die "no usage-writer thread in the gateway"
       taskset -p -c "$CPU_LOAD" "$writer_tid" >/dev/null || die "cannot move the usage writer"
     fi
