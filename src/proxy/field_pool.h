@@ -25,7 +25,7 @@ class FieldPool {
   static constexpr std::size_t kClasses = kMaxBytes / kGranule;
 
   static void* take(std::size_t bytes) {
-    if (bytes == 0 || bytes > kMaxBytes) return ::operator new(bytes);
+    if (!pooled(bytes)) return ::operator new(bytes);
     List& l = lists()[index(bytes)];
     if (Node* n = l.head) {
       l.head = n->next;
@@ -36,7 +36,7 @@ class FieldPool {
   }
 
   static void give(void* p, std::size_t bytes) noexcept {
-    if (bytes == 0 || bytes > kMaxBytes) {
+    if (!pooled(bytes)) {
       ::operator delete(p);
       return;
     }
@@ -51,7 +51,7 @@ class FieldPool {
 
   // Blocks kept by this thread for `bytes` (for tests); 0 for sizes the pool does not keep.
   static std::size_t kept(std::size_t bytes) {
-    return bytes == 0 || bytes > kMaxBytes ? 0 : lists()[index(bytes)].count;
+    return pooled(bytes) ? lists()[index(bytes)].count : 0;
   }
 
  private:
@@ -69,6 +69,7 @@ class FieldPool {
       }
     }
   };
+  static bool pooled(std::size_t bytes) { return bytes != 0 && bytes <= kMaxBytes; }
   static std::size_t index(std::size_t bytes) { return (bytes - 1) / kGranule; }
   static std::size_t class_bytes(std::size_t bytes) { return (index(bytes) + 1) * kGranule; }
   static std::array<List, kClasses>& lists() {

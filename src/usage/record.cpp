@@ -51,11 +51,9 @@ char* put_millis(char* p, double v) {
     if (std::fabs(frac - 0.5) > 1e-3) {
       const auto n = static_cast<std::uint64_t>(whole) + (frac > 0.5 ? 1 : 0);
       p = std::to_chars(p, p + 20, n / 1000).ptr;
-      auto decimals = static_cast<unsigned>(n % 1000);
-      if (decimals != 0) {
-        char d[4] = {'.', static_cast<char>('0' + decimals / 100),
-                     static_cast<char>('0' + decimals / 10 % 10),
-                     static_cast<char>('0' + decimals % 10)};
+      if (const auto decimals = static_cast<int>(n % 1000); decimals != 0) {
+        char d[4] = {'.'};
+        append_digits(d + 1, decimals, 3);
         std::size_t len = 4;
         while (d[len - 1] == '0') --len;
         p = put(p, std::string_view(d, len));

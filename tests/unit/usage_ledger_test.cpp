@@ -351,16 +351,6 @@ TEST(UsageLog, ConvertsAVersion1Log) {
   EXPECT_EQ(rows[1].total_tokens, 10);
 }
 
-// An integer PRAGMA as the log's own connection sees it.
-std::int64_t pragma_of(UsageLog& log, const char* sql) {
-  auto lk = log.lock();
-  sqlite3_stmt* s = nullptr;
-  if (sqlite3_prepare_v2(log.raw(), sql, -1, &s, nullptr) != SQLITE_OK) return -1;
-  std::int64_t v = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : -1;
-  sqlite3_finalize(s);
-  return v;
-}
-
 // Appends `n` records after the log's head; returns the new head.
 std::int64_t append_some(UsageLog& log, int n) {
   std::vector<std::string> jsons;
@@ -381,7 +371,7 @@ TEST(UsageLog, ASmallCommitWritesTwoPages) {
   const auto before = wal();
   constexpr int kCommits = 20;
   for (int i = 0; i < kCommits; ++i) append_some(log, 1);
-  const auto frame = static_cast<double>(24 + pragma_of(log, "PRAGMA page_size"));
+  const auto frame = static_cast<double>(24 + testing::Db(path).number("PRAGMA page_size"));
   const double frames = static_cast<double>(wal() - before) / frame / kCommits;
   EXPECT_GE(frames, 1.0);
   EXPECT_LE(frames, 2.5);  // 3 when every commit also stored the head

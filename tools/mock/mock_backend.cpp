@@ -910,6 +910,12 @@ constexpr std::string_view kDoneAndLastChunk = "e\r\ndata: [DONE]\n\n\r\n0\r\n\r
 
 enum class Outcome { kKeepAlive, kClose };
 
+// What follows a response: the next request on the connection, unless the write failed or the
+// connection is not kept alive.
+Outcome after_response(bool written, bool keep_alive) {
+  return written && keep_alive ? Outcome::kKeepAlive : Outcome::kClose;
+}
+
 Outcome disconnected(Connection& c) {
   bump(c.worker.stats.client_disconnects);
   return Outcome::kClose;
@@ -1017,7 +1023,7 @@ asio::awaitable<std::optional<Outcome>> reject_body(Connection& c, BodyError err
                                                : "The request body must be a JSON object.",
                                        "invalid_request_error",
                                        invalid ? "invalid_json" : "invalid_request", keep_alive);
-  co_return (ok && keep_alive) ? Outcome::kKeepAlive : Outcome::kClose;
+  co_return after_response(ok, keep_alive);
 }
 
 asio::awaitable<Outcome> handle_generation(Connection& c, bool keep_alive) {
@@ -1032,7 +1038,7 @@ asio::awaitable<Outcome> handle_generation(Connection& c, bool keep_alive) {
     bump(c.worker.stats.bad_requests);
     const bool ok = co_await write_error(c, 400, "'input' must be a string or a non-empty array",
                                          "invalid_request_error", "invalid_input", keep_alive);
-    co_return (ok && keep_alive) ? Outcome::kKeepAlive : Outcome::kClose;
+    co_return after_response(ok, keep_alive);
   }
 
   const Controls& ctl = c.controls;
@@ -1075,7 +1081,7 @@ asio::awaitable<Outcome> handle_generation(Connection& c, bool keep_alive) {
     append_int(c.head, ctl.status);
     append_error_json(c.payload, c.head, error_type_for_status(status), "mock_status");
     const bool ok = co_await write_response(c, status, c.payload, keep_alive);
-    co_return (ok && keep_alive) ? Outcome::kKeepAlive : Outcome::kClose;
+    co_return after_response(ok, keep_alive);
   }
   if (g.drop_after >= 0) co_return drop_connection(c);
 
@@ -1085,7 +1091,7 @@ asio::awaitable<Outcome> handle_generation(Connection& c, bool keep_alive) {
     build_nonstream_body(c, g, id, created);
   }
   const bool ok = co_await write_response(c, 200, c.payload, keep_alive);
-  co_return (ok && keep_alive) ? Outcome::kKeepAlive : Outcome::kClose;
+  co_return after_response(ok, keep_alive);
 }
 
 asio::awaitable<Outcome> handle_tokenize(Connection& c, bool keep_alive) {
@@ -1104,7 +1110,7 @@ asio::awaitable<Outcome> handle_tokenize(Connection& c, bool keep_alive) {
   }
   c.payload.append("]}");
   const bool ok = co_await write_response(c, 200, c.payload, keep_alive);
-  co_return (ok && keep_alive) ? Outcome::kKeepAlive : Outcome::kClose;
+  co_return after_response(ok, keep_alive);
 }
 
 // POST /mock/usage: a webhook receiver that costs next to nothing (the benchmarks' usage_hook
@@ -1137,7 +1143,7 @@ asio::awaitable<Outcome> handle_usage(Connection& c, bool keep_alive) {
     bump(c.worker.stats.bad_requests);
     const bool ok = co_await write_error(c, 400, "Expected a usage record or an array of them.",
                                          "invalid_request_error", "invalid_usage", keep_alive);
-    co_return (ok && keep_alive) ? Outcome::kKeepAlive : Outcome::kClose;
+    co_return after_response(ok, keep_alive);
   }
   c.worker.stats.usage_records.fetch_add(static_cast<std::uint64_t>(records),
                                          std::memory_order_relaxed);
@@ -1146,7 +1152,7 @@ asio::awaitable<Outcome> handle_usage(Connection& c, bool keep_alive) {
   append_int(c.payload, records);
   c.payload.push_back('}');
   const bool ok = co_await write_response(c, 200, c.payload, keep_alive);
-  co_return (ok && keep_alive) ? Outcome::kKeepAlive : Outcome::kClose;
+  co_return after_response(ok, keep_alive);
 }
 
 void build_stats_body(Connection& c) {
@@ -1203,7 +1209,7 @@ asio::awaitable<Outcome> method_not_allowed(Connection& c, bool keep_alive) {
   bump(c.worker.stats.bad_requests);
   const bool ok = co_await write_error(c, 405, "Method not allowed for this path.",
                                        "invalid_request_error", "method_not_allowed", keep_alive);
-  co_return (ok && keep_alive) ? Outcome::kKeepAlive : Outcome::kClose;
+  co_return after_response(ok, keep_alive);
 }
 
 asio::awaitable<Outcome> handle_request(Connection& c, bool keep_alive) {
@@ -1250,7 +1256,7 @@ asio::awaitable<Outcome> handle_request(Connection& c, bool keep_alive) {
         body = c.payload;
       }
       const bool ok = co_await write_response(c, 200, body, keep_alive);
-      co_return (ok && keep_alive) ? Outcome::kKeepAlive : Outcome::kClose;
+      co_return after_response(ok, keep_alive);
     }
     case Route::kOther:
       break;
@@ -1258,7 +1264,7 @@ asio::awaitable<Outcome> handle_request(Connection& c, bool keep_alive) {
   bump(stats.bad_requests);
   const bool ok = co_await write_error(c, 404, "Unknown path.", "invalid_request_error",
                                        "unknown_path", keep_alive);
-  co_return (ok && keep_alive) ? Outcome::kKeepAlive : Outcome::kClose;
+  co_return after_response(ok, keep_alive);
 }
 
 // Answers a request the parser refused, then the connection closes.
