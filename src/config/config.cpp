@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -415,6 +416,35 @@ void read_usage(Reader& r, const YAML::Node& root, Config& c) {
   }
 }
 
+// YAML requires the keys of a mapping to be unique, but the parser keeps every pair and a lookup
+// finds the first: a setting repeated further down the file (an override appended at its end)
+// would be ignored without a word. Every mapping of the document is checked, free-form ones
+// (a sink's headers) too.
+void check_duplicate_keys(Reader& r, const YAML::Node& node, const std::string& path) {
+  if (node.IsSequence()) {
+    for (std::size_t i = 0; i < node.size(); ++i) {
+      check_duplicate_keys(r, node[i], path + "[" + std::to_string(i) + "]");
+    }
+    return;
+  }
+  if (!node.IsMap()) return;
+  std::vector<std::pair<std::string, YAML::Mark>> seen;
+  for (auto it = node.begin(); it != node.end(); ++it) {
+    if (!it->first.IsScalar()) continue;
+    const std::string& key = it->first.Scalar();
+    auto first =
+        std::find_if(seen.begin(), seen.end(), [&](const auto& k) { return k.first == key; });
+    if (first != seen.end()) {
+      r.error(it->first.Mark(), join(path, key),
+              "duplicate key (first given on line " + std::to_string(first->second.line + 1) +
+                  "): remove one of them");
+    } else {
+      seen.emplace_back(key, it->first.Mark());
+    }
+    check_duplicate_keys(r, it->second, join(path, key));
+  }
+}
+
 void read_root(Reader& r, const YAML::Node& root, Config& c) {
   if (!root.IsDefined() || root.IsNull()) {
     r.error(YAML::Mark::null_mark(), "(root)", "the file is empty");
@@ -664,6 +694,7 @@ LoadResult load_string(std::string_view yaml, const std::string& file_name) {
   config.source = file_name;
   try {
     YAML::Node root = YAML::Load(std::string(yaml));
+    check_duplicate_keys(reader, root, "");
     read_root(reader, root, config);
   } catch (const YAML::Exception& e) {
     reader.error(e.mark, "(syntax)", e.msg);
@@ -674,6 +705,12 @@ LoadResult load_string(std::string_view yaml, const std::string& file_name) {
 }
 
 LoadResult load_file(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    LoadResult r;
+    r.errors.push_back(ConfigError{path, 0, 0, "(file)", "is a directory, not a file"});
+    return r;
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     LoadResult r;

@@ -181,6 +181,54 @@ TEST(ConfigLoad, ListenForms) {
   }
 }
 
+// YAML's parser keeps both pairs of a repeated key and a lookup finds the first: a setting
+// repeated further down (an override appended at the end) must be refused, not ignored.
+TEST(ConfigLoad, DuplicateKeysAreRefusedWhereverTheyAre) {
+  EXPECT_TRUE(single_error(R"(
+listen: "127.0.0.1:1111"
+backends:
+  - url: http://a:8000
+listen: "127.0.0.1:0"
+)",
+                           "listen", 4));
+  EXPECT_TRUE(single_error(R"(
+backends:
+  - url: http://a:8000
+server:
+  workers: 2
+backends:
+  - url: http://b:8000
+)",
+                           "backends", 5));
+  EXPECT_TRUE(single_error(R"(
+backends:
+  - url: http://a:8000
+    weight: 1
+    weight: 5
+)",
+                           "backends[0].weight", 4));
+  EXPECT_TRUE(single_error(R"(
+backends:
+  - url: http://a:8000
+usage:
+  sinks:
+    - name: bill
+      url: http://hook:9000/
+      headers:
+        X-Team: a
+        X-Team: b
+)",
+                           "usage.sinks[0].headers.X-Team", 9));
+  LoadResult r = load(R"(
+listen: ":1"
+backends:
+  - url: http://a:8000
+listen: ":2"
+)");
+  ASSERT_FALSE(r.errors.empty());
+  EXPECT_NE(r.errors[0].message.find("first given on line 1"), std::string::npos) << dump(r);
+}
+
 TEST(ConfigLoad, ListenRejections) {
   for (const char* text :
        {"8080", ":", ":65536", ":80x", "example.com:80", "[::1]8080", "[::1", "1.2.3:80", ""}) {
@@ -361,6 +409,15 @@ TEST(ConfigLoad, LoadFileReadsAndRecordsTheSource) {
   ASSERT_TRUE(r.ok()) << dump(r);
   EXPECT_EQ(r.config->source, path);
   EXPECT_EQ(r.config->backends.size(), 2u);
+}
+
+TEST(ConfigLoad, LoadFileDirectorySaysSo) {
+  const std::string dir = ::testing::TempDir();
+  LoadResult r = load_file(dir);
+  EXPECT_FALSE(r.ok());
+  ASSERT_EQ(r.errors.size(), 1u) << dump(r);
+  EXPECT_EQ(r.errors[0].key_path, "(file)");
+  EXPECT_NE(r.errors[0].message.find("is a directory"), std::string::npos) << dump(r);
 }
 
 TEST(ConfigLoad, LoadFileMissing) {
