@@ -898,9 +898,20 @@ asio::awaitable<bool> ClientSession::send(RequestContext& ctx, Reply& reply) {
   res.body() = std::move(reply.body);
   res.prepare_payload();
   ctx.status = reply.status;
-  ctx.bytes_out = res.body().size();
+  // The answer to HEAD is the header alone, with the length the body would have: a body after
+  // it would be read as the start of the next response on this connection.
+  const bool head = ctx.method == "HEAD";
+  ctx.bytes_out = head ? 0 : res.body().size();
   arm(w_.cfg().timeouts.stream_idle);
-  auto [wec, n] = co_await bhttp::async_write(stream_.socket(), res, use_nothrow);
+  bhttp::response_serializer<bhttp::string_body> sr{res};
+  error_code wec;
+  if (head) {
+    auto [hec, n] = co_await bhttp::async_write_header(stream_.socket(), sr, use_nothrow);
+    wec = hec;
+  } else {
+    auto [mec, n] = co_await bhttp::async_write(stream_.socket(), sr, use_nothrow);
+    wec = mec;
+  }
   if (settle(wec)) {
     ctx.finish = "client_disconnected";
     keep_alive = false;
@@ -973,9 +984,9 @@ asio::awaitable<std::string> ClientSession::metrics_body() {
 bool ClientSession::admin_authorized(std::string_view authorization) const {
   const std::string& token = w_.cfg().admin.token;
   if (token.empty()) return true;
-  constexpr std::string_view kBearer = "Bearer ";
+  constexpr std::string_view kBearer = "Bearer ";  // the scheme in any case (RFC 9110 11.1)
   if (authorization.size() != kBearer.size() + token.size() ||
-      authorization.substr(0, kBearer.size()) != kBearer) {
+      !iequals(authorization.substr(0, kBearer.size()), kBearer)) {
     return false;
   }
   // Constant time in the token's length: no early exit on the first differing byte.
@@ -1045,6 +1056,14 @@ std::string ClientSession::models_body() const {
   }
   out += "]}";
   return out;
+}
+
+// An error of Beast's HTTP parser that the client's bytes caused; the end of the stream before
+// the message's end is the client going away instead.
+bool client_protocol_error(error_code ec) {
+  static const auto& http_category = bhttp::make_error_code(bhttp::error::bad_chunk).category();
+  return ec.category() == http_category && ec != bhttp::error::end_of_stream &&
+         ec != bhttp::error::partial_message;
 }
 
 asio::awaitable<bool> ClientSession::handle_request() {
@@ -1142,8 +1161,13 @@ asio::awaitable<bool> ClientSession::handle_request() {
   bool llm_route =
       route == Route::chat || route == Route::completions || route == Route::embeddings;
   const bool post_route = llm_route || route == Route::admin_reload;
-  if (req.method() != (post_route ? bhttp::verb::post : bhttp::verb::get)) {
-    const std::string_view allow = post_route ? "POST" : "GET";
+  // HEAD wherever GET is served (RFC 9110 9.3.2: uptime probes, curl -I): the same header, no
+  // body (send()).
+  const bool method_ok =
+      post_route ? req.method() == bhttp::verb::post
+                 : req.method() == bhttp::verb::get || req.method() == bhttp::verb::head;
+  if (!method_ok) {
+    const std::string_view allow = post_route ? "POST" : "GET, HEAD";
     reply_ = error_reply(
         http::errors::method_not_allowed,
         fmt::format("Method {} is not allowed on {}; use {}.", ctx.method, ctx.path, allow),
@@ -1256,6 +1280,12 @@ asio::awaitable<bool> ClientSession::handle_request() {
                              false);
         co_return co_await send(ctx, reply_);
       }
+    }
+    if (bec && client_protocol_error(bec)) {
+      // A body the parser rejects (a malformed chunk) is the client's error, not a hang-up.
+      reply_ = error_reply(http::errors::invalid_request,
+                           "Malformed HTTP request body: " + bec.message(), false);
+      co_return co_await send(ctx, reply_);
     }
     if (bec) {
       ctx.finish = "client_disconnected";
@@ -2805,9 +2835,10 @@ int Gateway::run() {
   // Printed only now: a SIGTERM right after this line must find the handler installed.
   std::string host = cfg.listen.host.find(':') != std::string::npos ? "[" + cfg.listen.host + "]"
                                                                     : cfg.listen.host;
-  std::printf("llmproxy: listening on http://%s:%u (%d workers, %zu backends)%s\n", host.c_str(),
-              static_cast<unsigned>(endpoint.port()), nworkers, shared.current->backends.size(),
-              metrics_note.c_str());
+  const std::size_t nbackends = shared.current->backends.size();
+  std::printf("llmproxy: listening on http://%s:%u (%d worker%s, %zu backend%s)%s\n", host.c_str(),
+              static_cast<unsigned>(endpoint.port()), nworkers, nworkers == 1 ? "" : "s", nbackends,
+              nbackends == 1 ? "" : "s", metrics_note.c_str());
   std::fflush(stdout);
 
   impl_->control.run();

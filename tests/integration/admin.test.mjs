@@ -73,6 +73,11 @@ test('with admin.token, /admin/* need the bearer token; LLM routes do not', { ti
   const ok = await httpRequest(`${gw.url}/admin/config`, { headers: { authorization: 'Bearer adm-123456' } });
   assert.equal(ok.status, 200);
   assert.ok(!ok.text().includes('adm-123456'), 'the admin token itself is redacted');
+  // The scheme is case-insensitive (RFC 9110 11.1); the token is not.
+  const lower = await httpRequest(`${gw.url}/admin/backends`, { headers: { authorization: 'bearer adm-123456' } });
+  assert.equal(lower.status, 200, lower.text());
+  const wrongCase = await httpRequest(`${gw.url}/admin/backends`, { headers: { authorization: 'Bearer ADM-123456' } });
+  assert.equal(wrongCase.status, 401);
   const chat = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
   assert.equal(chat.status, 200);
 });

@@ -13,7 +13,11 @@ import {
   rawExchange,
   rawRequest,
   openAIError,
+  connect,
+  parseResponse,
+  httpRequest,
 } from './lib/harness.mjs';
+import { scrapeMetrics, metricSum } from './lib/usage.mjs';
 
 beforeEach(trackTest);
 afterEach(checkProcesses);
@@ -69,4 +73,80 @@ test('a request whose Transfer-Encoding does not end in chunked is refused, neve
   assert.equal(openAIError(res).type, 'invalid_request_error');
   assert.equal(res.headers.connection?.[0], 'close');
   assert.equal(backend.apiRequests.length, 0);
+});
+
+// Every byte a connection receives until the gateway closes it.
+async function bytesUntilClose(port, bytes) {
+  const socket = await connect(port);
+  return await new Promise((resolve, reject) => {
+    const parts = [];
+    const timer = setTimeout(() => reject(new Error(`no close after ${Buffer.concat(parts).length} bytes`)), 10_000);
+    socket.on('data', (d) => parts.push(d));
+    socket.on('close', () => {
+      clearTimeout(timer);
+      resolve(Buffer.concat(parts));
+    });
+    socket.on('error', () => {});
+    socket.write(bytes);
+  });
+}
+
+test('HEAD gets the header GET would get and no body, so the next response on the connection stays in sync', async () => {
+  const backend = await startBackend('head');
+  const gw = await startGateway({ backends: [backendEntry(backend, { name: 'head', models: ['m1'] })] });
+  for (const path of ['/health', '/v1/models', '/ready', '/metrics']) {
+    const get = await httpRequest(`${gw.url}${path}`);
+    assert.equal(get.status, 200, `GET ${path}: ${get.text()}`);
+    const bytes = await bytesUntilClose(
+      gw.port,
+      `HEAD ${path} HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`,
+    );
+    const text = bytes.toString('latin1');
+    const headEnd = text.indexOf('\r\n\r\n') + 4;
+    const first = text.slice(0, headEnd);
+    assert.match(first, /^HTTP\/1\.1 200 /, `HEAD ${path}: ${first}`);
+    // The length GET's body has (metrics move between two scrapes: only their presence then).
+    const length = Number(/\r\ncontent-length: (\d+)\r\n/i.exec(first)?.[1]);
+    assert.ok(length > 0, `HEAD ${path} has no Content-Length: ${first}`);
+    if (path !== '/metrics') assert.equal(length, Buffer.byteLength(get.text()), `HEAD ${path} length`);
+    // The next bytes are the second response's status line: no body came after the header.
+    assert.ok(text.slice(headEnd).startsWith('HTTP/1.1 200 '), `after HEAD ${path}: ${JSON.stringify(text.slice(headEnd, headEnd + 80))}`);
+    const second = parseResponse(bytes.subarray(Buffer.byteLength(first, 'latin1')), true);
+    assert.equal(JSON.parse(second.body.toString()).status, 'ok');
+  }
+  // Refusals to HEAD carry no body either: an unknown path, and a POST-only route.
+  for (const [path, status, allow] of [['/nope', 404, undefined], ['/v1/chat/completions', 405, 'POST']]) {
+    const bytes = await bytesUntilClose(
+      gw.port,
+      `HEAD ${path} HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`,
+    );
+    const text = bytes.toString('latin1');
+    const headEnd = text.indexOf('\r\n\r\n') + 4;
+    assert.match(text, new RegExp(`^HTTP/1\\.1 ${status} `), text.slice(0, 200));
+    if (allow) assert.match(text.slice(0, headEnd), new RegExp(`\r\nallow: ${allow}\r\n`, 'i'));
+    assert.ok(
+      text.slice(headEnd).length === 0 || text.slice(headEnd).startsWith('HTTP/1.1 200 '),
+      `after HEAD ${path}: ${JSON.stringify(text.slice(headEnd, headEnd + 80))}`,
+    );
+  }
+  // GET-only routes name HEAD as allowed.
+  const post = await httpRequest(`${gw.url}/health`, { method: 'POST', body: '' });
+  assert.equal(post.status, 405);
+  assert.equal(post.headers.allow, 'GET, HEAD');
+  assert.equal(backend.apiRequests.length, 0);
+});
+
+test('a malformed chunked request body is answered 400, not taken for a client hang-up', async () => {
+  const backend = await startBackend('chunk');
+  const gw = await startGateway({ backends: [backendEntry(backend, { name: 'chunk' })] });
+  const before = metricSum(await scrapeMetrics(gw), 'llmproxy_client_disconnects_total');
+  for (const chunks of ['zz\r\n{}\r\n0\r\n\r\n', '2\r\n{}XX0\r\n\r\n', 'fffffffffffffffff\r\n{}\r\n0\r\n\r\n']) {
+    const head = 'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n';
+    const res = await rawExchange(gw.port, Buffer.from(head + chunks, 'latin1'));
+    assert.ok(res.status === 400 || res.status === 413, `${JSON.stringify(chunks)}: ${res.status}`);
+    assert.equal(openAIError(res).type, 'invalid_request_error', JSON.stringify(chunks));
+    assert.equal(res.headers.connection?.[0], 'close');
+  }
+  assert.equal(backend.apiRequests.length, 0);
+  assert.equal(metricSum(await scrapeMetrics(gw), 'llmproxy_client_disconnects_total'), before);
 });
