@@ -297,14 +297,14 @@ std::string render(const Snapshot& s) {
   std::uint64_t delivered = u.removed_delivered, failed = u.removed_failed;
   for (const auto& sink : u.sinks) {
     delivered += sink.delivered;
-    failed += sink.failed;
+    failed += sink.failed + sink.dead_letters;  // a record rejected for good failed too
   }
   add_single(out, "llmproxy_webhook_success_total",
              "Usage records delivered to a webhook (2xx), over all sinks.", MetricType::Counter,
              static_cast<double>(delivered));
   add_single(out, "llmproxy_webhook_failure_total",
-             "Usage records in webhook deliveries that failed (each attempt), "
-             "over all sinks.",
+             "Usage records in webhook deliveries that failed (each attempt, and each "
+             "record a receiver rejected for good), over all sinks.",
              MetricType::Counter, static_cast<double>(failed));
   auto tokens =
       family("llmproxy_usage_tokens_total", "Tokens metered, by type.", MetricType::Counter);

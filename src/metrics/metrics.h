@@ -119,7 +119,7 @@ struct UsageStats {
   std::vector<SinkStats> sinks;
   // Sinks a reload removed: their counts stay in the totals (the seed's webhook counters).
   std::uint64_t removed_delivered = 0;
-  std::uint64_t removed_failed = 0;
+  std::uint64_t removed_failed = 0;  // failed attempts' records and dead letters
 };
 
 // One backend label (index: its metrics id, stable across reloads). Live state read at scrape

@@ -873,7 +873,7 @@ std::string Pipeline::reconfigure(std::vector<config::SinkConfig> wanted) {
     removed += (removed.empty() ? "" : ", ") + old->cfg.name;
     std::lock_guard lk(im.sinks_mu);
     im.removed_delivered += old->delivered.load();
-    im.removed_failed += old->failed.load();
+    im.removed_failed += old->failed.load() + old->dead_letters.load();
   }
   std::string out;
   if (!summary.empty()) out += "started " + summary;
