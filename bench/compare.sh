@@ -2,7 +2,7 @@
 # bench/compare.sh: LLMProxy side by side with the mock backend served directly (the ceiling),
 # nginx (a fair streaming proxy) and the Portkey AI gateway, in one run on this machine (issue 5).
 #
-# Usage: bench/compare.sh                 RUNS=5 (default; MEM_RUNS=3 memory ramps), ~45 minutes on
+# Usage: bench/compare.sh                 RUNS=5 (default; MEM_RUNS=3 memory ramps), ~42 minutes on
 #                                         an idle 2-CPU machine
 #        RUNS=3 MEM_RUNS=1 bench/compare.sh    fewer interleaved runs (~25 minutes)
 #        QUICK=1 bench/compare.sh         smoke version (RUNS=1, a few seconds per scenario, small
