@@ -1,6 +1,7 @@
 #include "config/config.h"
 
 #include <arpa/inet.h>
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -328,6 +329,22 @@ void read_sink(Reader& r, const YAML::Node& n, const std::string& path, SinkConf
           r.error(it->second.Mark(), path + ".headers." + key, "must not contain line breaks");
           continue;
         }
+        // Header names are case-insensitive: X-Team and x-team would be sent as two fields. (The
+        // same name twice is a duplicate key, reported as such.)
+        const auto same = std::find_if(s.headers.begin(), s.headers.end(), [&](const auto& h) {
+          return h.first.size() == key.size() &&
+                 std::equal(key.begin(), key.end(), h.first.begin(), [](char a, char b) {
+                   return std::tolower(static_cast<unsigned char>(a)) ==
+                          std::tolower(static_cast<unsigned char>(b));
+                 });
+        });
+        if (same != s.headers.end()) {
+          if (same->first != key) {
+            r.error(it->first.Mark(), path + ".headers." + key,
+                    "the same header as " + same->first + " (names are case-insensitive)");
+          }
+          continue;
+        }
         s.headers.emplace_back(key, value);
       }
     }
@@ -419,31 +436,77 @@ void read_usage(Reader& r, const YAML::Node& root, Config& c) {
 // YAML requires the keys of a mapping to be unique, but the parser keeps every pair and a lookup
 // finds the first: a setting repeated further down the file (an override appended at its end)
 // would be ignored without a word. Every mapping of the document is checked, free-form ones
-// (a sink's headers) too.
-void check_duplicate_keys(Reader& r, const YAML::Node& node, const std::string& path) {
-  if (node.IsSequence()) {
-    for (std::size_t i = 0; i < node.size(); ++i) {
-      check_duplicate_keys(r, node[i], path + "[" + std::to_string(i) + "]");
-    }
-    return;
+// (a sink's headers) too. It reads the parser's events rather than the loaded nodes: an alias is
+// one event there, never its anchor's content again, so an alias that refers to itself (which
+// the loaded nodes turn into a cycle) or aliases that multiply a node cost nothing.
+class DuplicateKeyCheck : public YAML::EventHandler {
+ public:
+  explicit DuplicateKeyCheck(Reader& r) : r_(r) {}
+
+  void OnDocumentStart(const YAML::Mark&) override {}
+  void OnDocumentEnd() override {}
+  void OnNull(const YAML::Mark& mark, YAML::anchor_t) override { node(mark, nullptr); }
+  void OnAlias(const YAML::Mark& mark, YAML::anchor_t) override { node(mark, nullptr); }
+  void OnScalar(const YAML::Mark& mark, const std::string&, YAML::anchor_t,
+                const std::string& value) override {
+    node(mark, &value);
   }
-  if (!node.IsMap()) return;
-  std::vector<std::pair<std::string, YAML::Mark>> seen;
-  for (auto it = node.begin(); it != node.end(); ++it) {
-    if (!it->first.IsScalar()) continue;
-    const std::string& key = it->first.Scalar();
-    auto first =
-        std::find_if(seen.begin(), seen.end(), [&](const auto& k) { return k.first == key; });
-    if (first != seen.end()) {
-      r.error(it->first.Mark(), join(path, key),
-              "duplicate key (first given on line " + std::to_string(first->second.line + 1) +
-                  "): remove one of them");
-    } else {
-      seen.emplace_back(key, it->first.Mark());
-    }
-    check_duplicate_keys(r, it->second, join(path, key));
+  void OnSequenceStart(const YAML::Mark& mark, const std::string&, YAML::anchor_t,
+                       YAML::EmitterStyle::value) override {
+    push(mark, false);
   }
-}
+  void OnSequenceEnd() override { frames_.pop_back(); }
+  void OnMapStart(const YAML::Mark& mark, const std::string&, YAML::anchor_t,
+                  YAML::EmitterStyle::value) override {
+    push(mark, true);
+  }
+  void OnMapEnd() override { frames_.pop_back(); }
+
+ private:
+  struct Frame {
+    bool map = false;
+    std::string path;
+    bool expect_key = true;                         // maps: the next node is a key
+    std::string key;                                // maps: the key of the value being read
+    std::size_t index = 0;                          // sequences: the index of the next item
+    std::vector<std::pair<std::string, int>> keys;  // maps: each key and its line
+  };
+
+  // Where a node that starts now sits, for the parent frame: its path (and for a map's key,
+  // the duplicate check).
+  std::string node(const YAML::Mark& mark, const std::string* scalar) {
+    if (frames_.empty()) return "";
+    Frame& f = frames_.back();
+    if (!f.map) return f.path + "[" + std::to_string(f.index++) + "]";
+    if (!f.expect_key) {
+      f.expect_key = true;
+      return join(f.path, f.key);
+    }
+    f.expect_key = false;
+    f.key = scalar ? *scalar : "?";
+    if (scalar) {
+      auto first = std::find_if(f.keys.begin(), f.keys.end(),
+                                [&](const auto& k) { return k.first == *scalar; });
+      if (first != f.keys.end()) {
+        r_.error(mark, join(f.path, *scalar),
+                 "duplicate key (first given on line " + std::to_string(first->second) +
+                     "): remove one of them");
+      } else {
+        f.keys.emplace_back(*scalar, mark.line + 1);
+      }
+    }
+    return join(f.path, f.key);
+  }
+  void push(const YAML::Mark& mark, bool map) {
+    Frame f;
+    f.path = node(mark, nullptr);
+    f.map = map;
+    frames_.push_back(std::move(f));
+  }
+
+  Reader& r_;
+  std::vector<Frame> frames_;
+};
 
 void read_root(Reader& r, const YAML::Node& root, Config& c) {
   if (!root.IsDefined() || root.IsNull()) {
@@ -693,8 +756,14 @@ LoadResult load_string(std::string_view yaml, const std::string& file_name) {
   Config config;
   config.source = file_name;
   try {
-    YAML::Node root = YAML::Load(std::string(yaml));
-    check_duplicate_keys(reader, root, "");
+    const std::string text(yaml);
+    {
+      std::istringstream in(text);
+      YAML::Parser parser(in);
+      DuplicateKeyCheck check(reader);
+      parser.HandleNextDocument(check);
+    }
+    YAML::Node root = YAML::Load(text);
     read_root(reader, root, config);
   } catch (const YAML::Exception& e) {
     reader.error(e.mark, "(syntax)", e.msg);

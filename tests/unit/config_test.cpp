@@ -219,6 +219,18 @@ usage:
         X-Team: b
 )",
                            "usage.sinks[0].headers.X-Team", 9));
+  EXPECT_TRUE(single_error(R"(
+backends:
+  - url: http://a:8000
+usage:
+  sinks:
+    - name: bill
+      url: http://hook:9000/
+      headers:
+        X-Team: a
+        x-team: b
+)",
+                           "usage.sinks[0].headers.x-team", 9));
   LoadResult r = load(R"(
 listen: ":1"
 backends:
@@ -227,6 +239,43 @@ listen: ":2"
 )");
   ASSERT_FALSE(r.errors.empty());
   EXPECT_NE(r.errors[0].message.find("first given on line 1"), std::string::npos) << dump(r);
+}
+
+// Aliases are not expanded by the check: one that refers to itself (a cycle once loaded) or
+// aliases that multiply a node ("billion laughs") end in errors of the normal kind, at once.
+TEST(ConfigLoad, DuplicateKeyCheckDoesNotFollowAliases) {
+  LoadResult self = load(R"(
+backends:
+  - url: http://a:8000
+extra: &a [*a]
+)");
+  EXPECT_FALSE(self.ok());
+  ASSERT_NE(find_error(self, "extra"), nullptr) << dump(self);
+  std::string laughs =
+      "backends:\n  - url: http://a:8000\nl0: &l0 [x, x, x, x, x, x, x, x, x, x]\n";
+  for (int i = 1; i < 12; ++i) {
+    laughs += "l" + std::to_string(i) + ": &l" + std::to_string(i) + " [";
+    for (int k = 0; k < 10; ++k) laughs += (k ? ", *l" : "*l") + std::to_string(i - 1);
+    laughs += "]\n";
+  }
+  LoadResult big = load_string(laughs, "laughs.yaml");
+  EXPECT_FALSE(big.ok());
+  EXPECT_NE(find_error(big, "l11"), nullptr) << dump(big);
+  // A duplicate inside an anchored mapping is reported once, where it is written.
+  LoadResult shared = load(R"(
+backends:
+  - url: http://a:8000
+usage:
+  sinks:
+    - name: one
+      url: http://hook:9000/
+      headers: &h {X-T: a, X-T: b}
+    - name: two
+      url: http://hook:9000/
+      headers: *h
+)");
+  ASSERT_EQ(shared.errors.size(), 1u) << dump(shared);
+  EXPECT_EQ(shared.errors[0].key_path, "usage.sinks[0].headers.X-T");
 }
 
 TEST(ConfigLoad, ListenRejections) {
