@@ -1088,8 +1088,10 @@ asio::awaitable<bool> ClientSession::handle_request() {
   }
   if (hec) {
     if (hec == bhttp::error::body_limit) {
-      // Content-Length over the limit is detected with the header: refuse before the body.
-      ctx.method = "-";
+      // Content-Length over the limit is detected with the header: refuse before the body. The
+      // request line has been read then (a HEAD gets the header alone).
+      const std::string_view method = parser.get().method_string();
+      ctx.method = method.empty() ? "-" : std::string(method);
       ctx.path = "-";
       ctx.request_id = w_.ids.next();
       std::string message = fmt::format("The request body is larger than the limit of {} bytes.",

@@ -148,10 +148,14 @@ test('4xx answers (400, 404, 422) are dead letters: never retried, listed by `ll
   for (const id of fences) assert.ok(!r.stdout.includes(id), `delivered record ${id} listed as a dead letter:\n${r.stdout}`);
   // The seed's failure counter counts the rejected records (a receiver that rejects everything
   // must not look healthy on a dashboard), next to the sink's own dead-letter count.
-  const text = await scrapeMetrics(gw);
+  // (The sender counts a success once the receiver's 2xx reached it, after the receiver saw it.)
+  let text = '';
+  await waitUntil(async () => metricSum((text = await scrapeMetrics(gw)), 'llmproxy_webhook_success_total') === 2, {
+    timeout: 10_000,
+    what: 'llmproxy_webhook_success_total to count the two delivered records',
+  });
   assert.equal(metricSum(text, 'llmproxy_usage_sink_records_total', { result: 'dead_letter' }), 3, text);
   assert.equal(metricSum(text, 'llmproxy_webhook_failure_total'), 3, text);
-  assert.equal(metricSum(text, 'llmproxy_webhook_success_total'), 2, text);
 });
 
 test('408, 429 and 5xx answers are retried until a 2xx', { timeout: 60_000 }, async () => {
