@@ -2381,13 +2381,24 @@ asio::awaitable<void> run_session(Worker* w, tcp::socket socket, bool metrics_on
   }
 }
 
+// Open client connections of the whole process. The limit is the process's, not a share per
+// worker: the kernel spreads connections over the workers' SO_REUSEPORT listeners by hash, not
+// evenly, so a per-worker share left clients waiting in a full worker's backlog while another
+// had room.
+std::int64_t open_connections(const Shared& shared) {
+  std::int64_t n = 0;
+  for (const Worker* other : shared.workers)
+    n += other->connections.load(std::memory_order_relaxed);
+  return n;
+}
+
 asio::awaitable<void> accept_loop(Worker* w) {
-  const auto limit = std::max<std::int64_t>(
-      1, w->shared.cfg.server.max_connections / std::max(1, w->shared.cfg.effective_workers()));
+  const std::int64_t limit = std::max<std::int64_t>(1, w->shared.cfg.server.max_connections);
   asio::steady_timer backoff(w->ioc);
   for (;;) {
-    if (w->connections.load(std::memory_order_relaxed) >= limit) {
-      // At the connection limit new connections wait in the kernel's backlog.
+    if (open_connections(w->shared) >= limit) {
+      // At the connection limit new connections wait in the kernel's backlog. (A worker already
+      // waiting in accept takes its next one: the limit can be passed by workers - 1.)
       backoff.expires_after(std::chrono::milliseconds(10));
       co_await backoff.async_wait(use_nothrow);
       if (!w->acceptor.is_open()) co_return;

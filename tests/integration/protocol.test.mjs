@@ -16,6 +16,7 @@ import {
   connect,
   parseResponse,
   httpRequest,
+  withTimeout,
 } from './lib/harness.mjs';
 import { scrapeMetrics, metricSum } from './lib/usage.mjs';
 
@@ -129,6 +130,13 @@ test('HEAD gets the header GET would get and no body, so the next response on th
       `after HEAD ${path}: ${JSON.stringify(text.slice(headEnd, headEnd + 80))}`,
     );
   }
+  // A HEAD refused for its declared body size (the header was read) is a header alone too.
+  {
+    const bytes = await bytesUntilClose(gw.port, 'HEAD /health HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n');
+    const text = bytes.toString('latin1');
+    assert.match(text, /^HTTP\/1\.1 413 /, text.slice(0, 200));
+    assert.equal(text.slice(text.indexOf('\r\n\r\n') + 4), '', 'a body after the 413 to HEAD');
+  }
   // GET-only routes name HEAD as allowed.
   const post = await httpRequest(`${gw.url}/health`, { method: 'POST', body: '' });
   assert.equal(post.status, 405);
@@ -149,4 +157,66 @@ test('a malformed chunked request body is answered 400, not taken for a client h
   }
   assert.equal(backend.apiRequests.length, 0);
   assert.equal(metricSum(await scrapeMetrics(gw), 'llmproxy_client_disconnects_total'), before);
+});
+
+// A keep-alive connection that asks GET /health and resolves with each complete answer.
+async function healthAsker(port) {
+  const socket = await connect(port);
+  let buf = Buffer.alloc(0);
+  let waiting = null;
+  socket.on('data', (d) => {
+    buf = Buffer.concat([buf, d]);
+    const r = parseResponse(buf);
+    if (r && waiting) {
+      buf = Buffer.alloc(0);
+      const w = waiting;
+      waiting = null;
+      w(r);
+    }
+  });
+  socket.on('error', () => {});
+  return {
+    socket,
+    ask() {
+      return new Promise((resolve) => {
+        waiting = resolve;
+        socket.write('GET /health HTTP/1.1\r\nHost: x\r\n\r\n');
+      });
+    },
+  };
+}
+
+test('server.max_connections is the process limit: with 2 workers every connection up to it is served, the next wait for one to close', { timeout: 60_000 }, async () => {
+  const backend = await startBackend('limit');
+  const limit = 24;
+  const workers = 2;
+  const gw = await startGateway({
+    server: { workers, max_connections: limit },
+    timeouts: { keepalive: '60s' }, // a connection held back would wait this long for a slot
+    metrics: { listen: '127.0.0.1:0' },
+    backends: [backendEntry(backend, { name: 'limit' })],
+  });
+  const metricsUrl = /metrics on (http:\/\/127\.0\.0\.1:\d+)\/metrics/.exec(gw.stdout)[1];
+  const openNow = async () => metricSum((await httpRequest(`${metricsUrl}/metrics`)).text(), 'llmproxy_open_connections') - 1; // the scrape's own
+  // The kernel spreads connections over the workers' listeners by hash: with a share per
+  // worker, some of these would wait for the keep-alive timeout while the other worker had room.
+  const held = [];
+  for (let i = 0; i < limit; i++) {
+    const c = await healthAsker(gw.port);
+    const r = await withTimeout(c.ask(), 10_000, `an answer on connection ${i + 1} of ${limit}`);
+    assert.equal(r.status, 200);
+    held.push(c);
+  }
+  assert.equal(await openNow(), limit);
+  // Over the limit: asked, not answered while every slot is taken (a worker already waiting in
+  // accept may take workers - 1 more).
+  const extra = [];
+  for (let i = 0; i < workers + 2; i++) extra.push(await healthAsker(gw.port));
+  const answers = extra.map((c) => c.ask());
+  await held[0].ask(); // a round trip through the gateway after the extra connections arrived
+  assert.ok((await openNow()) <= limit + workers - 1, `open: ${await openNow()}`);
+  // Slots freed: every waiting connection is taken and answered.
+  for (const c of held.slice(0, extra.length)) c.socket.destroy();
+  const got = await withTimeout(Promise.all(answers), 10_000, 'answers once slots were freed');
+  assert.ok(got.every((r) => r.status === 200));
 });
