@@ -7,19 +7,37 @@ namespace llmproxy::lb {
 Balancer::Balancer(BackendSet& backends, config::Strategy strategy)
     : backends_(backends),
       strategy_(strategy),
-      current_(backends.size(), 0),
+      serving_((backends.size() + 63) / 64, 0),
       eligible_(backends.size(), 0),
-      loads_(backends.size(), 0) {}
+      loads_(backends.size(), 0) {
+  Rotation all;
+  all.members.assign(serving_.size(), 0);
+  for (std::size_t i = 0; i < backends.size(); ++i)
+    all.members[i / 64] |= std::uint64_t{1} << (i % 64);
+  all.current.assign(backends.size(), 0);
+  rotations_.push_back(std::move(all));
+}
+
+std::vector<std::int64_t>& Balancer::rotation_for_serving_set() {
+  for (auto& r : rotations_) {
+    if (r.members == serving_) return r.current;
+  }
+  if (rotations_.size() == kMaxRotations) return rotations_.front().current;
+  rotations_.push_back(Rotation{serving_, std::vector<std::int64_t>(backends_.size(), 0)});
+  return rotations_.back().current;
+}
 
 Pick Balancer::pick(std::string_view model, std::span<const std::size_t> exclude) {
   const std::size_t n = backends_.size();
   bool any_serves = false;
   std::size_t count = 0;
+  std::fill(serving_.begin(), serving_.end(), 0);
   for (std::size_t i = 0; i < n; ++i) {
     const Backend& b = backends_[i];
     eligible_[i] = 0;
     if (!b.serves(model)) continue;
     any_serves = true;
+    serving_[i / 64] |= std::uint64_t{1} << (i % 64);
     if (!b.healthy()) continue;
     if (std::find(exclude.begin(), exclude.end(), i) != exclude.end()) continue;
     eligible_[i] = 1;
@@ -48,15 +66,16 @@ Pick Balancer::pick(std::string_view model, std::span<const std::size_t> exclude
       }
     }
   }
+  std::vector<std::int64_t>& current = rotation_for_serving_set();
   std::int64_t total = 0;
   std::size_t best = n;
   for (std::size_t i = 0; i < n; ++i) {
     if (!eligible_[i]) continue;
-    current_[i] += backends_[i].weight();
+    current[i] += backends_[i].weight();
     total += backends_[i].weight();
-    if (best == n || current_[i] > current_[best]) best = i;
+    if (best == n || current[i] > current[best]) best = i;
   }
-  current_[best] -= total;
+  current[best] -= total;
   return Pick{&backends_[best], PickError::none};
 }
 

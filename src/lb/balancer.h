@@ -8,6 +8,10 @@
 // weight, the largest wins and pays back the total; weights 5,1,1 give a a b a c a a, not
 // a a a a a b c. least_in_flight picks the smallest in_flight/weight and breaks ties with the
 // same smooth WRR, so an idle pool still gets the weight ratio.
+//
+// The state is kept per set of backends that serve the request's model: requests for a model
+// that only some backends serve must not move the rotation of the others. (With one shared
+// state, m1 on {a:5, b:3} between requests for any model on {a, b, c} went 293:7, not 5:3.)
 #pragma once
 
 #include <cstdint>
@@ -37,9 +41,21 @@ class Balancer {
   Pick pick(std::string_view model, std::span<const std::size_t> exclude = {});
 
  private:
+  // The smooth WRR state of one serving set: its members (a bit per backend) and one current
+  // weight per backend.
+  struct Rotation {
+    std::vector<std::uint64_t> members;
+    std::vector<std::int64_t> current;
+  };
+  // At most this many serving sets get a rotation of their own (they come from the models the
+  // backends list, so a handful); any further set shares the first one's.
+  static constexpr std::size_t kMaxRotations = 64;
+  std::vector<std::int64_t>& rotation_for_serving_set();
+
   BackendSet& backends_;
   config::Strategy strategy_;
-  std::vector<std::int64_t> current_;   // smooth WRR state, one per backend
+  std::vector<Rotation> rotations_;     // [0]: every backend serves the model (the usual case)
+  std::vector<std::uint64_t> serving_;  // scratch: this pick's serving set, a bit per backend
   std::vector<std::uint8_t> eligible_;  // scratch, kept to avoid allocating per pick
   std::vector<std::int64_t> loads_;     // scratch: in_flight snapshot for least_in_flight
 };

@@ -228,6 +228,27 @@ TEST(BalancerModels, ListedModelsRestrictWhatABackendGets) {
   EXPECT_EQ(m2.count("m1-only"), 0u);
 }
 
+// Requests for a model only some backends serve, mixed with requests any backend takes: each
+// kind keeps its own weight ratio (a shared rotation gave m1 293:7 instead of 5:3 here).
+TEST(BalancerModels, EachServingSetKeepsItsRatioWhenRequestsMix) {
+  BackendSet set({backend("a", 5, {"m1"}), backend("b", 3, {"m1", "m2"}), backend("c", 1, {"m2"})});
+  Balancer lb(set, Strategy::weighted_round_robin);
+  std::vector<std::string> m1, any;
+  for (int round = 0; round < 400; ++round) {
+    m1.push_back(lb.pick("m1").backend->name());
+    any.push_back(lb.pick("").backend->name());
+    any.push_back(lb.pick("").backend->name());
+  }
+  auto c1 = count(m1);
+  EXPECT_EQ(c1["a"], 250);  // 400 picks, 5:3
+  EXPECT_EQ(c1["b"], 150);
+  any.resize(88 * 9);  // whole cycles of 5:3:1
+  auto c2 = count(any);
+  EXPECT_EQ(c2["a"], 88 * 5);
+  EXPECT_EQ(c2["b"], 88 * 3);
+  EXPECT_EQ(c2["c"], 88);
+}
+
 TEST(BalancerModels, EmptyModelAcceptsAnyBackend) {
   BackendSet set({backend("a", 1, {"m1"}), backend("b", 1, {"m2"})});
   Balancer lb(set, Strategy::weighted_round_robin);
