@@ -1669,7 +1669,8 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
     if (!pick.backend) {
       disarm_watch();
       if (i > 0) {
-        if (ctx.forwarded) ctx.finish = "upstream_error";
+        // Every attempt failed: the access log says so whether or not one was sent.
+        ctx.finish = "upstream_error";
         {
           reply_ = error_reply(http::errors::bad_gateway,
                                "No backend could be reached: " + last_error, keep_alive);
@@ -1728,7 +1729,7 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
     log(ctx);
     co_return false;
   }
-  if (ctx.forwarded) ctx.finish = "upstream_error";
+  ctx.finish = "upstream_error";
   {
     reply_ = error_reply(http::errors::bad_gateway,
                          "The backend could not be reached: " + last_error, keep_alive);

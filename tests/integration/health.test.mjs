@@ -201,3 +201,35 @@ test('without retries a refused connection is an OpenAI-shaped 502/503 (the retr
   assert.ok(statuses.some((s) => s !== 200), `every request succeeded without retries: ${statuses}`);
   assert.ok(statuses.some((s) => s === 200), `no request reached the live backend: ${statuses}`);
 });
+
+test('the access log names how each request ended: completed, or upstream_error when no backend could be reached', { timeout: 60_000 }, async () => {
+  const deadPort = await freePort();
+  const live = await startMock({ name: 'live' });
+  const gw = await startGateway({
+    server: { workers: 1, access_log: true },
+    load_balancing: { max_retries: 1 },
+    backends: [
+      backendEntry(`http://127.0.0.1:${deadPort}`, { name: 'dead', models: ['lost'] }),
+      backendEntry(live, { name: 'live', models: ['m1'] }),
+    ],
+  });
+  const ok = await postJson(gw.url, CHAT, chatBody('m1'), { headers: { 'x-request-id': 'log-ok' } });
+  assert.equal(ok.status, 200);
+  const lost = await postJson(gw.url, CHAT, chatBody('lost'), { headers: { 'x-request-id': 'log-lost' } });
+  assert.ok(lost.status === 502 || lost.status === 503, `status ${lost.status}`);
+  const line = async (id) => {
+    let found;
+    await waitUntil(() => (found = gw.stdout.split('\n').find((l) => l.includes(`"request_id":"${id}"`))), {
+      timeout: 10_000,
+      what: `the access log line of ${id}`,
+    });
+    return JSON.parse(found);
+  };
+  const a = await line('log-ok');
+  assert.equal(a.status, 200);
+  assert.equal(a.finish, 'completed');
+  assert.equal(a.backend, 'live');
+  const b = await line('log-lost');
+  assert.equal(b.status, lost.status);
+  assert.equal(b.finish, 'upstream_error', JSON.stringify(b));
+});
