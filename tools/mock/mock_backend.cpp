@@ -43,6 +43,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <memory>
 #include <optional>
@@ -519,6 +520,7 @@ struct BodyInfo {
   std::uint64_t text_bytes = 0;  // bytes of the prompt / message contents / inputs
   std::uint64_t token_ids = 0;   // prompts given as token id arrays count one token per id
   std::uint64_t inputs = 0;      // embeddings: how many inputs
+  bool base64 = false;           // embeddings: encoding_format "base64" (the OpenAI SDKs' default)
   bool has_input = false;
   std::int64_t max_tokens = -1;
 
@@ -656,6 +658,9 @@ BodyError inspect_body(Connection& c, BodyInfo& info) {
       // "content" is llama.cpp's /tokenize field.
       info.has_input = true;
       count_text_or_tokens(v, info);
+    } else if (key == "encoding_format") {
+      std::string_view s;
+      info.base64 = v.get_string().get(s) == simdjson::SUCCESS && s == "base64";
     } else if (key == "max_tokens" || key == "max_completion_tokens") {
       if (auto n = json_int(v); n && *n >= 0) info.max_tokens = *n;
     } else if (key == "mock") {
@@ -984,6 +989,20 @@ asio::awaitable<Outcome> stream_generation(Connection& c, const Generation& g, s
   co_return keep_alive ? Outcome::kKeepAlive : Outcome::kClose;
 }
 
+void append_base64(std::string& out, const unsigned char* p, std::size_t n) {
+  static constexpr char kDigits[] =
+      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  for (std::size_t i = 0; i < n; i += 3) {
+    const std::uint32_t v = (std::uint32_t{p[i]} << 16) |
+                            (i + 1 < n ? std::uint32_t{p[i + 1]} << 8 : 0) |
+                            (i + 2 < n ? std::uint32_t{p[i + 2]} : 0);
+    out.push_back(kDigits[(v >> 18) & 63]);
+    out.push_back(kDigits[(v >> 12) & 63]);
+    out.push_back(i + 1 < n ? kDigits[(v >> 6) & 63] : '=');
+    out.push_back(i + 2 < n ? kDigits[v & 63] : '=');
+  }
+}
+
 void build_embeddings_body(Connection& c, const BodyInfo& info) {
   std::string& out = c.payload;
   out.clear();
@@ -992,16 +1011,32 @@ void build_embeddings_body(Connection& c, const BodyInfo& info) {
     if (i > 0) out.push_back(',');
     out.append(R"({"object":"embedding","index":)");
     append_int(out, static_cast<std::int64_t>(i));
-    out.append(R"(,"embedding":[)");
-    for (int j = 0; j < kEmbeddingDims; ++j) {
-      if (j > 0) out.push_back(',');
-      // Exact binary fractions in [-0.5, 0.4375], deterministic per (input, dimension).
-      const int k = static_cast<int>((i * kEmbeddingDims + j) % 16) - 8;
-      char buf[32];
-      auto r = std::to_chars(buf, buf + sizeof buf, double(k) / 16.0);
-      out.append(buf, r.ptr);
+    // Exact binary fractions in [-0.5, 0.4375], deterministic per (input, dimension).
+    auto value = [&](int j) {
+      return double(static_cast<int>((i * kEmbeddingDims + j) % 16) - 8) / 16.0;
+    };
+    if (info.base64) {
+      // As OpenAI sends it: the float32 values, little-endian, in base64.
+      unsigned char raw[kEmbeddingDims * 4];
+      for (int j = 0; j < kEmbeddingDims; ++j) {
+        const float f = static_cast<float>(value(j));
+        std::uint32_t bits;
+        std::memcpy(&bits, &f, 4);
+        for (int b = 0; b < 4; ++b) raw[j * 4 + b] = static_cast<unsigned char>(bits >> (8 * b));
+      }
+      out.append(R"(,"embedding":")");
+      append_base64(out, raw, sizeof raw);
+      out.append("\"}");
+    } else {
+      out.append(R"(,"embedding":[)");
+      for (int j = 0; j < kEmbeddingDims; ++j) {
+        if (j > 0) out.push_back(',');
+        char buf[32];
+        auto r = std::to_chars(buf, buf + sizeof buf, value(j));
+        out.append(buf, r.ptr);
+      }
+      out.append("]}");
     }
-    out.append("]}");
   }
   out.append(R"(],"model":)");
   append_json_string(out, c.model);
