@@ -615,6 +615,7 @@ struct RequestContext {
   std::string api_key;
   std::optional<llm::StreamMeter> meter;  // event streams
   std::string body_copy;                  // other responses: the body, or its tail when large
+  std::string body_head;                  // ... and then its first kResponseTailBytes too
   bool body_copy_complete = true;
   // A body relayed in one piece is read for usage where it lies, once written: no copy.
   struct BodyUsage {
@@ -1472,9 +1473,19 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
     content = ctx.body_usage->content;
   } else if (!ctx.body_copy.empty()) {
     reported = llm::read_body_usage(ctx.body_copy, w_.usage_parser, u, content);
+    if (!reported && !ctx.body_head.empty()) {
+      // A body over the copy limit whose usage came first (the tail's text stays the estimate).
+      llm::TextCount head_content;
+      llm::Usage head_usage;
+      if (llm::read_body_usage(ctx.body_head, w_.usage_parser, head_usage, head_content)) {
+        reported = true;
+        u = head_usage;
+      }
+    }
   }
   ctx.body_copy.clear();
   ctx.body_copy.shrink_to_fit();
+  std::string().swap(ctx.body_head);
   const auto& info = ctx.info;
   // Chat templates add a few tokens per message (role markers, separators).
   const std::int64_t prompt_estimate = info.prompt_token_ids + info.prompt_text.tokens() +
@@ -2301,7 +2312,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       // The usage read happens after the response went out. A whole body in one piece that the
       // socket took at once is read where it lies (the worker's space, valid until the next
       // co_await; one piece is never more than the tail the copy would keep); anything else
-      // gets a bounded copy, past the limit only its tail (servers write usage last).
+      // gets a bounded copy, past the limit only its head and its tail (servers write usage
+      // last, a few first).
       static_assert(kRelayScratch <= 2 * kResponseTailBytes);
       auto& copy = ctx.body_copy;
       if (rp.is_done() && !cwec && pending_.empty() && copy.empty() && ctx.body_copy_complete) {
@@ -2310,8 +2322,13 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       } else if (ctx.body_copy_complete && copy.size() + n <= copy_limit) {
         copy.append(piece);
       } else {
+        if (ctx.body_copy_complete) {
+          copy.append(piece);
+          ctx.body_head.assign(copy, 0, std::min(copy.size(), kResponseTailBytes));
+        } else {
+          copy.append(piece);
+        }
         ctx.body_copy_complete = false;
-        copy.append(piece);
         if (copy.size() > 2 * kResponseTailBytes) copy.erase(0, copy.size() - kResponseTailBytes);
       }
     }
