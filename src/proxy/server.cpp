@@ -2385,11 +2385,17 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
 // Accepting.
 
 asio::awaitable<void> run_session(Worker* w, tcp::socket socket, bool metrics_only) {
+  // Client connections: those of the main listener. The metrics listener's (a scraper) neither
+  // take a place under server.max_connections nor show in llmproxy_open_connections.
   struct Counted {
     Worker* w;
-    explicit Counted(Worker* w) : w(w) { w->connections.fetch_add(1, std::memory_order_relaxed); }
-    ~Counted() { w->connections.fetch_sub(1, std::memory_order_relaxed); }
-  } counted(w);
+    explicit Counted(Worker* w) : w(w) {
+      if (w) w->connections.fetch_add(1, std::memory_order_relaxed);
+    }
+    ~Counted() {
+      if (w) w->connections.fetch_sub(1, std::memory_order_relaxed);
+    }
+  } counted(metrics_only ? nullptr : w);
   try {
     ClientSession session(*w, std::move(socket), metrics_only);
     co_await session.run();

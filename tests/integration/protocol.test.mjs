@@ -197,7 +197,16 @@ test('server.max_connections is the process limit: with 2 workers every connecti
     backends: [backendEntry(backend, { name: 'limit' })],
   });
   const metricsUrl = /metrics on (http:\/\/127\.0\.0\.1:\d+)\/metrics/.exec(gw.stdout)[1];
-  const openNow = async () => metricSum((await httpRequest(`${metricsUrl}/metrics`)).text(), 'llmproxy_open_connections') - 1; // the scrape's own
+  // Scraped on the metrics listener, whose connections are not client connections.
+  const openNow = async () => metricSum((await httpRequest(`${metricsUrl}/metrics`)).text(), 'llmproxy_open_connections');
+  // Scrapers on the metrics listener take no client place.
+  const metricsPort = Number(new URL(metricsUrl).port);
+  const scrapers = [];
+  for (let i = 0; i < 3; i++) {
+    const c = await healthAsker(metricsPort);
+    await withTimeout(c.ask(), 10_000, 'an answer on the metrics listener');
+    scrapers.push(c);
+  }
   // The kernel spreads connections over the workers' listeners by hash: with a share per
   // worker, some of these would wait for the keep-alive timeout while the other worker had room.
   const held = [];
