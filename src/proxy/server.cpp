@@ -8,6 +8,7 @@
 // This is the one Asio/Beast-heavy translation unit of the gateway (compile time matters).
 #include "proxy/server.h"
 
+#include <arpa/inet.h>
 #include <fmt/format.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -446,6 +447,12 @@ struct ConnectResult {
   std::unique_ptr<UpstreamConn> conn;
   error_code ec;
   bool timed_out = false;
+  std::string tls_reason;  // a refused certificate: why (expired, unknown issuer, ...)
+
+  std::string message() const {
+    if (timed_out) return "timed out";
+    return tls_reason.empty() ? ec.message() : ec.message() + ": " + tls_reason;
+  }
 };
 
 // Resolves, connects and (for https://) handshakes with verification, all within `timeout`.
@@ -490,7 +497,11 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
     tcp_stream.socket().non_blocking(true, ec);
   } else {
     auto& tls = std::get<UpstreamConn::Tls>(conn->stream);
-    if (!SSL_set_tlsext_host_name(tls.native_handle(), url.host.c_str())) {
+    // SNI names hosts only, never an address (RFC 6066 3).
+    unsigned char addr[16];
+    const bool ip_host = ::inet_pton(AF_INET, url.host.c_str(), addr) == 1 ||
+                         ::inet_pton(AF_INET6, url.host.c_str(), addr) == 1;
+    if (!ip_host && !SSL_set_tlsext_host_name(tls.native_handle(), url.host.c_str())) {
       out.ec = error_code(static_cast<int>(::ERR_get_error()), asio::error::get_ssl_category());
       co_return out;
     }
@@ -505,6 +516,9 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
     if (hec) {
       out.ec = hec;
       out.timed_out = hec == beast::error::timeout;
+      if (const long vr = SSL_get_verify_result(tls.native_handle()); vr != X509_V_OK) {
+        out.tls_reason = X509_verify_cert_error_string(vr);
+      }
       co_return out;
     }
   }
@@ -1869,8 +1883,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       if (!cr.conn) {
         w_.metrics.upstream_error(metric_id, cr.timed_out ? metrics::UpstreamError::timeout
                                                           : metrics::UpstreamError::connect);
-        error = fmt::format("{}: connect: {}", backend.name(),
-                            cr.timed_out ? "timed out" : cr.ec.message());
+        error = fmt::format("{}: connect: {}", backend.name(), cr.message());
         record_passive(cfg.health_check, backend, false);
         co_return Attempt::retry;
       }
@@ -2500,7 +2513,7 @@ asio::awaitable<ProbeResult> probe(asio::io_context& ioc, Shared& shared, const 
   const auto& url = b.config().parsed;
   auto cr = co_await connect_backend(ioc.get_executor(), shared, gen, b, timeout);
   if (!cr.conn) {
-    out.error = cr.timed_out ? "timed out" : cr.ec.message();
+    out.error = cr.message();
     co_return out;
   }
   auto conn = std::move(cr.conn);

@@ -31,7 +31,11 @@ before(async () => {
         res.writeHead(200, { 'Content-Type': 'text/event-stream' });
         res.end(SSE);
       } else {
-        res.writeHead(200, { 'Content-Type': 'application/json', 'X-Saw-Host': req.headers.host ?? '' });
+        res.writeHead(200, {
+          'Content-Type': 'application/json',
+          'X-Saw-Host': req.headers.host ?? '',
+          'X-Saw-SNI': String(req.socket.servername ?? false),
+        });
         res.end('{"ok":"over tls"}');
       }
     });
@@ -58,6 +62,7 @@ test('https backend trusted through upstream.ca_file: non-stream and stream rela
   assert.equal(res.status, 200, res.text());
   assert.equal(res.text(), '{"ok":"over tls"}');
   assert.equal(res.headers['x-saw-host'], `localhost:${port}`);
+  assert.equal(res.headers['x-saw-sni'], 'localhost');
   const sres = await postJson(gw.url, '/v1/chat/completions', chatBody('m1', { stream: true }));
   assert.equal(sres.status, 200);
   assert.equal(sres.text(), SSE);
@@ -70,7 +75,19 @@ test('certificate verification is on by default: an untrusted backend is refused
   const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
   assert.equal(res.status, 502, res.text());
   assert.equal(openAIError(res).code, 'upstream_error');
+  // The answer says why the certificate was refused, not only that it was.
+  assert.match(openAIError(res).message, /certificate verify failed.*: self.signed certificate/, res.text());
   assert.equal(seen - before, 0, 'the request must not be sent over an unverified connection');
+});
+
+test('an https backend addressed by IP is verified against the IP and sent no SNI (RFC 6066 names hosts only)', async () => {
+  const gw = await startGateway({
+    upstream: { ca_file: CERT },
+    backends: [{ url: `https://127.0.0.1:${port}`, weight: 1, name: 'tls-ip' }],
+  });
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
+  assert.equal(res.status, 200, res.text());
+  assert.equal(res.headers['x-saw-sni'], 'false');
 });
 
 test('a certificate for another host name is refused even when its CA is trusted', async () => {
