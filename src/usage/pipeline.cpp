@@ -328,7 +328,8 @@ bool Pipeline::Impl::retention_chunk(std::int64_t& deleted) {
     std::int64_t dl = log->delete_dead_letters(cutoff);
     if (deleted > 0 || dl > 0) {
       log::line("info",
-                "usage log: retention ({} days) deleted {} delivered records and {} dead letters",
+                "usage log: retention ({} days) deleted {} records every configured sink had "
+                "received, and {} dead letters",
                 cfg.retention_days, deleted, dl);
     }
   } catch (const std::exception& e) {
