@@ -17,6 +17,7 @@ import {
   chatBody,
   openStream,
   readAll,
+  waitUntil,
 } from './lib/harness.mjs';
 
 let mock;
@@ -66,6 +67,15 @@ function sample(text, name, labels = {}) {
   return 0;
 }
 
+// Sum of every sample of `name`, whatever its labels.
+function sumOf(text, name) {
+  let sum = 0;
+  for (const line of text.split('\n')) {
+    if (line.startsWith(`${name}{`) || line.startsWith(`${name} `)) sum += Number(line.slice(line.lastIndexOf(' ') + 1));
+  }
+  return sum;
+}
+
 test('the exposition passes promtool; its only finding is the original llmproxy_latency_ms name', async () => {
   await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
   const text = await scrape();
@@ -98,8 +108,22 @@ test('counters read back after known traffic equal that traffic', async () => {
     const res = await httpRequest(`${gw.url}/v1/chat/completions`, { method: 'POST', body: '{bad', headers: { 'content-type': 'application/json' } });
     assert.equal(res.status, 400);
   }
-  const after = await scrape();
+  // A request is counted once its answer is written: the last answer can reach this client a
+  // moment before the gateway counts it, so read until the counts arrive (or time out).
+  let after;
   const delta = (name, labels) => sample(after, name, labels) - sample(before, name, labels);
+  await waitUntil(
+    async () => {
+      after = await scrape();
+      return (
+        delta('llmproxy_requests_total', chat) >= 12 &&
+        delta('llmproxy_requests_total', chatStream) >= 4 &&
+        delta('llmproxy_requests_total', notFound) >= 3 &&
+        delta('llmproxy_requests_total', badJson) >= 2
+      );
+    },
+    { timeout: 10_000, what: 'the request counters to count the traffic' },
+  );
   assert.equal(delta('llmproxy_requests_total', chat), 12);
   assert.equal(delta('llmproxy_requests_total', chatStream), 4);
   assert.equal(delta('llmproxy_requests_total', notFound), 3);
@@ -109,9 +133,11 @@ test('counters read back after known traffic equal that traffic', async () => {
   const connectErrors = delta('llmproxy_upstream_errors_total', { backend: 'dead', kind: 'connect' });
   assert.equal(delta('llmproxy_retries_total', {}), connectErrors);
   assert.ok(connectErrors >= 1, 'round robin over a dead and a live backend sends some requests to the dead one');
-  // One latency observation per request, including the scrape that produced `before`.
-  assert.equal(delta('llmproxy_latency_ms_count', {}), 12 + 4 + 3 + 2 + 1);
-  assert.equal(delta('llmproxy_request_duration_seconds_count', {}), 12 + 4 + 3 + 2 + 1);
+  // One latency observation per request counted (the scrapes' own included).
+  const counted = sumOf(after, 'llmproxy_requests_total') - sumOf(before, 'llmproxy_requests_total');
+  assert.ok(counted >= 12 + 4 + 3 + 2 + 1, `requests counted: ${counted}`);
+  assert.equal(delta('llmproxy_latency_ms_count', {}), counted);
+  assert.equal(delta('llmproxy_request_duration_seconds_count', {}), counted);
   assert.equal(delta('llmproxy_time_to_first_token_seconds_count', { backend: 'a' }), 4);
   // 5 tokens + finish chunk + [DONE]: up to 6 gaps per stream (the last two are written together).
   assert.ok(delta('llmproxy_stream_event_gap_seconds_count', {}) >= 4 * 3);
