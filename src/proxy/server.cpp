@@ -8,7 +8,6 @@
 // This is the one Asio/Beast-heavy translation unit of the gateway (compile time matters).
 #include "proxy/server.h"
 
-#include <arpa/inet.h>
 #include <fmt/format.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -343,7 +342,8 @@ class Worker {
   RequestIdGenerator ids;
   AccessLog log;
   metrics::WorkerMetrics metrics;  // written by this thread only; copied on its thread by scrapes
-  std::atomic<std::int64_t> connections{0};
+  std::atomic<std::int64_t> connections{0};          // client connections (main listener)
+  std::atomic<std::int64_t> metrics_connections{0};  // metrics.listen's: drain waits for them too
   std::thread thread;
 
   const config::Config& cfg() const { return cur->gen->cfg; }
@@ -465,6 +465,7 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
   std::vector<tcp::endpoint> endpoints;
   error_code ec;
   auto addr = asio::ip::make_address(url.host, ec);
+  const bool ip_host = !ec;  // an address, not a name
   if (!ec) {
     endpoints.emplace_back(addr, url.port);
   } else {
@@ -498,16 +499,23 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
   } else {
     auto& tls = std::get<UpstreamConn::Tls>(conn->stream);
     // SNI names hosts only, never an address (RFC 6066 3).
-    unsigned char addr[16];
-    const bool ip_host = ::inet_pton(AF_INET, url.host.c_str(), addr) == 1 ||
-                         ::inet_pton(AF_INET6, url.host.c_str(), addr) == 1;
-    if (!ip_host && !SSL_set_tlsext_host_name(tls.native_handle(), url.host.c_str())) {
+    SSL* ssl = tls.native_handle();
+    if (!ip_host && !SSL_set_tlsext_host_name(ssl, url.host.c_str())) {
       out.ec = error_code(static_cast<int>(::ERR_get_error()), asio::error::get_ssl_category());
       co_return out;
     }
     if (gen.cfg.upstream.tls_verify) {
+      // OpenSSL checks the name (or the address) with the chain, so a mismatch is reported as
+      // one ("hostname mismatch"), not as an unspecified failure of a callback.
       tls.set_verify_mode(asio::ssl::verify_peer);
-      tls.set_verify_callback(asio::ssl::host_name_verification(url.host));
+      X509_VERIFY_PARAM* param = SSL_get0_param(ssl);
+      X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+      const int set = ip_host ? X509_VERIFY_PARAM_set1_ip_asc(param, url.host.c_str())
+                              : X509_VERIFY_PARAM_set1_host(param, url.host.c_str(), 0);
+      if (set != 1) {
+        out.ec = error_code(static_cast<int>(::ERR_get_error()), asio::error::get_ssl_category());
+        co_return out;
+      }
     } else {
       tls.set_verify_mode(asio::ssl::verify_none);
     }
@@ -516,7 +524,10 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
     if (hec) {
       out.ec = hec;
       out.timed_out = hec == beast::error::timeout;
-      if (const long vr = SSL_get_verify_result(tls.native_handle()); vr != X509_V_OK) {
+      // Why the certificate was refused (with verification off it was not: the handshake
+      // failed for another reason, which the error itself says).
+      if (const long vr = SSL_get_verify_result(ssl);
+          gen.cfg.upstream.tls_verify && vr != X509_V_OK) {
         out.tls_reason = X509_verify_cert_error_string(vr);
       }
       co_return out;
@@ -2399,16 +2410,15 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
 
 asio::awaitable<void> run_session(Worker* w, tcp::socket socket, bool metrics_only) {
   // Client connections: those of the main listener. The metrics listener's (a scraper) neither
-  // take a place under server.max_connections nor show in llmproxy_open_connections.
+  // take a place under server.max_connections nor show in llmproxy_open_connections, but a
+  // drain waits for them like for any other (a scrape may be waiting on other workers).
   struct Counted {
-    Worker* w;
-    explicit Counted(Worker* w) : w(w) {
-      if (w) w->connections.fetch_add(1, std::memory_order_relaxed);
+    std::atomic<std::int64_t>& n;
+    explicit Counted(std::atomic<std::int64_t>& n) : n(n) {
+      n.fetch_add(1, std::memory_order_relaxed);
     }
-    ~Counted() {
-      if (w) w->connections.fetch_sub(1, std::memory_order_relaxed);
-    }
-  } counted(metrics_only ? nullptr : w);
+    ~Counted() { n.fetch_sub(1, std::memory_order_relaxed); }
+  } counted(metrics_only ? w->metrics_connections : w->connections);
   try {
     ClientSession session(*w, std::move(socket), metrics_only);
     co_await session.run();
@@ -2840,7 +2850,7 @@ int Gateway::run() {
   bool cut = false;
   on_drain_tick = [&](error_code) {
     std::int64_t open = 0;
-    for (auto& wp : impl_->workers) open += wp->connections.load();
+    for (auto& wp : impl_->workers) open += wp->connections.load() + wp->metrics_connections.load();
     if (open > 0 && Clock::now() >= drain_deadline && !cut) {
       // Cut what is still running, but let each request end through log() (its usage record)
       // for a moment before the event loops stop.

@@ -328,7 +328,7 @@ bool Pipeline::Impl::retention_chunk(std::int64_t& deleted) {
     std::int64_t dl = log->delete_dead_letters(cutoff);
     if (deleted > 0 || dl > 0) {
       log::line("info",
-                "usage log: retention ({} days) deleted {} records every configured sink had "
+                "usage log: retention ({} days) deleted {} records every enabled sink had "
                 "received, and {} dead letters",
                 cfg.retention_days, deleted, dl);
     }

@@ -106,6 +106,7 @@ test('a certificate for another host name is refused even when its CA is trusted
     });
     const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
     assert.equal(res.status, 502, res.text());
+    assert.match(openAIError(res).message, /IP address mismatch/, res.text());
     assert.equal(other, 0, 'the request must not be sent to a host the certificate does not name');
   } finally {
     mismatch.closeAllConnections?.();
