@@ -331,13 +331,8 @@ void read_sink(Reader& r, const YAML::Node& n, const std::string& path, SinkConf
         }
         // Header names are case-insensitive: X-Team and x-team would be sent as two fields. (The
         // same name twice is a duplicate key, reported as such.)
-        const auto same = std::find_if(s.headers.begin(), s.headers.end(), [&](const auto& h) {
-          return h.first.size() == key.size() &&
-                 std::equal(key.begin(), key.end(), h.first.begin(), [](char a, char b) {
-                   return std::tolower(static_cast<unsigned char>(a)) ==
-                          std::tolower(static_cast<unsigned char>(b));
-                 });
-        });
+        const auto same = std::find_if(s.headers.begin(), s.headers.end(),
+                                       [&](const auto& h) { return iequals_ascii(h.first, key); });
         if (same != s.headers.end()) {
           if (same->first != key) {
             r.error(it->first.Mark(), path + ".headers." + key,

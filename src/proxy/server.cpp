@@ -923,21 +923,13 @@ asio::awaitable<bool> ClientSession::send(RequestContext& ctx, Reply& reply) {
   res.keep_alive(keep_alive);
   res.body() = std::move(reply.body);
   res.prepare_payload();
-  ctx.status = reply.status;
   // The answer to HEAD is the header alone, with the length the body would have: a body after
   // it would be read as the start of the next response on this connection.
-  const bool head = ctx.method == "HEAD";
-  ctx.bytes_out = head ? 0 : res.body().size();
+  if (ctx.method == "HEAD") res.body().clear();
+  ctx.status = reply.status;
+  ctx.bytes_out = res.body().size();
   arm(w_.cfg().timeouts.stream_idle);
-  bhttp::response_serializer<bhttp::string_body> sr{res};
-  error_code wec;
-  if (head) {
-    auto [hec, n] = co_await bhttp::async_write_header(stream_.socket(), sr, use_nothrow);
-    wec = hec;
-  } else {
-    auto [mec, n] = co_await bhttp::async_write(stream_.socket(), sr, use_nothrow);
-    wec = mec;
-  }
+  auto [wec, n] = co_await bhttp::async_write(stream_.socket(), res, use_nothrow);
   if (settle(wec)) {
     ctx.finish = "client_disconnected";
     keep_alive = false;
@@ -960,6 +952,17 @@ std::string ClientSession::health_body(bool ready_check) const {
   }
   out += "]}";
   return out;
+}
+
+// Open client connections of the whole process. The limit is the process's, not a share per
+// worker: the kernel spreads connections over the workers' SO_REUSEPORT listeners by hash, not
+// evenly, so a per-worker share left clients waiting in a full worker's backlog while another
+// had room.
+std::int64_t open_connections(const Shared& shared) {
+  std::int64_t n = 0;
+  for (const Worker* other : shared.workers)
+    n += other->connections.load(std::memory_order_relaxed);
+  return n;
 }
 
 asio::awaitable<metrics::WorkerMetrics> copy_metrics(Worker* w) {
@@ -989,9 +992,7 @@ asio::awaitable<std::string> ClientSession::metrics_body() {
   const auto& set = gen->backends;
   metrics::Snapshot snap;
   snap.requests = std::move(merged);
-  for (Worker* other : w_.shared.workers) {
-    snap.open_connections += other->connections.load(std::memory_order_relaxed);
-  }
+  snap.open_connections = open_connections(w_.shared);
   for (auto& name : w_.shared.labels.names()) {
     snap.backends.push_back({std::move(name), false, 0, false});
   }
@@ -1501,11 +1502,7 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
     if (!reported && !ctx.body_head.empty()) {
       // A body over the copy limit whose usage came first (the tail's text stays the estimate).
       llm::TextCount head_content;
-      llm::Usage head_usage;
-      if (llm::read_body_usage(ctx.body_head, w_.usage_parser, head_usage, head_content)) {
-        reported = true;
-        u = head_usage;
-      }
+      reported = llm::read_body_usage(ctx.body_head, w_.usage_parser, u, head_content);
     }
   }
   ctx.body_copy.clear();
@@ -2346,12 +2343,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       } else if (ctx.body_copy_complete && copy.size() + n <= copy_limit) {
         copy.append(piece);
       } else {
-        if (ctx.body_copy_complete) {
-          copy.append(piece);
-          ctx.body_head.assign(copy, 0, std::min(copy.size(), kResponseTailBytes));
-        } else {
-          copy.append(piece);
-        }
+        copy.append(piece);
+        if (ctx.body_copy_complete) ctx.body_head.assign(copy, 0, kResponseTailBytes);
         ctx.body_copy_complete = false;
         if (copy.size() > 2 * kResponseTailBytes) copy.erase(0, copy.size() - kResponseTailBytes);
       }
@@ -2426,17 +2419,6 @@ asio::awaitable<void> run_session(Worker* w, tcp::socket socket, bool metrics_on
     // Untrusted input must never take the process down; this connection ends, others go on.
     log::line("error", "connection closed after an internal error: {}", e.what());
   }
-}
-
-// Open client connections of the whole process. The limit is the process's, not a share per
-// worker: the kernel spreads connections over the workers' SO_REUSEPORT listeners by hash, not
-// evenly, so a per-worker share left clients waiting in a full worker's backlog while another
-// had room.
-std::int64_t open_connections(const Shared& shared) {
-  std::int64_t n = 0;
-  for (const Worker* other : shared.workers)
-    n += other->connections.load(std::memory_order_relaxed);
-  return n;
 }
 
 asio::awaitable<void> accept_loop(Worker* w) {

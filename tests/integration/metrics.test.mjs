@@ -19,6 +19,7 @@ import {
   readAll,
   waitUntil,
 } from './lib/harness.mjs';
+import { metricSum } from './lib/usage.mjs';
 
 let mock;
 let gw;
@@ -65,15 +66,6 @@ function sample(text, name, labels = {}) {
     if (got === wanted) return Number(m[3]);
   }
   return 0;
-}
-
-// Sum of every sample of `name`, whatever its labels.
-function sumOf(text, name) {
-  let sum = 0;
-  for (const line of text.split('\n')) {
-    if (line.startsWith(`${name}{`) || line.startsWith(`${name} `)) sum += Number(line.slice(line.lastIndexOf(' ') + 1));
-  }
-  return sum;
 }
 
 test('the exposition passes promtool; its only finding is the original llmproxy_latency_ms name', async () => {
@@ -134,7 +126,7 @@ test('counters read back after known traffic equal that traffic', async () => {
   assert.equal(delta('llmproxy_retries_total', {}), connectErrors);
   assert.ok(connectErrors >= 1, 'round robin over a dead and a live backend sends some requests to the dead one');
   // One latency observation per request counted (the scrapes' own included).
-  const counted = sumOf(after, 'llmproxy_requests_total') - sumOf(before, 'llmproxy_requests_total');
+  const counted = metricSum(after, 'llmproxy_requests_total') - metricSum(before, 'llmproxy_requests_total');
   assert.ok(counted >= 12 + 4 + 3 + 2 + 1, `requests counted: ${counted}`);
   assert.equal(delta('llmproxy_latency_ms_count', {}), counted);
   assert.equal(delta('llmproxy_request_duration_seconds_count', {}), counted);

@@ -92,50 +92,45 @@ async function bytesUntilClose(port, bytes) {
   });
 }
 
+// HEAD `path`, with a GET /health pipelined behind it.
+const headThenGet = (path) => `HEAD ${path} HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`;
+
+// The first header a connection received (as text) and every byte after it.
+function splitAtHead(bytes) {
+  const text = bytes.toString('latin1');
+  const end = text.indexOf('\r\n\r\n') + 4;
+  return { first: text.slice(0, end), rest: text.slice(end) };
+}
+
 test('HEAD gets the header GET would get and no body, so the next response on the connection stays in sync', async () => {
   const backend = await startBackend('head');
   const gw = await startGateway({ backends: [backendEntry(backend, { name: 'head', models: ['m1'] })] });
   for (const path of ['/health', '/v1/models', '/ready', '/metrics']) {
     const get = await httpRequest(`${gw.url}${path}`);
     assert.equal(get.status, 200, `GET ${path}: ${get.text()}`);
-    const bytes = await bytesUntilClose(
-      gw.port,
-      `HEAD ${path} HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`,
-    );
-    const text = bytes.toString('latin1');
-    const headEnd = text.indexOf('\r\n\r\n') + 4;
-    const first = text.slice(0, headEnd);
+    const { first, rest } = splitAtHead(await bytesUntilClose(gw.port, headThenGet(path)));
     assert.match(first, /^HTTP\/1\.1 200 /, `HEAD ${path}: ${first}`);
     // The length GET's body has (metrics move between two scrapes: only their presence then).
     const length = Number(/\r\ncontent-length: (\d+)\r\n/i.exec(first)?.[1]);
     assert.ok(length > 0, `HEAD ${path} has no Content-Length: ${first}`);
     if (path !== '/metrics') assert.equal(length, Buffer.byteLength(get.text()), `HEAD ${path} length`);
     // The next bytes are the second response's status line: no body came after the header.
-    assert.ok(text.slice(headEnd).startsWith('HTTP/1.1 200 '), `after HEAD ${path}: ${JSON.stringify(text.slice(headEnd, headEnd + 80))}`);
-    const second = parseResponse(bytes.subarray(Buffer.byteLength(first, 'latin1')), true);
+    assert.ok(rest.startsWith('HTTP/1.1 200 '), `after HEAD ${path}: ${JSON.stringify(rest.slice(0, 80))}`);
+    const second = parseResponse(Buffer.from(rest, 'latin1'), true);
     assert.equal(JSON.parse(second.body.toString()).status, 'ok');
   }
   // Refusals to HEAD carry no body either: an unknown path, and a POST-only route.
   for (const [path, status, allow] of [['/nope', 404, undefined], ['/v1/chat/completions', 405, 'POST']]) {
-    const bytes = await bytesUntilClose(
-      gw.port,
-      `HEAD ${path} HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`,
-    );
-    const text = bytes.toString('latin1');
-    const headEnd = text.indexOf('\r\n\r\n') + 4;
-    assert.match(text, new RegExp(`^HTTP/1\\.1 ${status} `), text.slice(0, 200));
-    if (allow) assert.match(text.slice(0, headEnd), new RegExp(`\r\nallow: ${allow}\r\n`, 'i'));
-    assert.ok(
-      text.slice(headEnd).length === 0 || text.slice(headEnd).startsWith('HTTP/1.1 200 '),
-      `after HEAD ${path}: ${JSON.stringify(text.slice(headEnd, headEnd + 80))}`,
-    );
+    const { first, rest } = splitAtHead(await bytesUntilClose(gw.port, headThenGet(path)));
+    assert.match(first, new RegExp(`^HTTP/1\\.1 ${status} `), first.slice(0, 200));
+    if (allow) assert.match(first, new RegExp(`\r\nallow: ${allow}\r\n`, 'i'));
+    assert.ok(rest.length === 0 || rest.startsWith('HTTP/1.1 200 '), `after HEAD ${path}: ${JSON.stringify(rest.slice(0, 80))}`);
   }
   // A HEAD refused for its declared body size (the header was read) is a header alone too.
   {
-    const bytes = await bytesUntilClose(gw.port, 'HEAD /health HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n');
-    const text = bytes.toString('latin1');
-    assert.match(text, /^HTTP\/1\.1 413 /, text.slice(0, 200));
-    assert.equal(text.slice(text.indexOf('\r\n\r\n') + 4), '', 'a body after the 413 to HEAD');
+    const { first, rest } = splitAtHead(await bytesUntilClose(gw.port, 'HEAD /health HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n'));
+    assert.match(first, /^HTTP\/1\.1 413 /, first.slice(0, 200));
+    assert.equal(rest, '', 'a body after the 413 to HEAD');
   }
   // GET-only routes name HEAD as allowed.
   const post = await httpRequest(`${gw.url}/health`, { method: 'POST', body: '' });
