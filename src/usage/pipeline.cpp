@@ -134,6 +134,7 @@ class Sink {
   std::unique_ptr<WebhookClient> client;
   std::thread thread;
   std::atomic<bool> retire{false};  // a reload removed or changed it: stop after this POST
+  bool replaced = false;  // reconfigure(): a changed sink, whose successor took its counters
 
   std::atomic<std::int64_t> cursor{0};
   std::int64_t persisted = 0;  // the cursor as stored (sink thread only)
@@ -833,44 +834,48 @@ std::string Pipeline::reconfigure(std::vector<config::SinkConfig> wanted) {
   for (Sink* s : leaving) {
     if (s->thread.joinable()) s->thread.join();
   }
-  std::vector<std::unique_ptr<Sink>> kept, gone;
-  {
-    std::lock_guard lk(im.sinks_mu);
-    for (auto& s : im.sinks) (s->retire.load() ? gone : kept).push_back(std::move(s));
-    im.sinks = std::move(kept);
-  }
-  // Start the new and changed ones. A changed sink keeps its counters and resumes at its cursor.
+  // Make the new and changed ones while the stopped ones are still in the set: their cursors keep
+  // holding records (durability: memory prunes, retention deletes) until their successors hold
+  // them. A changed sink keeps its counters and resumes at its cursor.
   std::string summary, removed;
   const std::int64_t head = im.head.load(std::memory_order_acquire);
+  std::vector<std::unique_ptr<Sink>> fresh;
   for (auto& cfg : wanted) {
     bool running = false;
-    for (const auto& s : im.sinks) running = running || s->cfg.name == cfg.name;
+    for (const auto& s : im.sinks) running = running || (s->cfg.name == cfg.name && !s->retire);
     if (running) continue;
-    std::unique_ptr<Sink> s;
     try {
-      s = im.make_sink(cfg, head, summary);
+      fresh.push_back(im.make_sink(cfg, head, summary));
     } catch (const std::exception& e) {
       log::line("error", "usage sink {}: not started after the reload: {}", cfg.name, e.what());
       continue;
     }
-    for (auto& old : gone) {
-      if (old && old->cfg.name == s->cfg.name) {
-        s->delivered.store(old->delivered.load());
-        s->failed.store(old->failed.load());
-        s->dead_letters.store(old->dead_letters.load());
-        s->latency = old->latency;
-        old.reset();
-      }
+    for (Sink* old : leaving) {
+      if (old->cfg.name != cfg.name) continue;
+      Sink& s = *fresh.back();
+      s.delivered.store(old->delivered.load());
+      s.failed.store(old->failed.load());
+      s.dead_letters.store(old->dead_letters.load());
+      s.latency = old->latency;
+      old->replaced = true;
     }
-    Sink* sp = s.get();
-    {
-      std::lock_guard lk(im.sinks_mu);
-      im.sinks.push_back(std::move(s));
+  }
+  std::vector<Sink*> starting;
+  std::vector<std::unique_ptr<Sink>> kept, gone;
+  {
+    std::lock_guard lk(im.sinks_mu);
+    for (auto& s : im.sinks) (s->retire.load() ? gone : kept).push_back(std::move(s));
+    for (auto& s : fresh) {
+      starting.push_back(s.get());
+      kept.push_back(std::move(s));
     }
-    if (im.started) im.start_sink(*sp);
+    im.sinks = std::move(kept);
+  }
+  if (im.started) {
+    for (Sink* s : starting) im.start_sink(*s);
   }
   for (auto& old : gone) {
-    if (!old) continue;
+    if (old->replaced) continue;
     removed += (removed.empty() ? "" : ", ") + old->cfg.name;
     std::lock_guard lk(im.sinks_mu);
     im.removed_delivered += old->delivered.load();

@@ -613,6 +613,53 @@ TEST(UsagePipeline, MemoryDurabilityHoldsAtMostMemoryMaxRecords) {
   p.stop(soon());
 }
 
+// With durability: memory a record is deleted once every sink has passed it. A sink that a reload
+// changes is stopped and started again from its cursor; in between, its records must stay held
+// although a faster sink keeps delivering (and pruning) all along. Reloads go on while records
+// arrive; the changed sink's two receivers together must get every record, none skipped.
+TEST(UsagePipeline, MemoryDurabilityKeepsAChangedSinksRecordsOverReloads) {
+  Receiver fast, slow1, slow2;
+  auto lag = [](const Receiver::Request&, std::size_t) {
+    // A receiver slower than the other sink's, so that its cursor trails.
+    std::this_thread::sleep_for(std::chrono::microseconds(300));
+    return Receiver::Reply{};
+  };
+  slow1.set_script(lag);
+  slow2.set_script(lag);
+  config::UsageConfig u;
+  u.durability = config::Durability::memory;
+  u.memory_max_records = 1'000'000;
+  Pipeline p(u, {make_sink("a", fast.url()), make_sink("b", slow1.url())});
+  p.start();
+  std::atomic<bool> done{false};
+  std::atomic<int> submitted{0};
+  std::thread producer([&] {
+    for (int i = 0; i < 2000 && !done.load(); ++i) {
+      ASSERT_TRUE(p.submit(make_record(i)));
+      submitted.store(i + 1);
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  });
+  for (int round = 0; round < 40; ++round) {
+    const int seen = submitted.load();
+    WAIT_FOR(delivered(p, "a") >= static_cast<std::uint64_t>(seen));
+    p.reconfigure({make_sink("a", fast.url()), make_sink("b", (round % 2 ? slow1 : slow2).url())});
+  }
+  done.store(true);
+  producer.join();
+  const int n = submitted.load();
+  WAIT_FOR(sink(p.stats(), "a").backlog == 0 && sink(p.stats(), "b").backlog == 0);
+  p.stop(soon());
+  std::vector<std::string> b;
+  for (const Receiver* r : {&slow1, &slow2}) {
+    for (const auto& id : delivered_ids(*r)) b.push_back(id);
+  }
+  std::sort(b.begin(), b.end());
+  EXPECT_EQ(b.size(), static_cast<std::size_t>(n));  // none skipped, none twice
+  EXPECT_EQ(b, expected_ids(0, n));
+  EXPECT_EQ(delivered_ids(fast), expected_ids(0, n));
+}
+
 TEST(UsagePipeline, MemoryDurabilityWithoutSinks) {
   config::UsageConfig u;
   u.durability = config::Durability::memory;
