@@ -38,6 +38,7 @@
 
 #include "http/errors.h"
 #include "http/response_head.h"
+#include "http/tls_peer.h"
 #include "lb/backend.h"
 #include "lb/balancer.h"
 #include "llm/request_inspector.h"
@@ -498,38 +499,20 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
     tcp_stream.socket().non_blocking(true, ec);
   } else {
     auto& tls = std::get<UpstreamConn::Tls>(conn->stream);
-    // SNI names hosts only, never an address (RFC 6066 3).
     SSL* ssl = tls.native_handle();
-    if (!ip_host && !SSL_set_tlsext_host_name(ssl, url.host.c_str())) {
+    const bool verify = gen.cfg.upstream.tls_verify;
+    if (!http::set_tls_peer(ssl, url.host, ip_host, verify)) {
       out.ec = error_code(static_cast<int>(::ERR_get_error()), asio::error::get_ssl_category());
       co_return out;
     }
-    if (gen.cfg.upstream.tls_verify) {
-      // OpenSSL checks the name (or the address) with the chain, so a mismatch is reported as
-      // one ("hostname mismatch"), not as an unspecified failure of a callback.
-      tls.set_verify_mode(asio::ssl::verify_peer);
-      X509_VERIFY_PARAM* param = SSL_get0_param(ssl);
-      X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
-      const int set = ip_host ? X509_VERIFY_PARAM_set1_ip_asc(param, url.host.c_str())
-                              : X509_VERIFY_PARAM_set1_host(param, url.host.c_str(), 0);
-      if (set != 1) {
-        out.ec = error_code(static_cast<int>(::ERR_get_error()), asio::error::get_ssl_category());
-        co_return out;
-      }
-    } else {
-      tls.set_verify_mode(asio::ssl::verify_none);
-    }
+    tls.set_verify_mode(verify ? asio::ssl::verify_peer : asio::ssl::verify_none);
     tcp_stream.expires_after(timeout);
     auto [hec] = co_await tls.async_handshake(asio::ssl::stream_base::client, use_nothrow);
     if (hec) {
       out.ec = hec;
       out.timed_out = hec == beast::error::timeout;
-      // Why the certificate was refused (with verification off it was not: the handshake
-      // failed for another reason, which the error itself says).
-      if (const long vr = SSL_get_verify_result(ssl);
-          gen.cfg.upstream.tls_verify && vr != X509_V_OK) {
-        out.tls_reason = X509_verify_cert_error_string(vr);
-      }
+      // Why the certificate was refused (with verification off it was not).
+      if (verify) out.tls_reason = http::tls_refusal(ssl);
       co_return out;
     }
   }

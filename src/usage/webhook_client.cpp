@@ -33,6 +33,8 @@
 #include <optional>
 #include <thread>
 
+#include "http/tls_peer.h"
+
 namespace llmproxy::usage {
 
 namespace {
@@ -156,15 +158,15 @@ struct WebhookClient::Impl {
     if (url.tls) {
       error_code ip_ec;
       asio::ip::make_address(url.host, ip_ec);
-      if (ip_ec && !SSL_set_tlsext_host_name(tls->native_handle(), url.host.c_str())) {
-        co_return "TLS: cannot set the server name";
+      if (!llmproxy::http::set_tls_peer(tls->native_handle(), url.host, !ip_ec, true)) {
+        co_return "TLS: cannot set the server's name or address";
       }
       tls->set_verify_mode(ssl::verify_peer);
-      tls->set_verify_callback(ssl::host_name_verification(url.host));
       auto [hec] = co_await tls->async_handshake(ssl::stream_base::client, use_nothrow);
       if (hec) {
-        co_return hec == beast::error::timeout ? "timeout in the TLS handshake"
-                                               : "TLS handshake: " + hec.message();
+        if (hec == beast::error::timeout) co_return "timeout in the TLS handshake";
+        std::string refusal = llmproxy::http::tls_refusal(tls->native_handle());
+        co_return "TLS handshake: " + hec.message() + (refusal.empty() ? "" : ": " + refusal);
       }
     }
     connected = true;

@@ -141,6 +141,11 @@ class Receiver {
     std::lock_guard lk(mu_);
     return failed_handshakes_;
   }
+  // The SNI name of the last TLS handshake that completed ("" when none was sent).
+  std::string server_name() const {
+    std::lock_guard lk(mu_);
+    return server_name_;
+  }
   std::size_t connections() const {
     std::lock_guard lk(mu_);
     return connections_;
@@ -213,6 +218,9 @@ class Receiver {
         ::close(fd);
         return;
       }
+      const char* sni = ::SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+      std::lock_guard lk(mu_);
+      server_name_ = sni ? sni : "";
     }
     serve_http(fd, ssl);
     if (ssl) ::SSL_free(ssl);
@@ -289,6 +297,7 @@ class Receiver {
 
   SSL_CTX* tls_ = nullptr;
   std::size_t failed_handshakes_ = 0;
+  std::string server_name_;
   int listen_fd_ = -1;
   std::uint16_t port_ = 0;
   std::thread accept_thread_;

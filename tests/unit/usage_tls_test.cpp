@@ -88,8 +88,26 @@ class TrustOnly {
 class UsageTls : public ::testing::Test {
  protected:
   void SetUp() override { std::signal(SIGPIPE, SIG_IGN); }  // the receiver's SSL_write
-  std::string https(const Receiver& rx) {
-    return "https://127.0.0.1:" + std::to_string(rx.port()) + "/hook";
+  std::string https(const Receiver& rx) { return url(rx, "127.0.0.1"); }
+  static std::string url(const Receiver& rx, const std::string& host) {
+    return "https://" + host + ":" + std::to_string(rx.port()) + "/hook";
+  }
+  // A sink to `host` (the receiver serving `cert`, trusting only `trusted_pem`) that fails its
+  // handshake twice without sending a request: the gateway's log of it, which says why.
+  std::string refusal_log(const Cert& cert, const std::string& trusted_pem,
+                          const std::string& host) {
+    TrustOnly trust(trusted_pem);
+    Receiver rx(0, cert.server);
+    Pipeline p(testing::disk_config(dir_.file("usage.db")), {make_sink("hook", url(rx, host))});
+    ::testing::internal::CaptureStderr();
+    p.start();
+    p.submit(make_record(0));
+    EXPECT_TRUE(testing::eventually(
+        [&] { return p.stats().sinks[0].failed >= 2 && rx.failed_handshakes() >= 2; }));
+    p.stop(std::chrono::steady_clock::now() + 50ms);
+    EXPECT_EQ(rx.count(), 0u);  // no request ever went out
+    EXPECT_EQ(p.stats().sinks[0].delivered, 0u);
+    return ::testing::internal::GetCapturedStderr();
   }
   TempDir dir_;
 };
@@ -116,28 +134,40 @@ TEST_F(UsageTls, RefusesAnUntrustedCertificate) {
   Cert cert("IP:127.0.0.1");
   Cert other("IP:127.0.0.1");
   other.write_pem(dir_.file("other.pem"));
-  TrustOnly trust(dir_.file("other.pem"));
-  Receiver rx(0, cert.server);
-  Pipeline p(testing::disk_config(dir_.file("usage.db")), {make_sink("hook", https(rx))});
-  p.start();
-  p.submit(make_record(0));
-  WAIT_FOR(p.stats().sinks[0].failed >= 2 && rx.failed_handshakes() >= 2);
-  EXPECT_EQ(rx.count(), 0u);  // no request ever went out
-  p.stop(std::chrono::steady_clock::now() + 50ms);
-  EXPECT_EQ(p.stats().sinks[0].delivered, 0u);
+  const std::string log = refusal_log(cert, dir_.file("other.pem"), "127.0.0.1");
+  EXPECT_NE(log.find("certificate verify failed (SSL routines): self-signed certificate"),
+            std::string::npos)
+      << log;
 }
 
 TEST_F(UsageTls, RefusesACertificateForAnotherHost) {
   Cert cert("DNS:other.example");
   cert.write_pem(dir_.file("ca.pem"));
+  const std::string log = refusal_log(cert, dir_.file("ca.pem"), "127.0.0.1");
+  EXPECT_NE(log.find("IP address mismatch"), std::string::npos) << log;
+}
+
+TEST_F(UsageTls, RefusesAMismatchedHostName) {
+  Cert cert("DNS:other.example");
+  cert.write_pem(dir_.file("ca.pem"));
+  const std::string log = refusal_log(cert, dir_.file("ca.pem"), "localhost");
+  EXPECT_NE(log.find("hostname mismatch"), std::string::npos) << log;
+}
+
+// A host name in the URL: sent as SNI and matched against the certificate's DNS names.
+TEST_F(UsageTls, MatchesAHostName) {
+  Cert cert("DNS:localhost");
+  cert.write_pem(dir_.file("ca.pem"));
   TrustOnly trust(dir_.file("ca.pem"));
   Receiver rx(0, cert.server);
-  Pipeline p(testing::disk_config(dir_.file("usage.db")), {make_sink("hook", https(rx))});
+  Pipeline p(testing::disk_config(dir_.file("usage.db")),
+             {make_sink("hook", url(rx, "localhost"))});
   p.start();
-  p.submit(make_record(0));
-  WAIT_FOR(p.stats().sinks[0].failed >= 2 && rx.failed_handshakes() >= 2);
-  EXPECT_EQ(rx.count(), 0u);
-  p.stop(std::chrono::steady_clock::now() + 50ms);
+  submit_range(p, 0, 2);
+  WAIT_FOR(p.stats().sinks[0].delivered == 2);
+  p.stop(std::chrono::steady_clock::now() + 10s);
+  ASSERT_EQ(rx.accepted().size(), 2u);
+  EXPECT_EQ(rx.server_name(), "localhost");
 }
 
 }  // namespace
