@@ -1676,7 +1676,7 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
   // fields (upstream_head()), the body goes out unchanged.
   std::array<std::size_t, 16> tried{};
   std::size_t ntried = 0;
-  std::string last_error;
+  std::string last_error, errors;  // errors: every failed attempt's, "a: ...; b: ..."
   arm_watch();
   bool client_keep_alive = keep_alive;
   for (int i = 0; i <= cfg.load_balancing.max_retries; ++i) {
@@ -1688,8 +1688,8 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
         // Every attempt failed: the access log says so whether or not one was sent.
         ctx.finish = "upstream_error";
         {
-          reply_ = error_reply(http::errors::bad_gateway,
-                               "No backend could be reached: " + last_error, keep_alive);
+          reply_ = error_reply(http::errors::bad_gateway, "No backend could be reached: " + errors,
+                               keep_alive);
           co_return co_await send(ctx, reply_);
         }
       }
@@ -1718,7 +1718,12 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
     ctx.backend = &backend;
     ++ctx.attempts;
     lb::InFlightGuard in_flight(backend);
+    last_error.clear();
     auto outcome = co_await attempt(backend, req, ctx, keep_alive, client_keep_alive, last_error);
+    if (outcome == Attempt::retry && !last_error.empty()) {
+      errors += errors.empty() ? "" : "; ";
+      errors += last_error;
+    }
     if (outcome == Attempt::done) {
       disarm_watch();
       if (wants_tokenize(ctx)) {
@@ -1747,8 +1752,11 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
   }
   ctx.finish = "upstream_error";
   {
-    reply_ = error_reply(http::errors::bad_gateway,
-                         "The backend could not be reached: " + last_error, keep_alive);
+    reply_ = error_reply(
+        http::errors::bad_gateway,
+        (ntried > 1 ? "No backend could be reached: " : "The backend could not be reached: ") +
+            errors,
+        keep_alive);
     co_return co_await send(ctx, reply_);
   }
 }

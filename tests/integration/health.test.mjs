@@ -233,3 +233,31 @@ test('the access log names how each request ended: completed, or upstream_error 
   assert.equal(b.status, lost.status);
   assert.equal(b.finish, 'upstream_error', JSON.stringify(b));
 });
+
+test('a 502 after every backend failed names each one and why', { timeout: 60_000 }, async () => {
+  const [portA, portB] = [await freePort(), await freePort()];
+  const gw = await startGateway({
+    load_balancing: { max_retries: 2 },
+    health_check: { enabled: false },
+    backends: [
+      backendEntry(`http://127.0.0.1:${portA}`, { name: 'first' }),
+      backendEntry(`http://127.0.0.1:${portB}`, { name: 'second' }),
+    ],
+  });
+  const res = await postJson(gw.url, CHAT, chatBody('m1'));
+  assert.equal(res.status, 502, res.text());
+  const { message } = openAIError(res);
+  assert.match(message, /^No backend could be reached: /, message);
+  for (const name of ['first', 'second']) {
+    assert.match(message, new RegExp(`\\b${name}: connect: Connection refused`), message);
+  }
+  // One backend tried (max_retries 0): its error alone.
+  const single = await startGateway({
+    load_balancing: { max_retries: 0 },
+    health_check: { enabled: false },
+    backends: [backendEntry(`http://127.0.0.1:${portA}`, { name: 'only' })],
+  });
+  const one = await postJson(single.url, CHAT, chatBody('m1'));
+  assert.equal(one.status, 502, one.text());
+  assert.equal(openAIError(one).message, 'The backend could not be reached: only: connect: Connection refused');
+});
