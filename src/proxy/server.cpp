@@ -70,6 +70,12 @@ constexpr auto use_nothrow = asio::as_tuple(asio::use_awaitable);
 // into the first only when the socket is readable, the body is parsed into the second, and
 // written from there at once. A stream waiting for its next event holds no relay buffer.
 constexpr std::size_t kRelayScratch = 32 * 1024;
+// Lingering close (ClientSession::run()): how long, how idle and how much a closing connection
+// is drained, in reads of kLingerRead bytes.
+constexpr auto kLingerTime = std::chrono::seconds(5);
+constexpr auto kLingerIdle = std::chrono::seconds(1);
+constexpr std::size_t kLingerBytes = 256u << 20;
+constexpr std::size_t kLingerRead = 64 * 1024;
 // Metering: the tail of a large non-stream response kept for its usage, and the largest
 // request body kept after sending for a /tokenize call (larger prompts are estimated).
 constexpr std::size_t kResponseTailBytes = 64 * 1024;
@@ -847,12 +853,15 @@ asio::awaitable<void> ClientSession::run() {
   error_code ec;
   stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
   if (!ec && stream_.socket().is_open()) {
-    auto deadline = Clock::now() + std::chrono::seconds(1);
+    // A client uploading a refused body writes all of it before it reads the answer: drain
+    // until EOF, for kLingerTime in all and kLingerIdle without a byte (an idle keep-alive
+    // client closes after that), kLingerBytes at most.
+    const auto until = Clock::now() + kLingerTime;
     std::size_t drained = 0;
-    while (drained < (1u << 20)) {
+    while (drained < kLingerBytes) {
       buffer_.clear();
-      stream_.expires_at(deadline);
-      auto [rec, n] = co_await stream_.async_read_some(buffer_.prepare(4096), use_nothrow);
+      stream_.expires_at(std::min(until, Clock::now() + kLingerIdle));
+      auto [rec, n] = co_await stream_.async_read_some(buffer_.prepare(kLingerRead), use_nothrow);
       if (rec) break;
       drained += n;
     }

@@ -114,6 +114,26 @@ test('413 on a body over max_body_size sent whole, as clients do', { timeout: 30
   });
 });
 
+test('413 reaches clients that upload a body many times the limit before reading', { timeout: 60_000 }, async () => {
+  // The gateway answers at the limit and half-closes, then reads and discards the rest of the
+  // upload: closing with unread bytes would make the kernel send a reset, and the client's
+  // stack would drop the answer (Node: EPIPE or ECONNRESET instead of the 413).
+  await backendUntouched(async () => {
+    const body = Buffer.from(JSON.stringify(chatBody('m1', { pad: 'x'.repeat(24 * 1024 * 1024) })));
+    const results = [];
+    for (let i = 0; i < 6; i++) {
+      try {
+        const res = await postJson(gw.url, '/v1/chat/completions', body);
+        results.push(res.status);
+        if (res.status === 413) assertError(res, 413);
+      } catch (err) {
+        results.push(err.code ?? err.message);
+      }
+    }
+    assert.deepEqual(results, [413, 413, 413, 413, 413, 413]);
+  });
+});
+
 test('413 on a chunked body over max_body_size', { timeout: 30_000 }, async () => {
   await backendUntouched(async () => {
     const piece = Buffer.from('x'.repeat(64 * 1024));
