@@ -181,16 +181,24 @@ struct WebhookClient::Impl {
           wec == beast::error::timeout ? "timeout sending" : "send: " + wec.message();
       co_return;
     }
-    http::response_parser<http::buffer_body> p;
-    p.body_limit(boost::none);  // the body is read piecewise and mostly discarded
-    auto [hec, hn] = co_await http::async_read_header(s, buffer, p, use_nothrow);
-    if (hec) {
-      out.answered = hn > 0 || buffer.size() > 0;
-      out.response.error = hec == beast::error::timeout ? "timeout waiting for the answer"
-                                                        : "receive: " + hec.message();
-      co_return;
+    std::optional<http::response_parser<http::buffer_body>> parser;
+    // Interim answers (100 Continue, 103 Early Hints) come before the final one (RFC 9110
+    // 15.2): each is read and skipped, so that the next answer is never taken for this one's.
+    for (;;) {
+      parser.emplace();
+      parser->body_limit(boost::none);  // the body is read piecewise and mostly discarded
+      auto [hec, hn] = co_await http::async_read_header(s, buffer, *parser, use_nothrow);
+      if (hec) {
+        out.answered = out.answered || hn > 0 || buffer.size() > 0;
+        out.response.error = hec == beast::error::timeout ? "timeout waiting for the answer"
+                                                          : "receive: " + hec.message();
+        co_return;
+      }
+      out.answered = true;
+      const unsigned status = parser->get().result_int();
+      if (status < 100 || status >= 200 || status == 101) break;
     }
-    out.answered = true;
+    auto& p = *parser;
     char piece[4096];
     while (!p.is_done()) {
       p.get().body().data = piece;
@@ -207,7 +215,8 @@ struct WebhookClient::Impl {
       out.response.body.append(piece, std::min(got, room));
     }
     out.response.status = p.get().result_int();
-    out.keep_alive = p.get().keep_alive();
+    // After a 101 the connection no longer speaks HTTP.
+    out.keep_alive = p.get().keep_alive() && out.response.status != 101;
   }
 
   asio::awaitable<void> attempt(http::request<http::string_body>& req, Clock::time_point deadline,

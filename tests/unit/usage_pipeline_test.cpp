@@ -500,6 +500,38 @@ TEST(UsagePipeline, NewSinkStartsAtHeadUnlessReplay) {
   EXPECT_EQ(delivered_ids(c), expected_ids(0, 8));
 }
 
+// An interim answer (100 Continue, 103 Early Hints) is skipped, not taken for the final one: a
+// client that did would read every later answer one POST late and count a record as delivered
+// on the answer to the one before. The first POST gets "100, 103, then 204"; every later
+// record's first POST a 500 and its retry a 204.
+TEST(UsagePipeline, SkipsInterimAnswers) {
+  TempDir dir;
+  Receiver rx;
+  std::map<std::string, int> seen;
+  rx.set_script([&](const Receiver::Request& req, std::size_t index) {
+    Receiver::Reply r;
+    r.body.clear();
+    if (index == 0) {
+      r.interim = "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n";
+      r.status = 204;
+    } else {
+      r.status = seen[ids_in(req.body).front()]++ == 0 ? 500 : 204;
+    }
+    return r;
+  });
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("hook", rx.url())});
+  p.start();
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(p.submit(make_record(i)));
+    WAIT_FOR(delivered(p) == static_cast<std::uint64_t>(i + 1));
+  }
+  p.stop(soon());
+  EXPECT_EQ(delivered_ids(rx), expected_ids(0, 3));
+  EXPECT_EQ(rx.count(), 5u);  // 204; 500, 204; 500, 204
+  EXPECT_EQ(sink(p.stats(), "hook").failed, 2u);
+  EXPECT_EQ(rx.connections(), 1u);  // the connection stayed in step, so it was kept
+}
+
 // Hot reload: a sink kept as it was keeps going, an added one starts at the head, a changed one
 // resumes at its own cursor (nothing delivered twice, nothing skipped) with its counters, and a
 // removed one stops; its deliveries stay in the totals.

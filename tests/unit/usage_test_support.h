@@ -90,6 +90,7 @@ class Receiver {
     enum Kind { respond, hang, close } kind = respond;
     unsigned status = 200;
     std::string body = "ok";
+    std::string interim;  // sent before the answer, as it is ("HTTP/1.1 100 Continue\r\n\r\n")
   };
   // Called for every request, with its 0-based index among all requests received.
   using Script = std::function<Reply(const Request&, std::size_t)>;
@@ -288,7 +289,7 @@ class Receiver {
         return;
       }
       std::string out =
-          "HTTP/1.1 " + std::to_string(reply.status) + " Scripted\r\n" +
+          reply.interim + "HTTP/1.1 " + std::to_string(reply.status) + " Scripted\r\n" +
           "Content-Type: text/plain\r\nContent-Length: " + std::to_string(reply.body.size()) +
           "\r\n\r\n" + reply.body;
       if (!send_all(fd, ssl, out)) return;
