@@ -324,6 +324,18 @@ void read_sink(Reader& r, const YAML::Node& n, const std::string& path, SinkConf
                   "expected a header name (letters, digits, -) with a string value");
           continue;
         }
+        // Fields the sink writes itself: the framing, the record's identity and signature. A
+        // configured one would replace them (a fixed Idempotency-Key makes a de-duplicating
+        // receiver drop every record after the first).
+        static constexpr std::string_view kReserved[] = {
+            "host",       "content-length",  "content-type",         "transfer-encoding",
+            "connection", "idempotency-key", "x-llmproxy-signature", "x-llmproxy-timestamp"};
+        if (std::any_of(std::begin(kReserved), std::end(kReserved),
+                        [&](std::string_view r) { return iequals_ascii(key, r); })) {
+          r.error(it->first.Mark(), path + ".headers." + key,
+                  "is set by the gateway itself and cannot be configured");
+          continue;
+        }
         const std::string& value = it->second.Scalar();
         if (value.find_first_of("\r\n") != std::string::npos) {
           r.error(it->second.Mark(), path + ".headers." + key, "must not contain line breaks");

@@ -207,9 +207,9 @@ backends:
     weight: 5
 )",
                            "backends[0].weight", 4));
-  // A sink's header twice: as the same key, or in another case (header names ignore case).
-  for (const std::string second : {"X-Team", "x-team"}) {
-    const std::string yaml = R"(
+  // A sink with the header X-Team and then `second`, on line 9.
+  auto sink_headers = [](const std::string& second) {
+    return R"(
 backends:
   - url: http://a:8000
 usage:
@@ -218,8 +218,19 @@ usage:
       url: http://hook:9000/
       headers:
         X-Team: a
-        )" + second + ": b\n";
-    EXPECT_TRUE(single_error(yaml, "usage.sinks[0].headers." + second, 9)) << second;
+        )" +
+           second + ": b\n";
+  };
+  // A sink's header twice: as the same key, or in another case (header names ignore case).
+  for (const std::string second : {"X-Team", "x-team"}) {
+    EXPECT_TRUE(single_error(sink_headers(second), "usage.sinks[0].headers." + second, 9))
+        << second;
+  }
+  // Fields the sink writes itself are not configurable, in any case.
+  for (const std::string name :
+       {"Idempotency-Key", "content-type", "HOST", "Content-Length", "X-LLMProxy-Signature",
+        "x-llmproxy-timestamp", "Transfer-Encoding", "Connection"}) {
+    EXPECT_TRUE(single_error(sink_headers(name), "usage.sinks[0].headers." + name, 9)) << name;
   }
   LoadResult r = load(R"(
 listen: ":1"
