@@ -673,6 +673,9 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       row.body = body;
       s.cursor.store(batch.entries.back().seq, std::memory_order_release);
       s.dead_letters.fetch_add(n, std::memory_order_relaxed);
+      // The receiver answered, so the failures before are over: a next failure starts afresh,
+      // with quick retries, and is reported as a new outage.
+      s.consecutive_failures = 0;
       ++s.dead_unreported;
       auto now = Clock::now();
       if (s.dead_unreported == 1 || now - s.last_dead_report >= kLogEvery) {

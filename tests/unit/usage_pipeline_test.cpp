@@ -283,6 +283,39 @@ TEST(UsagePipeline, PermanentRejectionIsDeadLetteredNotRetried) {
   EXPECT_EQ(log.cursor("hook"), 5);
 }
 
+// A dead letter ends the failures before it: the next record that fails starts a new outage,
+// with its quick retries, instead of going on in the slow lane where the rejected one left off.
+// Record 0 is answered 500, 500, then 400; record 1 500, then 204.
+TEST(UsagePipeline, ADeadLetterEndsTheFailuresBeforeIt) {
+  TempDir dir;
+  Receiver rx;
+  std::map<std::string, int> seen;
+  rx.set_script([&](const Receiver::Request& req, std::size_t) {
+    Receiver::Reply r;
+    const std::string id = req.header("idempotency-key");
+    const int nth = seen[id]++;
+    r.status = id == request_id(0) ? (nth < 2 ? 500 : 400) : (nth < 1 ? 500 : 204);
+    return r;
+  });
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("hook", rx.url())});
+  ::testing::internal::CaptureStderr();
+  p.start();
+  submit_range(p, 0, 2);
+  const bool done = testing::eventually([&] { return delivered(p) == 1; });
+  p.stop(soon());
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  ASSERT_TRUE(done) << log;
+  EXPECT_EQ(sink(p.stats(), "hook").dead_letters, 1u);
+  // Each outage is reported when it starts, and the recovery counts its own failure only.
+  EXPECT_NE(log.find("delivering again after 1 failed attempt\""), std::string::npos) << log;
+  std::size_t reported = 0;
+  for (auto at = log.find("failed: HTTP 500"); at != std::string::npos;
+       at = log.find("failed: HTTP 500", at + 1)) {
+    ++reported;
+  }
+  EXPECT_EQ(reported, 2u) << log;
+}
+
 TEST(UsagePipeline, BatchesAreArraysAndEveryRecordArrivesOnce) {
   TempDir dir;
   Receiver rx;
