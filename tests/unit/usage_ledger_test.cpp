@@ -226,6 +226,14 @@ TEST(UsageLedger, TimeArguments) {
   EXPECT_FALSE(parse_time_arg("24", now));
   EXPECT_FALSE(parse_time_arg("2026-01-14T10:30:00", now));  // no zone
   EXPECT_FALSE(parse_time_arg("2026-13-01", now));
+  // Days the month does not have are refused, not rolled over into the next month.
+  EXPECT_FALSE(parse_time_arg("2026-02-29", now));
+  EXPECT_FALSE(parse_time_arg("2026-02-30T00:00:00Z", now));
+  EXPECT_FALSE(parse_time_arg("2026-11-31", now));
+  EXPECT_FALSE(parse_time_arg("1900-02-29", now));
+  EXPECT_EQ(parse_time_arg("2028-02-29", now), parse_time_arg("2028-03-01", now).value() - kDay);
+  EXPECT_EQ(parse_time_arg("2000-02-29", now), parse_time_arg("2000-03-01", now).value() - kDay);
+  EXPECT_EQ(parse_time_arg("2026-12-31", now), parse_time_arg("2027-01-01", now).value() - kDay);
 }
 
 TEST(UsageLedger, GroupKeyNames) {
