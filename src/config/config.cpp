@@ -584,9 +584,10 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
     }
   }
   read_backends(r, root, c);
-  if (auto n = root["health_check"]; r.map(
-          n, "health_check",
-          {"enabled", "interval", "path", "timeout", "unhealthy_threshold", "healthy_threshold"})) {
+  if (auto n = root["health_check"];
+      r.map(n, "health_check",
+            {"enabled", "interval", "path", "timeout", "unhealthy_threshold", "healthy_threshold",
+             "passive_5xx"})) {
     r.boolean(n, "enabled", "health_check", c.health_check.enabled);
     r.duration(n, "interval", "health_check", c.health_check.interval, Millis{10});
     r.string(n, "path", "health_check", c.health_check.path);
@@ -596,6 +597,7 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
     r.duration(n, "timeout", "health_check", c.health_check.timeout, Millis{1});
     r.integer(n, "unhealthy_threshold", "health_check", c.health_check.unhealthy_threshold, 1, 100);
     r.integer(n, "healthy_threshold", "health_check", c.health_check.healthy_threshold, 1, 100);
+    r.boolean(n, "passive_5xx", "health_check", c.health_check.passive_5xx);
   }
   c.usage_hook.name = "usage_hook";
   if (auto n = root["usage_hook"]; n.IsDefined() && !n.IsNull()) {
@@ -868,6 +870,7 @@ std::string to_yaml(const Config& c) {
   e << YAML::Key << "timeout" << YAML::Value << format_duration(c.health_check.timeout);
   e << YAML::Key << "unhealthy_threshold" << YAML::Value << c.health_check.unhealthy_threshold;
   e << YAML::Key << "healthy_threshold" << YAML::Value << c.health_check.healthy_threshold;
+  e << YAML::Key << "passive_5xx" << YAML::Value << c.health_check.passive_5xx;
   e << YAML::EndMap;
   e << YAML::Key << "usage_hook" << YAML::Value;
   emit_sink(e, c.usage_hook, false);

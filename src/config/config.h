@@ -81,6 +81,10 @@ struct HealthCheck {
   Millis timeout{2'000};
   int unhealthy_threshold = 3;
   int healthy_threshold = 2;
+  // Whether a backend's 5xx answers to requests count as passive failures (connect errors,
+  // timeouts and resets before the answer always do). Off: one client retrying a request that
+  // a backend answers 500 or 503 must not take that backend out for everyone.
+  bool passive_5xx = false;
 };
 
 // One webhook that receives usage records. The seed's `usage_hook` is the sink named

@@ -2088,7 +2088,11 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // From here on the response belongs to the client: no retry.
   auto& up = rp.get();
   const unsigned status = up.result_int();
-  record_passive(cfg.health_check, backend, status < 500);
+  // An answer: a success, or with passive_5xx a failure when it is a 5xx. (Without it a 5xx
+  // changes nothing: the backend answered, but not well.)
+  if (status < 500 || cfg.health_check.passive_5xx) {
+    record_passive(cfg.health_check, backend, status < 500);
+  }
   if (status >= 500) {
     w_.metrics.upstream_error(metric_id, metrics::UpstreamError::status_5xx);
   }

@@ -261,3 +261,32 @@ test('a 502 after every backend failed names each one and why', { timeout: 60_00
   assert.equal(one.status, 502, one.text());
   assert.equal(openAIError(one).message, 'The backend could not be reached: only: connect: Connection refused');
 });
+
+test('answers 5xx mark a backend down only with passive_5xx; by default it keeps serving', { timeout: 60_000 }, async () => {
+  const mock = await startMock({ name: 'a' });
+  // Active checks rarely (the first one at start): only passive results can move the verdict.
+  const checks = { ...HEALTH, interval: '60s', unhealthy_threshold: 3 };
+  for (const passive5xx of [false, true]) {
+    const gw = await startGateway({
+      health_check: { ...checks, passive_5xx: passive5xx },
+      load_balancing: { max_retries: 0 },
+      backends: [backendEntry(mock, { name: 'a' })],
+    });
+    // One client's request answered 503, as the SDKs send it: once and twice more (retries).
+    for (let i = 0; i < 3; i++) {
+      const res = await postJson(gw.url, CHAT, chatBody('m1'), { headers: { 'x-mock-status': '503' } });
+      assert.equal(res.status, 503, res.text());
+    }
+    const next = await postJson(gw.url, CHAT, chatBody('m1'));
+    const [a] = (await httpRequest(`${gw.url}/admin/backends`)).json().backends;
+    if (passive5xx) {
+      assert.equal(next.status, 503, next.text());
+      assert.equal(openAIError(next).code, 'no_healthy_backend');
+      assert.equal(a.healthy, false, JSON.stringify(a));
+    } else {
+      assert.equal(next.status, 200, next.text());
+      assert.equal(a.healthy, true, JSON.stringify(a));
+      assert.equal(a.consecutive_failures, 0, JSON.stringify(a));
+    }
+  }
+});

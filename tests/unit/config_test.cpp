@@ -329,6 +329,7 @@ TEST(ConfigLoad, DefaultsWhenKeysAreAbsent) {
   EXPECT_EQ(c.health_check.timeout, Millis{2'000});
   EXPECT_EQ(c.health_check.unhealthy_threshold, 3);
   EXPECT_EQ(c.health_check.healthy_threshold, 2);
+  EXPECT_FALSE(c.health_check.passive_5xx);
 
   EXPECT_FALSE(c.usage_hook.enabled);
   EXPECT_EQ(c.usage_hook.url, "");
@@ -386,6 +387,7 @@ health_check:
   timeout: 1.5s
   unhealthy_threshold: 5
   healthy_threshold: 4
+  passive_5xx: true
 usage_hook:
   enabled: false
   url: http://billing/usage
@@ -418,6 +420,7 @@ usage_hook:
   EXPECT_EQ(c.health_check.timeout, Millis{1'500});
   EXPECT_EQ(c.health_check.unhealthy_threshold, 5);
   EXPECT_EQ(c.health_check.healthy_threshold, 4);
+  EXPECT_TRUE(c.health_check.passive_5xx);
   EXPECT_FALSE(c.usage_hook.enabled);
   EXPECT_EQ(c.usage_hook.url, "http://billing/usage");
   EXPECT_EQ(c.usage_hook.timeout, Millis{3'000});
@@ -1060,6 +1063,7 @@ health_check:
   interval: 1.5s
   path: /ready
   unhealthy_threshold: 4
+  passive_5xx: true
 usage_hook:
   enabled: true
   url: "https://billing/usage"
@@ -1097,6 +1101,8 @@ usage_hook:
   EXPECT_EQ(b.health_check.interval, a.health_check.interval);
   EXPECT_EQ(b.health_check.path, a.health_check.path);
   EXPECT_EQ(b.health_check.unhealthy_threshold, a.health_check.unhealthy_threshold);
+  EXPECT_EQ(b.health_check.passive_5xx, a.health_check.passive_5xx);
+  EXPECT_TRUE(b.health_check.passive_5xx);
   EXPECT_EQ(b.usage_hook.enabled, a.usage_hook.enabled);
   EXPECT_EQ(b.usage_hook.url, a.usage_hook.url);
   EXPECT_EQ(b.usage_hook.retry, a.usage_hook.retry);
