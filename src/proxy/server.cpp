@@ -1755,6 +1755,11 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
   if (watch_.client_gone) {
     ctx.finish = "client_disconnected";
     ctx.status = 499;
+    // Gone before the answer: the body is still the request's (attempt() keeps it for
+    // /tokenize only once the backend answers).
+    if (ctx.retained_body.empty() && req.body().size() <= kMaxTokenizeBody) {
+      ctx.retained_body = std::move(req.body());
+    }
     if (wants_tokenize(ctx)) co_await tokenize_prompt(ctx, false, req[bhttp::field::authorization]);
     log(ctx);
     co_return false;

@@ -374,16 +374,25 @@ test('a client that hangs up mid-stream: finish "client_disconnected", estimated
   assert.equal(rec.status_code, 200, 'the client got a 200 before it left');
 });
 
-test('a client that hangs up while a non-stream request waits: one record, finish "client_disconnected"', { timeout: 30_000 }, async () => {
-  const id = nextId('hangup-ns');
-  const before = await mockPathCount(mock, PATHS.chat);
-  const client = await openRawStream(gw.port, jsonPostBytes(gw.port, PATHS.chat, chatBody('m1'), [['X-Request-Id', id], ['X-Mock-Ttft-Ms', '5000']]));
-  await waitUntil(async () => (await mockPathCount(mock, PATHS.chat)) > before, { timeout: 10_000, what: 'the request to reach the mock' });
-  client.destroy();
-  const rec = await recordOf(id, { timeout: 15_000 });
-  assert.equal(rec.finish, 'client_disconnected');
-  assert.equal(rec.is_stream, false);
-  assert.equal(rec.usage_source, 'estimated');
+test('a client that hangs up while a request waits for its answer: one record, finish "client_disconnected", the prompt counted by /tokenize', { timeout: 30_000 }, async () => {
+  for (const stream of [false, true]) {
+    const id = nextId(`hangup-wait-${stream}`);
+    const body = chatBody('m1', { stream, messages: [{ role: 'user', content: 'Count this prompt, then I hang up before any answer.' }] });
+    const before = await mockPathCount(mock, PATHS.chat);
+    const tokenizeBefore = await mockPathCount(mock, '/tokenize');
+    const client = await openRawStream(gw.port, jsonPostBytes(gw.port, PATHS.chat, body, [['X-Request-Id', id], ['X-Mock-Ttft-Ms', '5000']]));
+    await waitUntil(async () => (await mockPathCount(mock, PATHS.chat)) > before, { timeout: 10_000, what: 'the request to reach the mock' });
+    client.destroy();
+    const rec = await recordOf(id, { timeout: 15_000 });
+    assert.equal(rec.finish, 'client_disconnected');
+    assert.equal(rec.is_stream, stream);
+    assert.equal(rec.usage_source, 'estimated');
+    assert.equal(rec.completion_tokens, 0);
+    // usage.tokenize (on by default): the prompt as the backend counts it, streamed or not.
+    assert.ok((await mockPathCount(mock, '/tokenize')) > tokenizeBefore, 'the gateway did not call /tokenize');
+    const tok = await postJson(mock.url, '/tokenize', { model: 'm1', messages: body.messages });
+    assert.equal(rec.prompt_tokens, tok.json().count, JSON.stringify(rec));
+  }
 });
 
 test('an upstream that drops the stream: one record, finish "upstream_error", the tokens relayed so far estimated', { timeout: 30_000 }, async () => {
