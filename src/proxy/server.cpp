@@ -2584,11 +2584,32 @@ asio::awaitable<void> health_loop(asio::io_context* ioc, Shared* shared,
   }
 }
 
+// Without health checks: only the models of a backend that lists none in the config, for
+// /v1/models (routing never depends on them). Every `interval` until a list arrives, then every
+// sixth, as the health loop does.
+asio::awaitable<void> models_loop(asio::io_context* ioc, Shared* shared,
+                                  std::shared_ptr<Generation> gen, std::size_t index) {
+  const auto& hc = gen->cfg.health_check;
+  lb::Backend* b = &gen->backends[index];
+  asio::steady_timer timer(*ioc);
+  while (!gen->retired.load()) {
+    auto models = co_await probe(*ioc, *shared, *gen, *b, "/v1/models", hc.timeout);
+    if (gen->retired.load()) co_return;
+    if (models.ok) b->set_discovered_models(parse_model_ids(models.body));
+    timer.expires_after(b->discovered_models().empty() ? hc.interval : 6 * hc.interval);
+    co_await timer.async_wait(use_nothrow);
+  }
+}
+
 void start_health_checks(asio::io_context& control, Shared& shared,
                          const std::shared_ptr<Generation>& gen) {
-  if (!gen->cfg.health_check.enabled) return;
+  const bool checks = gen->cfg.health_check.enabled;
   for (std::size_t i = 0; i < gen->backends.size(); ++i) {
-    asio::co_spawn(control, health_loop(&control, &shared, gen, i), asio::detached);
+    if (checks) {
+      asio::co_spawn(control, health_loop(&control, &shared, gen, i), asio::detached);
+    } else if (!gen->backends[i].lists_models()) {
+      asio::co_spawn(control, models_loop(&control, &shared, gen, i), asio::detached);
+    }
   }
 }
 

@@ -166,3 +166,25 @@ test('GET /v1/models lists a model served by several backends once', { timeout: 
   }
   assert.deepEqual([...seen].sort(), ['a', 'b']);
 });
+
+test('GET /v1/models lists what backends report even with health checks off', { timeout: 30_000 }, async () => {
+  const a = await startMock({ name: 'a', models: ['m1', 'm2'] });
+  const b = await startMock({ name: 'b', models: ['m3'] });
+  const gw = await startGateway({
+    health_check: { enabled: false },
+    // a reports its models itself; b's come from the config.
+    backends: [backendEntry(a, { name: 'a' }), backendEntry(b, { name: 'b', models: ['m3'] })],
+  });
+  let ids = [];
+  await waitUntil(
+    async () => {
+      ids = (await httpRequest(`${gw.url}/v1/models`)).json().data.map((m) => m.id).sort();
+      return ids.length === 3;
+    },
+    { timeout: 10_000, what: "a's models to be discovered" },
+  );
+  assert.deepEqual(ids, ['m1', 'm2', 'm3']);
+  assert.equal(await mockPathCount(a, '/health'), 0, 'health checks are off, yet a was checked');
+  assert.ok((await mockPathCount(a, '/v1/models')) >= 1);
+  assert.equal(await mockPathCount(b, '/v1/models'), 0, "b's models are configured, yet it was asked");
+});
