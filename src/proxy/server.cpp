@@ -718,6 +718,7 @@ class ClientSession {
     bool keep_alive = true;
     std::string_view allow;
     std::string_view content_type = "application/json";
+    unsigned retry_after = 0;  // seconds, for a refusal that may pass on its own
   };
   static Reply error_reply(const http::ErrorSpec& spec, std::string_view message, bool keep_alive,
                            std::string_view allow = {}) {
@@ -911,6 +912,7 @@ asio::awaitable<bool> ClientSession::send(RequestContext& ctx, Reply& reply) {
   res.set(bhttp::field::content_type, reply.content_type);
   if (!ctx.request_id.empty()) res.set("X-Request-Id", ctx.request_id);
   if (!reply.allow.empty()) res.set(bhttp::field::allow, reply.allow);
+  if (reply.retry_after > 0) res.set(bhttp::field::retry_after, std::to_string(reply.retry_after));
   bool keep_alive = reply.keep_alive && !w_.shared.draining.load(std::memory_order_relaxed);
   res.keep_alive(keep_alive);
   res.body() = std::move(reply.body);
@@ -1338,6 +1340,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
                            "The gateway cannot record usage right now (usage backlog "
                            "full); retry shortly.",
                            keep_alive);
+      reply_.retry_after = 1;
       co_return co_await send(ctx, reply_);
     }
     const auto& ucfg = cfg.usage;
@@ -1718,6 +1721,10 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
                                  : fmt::format("No healthy backend serves the model '{}'.",
                                                ctx.info.model.substr(0, 200)),
                              keep_alive);
+        // A backend can come back at the next health check, not before.
+        const auto interval = cfg.health_check.interval.count();
+        reply_.retry_after =
+            static_cast<unsigned>(std::max<std::int64_t>(1, (interval + 999) / 1000));
         co_return co_await send(ctx, reply_);
       }
     }

@@ -282,6 +282,7 @@ test('answers 5xx mark a backend down only with passive_5xx; by default it keeps
     if (passive5xx) {
       assert.equal(next.status, 503, next.text());
       assert.equal(openAIError(next).code, 'no_healthy_backend');
+      assert.equal(next.headers['retry-after'], '60', 'retry after the next health check');
       assert.equal(a.healthy, false, JSON.stringify(a));
     } else {
       assert.equal(next.status, 200, next.text());

@@ -19,6 +19,7 @@ import {
   chatBody,
   chatStreamContent,
   waitUntil,
+  openAIError,
 } from './lib/harness.mjs';
 import { assertRecordShape, startUsageGateway, sinkConfig, scrapeMetrics, metricSum, usageCli, mapLimit, logContains } from './lib/usage.mjs';
 
@@ -65,6 +66,47 @@ function assertExactlyOnce(hook, ids, { mayRepeat = new Set() } = {}) {
   assert.deepEqual(extra, [], `${hook.name}: records of requests nobody made`);
   assert.equal(hook.deliveredCounts().size, ids.length);
 }
+
+test('a full usage backlog refuses new requests with 503 usage_backlog (on_backlog: reject) until records can go again, and loses none', { timeout: 60_000 }, async () => {
+  // durability: memory holds at most 3 undelivered records and queues 2 more; the sink's port
+  // refuses connections, so the backlog fills.
+  const hook = await startWebhook({ name: 'backlog' });
+  const port = hook.port;
+  await hook.stop();
+  const gw = await startUsageGateway({
+    mock,
+    receiver: hook,
+    hook: { timeout: '300ms', retry: 0, max_backoff: '100ms' },
+    usage: { durability: 'memory', memory_max_records: 3, queue_size: 2 },
+  });
+  const accepted = [];
+  let refused = null;
+  for (let i = 0; i < 50 && !refused; i++) {
+    const id = `backlog-${String(i).padStart(4, '0')}`;
+    const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': id } });
+    if (res.status === 200) accepted.push(id);
+    else refused = res;
+  }
+  assert.ok(refused, 'no request was refused with the backlog full');
+  assert.equal(refused.status, 503, refused.text());
+  assert.equal(openAIError(refused).code, 'usage_backlog');
+  assert.equal(refused.headers['retry-after'], '1');
+  assert.ok(accepted.length >= 2 && accepted.length <= 5, `accepted ${accepted.length}`);
+  assert.equal(metricSum(await scrapeMetrics(gw), 'llmproxy_usage_backlog_rejected_total'), 1);
+  // The receiver is back: the records go, the backlog drains, requests are served again.
+  await hook.listen(port);
+  await waitUntil(
+    async () => {
+      const id = `backlog-after-${accepted.length}`;
+      const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': id } });
+      if (res.status === 200) accepted.push(id);
+      return res.status === 200;
+    },
+    { timeout: 15_000, what: 'requests to be served again' },
+  );
+  await hook.waitFor(allDelivered(accepted), 15_000, `all ${accepted.length} accepted records delivered`);
+  assertExactlyOnce(hook, accepted);
+});
 
 test('webhook outage: connection refused, then 500s, then hanging past the timeout, then recovery: every record is delivered', { timeout: 120_000 }, async () => {
   const hook = await startWebhook({ name: 'outage' });
