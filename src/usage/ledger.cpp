@@ -71,10 +71,35 @@ std::size_t width(std::string_view s) {
   return n;
 }
 
-// A plain aligned table: text columns left-aligned, numbers right-aligned.
+// `s` for a terminal: control characters (C0, DEL, C1), which clients can put in user ids and
+// model names, shown as \xNN (C1: \u00NN) instead of being sent to the operator's terminal,
+// where escape sequences would recolour, retitle or rewrite the screen, and line breaks would
+// break rows.
+std::string printable(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    const auto next = i + 1 < s.size() ? static_cast<unsigned char>(s[i + 1]) : 0;
+    if (c < 0x20 || c == 0x7f) {
+      out += fmt::format("\\x{:02x}", c);
+    } else if (c == 0xc2 && next >= 0x80 && next <= 0x9f) {
+      out += fmt::format("\\u{:04x}", next);
+      ++i;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+
+// A plain aligned table: text columns left-aligned, numbers right-aligned, every cell printable.
 std::string render_table(const std::vector<std::string>& header,
-                         const std::vector<std::vector<std::string>>& rows,
+                         std::vector<std::vector<std::string>> rows,
                          const std::vector<bool>& numeric) {
+  for (auto& r : rows) {
+    for (auto& cell : r) cell = printable(cell);
+  }
   std::vector<std::size_t> w(header.size());
   for (std::size_t c = 0; c < header.size(); ++c) w[c] = width(header[c]);
   for (const auto& r : rows) {

@@ -142,6 +142,15 @@ TEST(UsageLedger, Formats) {
             "-               1       3           4      7\n"
             "(total)         3      14          26     40\n");
   EXPECT_EQ(format_totals({}, {}, OutputFormat::json), "[]\n");
+  // Control characters a client put in its user id reach the table as escapes, never raw.
+  std::vector<LedgerRow> odd = {{{"\x1b]0;pwned\x07\x1b[31mred"}, 1, 1, 1, 2},
+                                {{"two\nlines\x7f\xc2\x9b"}, 1, 1, 1, 2}};
+  EXPECT_EQ(format_totals(keys, odd, OutputFormat::table),
+            "user                         requests  prompt  completion  total\n"
+            "---------------------------  --------  ------  ----------  -----\n"
+            "\\x1b]0;pwned\\x07\\x1b[31mred         1       1           1      2\n"
+            "two\\x0alines\\x7f\\u009b              1       1           1      2\n"
+            "(total)                             2       2           2      4\n");
 }
 
 TEST(UsageLedger, DeadLetters) {
