@@ -18,12 +18,13 @@
 
 namespace {
 
-bool load(const std::string& path, llmproxy::config::Config& out) {
+// `outcome`: what the failure means for the caller ("not starting").
+bool load(const std::string& path, llmproxy::config::Config& out, const char* outcome) {
   auto result = llmproxy::config::load_file(path);
   for (const auto& e : result.errors) std::fprintf(stderr, "%s\n", e.to_string().c_str());
   if (!result.ok()) {
-    std::fprintf(stderr, "llmproxy: %s: %zu problem%s found, not starting\n", path.c_str(),
-                 result.errors.size(), result.errors.size() == 1 ? "" : "s");
+    std::fprintf(stderr, "llmproxy: %s: %zu problem%s found, %s\n", path.c_str(),
+                 result.errors.size(), result.errors.size() == 1 ? "" : "s", outcome);
     return false;
   }
   out = std::move(*result.config);
@@ -57,7 +58,7 @@ int run_usage(const UsageArgs& a) {
           "no --db PATH given and no config.yaml here (use --config FILE or --db PATH)");
     }
     llmproxy::config::Config cfg;
-    if (!load(config_path, cfg)) return 2;
+    if (!load(config_path, cfg, "cannot read usage.log_path from it")) return 2;
     if (cfg.usage.durability == llmproxy::config::Durability::memory) {
       return usage_error(config_path +
                          ": usage.durability is memory: there is no log file to read");
@@ -171,7 +172,7 @@ int main(int argc, char** argv) {
 
   if (!check_path.empty()) {
     llmproxy::config::Config cfg;
-    if (!load(check_path, cfg)) return 1;
+    if (!load(check_path, cfg, "the configuration is invalid")) return 1;
     if (print_config) {
       std::fputs(llmproxy::config::to_yaml(cfg).c_str(), stdout);
     } else {
@@ -185,7 +186,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   llmproxy::config::Config cfg;
-  if (!load(config_path, cfg)) return 1;
+  if (!load(config_path, cfg, "not starting")) return 1;
   if (print_config) {
     std::fputs(llmproxy::config::to_yaml(cfg).c_str(), stdout);
     return 0;
