@@ -58,6 +58,8 @@ Route route_for_path(std::string_view path) {
                   Route::admin_reload}) {
     if (route_label(r) == path) return r;
   }
+  // GET /v1/models/{id}: counted with the list (an id is no label).
+  if (path.starts_with("/v1/models/") && path.size() > 11) return Route::models;
   return Route::other;
 }
 

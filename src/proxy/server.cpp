@@ -730,7 +730,11 @@ class ClientSession {
   asio::awaitable<metrics::WorkerMetrics> merged_metrics();
   asio::awaitable<std::string> admin_backends_body();
   bool admin_authorized(std::string_view authorization) const;
+  // The models the healthy backends serve, each once, with the first backend serving it.
+  std::vector<std::pair<std::string, std::string>> served_models() const;
   std::string models_body() const;
+  // GET /v1/models/{id}: the model, or a 404 model_not_found.
+  Reply model_reply(std::string_view encoded_id, bool keep_alive) const;
 
   void arm_watch();
   void disarm_watch();
@@ -1053,7 +1057,7 @@ asio::awaitable<std::string> ClientSession::admin_backends_body() {
   co_return out;
 }
 
-std::string ClientSession::models_body() const {
+std::vector<std::pair<std::string, std::string>> ClientSession::served_models() const {
   const auto& set = w_.cur->gen->backends;
   std::vector<std::pair<std::string, std::string>> models;  // id, owner
   for (std::size_t i = 0; i < set.size(); ++i) {
@@ -1066,17 +1070,70 @@ std::string ClientSession::models_body() const {
       if (!seen) models.emplace_back(std::move(m), b.name());
     }
   }
+  return models;
+}
+
+namespace {
+// One model object of the OpenAI API.
+void append_model(std::string& out, std::string_view id, std::string_view owner) {
+  out += R"({"id":")";
+  http::append_json_escaped(out, id);
+  out += R"(","object":"model","created":0,"owned_by":")";
+  http::append_json_escaped(out, owner);
+  out += "\"}";
+}
+
+// A path segment with its percent-encoding undone (the SDKs encode the '/' of ids like
+// org/model); nullopt when an escape is malformed.
+std::optional<std::string> percent_decoded(std::string_view s) {
+  auto hex = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+  };
+  std::string out;
+  out.reserve(s.size());
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (s[i] != '%') {
+      out += s[i];
+      continue;
+    }
+    if (i + 2 >= s.size()) return std::nullopt;
+    const int hi = hex(s[i + 1]), lo = hex(s[i + 2]);
+    if (hi < 0 || lo < 0) return std::nullopt;
+    out += static_cast<char>(hi * 16 + lo);
+    i += 2;
+  }
+  return out;
+}
+}  // namespace
+
+std::string ClientSession::models_body() const {
+  const auto models = served_models();
   std::string out = R"({"object":"list","data":[)";
   for (std::size_t i = 0; i < models.size(); ++i) {
     if (i) out += ',';
-    out += R"({"id":")";
-    http::append_json_escaped(out, models[i].first);
-    out += R"(","object":"model","created":0,"owned_by":")";
-    http::append_json_escaped(out, models[i].second);
-    out += "\"}";
+    append_model(out, models[i].first, models[i].second);
   }
   out += "]}";
   return out;
+}
+
+ClientSession::Reply ClientSession::model_reply(std::string_view encoded_id,
+                                                bool keep_alive) const {
+  if (auto id = percent_decoded(encoded_id)) {
+    for (const auto& [model, owner] : served_models()) {
+      if (model != *id) continue;
+      Reply r{200, {}, keep_alive, {}};
+      append_model(r.body, model, owner);
+      return r;
+    }
+  }
+  return error_reply(http::errors::model_not_found,
+                     fmt::format("The model '{}' does not exist or no backend serves it.",
+                                 encoded_id.substr(0, 200)),
+                     keep_alive);
 }
 
 // An error of Beast's HTTP parser that the client's bytes caused; the end of the stream before
@@ -1234,10 +1291,13 @@ asio::awaitable<bool> ClientSession::handle_request() {
       co_return co_await send(ctx, reply_);
     }
     if (route == Route::models) {
-      {
+      if (constexpr std::string_view list = "/v1/models"; ctx.path.size() > list.size()) {
+        reply_ = model_reply(std::string_view(ctx.path).substr(list.size() + 1),
+                             keep_alive && !body_pending);
+      } else {
         reply_ = Reply{200, models_body(), keep_alive && !body_pending, {}};
-        co_return co_await send(ctx, reply_);
       }
+      co_return co_await send(ctx, reply_);
     }
     if (route == Route::health) {
       {

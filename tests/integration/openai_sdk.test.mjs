@@ -136,3 +136,20 @@ test('models list', { timeout: 30_000 }, async () => {
   for await (const m of client.models.list()) ids.push(m.id);
   assert.deepEqual(ids.sort(), ['emb1', 'm1']);
 });
+
+test('models retrieve: a served model (an id with a slash too), and 404 model_not_found', { timeout: 30_000 }, async () => {
+  const gw2 = await startGateway({ backends: [backendEntry(mock, { name: 'sdk', models: ['m1', 'org/m-2'] })] });
+  const client2 = new OpenAI({ baseURL: `${gw2.url}/v1`, apiKey: 'sk-dummy-for-tests', maxRetries: 0, timeout: 15_000 });
+  for (const id of ['m1', 'org/m-2']) {
+    const m = await client2.models.retrieve(id);
+    assert.deepEqual({ ...m }, { id, object: 'model', created: 0, owned_by: 'sdk' });
+  }
+  // Percent-encoded as the SDKs may send it; a malformed escape is no model.
+  assert.equal((await (await fetch(`${gw2.url}/v1/models/org%2Fm-2`)).json()).id, 'org/m-2');
+  assert.equal((await fetch(`${gw2.url}/v1/models/org%2`)).status, 404);
+  await assert.rejects(client2.models.retrieve('emb1'), (err) => {
+    assert.ok(err instanceof OpenAI.NotFoundError, String(err));
+    assert.equal(err.code, 'model_not_found');
+    return true;
+  });
+});
