@@ -25,7 +25,7 @@ before(async () => {
     let body = '';
     req.on('data', (d) => (body += d));
     req.on('end', () => {
-      seen++;
+      if (req.method === 'POST') seen++; // not the gateway's GET /v1/models discovery
       const stream = JSON.parse(body || '{}').stream === true;
       if (stream) {
         res.writeHead(200, { 'Content-Type': 'text/event-stream' });

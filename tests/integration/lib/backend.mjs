@@ -37,6 +37,7 @@ export class TestBackend extends EventEmitter {
     this.sockets = new Set();
     this.port = 0;
     this.healthStatus = 200;
+    this.modelProbes = 0;
     // Per-test script for API requests: async (req, res, body, record) => void.
     this.handler = null;
     this.server = null;
@@ -76,6 +77,16 @@ export class TestBackend extends EventEmitter {
   }
 
   #onRequest(req, res) {
+    // The gateway's model discovery (GET /v1/models with its health checker's User-Agent, also
+    // sent when health checks are off): answered here, an empty list, and not counted among the
+    // requests, so that they stay the test's own traffic.
+    if (req.method === 'GET' && req.url === '/v1/models' && req.headers['user-agent'] === 'llmproxy-health-check') {
+      this.modelProbes++;
+      req.resume();
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end('{"object":"list","data":[]}');
+      return;
+    }
     const chunks = [];
     req.on('data', (c) => chunks.push(c));
     req.on('end', async () => {
