@@ -26,7 +26,8 @@
 //   - Failures (no answer, timeout, 3xx, 5xx, 408, 429): the attempt's records count in
 //     `failed`; the next attempt waits a random time in [0, min(max_backoff, 100ms * 2^(n-1))]
 //     for the first `retry` retries (full jitter), then in [cap/2, cap] with the same cap (the
-//     slow lane: never a tight loop against a receiver that is down). stop() cuts a wait short;
+//     slow lane: never a tight loop against a receiver that is down); and at least the answer's
+//     Retry-After (seconds), up to max_backoff. stop() cuts a wait short;
 //     the sink then exits and its records stay in the log.
 //   - delivery_latency: from the record's end (timestamp + duration) to the 2xx, in ms; it is
 //     stored in the log, so it stays meaningful for records delivered after a restart.
@@ -702,6 +703,11 @@ void Pipeline::Impl::sink_loop(Sink& s) {
     cap = std::max<std::int64_t>(cap, 1);
     std::int64_t lo = k <= static_cast<std::uint64_t>(std::max(0, s.cfg.retry)) ? 0 : cap / 2;
     auto wait = milliseconds(std::uniform_int_distribution<std::int64_t>(lo, cap)(rng));
+    // A receiver that says when to come back (429, 503) is not asked before, up to max_backoff.
+    if (resp.retry_after_s > 0) {
+      wait = std::max(wait, std::min<milliseconds>(std::chrono::seconds(resp.retry_after_s),
+                                                   s.cfg.max_backoff));
+    }
     // A backoff is a wait too: what was delivered before the failure is stored first (nothing
     // when it is stored already), so an outage never leaves a delivered cursor only in memory.
     persist_cursor(s);

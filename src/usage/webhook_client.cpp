@@ -18,6 +18,7 @@
 #include <openssl/ssl.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
@@ -48,6 +49,20 @@ using error_code = boost::system::error_code;
 using Clock = std::chrono::steady_clock;
 
 constexpr auto use_nothrow = asio::as_tuple(asio::use_awaitable);
+
+// Retry-After as delta-seconds (RFC 9110 10.2.3), at most a day; 0 for anything else (an HTTP
+// date, which a receiver's clock would have to agree on, or garbage).
+std::uint32_t retry_after_seconds(std::string_view v) {
+  while (!v.empty() && (v.front() == ' ' || v.front() == '\t')) v.remove_prefix(1);
+  while (!v.empty() && (v.back() == ' ' || v.back() == '\t')) v.remove_suffix(1);
+  if (v.empty() || v.size() > 9) return 0;
+  std::uint32_t n = 0;
+  for (char c : v) {
+    if (c < '0' || c > '9') return 0;
+    n = n * 10 + static_cast<std::uint32_t>(c - '0');
+  }
+  return std::min<std::uint32_t>(n, 86'400);
+}
 
 struct Resolved {
   std::vector<tcp::endpoint> endpoints;
@@ -215,6 +230,7 @@ struct WebhookClient::Impl {
       out.response.body.append(piece, std::min(got, room));
     }
     out.response.status = p.get().result_int();
+    out.response.retry_after_s = retry_after_seconds(p.get()[http::field::retry_after]);
     // After a 101 the connection no longer speaks HTTP.
     out.keep_alive = p.get().keep_alive() && out.response.status != 101;
   }

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
@@ -21,6 +22,8 @@ struct WebhookResponse {
   unsigned status = 0;  // 0: no valid HTTP answer (connect, TLS, timeout, malformed)
   std::string error;    // what went wrong when status == 0
   std::string body;     // the first kMaxKeptBody bytes of the answer's body
+  // The answer's Retry-After in seconds (delta-seconds form only; 0: none, or an HTTP date).
+  std::uint32_t retry_after_s = 0;
   static constexpr std::size_t kMaxKeptBody = 1024;
 };
 

@@ -565,6 +565,32 @@ TEST(UsagePipeline, SkipsInterimAnswers) {
   EXPECT_EQ(rx.connections(), 1u);  // the connection stayed in step, so it was kept
 }
 
+// A receiver's Retry-After (seconds) is waited out before the next attempt, although the quick
+// retries would come back at once: the retry arrives no earlier than the answer asked.
+TEST(UsagePipeline, WaitsOutRetryAfter) {
+  TempDir dir;
+  Receiver rx;
+  std::vector<std::chrono::steady_clock::time_point> at;
+  rx.set_script([&](const Receiver::Request&, std::size_t index) {
+    at.push_back(std::chrono::steady_clock::now());
+    Receiver::Reply r;
+    if (index == 0) {
+      r.status = 429;
+      r.fields = "Retry-After: 1\r\n";
+    }
+    return r;
+  });
+  auto cfg = make_sink("hook", rx.url());
+  cfg.max_backoff = std::chrono::milliseconds(5000);
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
+  p.start();
+  ASSERT_TRUE(p.submit(make_record(0)));
+  WAIT_FOR(delivered(p) == 1);
+  p.stop(soon());
+  ASSERT_EQ(rx.count(), 2u);
+  EXPECT_GE(at[1] - at[0], std::chrono::seconds(1));
+}
+
 // Hot reload: a sink kept as it was keeps going, an added one starts at the head, a changed one
 // resumes at its own cursor (nothing delivered twice, nothing skipped) with its counters, and a
 // removed one stops; its deliveries stay in the totals.

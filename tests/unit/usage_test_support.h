@@ -91,6 +91,7 @@ class Receiver {
     unsigned status = 200;
     std::string body = "ok";
     std::string interim;  // sent before the answer, as it is ("HTTP/1.1 100 Continue\r\n\r\n")
+    std::string fields;   // more header lines, each ending in \r\n
   };
   // Called for every request, with its 0-based index among all requests received.
   using Script = std::function<Reply(const Request&, std::size_t)>;
@@ -290,6 +291,7 @@ class Receiver {
       }
       std::string out =
           reply.interim + "HTTP/1.1 " + std::to_string(reply.status) + " Scripted\r\n" +
+          reply.fields +
           "Content-Type: text/plain\r\nContent-Length: " + std::to_string(reply.body.size()) +
           "\r\n\r\n" + reply.body;
       if (!send_all(fd, ssl, out)) return;
