@@ -2633,18 +2633,19 @@ asio::awaitable<void> health_loop(asio::io_context* ioc, Shared* shared,
   for (std::uint64_t round = 0; !gen->retired.load(); ++round) {
     auto result = co_await probe(*ioc, *shared, *gen, *b, hc.path, hc.timeout);
     if (gen->retired.load()) co_return;
-    b->set_last_check(unix_ms_now());
     if (result.ok) {
       if (b->record_success(hc.healthy_threshold)) {
         log::line("info", "backend {} is healthy again", b->name());
       }
-      if (!b->lists_models() && (round % 6 == 0 || b->discovered_models().empty())) {
-        auto models = co_await probe(*ioc, *shared, *gen, *b, "/v1/models", hc.timeout);
-        if (models.ok) b->set_discovered_models(parse_model_ids(models.body));
-      }
     } else if (b->record_failure(hc.unhealthy_threshold)) {
       log::line("warn", "backend {} marked unhealthy: health check failed: {}", b->name(),
                 result.error);
+    }
+    // After the verdict: a client that sees this check's time sees its effect too.
+    b->set_last_check(unix_ms_now());
+    if (result.ok && !b->lists_models() && (round % 6 == 0 || b->discovered_models().empty())) {
+      auto models = co_await probe(*ioc, *shared, *gen, *b, "/v1/models", hc.timeout);
+      if (models.ok) b->set_discovered_models(parse_model_ids(models.body));
     }
     timer.expires_after(hc.interval);
     co_await timer.async_wait(use_nothrow);

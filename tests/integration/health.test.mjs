@@ -272,6 +272,11 @@ test('answers 5xx mark a backend down only with passive_5xx; by default it keeps
       load_balancing: { max_retries: 0 },
       backends: [backendEntry(mock, { name: 'a' })],
     });
+    // The check at start is done (its success would reset the count of failures below).
+    await waitUntil(async () => (await httpRequest(`${gw.url}/admin/backends`)).json().backends[0].last_check, {
+      timeout: 10_000,
+      what: 'the first health check',
+    });
     // One client's request answered 503, as the SDKs send it: once and twice more (retries).
     for (let i = 0; i < 3; i++) {
       const res = await postJson(gw.url, CHAT, chatBody('m1'), { headers: { 'x-mock-status': '503' } });
