@@ -17,7 +17,10 @@
 //   - batch_size 1: the body is the record's JSON object (the seed's format); batch_size > 1: a
 //     JSON array of up to batch_size objects, sent when it is full or batch_interval after the
 //     first record became available. A batch that failed is resent unchanged (same body, same
-//     Idempotency-Key) until it succeeds or is rejected for good.
+//     Idempotency-Key) until it succeeds or is rejected for good; except that a batch answered
+//     413 (too large for the receiver) is split: its records go again in batches of half its
+//     size, and the size doubles back after each success. A single record answered 413 is a
+//     dead letter.
 //   - Headers: Content-Type: application/json, User-Agent: llmproxy/<version>, Idempotency-Key:
 //     <request_id> (single) or <first request_id>+<count> (batch), then the sink's own headers
 //     (which replace ours of the same name), then, with a secret, X-LLMProxy-Timestamp: <unix
@@ -500,6 +503,10 @@ void Pipeline::Impl::report_failure(Sink& s, std::size_t records, const std::str
 
 void Pipeline::Impl::sink_loop(Sink& s) {
   const int batch_size = std::max(1, s.cfg.batch_size);
+  // Records per POST now: batch_size, halved by each 413 a batch gets (a receiver's body limit),
+  // doubled back by each success.
+  int batch_cap = batch_size;
+  bool told_too_large = false;
   LoggedRecords batch;  // in flight: resent unchanged until it is done
   std::string body;
   std::string key;
@@ -555,7 +562,7 @@ void Pipeline::Impl::sink_loop(Sink& s) {
             sink_cv.wait_until(lk, dl);
             continue;
           }
-          if (avail >= batch_size) break;
+          if (avail >= batch_cap) break;
           if (!stored && s.cursor.load() != s.persisted) {
             // About to wait: the cursor is stored first (deliveries that need no wait store it
             // at most every kCursorEvery).
@@ -578,7 +585,7 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       if (done) break;
       try {
         std::int64_t head_seen = head.load(std::memory_order_acquire);
-        s.log->read_after(s.cursor.load(), batch_size, batch);
+        s.log->read_after(s.cursor.load(), batch_cap, batch);
         if (batch.empty()) {
           // Nothing after the cursor although head is beyond it: the records are gone (deleted
           // outside of the pipeline). Skip to what was the head.
@@ -651,12 +658,28 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       s.cursor.store(batch.entries.back().seq, std::memory_order_release);
       s.delivered.fetch_add(n, std::memory_order_relaxed);
       batch.clear();
+      batch_cap = std::min(batch_size, batch_cap * 2);
       // At most every kCursorEvery (and before the next wait for records, below); with
       // durability: memory at once: no disk, and pruning keeps memory_max_records true.
       if (memory || Clock::now() - s.persisted_at >= kCursorEvery) {
         persist_cursor(s);
         prune_memory();
       }
+      continue;
+    }
+    if (resp.status == 413 && n > 1) {
+      // Too large for the receiver, not wrong: the same records again in smaller batches. Only
+      // a single record it refuses becomes a dead letter.
+      batch_cap = static_cast<int>(n / 2);
+      if (!told_too_large) {
+        told_too_large = true;
+        log::line("warn",
+                  "usage sink {}: receiver refused a batch of {} records as too large (HTTP "
+                  "413); sending smaller batches (halved at each 413, doubled back up to "
+                  "batch_size at each success; not reported again)",
+                  s.cfg.name, n);
+      }
+      batch.clear();
       continue;
     }
     if (permanent_rejection(resp.status)) {

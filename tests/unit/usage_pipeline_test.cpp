@@ -316,6 +316,43 @@ TEST(UsagePipeline, ADeadLetterEndsTheFailuresBeforeIt) {
   EXPECT_EQ(reported, 2u) << log;
 }
 
+// A receiver whose body limit a batch exceeds answers 413: the batch is split, not dead-lettered.
+// This one takes at most 2 records per POST; batches of 8 must all arrive, in order.
+TEST(UsagePipeline, ABatchTooLargeForTheReceiverIsSplit) {
+  TempDir dir;
+  Receiver rx;
+  rx.set_script([](const Receiver::Request& req, std::size_t) {
+    Receiver::Reply r;
+    if (ids_in(req.body).size() > 2) r.status = 413;
+    return r;
+  });
+  auto cfg = batched_sink(rx.url(), 8, 100ms);
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
+  p.start();
+  submit_range(p, 0, 8);
+  WAIT_FOR(delivered(p) == 8);
+  submit_range(p, 8, 16);
+  WAIT_FOR(delivered(p) == 16);
+  p.stop(soon());
+  EXPECT_EQ(delivered_ids(rx), expected_ids(0, 16));
+  EXPECT_EQ(sink(p.stats(), "hook").dead_letters, 0u);
+  for (const auto& req : rx.accepted()) EXPECT_LE(ids_in(req.body).size(), 2u);
+  // A single record the receiver refuses as too large is a dead letter, as any 4xx.
+  Receiver tiny;
+  tiny.set_script([](const Receiver::Request&, std::size_t) {
+    Receiver::Reply r;
+    r.status = 413;
+    return r;
+  });
+  TempDir dir2;
+  Pipeline q(testing::disk_config(dir2.file("usage.db")), {batched_sink(tiny.url(), 4, 100ms)});
+  q.start();
+  submit_range(q, 0, 4);
+  WAIT_FOR(sink(q.stats(), "hook").dead_letters == 4);
+  q.stop(soon());
+  EXPECT_EQ(tiny.count(), 6u);  // 4 records, then 2, then one at a time: 4 dead letters
+}
+
 TEST(UsagePipeline, BatchesAreArraysAndEveryRecordArrivesOnce) {
   TempDir dir;
   Receiver rx;
