@@ -38,6 +38,13 @@ bool Backend::record_failure(int unhealthy_threshold) {
   return false;
 }
 
+void Backend::reset_health() {
+  auto& l = *live_;
+  l.failures.store(0, std::memory_order_relaxed);
+  l.successes.store(0, std::memory_order_relaxed);
+  l.healthy.store(true, std::memory_order_relaxed);
+}
+
 std::vector<std::string> Backend::discovered_models() const {
   std::lock_guard lock(live_->discovered_mutex);
   return live_->discovered;

@@ -43,6 +43,9 @@ class Backend {
           int metric_id = -1);
 
   std::size_t index() const { return index_; }
+  // Up, with no failures or successes counted: for a configuration without health checks,
+  // where nothing else could ever bring a backend that was marked down back.
+  void reset_health();
   const config::BackendConfig& config() const { return cfg_; }
   const std::string& name() const { return cfg_.name; }
   int weight() const { return cfg_.weight; }

@@ -75,7 +75,7 @@ constexpr std::size_t kRelayScratch = 32 * 1024;
 constexpr auto kLingerTime = std::chrono::seconds(5);
 constexpr auto kLingerIdle = std::chrono::seconds(1);
 constexpr std::size_t kLingerBytes = 256u << 20;
-constexpr std::size_t kLingerRead = 64 * 1024;
+constexpr std::size_t kLingerRead = 4 * 1024;  // per closing connection: SIGTERM closes all
 // Metering: the tail of a large non-stream response kept for its usage, and the largest
 // request body kept after sending for a /tokenize call (larger prompts are estimated).
 constexpr std::size_t kResponseTailBytes = 64 * 1024;
@@ -187,7 +187,13 @@ class Worker;
 struct Generation {
   Generation(std::uint64_t id, config::Config c, const lb::BackendSet* previous,
              const std::vector<int>& metric_ids, std::size_t labels)
-      : id(id), cfg(std::move(c)), backends(cfg.backends, previous, metric_ids), labels(labels) {}
+      : id(id), cfg(std::move(c)), backends(cfg.backends, previous, metric_ids), labels(labels) {
+    // A reload that turns health checks off: a backend kept from before, down by their
+    // verdict, would otherwise stay down for good.
+    if (!cfg.health_check.enabled) {
+      for (std::size_t i = 0; i < backends.size(); ++i) backends[i].reset_health();
+    }
+  }
   const std::uint64_t id;
   const config::Config cfg;
   lb::BackendSet backends;
@@ -1781,10 +1787,12 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
                                  : fmt::format("No healthy backend serves the model '{}'.",
                                                ctx.info.model.substr(0, 200)),
                              keep_alive);
-        // A backend can come back at the next health check, not before.
-        const auto interval = cfg.health_check.interval.count();
-        reply_.retry_after =
-            static_cast<unsigned>(std::max<std::int64_t>(1, (interval + 999) / 1000));
+        // A backend comes back after healthy_threshold passed checks, not before.
+        if (const auto& hc = cfg.health_check; hc.enabled) {
+          const std::int64_t ms = hc.interval.count() * hc.healthy_threshold;
+          reply_.retry_after =
+              static_cast<unsigned>(std::clamp<std::int64_t>((ms + 999) / 1000, 1, 86'400));
+        }
         co_return co_await send(ctx, reply_);
       }
     }

@@ -265,7 +265,7 @@ test('a 502 after every backend failed names each one and why', { timeout: 60_00
 test('answers 5xx mark a backend down only with passive_5xx; by default it keeps serving', { timeout: 60_000 }, async () => {
   const mock = await startMock({ name: 'a' });
   // Active checks rarely (the first one at start): only passive results can move the verdict.
-  const checks = { ...HEALTH, interval: '60s', unhealthy_threshold: 3 };
+  const checks = { ...HEALTH, interval: '60s', unhealthy_threshold: 3, healthy_threshold: 2 };
   for (const passive5xx of [false, true]) {
     const gw = await startGateway({
       health_check: { ...checks, passive_5xx: passive5xx },
@@ -287,7 +287,7 @@ test('answers 5xx mark a backend down only with passive_5xx; by default it keeps
     if (passive5xx) {
       assert.equal(next.status, 503, next.text());
       assert.equal(openAIError(next).code, 'no_healthy_backend');
-      assert.equal(next.headers['retry-after'], '60', 'retry after the next health check');
+      assert.equal(next.headers['retry-after'], '120', 'retry after healthy_threshold passed checks');
       assert.equal(a.healthy, false, JSON.stringify(a));
     } else {
       assert.equal(next.status, 200, next.text());

@@ -646,6 +646,28 @@ test('timeouts, load_balancing and health_check take effect on reload', { timeou
   assert.equal(timedOut.status, 504, `first_byte 300ms after the reload: ${timedOut.status} ${timedOut.text()}`);
 });
 
+test('a reload that turns health checks off brings back a backend they had marked down', { timeout: 30_000 }, async () => {
+  const sick = await startBackend('sick');
+  sick.healthStatus = 503; // its API answers, its health check does not
+  const gw = await startGateway({
+    server: { workers: 1 },
+    health_check: { enabled: true, interval: '100ms', unhealthy_threshold: 1, healthy_threshold: 1 },
+    load_balancing: { max_retries: 0 },
+    backends: [backendEntry(sick, { name: 'sick' })],
+  });
+  await waitUntil(async () => (await adminBackends(gw))[0].healthy === false, { timeout: 10_000, what: 'sick to be marked down' });
+  assert.equal((await postJson(gw.url, CHAT, chatBody('m1'))).status, 503);
+  rewriteConfig(gw, (c) => {
+    c.health_check.enabled = false;
+  });
+  await reloadOk(gw);
+  // Nothing would ever check it again: it must be up now.
+  assert.equal((await adminBackends(gw))[0].healthy, true);
+  const res = await postJson(gw.url, CHAT, chatBody('m1'));
+  assert.equal(res.status, 200, res.text());
+  assert.equal(res.headers['x-mock-backend'], 'sick');
+});
+
 test('usage_hook, usage.api_key and usage.user_header are reloaded; the hook added by reload starts at the log head', { timeout: 30_000 }, async () => {
   const hook = await startWebhook({ name: 'hook' });
   const gw = await startGateway({ backends: [backendEntry(a, { name: 'a' })] });
