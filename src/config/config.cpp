@@ -327,9 +327,13 @@ void read_sink(Reader& r, const YAML::Node& n, const std::string& path, SinkConf
         // Fields the sink writes itself: the framing, the record's identity and signature. A
         // configured one would replace them (a fixed Idempotency-Key makes a de-duplicating
         // receiver drop every record after the first).
-        static constexpr std::string_view kReserved[] = {
-            "host",       "content-length",  "content-type",         "transfer-encoding",
-            "connection", "idempotency-key", "x-llmproxy-signature", "x-llmproxy-timestamp"};
+        static constexpr std::string_view kReserved[] = {"host",
+                                                         "content-length",
+                                                         "transfer-encoding",
+                                                         "connection",
+                                                         "idempotency-key",
+                                                         "x-llmproxy-signature",
+                                                         "x-llmproxy-timestamp"};
         if (std::any_of(std::begin(kReserved), std::end(kReserved),
                         [&](std::string_view r) { return iequals_ascii(key, r); })) {
           r.error(it->first.Mark(), path + ".headers." + key,
@@ -337,6 +341,17 @@ void read_sink(Reader& r, const YAML::Node& n, const std::string& path, SinkConf
           continue;
         }
         const std::string& value = it->second.Scalar();
+        // The body is JSON: a Content-Type may only say so (with parameters, e.g. a charset).
+        if (iequals_ascii(key, "content-type")) {
+          std::string_view media = std::string_view(value).substr(0, value.find(';'));
+          while (!media.empty() && media.back() == ' ') media.remove_suffix(1);
+          if (!iequals_ascii(media, "application/json")) {
+            r.error(it->second.Mark(), path + ".headers." + key,
+                    "the body is JSON: must be application/json (parameters allowed), got \"" +
+                        value + "\"");
+            continue;
+          }
+        }
         if (value.find_first_of("\r\n") != std::string::npos) {
           r.error(it->second.Mark(), path + ".headers." + key, "must not contain line breaks");
           continue;

@@ -2661,18 +2661,25 @@ asio::awaitable<void> health_loop(asio::io_context* ioc, Shared* shared,
 }
 
 // Without health checks: only the models of a backend that lists none in the config, for
-// /v1/models (routing never depends on them). Every `interval` until a list arrives, then every
-// sixth, as the health loop does.
+// /v1/models (routing never depends on them). At start, then every sixth `interval` as the
+// health loop does; after a failed answer sooner: one interval, doubled per failure up to six.
 asio::awaitable<void> models_loop(asio::io_context* ioc, Shared* shared,
                                   std::shared_ptr<Generation> gen, std::size_t index) {
   const auto& hc = gen->cfg.health_check;
   lb::Backend* b = &gen->backends[index];
   asio::steady_timer timer(*ioc);
+  int failed = 0;
   while (!gen->retired.load()) {
     auto models = co_await probe(*ioc, *shared, *gen, *b, "/v1/models", hc.timeout);
     if (gen->retired.load()) co_return;
-    if (models.ok) b->set_discovered_models(parse_model_ids(models.body));
-    timer.expires_after(b->discovered_models().empty() ? hc.interval : 6 * hc.interval);
+    if (models.ok) {
+      b->set_discovered_models(parse_model_ids(models.body));
+      failed = 0;
+    } else {
+      failed = std::min(failed + 1, 4);  // 1, 2, 4, then 6 intervals
+    }
+    timer.expires_after(failed == 0 ? 6 * hc.interval
+                                    : std::min(6, 1 << (failed - 1)) * hc.interval);
     co_await timer.async_wait(use_nothrow);
   }
 }

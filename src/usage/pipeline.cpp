@@ -902,16 +902,19 @@ std::string Pipeline::reconfigure(std::vector<config::SinkConfig> wanted) {
       kept.push_back(std::move(s));
     }
     im.sinks = std::move(kept);
+    // In the same step: a scrape sees a removed sink's counts either in it or in the totals of
+    // removed sinks, never in neither (the webhook counters would seem to reset).
+    for (const auto& old : gone) {
+      if (old->replaced) continue;
+      im.removed_delivered += old->delivered.load();
+      im.removed_failed += old->failed.load() + old->dead_letters.load();
+    }
   }
   if (im.started) {
     for (Sink* s : starting) im.start_sink(*s);
   }
   for (auto& old : gone) {
-    if (old->replaced) continue;
-    removed += (removed.empty() ? "" : ", ") + old->cfg.name;
-    std::lock_guard lk(im.sinks_mu);
-    im.removed_delivered += old->delivered.load();
-    im.removed_failed += old->failed.load() + old->dead_letters.load();
+    if (!old->replaced) removed += (removed.empty() ? "" : ", ") + old->cfg.name;
   }
   std::string out;
   if (!summary.empty()) out += "started " + summary;

@@ -174,7 +174,11 @@ struct WebhookClient::Impl {
       error_code ip_ec;
       asio::ip::make_address(url.host, ip_ec);
       if (!llmproxy::http::set_tls_peer(tls->native_handle(), url.host, !ip_ec, true)) {
-        co_return "TLS: cannot set the server's name or address";
+        const unsigned long e = ::ERR_get_error();
+        ::ERR_clear_error();
+        const char* why = ::ERR_reason_error_string(e);
+        co_return std::string("TLS: cannot set the server's name or address: ") +
+            (why ? why : "unknown OpenSSL error");
       }
       tls->set_verify_mode(ssl::verify_peer);
       auto [hec] = co_await tls->async_handshake(ssl::stream_base::client, use_nothrow);

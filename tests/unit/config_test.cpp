@@ -228,9 +228,16 @@ usage:
   }
   // Fields the sink writes itself are not configurable, in any case.
   for (const std::string name :
-       {"Idempotency-Key", "content-type", "HOST", "Content-Length", "X-LLMProxy-Signature",
-        "x-llmproxy-timestamp", "Transfer-Encoding", "Connection"}) {
+       {"Idempotency-Key", "HOST", "Content-Length", "X-LLMProxy-Signature", "x-llmproxy-timestamp",
+        "Transfer-Encoding", "Connection"}) {
     EXPECT_TRUE(single_error(sink_headers(name), "usage.sinks[0].headers." + name, 9)) << name;
+  }
+  // Content-Type only as JSON, which configs written before the check often say.
+  EXPECT_TRUE(single_error(sink_headers("Content-Type"), "usage.sinks[0].headers.Content-Type", 9));
+  for (const std::string json : {"application/json", "Application/JSON; charset=utf-8"}) {
+    auto ok = load(sink_headers("X-Other") + "        Content-Type: \"" + json + "\"\n");
+    EXPECT_TRUE(ok.errors.empty())
+        << json << ": " << (ok.errors.empty() ? "" : ok.errors[0].to_string());
   }
   LoadResult r = load(R"(
 listen: ":1"
