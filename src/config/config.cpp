@@ -17,6 +17,12 @@
 namespace llmproxy::config {
 namespace {
 
+// What --print-config writes for a secret. Read back as a value, it would become the secret
+// (an admin token anyone can guess): refused.
+constexpr const char* kRedacted = "<redacted>";
+constexpr const char* kRedactedWhy =
+    "is the placeholder --print-config writes for a secret: put the real value here";
+
 bool iequals_ascii(std::string_view a, std::string_view b) {
   return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
            return std::tolower(static_cast<unsigned char>(x)) ==
@@ -305,6 +311,7 @@ void read_sink(Reader& r, const YAML::Node& n, const std::string& path, SinkConf
   r.integer(n, "batch_size", path, s.batch_size, 1, 10'000);
   r.duration(n, "batch_interval", path, s.batch_interval, Millis{0});
   r.string(n, "secret", path, s.secret);
+  if (s.secret == kRedacted) r.error(n["secret"].Mark(), path + ".secret", kRedactedWhy);
   r.boolean(n, "replay", path, s.replay);
   if (Reader::has(n, "headers")) {
     auto h = n["headers"];
@@ -341,6 +348,10 @@ void read_sink(Reader& r, const YAML::Node& n, const std::string& path, SinkConf
           continue;
         }
         const std::string& value = it->second.Scalar();
+        if (value == kRedacted) {
+          r.error(it->second.Mark(), path + ".headers." + key, kRedactedWhy);
+          continue;
+        }
         // The body is JSON: a Content-Type may only say so (with parameters, e.g. a charset).
         if (iequals_ascii(key, "content-type")) {
           std::string_view media = std::string_view(value).substr(0, value.find(';'));
@@ -621,6 +632,7 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
   read_usage(r, root, c);
   if (auto n = root["admin"]; r.map(n, "admin", {"token"})) {
     r.string(n, "token", "admin", c.admin.token);
+    if (c.admin.token == kRedacted) r.error(n["token"].Mark(), "admin.token", kRedactedWhy);
   }
   if (auto n = root["metrics"]; r.map(n, "metrics", {"listen"})) {
     if (Reader::has(n, "listen")) {
@@ -830,10 +842,10 @@ void emit_sink(YAML::Emitter& e, const SinkConfig& s, bool with_name) {
   e << YAML::Key << "headers" << YAML::Value << YAML::BeginMap;
   for (const auto& [k, v] : s.headers) {
     const bool sensitive = iequals_ascii(k, "authorization") || iequals_ascii(k, "x-api-key");
-    e << YAML::Key << k << YAML::Value << (sensitive ? std::string("<redacted>") : v);
+    e << YAML::Key << k << YAML::Value << (sensitive ? std::string(kRedacted) : v);
   }
   e << YAML::EndMap;
-  e << YAML::Key << "secret" << YAML::Value << (s.secret.empty() ? "" : "<redacted>");
+  e << YAML::Key << "secret" << YAML::Value << (s.secret.empty() ? "" : kRedacted);
   e << YAML::Key << "replay" << YAML::Value << s.replay;
   e << YAML::EndMap;
 }
@@ -909,7 +921,7 @@ std::string to_yaml(const Config& c) {
   e << YAML::EndSeq;
   e << YAML::EndMap;
   e << YAML::Key << "admin" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "token" << YAML::Value << (c.admin.token.empty() ? "" : "<redacted>");
+  e << YAML::Key << "token" << YAML::Value << (c.admin.token.empty() ? "" : kRedacted);
   e << YAML::EndMap;
   e << YAML::Key << "metrics" << YAML::Value << YAML::BeginMap;
   if (c.metrics.listen) {

@@ -1237,6 +1237,18 @@ usage:
   std::string yaml = to_yaml(c);
   EXPECT_EQ(yaml.find("s3cret"), std::string::npos);
   EXPECT_NE(yaml.find("<redacted>"), std::string::npos);
+  // Loaded again, each placeholder is an error, not a secret anyone could guess.
+  auto again = load(yaml);
+  std::vector<std::string> paths;
+  for (const auto& e : again.errors) paths.push_back(e.key_path);
+  std::sort(paths.begin(), paths.end());
+  EXPECT_EQ(paths, (std::vector<std::string>{"usage_hook.secret"})) << dump(again);
+  EXPECT_TRUE(single_error("backends:\n  - url: http://a:1\nadmin:\n  token: <redacted>\n",
+                           "admin.token", 4));
+  EXPECT_TRUE(
+      single_error("backends:\n  - url: http://a:1\nusage_hook:\n  url: http://h/\n  headers:\n"
+                   "    Authorization: <redacted>\n",
+                   "usage_hook.headers.Authorization", 6));
 }
 
 TEST(ConfigUsage, RejectsBadValuesWithTheirKeyPath) {
