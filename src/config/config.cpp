@@ -30,6 +30,30 @@ bool iequals_ascii(std::string_view a, std::string_view b) {
          });
 }
 
+// Well-formed UTF-8 (no overlong forms, surrogates or code points past U+10FFFF). Config
+// strings end up in JSON answers, metric labels and records, which must be UTF-8.
+bool valid_utf8(std::string_view s) {
+  for (std::size_t i = 0; i < s.size();) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    std::size_t n = c < 0x80           ? 1
+                    : (c >> 5) == 0x6  ? 2
+                    : (c >> 4) == 0xE  ? 3
+                    : (c >> 3) == 0x1E ? 4
+                                       : 0;
+    if (n == 0 || i + n > s.size()) return false;
+    std::uint32_t cp = n == 1 ? c : c & (0x7F >> n);
+    for (std::size_t k = 1; k < n; ++k) {
+      const auto d = static_cast<unsigned char>(s[i + k]);
+      if ((d & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (d & 0x3F);
+    }
+    static constexpr std::uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    i += n;
+  }
+  return true;
+}
+
 std::string join(const std::string& path, std::string_view key) {
   return path.empty() ? std::string(key) : path + "." + std::string(key);
 }
@@ -143,7 +167,12 @@ class Reader {
               std::string& out) {
     if (!has(parent, key)) return;
     auto n = parent[std::string(key)];
-    if (scalar(n, join(path, key), "a string")) out = n.Scalar();
+    if (!scalar(n, join(path, key), "a string")) return;
+    if (!valid_utf8(n.Scalar())) {
+      error(n.Mark(), join(path, key), "is not valid UTF-8");
+      return;
+    }
+    out = n.Scalar();
   }
 
   void integer(const YAML::Node& parent, std::string_view key, const std::string& path, int& out,
@@ -277,15 +306,17 @@ void read_backends(Reader& r, const YAML::Node& root, Config& c) {
     }
     if (Reader::has(node, "models")) {
       auto m = node["models"];
-      if (m.IsScalar()) {
+      if (m.IsScalar() && !valid_utf8(m.Scalar())) {
+        r.error(m.Mark(), path + ".models", "expected a model id (non-empty UTF-8 string)");
+      } else if (m.IsScalar()) {
         b.models.push_back(m.Scalar());
       } else if (m.IsSequence()) {
         for (std::size_t j = 0; j < m.size(); ++j) {
           std::string mp = path + ".models[" + std::to_string(j) + "]";
-          if (m[j].IsScalar() && !m[j].Scalar().empty()) {
+          if (m[j].IsScalar() && !m[j].Scalar().empty() && valid_utf8(m[j].Scalar())) {
             b.models.push_back(m[j].Scalar());
           } else {
-            r.error(m[j].Mark(), mp, "expected a model id (non-empty string)");
+            r.error(m[j].Mark(), mp, "expected a model id (non-empty UTF-8 string)");
           }
         }
       } else {
@@ -798,6 +829,35 @@ LoadResult load_string(std::string_view yaml, const std::string& file_name) {
       YAML::Parser parser(in);
       DuplicateKeyCheck check(reader);
       parser.HandleNextDocument(check);
+      // A second document (after ---) would be ignored without a word: only the first is read.
+      struct FirstEvent : YAML::EventHandler {
+        std::optional<YAML::Mark> at;
+        void OnDocumentStart(const YAML::Mark&) override {}
+        void OnDocumentEnd() override {}
+        void OnNull(const YAML::Mark&, YAML::anchor_t) override {}  // an empty one is harmless
+        void OnAlias(const YAML::Mark& m, YAML::anchor_t) override { seen(m); }
+        void OnScalar(const YAML::Mark& m, const std::string&, YAML::anchor_t,
+                      const std::string&) override {
+          seen(m);
+        }
+        void OnSequenceStart(const YAML::Mark& m, const std::string&, YAML::anchor_t,
+                             YAML::EmitterStyle::value) override {
+          seen(m);
+        }
+        void OnSequenceEnd() override {}
+        void OnMapStart(const YAML::Mark& m, const std::string&, YAML::anchor_t,
+                        YAML::EmitterStyle::value) override {
+          seen(m);
+        }
+        void OnMapEnd() override {}
+        void seen(const YAML::Mark& m) {
+          if (!at) at = m;
+        }
+      } next;
+      if (parser.HandleNextDocument(next) && next.at) {
+        reader.error(*next.at, "(document)",
+                     "a second YAML document (after ---): the configuration is one document");
+      }
     }
     YAML::Node root = YAML::Load(text);
     read_root(reader, root, config);

@@ -502,6 +502,26 @@ backends:
                            "bogus", 2));
 }
 
+// Only the first YAML document is read, so a second one (an override after ---) is an error; an
+// empty one after a trailing --- is harmless.
+TEST(ConfigReject, ASecondDocument) {
+  EXPECT_TRUE(
+      single_error("backends:\n  - url: http://a:1\n---\nlisten: \":1\"\n", "(document)", 4));
+  EXPECT_TRUE(load("backends:\n  - url: http://a:1\n---\n").errors.empty());
+}
+
+// Names and model ids end up in metric labels and JSON, which must be UTF-8.
+TEST(ConfigReject, StringsThatAreNotUtf8) {
+  EXPECT_TRUE(single_error("backends:\n  - url: http://a:1\n    name: \"ab\xff\"\n",
+                           "backends[0].name", 3));
+  EXPECT_TRUE(single_error("backends:\n  - url: http://a:1\n    models: [\"m\xc3\"]\n",
+                           "backends[0].models[0]", 3));
+  EXPECT_TRUE(single_error("backends:\n  - url: http://a:1\n    name: \"\xed\xa0\x80\"\n",
+                           "backends[0].name", 3));  // a surrogate
+  EXPECT_TRUE(load("backends:\n  - url: http://a:1\n    name: \"caf\xc3\xa9 \xf0\x9f\x99\x82\"\n")
+                  .errors.empty());
+}
+
 TEST(ConfigReject, UnknownNestedKeys) {
   EXPECT_TRUE(single_error(R"(
 backends:
