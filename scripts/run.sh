@@ -2,14 +2,35 @@
 # Sets everything up and runs the gateway on :8080.
 #   scripts/run.sh                  installs what is missing, builds, starts the bundled mock
 #                                   backend on a free loopback port and the gateway in front of it
-#   scripts/run.sh --config FILE    same build, then runs the gateway with your configuration
+#   scripts/run.sh --config FILE    same build, then runs the gateway with your configuration, in
+#                                   the directory run.sh was called from (-c FILE, --config=FILE)
 set -euo pipefail
+config=
+case "$#:${1:-}" in
+  0:) ;;
+  2:--config | 2:-c) config=$2 ;;
+  1:--config=?*) config=${1#--config=} ;;
+  *)
+    echo "usage: scripts/run.sh [--config FILE]" >&2
+    exit 2
+    ;;
+esac
+if [ -n "$config" ]; then
+  # Read from the caller's directory (the script changes to the repository's below).
+  [ -r "$config" ] || { echo "run.sh: cannot read $config" >&2; exit 2; }
+  config=$(realpath "$config")
+fi
+caller=$PWD
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh --build
 scripts/build.sh release llmproxy llmproxy-mock
 
-if [ "${1:-}" = --config ]; then
-  exec build/llmproxy --config "$2"
+if [ -n "$config" ]; then
+  # From the caller's directory, as if the binary were run there: relative paths in the config
+  # (usage.log_path) mean what they would mean to `llmproxy --config`.
+  bin=$PWD/build/llmproxy
+  cd "$caller"
+  exec "$bin" --config "$config"
 fi
 
 workdir=$(mktemp -d /tmp/llmproxy-run.XXXXXX)
