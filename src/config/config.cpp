@@ -471,6 +471,15 @@ void read_usage(Reader& r, const YAML::Node& root, Config& c) {
   r.boolean(n, "inject_stream_usage", "usage", u.inject_stream_usage);
   r.boolean(n, "tokenize", "usage", u.tokenize);
   r.string(n, "user_header", "usage", u.user_header);
+  if (u.user_header.empty() ||
+      !std::all_of(u.user_header.begin(), u.user_header.end(), [](char ch) {
+        // An HTTP field name (RFC 9110 5.1: a token).
+        return std::isalnum(static_cast<unsigned char>(ch)) ||
+               std::string_view("!#$%&'*+-.^_`|~").find(ch) != std::string_view::npos;
+      })) {
+    r.error(Reader::has(n, "user_header") ? n["user_header"].Mark() : n.Mark(), "usage.user_header",
+            "must be an HTTP header name, got \"" + u.user_header + "\"");
+  }
   enumeration(
       r, n, "api_key", "usage", u.api_key,
       {{"full", ApiKeyMode::full}, {"masked", ApiKeyMode::masked}, {"sha256", ApiKeyMode::sha256}});
@@ -650,6 +659,14 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
     r.string(n, "path", "health_check", c.health_check.path);
     if (c.health_check.path.empty() || c.health_check.path.front() != '/') {
       r.error(n["path"].Mark(), "health_check.path", "must start with /");
+    } else if (!std::all_of(c.health_check.path.begin(), c.health_check.path.end(), [](char ch) {
+                 // A request-target: RFC 3986 path and query characters, nothing else.
+                 return std::isalnum(static_cast<unsigned char>(ch)) ||
+                        std::string_view("-._~%!$&'()*+,;=:@/?").find(ch) != std::string_view::npos;
+               })) {
+      r.error(n["path"].Mark(), "health_check.path",
+              "may hold only URL path and query characters (percent-encode the others), got \"" +
+                  c.health_check.path + "\"");
     }
     r.duration(n, "timeout", "health_check", c.health_check.timeout, Millis{1});
     r.integer(n, "unhealthy_threshold", "health_check", c.health_check.unhealthy_threshold, 1, 100);
@@ -674,6 +691,14 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
         c.metrics.listen = *l;
       } else if (n["listen"].IsScalar()) {
         r.error(n["listen"].Mark(), "metrics.listen", why + ", got \"" + text + "\"");
+      }
+      // The same port on an overlapping address: the second bind would fail at start.
+      const auto& m = c.metrics.listen;
+      const auto wildcard = [](const std::string& h) { return h == "0.0.0.0" || h == "::"; };
+      if (m && m->port != 0 && m->port == c.listen.port &&
+          (m->host == c.listen.host || wildcard(m->host) || wildcard(c.listen.host))) {
+        r.error(n["listen"].Mark(), "metrics.listen",
+                "uses the port of listen (" + c.listen.to_string() + "): give it another");
       }
     }
   }

@@ -510,6 +510,25 @@ TEST(ConfigReject, ASecondDocument) {
   EXPECT_TRUE(load("backends:\n  - url: http://a:1\n---\n").errors.empty());
 }
 
+// Values that would only fail at run time: a health path that cannot go on a request line, a
+// user header that is no header name, a metrics listener on the gateway's own port.
+TEST(ConfigReject, ValuesThatWouldFailLater) {
+  const std::string base = "backends:\n  - url: http://a:1\n";
+  EXPECT_TRUE(single_error(base + "health_check:\n  path: \"/he alth\"\n", "health_check.path", 4));
+  EXPECT_TRUE(single_error(base + "usage:\n  user_header: \"X User\"\n", "usage.user_header", 4));
+  EXPECT_TRUE(single_error(base + "usage:\n  user_header: \"\"\n", "usage.user_header", 4));
+  EXPECT_TRUE(single_error(base + "listen: \":9000\"\nmetrics:\n  listen: \"127.0.0.1:9000\"\n",
+                           "metrics.listen", 5));
+  for (const std::string ok :
+       {"health_check:\n  path: \"/health?probe=1\"\n", "usage:\n  user_header: X-Tenant_Id\n",
+        "listen: \":9000\"\nmetrics:\n  listen: \"127.0.0.1:9090\"\n",
+        "listen: \"127.0.0.1:0\"\nmetrics:\n  listen: \"127.0.0.1:0\"\n",
+        "listen: \"127.0.0.1:9000\"\nmetrics:\n  listen: \"127.0.0.2:9000\"\n"}) {
+    auto r = load(base + ok);
+    EXPECT_TRUE(r.errors.empty()) << ok << dump(r);
+  }
+}
+
 // Names and model ids end up in metric labels and JSON, which must be UTF-8.
 TEST(ConfigReject, StringsThatAreNotUtf8) {
   EXPECT_TRUE(single_error("backends:\n  - url: http://a:1\n    name: \"ab\xff\"\n",
