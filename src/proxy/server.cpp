@@ -2276,7 +2276,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // A stream holds no buffer of its own while it waits: the request's read space goes too.
   if (is_stream && buffer_.size() == 0) buffer_.shrink_to_fit();
   bool upstream_ok = true;
-  bool ended = false;  // the write that ends the message went out
+  bool ended = false;        // the write that ends the message went out
+  bool at_event_end = true;  // what the client got so far ends between two events
   char* const body_space = w_.relay_out.get();
   char* const in_space = w_.relay_in.get();
   const bool plain = !conn->is_tls();
@@ -2442,6 +2443,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     if (!head.empty()) std::string().swap(head);
     ctx.bytes_out += n;
     ended = rp.is_done();
+    if (n > 0) at_event_end = piece.ends_with("\n\n") || piece.ends_with("\r\n\r\n");
     if (n > 0) {
       const auto now = Clock::now();
       if (ctx.first_byte_ms < 0) {
@@ -2466,7 +2468,18 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     client_keep_alive = false;
   }
   if (!upstream_ok) {
-    // The response is cut: the client must see a truncated message, never a clean end.
+    // The response is cut: the client must see a truncated message, never a clean end. A stream
+    // the gateway cuts itself (stream_idle) first gets an error event, as servers report errors
+    // mid-stream, so that SDKs raise an API error rather than a bare "terminated"; only between
+    // events, never inside one the backend left unfinished.
+    if (client_ok && is_stream && head.empty() && at_event_end && ctx.finish == "timeout") {
+      static constexpr std::string_view kIdle =
+          "data: {\"error\":{\"message\":\"The backend sent nothing within timeouts.stream_idle; "
+          "the gateway ended the stream.\",\"type\":\"server_error\",\"param\":null,\"code\":"
+          "\"upstream_timeout\"}}\n\n";
+      out.frame({}, chunked, kIdle, false);
+      write_now(out);
+    }
     client_keep_alive = false;
     error_code ec;
     stream_.socket().shutdown(tcp::socket::shutdown_both, ec);

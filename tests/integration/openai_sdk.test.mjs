@@ -153,3 +153,28 @@ test('models retrieve: a served model (an id with a slash too), and 404 model_no
     return true;
   });
 });
+
+test('a stream the gateway ends at stream_idle ends with an error event the SDK raises', { timeout: 30_000 }, async () => {
+  const gw2 = await startGateway({
+    timeouts: { stream_idle: '300ms' },
+    backends: [backendEntry(mock, { name: 'sdk', models: ['m1'] })],
+  });
+  const client2 = new OpenAI({ baseURL: `${gw2.url}/v1`, apiKey: 'sk-dummy-for-tests', maxRetries: 0, timeout: 15_000 });
+  const stream = await client2.chat.completions.create(
+    { model: 'm1', messages, stream: true },
+    { headers: { 'X-Mock-Tokens': '5', 'X-Mock-Delay-Ms': '3000' } },
+  );
+  let content = '';
+  await assert.rejects(
+    (async () => {
+      for await (const chunk of stream) content += chunk.choices[0]?.delta?.content ?? '';
+    })(),
+    (err) => {
+      assert.ok(err instanceof OpenAI.APIError, `${err?.constructor?.name}: ${err}`);
+      assert.equal(err.code, 'upstream_timeout');
+      assert.match(err.message, /stream_idle/);
+      return true;
+    },
+  );
+  assert.ok(!content.includes('tok4'), 'the stream was not cut');
+});
