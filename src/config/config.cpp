@@ -1,6 +1,7 @@
 #include "config/config.h"
 
 #include <arpa/inet.h>
+#include <simdjson.h>
 #include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
@@ -30,28 +31,24 @@ bool iequals_ascii(std::string_view a, std::string_view b) {
          });
 }
 
-// Well-formed UTF-8 (no overlong forms, surrogates or code points past U+10FFFF). Config
-// strings end up in JSON answers, metric labels and records, which must be UTF-8.
+// Well-formed UTF-8 (simdjson's validator: no overlong forms, surrogates or code points past
+// U+10FFFF). Config strings end up in JSON answers, metric labels and records.
 bool valid_utf8(std::string_view s) {
-  for (std::size_t i = 0; i < s.size();) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    std::size_t n = c < 0x80           ? 1
-                    : (c >> 5) == 0x6  ? 2
-                    : (c >> 4) == 0xE  ? 3
-                    : (c >> 3) == 0x1E ? 4
-                                       : 0;
-    if (n == 0 || i + n > s.size()) return false;
-    std::uint32_t cp = n == 1 ? c : c & (0x7F >> n);
-    for (std::size_t k = 1; k < n; ++k) {
-      const auto d = static_cast<unsigned char>(s[i + k]);
-      if ((d & 0xC0) != 0x80) return false;
-      cp = (cp << 6) | (d & 0x3F);
-    }
-    static constexpr std::uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
-    if (cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
-    i += n;
-  }
-  return true;
+  return simdjson::validate_utf8(s.data(), s.size());
+}
+
+// A header name as the config accepts it (a sink's headers, usage.user_header).
+bool header_name(std::string_view s) {
+  return !s.empty() && std::all_of(s.begin(), s.end(), [](char ch) {
+    return std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '_';
+  });
+}
+
+// A character RFC 3986 allows in a URL path: unreserved, percent-encoded, sub-delims, ':', '@',
+// '/'.
+bool path_char(char ch) {
+  return std::isalnum(static_cast<unsigned char>(ch)) ||
+         std::string_view("-._~%!$&'()*+,;=:@/").find(ch) != std::string_view::npos;
 }
 
 std::string join(const std::string& path, std::string_view key) {
@@ -173,6 +170,13 @@ class Reader {
       return;
     }
     out = n.Scalar();
+  }
+
+  // A secret: a string, but never the placeholder --print-config writes for one.
+  void secret(const YAML::Node& parent, std::string_view key, const std::string& path,
+              std::string& out) {
+    string(parent, key, path, out);
+    if (out == kRedacted) error(parent[std::string(key)].Mark(), join(path, key), kRedactedWhy);
   }
 
   void integer(const YAML::Node& parent, std::string_view key, const std::string& path, int& out,
@@ -341,8 +345,7 @@ void read_sink(Reader& r, const YAML::Node& n, const std::string& path, SinkConf
   r.duration(n, "max_backoff", path, s.max_backoff, Millis{1});
   r.integer(n, "batch_size", path, s.batch_size, 1, 10'000);
   r.duration(n, "batch_interval", path, s.batch_interval, Millis{0});
-  r.string(n, "secret", path, s.secret);
-  if (s.secret == kRedacted) r.error(n["secret"].Mark(), path + ".secret", kRedactedWhy);
+  r.secret(n, "secret", path, s.secret);
   r.boolean(n, "replay", path, s.replay);
   if (Reader::has(n, "headers")) {
     auto h = n["headers"];
@@ -351,13 +354,7 @@ void read_sink(Reader& r, const YAML::Node& n, const std::string& path, SinkConf
     } else {
       for (auto it = h.begin(); it != h.end(); ++it) {
         std::string key = it->first.IsScalar() ? it->first.Scalar() : "";
-        bool token = !key.empty();
-        for (char ch : key) {
-          if (!(std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '_')) {
-            token = false;
-          }
-        }
-        if (!token || !it->second.IsScalar()) {
+        if (!header_name(key) || !it->second.IsScalar()) {
           r.error(it->first.Mark(), path + ".headers." + key,
                   "expected a header name (letters, digits, -) with a string value");
           continue;
@@ -471,14 +468,9 @@ void read_usage(Reader& r, const YAML::Node& root, Config& c) {
   r.boolean(n, "inject_stream_usage", "usage", u.inject_stream_usage);
   r.boolean(n, "tokenize", "usage", u.tokenize);
   r.string(n, "user_header", "usage", u.user_header);
-  if (u.user_header.empty() ||
-      !std::all_of(u.user_header.begin(), u.user_header.end(), [](char ch) {
-        // An HTTP field name (RFC 9110 5.1: a token).
-        return std::isalnum(static_cast<unsigned char>(ch)) ||
-               std::string_view("!#$%&'*+-.^_`|~").find(ch) != std::string_view::npos;
-      })) {
+  if (!header_name(u.user_header)) {
     r.error(Reader::has(n, "user_header") ? n["user_header"].Mark() : n.Mark(), "usage.user_header",
-            "must be an HTTP header name, got \"" + u.user_header + "\"");
+            "must be a header name (letters, digits, -, _), got \"" + u.user_header + "\"");
   }
   enumeration(
       r, n, "api_key", "usage", u.api_key,
@@ -659,11 +651,8 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
     r.string(n, "path", "health_check", c.health_check.path);
     if (c.health_check.path.empty() || c.health_check.path.front() != '/') {
       r.error(n["path"].Mark(), "health_check.path", "must start with /");
-    } else if (!std::all_of(c.health_check.path.begin(), c.health_check.path.end(), [](char ch) {
-                 // A request-target: RFC 3986 path and query characters, nothing else.
-                 return std::isalnum(static_cast<unsigned char>(ch)) ||
-                        std::string_view("-._~%!$&'()*+,;=:@/?").find(ch) != std::string_view::npos;
-               })) {
+    } else if (!std::all_of(c.health_check.path.begin(), c.health_check.path.end(),
+                            [](char ch) { return path_char(ch) || ch == '?'; })) {
       r.error(n["path"].Mark(), "health_check.path",
               "may hold only URL path and query characters (percent-encode the others), got \"" +
                   c.health_check.path + "\"");
@@ -679,8 +668,7 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
   }
   read_usage(r, root, c);
   if (auto n = root["admin"]; r.map(n, "admin", {"token"})) {
-    r.string(n, "token", "admin", c.admin.token);
-    if (c.admin.token == kRedacted) r.error(n["token"].Mark(), "admin.token", kRedactedWhy);
+    r.secret(n, "token", "admin", c.admin.token);
   }
   if (auto n = root["metrics"]; r.map(n, "metrics", {"listen"})) {
     if (Reader::has(n, "listen")) {
@@ -790,14 +778,9 @@ std::optional<Url> parse_url(std::string_view text, std::string* error) {
     }
     u.port = *p;
   }
-  for (char ch : path) {
-    // RFC 3986 path characters: unreserved, percent-encoded, sub-delims, ':', '@', '/'.
-    bool ok = std::isalnum(static_cast<unsigned char>(ch)) ||
-              std::string_view("-._~%!$&'()*+,;=:@/").find(ch) != std::string_view::npos;
-    if (!ok) {
-      *error = "invalid character in URL path";
-      return std::nullopt;
-    }
+  if (!std::all_of(path.begin(), path.end(), path_char)) {
+    *error = "invalid character in URL path";
+    return std::nullopt;
   }
   u.host = std::string(host);
   while (!path.empty() && path.back() == '/') path.remove_suffix(1);
@@ -854,37 +837,16 @@ LoadResult load_string(std::string_view yaml, const std::string& file_name) {
       YAML::Parser parser(in);
       DuplicateKeyCheck check(reader);
       parser.HandleNextDocument(check);
-      // A second document (after ---) would be ignored without a word: only the first is read.
-      struct FirstEvent : YAML::EventHandler {
-        std::optional<YAML::Mark> at;
-        void OnDocumentStart(const YAML::Mark&) override {}
-        void OnDocumentEnd() override {}
-        void OnNull(const YAML::Mark&, YAML::anchor_t) override {}  // an empty one is harmless
-        void OnAlias(const YAML::Mark& m, YAML::anchor_t) override { seen(m); }
-        void OnScalar(const YAML::Mark& m, const std::string&, YAML::anchor_t,
-                      const std::string&) override {
-          seen(m);
-        }
-        void OnSequenceStart(const YAML::Mark& m, const std::string&, YAML::anchor_t,
-                             YAML::EmitterStyle::value) override {
-          seen(m);
-        }
-        void OnSequenceEnd() override {}
-        void OnMapStart(const YAML::Mark& m, const std::string&, YAML::anchor_t,
-                        YAML::EmitterStyle::value) override {
-          seen(m);
-        }
-        void OnMapEnd() override {}
-        void seen(const YAML::Mark& m) {
-          if (!at) at = m;
-        }
-      } next;
-      if (parser.HandleNextDocument(next) && next.at) {
-        reader.error(*next.at, "(document)",
-                     "a second YAML document (after ---): the configuration is one document");
-      }
     }
-    YAML::Node root = YAML::Load(text);
+    // A second document (after ---) would be ignored without a word: only the first is read.
+    // (Loading builds nodes, never expands aliases: cheap even for the alias bombs the check
+    // above reads as events.)
+    const std::vector<YAML::Node> docs = YAML::LoadAll(text);
+    if (docs.size() > 1 && !docs[1].IsNull()) {
+      reader.error(docs[1].Mark(), "(document)",
+                   "a second YAML document (after ---): the configuration is one document");
+    }
+    const YAML::Node root = docs.empty() ? YAML::Node() : docs[0];
     read_root(reader, root, config);
   } catch (const YAML::Exception& e) {
     reader.error(e.mark, "(syntax)", e.msg);

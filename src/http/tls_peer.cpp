@@ -1,10 +1,14 @@
 #include "http/tls_peer.h"
 
+#include <arpa/inet.h>
 #include <openssl/x509v3.h>
 
 namespace llmproxy::http {
 
-bool set_tls_peer(SSL* ssl, const std::string& host, bool ip_host, bool verify) {
+bool set_tls_peer(SSL* ssl, const std::string& host, bool verify) {
+  unsigned char addr[16];
+  const bool ip_host = ::inet_pton(AF_INET, host.c_str(), addr) == 1 ||
+                       ::inet_pton(AF_INET6, host.c_str(), addr) == 1;
   if (!ip_host && !SSL_set_tlsext_host_name(ssl, host.c_str())) return false;
   if (!verify) return true;
   X509_VERIFY_PARAM* param = SSL_get0_param(ssl);

@@ -10,9 +10,10 @@
 
 namespace llmproxy::http {
 
-// Sets SNI (for a name) and, with `verify`, the name or address the certificate must match.
-// Returns false, with OpenSSL's error queue set, when OpenSSL refuses either.
-bool set_tls_peer(SSL* ssl, const std::string& host, bool ip_host, bool verify);
+// Sets SNI (for a name) and, with `verify`, the name or address the certificate must match
+// (`host` as a URL gives it, an IPv6 address without brackets). Returns false, with OpenSSL's
+// error queue set, when OpenSSL refuses either.
+bool set_tls_peer(SSL* ssl, const std::string& host, bool verify);
 
 // Why the peer's certificate was refused ("self-signed certificate", "hostname mismatch"), or
 // empty when it was not (the handshake failed for another reason, which its error says).

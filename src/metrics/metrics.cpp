@@ -59,7 +59,10 @@ Route route_for_path(std::string_view path) {
     if (route_label(r) == path) return r;
   }
   // GET /v1/models/{id}: counted with the list (an id is no label).
-  if (path.starts_with("/v1/models/") && path.size() > 11) return Route::models;
+  const std::string_view models = route_label(Route::models);
+  if (path.size() > models.size() + 1 && path.starts_with(models) && path[models.size()] == '/') {
+    return Route::models;
+  }
   return Route::other;
 }
 

@@ -478,7 +478,6 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
   std::vector<tcp::endpoint> endpoints;
   error_code ec;
   auto addr = asio::ip::make_address(url.host, ec);
-  const bool ip_host = !ec;  // an address, not a name
   if (!ec) {
     endpoints.emplace_back(addr, url.port);
   } else {
@@ -513,7 +512,7 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
     auto& tls = std::get<UpstreamConn::Tls>(conn->stream);
     SSL* ssl = tls.native_handle();
     const bool verify = gen.cfg.upstream.tls_verify;
-    if (!http::set_tls_peer(ssl, url.host, ip_host, verify)) {
+    if (!http::set_tls_peer(ssl, url.host, verify)) {
       out.ec = error_code(static_cast<int>(::ERR_get_error()), asio::error::get_ssl_category());
       co_return out;
     }
@@ -1297,7 +1296,8 @@ asio::awaitable<bool> ClientSession::handle_request() {
       co_return co_await send(ctx, reply_);
     }
     if (route == Route::models) {
-      if (constexpr std::string_view list = "/v1/models"; ctx.path.size() > list.size()) {
+      if (const std::string_view list = metrics::route_label(Route::models);
+          ctx.path.size() > list.size()) {
         reply_ = model_reply(std::string_view(ctx.path).substr(list.size() + 1),
                              keep_alive && !body_pending);
       } else {
@@ -1754,7 +1754,7 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
   // fields (upstream_head()), the body goes out unchanged.
   std::array<std::size_t, 16> tried{};
   std::size_t ntried = 0;
-  std::string last_error, errors;  // errors: every failed attempt's, "a: ...; b: ..."
+  std::string errors;  // every failed attempt's error: "a: ...; b: ..."
   arm_watch();
   bool client_keep_alive = keep_alive;
   for (int i = 0; i <= cfg.load_balancing.max_retries; ++i) {
@@ -1802,11 +1802,11 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
     ctx.backend = &backend;
     ++ctx.attempts;
     lb::InFlightGuard in_flight(backend);
-    last_error.clear();
-    auto outcome = co_await attempt(backend, req, ctx, keep_alive, client_keep_alive, last_error);
-    if (outcome == Attempt::retry && !last_error.empty()) {
+    std::string error;
+    auto outcome = co_await attempt(backend, req, ctx, keep_alive, client_keep_alive, error);
+    if (outcome == Attempt::retry && !error.empty()) {
       errors += errors.empty() ? "" : "; ";
-      errors += last_error;
+      errors += error;
     }
     if (outcome == Attempt::done) {
       disarm_watch();
@@ -2443,8 +2443,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     if (!head.empty()) std::string().swap(head);
     ctx.bytes_out += n;
     ended = rp.is_done();
-    if (n > 0) at_event_end = piece.ends_with("\n\n") || piece.ends_with("\r\n\r\n");
     if (n > 0) {
+      if (is_stream) at_event_end = piece.ends_with("\n\n") || piece.ends_with("\r\n\r\n");
       const auto now = Clock::now();
       if (ctx.first_byte_ms < 0) {
         ctx.first_byte_ms = std::chrono::duration<double, std::milli>(now - ctx.start).count();
@@ -2645,6 +2645,15 @@ std::vector<std::string> parse_model_ids(const std::string& body) {
   return ids;
 }
 
+// GET /v1/models of a backend that lists no models in the config: what it serves, for
+// /v1/models. False when it gave no list.
+asio::awaitable<bool> discover_models(asio::io_context& ioc, Shared& shared, const Generation& gen,
+                                      lb::Backend& b) {
+  auto models = co_await probe(ioc, shared, gen, b, "/v1/models", gen.cfg.health_check.timeout);
+  if (models.ok) b.set_discovered_models(parse_model_ids(models.body));
+  co_return models.ok;
+}
+
 // One loop per backend of a generation; it ends once a reload has replaced that generation.
 asio::awaitable<void> health_loop(asio::io_context* ioc, Shared* shared,
                                   std::shared_ptr<Generation> gen, std::size_t index) {
@@ -2665,8 +2674,7 @@ asio::awaitable<void> health_loop(asio::io_context* ioc, Shared* shared,
     // After the verdict: a client that sees this check's time sees its effect too.
     b->set_last_check(unix_ms_now());
     if (result.ok && !b->lists_models() && (round % 6 == 0 || b->discovered_models().empty())) {
-      auto models = co_await probe(*ioc, *shared, *gen, *b, "/v1/models", hc.timeout);
-      if (models.ok) b->set_discovered_models(parse_model_ids(models.body));
+      co_await discover_models(*ioc, *shared, *gen, *b);
     }
     timer.expires_after(hc.interval);
     co_await timer.async_wait(use_nothrow);
@@ -2683,14 +2691,9 @@ asio::awaitable<void> models_loop(asio::io_context* ioc, Shared* shared,
   asio::steady_timer timer(*ioc);
   int failed = 0;
   while (!gen->retired.load()) {
-    auto models = co_await probe(*ioc, *shared, *gen, *b, "/v1/models", hc.timeout);
+    const bool ok = co_await discover_models(*ioc, *shared, *gen, *b);
     if (gen->retired.load()) co_return;
-    if (models.ok) {
-      b->set_discovered_models(parse_model_ids(models.body));
-      failed = 0;
-    } else {
-      failed = std::min(failed + 1, 4);  // 1, 2, 4, then 6 intervals
-    }
+    failed = ok ? 0 : std::min(failed + 1, 4);  // 1, 2, 4, then 6 intervals
     timer.expires_after(failed == 0 ? 6 * hc.interval
                                     : std::min(6, 1 << (failed - 1)) * hc.interval);
     co_await timer.async_wait(use_nothrow);

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <array>
 #include <cctype>
+#include <chrono>
 #include <ctime>
 #include <iterator>
 #include <map>
@@ -153,12 +154,13 @@ std::optional<std::int64_t> parse_absolute(std::string_view s) {
   tm.tm_year = num(s, 0, 4) - 1900;
   tm.tm_mon = num(s, 5, 2) - 1;
   tm.tm_mday = num(s, 8, 2);
-  if (tm.tm_mon < 0 || tm.tm_mon > 11 || tm.tm_mday < 1) return std::nullopt;
-  // The month's own length (timegm() would roll 2026-02-30 over into March).
-  static constexpr int kDays[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
-  const int year = tm.tm_year + 1900;
-  const bool leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
-  if (tm.tm_mday > kDays[tm.tm_mon] + (tm.tm_mon == 1 && leap ? 1 : 0)) return std::nullopt;
+  // A day the month has (timegm() would roll 2026-02-30 over into March).
+  namespace chr = std::chrono;
+  if (!chr::year_month_day(chr::year(tm.tm_year + 1900), chr::month(tm.tm_mon + 1),
+                           chr::day(tm.tm_mday))
+           .ok()) {
+    return std::nullopt;
+  }
   std::int64_t ms = 0;
   std::int64_t offset_s = 0;
   if (s.size() > 10) {

@@ -171,9 +171,7 @@ struct WebhookClient::Impl {
     error_code ignored;
     s.socket().set_option(tcp::no_delay(true), ignored);
     if (url.tls) {
-      error_code ip_ec;
-      asio::ip::make_address(url.host, ip_ec);
-      if (!llmproxy::http::set_tls_peer(tls->native_handle(), url.host, !ip_ec, true)) {
+      if (!llmproxy::http::set_tls_peer(tls->native_handle(), url.host, true)) {
         const unsigned long e = ::ERR_get_error();
         ::ERR_clear_error();
         const char* why = ::ERR_reason_error_string(e);
