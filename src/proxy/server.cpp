@@ -769,7 +769,10 @@ class ClientSession {
   // and reports an operation the deadline cut (its socket closed, as Beast's own timeouts do)
   // as beast::error::timeout.
   void arm(Clock::duration timeout, UpstreamConn* upstream = nullptr) {
-    deadline_ = Clock::now() + timeout;
+    arm_until(Clock::now() + timeout, upstream);
+  }
+  void arm_until(Clock::time_point deadline, UpstreamConn* upstream = nullptr) {
+    deadline_ = deadline;
     deadline_upstream_ = upstream;
   }
   error_code settle(error_code ec) {
@@ -1141,6 +1144,38 @@ ClientSession::Reply ClientSession::model_reply(std::string_view encoded_id,
                      keep_alive);
 }
 
+// Caps a buffer's size while it lives (reads into it then fail with buffer_overflow).
+class BufferBound {
+ public:
+  BufferBound(beast::flat_buffer& buffer, std::size_t limit)
+      : buffer_(buffer), previous_(buffer.max_size()) {
+    buffer_.max_size(limit);
+  }
+  ~BufferBound() { buffer_.max_size(previous_); }
+  BufferBound(const BufferBound&) = delete;
+  BufferBound& operator=(const BufferBound&) = delete;
+
+ private:
+  beast::flat_buffer& buffer_;
+  std::size_t previous_;
+};
+
+// Why a request's framing headers are refused (see handle_request), or empty.
+std::string_view framing_problem(const RequestParser::value_type& req) {
+  if (req.count(bhttp::field::transfer_encoding) != 0) {
+    if (req.version() < 11) return "Transfer-Encoding is not allowed in an HTTP/1.0 request.";
+    // The parser has taken the optional whitespace around the value off.
+    if (req.count(bhttp::field::transfer_encoding) != 1 ||
+        !iequals(req[bhttp::field::transfer_encoding], "chunked")) {
+      return "Unsupported Transfer-Encoding; use chunked alone, or Content-Length.";
+    }
+  }
+  if (req.version() >= 11 && req.count(bhttp::field::host) != 1) {
+    return "An HTTP/1.1 request needs exactly one Host header.";
+  }
+  return {};
+}
+
 // An error of Beast's HTTP parser that the client's bytes caused; the end of the stream before
 // the message's end is the client going away instead.
 bool client_protocol_error(error_code ec) {
@@ -1156,6 +1191,9 @@ asio::awaitable<bool> ClientSession::handle_request() {
   RequestParser parser;
   parser.header_limit(static_cast<std::uint32_t>(cfg.server.max_header_size));
   parser.body_limit(cfg.server.max_body_size);
+  // timeouts.client_header bounds the whole request, header and body, from its first bytes: a
+  // deadline re-armed per read would let a body trickled a byte at a time hold the connection.
+  const auto request_deadline = Clock::now() + cfg.timeouts.client_header;
 
   error_code hec;
   // The keep-alive wait has usually read the whole header: parsed here, with no operation.
@@ -1164,7 +1202,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
     if (hec == bhttp::error::need_more) hec = {};
   }
   if (!hec && !parser.is_header_done()) {
-    arm(cfg.timeouts.client_header);
+    arm_until(request_deadline);
     auto [rhec, hn] =
         co_await bhttp::async_read_header(stream_.socket(), buffer_, parser, use_nothrow);
     hec = settle(rhec);
@@ -1218,11 +1256,14 @@ asio::awaitable<bool> ClientSession::handle_request() {
     ctx.request_id = w_.ids.next();
   }
   bool keep_alive = req.keep_alive();
-  // A Transfer-Encoding that does not end in chunked leaves the body length undefined (RFC 9112
-  // 6.3): refuse it rather than guess, so no body can be read as a second request.
-  if (req.count(bhttp::field::transfer_encoding) != 0 && !parser.chunked()) {
-    reply_ = error_reply(http::errors::invalid_request,
-                         "Unsupported Transfer-Encoding; use chunked or Content-Length.", false);
+  // Framing the gateway does not take, refused before any body byte is read, with the connection
+  // closed after the answer (RFC 9112 6.1, 6.3), so that no body can be read as a second request:
+  // - a Transfer-Encoding other than chunked alone: with another coding before chunked
+  //   ("gzip, chunked") the body would be forwarded still coded, under a Content-Length;
+  // - Transfer-Encoding from an HTTP/1.0 client, which cannot send it;
+  // - an HTTP/1.1 request without exactly one Host (RFC 9112 3.2; nginx refuses it too).
+  if (std::string_view problem = framing_problem(req); !problem.empty()) {
+    reply_ = error_reply(http::errors::invalid_request, std::string(problem), false);
     co_return co_await send(ctx, reply_);
   }
   Route route = metrics::route_for_path(path);
@@ -1339,13 +1380,23 @@ asio::awaitable<bool> ClientSession::handle_request() {
   } else if (len) {
     req.body().reserve(*len + simdjson::SIMDJSON_PADDING);
   }
-  if (iequals(req[bhttp::field::expect], "100-continue") && !parser.is_done()) {
+  // An HTTP/1.0 client cannot take a 1xx answer: its expectation is ignored (RFC 9110 10.1.1).
+  if (req.version() >= 11 && iequals(req[bhttp::field::expect], "100-continue") &&
+      !parser.is_done()) {
     static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
-    arm(cfg.timeouts.client_header);
+    arm_until(request_deadline);
     auto [cec, cn] =
         co_await asio::async_write(stream_.socket(), asio::buffer(kContinue), use_nothrow);
     if (settle(cec)) co_return false;
   }
+  // A chunked body's trailer fields are appended to the header's by the parser: they are dropped
+  // below (RFC 9110 6.5.1), never forwarded or read as Authorization, X-User-Id and the like.
+  const auto header_fields =
+      parser.chunked() ? static_cast<std::size_t>(std::distance(req.begin(), req.end())) : 0;
+  // Bytes the parser cannot use yet are an unfinished chunk-size line or trailer section, which
+  // body_limit does not count: bounded like a header (Beast's read then fails with
+  // buffer_overflow), or a client could make the buffer grow without end.
+  const BufferBound bound(buffer_, buffer_.size() + cfg.server.max_header_size);
   while (!parser.is_done()) {
     // What the header's read brought is parsed here; a read only when that makes no progress.
     error_code bec;
@@ -1356,10 +1407,17 @@ asio::awaitable<bool> ClientSession::handle_request() {
       if (bec == bhttp::error::need_more) bec = {};
     }
     if (!bec && used == 0) {
-      arm(cfg.timeouts.client_header);
+      arm_until(request_deadline);
       auto [rbec, bn] =
           co_await bhttp::async_read_some(stream_.socket(), buffer_, parser, use_nothrow);
       bec = settle(rbec);
+    }
+    if (bec == bhttp::error::buffer_overflow) {
+      reply_ = error_reply(http::errors::invalid_request,
+                           "Malformed HTTP request body: a chunk-size line or the trailer section "
+                           "is longer than server.max_header_size.",
+                           false);
+      co_return co_await send(ctx, reply_);
     }
     if (bec == bhttp::error::body_limit) {
       {
@@ -1382,6 +1440,11 @@ asio::awaitable<bool> ClientSession::handle_request() {
       log(ctx);
       co_return false;
     }
+  }
+  if (parser.chunked()) {
+    auto field = req.begin();
+    std::advance(field, header_fields);
+    while (field != req.end()) field = req.erase(field);
   }
   ctx.bytes_in = req.body().size();
 

@@ -1,0 +1,145 @@
+// Request framing a client controls and the gateway must bound or refuse: chunk-size lines and
+// trailer sections that never end, trailer fields posing as headers, a body trickled a byte at a
+// time, transfer codings other than chunked alone, Host rules, and 100-continue for HTTP/1.0.
+import { test, before, after, afterEach, beforeEach } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  cleanup,
+  checkProcesses,
+  trackTest,
+  startBackend,
+  startGateway,
+  backendEntry,
+  connect,
+  rawExchange,
+  openAIError,
+  parseResponse,
+} from './lib/harness.mjs';
+
+let backend;
+let gw;
+
+before(async () => {
+  backend = await startBackend('fr');
+  gw = await startGateway({
+    server: { max_header_size: '4KiB' },
+    timeouts: { client_header: '1s' },
+    backends: [backendEntry(backend, { name: 'fr' })],
+  });
+});
+beforeEach(trackTest);
+afterEach(checkProcesses);
+after(cleanup);
+
+const BODY = '{"model":"m1","messages":[]}';
+
+function head(lines, version = '1.1') {
+  return Buffer.from(`POST /v1/chat/completions HTTP/${version}\r\n${lines.map((l) => l + '\r\n').join('')}\r\n`, 'latin1');
+}
+
+function assertRefused(res, what) {
+  assert.equal(res.status, 400, `${what}: status ${res.status} ${res.body.toString().slice(0, 200)}`);
+  assert.equal(openAIError(res).code, 'invalid_request', what);
+  assert.equal(res.headers.connection?.[0]?.toLowerCase(), 'close', `${what}: the connection is closed after the answer`);
+}
+
+test('a chunk-size line, chunk extension or trailer section that never ends gets 400 past max_header_size', { timeout: 60_000 }, async () => {
+  const endless = Buffer.alloc(1024 * 1024, 'a');
+  const zeros = Buffer.alloc(1024 * 1024, '0');
+  const cases = [
+    ['a chunk extension', Buffer.concat([Buffer.from('5;'), endless])],
+    ['a trailer field', Buffer.concat([Buffer.from('0\r\nX-T: '), endless])],
+    ['a chunk-size line', zeros],
+  ];
+  const seen = backend.apiRequests.length;
+  for (const [what, body] of cases) {
+    const bytes = Buffer.concat([head(['Host: x', 'Content-Type: application/json', 'Transfer-Encoding: chunked']), body]);
+    const res = await rawExchange(gw.port, bytes);
+    assertRefused(res, what);
+    assert.match(openAIError(res).message, /longer than server\.max_header_size/, what);
+  }
+  assert.equal(backend.apiRequests.length, seen, 'nothing reached the backend');
+});
+
+test('trailer fields are dropped, not forwarded as headers or read as the caller', { timeout: 30_000 }, async () => {
+  const hexLen = Buffer.byteLength(BODY).toString(16);
+  const bytes = Buffer.concat([
+    head(['Host: x', 'Content-Type: application/json', 'Transfer-Encoding: chunked', 'Connection: close']),
+    Buffer.from(`${hexLen}\r\n${BODY}\r\n0\r\nAuthorization: Bearer sk-smuggled\r\nX-User-Id: mallory\r\nX-Forwarded-For: 6.6.6.6\r\nX-Trailer: t\r\n\r\n`, 'latin1'),
+  ]);
+  const res = await rawExchange(gw.port, bytes);
+  assert.equal(res.status, 200, res.body.toString().slice(0, 200));
+  const got = backend.apiRequests.at(-1);
+  assert.equal(got.body.toString(), BODY);
+  assert.equal(got.headers.authorization, undefined, 'a trailer became Authorization');
+  assert.equal(got.headers['x-user-id'], undefined, 'a trailer became X-User-Id');
+  assert.equal(got.headers['x-trailer'], undefined);
+  assert.equal(got.headers['x-forwarded-for'], '127.0.0.1');
+});
+
+test('timeouts.client_header bounds the body as a whole: a body trickled byte by byte is cut', { timeout: 30_000 }, async () => {
+  // 1 byte every 100 ms: each read comes well within the 1 s deadline, the whole body does not.
+  const socket = await connect(gw.port);
+  const seen = backend.apiRequests.length;
+  let received = Buffer.alloc(0);
+  socket.on('data', (d) => (received = Buffer.concat([received, d])));
+  const closed = new Promise((resolve) => socket.once('close', resolve));
+  socket.write(head(['Host: x', 'Content-Type: application/json', `Content-Length: ${BODY.length}`]));
+  let sent = 0;
+  let isClosed = false;
+  closed.then(() => (isClosed = true));
+  while (sent < BODY.length && !isClosed && !socket.destroyed) {
+    await new Promise((r) => setTimeout(r, 100));
+    if (isClosed) break;
+    socket.write(BODY[sent++]);
+  }
+  if (!isClosed) socket.destroy();  // the whole body went out: the assertion below fails
+  await closed;
+  assert.ok(sent < BODY.length, `the gateway waited for all ${BODY.length} trickled bytes`);
+  assert.equal(parseResponse(received, true)?.status ?? null, null, `answered: ${received.toString().slice(0, 100)}`);
+  assert.equal(backend.apiRequests.length, seen, 'the partial request reached the backend');
+});
+
+test('refused framing: a coding besides chunked, Transfer-Encoding in HTTP/1.0, no or two Host headers', { timeout: 30_000 }, async () => {
+  const hexLen = Buffer.byteLength(BODY).toString(16);
+  const chunked = Buffer.from(`${hexLen}\r\n${BODY}\r\n0\r\n\r\n`);
+  const plain = Buffer.from(BODY);
+  const seen = backend.apiRequests.length;
+  const cases = [
+    ['gzip, chunked', head(['Host: x', 'Transfer-Encoding: gzip, chunked']), chunked],
+    ['chunked, chunked', head(['Host: x', 'Transfer-Encoding: chunked, chunked']), chunked],
+    ['HTTP/1.0 with Transfer-Encoding', head(['Host: x', 'Connection: keep-alive', 'Transfer-Encoding: chunked'], '1.0'), chunked],
+    ['HTTP/1.1 without Host', head([`Content-Length: ${plain.length}`]), plain],
+    ['HTTP/1.1 with two Host headers', head(['Host: a', 'Host: b', `Content-Length: ${plain.length}`]), plain],
+  ];
+  for (const [what, h, body] of cases) {
+    // A second request right behind: it must not be read from the refused one's connection.
+    const next = Buffer.from('GET /health HTTP/1.1\r\nHost: x\r\n\r\n');
+    const res = await rawExchange(gw.port, Buffer.concat([h, body, next]));
+    assertRefused(res, what);
+  }
+  assert.equal(backend.apiRequests.length, seen, 'a refused request reached the backend');
+  // HTTP/1.0 needs no Host.
+  const ok = await rawExchange(gw.port, Buffer.concat([head([`Content-Length: ${plain.length}`], '1.0'), plain]));
+  assert.equal(ok.status, 200, ok.body.toString().slice(0, 200));
+});
+
+test('an HTTP/1.0 client sending Expect: 100-continue gets no interim 100 answer', { timeout: 30_000 }, async () => {
+  const socket = await connect(gw.port);
+  let received = Buffer.alloc(0);
+  const firstBytes = new Promise((resolve) => socket.on('data', (d) => {
+    received = Buffer.concat([received, d]);
+    resolve();
+  }));
+  const closed = new Promise((resolve) => socket.once('close', resolve));
+  socket.write(head(['Host: x', 'Expect: 100-continue', `Content-Length: ${BODY.length}`], '1.0'));
+  // A 1.1 client would get "100 Continue" at once; within 300 ms nothing may come for 1.0 (a
+  // bound for a negative check, not a synchronisation).
+  const early = await Promise.race([firstBytes.then(() => true), new Promise((r) => setTimeout(() => r(false), 300))]);
+  assert.equal(early, false, `answered before the body: ${received.toString().slice(0, 60)}`);
+  socket.write(BODY);
+  await closed;
+  const res = parseResponse(received, true);
+  assert.equal(res?.status, 200, received.toString().slice(0, 200));
+  assert.ok(received.toString('latin1').startsWith('HTTP/1.1 200 '), received.toString().slice(0, 60));
+});
