@@ -4,10 +4,16 @@
 // usage_log.h for the threading and durability model.
 #include "usage/usage_log.h"
 
+#include <fcntl.h>
 #include <sqlite3.h>
+#include <sys/file.h>
+#include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <system_error>
+#include <utility>
 
 namespace llmproxy::usage {
 
@@ -197,6 +203,50 @@ class Transaction {
 };
 }  // namespace
 
+LogLock::LogLock(const std::string& log_path) {
+  const std::string lock_path = log_path + ".lock";
+  fd_ = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd_ < 0) {
+    throw std::runtime_error("usage log " + log_path + ": cannot open " + lock_path + ": " +
+                             std::strerror(errno));
+  }
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    char holder[32] = {};
+    const ssize_t n = ::pread(fd_, holder, sizeof holder - 1, 0);
+    std::string pid(holder, n > 0 ? static_cast<std::size_t>(n) : 0);
+    while (!pid.empty() && (pid.back() == '\n' || pid.back() == ' ')) pid.pop_back();
+    ::close(fd_);
+    fd_ = -1;
+    if (err == EWOULDBLOCK) {
+      throw std::runtime_error("usage log " + log_path + " is in use by another gateway process" +
+                               (pid.empty() ? std::string() : " (pid " + pid + ")") +
+                               ": each gateway needs its own usage.log_path");
+    }
+    throw std::runtime_error("usage log " + log_path + ": cannot lock " + lock_path + ": " +
+                             std::strerror(err));
+  }
+  // The holder's pid, for the message above; the lock itself is the flock, not the content.
+  const std::string pid = std::to_string(::getpid()) + "\n";
+  if (::ftruncate(fd_, 0) == 0) {
+    [[maybe_unused]] ssize_t written = ::pwrite(fd_, pid.data(), pid.size(), 0);
+  }
+}
+
+LogLock::~LogLock() {
+  if (fd_ >= 0) ::close(fd_);  // releases the flock
+}
+
+LogLock::LogLock(LogLock&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+
+LogLock& LogLock::operator=(LogLock&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = std::exchange(other.fd_, -1);
+  }
+  return *this;
+}
+
 UsageLog::UsageLog(Mode mode, const std::string& path, bool create_schema) {
   int flags = SQLITE_OPEN_NOMUTEX;  // one thread at a time, by mu_
   std::string name = path;
@@ -223,6 +273,7 @@ UsageLog::UsageLog(Mode mode, const std::string& path, bool create_schema) {
         }
       }
       flags |= SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE;
+      if (create_schema) lock_ = LogLock(path);
     }
   }
   int rc = sqlite3_open_v2(name.c_str(), &db_, flags, nullptr);

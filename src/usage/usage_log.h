@@ -92,12 +92,29 @@ struct DeadLetterRow {
   std::string body;  // what was POSTed
 };
 
+// An exclusive flock(2) on "<log path>.lock", held while the object lives: one gateway process
+// per usage log. Two would each keep their own head and sink cursors in memory and deliver each
+// other's records again. The kernel drops the lock when the process dies (kill -9 included).
+class LogLock {
+ public:
+  LogLock() = default;
+  // Throws std::runtime_error naming the holder's pid when another process has the lock.
+  explicit LogLock(const std::string& log_path);
+  ~LogLock();
+  LogLock(LogLock&& other) noexcept;
+  LogLock& operator=(LogLock&& other) noexcept;
+
+ private:
+  int fd_ = -1;
+};
+
 class UsageLog {
  public:
   enum class Mode { disk, memory, read_only };
 
   // disk: creates parent directories and the file, sets WAL; `create_schema` creates the tables
-  // (the first connection of a process does it, the others only attach). memory: `path` is
+  // and takes the process's LogLock (the first connection of a process does it, the others only
+  // attach). memory: `path` is
   // ignored. read_only: the file must exist; nothing is created. Throws SqliteError or
   // std::runtime_error with the path in the message.
   UsageLog(Mode mode, const std::string& path, bool create_schema = true);
@@ -163,6 +180,7 @@ class UsageLog {
     std::string meta;
   };
 
+  LogLock lock_;  // disk, first connection of the process only
   std::mutex mu_;
   sqlite3* db_ = nullptr;
   std::string path_;

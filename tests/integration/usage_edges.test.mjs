@@ -16,6 +16,10 @@ import {
   openStream,
   restartGateway,
   sseData,
+  runGatewayCli,
+  writeTempFile,
+  gatewayConfig,
+  toYaml,
 } from './lib/harness.mjs';
 import { startUsageGateway } from './lib/usage.mjs';
 
@@ -124,4 +128,16 @@ test('a non-stream body over usage.max_response_copy is billed from its usage, w
     assert.equal(rec.prompt_tokens, usage.prompt_tokens, id);
     assert.equal(rec.completion_tokens, usage.completion_tokens, id);
   }
+});
+
+test('a second gateway on the same usage log refuses to start; the first keeps metering', { timeout: 30_000 }, async () => {
+  const gw = await startUsageGateway({ mock, receiver });
+  const other = toYaml(gatewayConfig({ backends: [backendEntry(mock, { name: 'mk' })], usage: { log_path: gw.config.usage.log_path } }));
+  const r = runGatewayCli(['--config', writeTempFile('second.yaml', other)]);
+  assert.notEqual(r.status, 0, 'the second gateway ran');
+  assert.doesNotMatch(r.stdout, /listening on/);
+  assert.match(r.stderr, new RegExp(`is in use by another gateway process \\(pid ${gw.pid}\\)`), r.stderr);
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': 'edge-lock' } });
+  assert.equal(res.status, 200);
+  await receiver.waitFor((h) => h.records.some((rec) => rec.client_request_id === 'edge-lock'), 15_000, 'the first gateway\'s record');
 });

@@ -421,6 +421,34 @@ TEST(UsageLog, HeadOutlivesDeletedRecords) {
   EXPECT_EQ(append_some(log, 1), 10);
 }
 
+// One gateway per log: a second writer is refused before it touches the file, naming the
+// holder; the lock goes with the first (here its object; in production its process, kill -9
+// included), and read-only readers (the ledger) and the writer's own sink connections need none.
+TEST(UsageLog, ASecondWriterIsRefusedWhileTheFirstHoldsTheLog) {
+  TempDir dir;
+  const std::string path = dir.file("usage.db");
+  {
+    UsageLog first(UsageLog::Mode::disk, path, true);
+    EXPECT_EQ(append_some(first, 2), 2);
+    try {
+      UsageLog second(UsageLog::Mode::disk, path, true);
+      ADD_FAILURE() << "a second writer opened the log";
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find("is in use by another gateway process (pid " +
+                                           std::to_string(::getpid()) + ")"),
+                std::string::npos)
+          << e.what();
+    }
+    UsageLog sink_connection(UsageLog::Mode::disk, path, false);
+    EXPECT_EQ(sink_connection.head(), 2);
+    UsageLog reader(UsageLog::Mode::read_only, path, false);
+    EXPECT_EQ(reader.count_records(), 2);
+    EXPECT_EQ(append_some(first, 1), 3);
+  }
+  UsageLog next(UsageLog::Mode::disk, path, true);
+  EXPECT_EQ(append_some(next, 1), 4);
+}
+
 // A version-2 file (its head stored by every commit) is used as it is, and marked version 3 so
 // that a version-2 build, which would take the head from log_head alone, refuses it.
 TEST(UsageLog, OpensAVersion2LogAndVersion2BuildsRefuseTheResult) {
