@@ -702,7 +702,9 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       s.consecutive_failures = 0;
       ++s.dead_unreported;
       auto now = Clock::now();
-      if (s.dead_unreported == 1 || now - s.last_dead_report >= kLogEvery) {
+      // The first rejection, then at most one report per kLogEvery: a receiver that rejects
+      // everything (a wrong secret: 401) must not log a line per request.
+      if (s.last_dead_report == Clock::time_point{} || now - s.last_dead_report >= kLogEvery) {
         log::line("error",
                   "usage sink {}: receiver rejected {} record{} with HTTP {} (first {}); stored "
                   "as dead letter, not retried ({} rejected POSTs since the last report)",

@@ -198,6 +198,9 @@ test('4xx answers (400, 404, 422) are dead letters: never retried, listed by `ll
   });
   assert.equal(metricSum(text, 'llmproxy_usage_sink_records_total', { result: 'dead_letter' }), 3, text);
   assert.equal(metricSum(text, 'llmproxy_webhook_failure_total'), 3, text);
+  // Reported once, not once per rejected POST: the next report is due kLogEvery (10 s) later.
+  const reports = gw.stderr.match(/receiver rejected/g) ?? [];
+  assert.equal(reports.length, 1, gw.stderr);
 });
 
 test('408, 429 and 5xx answers are retried until a 2xx', { timeout: 60_000 }, async () => {
