@@ -300,17 +300,14 @@ UsageLog::UsageLog(Mode mode, const std::string& path, bool create_schema) {
       }
       exec("PRAGMA synchronous=NORMAL");
     }
+    if (mode == Mode::read_only) {
+      // Reading is the first access to the file: a reader learns here that it cannot read it,
+      // or that a newer gateway wrote it, before it reports totals it does not understand.
+      refuse_newer_schema(read_only_user_version());
+    }
     if (mode != Mode::read_only && create_schema) {
-      sqlite3_stmt* s = nullptr;
-      rc = sqlite3_prepare_v2(db_, "PRAGMA user_version", -1, &s, nullptr);
-      if (rc != SQLITE_OK) fail(rc, "read schema version");
-      int version = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int(s, 0) : 0;
-      sqlite3_finalize(s);
-      if (version > kSchemaVersion) {
-        throw std::runtime_error("usage log " + path_ + ": schema version " +
-                                 std::to_string(version) + " is newer than this build's (" +
-                                 std::to_string(kSchemaVersion) + ")");
-      }
+      const int version = user_version();
+      refuse_newer_schema(version);
       exec("BEGIN IMMEDIATE");
       try {
         if (version == 1) migrate_v1();
@@ -328,6 +325,37 @@ UsageLog::UsageLog(Mode mode, const std::string& path, bool create_schema) {
     sqlite3_close_v2(db_);
     db_ = nullptr;
     throw;
+  }
+}
+
+int UsageLog::user_version() {
+  sqlite3_stmt* s = nullptr;
+  int rc = sqlite3_prepare_v2(db_, "PRAGMA user_version", -1, &s, nullptr);
+  if (rc != SQLITE_OK) fail(rc, "read schema version");
+  rc = sqlite3_step(s);
+  const int version = rc == SQLITE_ROW ? sqlite3_column_int(s, 0) : 0;
+  sqlite3_finalize(s);
+  if (rc != SQLITE_ROW) fail(rc, "read schema version");
+  return version;
+}
+
+int UsageLog::read_only_user_version() {
+  try {
+    return user_version();
+  } catch (const SqliteError& e) {
+    if ((e.code() & 0xff) != SQLITE_CANTOPEN) throw;
+    // A WAL-mode file is read through its -shm index, which a reader creates beside it.
+    throw SqliteError(e.code(), std::string(e.what()) +
+                                    " (reading a usage log needs its directory writable, or "
+                                    "its -shm file present, as SQLite's WAL mode requires)");
+  }
+}
+
+void UsageLog::refuse_newer_schema(int version) const {
+  if (version > kSchemaVersion) {
+    throw std::runtime_error("usage log " + path_ + ": schema version " + std::to_string(version) +
+                             " is newer than this build's (" + std::to_string(kSchemaVersion) +
+                             "): use the gateway that wrote it");
   }
 }
 

@@ -172,6 +172,9 @@ class UsageLog {
   void insert_batch(std::int64_t first, std::int64_t last, std::int64_t min_ts, std::int64_t max_ts,
                     std::string_view text, std::string_view meta);
   void migrate_v1();
+  int user_version();
+  int read_only_user_version();  // user_version(), its open errors explained
+  void refuse_newer_schema(int version) const;
 
   struct CachedBatch {
     std::int64_t first_seq = 0;

@@ -206,7 +206,25 @@ TEST(UsageLedger, MissingOrForeignFileIsAClearError) {
     std::fputs("hello, not a database", f);
     std::fclose(f);
   }
-  EXPECT_THROW(Ledger(dir.file("text.db")), std::runtime_error);
+  try {
+    Ledger ledger(dir.file("text.db"));
+    FAIL();
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("file is not a database"), std::string::npos) << e.what();
+  }
+  {
+    // A log a newer gateway wrote: its totals could mean something else, so it is not read.
+    { UsageLog log(UsageLog::Mode::disk, dir.file("newer.db"), true); }
+    testing::Db(dir.file("newer.db")).exec("PRAGMA user_version=9");
+    try {
+      Ledger ledger(dir.file("newer.db"));
+      FAIL();
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find("schema version 9 is newer than this build's"),
+                std::string::npos)
+          << e.what();
+    }
+  }
   {
     testing::Db other(dir.file("other.db"), true);  // a valid SQLite file without our tables
     other.exec("CREATE TABLE t(x)");
