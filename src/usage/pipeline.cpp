@@ -156,6 +156,7 @@ class Sink {
   Clock::time_point last_report{};
   Clock::time_point last_dead_report{};
   std::uint64_t dead_unreported = 0;
+  Clock::time_point last_read_report{};
 };
 
 struct Pipeline::Impl {
@@ -597,8 +598,24 @@ void Pipeline::Impl::sink_loop(Sink& s) {
         }
       } catch (const std::exception& e) {
         batch.clear();
-        log::line("error", "usage sink {}: cannot read the log: {}", s.cfg.name, e.what());
-        if (!pause(Clock::now() + milliseconds(500))) break;
+        // Retried every 500 ms (a lock held by someone else passes), reported at most once per
+        // kLogEvery. A damaged file does not heal: delivery waits at the damage, every record
+        // kept, until an operator repairs or replaces the file (LLMProxyUsageSinkStalled fires).
+        auto now = Clock::now();
+        if (s.last_read_report == Clock::time_point{} || now - s.last_read_report >= kLogEvery) {
+          const auto* se = dynamic_cast<const SqliteError*>(&e);
+          if (se != nullptr && se->damaged()) {
+            log::line("error",
+                      "usage sink {}: the usage log file is damaged: the records after seq {} "
+                      "cannot be read, and this sink's delivery waits there until the file is "
+                      "repaired or replaced: {}",
+                      s.cfg.name, s.cursor.load(), e.what());
+          } else {
+            log::line("error", "usage sink {}: cannot read the log: {}", s.cfg.name, e.what());
+          }
+          s.last_read_report = now;
+        }
+        if (!pause(now + milliseconds(500))) break;
         continue;
       }
       body.clear();

@@ -151,6 +151,11 @@ bool SqliteError::busy() const noexcept {
   return primary == SQLITE_BUSY || primary == SQLITE_LOCKED;
 }
 
+bool SqliteError::damaged() const noexcept {
+  int primary = code_ & 0xff;
+  return primary == SQLITE_CORRUPT || primary == SQLITE_NOTADB;
+}
+
 // A cached prepared statement (finalized with the connection).
 struct UsageLog::Statement {
   sqlite3_stmt* s = nullptr;

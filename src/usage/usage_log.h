@@ -42,7 +42,8 @@ class SqliteError : public std::runtime_error {
  public:
   SqliteError(int code, const std::string& what) : std::runtime_error(what), code_(code) {}
   int code() const noexcept { return code_; }
-  bool busy() const noexcept;  // SQLITE_BUSY or SQLITE_LOCKED: retry later
+  bool busy() const noexcept;     // SQLITE_BUSY or SQLITE_LOCKED: retry later
+  bool damaged() const noexcept;  // SQLITE_CORRUPT or SQLITE_NOTADB: the file is damaged
  private:
   int code_;
 };

@@ -3,6 +3,8 @@
 // the backend sends with Content-Length loses the injected usage chunk like a chunked one.
 import { test, before, after, afterEach, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import crypto from 'node:crypto';
 import {
   cleanup,
   checkProcesses,
@@ -20,8 +22,9 @@ import {
   writeTempFile,
   gatewayConfig,
   toYaml,
+  waitUntil,
 } from './lib/harness.mjs';
-import { startUsageGateway } from './lib/usage.mjs';
+import { startUsageGateway, mapLimit } from './lib/usage.mjs';
 
 let mock;
 let receiver;
@@ -140,4 +143,37 @@ test('a second gateway on the same usage log refuses to start; the first keeps m
   const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': 'edge-lock' } });
   assert.equal(res.status, 200);
   await receiver.waitFor((h) => h.records.some((rec) => rec.client_request_id === 'edge-lock'), 15_000, 'the first gateway\'s record');
+});
+
+test('a damaged usage log: the sink delivers up to the damage, then says the file is damaged and where', { timeout: 60_000 }, async () => {
+  // Records logged with no sink, the gateway stopped cleanly (the WAL is folded into the file).
+  const first = await startUsageGateway({ mock });
+  const logPath = first.config.usage.log_path;
+  await mapLimit([...Array(1500).keys()], 16, async (i) => {
+    const res = await postJson(first.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': `dmg-${i}` } });
+    assert.equal(res.status, 200);
+  });
+  first.signal('SIGTERM');
+  assert.equal((await first.waitExit(20_000)).code, 0);
+  assert.ok(!fs.existsSync(`${logPath}-wal`), 'the WAL was checkpointed at exit');
+  const pages = fs.statSync(logPath).size / 4096;
+  assert.ok(pages > 120, `a log of ${pages} pages`);
+  // Random bytes over pages 60-89: records in the middle of the log.
+  const fd = fs.openSync(logPath, 'r+');
+  fs.writeSync(fd, crypto.randomBytes(30 * 4096), 0, 30 * 4096, 60 * 4096);
+  fs.closeSync(fd);
+
+  // A sink that replays the log from its start reaches the damage.
+  const hook = await startWebhook({ name: 'damaged' });
+  const gw = await startUsageGateway({ mock, receiver: hook, hook: { replay: true }, usage: { log_path: logPath } });
+  await waitUntil(() => /the usage log file is damaged/.test(gw.stderr), { timeout: 20_000, what: 'the damage reported' });
+  const m = /usage sink usage_hook: the usage log file is damaged: the records after seq (\d+) cannot be read/.exec(gw.stderr);
+  assert.ok(m, gw.stderr.slice(-2000));
+  const stuckAt = Number(m[1]);
+  assert.ok(stuckAt > 0 && stuckAt < 1500, `stuck after seq ${stuckAt}`);
+  // Every record before the damage was delivered, exactly the ones up to that seq.
+  await hook.waitFor((h) => h.records.length >= stuckAt, 15_000, `the ${stuckAt} records before the damage`);
+  assert.equal(new Set(hook.records.map((r) => r.request_id)).size, stuckAt);
+  // The gateway goes on serving (and logging) meanwhile.
+  assert.equal((await postJson(gw.url, '/v1/chat/completions', chatBody('m1'))).status, 200);
 });
