@@ -5,11 +5,10 @@
 namespace llmproxy::llm {
 namespace {
 
+// A count, or -1 when the value is not one: not an integer, negative, or above kMaxTokenCount.
 std::int64_t int_field(simdjson::dom::object obj, std::string_view key) {
   std::int64_t v;
-  if (obj[key].get_int64().get(v) == simdjson::SUCCESS && v >= 0) return v;
-  std::uint64_t u;
-  if (obj[key].get_uint64().get(u) == simdjson::SUCCESS) return static_cast<std::int64_t>(u);
+  if (obj[key].get_int64().get(v) == simdjson::SUCCESS && v >= 0 && v <= kMaxTokenCount) return v;
   return -1;
 }
 
@@ -241,7 +240,8 @@ class FlatUsageReader {
     ++i_;
     return true;
   }
-  // null (-1) or an unsigned integer of at most 18 digits (fits int64 without care).
+  // null (-1) or an unsigned integer of at most 18 digits (fits int64 without care); one above
+  // kMaxTokenCount is -1, as int_field() reads it.
   bool scalar(std::int64_t& v) {
     skip_space();
     if (s_.substr(i_, 4) == "null") {
@@ -256,6 +256,7 @@ class FlatUsageReader {
     if (i_ < s_.size() && (s_[i_] == '.' || s_[i_] == 'e' || s_[i_] == 'E')) return false;
     v = 0;
     for (std::size_t k = start; k < i_; ++k) v = v * 10 + (s_[k] - '0');
+    if (v > kMaxTokenCount) v = -1;
     return true;
   }
   // depth 0: the usage object; depth 1: a details object (`d`, or null when not one we read).

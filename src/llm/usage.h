@@ -20,6 +20,11 @@
 
 namespace llmproxy::llm {
 
+// The largest count taken from a backend: 2^53, the largest integer a JavaScript receiver of the
+// record holds exactly (no model has such a context). A larger one is read as not reported, as a
+// negative or fractional one is, so that no sum of counts can overflow.
+inline constexpr std::int64_t kMaxTokenCount = std::int64_t{1} << 53;
+
 struct Usage {
   std::int64_t prompt_tokens = -1;  // -1: not reported
   std::int64_t completion_tokens = -1;

@@ -198,6 +198,29 @@ TEST(Usage, TotalIsFilledWhenLeftOut) {
   EXPECT_EQ(u.total_tokens, 10);
 }
 
+TEST(Usage, CountsAbove2To53AreNotReported) {
+  // Two counts of 2^62 once summed to a negative total (signed overflow); 2^64-1 read negative.
+  EXPECT_FALSE(
+      from_body(
+          R"({"usage":{"prompt_tokens":4611686018427387904,"completion_tokens":4611686018427387904}})")
+          .reported());
+  auto u = from_body(
+      R"({"usage":{"prompt_tokens":9007199254740992,"completion_tokens":9007199254740993,)"
+      R"("total_tokens":18446744073709551615,"prompt_tokens_details":{"cached_tokens":1e300}}})");
+  EXPECT_EQ(u.prompt_tokens, kMaxTokenCount);
+  EXPECT_EQ(u.completion_tokens, -1);
+  EXPECT_EQ(u.cached_tokens, -1);
+  // The text reader takes up to 18 digits: past 2^53 it must read them as simdjson's path does.
+  const std::string o = R"({"prompt_tokens":100000000000000000,"completion_tokens":3,)"
+                        R"("completion_tokens_details":{"reasoning_tokens":9007199254740993}})";
+  const TextRead t = text_read(o);
+  ASSERT_TRUE(t.reported.has_value());
+  EXPECT_EQ(t.usage.prompt_tokens, -1);
+  EXPECT_EQ(t.usage.completion_tokens, 3);
+  EXPECT_EQ(t.usage.reasoning_tokens, -1);
+  expect_same_as_simdjson(o);
+}
+
 TEST(Usage, ResponsesApiNames) {
   auto u = from_body(
       R"({"type":"response.completed","response":{"id":"r","usage":{"input_tokens":11,"output_tokens":7,)"
