@@ -12,12 +12,12 @@ std::int64_t int_field(simdjson::dom::object obj, std::string_view key) {
   return -1;
 }
 
-// Stores a report that names any token count, with the total filled in when left out.
+// Stores a report that names any token count, with the total filled in when left out. A missing
+// count is not 0 (the record estimates it): the total of a report that lacks one stays unknown.
 bool accept(Usage r, Usage& out) {
   if (!r.reported()) return false;
-  if (r.total_tokens < 0) {
-    r.total_tokens = (r.prompt_tokens > 0 ? r.prompt_tokens : 0) +
-                     (r.completion_tokens > 0 ? r.completion_tokens : 0);
+  if (r.total_tokens < 0 && r.prompt_tokens >= 0 && r.completion_tokens >= 0) {
+    r.total_tokens = r.prompt_tokens + r.completion_tokens;
   }
   out = r;
   return true;
@@ -106,6 +106,14 @@ bool read_usage(simdjson::dom::element object, Usage& out) {
     return accept(r, out);
   }
   return false;
+}
+
+bool complete_usage(Usage& u, std::int64_t prompt_estimate, std::int64_t completion_estimate) {
+  const bool estimated = u.prompt_tokens < 0 || u.completion_tokens < 0;
+  if (u.prompt_tokens < 0) u.prompt_tokens = prompt_estimate;
+  if (u.completion_tokens < 0) u.completion_tokens = completion_estimate;
+  u.total_tokens = u.prompt_tokens + u.completion_tokens;  // both at most 2^53: no overflow
+  return estimated;
 }
 
 bool is_usage_only_chunk(simdjson::dom::element object) {

@@ -35,9 +35,15 @@ struct Usage {
 };
 
 // Reads usage from one parsed JSON object (a body or one event's data). Returns true when the
-// object carries a non-null usage report; `out` is then replaced by it (total filled in when
-// the backend left it out).
+// object carries a non-null usage report; `out` is then replaced by it (the total filled in when
+// the backend left it out and reported both counts).
 bool read_usage(simdjson::dom::element object, Usage& out);
+
+// The counts a record bills for a backend's report: a count it left out (or wrote as something
+// that is not a count) takes its estimate, and the total is always the sum of the two counts,
+// whatever total the backend wrote. Returns true when a count was estimated: the record's numbers
+// are then not the backend's own.
+bool complete_usage(Usage& u, std::int64_t prompt_estimate, std::int64_t completion_estimate);
 
 // Follows one stream: feed every event's data in order. Only events whose bytes can hold usage
 // are parsed as JSON; the others cost one substring search. Not thread-safe (one per stream).

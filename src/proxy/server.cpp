@@ -1639,10 +1639,12 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
   const std::int64_t completion_estimate =
       ctx.endpoint == llm::Endpoint::embeddings ? 0 : content.tokens();
   if (reported) {
-    // A report with one count missing: the other from the estimate (embeddings: 0 completion).
-    if (u.prompt_tokens < 0) u.prompt_tokens = prompt_estimate;
-    if (u.completion_tokens < 0) u.completion_tokens = completion_estimate;
-    if (u.total_tokens < 0) u.total_tokens = u.prompt_tokens + u.completion_tokens;
+    // Embeddings generate nothing: their missing completion count is a known 0, not an estimate.
+    if (ctx.endpoint == llm::Endpoint::embeddings && u.completion_tokens < 0) {
+      u.completion_tokens = 0;
+    }
+    // A report with a count missing: that count from the estimate, and the record says so.
+    ctx.estimated = llm::complete_usage(u, prompt_estimate, completion_estimate);
     ctx.usage = u;
     return;
   }

@@ -221,6 +221,40 @@ TEST(Usage, CountsAbove2To53AreNotReported) {
   expect_same_as_simdjson(o);
 }
 
+TEST(Usage, BilledTotalIsTheSumOfTheBilledCounts) {
+  // Reports as QA's fake upstream sent them, in a body and in a stream's usage chunk, billed with
+  // estimates of 9 prompt and 1 completion tokens: the total must be the sum of what is billed,
+  // and a count taken from the estimate must make the record "estimated".
+  struct Case {
+    std::string usage;
+    std::int64_t prompt, completion, total;
+    bool estimated;
+  };
+  const std::vector<Case> cases = {
+      {R"({"completion_tokens":3})", 9, 3, 12, true},
+      {R"({"prompt_tokens":-10,"completion_tokens":3,"total_tokens":3})", 9, 3, 12, true},
+      {R"({"prompt_tokens":"10","completion_tokens":3,"total_tokens":13})", 9, 3, 12, true},
+      {R"({"prompt_tokens":10.0,"completion_tokens":3,"total_tokens":13})", 9, 3, 12, true},
+      {R"({"prompt_tokens":9223372036854775808,"completion_tokens":3,"total_tokens":13})", 9, 3, 12,
+       true},
+      {R"({"prompt_tokens":10,"completion_tokens":-3,"total_tokens":7})", 10, 1, 11, true},
+      {R"({"prompt_tokens":10,"completion_tokens":3,"total_tokens":20})", 10, 3, 13, false},
+      {R"({"prompt_tokens":10,"completion_tokens":3})", 10, 3, 13, false},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.usage);
+    const Usage from_stream =
+        track("data: {\"choices\":[],\"usage\":" + c.usage + "}\n\ndata: [DONE]\n\n").usage();
+    for (Usage u : {from_body("{\"usage\":" + c.usage + "}"), from_stream}) {
+      ASSERT_TRUE(u.reported());
+      EXPECT_EQ(complete_usage(u, 9, 1), c.estimated);
+      EXPECT_EQ(u.prompt_tokens, c.prompt);
+      EXPECT_EQ(u.completion_tokens, c.completion);
+      EXPECT_EQ(u.total_tokens, c.total);
+    }
+  }
+}
+
 TEST(Usage, ResponsesApiNames) {
   auto u = from_body(
       R"({"type":"response.completed","response":{"id":"r","usage":{"input_tokens":11,"output_tokens":7,)"
