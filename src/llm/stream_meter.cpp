@@ -6,13 +6,7 @@ namespace {
 // A choice finished (`"finish_reason":"stop"`, not `null`): the stream is in its tail, where
 // only the usage chunk and [DONE] are still to come.
 bool has_finish_reason(std::string_view data) {
-  for (std::size_t pos = 0;
-       (pos = data.find("\"finish_reason\"", pos)) != std::string_view::npos;) {
-    pos += 15;
-    while (pos < data.size() && (data[pos] == ' ' || data[pos] == ':')) ++pos;
-    if (pos < data.size() && data[pos] == '"') return true;
-  }
-  return false;
+  return has_key_with_value_starting(data, "\"finish_reason\"", '"');
 }
 
 }  // namespace

@@ -61,6 +61,16 @@ bool json_space(char c) {
   return c == ' ' || c == '\n' || c == '\t' || c == '\r';
 }
 
+// Where the value starts of the key that ends at `pos`: past JSON whitespace, the colon and more
+// whitespace. npos when no colon follows (the quoted text was a string value, not a key).
+std::size_t value_start(std::string_view data, std::size_t pos) {
+  while (pos < data.size() && json_space(data[pos])) ++pos;
+  if (pos >= data.size() || data[pos] != ':') return std::string_view::npos;
+  ++pos;
+  while (pos < data.size() && json_space(data[pos])) ++pos;
+  return pos;
+}
+
 std::uint64_t count_content(std::string_view data, TextCount& text) {
   std::uint64_t n = 0;
   // "content", "text", "reasoning_content" and tool-call "arguments" string values, with or
@@ -71,12 +81,9 @@ std::uint64_t count_content(std::string_view data, TextCount& text) {
     std::size_t pos = 0;
     while ((pos = data.find(key, pos)) != std::string_view::npos) {
       pos += key.size();
-      while (pos < data.size() && json_space(data[pos])) ++pos;
-      if (pos >= data.size() || data[pos] != ':') continue;
-      ++pos;
-      while (pos < data.size() && json_space(data[pos])) ++pos;
-      if (pos >= data.size() || data[pos] != '"') continue;
-      ++pos;
+      const std::size_t value = value_start(data, pos);
+      if (value >= data.size() || data[value] != '"') continue;
+      pos = value + 1;
       std::size_t len = string_value_length(data, pos);
       n += len;
       text.add_json_escaped(data.substr(pos, len));
@@ -87,6 +94,15 @@ std::uint64_t count_content(std::string_view data, TextCount& text) {
 }
 
 }  // namespace
+
+bool has_key_with_value_starting(std::string_view data, std::string_view key, char first) {
+  for (std::size_t pos = 0; (pos = data.find(key, pos)) != std::string_view::npos;) {
+    pos += key.size();
+    const std::size_t value = value_start(data, pos);
+    if (value < data.size() && data[value] == first) return true;
+  }
+  return false;
+}
 
 bool read_usage(simdjson::dom::element object, Usage& out) {
   simdjson::dom::object obj;
@@ -135,16 +151,8 @@ bool StreamUsageTracker::on_event(std::string_view data) {
   content_chars_ += count_content(data, content_text_);
   // Cheap filter: only bytes that mention a usage report are parsed. `"usage":null` (on every
   // chunk once include_usage is set) carries nothing.
-  bool candidate = false;
-  for (std::size_t pos = 0; (pos = data.find("\"usage\"", pos)) != std::string_view::npos;) {
-    pos += 7;
-    while (pos < data.size() && (data[pos] == ' ' || data[pos] == ':')) ++pos;
-    if (pos < data.size() && data[pos] == '{') {
-      candidate = true;
-      break;
-    }
-  }
-  if (!candidate && data.find("\"details\"") != std::string_view::npos) candidate = true;
+  const bool candidate = has_key_with_value_starting(data, "\"usage\"", '{') ||
+                         data.find("\"details\"") != std::string_view::npos;
   if (!candidate) return false;
   scratch_.assign(data);
   scratch_.reserve(data.size() + simdjson::SIMDJSON_PADDING);

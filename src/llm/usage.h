@@ -92,6 +92,11 @@ std::optional<bool> read_usage_text(std::string_view object, Usage& out);
 bool read_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage& out,
                      TextCount& content);
 
+// Does `data` hold the quoted key `key` followed by a value that starts with `first`, with any
+// JSON whitespace around its colon (`"usage":\n{`: pretty-printed data joined from several
+// `data:` lines)? Found textually: a cheap filter before a parse, or a hint where none is needed.
+bool has_key_with_value_starting(std::string_view data, std::string_view key, char first);
+
 // Is this event the usage-only chunk that `stream_options.include_usage` adds (OpenAI, vLLM,
 // TGI): `choices` present and empty, `usage` non-null? A chunk with content or a finish_reason
 // is never one.

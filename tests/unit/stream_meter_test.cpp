@@ -84,6 +84,28 @@ TEST(StreamMeter, TwoSplitsEverywhereAndCrLf) {
   }
 }
 
+TEST(StreamMeter, AnyJsonWhitespaceAfterTheColonAtEverySplit) {
+  // Pretty-printed JSON sent as one `data:` line per line (joined with \n) or with tabs: the
+  // finish_reason must start the tail, and the usage chunk must be billed and removed.
+  const std::string finish =
+      "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"},"
+      "\"finish_reason\":\ndata: \"stop\"}],\"usage\":null}\n\n";
+  const std::string usage =
+      "{\"prompt_tokens\":15,\"completion_tokens\":2,\"total_tokens\":17}}\n\n";
+  for (const std::string& usage_only :
+       {"data: {\"id\":\"c1\",\"choices\":[],\"usage\":\t" + usage,
+        "data: {\"id\":\"c1\",\"choices\":[],\"usage\":\ndata: " + usage,
+        "data: {\"id\":\"c1\",\"choices\":[],\"usage\" \t:\ndata: \t " + usage}) {
+    const std::string stream = kContent1 + finish + usage_only + kDone;
+    for (std::size_t i = 0; i <= stream.size(); ++i) {
+      Result r = run(stream, true, {i});
+      ASSERT_EQ(r.out, kContent1 + finish + kDone) << usage_only << "split at " << i;
+      ASSERT_EQ(r.usage.prompt_tokens, 15) << usage_only << "split at " << i;
+      ASSERT_EQ(r.removed, 1u);
+    }
+  }
+}
+
 TEST(StreamMeter, PassesEverythingWhenTheClientAskedForUsage) {
   const std::string stream = kContent1 + kContent2 + kUsageOnly + kDone;
   for (std::size_t i = 0; i <= stream.size(); ++i) {
