@@ -144,6 +144,8 @@ bool is_usage_only_chunk(simdjson::dom::element object) {
 
 bool StreamUsageTracker::on_event(std::string_view data) {
   ++events_;
+  // [DONE] ends the response: what a backend sends after it is not part of it, and not billed.
+  if (saw_done_) return false;
   if (data == "[DONE]") {
     saw_done_ = true;
     return false;

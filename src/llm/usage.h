@@ -46,7 +46,8 @@ bool read_usage(simdjson::dom::element object, Usage& out);
 bool complete_usage(Usage& u, std::int64_t prompt_estimate, std::int64_t completion_estimate);
 
 // Follows one stream: feed every event's data in order. Only events whose bytes can hold usage
-// are parsed as JSON; the others cost one substring search. Not thread-safe (one per stream).
+// are parsed as JSON; the others cost one substring search. Events after `[DONE]` are counted
+// but not read: the response ended there. Not thread-safe (one per stream).
 class StreamUsageTracker {
  public:
   // `parser`: a parser shared by the streams of one thread (its buffers are reused); when null

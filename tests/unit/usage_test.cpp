@@ -341,6 +341,22 @@ TEST(StreamUsage, NoUsageAtAllCountsStreamedContent) {
   EXPECT_EQ(t.parsed_events(), 0u);
 }
 
+TEST(StreamUsage, EventsAfterDoneAreIgnored) {
+  std::string sse =
+      chunk() +
+      R"(data: {"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":3,"total_tokens":13}})"
+      "\n\ndata: [DONE]\n\n" +
+      R"(data: {"choices":[],"usage":{"prompt_tokens":99,"completion_tokens":99,"total_tokens":198}})"
+      "\n\n" +
+      chunk();
+  auto t = track(sse);
+  EXPECT_TRUE(t.saw_done());
+  EXPECT_EQ(t.usage().prompt_tokens, 10);
+  EXPECT_EQ(t.usage().completion_tokens, 3);
+  EXPECT_EQ(t.usage().total_tokens, 13);
+  EXPECT_EQ(t.content_chars(), 4u);  // the one "tok " before [DONE]
+}
+
 TEST(StreamUsage, UsageOnlyChunkDetection) {
   simdjson::dom::parser p;
   EXPECT_TRUE(is_usage_only_chunk(
