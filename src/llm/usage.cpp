@@ -43,6 +43,8 @@ bool read_usage_object(simdjson::dom::object u, Usage& out) {
 }
 
 // Length of the JSON string value that starts right after `pos` (just past the opening quote).
+// A string without its closing quote runs to the end of `s`: a body cut off (a client hang-up)
+// ends inside the text that was relayed, and that text was generated.
 std::size_t string_value_length(std::string_view s, std::size_t pos) {
   std::size_t i = pos;
   while (i < s.size()) {
@@ -54,7 +56,7 @@ std::size_t string_value_length(std::string_view s, std::size_t pos) {
       ++i;
     }
   }
-  return 0;
+  return s.size() - pos;
 }
 
 bool json_space(char c) {

@@ -277,5 +277,18 @@ TEST(BodyUsage, FoundInTheTailOfALargeResponse) {
   EXPECT_EQ(u.total_tokens, 900);
 }
 
+TEST(BodyUsage, TextCutOffInsideItsStringIsCounted) {
+  // A client hang-up stops the copy inside the content: what was relayed was still generated.
+  simdjson::dom::parser p;
+  const std::string head = R"({"choices":[{"message":{"content":")";
+  for (const std::string& cut : {std::string(300'000, 'x'), std::string(299'999, 'x') + "\\"}) {
+    Usage u;
+    TextCount content;
+    EXPECT_FALSE(read_body_usage(head + cut, p, u, content));
+    EXPECT_EQ(content.ascii, 300'000u);
+    EXPECT_EQ(content.tokens(), 75'000);
+  }
+}
+
 }  // namespace
 }  // namespace llmproxy::llm
