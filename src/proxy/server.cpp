@@ -615,6 +615,9 @@ struct RequestContext {
   std::uint64_t bytes_out = 0;
   double ttfb_ms = -1;
   int attempts = 0;
+  // A pooled connection found closed once the request was on it was replaced (see attempt()):
+  // at most once per request, since the backend may have read it.
+  bool replaced_stale = false;
   std::string_view finish = "completed";
   unsigned client_version = 11;  // 10 for HTTP/1.0 clients: no chunked responses
   metrics::Route route = metrics::Route::other;
@@ -1176,9 +1179,9 @@ std::string_view framing_problem(const RequestParser::value_type& req) {
   return {};
 }
 
-// An error of Beast's HTTP parser that the client's bytes caused; the end of the stream before
-// the message's end is the client going away instead.
-bool client_protocol_error(error_code ec) {
+// An error of Beast's HTTP parser that the peer's bytes caused; the end of the stream before the
+// message's end is the peer going away instead.
+bool protocol_error(error_code ec) {
   static const auto& http_category = bhttp::make_error_code(bhttp::error::bad_chunk).category();
   return ec.category() == http_category && ec != bhttp::error::end_of_stream &&
          ec != bhttp::error::partial_message;
@@ -1428,7 +1431,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
         co_return co_await send(ctx, reply_);
       }
     }
-    if (bec && client_protocol_error(bec)) {
+    if (bec && protocol_error(bec)) {
       // A body the parser rejects (a malformed chunk) is the client's error, not a hang-up.
       reply_ = error_reply(http::errors::invalid_request,
                            "Malformed HTTP request body: " + bec.message(), false);
@@ -2025,8 +2028,11 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   bool send_failed = false;  // the answer read after a failed send never makes the conn reusable
 
   // Send, and read the response header. A pooled connection the backend closed meanwhile
-  // fails fast with EOF/reset and nothing received: retried once on a fresh connection to the
-  // same backend without counting against it.
+  // fails with nothing sent, or with EOF/reset (or stray bytes it wrote after its last answer)
+  // before any response: retried on a fresh connection to the same backend without counting as
+  // its failure. Once the request was sent the backend may have read it (QA: a backend that
+  // resets every request got each one twice per attempt), so that replay happens at most once
+  // per request and counts as a retry (llmproxy_retries_total, the access log's attempts).
   for (int fresh_retry = 0;; ++fresh_retry) {
     conn = w_.take_idle(wg, backend.index());
     if (!conn) {
@@ -2201,9 +2207,9 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     if (hec) {
       watch_.upstream = nullptr;
       conn->close();
-      const bool stale =
-          !wec && conn->reused && fresh_retry == 0 &&
-          (hec == bhttp::error::end_of_stream || hec == asio::error::connection_reset);
+      const bool stale = !wec && conn->reused && fresh_retry == 0 && !ctx.replaced_stale &&
+                         (hec == bhttp::error::end_of_stream ||
+                          hec == asio::error::connection_reset || protocol_error(hec));
       if (!stale) {
         w_.metrics.upstream_error(metric_id, hec == beast::error::timeout
                                                  ? metrics::UpstreamError::timeout
@@ -2218,7 +2224,12 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
         record_passive(cfg.health_check, backend, false);
         co_return Attempt::first_byte_timeout;
       }
-      if (stale) continue;
+      if (stale) {
+        ctx.replaced_stale = true;
+        ++ctx.attempts;
+        ++w_.metrics.retries;
+        continue;
+      }
       error = fmt::format("{}: {}", backend.name(), hec.message());
       record_passive(cfg.health_check, backend, false);
       co_return Attempt::retry;

@@ -19,6 +19,7 @@ import {
   fillerText,
   openStream,
   readAll,
+  httpRequest,
 } from './lib/harness.mjs';
 
 let backend;
@@ -410,3 +411,55 @@ test('many sequential requests reuse a few upstream connections', { timeout: 60_
   assert.ok(upstream <= workers * 2, `100 requests opened ${upstream} upstream connections`);
   assert.equal(Number(s1.by_path['/v1/chat/completions']) - Number(s0.by_path?.['/v1/chat/completions'] ?? 0), 100);
 });
+
+test('a backend that resets every request on a kept-alive connection gets it at most once more than max_retries allows', { timeout: 30_000 }, async () => {
+  const a = await startBackend('ra');
+  const b = await startBackend('rb');
+  const gw2 = await startGateway({
+    server: { workers: 1 },
+    load_balancing: { max_retries: 1 },
+    backends: [backendEntry(a, { name: 'ra' }), backendEntry(b, { name: 'rb' })],
+  });
+  // One answered request each: both now have a pooled keep-alive connection.
+  for (let i = 0; i < 2; i++) assert.equal((await postJson(gw2.url, '/v1/chat/completions', chatBody('m1'))).status, 200);
+  const before = a.apiRequests.length + b.apiRequests.length;
+  // From now on each backend reads the request whole, then resets the connection.
+  const reset = async (req) => req.socket.resetAndDestroy();
+  a.handler = reset;
+  b.handler = reset;
+  const retriesBefore = metricValue(await scrape(gw2), 'llmproxy_retries_total');
+  const res = await postJson(gw2.url, '/v1/chat/completions', chatBody('m1'));
+  assert.equal(res.status, 502, res.text().slice(0, 300));
+  // Two attempts (max_retries 1), plus one replay on a fresh connection in place of the pooled
+  // one: never a replay per attempt, which made it four.
+  assert.equal(a.apiRequests.length + b.apiRequests.length - before, 3);
+  assert.equal(metricValue(await scrape(gw2), 'llmproxy_retries_total') - retriesBefore, 2);
+});
+
+test('stray bytes a backend wrote after its answer on a pooled connection: the next request goes on a fresh one', { timeout: 30_000 }, async () => {
+  const be = await startBackend('stray');
+  const gw2 = await startGateway({ server: { workers: 1 }, load_balancing: { max_retries: 0 }, backends: [backendEntry(be, { name: 'stray' })] });
+  let strayWritten;
+  const written = new Promise((resolve) => (strayWritten = resolve));
+  be.handler = async (req, res) => {
+    const body = '{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}';
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
+    res.end(body, () => setTimeout(() => req.socket.write('data: junk\n\n', strayWritten), 20));
+  };
+  assert.equal((await postJson(gw2.url, '/v1/chat/completions', chatBody('m1'))).status, 200);
+  await written;
+  be.handler = null;
+  const res = await postJson(gw2.url, '/v1/chat/completions', chatBody('m1'));
+  assert.equal(res.status, 200, res.text().slice(0, 300));
+});
+
+async function scrape(g) {
+  const res = await httpRequest(`${g.url}/metrics`);
+  assert.equal(res.status, 200);
+  return res.text();
+}
+
+function metricValue(text, name) {
+  const m = new RegExp(`^${name} (\\S+)$`, 'm').exec(text);
+  return m ? Number(m[1]) : 0;
+}
