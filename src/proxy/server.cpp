@@ -1147,6 +1147,19 @@ ClientSession::Reply ClientSession::model_reply(std::string_view encoded_id,
                      keep_alive);
 }
 
+// Do `bytes` (the end of an event stream) end with a blank line, so between two events? Lines
+// end in \n, \r\n or \r; a final \r may yet be followed by its \n, which changes nothing.
+bool ends_with_blank_line(std::string_view bytes) {
+  if (bytes.ends_with("\r\n")) {
+    bytes.remove_suffix(2);
+  } else if (bytes.ends_with('\n') || bytes.ends_with('\r')) {
+    bytes.remove_suffix(1);
+  } else {
+    return false;
+  }
+  return bytes.ends_with('\n') || bytes.ends_with('\r');
+}
+
 // Caps a buffer's size while it lives (reads into it then fail with buffer_overflow).
 class BufferBound {
  public:
@@ -2354,6 +2367,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   bool upstream_ok = true;
   bool ended = false;        // the write that ends the message went out
   bool at_event_end = true;  // what the client got so far ends between two events
+  std::string event_tail;    // its last few bytes, to tell
   char* const body_space = w_.relay_out.get();
   char* const in_space = w_.relay_in.get();
   const bool plain = !conn->is_tls();
@@ -2520,7 +2534,11 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     ctx.bytes_out += n;
     ended = rp.is_done();
     if (n > 0) {
-      if (is_stream) at_event_end = piece.ends_with("\n\n") || piece.ends_with("\r\n\r\n");
+      if (is_stream) {
+        event_tail.append(piece.substr(piece.size() - std::min<std::size_t>(piece.size(), 4)));
+        if (event_tail.size() > 4) event_tail.erase(0, event_tail.size() - 4);
+        at_event_end = ends_with_blank_line(event_tail);
+      }
       const auto now = Clock::now();
       if (ctx.first_byte_ms < 0) {
         ctx.first_byte_ms = std::chrono::duration<double, std::milli>(now - ctx.start).count();
@@ -2542,6 +2560,11 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   if (!client_ok) {
     ctx.finish = "client_disconnected";
     client_keep_alive = false;
+  } else if (upstream_ok && is_stream && !at_event_end) {
+    // The backend ended its response inside an event: the message's framing is whole, but the
+    // last event is cut (clients drop it, and its usage was never seen). Relayed as it came; the
+    // record says the stream did not complete.
+    ctx.finish = "upstream_error";
   }
   if (!upstream_ok) {
     // The response is cut: the client must see a truncated message, never a clean end. A stream

@@ -23,6 +23,7 @@ import {
   gatewayConfig,
   toYaml,
   waitUntil,
+  readAll,
 } from './lib/harness.mjs';
 import { startUsageGateway, mapLimit } from './lib/usage.mjs';
 
@@ -176,4 +177,37 @@ test('a damaged usage log: the sink delivers up to the damage, then says the fil
   assert.equal(new Set(hook.records.map((r) => r.request_id)).size, stuckAt);
   // The gateway goes on serving (and logging) meanwhile.
   assert.equal((await postJson(gw.url, '/v1/chat/completions', chatBody('m1'))).status, 200);
+});
+
+test('event boundaries in any line ending: a stream_idle cut after a CR-only event gets the error event; a response ended inside an event is not "completed"', { timeout: 30_000 }, async () => {
+  const be = await startBackend('cr');
+  const gw = await startUsageGateway({ mock, receiver, backends: [backendEntry(be, { name: 'cr' })], timeouts: { stream_idle: '500ms' } });
+  const event = 'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}';
+  be.handler = async (req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' });
+    if (req.headers['x-request-id'] === 'edge-cr') {
+      res.write(`${event}\r\r`); // then silence past stream_idle
+    } else {
+      res.end(`${event}\n\ndata: {"id":"c1","choi`); // a whole chunked message, cut inside an event
+    }
+  };
+  const body = JSON.stringify(chatBody('m1', { stream: true }));
+  const cr = await openStream(`${gw.url}/v1/chat/completions`, { headers: { 'content-type': 'application/json', 'x-request-id': 'edge-cr' }, body });
+  // The cut leaves the chunked message unfinished: read to the connection's close.
+  const crText = await new Promise((resolve) => {
+    let text = '';
+    cr.res.on('data', (d) => (text += d));
+    cr.res.on('error', () => {});
+    cr.res.on('close', () => resolve(text));
+  });
+  assert.ok(!cr.res.complete, 'the cut stream must not end cleanly');
+  assert.ok(crText.startsWith(`${event}\r\r`), crText);
+  assert.match(crText, /"code":"upstream_timeout"/);
+  assert.equal((await receiver.waitForClientId('edge-cr', 15_000)).finish, 'timeout');
+
+  const cut = await openStream(`${gw.url}/v1/chat/completions`, { headers: { 'content-type': 'application/json', 'x-request-id': 'edge-cut' }, body });
+  assert.equal((await readAll(cut.res)).toString(), `${event}\n\ndata: {"id":"c1","choi`, 'relayed as the backend sent it');
+  const rec = await receiver.waitForClientId('edge-cut', 15_000);
+  assert.equal(rec.finish, 'upstream_error');
+  assert.equal(rec.status_code, 200);
 });
