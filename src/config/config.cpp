@@ -310,14 +310,17 @@ void read_backends(Reader& r, const YAML::Node& root, Config& c) {
     }
     if (Reader::has(node, "models")) {
       auto m = node["models"];
-      if (m.IsScalar() && !valid_utf8(m.Scalar())) {
+      auto model_id = [](const YAML::Node& id) {
+        return id.IsScalar() && !id.Scalar().empty() && valid_utf8(id.Scalar());
+      };
+      if (m.IsScalar() && !model_id(m)) {
         r.error(m.Mark(), path + ".models", "expected a model id (non-empty UTF-8 string)");
       } else if (m.IsScalar()) {
         b.models.push_back(m.Scalar());
       } else if (m.IsSequence()) {
         for (std::size_t j = 0; j < m.size(); ++j) {
           std::string mp = path + ".models[" + std::to_string(j) + "]";
-          if (m[j].IsScalar() && !m[j].Scalar().empty() && valid_utf8(m[j].Scalar())) {
+          if (model_id(m[j])) {
             b.models.push_back(m[j].Scalar());
           } else {
             r.error(m[j].Mark(), mp, "expected a model id (non-empty UTF-8 string)");

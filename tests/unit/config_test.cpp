@@ -610,6 +610,13 @@ backends:
     models: {a: 1}
 )",
                            "backends[0].models", 3));
+  // The one-model form takes the same ids as the list: an empty one served no model by name.
+  EXPECT_TRUE(single_error(R"(
+backends:
+  - url: http://a:8000
+    models: ""
+)",
+                           "backends[0].models", 3));
   EXPECT_TRUE(single_error(R"(
 backends:
   - url: http://a:8000
