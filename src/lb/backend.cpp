@@ -86,6 +86,12 @@ std::size_t BackendSet::healthy_count() const {
   return n;
 }
 
+std::size_t BackendSet::ready_count(bool active_checks) const {
+  std::size_t n = 0;
+  for (const auto& b : backends_) n += b->healthy() && (!active_checks || b->checked_ok()) ? 1 : 0;
+  return n;
+}
+
 bool BackendSet::any_serves(std::string_view model) const {
   return std::any_of(backends_.begin(), backends_.end(),
                      [&](const auto& b) { return b->serves(model); });

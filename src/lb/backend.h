@@ -29,6 +29,9 @@ struct BackendLive {
   std::atomic<int> successes{0};
   std::atomic<std::int64_t> in_flight{0};
   std::atomic<std::int64_t> last_check_ms{0};
+  // An active health check has passed at least once: a backend starts healthy (requests may go
+  // to it at once), but readiness waits for one proof that it answers.
+  std::atomic<bool> checked_ok{false};
   std::atomic<bool> no_tokenize{false};  // a hint, not part of the backend's config
   std::mutex discovered_mutex;           // admin/models path only, never per request
   std::vector<std::string> discovered;
@@ -70,6 +73,8 @@ class Backend {
   void set_last_check(std::int64_t unix_ms) {
     live_->last_check_ms.store(unix_ms, std::memory_order_relaxed);
   }
+  bool checked_ok() const { return live_->checked_ok.load(std::memory_order_relaxed); }
+  void set_checked_ok() { live_->checked_ok.store(true, std::memory_order_relaxed); }
 
   void add_in_flight(int delta) const {
     live_->in_flight.fetch_add(delta, std::memory_order_relaxed);
@@ -104,6 +109,9 @@ class BackendSet {
   Backend& operator[](std::size_t i) { return *backends_[i]; }
   const Backend& operator[](std::size_t i) const { return *backends_[i]; }
   std::size_t healthy_count() const;
+  // Healthy backends that can take traffic for /ready: with active checks, only those a check
+  // has seen answer (the start state "healthy" is an assumption until then).
+  std::size_t ready_count(bool active_checks) const;
   // Does any backend, healthy or not, serve `model`?
   bool any_serves(std::string_view model) const;
 

@@ -1368,17 +1368,18 @@ asio::awaitable<bool> ClientSession::handle_request() {
         co_return co_await send(ctx, reply_);
       }
     }
-    bool ready = ctx.wg->gen->backends.healthy_count() > 0 &&
+    bool ready = ctx.wg->gen->backends.ready_count(cfg.health_check.enabled) > 0 &&
                  !w_.shared.draining.load(std::memory_order_relaxed);
     if (ready) {
       reply_ = Reply{200, health_body(true), keep_alive && !body_pending, {}};
       co_return co_await send(ctx, reply_);
     }
     {
-      reply_ = error_reply(
-          http::errors::no_healthy_backend,
-          w_.shared.draining ? "The gateway is shutting down." : "No healthy backend is available.",
-          keep_alive && !body_pending);
+      const std::string_view why = w_.shared.draining ? "The gateway is shutting down."
+                                   : ctx.wg->gen->backends.healthy_count() == 0
+                                       ? "No healthy backend is available."
+                                       : "No backend has passed a health check yet.";
+      reply_ = error_reply(http::errors::no_healthy_backend, why, keep_alive && !body_pending);
       co_return co_await send(ctx, reply_);
     }
   }
@@ -2763,6 +2764,7 @@ asio::awaitable<void> health_loop(asio::io_context* ioc, Shared* shared,
     auto result = co_await probe(*ioc, *shared, *gen, *b, hc.path, hc.timeout);
     if (gen->retired.load()) co_return;
     if (result.ok) {
+      b->set_checked_ok();
       if (b->record_success(hc.healthy_threshold)) {
         log::line("info", "backend {} is healthy again", b->name());
       }

@@ -2,6 +2,7 @@
 // pool answers 503, and a refused connection is retried on another backend.
 import { test, after, afterEach, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import {
   cleanup,
   checkProcesses,
@@ -294,5 +295,33 @@ test('answers 5xx mark a backend down only with passive_5xx; by default it keeps
       assert.equal(a.healthy, true, JSON.stringify(a));
       assert.equal(a.consecutive_failures, 0, JSON.stringify(a));
     }
+  }
+});
+
+test('/ready waits for a health check to pass: a backend that never answers one is not ready at start', { timeout: 60_000 }, async () => {
+  // A backend that accepts connections and never answers: its first check is still pending.
+  const silent = net.createServer((socket) => socket.on('error', () => {}));
+  const sockets = new Set();
+  silent.on('connection', (s) => {
+    sockets.add(s);
+    s.on('close', () => sockets.delete(s));
+  });
+  await new Promise((resolve) => silent.listen(0, '127.0.0.1', resolve));
+  try {
+    const gw = await startGateway({
+      health_check: { ...HEALTH, timeout: '5s', unhealthy_threshold: 3 },
+      backends: [{ url: `http://127.0.0.1:${silent.address().port}`, name: 'silent' }],
+    });
+    const ready = await httpRequest(`${gw.url}/ready`);
+    assert.equal(ready.status, 503, ready.text());
+    assert.equal(openAIError(ready).message, 'No backend has passed a health check yet.');
+    // A backend that passes its check makes the gateway ready.
+    const ok = await startBackend('passes');
+    const gw2 = await startGateway({ health_check: HEALTH, backends: [backendEntry(ok, { name: 'passes' })] });
+    await waitUntil(async () => (await httpRequest(`${gw2.url}/ready`)).status === 200, { timeout: 10_000, what: '/ready 200' });
+    assert.ok(ok.healthChecks >= 1);
+  } finally {
+    for (const s of sockets) s.destroy();
+    await new Promise((resolve) => silent.close(resolve));
   }
 });
