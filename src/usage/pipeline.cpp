@@ -820,6 +820,19 @@ std::unique_ptr<Sink> Pipeline::Impl::make_sink(config::SinkConfig cfg, std::int
     origin = cfg.replay ? "new, replaying the log" : "new, starting at the head";
     s->log->set_cursor(cfg.name, *c, unix_ms_now());
   }
+  // Records after the cursor that are gone (retention, or deleted by hand, while this sink was
+  // not configured): said once, and the cursor moved past them, so the backlog counts only what
+  // the sink will deliver.
+  const std::int64_t first = s->log->first_seq().value_or(head + 1);
+  if (*c + 1 < first && *c < head) {
+    const std::int64_t resume = std::min(first - 1, head);
+    log::line("warn",
+              "usage sink {}: records {}..{} are no longer in the log (retention, pruning, or "
+              "deleted by hand) and were not delivered by this sink; it resumes after seq {}",
+              cfg.name, *c + 1, resume, resume);
+    c = resume;
+    s->log->set_cursor(cfg.name, *c, unix_ms_now());
+  }
   s->cursor.store(*c);
   s->persisted = *c;
   summary += fmt::format("{}{} -> {} (seq {}, {}, backlog {})", summary.empty() ? "" : "; ",

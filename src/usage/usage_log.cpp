@@ -135,6 +135,7 @@ enum StatementIndex {
   kDeleteRecords,
   kDeleteDeadLetters,
   kCountAll,
+  kFirstSeq,
   kReadBatches,
   kStatementCount
 };
@@ -631,6 +632,16 @@ std::int64_t UsageLog::count_records() {
   Use u(st.s);
   int rc = sqlite3_step(st.s);
   if (rc != SQLITE_ROW) fail(rc, "count records");
+  return sqlite3_column_int64(st.s, 0);
+}
+
+std::optional<std::int64_t> UsageLog::first_seq() {
+  std::lock_guard lk(mu_);
+  auto& st = stmt(kFirstSeq, "SELECT min(first_seq) FROM record_batches");
+  Use u(st.s);
+  int rc = sqlite3_step(st.s);
+  if (rc != SQLITE_ROW) fail(rc, "read the first record");
+  if (sqlite3_column_type(st.s, 0) == SQLITE_NULL) return std::nullopt;
   return sqlite3_column_int64(st.s, 0);
 }
 

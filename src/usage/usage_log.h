@@ -150,6 +150,8 @@ class UsageLog {
 
   // Rows for tests and the ledger.
   std::int64_t count_records();
+  // The oldest seq still in the log (none when it holds no record).
+  std::optional<std::int64_t> first_seq();
   // Calls fn(ts_ms, json) for every record with since_ms <= ts_ms < until_ms, in seq order.
   void for_each_record(std::int64_t since_ms, std::int64_t until_ms,
                        const std::function<void(std::int64_t, std::string_view)>& fn);

@@ -570,6 +570,43 @@ TEST(UsagePipeline, NewSinkStartsAtHeadUnlessReplay) {
   EXPECT_EQ(delivered_ids(c), expected_ids(0, 8));
 }
 
+// A sink that comes back after retention deleted records it had not delivered resumes after the
+// gap: its cursor moves past it (stored), and its backlog counts only what it will deliver.
+TEST(UsagePipeline, ASinkResumesAfterRecordsDeletedBeforeItDeliveredThem) {
+  TempDir dir;
+  std::string path = dir.file("usage.db");
+  {
+    Receiver rx;
+    Pipeline p(testing::disk_config(path), {make_sink("old", rx.url())});
+    p.start();
+    submit_range(p, 0, 2);
+    WAIT_FOR(delivered(p, "old") == 2);
+    p.stop(soon());
+  }
+  {
+    Pipeline p(testing::disk_config(path), {});  // "old" not configured meanwhile
+    p.start();
+    for (int i = 2; i < 10; ++i) {
+      p.submit(make_record(i));
+      WAIT_FOR(p.stats().logged == static_cast<std::uint64_t>(i - 1));  // one commit each
+    }
+    p.stop(soon());
+  }
+  {
+    UsageLog log(UsageLog::Mode::disk, path, true);
+    // seq 1..6: 1 and 2 delivered to "old", 3..6 never
+    EXPECT_EQ(log.delete_records(6, std::nullopt, 100), 6);
+  }
+  Receiver rx;
+  Pipeline p(testing::disk_config(path), {make_sink("old", rx.url())});
+  EXPECT_EQ(sink(p.stats(), "old").backlog, 4);  // seq 7..10, not 8
+  EXPECT_EQ(UsageLog(UsageLog::Mode::read_only, path, false).cursor("old"), 6);
+  p.start();
+  WAIT_FOR(delivered(p, "old") == 4);
+  p.stop(soon());
+  EXPECT_EQ(delivered_ids(rx), expected_ids(6, 10));
+}
+
 // An interim answer (100 Continue, 103 Early Hints) is skipped, not taken for the final one: a
 // client that did would read every later answer one POST late and count a record as delivered
 // on the answer to the one before. The first POST gets "100, 103, then 204"; every later
