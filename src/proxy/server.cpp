@@ -27,6 +27,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <span>
@@ -922,8 +924,28 @@ void ClientSession::access_log(const RequestContext& ctx, double duration_ms) {
   w_.log.write(e);
 }
 
+// The Date field of the gateway's own answers (RFC 9110 6.6.1), IMF-fixdate, formatted once a
+// second per thread. Relayed answers keep the backend's.
+std::string_view http_date_now() {
+  static constexpr std::string_view kDays[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
+  static constexpr std::string_view kMonths[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                                 "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+  thread_local std::time_t formatted = -1;
+  thread_local std::string text;
+  const std::time_t now = std::time(nullptr);
+  if (now != formatted) {
+    std::tm t{};
+    gmtime_r(&now, &t);
+    text = fmt::format("{}, {:02} {} {} {:02}:{:02}:{:02} GMT", kDays[t.tm_wday], t.tm_mday,
+                       kMonths[t.tm_mon], t.tm_year + 1900, t.tm_hour, t.tm_min, t.tm_sec);
+    formatted = now;
+  }
+  return text;
+}
+
 asio::awaitable<bool> ClientSession::send(RequestContext& ctx, Reply& reply) {
   bhttp::response<bhttp::string_body> res{static_cast<bhttp::status>(reply.status), 11};
+  res.set(bhttp::field::date, http_date_now());
   res.set(bhttp::field::content_type, reply.content_type);
   if (!ctx.request_id.empty()) res.set("X-Request-Id", ctx.request_id);
   if (!reply.allow.empty()) res.set(bhttp::field::allow, reply.allow);

@@ -158,6 +158,15 @@ test('a body just under max_body_size is accepted', { timeout: 30_000 }, async (
   assert.equal(res.status, 200, res.text().slice(0, 300));
 });
 
+test("the gateway's own answers carry a Date in IMF-fixdate form", { timeout: 20_000 }, async () => {
+  for (const res of [await httpRequest(`${gw.url}/v2/nothing`), await httpRequest(`${gw.url}/health`)]) {
+    const date = res.headers.date;
+    assert.match(date ?? '', /^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d\d:\d\d:\d\d GMT$/);
+    // The same clock as the test's: within a day, whatever the machine's load.
+    assert.ok(Math.abs(Date.parse(date) - Date.now()) < 86_400_000, date);
+  }
+});
+
 test('404 on an unknown path', { timeout: 20_000 }, async () => {
   await backendUntouched(async () => {
     assertError(await httpRequest(`${gw.url}/v2/nothing`), 404);
