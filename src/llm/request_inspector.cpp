@@ -48,9 +48,18 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
   auto err = parser_.parse(body.data(), body.size(), !padded).get(root);
   if (err) {
     error.spec = http::errors::invalid_json;
-    error.message = body.empty() ? "The request body is empty; expected a JSON object."
-                                 : std::string("The request body is not valid JSON: ") +
-                                       simdjson::error_message(err);
+    if (body.empty()) {
+      error.message = "The request body is empty; expected a JSON object.";
+    } else if (err == simdjson::NUMBER_ERROR) {
+      // Also valid JSON whose number is beyond what the parser represents (RFC 8259 6 lets a
+      // parser limit the range): say so rather than call the body malformed.
+      error.message =
+          "The request body has a number the gateway cannot read: malformed, or outside 64-bit "
+          "integers and double-precision floats.";
+    } else {
+      error.message =
+          std::string("The request body is not valid JSON: ") + simdjson::error_message(err);
+    }
     return false;
   }
   simdjson::dom::object obj;

@@ -226,6 +226,15 @@ TEST(RequestInspectorRefuses, InvalidJson) {
   EXPECT_NE(o.error.message.find("not valid JSON"), std::string::npos) << o.error.message;
   EXPECT_EQ(o.error.spec.code, "invalid_json");
   EXPECT_EQ(o.error.spec.type, "invalid_request_error");
+  // Numbers past the parser's range are valid JSON: the message says what is wrong instead.
+  for (std::string_view big : {R"({"model":"m","seed":18446744073709551616})",
+                               R"({"model":"m","max_tokens":123456789012345678901234567890})",
+                               R"({"model":"m","t":1e999999})"}) {
+    Outcome n = inspect(big);
+    EXPECT_FALSE(n.ok) << big;
+    EXPECT_NE(n.error.message.find("a number the gateway cannot read"), std::string::npos)
+        << n.error.message;
+  }
 }
 
 TEST(RequestInspectorRefuses, EmptyBody) {
