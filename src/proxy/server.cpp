@@ -1284,6 +1284,24 @@ asio::awaitable<bool> ClientSession::handle_request() {
   auto& req = parser.get();
   ctx.client_version = req.version();
   ctx.method = std::string(req.method_string());
+  // The absolute form ("http://host/v1/..."), which a server must accept (RFC 9112 3.2.2):
+  // routed and forwarded by its path, as the origin form every client sends otherwise.
+  if (std::string_view t = req.target(); !t.starts_with('/')) {
+    if (const auto scheme = t.find("://");
+        scheme != std::string_view::npos &&
+        (iequals(t.substr(0, scheme), "http") || iequals(t.substr(0, scheme), "https"))) {
+      const auto slash = t.find('/', scheme + 3);
+      const auto query = t.find('?', scheme + 3);
+      std::string origin_form;
+      if (slash != std::string_view::npos && (query == std::string_view::npos || slash < query)) {
+        origin_form = t.substr(slash);
+      } else {
+        origin_form = "/";
+        if (query != std::string_view::npos) origin_form += t.substr(query);
+      }
+      req.target(origin_form);
+    }
+  }
   std::string_view target = req.target();
   std::string_view path = target.substr(0, target.find('?'));
   ctx.path = std::string(path);

@@ -143,3 +143,19 @@ test('an HTTP/1.0 client sending Expect: 100-continue gets no interim 100 answer
   assert.equal(res?.status, 200, received.toString().slice(0, 200));
   assert.ok(received.toString('latin1').startsWith('HTTP/1.1 200 '), received.toString().slice(0, 60));
 });
+
+test('an absolute-form request target is routed and forwarded by its path', { timeout: 30_000 }, async () => {
+  const body = Buffer.from(BODY);
+  const bytes = Buffer.concat([
+    Buffer.from(`POST http://gateway.example/v1/chat/completions?x=1 HTTP/1.1\r\nHost: gateway.example\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n`),
+    body,
+  ]);
+  const res = await rawExchange(gw.port, bytes);
+  assert.equal(res.status, 200, res.body.toString().slice(0, 200));
+  assert.equal(backend.apiRequests.at(-1).url, '/v1/chat/completions?x=1');
+  const health = await rawExchange(gw.port, Buffer.from('GET HTTPS://gateway.example/health HTTP/1.1\r\nHost: gateway.example\r\n\r\n'));
+  assert.equal(health.status, 200);
+  const root = await rawExchange(gw.port, Buffer.from('GET http://gateway.example HTTP/1.1\r\nHost: gateway.example\r\n\r\n'));
+  assert.equal(root.status, 404);
+  assert.match(openAIError(root).message, /Unknown path \/\./);
+});
