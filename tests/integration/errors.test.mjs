@@ -204,7 +204,11 @@ test('503 when no backend is healthy; the backend sees no API request', { timeou
     health_check: { enabled: true, interval: '200ms', timeout: '500ms', unhealthy_threshold: 2, healthy_threshold: 1 },
     backends: [backendEntry(sick, { name: 'sick' })],
   });
-  await waitUntil(async () => (await httpRequest(`${gw2.url}/ready`)).status === 503, { timeout: 10_000, what: '/ready 503' });
+  // Marked down by its checks (/ready says 503 from the start: no check ever passed).
+  await waitUntil(async () => JSON.parse((await httpRequest(`${gw2.url}/health`)).text()).backends.healthy === 0, {
+    timeout: 10_000,
+    what: 'the backend marked down',
+  });
   const before = sick.apiRequests.length;
   for (const stream of [false, true]) {
     const res = await postJson(gw2.url, '/v1/chat/completions', chatBody('m1', { stream }));
