@@ -266,8 +266,8 @@ std::string render(const Snapshot& s) {
   out.push_back(std::move(errors));
 
   add_single(out, "llmproxy_retries_total",
-             "Requests sent to another backend after a failure before any response "
-             "byte.",
+             "Requests sent again after a failure before any response byte: to another "
+             "backend (max_retries), or on a new connection in place of a stale pooled one.",
              MetricType::Counter, static_cast<double>(r.retries));
   add_single(out, "llmproxy_client_disconnects_total",
              "Requests whose client hung up before the response was complete.", MetricType::Counter,

@@ -1182,6 +1182,17 @@ bool ends_with_blank_line(std::string_view bytes) {
   return bytes.ends_with('\n') || bytes.ends_with('\r');
 }
 
+// Do `bytes` (the end of an event stream) end with a `data: [DONE]` line, terminated or not?
+bool ends_with_done_line(std::string_view bytes) {
+  while (bytes.ends_with('\n') || bytes.ends_with('\r')) bytes.remove_suffix(1);
+  if (!bytes.ends_with("[DONE]")) return false;
+  bytes.remove_suffix(6);
+  if (bytes.ends_with(' ')) bytes.remove_suffix(1);
+  if (!bytes.ends_with("data:")) return false;
+  bytes.remove_suffix(5);
+  return bytes.empty() || bytes.ends_with('\n') || bytes.ends_with('\r');
+}
+
 // Caps a buffer's size while it lives (reads into it then fail with buffer_overflow).
 class BufferBound {
  public:
@@ -1231,7 +1242,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
   parser.body_limit(cfg.server.max_body_size);
   // timeouts.client_header bounds the whole request, header and body, from its first bytes: a
   // deadline re-armed per read would let a body trickled a byte at a time hold the connection.
-  const auto request_deadline = Clock::now() + cfg.timeouts.client_header;
+  const auto request_deadline = ctx.start + cfg.timeouts.client_header;
 
   error_code hec;
   // The keep-alive wait has usually read the whole header: parsed here, with no operation.
@@ -1492,8 +1503,12 @@ asio::awaitable<bool> ClientSession::handle_request() {
       co_return co_await send(ctx, reply_);
     }
     if (bec) {
-      ctx.finish = "client_disconnected";
-      ctx.status = 499;  // client closed the request (nginx's convention)
+      // The gateway's deadline (client_header covers the body) is not the client leaving: an
+      // operator who sees 408/timeout knows to raise it for slow uploads. The deadline closed
+      // the socket, so no answer can go out.
+      const bool deadline = bec == beast::error::timeout;
+      ctx.finish = deadline ? "timeout" : "client_disconnected";
+      ctx.status = deadline ? 408 : 499;  // 499: client closed the request (nginx's convention)
       log(ctx);
       co_return false;
     }
@@ -2088,7 +2103,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // resets every request got each one twice per attempt), so that replay happens at most once
   // per request and counts as a retry (llmproxy_retries_total, the access log's attempts).
   for (int fresh_retry = 0;; ++fresh_retry) {
-    conn = w_.take_idle(wg, backend.index());
+    // A replay goes on a new connection: another pooled one may be just as dead.
+    conn = fresh_retry == 0 ? w_.take_idle(wg, backend.index()) : nullptr;
     if (!conn) {
       auto cr = co_await connect_backend(w_.ioc.get_executor(), w_.shared, *wg.gen, backend,
                                          cfg.timeouts.connect);
@@ -2261,9 +2277,12 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     if (hec) {
       watch_.upstream = nullptr;
       conn->close();
+      // Stray bytes (not "HTTP/") where the answer should start: what a backend wrote after its
+      // last answer on this connection. A malformed answer of its own (a bad header, too large)
+      // means it ran the request: not replayed.
       const bool stale = !wec && conn->reused && fresh_retry == 0 && !ctx.replaced_stale &&
                          (hec == bhttp::error::end_of_stream ||
-                          hec == asio::error::connection_reset || protocol_error(hec));
+                          hec == asio::error::connection_reset || hec == bhttp::error::bad_version);
       if (!stale) {
         w_.metrics.upstream_error(metric_id, hec == beast::error::timeout
                                                  ? metrics::UpstreamError::timeout
@@ -2408,7 +2427,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   bool upstream_ok = true;
   bool ended = false;        // the write that ends the message went out
   bool at_event_end = true;  // what the client got so far ends between two events
-  std::string event_tail;    // its last few bytes, to tell
+  std::string event_tail;    // its last bytes, to tell (and to know a final [DONE])
   char* const body_space = w_.relay_out.get();
   char* const in_space = w_.relay_in.get();
   const bool plain = !conn->is_tls();
@@ -2576,8 +2595,9 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     ended = rp.is_done();
     if (n > 0) {
       if (is_stream) {
-        event_tail.append(piece.substr(piece.size() - std::min<std::size_t>(piece.size(), 4)));
-        if (event_tail.size() > 4) event_tail.erase(0, event_tail.size() - 4);
+        constexpr std::size_t kTail = 16;  // "data: [DONE]\r\n" and a byte to spare
+        event_tail.append(piece.substr(piece.size() - std::min(piece.size(), kTail)));
+        if (event_tail.size() > kTail) event_tail.erase(0, event_tail.size() - kTail);
         at_event_end = ends_with_blank_line(event_tail);
       }
       const auto now = Clock::now();
@@ -2601,10 +2621,11 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   if (!client_ok) {
     ctx.finish = "client_disconnected";
     client_keep_alive = false;
-  } else if (upstream_ok && is_stream && !at_event_end) {
+  } else if (upstream_ok && is_stream && !at_event_end && !ends_with_done_line(event_tail)) {
     // The backend ended its response inside an event: the message's framing is whole, but the
     // last event is cut (clients drop it, and its usage was never seen). Relayed as it came; the
-    // record says the stream did not complete.
+    // record says the stream did not complete. A last "data: [DONE]" line without its blank
+    // line is a complete stream all the same: that is only the end marker.
     ctx.finish = "upstream_error";
   }
   if (!upstream_ok) {

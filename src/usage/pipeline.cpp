@@ -812,6 +812,7 @@ std::unique_ptr<Sink> Pipeline::Impl::make_sink(config::SinkConfig cfg, std::int
     s->log = s->own_log.get();
   }
   auto c = s->log->cursor(cfg.name);
+  const bool stored = c.has_value();
   std::string origin = "stored cursor";
   if (!c) {
     // New to this log: from its head, or from the beginning with replay. Stored now, so that a
@@ -821,15 +822,17 @@ std::unique_ptr<Sink> Pipeline::Impl::make_sink(config::SinkConfig cfg, std::int
     s->log->set_cursor(cfg.name, *c, unix_ms_now());
   }
   // Records after the cursor that are gone (retention, or deleted by hand, while this sink was
-  // not configured): said once, and the cursor moved past them, so the backlog counts only what
-  // the sink will deliver.
+  // not configured): the cursor moves past them, so the backlog counts only what the sink will
+  // deliver; said once for a sink that had a cursor (a new one replaying never had them).
   const std::int64_t first = s->log->first_seq().value_or(head + 1);
   if (*c + 1 < first && *c < head) {
     const std::int64_t resume = std::min(first - 1, head);
-    log::line("warn",
-              "usage sink {}: records {}..{} are no longer in the log (retention, pruning, or "
-              "deleted by hand) and were not delivered by this sink; it resumes after seq {}",
-              cfg.name, *c + 1, resume, resume);
+    if (stored) {
+      log::line("warn",
+                "usage sink {}: records {}..{} are no longer in the log (retention, pruning, or "
+                "deleted by hand) and were not delivered by this sink; it resumes after seq {}",
+                cfg.name, *c + 1, resume, resume);
+    }
     c = resume;
     s->log->set_cursor(cfg.name, *c, unix_ms_now());
   }

@@ -13,7 +13,10 @@
 #include <cstring>
 #include <filesystem>
 #include <system_error>
+#include <thread>
 #include <utility>
+
+#include "log/log.h"
 
 namespace llmproxy::usage {
 
@@ -209,30 +212,48 @@ class Transaction {
 };
 }  // namespace
 
-LogLock::LogLock(const std::string& log_path) {
+LogLock::LogLock(const std::string& log_path, std::chrono::milliseconds wait) {
   const std::string lock_path = log_path + ".lock";
   fd_ = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd_ < 0) {
     throw std::runtime_error("usage log " + log_path + ": cannot open " + lock_path + ": " +
                              std::strerror(errno));
   }
-  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
-    const int err = errno;
-    char holder[32] = {};
-    const ssize_t n = ::pread(fd_, holder, sizeof holder - 1, 0);
-    std::string pid(holder, n > 0 ? static_cast<std::size_t>(n) : 0);
+  auto holder = [this] {
+    char text[32] = {};
+    const ssize_t n = ::pread(fd_, text, sizeof text - 1, 0);
+    std::string pid(text, n > 0 ? static_cast<std::size_t>(n) : 0);
     while (!pid.empty() && (pid.back() == '\n' || pid.back() == ' ')) pid.pop_back();
+    return pid.empty() ? std::string("another gateway process")
+                       : "another gateway process (pid " + pid + ")";
+  };
+  // A gateway replacing one that still drains on the same log (a rolling restart on a shared
+  // volume) waits for it, up to `wait`, polling: flock has no timed wait.
+  const auto until = std::chrono::steady_clock::now() + wait;
+  bool said = false;
+  while (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    if (err == EINTR) continue;
+    if (err == EWOULDBLOCK && std::chrono::steady_clock::now() < until) {
+      if (!said) {
+        log::line("warn", "usage log {} is in use by {}; waiting up to {} s for it to exit",
+                  log_path, holder(), wait.count() / 1000);
+        said = true;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      continue;
+    }
+    const std::string who = err == EWOULDBLOCK ? holder() : std::string();
     ::close(fd_);
     fd_ = -1;
     if (err == EWOULDBLOCK) {
-      throw std::runtime_error("usage log " + log_path + " is in use by another gateway process" +
-                               (pid.empty() ? std::string() : " (pid " + pid + ")") +
+      throw std::runtime_error("usage log " + log_path + " is in use by " + who +
                                ": each gateway needs its own usage.log_path");
     }
     throw std::runtime_error("usage log " + log_path + ": cannot lock " + lock_path + ": " +
                              std::strerror(err));
   }
-  // The holder's pid, for the message above; the lock itself is the flock, not the content.
+  // The holder's pid, for the messages above; the lock itself is the flock, not the content.
   const std::string pid = std::to_string(::getpid()) + "\n";
   if (::ftruncate(fd_, 0) == 0) {
     [[maybe_unused]] ssize_t written = ::pwrite(fd_, pid.data(), pid.size(), 0);
@@ -253,7 +274,8 @@ LogLock& LogLock::operator=(LogLock&& other) noexcept {
   return *this;
 }
 
-UsageLog::UsageLog(Mode mode, const std::string& path, bool create_schema) {
+UsageLog::UsageLog(Mode mode, const std::string& path, bool create_schema,
+                   std::chrono::milliseconds lock_wait) {
   int flags = SQLITE_OPEN_NOMUTEX;  // one thread at a time, by mu_
   std::string name = path;
   if (mode == Mode::memory) {
@@ -279,7 +301,7 @@ UsageLog::UsageLog(Mode mode, const std::string& path, bool create_schema) {
         }
       }
       flags |= SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE;
-      if (create_schema) lock_ = LogLock(path);
+      if (create_schema) lock_ = LogLock(path, lock_wait);
     }
   }
   int rc = sqlite3_open_v2(name.c_str(), &db_, flags, nullptr);

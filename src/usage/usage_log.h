@@ -21,6 +21,7 @@
 // "everything up to seq N is done" forever. Retention and pruning delete whole commit groups.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -93,14 +94,18 @@ struct DeadLetterRow {
   std::string body;  // what was POSTed
 };
 
+// How long a gateway waits for another process to release its usage log at start.
+inline constexpr std::chrono::milliseconds kLogLockWait{60'000};
+
 // An exclusive flock(2) on "<log path>.lock", held while the object lives: one gateway process
 // per usage log. Two would each keep their own head and sink cursors in memory and deliver each
 // other's records again. The kernel drops the lock when the process dies (kill -9 included).
 class LogLock {
  public:
   LogLock() = default;
-  // Throws std::runtime_error naming the holder's pid when another process has the lock.
-  explicit LogLock(const std::string& log_path);
+  // Waits up to `wait` for another process to release it (logging once that it waits), then
+  // throws std::runtime_error naming the holder's pid.
+  LogLock(const std::string& log_path, std::chrono::milliseconds wait);
   ~LogLock();
   LogLock(LogLock&& other) noexcept;
   LogLock& operator=(LogLock&& other) noexcept;
@@ -118,7 +123,8 @@ class UsageLog {
   // attach). memory: `path` is
   // ignored. read_only: the file must exist; nothing is created. Throws SqliteError or
   // std::runtime_error with the path in the message.
-  UsageLog(Mode mode, const std::string& path, bool create_schema = true);
+  UsageLog(Mode mode, const std::string& path, bool create_schema = true,
+           std::chrono::milliseconds lock_wait = kLogLockWait);
   ~UsageLog();
   UsageLog(const UsageLog&) = delete;
   UsageLog& operator=(const UsageLog&) = delete;

@@ -453,6 +453,18 @@ test('stray bytes a backend wrote after its answer on a pooled connection: the n
   assert.equal(res.status, 200, res.text().slice(0, 300));
 });
 
+test('a malformed answer on a pooled connection is not replayed: the backend ran the request', { timeout: 30_000 }, async () => {
+  const be = await startBackend('bad');
+  const gw2 = await startGateway({ server: { workers: 1 }, load_balancing: { max_retries: 0 }, backends: [backendEntry(be, { name: 'bad' })] });
+  assert.equal((await postJson(gw2.url, '/v1/chat/completions', chatBody('m1'))).status, 200);
+  const before = be.apiRequests.length;
+  // An answer whose header does not parse, on the connection the first request left pooled.
+  be.handler = async (req) => req.socket.write('HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n{}');
+  const res = await postJson(gw2.url, '/v1/chat/completions', chatBody('m1'));
+  assert.equal(res.status, 502, res.text().slice(0, 300));
+  assert.equal(be.apiRequests.length - before, 1, 'the request was sent again');
+});
+
 async function scrape(g) {
   const res = await httpRequest(`${g.url}/metrics`);
   assert.equal(res.status, 200);

@@ -198,9 +198,10 @@ test('4xx answers (400, 404, 422) are dead letters: never retried, listed by `ll
   });
   assert.equal(metricSum(text, 'llmproxy_usage_sink_records_total', { result: 'dead_letter' }), 3, text);
   assert.equal(metricSum(text, 'llmproxy_webhook_failure_total'), 3, text);
-  // Reported once, not once per rejected POST: the next report is due kLogEvery (10 s) later.
+  // Reported at most once per 10 s, not once per rejected POST: fewer lines than rejections (the
+  // three come well within 10 s, but a slow machine may split them over two reports).
   const reports = gw.stderr.match(/receiver rejected/g) ?? [];
-  assert.equal(reports.length, 1, gw.stderr);
+  assert.ok(reports.length >= 1 && reports.length < 3, gw.stderr);
 });
 
 test('408, 429 and 5xx answers are retried until a 2xx', { timeout: 60_000 }, async () => {

@@ -4,7 +4,7 @@
 import { test, before, after, afterEach, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import crypto from 'node:crypto';
+import { spawn } from 'node:child_process';
 import {
   cleanup,
   checkProcesses,
@@ -18,14 +18,14 @@ import {
   openStream,
   restartGateway,
   sseData,
-  runGatewayCli,
+  LLMPROXY_BIN,
   writeTempFile,
   gatewayConfig,
   toYaml,
   waitUntil,
   readAll,
 } from './lib/harness.mjs';
-import { startUsageGateway, mapLimit } from './lib/usage.mjs';
+import { startUsageGateway, mapLimit, hookConfig } from './lib/usage.mjs';
 
 let mock;
 let receiver;
@@ -134,16 +134,35 @@ test('a non-stream body over usage.max_response_copy is billed from its usage, w
   }
 });
 
-test('a second gateway on the same usage log refuses to start; the first keeps metering', { timeout: 30_000 }, async () => {
-  const gw = await startUsageGateway({ mock, receiver });
-  const other = toYaml(gatewayConfig({ backends: [backendEntry(mock, { name: 'mk' })], usage: { log_path: gw.config.usage.log_path } }));
-  const r = runGatewayCli(['--config', writeTempFile('second.yaml', other)]);
-  assert.notEqual(r.status, 0, 'the second gateway ran');
-  assert.doesNotMatch(r.stdout, /listening on/);
-  assert.match(r.stderr, new RegExp(`is in use by another gateway process \\(pid ${gw.pid}\\)`), r.stderr);
-  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': 'edge-lock' } });
-  assert.equal(res.status, 200);
-  await receiver.waitFor((h) => h.records.some((rec) => rec.client_request_id === 'edge-lock'), 15_000, 'the first gateway\'s record');
+test('a second gateway on the same usage log waits for the first to exit, then takes over the log', { timeout: 60_000 }, async () => {
+  const first = await startUsageGateway({ mock, receiver });
+  const logPath = first.config.usage.log_path;
+  const yaml = toYaml(gatewayConfig({ backends: [backendEntry(mock, { name: 'mk' })], usage_hook: hookConfig(receiver), usage: { log_path: logPath } }));
+  const second = spawn(LLMPROXY_BIN, ['--config', writeTempFile('second.yaml', yaml)], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  second.stdout.on('data', (d) => (out += d));
+  second.stderr.on('data', (d) => (err += d));
+  const exited = new Promise((resolve) => second.once('exit', resolve));
+  try {
+    await waitUntil(() => new RegExp(`is in use by another gateway process \\(pid ${first.pid}\\); waiting up to 60 s`).test(err), {
+      timeout: 15_000,
+      what: 'the second gateway waiting for the log',
+    });
+    assert.doesNotMatch(out, /listening on/, 'the second gateway ran beside the first');
+    // The first still meters meanwhile; then it stops, and the second starts on the same log.
+    assert.equal((await postJson(first.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': 'edge-lock-1' } })).status, 200);
+    first.signal('SIGTERM');
+    assert.equal((await first.waitExit(20_000)).code, 0);
+    await waitUntil(() => /listening on http:\/\/127\.0\.0\.1:(\d+)/.test(out), { timeout: 15_000, what: 'the second gateway listening' });
+    const port = Number(/listening on http:\/\/127\.0\.0\.1:(\d+)/.exec(out)[1]);
+    assert.equal((await postJson(`http://127.0.0.1:${port}`, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': 'edge-lock-2' } })).status, 200);
+    await receiver.waitForClientId('edge-lock-1', 15_000);
+    await receiver.waitForClientId('edge-lock-2', 15_000);
+  } finally {
+    second.kill('SIGKILL');
+    await exited;
+  }
 });
 
 test('a damaged usage log: the sink delivers up to the damage, then says the file is damaged and where', { timeout: 60_000 }, async () => {
@@ -159,9 +178,10 @@ test('a damaged usage log: the sink delivers up to the damage, then says the fil
   assert.ok(!fs.existsSync(`${logPath}-wal`), 'the WAL was checkpointed at exit');
   const pages = fs.statSync(logPath).size / 4096;
   assert.ok(pages > 120, `a log of ${pages} pages`);
-  // Random bytes over pages 60-89: records in the middle of the log.
+  // 0xA5 over pages 60-89, records in the middle of the log: no valid page type, no valid
+  // overflow pointer, so SQLite finds the damage wherever the pages fall.
   const fd = fs.openSync(logPath, 'r+');
-  fs.writeSync(fd, crypto.randomBytes(30 * 4096), 0, 30 * 4096, 60 * 4096);
+  fs.writeSync(fd, Buffer.alloc(30 * 4096, 0xa5), 0, 30 * 4096, 60 * 4096);
   fs.closeSync(fd);
 
   // A sink that replays the log from its start reaches the damage.
@@ -187,6 +207,8 @@ test('event boundaries in any line ending: a stream_idle cut after a CR-only eve
     res.writeHead(200, { 'content-type': 'text/event-stream' });
     if (req.headers['x-request-id'] === 'edge-cr') {
       res.write(`${event}\r\r`); // then silence past stream_idle
+    } else if (req.headers['x-request-id'] === 'edge-done') {
+      res.end(`${event}\n\ndata: [DONE]\n`); // the end marker without its blank line
     } else {
       res.end(`${event}\n\ndata: {"id":"c1","choi`); // a whole chunked message, cut inside an event
     }
@@ -210,4 +232,8 @@ test('event boundaries in any line ending: a stream_idle cut after a CR-only eve
   const rec = await receiver.waitForClientId('edge-cut', 15_000);
   assert.equal(rec.finish, 'upstream_error');
   assert.equal(rec.status_code, 200);
+  // "data: [DONE]" with one newline only: the stream is complete all the same.
+  const done = await openStream(`${gw.url}/v1/chat/completions`, { headers: { 'content-type': 'application/json', 'x-request-id': 'edge-done' }, body });
+  assert.equal((await readAll(done.res)).toString(), `${event}\n\ndata: [DONE]\n`);
+  assert.equal((await receiver.waitForClientId('edge-done', 15_000)).finish, 'completed');
 });

@@ -3,8 +3,10 @@
 #include <fmt/format.h>
 #include <simdjson.h>
 
+#include <atomic>
 #include <filesystem>
 #include <span>
+#include <thread>
 
 #include "usage/ledger.h"
 #include "usage/pipeline.h"
@@ -449,7 +451,7 @@ TEST(UsageLog, ASecondWriterIsRefusedWhileTheFirstHoldsTheLog) {
     UsageLog first(UsageLog::Mode::disk, path, true);
     EXPECT_EQ(append_some(first, 2), 2);
     try {
-      UsageLog second(UsageLog::Mode::disk, path, true);
+      UsageLog second(UsageLog::Mode::disk, path, true, std::chrono::milliseconds(0));
       ADD_FAILURE() << "a second writer opened the log";
     } catch (const std::runtime_error& e) {
       EXPECT_NE(std::string(e.what()).find("is in use by another gateway process (pid " +
@@ -465,6 +467,37 @@ TEST(UsageLog, ASecondWriterIsRefusedWhileTheFirstHoldsTheLog) {
   }
   UsageLog next(UsageLog::Mode::disk, path, true);
   EXPECT_EQ(append_some(next, 1), 4);
+}
+
+// A writer that finds the log held waits for it (a gateway replacing one that still drains): it
+// opens the log once the holder lets go, never before.
+TEST(UsageLog, ASecondWriterWaitsForTheFirstToLetGo) {
+  TempDir dir;
+  const std::string path = dir.file("usage.db");
+  auto first = std::make_unique<UsageLog>(UsageLog::Mode::disk, path, true);
+  EXPECT_EQ(append_some(*first, 2), 2);
+  std::atomic<bool> released{false};
+  bool released_when_opened = false;
+  std::string error;
+  std::int64_t head = -1;
+  std::thread second([&] {
+    try {
+      UsageLog log(UsageLog::Mode::disk, path, true, std::chrono::seconds(30));
+      released_when_opened = released.load();
+      head = log.head();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  });
+  // Not a synchronisation: the second writer cannot get the log before the release, whenever
+  // it gets there; the pause only makes it likely that it waits.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  released = true;
+  first.reset();
+  second.join();
+  EXPECT_EQ(error, "");
+  EXPECT_TRUE(released_when_opened);
+  EXPECT_EQ(head, 2);
 }
 
 // A version-2 file (its head stored by every commit) is used as it is, and marked version 3 so
