@@ -1507,6 +1507,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
       // operator who sees 408/timeout knows to raise it for slow uploads. The deadline closed
       // the socket, so no answer can go out.
       const bool deadline = bec == beast::error::timeout;
+      ctx.bytes_in = req.body().size();  // what arrived before the cut
       ctx.finish = deadline ? "timeout" : "client_disconnected";
       ctx.status = deadline ? 408 : 499;  // 499: client closed the request (nginx's convention)
       log(ctx);

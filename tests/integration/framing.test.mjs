@@ -14,6 +14,7 @@ import {
   rawExchange,
   openAIError,
   parseResponse,
+  waitUntil,
 } from './lib/harness.mjs';
 
 let backend;
@@ -22,7 +23,7 @@ let gw;
 before(async () => {
   backend = await startBackend('fr');
   gw = await startGateway({
-    server: { max_header_size: '4KiB' },
+    server: { max_header_size: '4KiB', access_log: true },
     timeouts: { client_header: '1s' },
     backends: [backendEntry(backend, { name: 'fr' })],
   });
@@ -98,6 +99,15 @@ test('timeouts.client_header bounds the body as a whole: a body trickled byte by
   assert.ok(sent < BODY.length, `the gateway waited for all ${BODY.length} trickled bytes`);
   assert.equal(parseResponse(received, true)?.status ?? null, null, `answered: ${received.toString().slice(0, 100)}`);
   assert.equal(backend.apiRequests.length, seen, 'the partial request reached the backend');
+  // The access log says the gateway's deadline cut it (408, timeout), with the bytes that came.
+  let line;
+  await waitUntil(() => (line = gw.stdout.split('\n').find((l) => l.includes('"status":408'))) !== undefined, {
+    timeout: 5_000,
+    what: 'the access log line of the cut request',
+  });
+  const entry = JSON.parse(line);
+  assert.equal(entry.finish, 'timeout');
+  assert.ok(entry.bytes_in > 0 && entry.bytes_in < BODY.length, line);
 });
 
 test('refused framing: a coding besides chunked, Transfer-Encoding in HTTP/1.0, no or two Host headers', { timeout: 30_000 }, async () => {
