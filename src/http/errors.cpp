@@ -113,14 +113,20 @@ void append_json_escaped(std::string& out, std::string_view s) {
   out.resize(static_cast<std::size_t>(end - out.data()));
 }
 
-std::string error_body(const ErrorSpec& spec, std::string_view message) {
+std::string error_body(const ErrorSpec& spec, std::string_view message, std::string_view param) {
   std::string out;
-  out.reserve(96 + message.size() + spec.type.size() + spec.code.size());
+  out.reserve(96 + message.size() + spec.type.size() + spec.code.size() + param.size());
   out += R"({"error":{"message":")";
   append_json_escaped(out, message);
   out += R"(","type":")";
   out += spec.type;
-  out += R"(","param":null,"code":")";
+  if (param.empty()) {
+    out += R"(","param":null,"code":")";
+  } else {
+    out += R"(","param":")";
+    append_json_escaped(out, param);
+    out += R"(","code":")";
+  }
   out += spec.code;
   out += "\"}}";
   return out;

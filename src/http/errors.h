@@ -1,5 +1,5 @@
 // Error bodies in the shape the OpenAI SDKs parse:
-//   {"error":{"message":"...","type":"...","param":null,"code":"..."}}
+//   {"error":{"message":"...","type":"...","param":null,"code":"..."}} (param: the field at fault)
 // Every refusal the gateway produces itself goes through here, so clients see one shape.
 #pragma once
 
@@ -33,7 +33,9 @@ inline constexpr ErrorSpec shutting_down{503, "server_error", "shutting_down"};
 inline constexpr ErrorSpec gateway_timeout{504, "server_error", "upstream_timeout"};
 }  // namespace errors
 
-std::string error_body(const ErrorSpec& spec, std::string_view message);
+// `param`: the request field at fault, as OpenAI's error.param; empty gives null.
+std::string error_body(const ErrorSpec& spec, std::string_view message,
+                       std::string_view param = {});
 
 // Appends `text` to `out` as the inside of a JSON string literal (quotes not included).
 void append_json_escaped(std::string& out, std::string_view text);

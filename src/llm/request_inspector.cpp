@@ -75,6 +75,7 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
       bool v;
       if (field.value.get_bool().get(v)) {
         error.spec = http::errors::invalid_request;
+        error.param = "stream";
         error.message = "'stream' must be a boolean.";
         return false;
       }
@@ -83,6 +84,7 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
       std::string_view v;
       if (field.value.get_string().get(v)) {
         error.spec = http::errors::invalid_request;
+        error.param = "model";
         error.message = "'model' must be a string.";
         return false;
       }
@@ -92,6 +94,7 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
       std::string_view v;
       if (field.value.get_string().get(v)) {
         error.spec = http::errors::invalid_request;
+        error.param = "user";
         error.message = "'user' must be a string.";
         return false;
       }
@@ -119,6 +122,7 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
   }
   if (endpoint == Endpoint::embeddings && info.stream) {
     error.spec = http::errors::invalid_request;
+    error.param = "stream";
     error.message = "Embeddings cannot be streamed; 'stream' must be false or absent.";
     return false;
   }

@@ -31,6 +31,7 @@ struct RequestInfo {
 struct InspectError {
   http::ErrorSpec spec;
   std::string message;
+  std::string_view param;  // the request field at fault (OpenAI's error.param), else empty
 };
 
 // One per worker thread: the parser keeps its buffers between requests, so steady traffic

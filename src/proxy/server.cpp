@@ -731,8 +731,8 @@ class ClientSession {
     unsigned retry_after = 0;  // seconds, for a refusal that may pass on its own
   };
   static Reply error_reply(const http::ErrorSpec& spec, std::string_view message, bool keep_alive,
-                           std::string_view allow = {}) {
-    return Reply{spec.status, http::error_body(spec, message), keep_alive, allow};
+                           std::string_view allow = {}, std::string_view param = {}) {
+    return Reply{spec.status, http::error_body(spec, message, param), keep_alive, allow};
   }
   asio::awaitable<bool> send(RequestContext& ctx, Reply& reply);
   std::string health_body(bool ready_check) const;
@@ -1530,7 +1530,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
   if (!w_.inspector.inspect(endpoint, body, padded, ctx.info, ierr,
                             /*count_text=*/w_.shared.usage != nullptr)) {
     {
-      reply_ = error_reply(ierr.spec, ierr.message, keep_alive);
+      reply_ = error_reply(ierr.spec, ierr.message, keep_alive, {}, ierr.param);
       co_return co_await send(ctx, reply_);
     }
   }

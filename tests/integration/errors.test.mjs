@@ -75,7 +75,8 @@ test('400 when "stream" is not a boolean', { timeout: 20_000 }, async () => {
     for (const p of ['/v1/chat/completions', '/v1/completions']) {
       for (const stream of ['yes', 'true', 1, 0, {}, []]) {
         const res = await postJson(gw.url, p, { model: 'm1', messages: [], prompt: 'x', stream });
-        assertError(res, 400, ['invalid_json', 'invalid_request']);
+        const e = assertError(res, 400, ['invalid_json', 'invalid_request']);
+        assert.equal(e.param, 'stream', 'error.param names the field at fault');
       }
     }
   });

@@ -129,6 +129,13 @@ test('the SDK sees gateway errors as typed API errors', { timeout: 30_000 }, asy
       return true;
     },
   );
+  // A field of the wrong type: BadRequestError whose param names the field.
+  await assert.rejects(client.chat.completions.create({ model: 'm1', messages, user: 7 }), (err) => {
+    assert.ok(err instanceof OpenAI.BadRequestError, `got ${err?.constructor?.name}: ${err?.message}`);
+    assert.equal(err.code, 'invalid_request');
+    assert.equal(err.param, 'user');
+    return true;
+  });
 });
 
 test('models list', { timeout: 30_000 }, async () => {

@@ -260,6 +260,7 @@ TEST(RequestInspectorRefuses, StreamOfWrongType) {
     EXPECT_TRUE(refused(body, http::errors::invalid_request));
     Outcome o = inspect(body);
     EXPECT_NE(o.error.message.find("'stream'"), std::string::npos) << o.error.message;
+    EXPECT_EQ(o.error.param, "stream");
   }
 }
 
@@ -270,11 +271,13 @@ TEST(RequestInspectorRefuses, ModelNotAString) {
     EXPECT_TRUE(refused(body, http::errors::invalid_request));
     Outcome o = inspect(body);
     EXPECT_NE(o.error.message.find("'model'"), std::string::npos) << o.error.message;
+    EXPECT_EQ(o.error.param, "model");
   }
 }
 
 TEST(RequestInspectorRefuses, UserNotAString) {
   EXPECT_TRUE(refused(R"({"model":"m","user":7})", http::errors::invalid_request));
+  EXPECT_EQ(inspect(R"({"model":"m","user":7})").error.param, "user");
 }
 
 TEST(RequestInspectorRefuses, StreamingEmbeddings) {
@@ -282,6 +285,9 @@ TEST(RequestInspectorRefuses, StreamingEmbeddings) {
                       Endpoint::embeddings));
   Outcome o = inspect(R"({"model":"e","input":"x","stream":true})", Endpoint::embeddings);
   EXPECT_NE(o.error.message.find("Embeddings"), std::string::npos) << o.error.message;
+  EXPECT_EQ(o.error.param, "stream");
+  // Errors about the body as a whole name no field.
+  EXPECT_EQ(inspect("{bad").error.param, "");
 }
 
 TEST(RequestInspectorRefuses, BodyLargerThanTheParserCapacity) {
@@ -389,6 +395,16 @@ TEST(ErrorBody, ShapeOfTheOpenAiSdks) {
   EXPECT_EQ(e.type, "invalid_request_error");
   EXPECT_EQ(e.code, "model_not_found");
   EXPECT_TRUE(e.param_is_null);
+}
+
+// A field error names the field, as OpenAI's own validation errors do (the SDKs expose it as
+// error.param).
+TEST(ErrorBody, NamesTheFieldAtFault) {
+  const std::string body =
+      http::error_body(http::errors::invalid_request, "'stream' must be a boolean.", "stream");
+  EXPECT_EQ(body, R"({"error":{"message":"'stream' must be a boolean.",)"
+                  R"("type":"invalid_request_error","param":"stream","code":"invalid_request"}})");
+  EXPECT_FALSE(parse_error_body(body).param_is_null);
 }
 
 TEST(ErrorBody, EscapesQuotesBackslashesAndControlCharacters) {
