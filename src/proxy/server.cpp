@@ -1182,7 +1182,8 @@ bool ends_with_blank_line(std::string_view bytes) {
   return bytes.ends_with('\n') || bytes.ends_with('\r');
 }
 
-// Do `bytes` (the end of an event stream) end with a `data: [DONE]` line, terminated or not?
+// Do `bytes` (the end of an event stream, or all of it) end with an event of its own that is a
+// `data: [DONE]` line, terminated or not: after a blank line, or at the start?
 bool ends_with_done_line(std::string_view bytes) {
   while (bytes.ends_with('\n') || bytes.ends_with('\r')) bytes.remove_suffix(1);
   if (!bytes.ends_with("[DONE]")) return false;
@@ -1190,7 +1191,7 @@ bool ends_with_done_line(std::string_view bytes) {
   if (bytes.ends_with(' ')) bytes.remove_suffix(1);
   if (!bytes.ends_with("data:")) return false;
   bytes.remove_suffix(5);
-  return bytes.empty() || bytes.ends_with('\n') || bytes.ends_with('\r');
+  return bytes.empty() || ends_with_blank_line(bytes);
 }
 
 // Caps a buffer's size while it lives (reads into it then fail with buffer_overflow).
@@ -2278,9 +2279,10 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     if (hec) {
       watch_.upstream = nullptr;
       conn->close();
-      // Stray bytes (not "HTTP/") where the answer should start: what a backend wrote after its
-      // last answer on this connection. A malformed answer of its own (a bad header, too large)
-      // means it ran the request: not replayed.
+      // Stray bytes (not "HTTP/1.x") where the answer should start: what a backend wrote after
+      // its last answer on this connection. A malformed answer of its own (a bad header, too
+      // large) means it ran the request: not replayed. (An answer in another version, HTTP/2 or
+      // 0.9, also reads as bad_version and is replayed once: no HTTP/1.1 backend sends one.)
       const bool stale = !wec && conn->reused && fresh_retry == 0 && !ctx.replaced_stale &&
                          (hec == bhttp::error::end_of_stream ||
                           hec == asio::error::connection_reset || hec == bhttp::error::bad_version);
@@ -2596,7 +2598,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     ended = rp.is_done();
     if (n > 0) {
       if (is_stream) {
-        constexpr std::size_t kTail = 16;  // "data: [DONE]\r\n" and a byte to spare
+        constexpr std::size_t kTail = 24;  // "\r\n\r\ndata: [DONE]\r\n" and bytes to spare
         event_tail.append(piece.substr(piece.size() - std::min(piece.size(), kTail)));
         if (event_tail.size() > kTail) event_tail.erase(0, event_tail.size() - kTail);
         at_event_end = ends_with_blank_line(event_tail);

@@ -209,6 +209,8 @@ test('event boundaries in any line ending: a stream_idle cut after a CR-only eve
       res.write(`${event}\r\r`); // then silence past stream_idle
     } else if (req.headers['x-request-id'] === 'edge-done') {
       res.end(`${event}\n\ndata: [DONE]\n`); // the end marker without its blank line
+    } else if (req.headers['x-request-id'] === 'edge-done-in-event') {
+      res.end(`${event}\n\ndata: {"id":"c1","choi\ndata: [DONE]\n`); // [DONE] inside a cut event
     } else {
       res.end(`${event}\n\ndata: {"id":"c1","choi`); // a whole chunked message, cut inside an event
     }
@@ -236,4 +238,8 @@ test('event boundaries in any line ending: a stream_idle cut after a CR-only eve
   const done = await openStream(`${gw.url}/v1/chat/completions`, { headers: { 'content-type': 'application/json', 'x-request-id': 'edge-done' }, body });
   assert.equal((await readAll(done.res)).toString(), `${event}\n\ndata: [DONE]\n`);
   assert.equal((await receiver.waitForClientId('edge-done', 15_000)).finish, 'completed');
+  // The same line as part of an event left unfinished is no end marker.
+  const inEvent = await openStream(`${gw.url}/v1/chat/completions`, { headers: { 'content-type': 'application/json', 'x-request-id': 'edge-done-in-event' }, body });
+  await readAll(inEvent.res);
+  assert.equal((await receiver.waitForClientId('edge-done-in-event', 15_000)).finish, 'upstream_error');
 });
