@@ -20,6 +20,7 @@ import {
   openStream,
   readAll,
   httpRequest,
+  waitUntil,
 } from './lib/harness.mjs';
 
 let backend;
@@ -475,3 +476,29 @@ function metricValue(text, name) {
   const m = new RegExp(`^${name} (\\S+)$`, 'm').exec(text);
   return m ? Number(m[1]) : 0;
 }
+
+test('a stale pooled connection is replaced by a new one, never by another pooled one that may be as dead', { timeout: 30_000 }, async () => {
+  const be = await startBackend('pool');
+  const gw2 = await startGateway({ server: { workers: 1 }, load_balancing: { max_retries: 0 }, backends: [backendEntry(be, { name: 'pool' })] });
+  // Two requests at once: the worker opens two upstream connections and pools both.
+  let release;
+  const held = new Promise((resolve) => (release = resolve));
+  let arrived = 0;
+  be.handler = async (req, res) => {
+    if (++arrived === 2) release();
+    await held;
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end('{"id":"x","object":"chat.completion","choices":[]}');
+  };
+  const both = await Promise.all([0, 1].map(() => postJson(gw2.url, '/v1/chat/completions', chatBody('m1'))));
+  assert.deepEqual(both.map((r) => r.status), [200, 200]);
+  // (The gateway's model discovery made a connection of its own at start, closed since.)
+  await waitUntil(() => be.sockets.size === 2, { timeout: 5_000, what: 'two pooled connections at the backend' });
+  // The backend closes both idle connections (as a keep-alive timeout or a restart would).
+  for (const s of be.sockets) s.destroy();
+  be.handler = null;
+  const accepted = be.connectionsAccepted;
+  const res = await postJson(gw2.url, '/v1/chat/completions', chatBody('m1'));
+  assert.equal(res.status, 200, res.text().slice(0, 300));
+  assert.equal(be.connectionsAccepted, accepted + 1, 'the replay opened a new connection');
+});
