@@ -80,15 +80,9 @@ BackendSet::BackendSet(const std::vector<config::BackendConfig>& configs,
   }
 }
 
-std::size_t BackendSet::healthy_count() const {
+std::size_t BackendSet::healthy_count(bool checked_only) const {
   std::size_t n = 0;
-  for (const auto& b : backends_) n += b->healthy() ? 1 : 0;
-  return n;
-}
-
-std::size_t BackendSet::ready_count(bool active_checks) const {
-  std::size_t n = 0;
-  for (const auto& b : backends_) n += b->healthy() && (!active_checks || b->checked_ok()) ? 1 : 0;
+  for (const auto& b : backends_) n += b->healthy() && (!checked_only || b->checked_ok()) ? 1 : 0;
   return n;
 }
 

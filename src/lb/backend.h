@@ -108,10 +108,9 @@ class BackendSet {
   std::size_t size() const { return backends_.size(); }
   Backend& operator[](std::size_t i) { return *backends_[i]; }
   const Backend& operator[](std::size_t i) const { return *backends_[i]; }
-  std::size_t healthy_count() const;
-  // Healthy backends that can take traffic for /ready: with active checks, only those a check
-  // has seen answer (the start state "healthy" is an assumption until then).
-  std::size_t ready_count(bool active_checks) const;
+  // Healthy backends; with `checked_only`, only those an active check has seen answer (for
+  // /ready: the start state "healthy" is an assumption until then).
+  std::size_t healthy_count(bool checked_only = false) const;
   // Does any backend, healthy or not, serve `model`?
   bool any_serves(std::string_view model) const;
 

@@ -8,6 +8,7 @@
 // This is the one Asio/Beast-heavy translation unit of the gateway (compile time matters).
 #include "proxy/server.h"
 
+#include <fmt/chrono.h>
 #include <fmt/format.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -927,17 +928,13 @@ void ClientSession::access_log(const RequestContext& ctx, double duration_ms) {
 // The Date field of the gateway's own answers (RFC 9110 6.6.1), IMF-fixdate, formatted once a
 // second per thread. Relayed answers keep the backend's.
 std::string_view http_date_now() {
-  static constexpr std::string_view kDays[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
-  static constexpr std::string_view kMonths[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
-                                                 "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
   thread_local std::time_t formatted = -1;
   thread_local std::string text;
   const std::time_t now = std::time(nullptr);
   if (now != formatted) {
     std::tm t{};
     gmtime_r(&now, &t);
-    text = fmt::format("{}, {:02} {} {} {:02}:{:02}:{:02} GMT", kDays[t.tm_wday], t.tm_mday,
-                       kMonths[t.tm_mon], t.tm_year + 1900, t.tm_hour, t.tm_min, t.tm_sec);
+    text = fmt::format("{:%a, %d %b %Y %H:%M:%S} GMT", t);
     formatted = now;
   }
   return text;
@@ -1194,6 +1191,29 @@ bool ends_with_done_line(std::string_view bytes) {
   return bytes.empty() || ends_with_blank_line(bytes);
 }
 
+// The last bytes relayed of an event stream, kept in place (no allocation, a few bytes copied per
+// write): enough for ends_with_blank_line() and ends_with_done_line() once the relay is over.
+class StreamTail {
+ public:
+  void push(std::string_view piece) {
+    if (piece.size() >= kSize) {
+      std::memcpy(bytes_.data(), piece.data() + piece.size() - kSize, kSize);
+      size_ = kSize;
+      return;
+    }
+    const std::size_t keep = std::min(size_, kSize - piece.size());
+    std::memmove(bytes_.data(), bytes_.data() + size_ - keep, keep);
+    std::memcpy(bytes_.data() + keep, piece.data(), piece.size());
+    size_ = keep + piece.size();
+  }
+  std::string_view view() const { return {bytes_.data(), size_}; }
+
+ private:
+  static constexpr std::size_t kSize = 24;  // "\r\n\r\ndata: [DONE]\r\n" and bytes to spare
+  std::array<char, kSize> bytes_{};
+  std::size_t size_ = 0;
+};
+
 // Caps a buffer's size while it lives (reads into it then fail with buffer_overflow).
 class BufferBound {
  public:
@@ -1212,11 +1232,10 @@ class BufferBound {
 
 // Why a request's framing headers are refused (see handle_request), or empty.
 std::string_view framing_problem(const RequestParser::value_type& req) {
-  if (req.count(bhttp::field::transfer_encoding) != 0) {
+  if (const auto codings = req.count(bhttp::field::transfer_encoding); codings != 0) {
     if (req.version() < 11) return "Transfer-Encoding is not allowed in an HTTP/1.0 request.";
     // The parser has taken the optional whitespace around the value off.
-    if (req.count(bhttp::field::transfer_encoding) != 1 ||
-        !iequals(req[bhttp::field::transfer_encoding], "chunked")) {
+    if (codings != 1 || !iequals(req[bhttp::field::transfer_encoding], "chunked")) {
       return "Unsupported Transfer-Encoding; use chunked alone, or Content-Length.";
     }
   }
@@ -1302,15 +1321,10 @@ asio::awaitable<bool> ClientSession::handle_request() {
     if (const auto scheme = t.find("://");
         scheme != std::string_view::npos &&
         (iequals(t.substr(0, scheme), "http") || iequals(t.substr(0, scheme), "https"))) {
-      const auto slash = t.find('/', scheme + 3);
-      const auto query = t.find('?', scheme + 3);
-      std::string origin_form;
-      if (slash != std::string_view::npos && (query == std::string_view::npos || slash < query)) {
-        origin_form = t.substr(slash);
-      } else {
-        origin_form = "/";
-        if (query != std::string_view::npos) origin_form += t.substr(query);
-      }
+      // Path and query after the authority; an empty path is "/".
+      const auto rest = t.find_first_of("/?", scheme + 3);
+      std::string origin_form = rest != std::string_view::npos && t[rest] == '/' ? "" : "/";
+      if (rest != std::string_view::npos) origin_form += t.substr(rest);
       req.target(origin_form);
     }
   }
@@ -1420,7 +1434,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
         co_return co_await send(ctx, reply_);
       }
     }
-    bool ready = ctx.wg->gen->backends.ready_count(cfg.health_check.enabled) > 0 &&
+    bool ready = ctx.wg->gen->backends.healthy_count(cfg.health_check.enabled) > 0 &&
                  !w_.shared.draining.load(std::memory_order_relaxed);
     if (ready) {
       reply_ = Reply{200, health_body(true), keep_alive && !body_pending, {}};
@@ -2156,7 +2170,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       ctx.sent_to = &backend;
     }
     if (watch_.client_gone) co_return Attempt::retry;
-    if (wec && conn->reused && fresh_retry == 0) {
+    if (wec && conn->reused) {
       watch_.upstream = nullptr;
       conn->close();
       continue;
@@ -2283,7 +2297,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       // its last answer on this connection. A malformed answer of its own (a bad header, too
       // large) means it ran the request: not replayed. (An answer in another version, HTTP/2 or
       // 0.9, also reads as bad_version and is replayed once: no HTTP/1.1 backend sends one.)
-      const bool stale = !wec && conn->reused && fresh_retry == 0 && !ctx.replaced_stale &&
+      const bool stale = !wec && conn->reused && !ctx.replaced_stale &&
                          (hec == bhttp::error::end_of_stream ||
                           hec == asio::error::connection_reset || hec == bhttp::error::bad_version);
       if (!stale) {
@@ -2428,9 +2442,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // A stream holds no buffer of its own while it waits: the request's read space goes too.
   if (is_stream && buffer_.size() == 0) buffer_.shrink_to_fit();
   bool upstream_ok = true;
-  bool ended = false;        // the write that ends the message went out
-  bool at_event_end = true;  // what the client got so far ends between two events
-  std::string event_tail;    // its last bytes, to tell (and to know a final [DONE])
+  bool ended = false;  // the write that ends the message went out
+  StreamTail tail;     // the stream's last bytes: does it end between two events?
   char* const body_space = w_.relay_out.get();
   char* const in_space = w_.relay_in.get();
   const bool plain = !conn->is_tls();
@@ -2597,12 +2610,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     ctx.bytes_out += n;
     ended = rp.is_done();
     if (n > 0) {
-      if (is_stream) {
-        constexpr std::size_t kTail = 24;  // "\r\n\r\ndata: [DONE]\r\n" and bytes to spare
-        event_tail.append(piece.substr(piece.size() - std::min(piece.size(), kTail)));
-        if (event_tail.size() > kTail) event_tail.erase(0, event_tail.size() - kTail);
-        at_event_end = ends_with_blank_line(event_tail);
-      }
+      if (is_stream) tail.push(piece);
       const auto now = Clock::now();
       if (ctx.first_byte_ms < 0) {
         ctx.first_byte_ms = std::chrono::duration<double, std::milli>(now - ctx.start).count();
@@ -2621,10 +2629,12 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     if (fec) client_ok = false;
   }
   watch_.upstream = nullptr;
+  // Nothing relayed, or a blank line last: the client stands between two events.
+  const bool at_event_end = tail.view().empty() || ends_with_blank_line(tail.view());
   if (!client_ok) {
     ctx.finish = "client_disconnected";
     client_keep_alive = false;
-  } else if (upstream_ok && is_stream && !at_event_end && !ends_with_done_line(event_tail)) {
+  } else if (upstream_ok && is_stream && !at_event_end && !ends_with_done_line(tail.view())) {
     // The backend ended its response inside an event: the message's framing is whole, but the
     // last event is cut (clients drop it, and its usage was never seen). Relayed as it came; the
     // record says the stream did not complete. A last "data: [DONE]" line without its blank

@@ -331,7 +331,7 @@ UsageLog::UsageLog(Mode mode, const std::string& path, bool create_schema,
     if (mode == Mode::read_only) {
       // Reading is the first access to the file: a reader learns here that it cannot read it,
       // or that a newer gateway wrote it, before it reports totals it does not understand.
-      refuse_newer_schema(read_only_user_version());
+      refuse_newer_schema(user_version());
     }
     if (mode != Mode::read_only && create_schema) {
       const int version = user_version();
@@ -367,18 +367,6 @@ int UsageLog::user_version() {
   return version;
 }
 
-int UsageLog::read_only_user_version() {
-  try {
-    return user_version();
-  } catch (const SqliteError& e) {
-    if ((e.code() & 0xff) != SQLITE_CANTOPEN) throw;
-    // A WAL-mode file is read through its -shm index, which a reader creates beside it.
-    throw SqliteError(e.code(), std::string(e.what()) +
-                                    " (reading a usage log needs its directory writable, or "
-                                    "its -shm file present, as SQLite's WAL mode requires)");
-  }
-}
-
 void UsageLog::refuse_newer_schema(int version) const {
   if (version > kSchemaVersion) {
     throw std::runtime_error("usage log " + path_ + ": schema version " + std::to_string(version) +
@@ -398,7 +386,15 @@ void UsageLog::step_done(sqlite3_stmt* st, const char* what) {
 }
 
 void UsageLog::fail(int rc, const char* what) {
-  throw SqliteError(rc, "usage log " + path_ + ": " + what + ": " + sqlite3_errmsg(db_));
+  std::string message = "usage log " + path_ + ": " + what + ": " + sqlite3_errmsg(db_);
+  // A WAL-mode file is read through its -shm index, which a reader creates beside it: an open
+  // file it cannot read is a read-only directory without one.
+  if ((rc & 0xff) == SQLITE_CANTOPEN) {
+    message +=
+        " (reading a usage log needs its directory writable, or its -shm file present, as "
+        "SQLite's WAL mode requires)";
+  }
+  throw SqliteError(rc, message);
 }
 
 void UsageLog::exec(const char* sql) {

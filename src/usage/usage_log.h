@@ -182,7 +182,6 @@ class UsageLog {
                     std::string_view text, std::string_view meta);
   void migrate_v1();
   int user_version();
-  int read_only_user_version();  // user_version(), its open errors explained
   void refuse_newer_schema(int version) const;
 
   struct CachedBatch {
