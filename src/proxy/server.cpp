@@ -949,6 +949,8 @@ asio::awaitable<bool> ClientSession::send(RequestContext& ctx, Reply& reply) {
   if (reply.retry_after > 0) res.set(bhttp::field::retry_after, std::to_string(reply.retry_after));
   bool keep_alive = reply.keep_alive && !w_.shared.draining.load(std::memory_order_relaxed);
   res.keep_alive(keep_alive);
+  // An HTTP/1.0 client assumes the connection closes unless the answer says otherwise.
+  if (keep_alive && ctx.client_version < 11) res.set(bhttp::field::connection, "keep-alive");
   res.body() = std::move(reply.body);
   res.prepare_payload();
   // The answer to HEAD is the header alone, with the length the body would have: a body after
@@ -2407,7 +2409,11 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     } else if (framing == Framing::chunked) {
       w.field("Transfer-Encoding", "chunked");
     }
-    if (!client_keep_alive) w.field("Connection", "close");
+    if (!client_keep_alive) {
+      w.field("Connection", "close");
+    } else if (ctx.client_version < 11) {
+      w.field("Connection", "keep-alive");  // an HTTP/1.0 client assumes close without it
+    }
     w.put("\r\n");
     w.done();
   };

@@ -102,6 +102,28 @@ function splitAtHead(bytes) {
   return { first: text.slice(0, end), rest: text.slice(end) };
 }
 
+test('an HTTP/1.0 client asking for keep-alive is told the connection stays open, on proxied and own answers', async () => {
+  const backend = await startBackend('ka10');
+  const gw = await startGateway({ backends: [backendEntry(backend, { name: 'ka10', models: ['m1'] })] });
+  const body = JSON.stringify({ model: 'm1', messages: [] });
+  const chat = `POST /v1/chat/completions HTTP/1.0\r\nConnection: keep-alive\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`;
+  // Without `Connection: keep-alive` in the answer, an HTTP/1.0 client (ab -k) waits for the
+  // close; the last request asks for none and gets the close it expects.
+  const bytes = chat + 'GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n' + 'GET /health HTTP/1.0\r\n\r\n';
+  let rest = await bytesUntilClose(gw.port, Buffer.from(bytes));
+  const answers = [];
+  while (rest.length > 0) {
+    const r = parseResponse(rest, true);
+    answers.push(r);
+    rest = rest.subarray(r.consumed);
+  }
+  assert.deepEqual(answers.map((r) => r.status), [200, 200, 200]);
+  assert.equal(answers[0].headers.connection?.[0], 'keep-alive', 'proxied answer');
+  assert.equal(answers[1].headers.connection?.[0], 'keep-alive', "the gateway's own answer");
+  assert.notEqual(answers[2].headers.connection?.[0], 'keep-alive');
+  assert.equal(backend.apiRequests.length, 1);
+});
+
 test('HEAD gets the header GET would get and no body, so the next response on the connection stays in sync', async () => {
   const backend = await startBackend('head');
   const gw = await startGateway({ backends: [backendEntry(backend, { name: 'head', models: ['m1'] })] });
