@@ -686,7 +686,8 @@ void Pipeline::Impl::sink_loop(Sink& s) {
     }
     if (resp.status == 413 && n > 1) {
       // Too large for the receiver, not wrong: the same records again in smaller batches. Only
-      // a single record it refuses becomes a dead letter.
+      // a single record it refuses becomes a dead letter. The POST failed all the same.
+      s.failed.fetch_add(n, std::memory_order_relaxed);
       batch_cap = static_cast<int>(n / 2);
       if (!told_too_large) {
         told_too_large = true;
@@ -804,7 +805,7 @@ std::unique_ptr<Sink> Pipeline::Impl::make_sink(config::SinkConfig cfg, std::int
   auto url = config::parse_url(cfg.url, &why);
   if (!url) throw std::runtime_error("usage sink " + cfg.name + ": " + why);
   s->url = *url;
-  s->client = std::make_unique<WebhookClient>(s->url, target_of(cfg.url));
+  s->client = std::make_unique<WebhookClient>(s->url, target_of(cfg.url), &deadline_rep);
   if (memory) {
     s->log = log.get();
   } else {

@@ -10,7 +10,11 @@
 // IP literals skip it entirely.
 //
 // The response body is read in 4 KiB pieces through buffer_body and only its first 1 KiB is
-// kept (for dead letters), so a receiver answering with a large body costs no memory.
+// kept (for dead letters), so a receiver answering with a large body costs no memory; at most
+// 64 KiB of it is read at all. The deadline is also checked between reads, not only by Beast's
+// timer: reads that complete at once, one after the other (a receiver sending fast and without
+// end), each re-arm that timer, whose expiry is then always judged stale and never cuts them.
+// A shutdown cuts a POST in flight (cut_at): run() polls it while the io_context works.
 #include "usage/webhook_client.h"
 
 #include <netdb.h>
@@ -49,6 +53,8 @@ using error_code = boost::system::error_code;
 using Clock = std::chrono::steady_clock;
 
 constexpr auto use_nothrow = asio::as_tuple(asio::use_awaitable);
+// How often run() looks at cut_at while a POST is in flight.
+constexpr auto kCutPoll = std::chrono::milliseconds(100);
 
 // Retry-After as delta-seconds (RFC 9110 10.2.3), at most a day; 0 for anything else (an HTTP
 // date, which a receiver's clock would have to agree on, or garbage).
@@ -132,6 +138,7 @@ struct Attempt {
 }  // namespace
 
 struct WebhookClient::Impl {
+  const std::atomic<Clock::rep>* cut_at = nullptr;
   config::Url url;
   std::string target;
   std::string host_header;
@@ -190,8 +197,15 @@ struct WebhookClient::Impl {
     co_return std::string();
   }
 
+  bool cut_due() const {
+    if (!cut_at) return false;
+    const Clock::rep at = cut_at->load(std::memory_order_acquire);
+    return at != 0 && Clock::now() >= Clock::time_point(Clock::duration(at));
+  }
+
   template <class Stream>
-  asio::awaitable<void> exchange(Stream& s, http::request<http::string_body>& req, Attempt& out) {
+  asio::awaitable<void> exchange(Stream& s, http::request<http::string_body>& req,
+                                 Clock::time_point deadline, Attempt& out) {
     auto [wec, wn] = co_await http::async_write(s, req, use_nothrow);
     if (wec) {
       out.response.error =
@@ -202,6 +216,10 @@ struct WebhookClient::Impl {
     // Interim answers (100 Continue, 103 Early Hints) come before the final one (RFC 9110
     // 15.2): each is read and skipped, so that the next answer is never taken for this one's.
     for (;;) {
+      if (Clock::now() >= deadline) {  // interim answers sent without end
+        out.response.error = "timeout waiting for the answer";
+        co_return;
+      }
       parser.emplace();
       parser->body_limit(boost::none);  // the body is read piecewise and mostly discarded
       auto [hec, hn] = co_await http::async_read_header(s, buffer, *parser, use_nothrow);
@@ -216,23 +234,23 @@ struct WebhookClient::Impl {
       if (status < 100 || status >= 200 || status == 101) break;
     }
     auto& p = *parser;
+    // The receiver has answered: its status stands, whatever becomes of the body.
+    out.response.status = p.get().result_int();
+    out.response.retry_after_s = retry_after_seconds(p.get()[http::field::retry_after]);
     char piece[4096];
+    std::size_t drained = 0;
     while (!p.is_done()) {
+      if (drained >= WebhookResponse::kMaxDrainedBody || Clock::now() >= deadline) co_return;
       p.get().body().data = piece;
       p.get().body().size = sizeof piece;
       auto [bec, bn] = co_await http::async_read(s, buffer, p, use_nothrow);
       if (bec == http::error::need_buffer) bec = {};
-      if (bec) {
-        out.response.error = bec == beast::error::timeout ? "timeout reading the answer"
-                                                          : "receive: " + bec.message();
-        co_return;
-      }
+      if (bec) co_return;  // the connection is not kept
       std::size_t got = sizeof piece - p.get().body().size;
+      drained += got;
       std::size_t room = WebhookResponse::kMaxKeptBody - out.response.body.size();
       out.response.body.append(piece, std::min(got, room));
     }
-    out.response.status = p.get().result_int();
-    out.response.retry_after_s = retry_after_seconds(p.get()[http::field::retry_after]);
     // After a 101 the connection no longer speaks HTTP.
     out.keep_alive = p.get().keep_alive() && out.response.status != 101;
   }
@@ -248,9 +266,9 @@ struct WebhookClient::Impl {
     }
     lowest().expires_at(deadline);
     if (plain) {
-      co_await exchange(*plain, req, out);
+      co_await exchange(*plain, req, deadline, out);
     } else {
-      co_await exchange(*tls, req, out);
+      co_await exchange(*tls, req, deadline, out);
     }
   }
 
@@ -266,14 +284,31 @@ struct WebhookClient::Impl {
         }
       }
     });
-    ioc.run();
+    bool cut = false;
+    for (;;) {
+      if (!cut_at) {
+        ioc.run();
+        break;
+      }
+      ioc.run_for(kCutPoll);
+      if (ioc.stopped()) break;
+      if (!cut && cut_due()) {
+        // The pending operation completes with an error, the coroutine ends, run_for returns.
+        cut = true;
+        error_code ignored;
+        if (plain || tls) lowest().socket().close(ignored);
+      }
+    }
+    if (cut && out.response.status == 0) out.response.error = "cut at shutdown";
     if (out.response.status == 0 || !out.keep_alive) drop();
     return out;
   }
 };
 
-WebhookClient::WebhookClient(const config::Url& url, std::string target)
+WebhookClient::WebhookClient(const config::Url& url, std::string target,
+                             const std::atomic<Clock::rep>* cut_at)
     : impl_(std::make_unique<Impl>()) {
+  impl_->cut_at = cut_at;
   impl_->url = url;
   impl_->target = target.empty() ? "/" : std::move(target);
   impl_->host_header = url.authority();
@@ -308,7 +343,8 @@ WebhookResponse WebhookClient::post(const std::string& body,
   Attempt a = impl_->run(req, deadline);
   // A kept connection may have been closed by the server while idle: the request then fails
   // without a byte of answer. That is not the receiver failing; send once more on a new one.
-  if (reused && a.response.status == 0 && !a.answered && Clock::now() < deadline) {
+  if (reused && a.response.status == 0 && !a.answered && Clock::now() < deadline &&
+      !impl_->cut_due()) {
     a = impl_->run(req, deadline);
   }
   return std::move(a.response);

@@ -7,6 +7,7 @@
 // webhook_client.cpp only, the one translation unit that pays their compile time.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -25,6 +26,7 @@ struct WebhookResponse {
   // The answer's Retry-After in seconds (delta-seconds form only; 0: none, or an HTTP date).
   std::uint32_t retry_after_s = 0;
   static constexpr std::size_t kMaxKeptBody = 1024;
+  static constexpr std::size_t kMaxDrainedBody = 64 * 1024;
 };
 
 class WebhookClient {
@@ -32,15 +34,23 @@ class WebhookClient {
   // `url`: scheme, host and port (url.base_path is not used); `target`: the request-target,
   // e.g. "/hooks/usage". HTTPS verifies the certificate chain against the system store (OpenSSL's
   // default paths; SSL_CERT_FILE / SSL_CERT_DIR override them) and the host name or IP address.
-  WebhookClient(const config::Url& url, std::string target);
+  //
+  // `cut_at`, when given, is a steady_clock deadline (its time_since_epoch().count(); 0: none)
+  // another thread may set at any time, such as the pipeline's shutdown deadline: a POST still
+  // running then is cut within ~100 ms, whatever its own timeout.
+  WebhookClient(const config::Url& url, std::string target,
+                const std::atomic<std::chrono::steady_clock::rep>* cut_at = nullptr);
   ~WebhookClient();
   WebhookClient(const WebhookClient&) = delete;
   WebhookClient& operator=(const WebhookClient&) = delete;
 
   // POSTs `body` with `headers` (Host and Content-Length are added) and waits for the answer.
   // Everything (name resolution, connect, TLS handshake, send, receive) finishes within
-  // `timeout`. The connection is kept for the next call when the server allows it; a kept
-  // connection the server has closed in the meantime is replaced transparently once.
+  // `timeout`. The answer is its status line and header: once they have arrived, the status
+  // stands, and the body is read only to keep the connection (its first kMaxKeptBody bytes are
+  // kept); a body longer than kMaxDrainedBody, cut, or still arriving at the deadline closes the
+  // connection instead. The connection is kept for the next call when the server allows it; a
+  // kept connection the server has closed in the meantime is replaced transparently once.
   WebhookResponse post(const std::string& body,
                        const std::vector<std::pair<std::string, std::string>>& headers,
                        std::chrono::milliseconds timeout);

@@ -6,6 +6,7 @@
 #include <openssl/hmac.h>
 #include <simdjson.h>
 
+#include <future>
 #include <map>
 
 #include "usage/pipeline.h"
@@ -337,6 +338,13 @@ TEST(UsagePipeline, ABatchTooLargeForTheReceiverIsSplit) {
   EXPECT_EQ(delivered_ids(rx), expected_ids(0, 16));
   EXPECT_EQ(sink(p.stats(), "hook").dead_letters, 0u);
   for (const auto& req : rx.accepted()) EXPECT_LE(ids_in(req.body).size(), 2u);
+  // Each refused POST failed: its records count in webhook_failure_total, as any failure's.
+  std::uint64_t refused = 0;
+  for (const auto& req : rx.requests()) {
+    if (req.answered == 413) refused += ids_in(req.body).size();
+  }
+  EXPECT_GT(refused, 0u);
+  EXPECT_EQ(sink(p.stats(), "hook").failed, refused);
   // A single record the receiver refuses as too large is a dead letter, as any 4xx.
   Receiver tiny;
   tiny.set_script([](const Receiver::Request&, std::size_t) {
@@ -351,6 +359,64 @@ TEST(UsagePipeline, ABatchTooLargeForTheReceiverIsSplit) {
   WAIT_FOR(sink(q.stats(), "hook").dead_letters == 4);
   q.stop(soon());
   EXPECT_EQ(tiny.count(), 6u);  // 4 records, then 2, then one at a time: 4 dead letters
+}
+
+// A receiver that answers 200 and then sends its body without end (a streaming endpoint behind
+// a wrong URL): the status is the answer, the body is drained only up to a bound, and the next
+// POST goes out on a new connection. Before, the sink read that body for ever, busy, with the
+// record never counted and every later one waiting behind it.
+TEST(UsagePipeline, AnAnswerBodyWithoutEndDoesNotHoldTheSink) {
+  TempDir dir;
+  Receiver rx;
+  rx.set_script([](const Receiver::Request&, std::size_t n) {
+    Receiver::Reply r;
+    if (n == 0) r.kind = Receiver::Reply::endless;
+    return r;
+  });
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("hook", rx.url())});
+  // On a failed wait the receiver stops before the pipeline is destroyed, or that would wait on
+  // a sink still reading.
+  struct StopFirst {
+    Receiver& r;
+    ~StopFirst() { r.stop(); }
+  } stop_first{rx};
+  p.start();
+  submit_range(p, 0, 1);
+  WAIT_FOR(delivered(p) == 1);
+  submit_range(p, 1, 3);
+  WAIT_FOR(delivered(p) == 3);
+  p.stop(soon());
+  EXPECT_EQ(rx.count(), 3u);  // no POST sent twice
+  EXPECT_EQ(rx.connections(), 2u);
+  EXPECT_EQ(sink(p.stats(), "hook").failed, 0u);
+}
+
+// A POST in flight when the pipeline stops is cut at the stop deadline, not at its own timeout
+// (here 10 minutes): a shutdown takes the few seconds documented, and the record waits in the
+// log for the next start.
+TEST(UsagePipeline, StopCutsAPostInFlightAtItsDeadline) {
+  TempDir dir;
+  Receiver rx;
+  rx.set_script([](const Receiver::Request&, std::size_t) {
+    Receiver::Reply r;
+    r.kind = Receiver::Reply::hang;
+    return r;
+  });
+  auto cfg = make_sink("hook", rx.url());
+  cfg.timeout = std::chrono::minutes(10);
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
+  p.start();
+  submit_range(p, 0, 1);
+  WAIT_FOR(rx.count() == 1);
+  auto stopped = std::async(std::launch::async, [&p] { p.stop(std::chrono::steady_clock::now()); });
+  // Bounded wait, far below the POST's timeout; on failure the receiver lets the POST go.
+  const bool in_time = stopped.wait_for(std::chrono::minutes(2)) == std::future_status::ready;
+  if (!in_time) rx.release_hangs();
+  stopped.wait();
+  EXPECT_TRUE(in_time) << "stop() waited for the POST's own timeout";
+  EXPECT_EQ(delivered(p), 0u);
+  EXPECT_EQ(sink(p.stats(), "hook").backlog, 1);
+  rx.release_hangs();
 }
 
 TEST(UsagePipeline, BatchesAreArraysAndEveryRecordArrivesOnce) {

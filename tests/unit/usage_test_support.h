@@ -87,7 +87,8 @@ class Receiver {
     }
   };
   struct Reply {
-    enum Kind { respond, hang, close } kind = respond;
+    // endless: the status and a chunked body sent as fast as the sender reads, until it hangs up.
+    enum Kind { respond, hang, close, endless } kind = respond;
     unsigned status = 200;
     std::string body = "ok";
     std::string interim;  // sent before the answer, as it is ("HTTP/1.1 100 Continue\r\n\r\n")
@@ -287,6 +288,15 @@ class Receiver {
       if (reply.kind == Reply::hang) {
         std::unique_lock lk(mu_);
         cv_.wait(lk, [&] { return stopped_ || released_; });
+        return;
+      }
+      if (reply.kind == Reply::endless) {
+        std::string head = "HTTP/1.1 " + std::to_string(reply.status) +
+                           " Scripted\r\nTransfer-Encoding: chunked\r\n\r\n";
+        const std::string chunk = "1000\r\n" + std::string(4096, 'x') + "\r\n";
+        if (!send_all(fd, ssl, head)) return;
+        while (send_all(fd, ssl, chunk)) {
+        }
         return;
       }
       std::string out =
