@@ -3,6 +3,7 @@
 // safe while the gateway runs); its argument errors exit 2 so that scripts can tell them apart
 // from a failed query.
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -88,11 +89,14 @@ int run_usage(const UsageArgs& a) {
     rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
     while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
     while (!item.empty() && item.back() == ' ') item.remove_suffix(1);
-    if (item.empty()) continue;
+    if (item.empty()) return usage_error("--group-by: an empty key in \"" + a.group_by + "\"");
     auto key = u::parse_group_key(item);
     if (!key) {
       return usage_error("--group-by: unknown key \"" + std::string(item) +
                          "\" (known: user, model, api_key, backend, endpoint, finish, day)");
+    }
+    if (std::find(q.group_by.begin(), q.group_by.end(), *key) != q.group_by.end()) {
+      return usage_error("--group-by: \"" + std::string(item) + "\" is given twice");
     }
     q.group_by.push_back(*key);
   }

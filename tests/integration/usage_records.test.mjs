@@ -533,6 +533,18 @@ test('`llmproxy usage --group-by user,model --format json`: totals equal the sum
     const count = num(/^(requests|count|records|request_count|n)$/i);
     if (count !== undefined) assert.equal(count, n);
   }
+  // Wrong arguments: exit 2 and a message naming the fault, never a report.
+  const refusals = [
+    ['user,colour', /unknown key "colour"/],
+    ['user,user', /"user" is given twice/],
+    ['user,,model', /an empty key/],
+  ];
+  for (const [groupBy, why] of refusals) {
+    const bad = usageCli(['--db', gw.config.usage.log_path, '--group-by', groupBy]);
+    assert.equal(bad.status, 2, `--group-by ${groupBy}: exit ${bad.status}\n${bad.stdout}`);
+    assert.match(bad.stderr, why, `--group-by ${groupBy}`);
+    assert.equal(bad.stdout, '', `--group-by ${groupBy}`);
+  }
 });
 
 test('/metrics after known traffic: usage token counters equal the sums of the records, webhook successes equal deliveries', { timeout: 60_000 }, async () => {
