@@ -415,7 +415,7 @@ void read_sink(Reader& r, const YAML::Node& n, const std::string& path, SinkConf
   }
   std::string why;
   if (!s.url.empty()) {
-    if (auto u = parse_url(s.url, &why)) {
+    if (auto u = parse_url(s.url, &why, true)) {
       s.parsed = *u;
     } else {
       r.error(n["url"].Mark(), path + ".url", why);
@@ -708,7 +708,13 @@ std::string Url::authority() const {
   return h + ":" + std::to_string(port);
 }
 
-std::optional<Url> parse_url(std::string_view text, std::string* error) {
+std::string redact_query(std::string_view url) {
+  const auto q = url.find('?');
+  if (q == std::string_view::npos) return std::string(url);
+  return std::string(url.substr(0, q + 1)) + kRedacted;
+}
+
+std::optional<Url> parse_url(std::string_view text, std::string* error, bool allow_query) {
   Url u;
   std::string_view rest;
   if (text.starts_with("http://")) {
@@ -721,15 +727,30 @@ std::optional<Url> parse_url(std::string_view text, std::string* error) {
     *error = "URL must start with http:// or https://, got \"" + std::string(text) + "\"";
     return std::nullopt;
   }
-  auto slash = rest.find('/');
+  auto slash = rest.find_first_of(allow_query ? "/?#" : "/");
   std::string_view authority = rest.substr(0, slash);
   std::string_view path = slash == std::string_view::npos ? "" : rest.substr(slash);
   if (authority.find('@') != std::string_view::npos) {
     *error = "credentials in the URL are not supported";
     return std::nullopt;
   }
-  if (path.find_first_of("?#") != std::string_view::npos) {
+  std::string_view query;
+  if (allow_query) {
+    if (path.find('#') != std::string_view::npos) {
+      *error = "URL must not have a fragment";
+      return std::nullopt;
+    }
+    if (auto q = path.find('?'); q != std::string_view::npos) {
+      query = path.substr(q + 1);
+      path = path.substr(0, q);
+    }
+  } else if (path.find_first_of("?#") != std::string_view::npos) {
     *error = "URL must not have a query or fragment";
+    return std::nullopt;
+  }
+  if (!std::all_of(query.begin(), query.end(),
+                   [](char ch) { return path_char(ch) || ch == '?'; })) {
+    *error = "invalid character in URL query";
     return std::nullopt;
   }
   std::string_view host = authority, port;
@@ -883,7 +904,7 @@ void emit_sink(YAML::Emitter& e, const SinkConfig& s, bool with_name) {
   e << YAML::BeginMap;
   if (with_name) e << YAML::Key << "name" << YAML::Value << s.name;
   e << YAML::Key << "enabled" << YAML::Value << s.enabled;
-  e << YAML::Key << "url" << YAML::Value << s.url;
+  e << YAML::Key << "url" << YAML::Value << redact_query(s.url);
   e << YAML::Key << "timeout" << YAML::Value << format_duration(s.timeout);
   e << YAML::Key << "retry" << YAML::Value << s.retry;
   e << YAML::Key << "max_backoff" << YAML::Value << format_duration(s.max_backoff);

@@ -31,8 +31,13 @@ struct Url {
   std::string authority() const;  // Host header value: host[:port], port omitted when default
 };
 
-// Parses http(s)://host[:port][/path]; returns an error message on failure.
-std::optional<Url> parse_url(std::string_view text, std::string* error);
+// Parses http(s)://host[:port][/path]; returns an error message on failure. With `allow_query`
+// (webhook URLs: some receivers take their credentials there), a query may follow the path; it is
+// left out of base_path. A fragment is never accepted.
+std::optional<Url> parse_url(std::string_view text, std::string* error, bool allow_query = false);
+
+// `url` with its query, if any, replaced by "<redacted>": for logs and printed configurations.
+std::string redact_query(std::string_view url);
 
 struct BackendConfig {
   std::string name;  // defaults to the URL

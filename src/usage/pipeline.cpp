@@ -99,12 +99,14 @@ std::string hmac_sha256_hex(std::string_view key, std::string_view data) {
   return out;
 }
 
-// The request-target of a webhook URL, trailing slash kept ("http://h:1/a/" -> "/a/").
+// The request-target of a webhook URL, trailing slash and query kept ("http://h:1/a/" -> "/a/",
+// "http://h:1?k=v" -> "/?k=v").
 std::string target_of(std::string_view url) {
   auto scheme = url.find("://");
   auto rest = scheme == std::string_view::npos ? url : url.substr(scheme + 3);
-  auto slash = rest.find('/');
-  return slash == std::string_view::npos ? "/" : std::string(rest.substr(slash));
+  auto end = rest.find_first_of("/?");
+  if (end == std::string_view::npos) return "/";
+  return (rest[end] == '?' ? "/" : "") + std::string(rest.substr(end));
 }
 
 bool permanent_rejection(unsigned status) {
@@ -116,7 +118,7 @@ void check_sinks(const std::vector<config::SinkConfig>& sinks) {
   for (std::size_t i = 0; i < sinks.size(); ++i) {
     std::string why;
     if (sinks[i].name.empty()) throw std::runtime_error("usage sink without a name");
-    if (!config::parse_url(sinks[i].url, &why)) {
+    if (!config::parse_url(sinks[i].url, &why, true)) {
       throw std::runtime_error("usage sink " + sinks[i].name + ": " + why);
     }
     for (std::size_t k = 0; k < i; ++k) {
@@ -802,7 +804,7 @@ std::unique_ptr<Sink> Pipeline::Impl::make_sink(config::SinkConfig cfg, std::int
                                                 std::string& summary) {
   auto s = std::make_unique<Sink>();
   std::string why;
-  auto url = config::parse_url(cfg.url, &why);
+  auto url = config::parse_url(cfg.url, &why, true);
   if (!url) throw std::runtime_error("usage sink " + cfg.name + ": " + why);
   s->url = *url;
   s->client = std::make_unique<WebhookClient>(s->url, target_of(cfg.url), &deadline_rep);
@@ -839,8 +841,9 @@ std::unique_ptr<Sink> Pipeline::Impl::make_sink(config::SinkConfig cfg, std::int
   }
   s->cursor.store(*c);
   s->persisted = *c;
-  summary += fmt::format("{}{} -> {} (seq {}, {}, backlog {})", summary.empty() ? "" : "; ",
-                         cfg.name, cfg.url, *c, origin, std::max<std::int64_t>(0, head - *c));
+  summary +=
+      fmt::format("{}{} -> {} (seq {}, {}, backlog {})", summary.empty() ? "" : "; ", cfg.name,
+                  config::redact_query(cfg.url), *c, origin, std::max<std::int64_t>(0, head - *c));
   s->cfg = std::move(cfg);
   return s;
 }

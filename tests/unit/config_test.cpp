@@ -1070,6 +1070,28 @@ TEST(ParseUrl, Rejections) {
   }
 }
 
+// Webhook URLs may carry a query (receivers that take a token there); it is not part of the
+// base path, a fragment never is, and printed configurations hide it.
+TEST(ParseUrl, QueryOnlyWhereAllowed) {
+  std::string why;
+  auto u = parse_url("https://h:8443/hooks/usage?code=s3cr%2Ft&x=1/2?", &why, true);
+  ASSERT_TRUE(u.has_value()) << why;
+  EXPECT_EQ(u->host, "h");
+  EXPECT_EQ(u->port, 8443);
+  EXPECT_EQ(u->base_path, "/hooks/usage");
+  auto bare = parse_url("http://h?token=t", &why, true);
+  ASSERT_TRUE(bare.has_value()) << why;
+  EXPECT_EQ(bare->host, "h");
+  EXPECT_EQ(bare->base_path, "");
+  for (const char* text :
+       {"http://h/a?x=1#f", "http://h#f", "http://h/a?x=1 2", "http://h/?a=<b>"}) {
+    EXPECT_FALSE(parse_url(text, &why, true).has_value()) << "accepted \"" << text << "\"";
+  }
+  EXPECT_FALSE(parse_url("http://h/a?x=1", &why).has_value()) << "a backend URL took a query";
+  EXPECT_EQ(redact_query("http://h/a?token=t"), "http://h/a?<redacted>");
+  EXPECT_EQ(redact_query("http://h/a"), "http://h/a");
+}
+
 // BUG (src/config/config.cpp, parse_url): ':' is allowed in a host that is not inside brackets,
 // so "http://a:b:80" yields host "a:b" (rendered "[a:b]" by authority()) and "http://::1:8000"
 // is read as host ::1, port 8000, although RFC 3986 requires IPv6 literals in brackets.

@@ -8,6 +8,7 @@
 
 #include <future>
 #include <map>
+#include <set>
 
 #include "usage/pipeline.h"
 #include "usage/usage_log.h"
@@ -417,6 +418,22 @@ TEST(UsagePipeline, StopCutsAPostInFlightAtItsDeadline) {
   EXPECT_EQ(delivered(p), 0u);
   EXPECT_EQ(sink(p.stats(), "hook").backlog, 1);
   rx.release_hangs();
+}
+
+// A webhook URL's query goes out in the request-target, also when the URL has no path.
+TEST(UsagePipeline, PostsToTheUrlsQuery) {
+  TempDir dir;
+  Receiver rx;
+  auto bare = make_sink("bare", "http://127.0.0.1:" + std::to_string(rx.port()) + "?code=a%2Fb");
+  Pipeline p(testing::disk_config(dir.file("usage.db")),
+             {make_sink("hook", rx.url("/hooks/usage?token=t1&x=y")), bare});
+  p.start();
+  submit_range(p, 0, 1);
+  WAIT_FOR(delivered(p, "hook") == 1 && delivered(p, "bare") == 1);
+  p.stop(soon());
+  std::multiset<std::string> targets;
+  for (const auto& r : rx.requests()) targets.insert(r.target);
+  EXPECT_EQ(targets, (std::multiset<std::string>{"/?code=a%2Fb", "/hooks/usage?token=t1&x=y"}));
 }
 
 TEST(UsagePipeline, BatchesAreArraysAndEveryRecordArrivesOnce) {
