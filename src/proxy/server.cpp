@@ -3059,6 +3059,21 @@ int Gateway::run() {
     return 1;
   }
   tcp::endpoint endpoint(address, cfg.listen.port);
+  if (endpoint.port() != 0) {
+    // The workers' SO_REUSEPORT would let the gateway share a fixed port silently with any
+    // process of the same user already listening there (an old instance taking half the
+    // traffic). A plain bind first makes that an error; the probe is closed before the workers
+    // bind.
+    tcp::acceptor probe(impl_->control);
+    probe.open(endpoint.protocol(), ec);
+    if (!ec) probe.set_option(tcp::acceptor::reuse_address(true), ec);
+    if (!ec) probe.bind(endpoint, ec);
+    if (ec) {
+      log::line("error", "cannot listen on {}: {}{}", cfg.listen.to_string(), ec.message(),
+                ec == asio::error::address_in_use ? " (another process listens there)" : "");
+      return 1;
+    }
+  }
   for (int i = 0; i < nworkers; ++i) {
     impl_->workers.push_back(std::make_unique<Worker>(shared, i, shared.current));
     auto& acc = impl_->workers.back()->acceptor;

@@ -134,6 +134,26 @@ test('--config with a bad file exits non-zero without listening', { timeout: 20_
   assert.ok(diagnostics(r.stderr).some((d) => d.key === 'backends'), r.stderr);
 });
 
+test('a fixed listen port another process listens on is refused at start, not shared', { timeout: 30_000 }, async () => {
+  const backend = await startBackend('port');
+  const first = await startGateway({ backends: [backendEntry(backend, { name: 'port' })] });
+  const port = first.port;
+  const config = gatewayConfig({ listen: `127.0.0.1:${port}`, backends: [backendEntry(backend, { name: 'port' })] });
+  const file = writeTempFile('llmproxy.yaml', toYaml(config));
+  // Every worker listens with SO_REUSEPORT: without a check the second process would take part
+  // of the first one's connections.
+  const r = runGatewayCli(['--config', file]);
+  assert.equal(r.status, 1, `exit ${r.status} ${r.signal ?? ''}\n${r.stderr}`);
+  assert.match(r.stderr, /cannot listen on 127\.0\.0\.1:\d+: .*another process listens there/);
+  // The check itself does not stand in the way: with the port free, the same config starts there.
+  first.signal('SIGTERM');
+  await first.waitExit(15_000);
+  const second = await startGateway(config);
+  assert.equal(second.port, port);
+  const res = await httpRequest(`${second.url}/health`);
+  assert.equal(res.status, 200);
+});
+
 test('--version prints a version and exits 0', { timeout: 20_000 }, () => {
   const r = runGatewayCli(['--version']);
   assert.equal(r.status, 0, r.stderr);
