@@ -140,6 +140,9 @@ class Sink {
   std::unique_ptr<WebhookClient> client;
   std::thread thread;
   std::atomic<bool> retire{false};  // a reload removed or changed it: stop after this POST
+  // When a POST in flight is cut (steady_clock count; 0: never): now when the sink retires, the
+  // stop deadline when the pipeline stops. See WebhookClient.
+  std::atomic<Clock::rep> cut_at{0};
   bool replaced = false;  // reconfigure(): a changed sink, whose successor took its counters
 
   std::atomic<std::int64_t> cursor{0};
@@ -658,6 +661,8 @@ void Pipeline::Impl::sink_loop(Sink& s) {
                            "sha256=" + hmac_sha256_hex(s.cfg.secret, signed_text));
     }
     WebhookResponse resp = s.client->post(body, headers, timeout);
+    // Cut by a reload or the shutdown: not the receiver failing. The records stay in the log.
+    if (resp.cut) break;
     const std::size_t n = batch.size();
     if (resp.status >= 200 && resp.status < 300) {
       if (s.consecutive_failures > 0) {
@@ -807,7 +812,7 @@ std::unique_ptr<Sink> Pipeline::Impl::make_sink(config::SinkConfig cfg, std::int
   auto url = config::parse_url(cfg.url, &why, true);
   if (!url) throw std::runtime_error("usage sink " + cfg.name + ": " + why);
   s->url = *url;
-  s->client = std::make_unique<WebhookClient>(s->url, target_of(cfg.url), &deadline_rep);
+  s->client = std::make_unique<WebhookClient>(s->url, target_of(cfg.url), &s->cut_at);
   if (memory) {
     s->log = log.get();
   } else {
@@ -892,11 +897,15 @@ std::string Pipeline::reconfigure(std::vector<config::SinkConfig> wanted) {
     }
     return nullptr;
   };
-  // Stop the sinks that go away or change: each finishes the POST it is in, stores its cursor.
+  // Stop the sinks that go away or change: each cuts the POST it is in (the reload runs on the
+  // thread that also runs health checks and signals: it must not wait out a receiver's timeout)
+  // and stores its cursor. A cut POST may have reached the receiver: the successor sends it
+  // again, which receivers de-duplicate.
   std::vector<Sink*> leaving;
   for (auto& s : im.sinks) {
     const auto* w = find_wanted(s->cfg.name);
     if (!w || !same_sink(*w, s->cfg)) {
+      s->cut_at.store(Clock::now().time_since_epoch().count(), std::memory_order_release);
       s->retire.store(true, std::memory_order_release);
       leaving.push_back(s.get());
     }
@@ -969,6 +978,9 @@ void Pipeline::stop(std::chrono::steady_clock::time_point deadline) {
   {
     std::lock_guard lk(im.mu);
     im.deadline_rep.store(deadline.time_since_epoch().count(), std::memory_order_release);
+    for (auto& s : im.sinks) {
+      s->cut_at.store(deadline.time_since_epoch().count(), std::memory_order_release);
+    }
     im.stop_requested.store(true, std::memory_order_release);
   }
   im.writer_cv.notify_all();

@@ -75,8 +75,15 @@ struct Resolved {
   std::string error;
 };
 
+bool passed(const std::atomic<Clock::rep>* cut_at) {
+  if (!cut_at) return false;
+  const Clock::rep at = cut_at->load(std::memory_order_acquire);
+  return at != 0 && Clock::now() >= Clock::time_point(Clock::duration(at));
+}
+
 // getaddrinfo in a thread that may outlive the wait; it owns everything it touches.
-Resolved resolve(const std::string& host, std::uint16_t port, Clock::time_point deadline) {
+Resolved resolve(const std::string& host, std::uint16_t port, Clock::time_point deadline,
+                 const std::atomic<Clock::rep>* cut_at) {
   Resolved out;
   error_code ec;
   auto addr = asio::ip::make_address(host, ec);
@@ -122,11 +129,20 @@ Resolved resolve(const std::string& host, std::uint16_t port, Clock::time_point 
     return out;
   }
   std::unique_lock lk(shared->mu);
-  if (!shared->cv.wait_until(lk, deadline, [&] { return shared->done; })) {
-    out.error = "timeout resolving " + host;
-    return out;
+  for (;;) {
+    if (shared->cv.wait_until(lk, std::min(deadline, Clock::now() + kCutPoll),
+                              [&] { return shared->done; })) {
+      return std::move(shared->result);
+    }
+    if (Clock::now() >= deadline) {
+      out.error = "timeout resolving " + host;
+      return out;
+    }
+    if (passed(cut_at)) {
+      out.error = "cut";  // run() reports it as such
+      return out;
+    }
   }
-  return std::move(shared->result);
 }
 
 struct Attempt {
@@ -162,7 +178,7 @@ struct WebhookClient::Impl {
   }
 
   asio::awaitable<std::string> connect(Clock::time_point deadline) {
-    auto resolved = resolve(url.host, url.port, deadline);
+    auto resolved = resolve(url.host, url.port, deadline, cut_at);
     if (!resolved.error.empty()) co_return resolved.error;
     if (url.tls) {
       tls.emplace(ioc, *tls_ctx);
@@ -197,11 +213,7 @@ struct WebhookClient::Impl {
     co_return std::string();
   }
 
-  bool cut_due() const {
-    if (!cut_at) return false;
-    const Clock::rep at = cut_at->load(std::memory_order_acquire);
-    return at != 0 && Clock::now() >= Clock::time_point(Clock::duration(at));
-  }
+  bool cut_due() const { return passed(cut_at); }
 
   template <class Stream>
   asio::awaitable<void> exchange(Stream& s, http::request<http::string_body>& req,
@@ -299,7 +311,10 @@ struct WebhookClient::Impl {
         if (plain || tls) lowest().socket().close(ignored);
       }
     }
-    if (cut && out.response.status == 0) out.response.error = "cut at shutdown";
+    if ((cut || cut_due()) && out.response.status == 0) {
+      out.response.cut = true;
+      out.response.error = "cut";
+    }
     if (out.response.status == 0 || !out.keep_alive) drop();
     return out;
   }

@@ -25,6 +25,7 @@ struct WebhookResponse {
   std::string body;     // the first kMaxKeptBody bytes of the answer's body
   // The answer's Retry-After in seconds (delta-seconds form only; 0: none, or an HTTP date).
   std::uint32_t retry_after_s = 0;
+  bool cut = false;  // cut_at passed before an answer came (status 0)
   static constexpr std::size_t kMaxKeptBody = 1024;
   static constexpr std::size_t kMaxDrainedBody = 64 * 1024;
 };
@@ -36,8 +37,9 @@ class WebhookClient {
   // default paths; SSL_CERT_FILE / SSL_CERT_DIR override them) and the host name or IP address.
   //
   // `cut_at`, when given, is a steady_clock deadline (its time_since_epoch().count(); 0: none)
-  // another thread may set at any time, such as the pipeline's shutdown deadline: a POST still
-  // running then is cut within ~100 ms, whatever its own timeout.
+  // another thread may set at any time (the pipeline: the shutdown deadline, or now when a reload
+  // retires the sink): a POST still running then, name resolution included, is cut within
+  // ~100 ms, whatever its own timeout.
   WebhookClient(const config::Url& url, std::string target,
                 const std::atomic<std::chrono::steady_clock::rep>* cut_at = nullptr);
   ~WebhookClient();

@@ -820,6 +820,38 @@ TEST(UsagePipeline, ReconfigureReplacesASinkInBackoff) {
   EXPECT_EQ(delivered_ids(good), expected_ids(0, 4));
 }
 
+// A reload that changes a sink whose receiver hangs cuts the POST in flight: reconfigure() runs
+// on the thread of health checks and signals, and waited out the POST's timeout (here 10
+// minutes) before. The successor sends the record again, to the new URL.
+TEST(UsagePipeline, ReconfigureCutsAPostInFlight) {
+  TempDir dir;
+  Receiver hung, good;
+  hung.set_script([](const Receiver::Request&, std::size_t) {
+    Receiver::Reply r;
+    r.kind = Receiver::Reply::hang;
+    return r;
+  });
+  auto cfg = make_sink("hook", hung.url());
+  cfg.timeout = std::chrono::minutes(10);
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
+  p.start();
+  submit_range(p, 0, 1);
+  WAIT_FOR(hung.count() == 1);
+  auto next = cfg;
+  next.url = good.url();
+  auto reloaded = std::async(std::launch::async, [&p, next] { p.reconfigure({next}); });
+  // Bounded wait, far below the POST's timeout; on failure the receiver lets the POST go.
+  const bool in_time = reloaded.wait_for(std::chrono::minutes(2)) == std::future_status::ready;
+  if (!in_time) hung.release_hangs();
+  reloaded.wait();
+  EXPECT_TRUE(in_time) << "reconfigure() waited for the POST's own timeout";
+  WAIT_FOR(delivered(p) == 1);
+  p.stop(soon());
+  EXPECT_EQ(delivered_ids(good), expected_ids(0, 1));
+  EXPECT_EQ(sink(p.stats(), "hook").failed, 0u);  // a cut is not the receiver failing
+  hung.release_hangs();
+}
+
 TEST(UsagePipeline, MemoryDurabilityDelivers) {
   Receiver rx;
   config::UsageConfig u;
