@@ -670,6 +670,19 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
     read_sink(r, n, "usage_hook", c.usage_hook);
   }
   read_usage(r, root, c);
+  if (!c.usage.enabled) {
+    // With metering off no record is made: an enabled sink would get nothing, without a word.
+    std::string enabled_sinks = c.usage_hook.enabled ? "usage_hook" : "";
+    for (const auto& sink : c.usage.sinks) {
+      if (sink.enabled) enabled_sinks += (enabled_sinks.empty() ? "" : ", ") + sink.name;
+    }
+    if (!enabled_sinks.empty()) {
+      r.error(root["usage"]["enabled"].Mark(), "usage.enabled",
+              "is false, so no usage record is made, and the enabled webhook sinks (" +
+                  enabled_sinks +
+                  ") would receive none: set usage.enabled: true, or enabled: false on them");
+    }
+  }
   if (auto n = root["admin"]; r.map(n, "admin", {"token"})) {
     r.secret(n, "token", "admin", c.admin.token);
   }

@@ -286,6 +286,33 @@ usage:
   EXPECT_EQ(shared.errors[0].key_path, "usage.sinks[0].headers.X-T");
 }
 
+// Metering off with a webhook on: the webhook would get nothing, and the operator would not know.
+TEST(ConfigLoad, AnEnabledSinkNeedsMeteringOn) {
+  EXPECT_TRUE(single_error(R"(
+backends:
+  - url: http://a:8000
+usage:
+  enabled: false
+usage_hook:
+  enabled: true
+  url: http://billing/usage
+)",
+                           "usage.enabled", 4));
+  LoadResult r = load(R"(
+backends:
+  - url: http://a:8000
+usage:
+  enabled: false
+  sinks:
+    - {name: audit, url: "http://audit/u"}
+    - {name: off, url: "http://off/u", enabled: false}
+)");
+  ASSERT_EQ(r.errors.size(), 1u) << dump(r);
+  EXPECT_NE(r.errors[0].message.find("(audit)"), std::string::npos) << dump(r);
+  // Metering off and every sink off (the seed's usage_hook left out or disabled) is fine.
+  EXPECT_TRUE(load("backends:\n  - url: http://a:8000\nusage:\n  enabled: false\n").ok());
+}
+
 TEST(ConfigLoad, ListenRejections) {
   for (const char* text :
        {"8080", ":", ":65536", ":80x", "example.com:80", "[::1]8080", "[::1", "1.2.3:80", ""}) {
