@@ -30,6 +30,7 @@ inline constexpr ErrorSpec bad_gateway{502, "server_error", "upstream_error"};
 inline constexpr ErrorSpec no_healthy_backend{503, "server_error", "no_healthy_backend"};
 inline constexpr ErrorSpec usage_backlog{503, "server_error", "usage_backlog"};
 inline constexpr ErrorSpec shutting_down{503, "server_error", "shutting_down"};
+inline constexpr ErrorSpec overloaded{503, "server_error", "overloaded"};
 inline constexpr ErrorSpec gateway_timeout{504, "server_error", "upstream_timeout"};
 }  // namespace errors
 

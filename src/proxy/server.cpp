@@ -14,6 +14,7 @@
 #include <netinet/tcp.h>
 #include <signal.h>
 #include <simdjson.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 
 #include <array>
@@ -463,13 +464,37 @@ struct ConnectResult {
   std::unique_ptr<UpstreamConn> conn;
   error_code ec;
   bool timed_out = false;
+  // The gateway could not open a socket (out of file descriptors, or of memory): its own
+  // failure, not the backend's, which must not be marked down for it.
+  bool local = false;
   std::string tls_reason;  // a refused certificate: why (expired, unknown issuer, ...)
 
   std::string message() const {
     if (timed_out) return "timed out";
+    if (local) return "the gateway cannot open a socket: " + ec.message();
     return tls_reason.empty() ? ec.message() : ec.message() + ": " + tls_reason;
   }
 };
+
+// A local socket failure, logged at most once per kLocalFailureLogEvery (they come in floods).
+constexpr auto kLocalFailureLogEvery = std::chrono::seconds(10);
+std::atomic<std::int64_t> last_local_failure_log{0};
+
+void log_local_failure(const error_code& ec) {
+  const std::int64_t now = unix_ms_now();
+  std::int64_t last = last_local_failure_log.load(std::memory_order_relaxed);
+  if (now - last < std::chrono::milliseconds(kLocalFailureLogEvery).count() ||
+      !last_local_failure_log.compare_exchange_strong(last, now)) {
+    return;
+  }
+  rlimit lim{};
+  ::getrlimit(RLIMIT_NOFILE, &lim);
+  log::line("error",
+            "cannot open a socket to a backend: {} (open-file limit {}): requests get 503 "
+            "overloaded meanwhile; raise the limit (ulimit -n, LimitNOFILE=) or lower "
+            "server.max_connections",
+            ec.message(), static_cast<std::uint64_t>(lim.rlim_cur));
+}
 
 // Resolves, connects and (for https://) handshakes with verification, all within `timeout`.
 // Used by requests (connect timeout) and health checks (their own timeout) alike.
@@ -500,6 +525,15 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
     conn = std::make_unique<UpstreamConn>(beast::tcp_stream(ex), backend.index(), gen.id);
   }
   auto& tcp_stream = conn->tcp();
+  // Opened here, not by async_connect, to tell the gateway's own failure (no descriptor left)
+  // from the backend's; async_connect closes and reopens it, which costs only new connections.
+  tcp_stream.socket().open(endpoints.front().protocol(), ec);
+  if (ec) {
+    out.ec = ec;
+    out.local = true;
+    log_local_failure(ec);
+    co_return out;
+  }
   tcp_stream.expires_after(timeout);
   auto [cec, ep] = co_await tcp_stream.async_connect(endpoints, use_nothrow);
   if (cec) {
@@ -718,7 +752,7 @@ class ClientSession {
   asio::awaitable<bool> proxy(Request& req, RequestContext& ctx, bool keep_alive);
   // done: the response was relayed; retry: try another backend; first_byte_timeout: the
   // backend took the request but sent no header in time (answered 504 by proxy()).
-  enum class Attempt { done, retry, first_byte_timeout };
+  enum class Attempt { done, retry, first_byte_timeout, overloaded };
   asio::awaitable<Attempt> attempt(lb::Backend& backend, Request& req, RequestContext& ctx,
                                    bool keep_alive, bool& client_keep_alive, std::string& error);
   // A response the gateway writes itself. Built into a named local before the co_await that
@@ -1971,6 +2005,15 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
       log(ctx);
       co_return client_keep_alive;
     }
+    if (outcome == Attempt::overloaded) {
+      // Another backend would fare no better: the gateway itself is out of sockets.
+      disarm_watch();
+      ctx.finish = "upstream_error";
+      reply_ = error_reply(http::errors::overloaded,
+                           "The gateway is overloaded (" + error + "); retry later.", keep_alive);
+      reply_.retry_after = 1;
+      co_return co_await send(ctx, reply_);
+    }
     if (outcome == Attempt::first_byte_timeout) {
       disarm_watch();
       ctx.finish = "timeout";
@@ -2127,6 +2170,10 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       auto cr = co_await connect_backend(w_.ioc.get_executor(), w_.shared, *wg.gen, backend,
                                          cfg.timeouts.connect);
       if (watch_.client_gone) co_return Attempt::retry;
+      if (cr.local) {
+        error = cr.message();
+        co_return Attempt::overloaded;
+      }
       if (!cr.conn) {
         w_.metrics.upstream_error(metric_id, cr.timed_out ? metrics::UpstreamError::timeout
                                                           : metrics::UpstreamError::connect);
@@ -2770,6 +2817,7 @@ asio::awaitable<void> housekeeping_loop(Worker* w) {
 
 struct ProbeResult {
   bool ok = false;
+  bool local = false;  // the gateway could not open a socket: no verdict on the backend
   unsigned status = 0;
   std::string body;
   std::string error;
@@ -2783,6 +2831,7 @@ asio::awaitable<ProbeResult> probe(asio::io_context& ioc, Shared& shared, const 
   auto cr = co_await connect_backend(ioc.get_executor(), shared, gen, b, timeout);
   if (!cr.conn) {
     out.error = cr.message();
+    out.local = cr.local;
     co_return out;
   }
   auto conn = std::move(cr.conn);
@@ -2843,7 +2892,9 @@ asio::awaitable<void> health_loop(asio::io_context* ioc, Shared* shared,
   for (std::uint64_t round = 0; !gen->retired.load(); ++round) {
     auto result = co_await probe(*ioc, *shared, *gen, *b, hc.path, hc.timeout);
     if (gen->retired.load()) co_return;
-    if (result.ok) {
+    if (result.local) {
+      // Out of sockets here says nothing about the backend: the check is skipped.
+    } else if (result.ok) {
       b->set_checked_ok();
       if (b->record_success(hc.healthy_threshold)) {
         log::line("info", "backend {} is healthy again", b->name());
@@ -2958,10 +3009,42 @@ struct Gateway::Impl {
 Gateway::Gateway(config::Config config) : impl_(std::make_unique<Impl>(std::move(config))) {}
 Gateway::~Gateway() = default;
 
+// Every client connection may hold an upstream one; pooled idle connections and the gateway's own
+// files come on top. The soft open-file limit (1024 under systemd unless LimitNOFILE= says
+// otherwise) is raised towards that, up to the hard limit; what remains short is said at start,
+// not found out from 503s under load.
+void ensure_fd_limit(const config::Config& cfg, int workers) {
+  const auto need = static_cast<rlim_t>(2) * static_cast<rlim_t>(cfg.server.max_connections) +
+                    static_cast<rlim_t>(workers) * cfg.backends.size() *
+                        static_cast<rlim_t>(cfg.upstream.max_idle_per_backend) +
+                    64;
+  rlimit lim{};
+  if (::getrlimit(RLIMIT_NOFILE, &lim) != 0) return;
+  if (lim.rlim_cur < need && lim.rlim_cur < lim.rlim_max) {
+    const rlim_t was = lim.rlim_cur;
+    lim.rlim_cur = std::min(need, lim.rlim_max);
+    if (::setrlimit(RLIMIT_NOFILE, &lim) == 0) {
+      log::line("info", "raised the open-file limit from {} to {}", static_cast<std::uint64_t>(was),
+                static_cast<std::uint64_t>(lim.rlim_cur));
+    } else {
+      lim.rlim_cur = was;
+    }
+  }
+  if (lim.rlim_cur < need) {
+    log::line("warn",
+              "the open-file limit {} (hard limit {}) is below the ~{} that server.max_connections "
+              "{} may need: past it, requests needing a new upstream connection get 503 "
+              "overloaded; raise LimitNOFILE= / ulimit -n or lower server.max_connections",
+              static_cast<std::uint64_t>(lim.rlim_cur), static_cast<std::uint64_t>(lim.rlim_max),
+              static_cast<std::uint64_t>(need), cfg.server.max_connections);
+  }
+}
+
 int Gateway::run() {
   auto& shared = impl_->shared;
   const auto& cfg = shared.cfg;
   ::signal(SIGPIPE, SIG_IGN);
+  ensure_fd_limit(cfg, cfg.effective_workers());
 
   // Upstream TLS: system trust store (or the configured CA file), peer verification on.
   error_code ec;
