@@ -925,8 +925,11 @@ void emit_sink(YAML::Emitter& e, const SinkConfig& s, bool with_name) {
   e << YAML::Key << "batch_interval" << YAML::Value << format_duration(s.batch_interval);
   e << YAML::Key << "headers" << YAML::Value << YAML::BeginMap;
   for (const auto& [k, v] : s.headers) {
-    const bool sensitive = iequals_ascii(k, "authorization") || iequals_ascii(k, "x-api-key");
-    e << YAML::Key << k << YAML::Value << (sensitive ? std::string(kRedacted) : v);
+    // A receiver's credentials can sit in any header (X-Auth-Token, Api-Key, ...): every value
+    // is hidden but those of the few fields that describe the request.
+    const bool shown = iequals_ascii(k, "content-type") || iequals_ascii(k, "user-agent") ||
+                       iequals_ascii(k, "accept");
+    e << YAML::Key << k << YAML::Value << (shown ? v : std::string(kRedacted));
   }
   e << YAML::EndMap;
   e << YAML::Key << "secret" << YAML::Value << (s.secret.empty() ? "" : kRedacted);

@@ -1300,7 +1300,7 @@ usage_hook:
   enabled: true
   url: http://billing/usage
   batch_size: 100
-  headers: {X-Token: abc}
+  headers: {X-Token: tok-abc, User-Agent: billing-bot}
   secret: s3cret
 usage:
   durability: memory
@@ -1317,7 +1317,7 @@ usage:
   ASSERT_TRUE(r.ok()) << dump(r);
   const Config& c = *r.config;
   EXPECT_EQ(c.usage_hook.batch_size, 100);
-  ASSERT_EQ(c.usage_hook.headers.size(), 1u);
+  ASSERT_EQ(c.usage_hook.headers.size(), 2u);
   EXPECT_EQ(c.usage_hook.headers[0].first, "X-Token");
   EXPECT_EQ(c.usage.durability, Durability::memory);
   EXPECT_EQ(c.usage.on_backlog, OnBacklog::serve);
@@ -1328,16 +1328,20 @@ usage:
   EXPECT_EQ(sinks[1]->name, "audit");
   EXPECT_TRUE(sinks[1]->parsed.tls);
   EXPECT_TRUE(sinks[1]->replay);
-  // Secrets never appear in the printed configuration.
+  // Secrets never appear in the printed configuration: a sink header's value may be one (only
+  // a few descriptive fields are shown).
   std::string yaml = to_yaml(c);
   EXPECT_EQ(yaml.find("s3cret"), std::string::npos);
+  EXPECT_EQ(yaml.find("tok-abc"), std::string::npos) << yaml;
+  EXPECT_NE(yaml.find("User-Agent: billing-bot"), std::string::npos) << yaml;
   EXPECT_NE(yaml.find("<redacted>"), std::string::npos);
   // Loaded again, each placeholder is an error, not a secret anyone could guess.
   auto again = load(yaml);
   std::vector<std::string> paths;
   for (const auto& e : again.errors) paths.push_back(e.key_path);
   std::sort(paths.begin(), paths.end());
-  EXPECT_EQ(paths, (std::vector<std::string>{"usage_hook.secret"})) << dump(again);
+  EXPECT_EQ(paths, (std::vector<std::string>{"usage_hook.headers.X-Token", "usage_hook.secret"}))
+      << dump(again);
   EXPECT_TRUE(single_error("backends:\n  - url: http://a:1\nadmin:\n  token: <redacted>\n",
                            "admin.token", 4));
   EXPECT_TRUE(
