@@ -18,6 +18,9 @@
 namespace llmproxy::config {
 namespace {
 
+// The longest duration any key takes (see Reader::duration).
+constexpr Millis kMaxDuration = std::chrono::hours(24 * 365);
+
 // What --print-config writes for a secret. Read back as a value, it would become the secret
 // (an admin token anyone can guess): refused.
 constexpr const char* kRedacted = "<redacted>";
@@ -226,6 +229,12 @@ class Reader {
     }
     if (*d < min) {
       error(n.Mark(), p, "must be at least " + format_duration(min));
+      return;
+    }
+    // Deadlines are now + duration in nanoseconds: a few hundred years would wrap around and
+    // mean "at once". "Effectively never" needs no more than a year.
+    if (*d > kMaxDuration) {
+      error(n.Mark(), p, "must be at most " + format_duration(kMaxDuration) + " (a year)");
       return;
     }
     out = *d;

@@ -842,6 +842,18 @@ backends:
 }
 
 TEST(ConfigReject, BadDurations) {
+  // Beyond a year: now + duration in nanoseconds would wrap around (QA: 3000000h as
+  // first_byte answered every request 504 at once, as health_check.interval probed in a loop).
+  for (const char* key : {"timeouts:\n  first_byte: 3000000h", "timeouts:\n  stream_idle: 8761h",
+                          "health_check:\n  interval: 3000000h", "server:\n  drain_timeout: 9000h",
+                          "usage_hook:\n  timeout: 100000h"}) {
+    LoadResult r = load(std::string(key) + "\nbackends:\n  - url: http://a:8000\n");
+    ASSERT_EQ(r.errors.size(), 1u) << key << dump(r);
+    EXPECT_NE(r.errors[0].message.find("at most 8760h"), std::string::npos) << dump(r);
+  }
+  LoadResult year = load("timeouts:\n  first_byte: 8760h\nbackends:\n  - url: http://a:8000\n");
+  ASSERT_TRUE(year.ok()) << dump(year);
+  EXPECT_EQ(year.config->timeouts.first_byte, std::chrono::hours(8760));
   EXPECT_TRUE(single_error(R"(
 timeouts:
   connect: 5x
