@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -134,10 +135,12 @@ int main(int argc, char** argv) {
   std::string config_path;
   std::string check_path;
   bool print_config = false;
-  app.add_option("-c,--config", config_path, "Run the gateway with this YAML configuration file");
+  auto* config_opt = app.add_option("-c,--config", config_path,
+                                    "Run the gateway with this YAML configuration file");
   app.add_option("--check-config", check_path,
                  "Validate this configuration file, print every problem, and exit "
-                 "(0 when valid)");
+                 "(0 when valid)")
+      ->excludes(config_opt);
   app.add_flag("--print-config", print_config,
                "With --config or --check-config: print the effective configuration (defaults "
                "filled in) and exit");
@@ -160,12 +163,11 @@ int main(int argc, char** argv) {
   usage_cmd->add_option("--format", usage_args.format, "table (default), json or csv");
   usage_cmd->add_flag("--dead-letters", usage_args.dead_letters,
                       "List the records receivers rejected for good instead of totals");
-  const bool usage_mode = argc > 1 && std::string_view(argv[1]) == "usage";
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    int rc = app.exit(e);
-    return usage_mode && rc != 0 ? 2 : rc;
+    // --help and --version exit 0; every wrong command line exits 2, as a missing --config does.
+    return app.exit(e) == 0 ? 0 : 2;
   }
   if (usage_cmd->parsed()) {
     if (usage_args.config_path.empty() && usage_args.db_path.empty()) {
@@ -189,6 +191,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "llmproxy: --config FILE is required (see --help)\n");
     return 2;
   }
+  // Until the reload handler is in place (after the usage log is opened, which may wait up to a
+  // minute for another gateway to let go of it), SIGHUP would end the process: a
+  // `kill -HUP $(pidof llmproxy)` meant for a running gateway would kill the one starting.
+  ::signal(SIGHUP, SIG_IGN);
   llmproxy::config::Config cfg;
   if (!load(config_path, cfg, "not starting")) return 1;
   if (print_config) {

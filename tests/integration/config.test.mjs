@@ -154,6 +154,22 @@ test('a fixed listen port another process listens on is refused at start, not sh
   assert.equal(res.status, 200);
 });
 
+test('a wrong command line exits 2 with the reason, whatever is wrong with it', { timeout: 20_000 }, () => {
+  const file = writeTempFile('ok.yaml', 'backends:\n  - url: "http://127.0.0.1:9"\n');
+  const cases = [
+    [['--bogus'], /--bogus/],
+    [['--config'], /--config/],
+    [['extra-argument'], /extra-argument/],
+    [['--check-config', file, '--config', file], /excludes/],
+    [[], /--config FILE is required/],
+  ];
+  for (const [args, why] of cases) {
+    const r = runGatewayCli(args);
+    assert.equal(r.status, 2, `${args.join(' ')}: exit ${r.status}\n${r.stderr}`);
+    assert.match(r.stderr, why, args.join(' '));
+  }
+});
+
 test('--version prints a version and exits 0', { timeout: 20_000 }, () => {
   const r = runGatewayCli(['--version']);
   assert.equal(r.status, 0, r.stderr);

@@ -150,6 +150,15 @@ test('a second gateway on the same usage log waits for the first to exit, then t
       what: 'the second gateway waiting for the log',
     });
     assert.doesNotMatch(out, /listening on/, 'the second gateway ran beside the first');
+    // `kill -HUP $(pidof llmproxy)`, meant for the running gateway, reaches the waiting one too:
+    // it must not end it. The first reloads (its answer to SIGHUP, logged) meanwhile.
+    second.kill('SIGHUP');
+    first.signal('SIGHUP');
+    first.exitExpected = false;  // a reload, not an end
+    await waitUntil(() => /reloaded /.test(first.stderr + first.stdout), { timeout: 15_000, what: 'the first gateway reloading' });
+    // The signal, had it not been ignored, has ended the second process by the time the first
+    // (signalled after it) finished its reload.
+    assert.equal(second.exitCode, null, `the waiting gateway died of SIGHUP: ${second.signalCode}`);
     // The first still meters meanwhile; then it stops, and the second starts on the same log.
     assert.equal((await postJson(first.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': 'edge-lock-1' } })).status, 200);
     first.signal('SIGTERM');
