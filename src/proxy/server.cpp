@@ -763,7 +763,8 @@ class ClientSession {
     bool keep_alive = true;
     std::string_view allow;
     std::string_view content_type = "application/json";
-    unsigned retry_after = 0;  // seconds, for a refusal that may pass on its own
+    unsigned retry_after = 0;           // seconds, for a refusal that may pass on its own
+    std::string_view www_authenticate;  // a 401's challenge (RFC 9110 11.6.1)
   };
   static Reply error_reply(const http::ErrorSpec& spec, std::string_view message, bool keep_alive,
                            std::string_view allow = {}, std::string_view param = {}) {
@@ -981,6 +982,8 @@ asio::awaitable<bool> ClientSession::send(RequestContext& ctx, Reply& reply) {
   if (!ctx.request_id.empty()) res.set("X-Request-Id", ctx.request_id);
   if (!reply.allow.empty()) res.set(bhttp::field::allow, reply.allow);
   if (reply.retry_after > 0) res.set(bhttp::field::retry_after, std::to_string(reply.retry_after));
+  if (!reply.www_authenticate.empty())
+    res.set(bhttp::field::www_authenticate, reply.www_authenticate);
   bool keep_alive = reply.keep_alive && !w_.shared.draining.load(std::memory_order_relaxed);
   res.keep_alive(keep_alive);
   // An HTTP/1.0 client assumes the connection closes unless the answer says otherwise.
@@ -1424,6 +1427,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
       reply_ = error_reply(http::errors::unauthorized,
                            "The admin API needs 'Authorization: Bearer <admin.token>'.",
                            keep_alive && !body_pending);
+      reply_.www_authenticate = R"(Bearer realm="llmproxy admin")";
       co_return co_await send(ctx, reply_);
     }
   }

@@ -69,6 +69,7 @@ test('with admin.token, /admin/* need the bearer token; LLM routes do not', { ti
     assert.equal(res.status, 401, JSON.stringify(headers));
     const e = openAIError(res);
     assert.equal(e.code, 'invalid_admin_token');
+    assert.match(String(res.headers['www-authenticate']), /^Bearer realm="llmproxy admin"$/, 'a 401 says which scheme it wants');
   }
   const ok = await httpRequest(`${gw.url}/admin/config`, { headers: { authorization: 'Bearer adm-123456' } });
   assert.equal(ok.status, 200);
