@@ -763,8 +763,8 @@ class ClientSession {
     bool keep_alive = true;
     std::string_view allow;
     std::string_view content_type = "application/json";
-    unsigned retry_after = 0;           // seconds, for a refusal that may pass on its own
-    std::string_view www_authenticate;  // a 401's challenge (RFC 9110 11.6.1)
+    unsigned retry_after = 0;                // seconds, for a refusal that may pass on its own
+    std::string_view www_authenticate = {};  // a 401's challenge (RFC 9110 11.6.1)
   };
   static Reply error_reply(const http::ErrorSpec& spec, std::string_view message, bool keep_alive,
                            std::string_view allow = {}, std::string_view param = {}) {
