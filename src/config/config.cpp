@@ -605,11 +605,19 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
       r.error(root["listen"].Mark(), "listen", why + ", got \"" + text + "\"");
     }
   }
-  if (auto n = root["server"]; r.map(n, "server",
-                                     {"workers", "max_body_size", "max_header_size",
-                                      "max_connections", "drain_timeout", "access_log"})) {
+  if (auto n = root["server"];
+      r.map(n, "server",
+            {"workers", "max_body_size", "max_body_memory", "max_header_size", "max_connections",
+             "drain_timeout", "access_log"})) {
     r.integer(n, "workers", "server", c.server.workers, 0, 256);
     r.size(n, "max_body_size", "server", c.server.max_body_size, 1024);
+    r.size(n, "max_body_memory", "server", c.server.max_body_memory, 1024);
+    if (c.server.max_body_memory < c.server.max_body_size) {
+      r.error(Reader::has(n, "max_body_memory") ? n["max_body_memory"].Mark() : n.Mark(),
+              "server.max_body_memory",
+              "must be at least server.max_body_size (" + std::to_string(c.server.max_body_size) +
+                  " bytes), or a largest body could never be taken");
+    }
     r.size(n, "max_header_size", "server", c.server.max_header_size, 1024);
     // Beast stores a header field in at most 65,535 bytes; stay clear of that bound.
     if (c.server.max_header_size > 60 * 1024) {
@@ -954,6 +962,7 @@ std::string to_yaml(const Config& c) {
   e << YAML::Key << "server" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "workers" << YAML::Value << c.server.workers;
   e << YAML::Key << "max_body_size" << YAML::Value << c.server.max_body_size;
+  e << YAML::Key << "max_body_memory" << YAML::Value << c.server.max_body_memory;
   e << YAML::Key << "max_header_size" << YAML::Value << c.server.max_header_size;
   e << YAML::Key << "max_connections" << YAML::Value << c.server.max_connections;
   e << YAML::Key << "drain_timeout" << YAML::Value << format_duration(c.server.drain_timeout);

@@ -53,6 +53,9 @@ std::string_view to_string(Strategy s);
 struct ServerConfig {
   int workers = 0;  // 0: one per CPU core
   std::uint64_t max_body_size = 10ull * 1024 * 1024;
+  // All request bodies held in memory at once (each counted from its header's Content-Length, or
+  // as a chunked one grows, until it has been sent upstream): beyond it, 503 overloaded.
+  std::uint64_t max_body_memory = 1ull << 30;
   std::uint64_t max_header_size = 16 * 1024;
   int max_connections = 8192;
   Millis drain_timeout{30'000};

@@ -256,6 +256,8 @@ struct Shared {
   std::atomic<std::uint64_t> reloads_ok{0};
   std::atomic<std::uint64_t> reloads_failed{0};
   std::atomic<std::uint64_t> live_generation{1};
+  // Request body bytes held by all workers (BodyTicket), bounded by server.max_body_memory.
+  std::atomic<std::uint64_t> body_bytes{0};
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -639,7 +641,40 @@ struct HangupWatch {
 // ---------------------------------------------------------------------------------------------
 // Per-request context: created when the header is read, logged exactly once at the end.
 
+// A request's share of server.max_body_memory: the bytes its body holds, from the header's
+// Content-Length (reserved at once) or as a chunked body grows, until the body is freed.
+class BodyTicket {
+ public:
+  BodyTicket() = default;
+  BodyTicket(const BodyTicket&) = delete;
+  BodyTicket& operator=(const BodyTicket&) = delete;
+  ~BodyTicket() { shrink(0); }
+
+  // Holds n bytes in all (more than before); false, holding what it held, past the bound.
+  bool hold(std::atomic<std::uint64_t>& pool, std::uint64_t bound, std::uint64_t n) {
+    if (n <= held_) return true;
+    pool_ = &pool;
+    const std::uint64_t more = n - held_;
+    std::uint64_t now = pool.load(std::memory_order_relaxed);
+    do {
+      if (now + more > bound) return false;
+    } while (!pool.compare_exchange_weak(now, now + more, std::memory_order_relaxed));
+    held_ = n;
+    return true;
+  }
+  void shrink(std::uint64_t n) {
+    if (n >= held_) return;
+    pool_->fetch_sub(held_ - n, std::memory_order_relaxed);
+    held_ = n;
+  }
+
+ private:
+  std::atomic<std::uint64_t>* pool_ = nullptr;
+  std::uint64_t held_ = 0;
+};
+
 struct RequestContext {
+  BodyTicket body_ticket;  // first: released after everything that may still hold the body
   Clock::time_point start = Clock::now();
   std::shared_ptr<WorkerGen> wg;  // the configuration generation it runs on, to its end
   std::string request_id;
@@ -771,6 +806,20 @@ class ClientSession {
     return Reply{spec.status, http::error_body(spec, message, param), keep_alive, allow};
   }
   asio::awaitable<bool> send(RequestContext& ctx, Reply& reply);
+  bool hold_body(RequestContext& ctx, std::uint64_t bytes) {
+    return ctx.body_ticket.hold(w_.shared.body_bytes, w_.cfg().server.max_body_memory, bytes);
+  }
+  // 503 overloaded for a body past server.max_body_memory; the rest of it is not read.
+  Reply body_memory_reply() const {
+    Reply r = error_reply(
+        http::errors::overloaded,
+        fmt::format("The gateway holds as many request bodies as server.max_body_memory allows "
+                    "({} bytes); retry later.",
+                    w_.cfg().server.max_body_memory),
+        false);
+    r.retry_after = 1;
+    return r;
+  }
   std::string health_body(bool ready_check) const;
   asio::awaitable<std::string> metrics_body();
   asio::awaitable<metrics::WorkerMetrics> merged_metrics();
@@ -1501,6 +1550,10 @@ asio::awaitable<bool> ClientSession::handle_request() {
       co_return co_await send(ctx, reply_);
     }
   } else if (len) {
+    if (!hold_body(ctx, *len + simdjson::SIMDJSON_PADDING)) {
+      reply_ = body_memory_reply();
+      co_return co_await send(ctx, reply_);
+    }
     req.body().reserve(*len + simdjson::SIMDJSON_PADDING);
   }
   // An HTTP/1.0 client cannot take a 1xx answer: its expectation is ignored (RFC 9110 10.1.1).
@@ -1534,6 +1587,10 @@ asio::awaitable<bool> ClientSession::handle_request() {
       auto [rbec, bn] =
           co_await bhttp::async_read_some(stream_.socket(), buffer_, parser, use_nothrow);
       bec = settle(rbec);
+    }
+    if (!hold_body(ctx, req.body().capacity())) {  // a chunked body, as it grows
+      reply_ = body_memory_reply();
+      co_return co_await send(ctx, reply_);
     }
     if (bec == bhttp::error::buffer_overflow) {
       reply_ = error_reply(http::errors::invalid_request,
@@ -2401,6 +2458,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   }
   req.body().clear();
   req.body().shrink_to_fit();
+  ctx.body_ticket.shrink(ctx.retained_body.capacity());
 
   const http::ResponseHead* direct = fast_head ? &w_.resp_head : nullptr;
   const std::string_view content_type = direct ? (*direct)[bhttp::field::content_type]
@@ -2970,6 +3028,8 @@ std::vector<std::string> keep_restart_only(const config::Config& running, config
   keep(ns.workers, rs.workers, "server.workers", ns.workers == rs.workers);
   keep(ns.max_body_size, rs.max_body_size, "server.max_body_size",
        ns.max_body_size == rs.max_body_size);
+  keep(ns.max_body_memory, rs.max_body_memory, "server.max_body_memory",
+       ns.max_body_memory == rs.max_body_memory);
   keep(ns.max_header_size, rs.max_header_size, "server.max_header_size",
        ns.max_header_size == rs.max_header_size);
   keep(ns.max_connections, rs.max_connections, "server.max_connections",

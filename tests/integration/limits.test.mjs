@@ -9,6 +9,7 @@ import {
   checkProcesses,
   trackTest,
   startMock,
+  startGateway,
   backendEntry,
   gatewayConfig,
   toYaml,
@@ -139,4 +140,58 @@ test('a soft open-file limit below what max_connections needs is raised towards 
   assert.equal(Number(soft), hard === 'unlimited' ? need : Math.min(need, Number(hard)));
   const ok = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
   assert.equal(ok.status, 200);
+});
+
+// A JSON chat body of exactly n bytes.
+function chatOfSize(n) {
+  const head = '{"model":"m1","messages":[{"role":"user","content":"';
+  const tail = '"}]}';
+  return Buffer.from(head + 'a'.repeat(n - head.length - tail.length) + tail);
+}
+
+test('server.max_body_memory bounds all request bodies held at once: past it 503 overloaded, until bodies are sent on', { timeout: 60_000 }, async () => {
+  const mock = await startMock({ name: 'bodies' });
+  const gw = await startGateway({
+    server: { max_body_size: '1MiB', max_body_memory: '3584KiB' },
+    backends: [backendEntry(mock, { name: 'bodies' })],
+  });
+  const SIZE = 1_000_000;
+  const body = chatOfSize(SIZE);
+  const head = (extra = '') => `POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${SIZE}\r\nExpect: 100-continue\r\n${extra}\r\n`;
+  // Three uploads under way: the gateway has taken their bodies' memory once it says 100 Continue.
+  const held = [];
+  for (let i = 0; i < 3; i++) {
+    const c = await openConnection(gw.port);
+    const interim = await c.send(head());
+    assert.equal(interim.status, 100);
+    c.socket.write(body.subarray(0, SIZE / 2));
+    held.push(c);
+  }
+  // A fourth would pass 3.5 MiB: refused at its header, before a byte of body is read.
+  const fourth = await openConnection(gw.port);
+  const refused = await fourth.send(head());
+  assert.equal(refused.status, 503);
+  const err = JSON.parse(refused.body.toString()).error;
+  assert.equal(err.code, 'overloaded');
+  assert.match(err.message, /server\.max_body_memory/);
+  assert.equal(refused.headers['retry-after']?.[0], '1');
+  assert.equal(refused.headers.connection?.[0], 'close');
+  // A chunked body is counted as it grows: refused once it passes what is left.
+  const chunked = await openConnection(gw.port);
+  const piece = Buffer.alloc(64 * 1024, 'a');
+  const chunkedHead = 'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n';
+  const chunks = [chunkedHead, ...Array.from({ length: 15 }, () => Buffer.concat([Buffer.from(`${piece.length.toString(16)}\r\n`), piece, Buffer.from('\r\n')]))];
+  const refusedChunked = await chunked.send(Buffer.concat(chunks.map((c) => Buffer.from(c))));
+  assert.equal(refusedChunked.status, 503);
+  assert.equal(JSON.parse(refusedChunked.body.toString()).error.code, 'overloaded');
+  // The held uploads finish and are answered; their memory is free again for the next.
+  for (const c of held) {
+    const done = c.send(body.subarray(SIZE / 2));
+    assert.equal((await done).status, 200);
+  }
+  const after = await openConnection(gw.port);
+  assert.equal((await after.send(head())).status, 100);
+  const ok = await after.send(body);
+  assert.equal(ok.status, 200, ok.body.toString().slice(0, 200));
+  assert.equal(mock.running, true);
 });
