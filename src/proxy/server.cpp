@@ -934,13 +934,15 @@ asio::awaitable<void> ClientSession::run() {
   tune_socket(stream_.socket());
   error_code nbec;
   stream_.socket().non_blocking(true, nbec);  // write_now(): writes that never wait
-  for (;;) {
+  for (bool first = true;; first = false) {
     if (w_.shared.draining.load(std::memory_order_relaxed)) break;
     stop_watch();
-    // Keep-alive idle wait: the first bytes of the next request.
+    // Keep-alive idle wait: the first bytes of the next request. A new connection gets
+    // client_header for its first byte, as for the rest of its request: one that never sends
+    // anything must not hold a connection slot for the whole keep-alive time.
     if (buffer_.size() == 0) {
       idle_ = true;
-      arm(w_.cfg().timeouts.keepalive);
+      arm(first ? w_.cfg().timeouts.client_header : w_.cfg().timeouts.keepalive);
       auto [ec, n] = co_await stream_.socket().async_read_some(buffer_.prepare(4096), use_nothrow);
       idle_ = false;
       if (settle(ec)) break;
@@ -1385,9 +1387,17 @@ asio::awaitable<bool> ClientSession::handle_request() {
                              "The request headers are larger than server.max_header_size.", false);
         co_await send(ctx, reply_);
       }
-    } else if (hec != bhttp::error::end_of_stream && hec != beast::error::timeout &&
-               hec != asio::error::operation_aborted && hec != asio::error::eof &&
-               hec != asio::error::connection_reset) {
+    } else if (hec == beast::error::timeout) {
+      // A header still unfinished at client_header (a client trickling it): the deadline closed
+      // the socket, so no answer goes out, but the cut is counted and logged as the 408 it is.
+      ctx.method = "-";
+      ctx.path = "-";
+      ctx.request_id = w_.ids.next();
+      ctx.status = 408;
+      ctx.finish = "timeout";
+      log(ctx);
+    } else if (hec != bhttp::error::end_of_stream && hec != asio::error::operation_aborted &&
+               hec != asio::error::eof && hec != asio::error::connection_reset) {
       ctx.method = "-";
       ctx.path = "-";
       ctx.request_id = w_.ids.next();

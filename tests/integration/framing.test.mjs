@@ -110,6 +110,32 @@ test('timeouts.client_header bounds the body as a whole: a body trickled byte by
   assert.ok(entry.bytes_in > 0 && entry.bytes_in < BODY.length, line);
 });
 
+test('timeouts.client_header cuts a new connection that sends nothing, and a header trickled without end, which is logged as 408', { timeout: 30_000 }, async () => {
+  // keepalive is 30 s here: a silent new connection is closed at client_header (1 s), well
+  // before that (bounded wait: 15 s).
+  const silent = await connect(gw.port);
+  const silentClosed = new Promise((resolve) => silent.once('close', resolve));
+  silent.on('error', () => {});
+  const raced = await Promise.race([silentClosed.then(() => 'closed'), new Promise((r) => setTimeout(() => r('open'), 15_000))]);
+  assert.equal(raced, 'closed', 'a connection that never sent a byte was held past client_header');
+  // A header that never ends: cut at client_header, no answer, and counted.
+  const before = gw.stdout.split('\n').filter((l) => l.includes('"status":408') && l.includes('"path":"-"')).length;
+  const socket = await connect(gw.port);
+  let received = Buffer.alloc(0);
+  socket.on('data', (d) => (received = Buffer.concat([received, d])));
+  socket.on('error', () => {});
+  const closed = new Promise((resolve) => socket.once('close', resolve));
+  socket.write('POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n');
+  await closed;
+  assert.equal(received.length, 0, `answered: ${received.toString().slice(0, 100)}`);
+  await waitUntil(() => gw.stdout.split('\n').filter((l) => l.includes('"status":408') && l.includes('"path":"-"')).length > before, {
+    timeout: 5_000,
+    what: 'the access log line of the cut header',
+  });
+  const line = gw.stdout.split('\n').filter((l) => l.includes('"status":408') && l.includes('"path":"-"')).at(-1);
+  assert.equal(JSON.parse(line).finish, 'timeout', line);
+});
+
 test('refused framing: a coding besides chunked, Transfer-Encoding in HTTP/1.0, no or two Host headers', { timeout: 30_000 }, async () => {
   const hexLen = Buffer.byteLength(BODY).toString(16);
   const chunked = Buffer.from(`${hexLen}\r\n${BODY}\r\n0\r\n\r\n`);
