@@ -2553,6 +2553,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // with the header while unsent, framed as a chunk when the client's message is chunked.
   BodyWrite out;
   bool client_ok = true;
+  bool client_stalled = false;  // the client stopped reading and stream_idle passed
   // An event stream's header goes out at once, so the client learns the status while the
   // backend is still prefilling (even when the bytes that came with it hold no whole piece of
   // body yet, such as the start of a chunk-size line); any other header rides with the first
@@ -2728,6 +2729,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     if (!cwec && !pending_.empty()) cwec = co_await flush_pending(cfg.timeouts.stream_idle);
     if (cwec) {
       client_ok = false;
+      client_stalled = cwec == beast::error::timeout;
       ctx.body_copy_complete = false;  // a prefix: usage is searched for in it, not parsed
       break;
     }
@@ -2751,13 +2753,17 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     out.frame(head, chunked, {}, true);
     error_code fec = write_now(out);
     if (!fec && !pending_.empty()) fec = co_await flush_pending(cfg.timeouts.stream_idle);
-    if (fec) client_ok = false;
+    if (fec) {
+      client_ok = false;
+      client_stalled = fec == beast::error::timeout;
+    }
   }
   watch_.upstream = nullptr;
   // Nothing relayed, or a blank line last: the client stands between two events.
   const bool at_event_end = tail.view().empty() || ends_with_blank_line(tail.view());
   if (!client_ok) {
-    ctx.finish = "client_disconnected";
+    // A client that stopped reading was cut by the gateway's deadline (stream_idle): a timeout.
+    ctx.finish = client_stalled ? "timeout" : "client_disconnected";
     client_keep_alive = false;
   } else if (upstream_ok && is_stream && !at_event_end && !ends_with_done_line(tail.view())) {
     // The backend ended its response inside an event: the message's framing is whole, but the

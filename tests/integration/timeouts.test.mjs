@@ -19,6 +19,9 @@ import {
   jsonPostBytes,
   mockPathCount,
   withTimeout,
+  startBackend,
+  waitUntil,
+  httpRequest,
 } from './lib/harness.mjs';
 
 beforeEach(trackTest);
@@ -97,4 +100,35 @@ test('a backend silent mid-stream past timeouts.stream_idle: the client sees a t
   // The header and the first event come at once, then 2 s of silence: the gateway must end the
   // connection without the last chunk, so the client cannot take the cut stream as complete.
   await assert.rejects(rawExchange(gw.port, request, { timeout: 10_000 }), /without a complete response/);
+});
+
+test('a client that stops reading a stream is cut at timeouts.stream_idle, and logged as a timeout, not a hang-up', { timeout: 60_000 }, async () => {
+  const backend = await startBackend('stall');
+  // More than loopback socket buffers hold (several MiB), sent as fast as the gateway takes it.
+  const event = `data: ${JSON.stringify({ choices: [{ index: 0, delta: { content: 'x'.repeat(4000) } }] })}\n\n`;
+  backend.handler = async (req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' });
+    for (let i = 0; i < 8000 && !res.destroyed; i++) {
+      if (!res.write(event)) await new Promise((r) => { res.once('drain', r); res.once('close', r); });
+    }
+    res.end('data: [DONE]\n\n');
+  };
+  const gw = await startGateway({
+    server: { access_log: true },
+    timeouts: { stream_idle: '1s' },
+    backends: [backendEntry(backend, { name: 'stall' })],
+  });
+  const body = JSON.stringify(chatBody('m1', { stream: true }));
+  const socket = await connect(gw.port);
+  socket.on('error', () => {});
+  // Never read: no 'data' listener, the socket stays paused and the window fills.
+  socket.write(`POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: stall-1\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+  await waitUntil(() => gw.stdout.includes('"client_request_id":"stall-1"') || /"stall-1"/.test(gw.stdout), { timeout: 30_000, what: 'the access log line of the stalled stream' });
+  socket.destroy();
+  const line = gw.stdout.split('\n').find((l) => l.includes('stall-1'));
+  const entry = JSON.parse(line);
+  assert.equal(entry.finish, 'timeout', line);
+  assert.equal(entry.status, 200, 'the client got the header: its status stays');
+  const metrics = (await httpRequest(`${gw.url}/metrics`)).text();
+  assert.match(metrics, /^llmproxy_client_disconnects_total 0$/m);
 });
