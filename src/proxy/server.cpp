@@ -1372,7 +1372,10 @@ asio::awaitable<bool> ClientSession::handle_request() {
       // request line has been read then (a HEAD gets the header alone).
       const std::string_view method = parser.get().method_string();
       ctx.method = method.empty() ? "-" : std::string(method);
-      ctx.path = "-";
+      // Counted under its route, as a chunked body refused at the limit is.
+      const std::string_view target = parser.get().target();
+      ctx.path = target.empty() ? "-" : std::string(target.substr(0, target.find('?')));
+      ctx.route = metrics::route_for_path(ctx.path);
       ctx.request_id = w_.ids.next();
       std::string message = fmt::format("The request body is larger than the limit of {} bytes.",
                                         cfg.server.max_body_size);

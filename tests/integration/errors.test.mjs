@@ -19,6 +19,7 @@ import {
   openAIError,
   waitUntil,
 } from './lib/harness.mjs';
+import { scrapeMetrics, metricSum } from './lib/usage.mjs';
 
 let mock;
 let gw;
@@ -96,7 +97,11 @@ test('413 on a Content-Length over max_body_size, answered before the body is se
       ['Content-Type', 'application/json'],
       ['Content-Length', String(1536 * 1024)],
     ]);
+    const count = async () => metricSum(await scrapeMetrics(gw), 'llmproxy_requests_total', { path: '/v1/chat/completions', status: 413 });
+    const before = await count();
     assertError(headersFirst(await rawExchange(gw.port, bytes)), 413);
+    // Counted under its route, as a chunked body refused at the limit is, not under `other`.
+    await waitUntil(async () => (await count()) === before + 1, { timeout: 5_000, what: 'the 413 counted under its path' });
   });
 });
 
