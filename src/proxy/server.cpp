@@ -478,24 +478,26 @@ struct ConnectResult {
   }
 };
 
-// A local socket failure, logged at most once per kLocalFailureLogEvery (they come in floods).
+// A local socket failure, logged at most once per kLocalFailureLogEvery for each `last` (they
+// come in floods).
 constexpr auto kLocalFailureLogEvery = std::chrono::seconds(10);
-std::atomic<std::int64_t> last_local_failure_log{0};
+std::atomic<std::int64_t> last_connect_failure_log{0};
+std::atomic<std::int64_t> last_accept_failure_log{0};
 
-void log_local_failure(const error_code& ec) {
+void log_local_failure(std::atomic<std::int64_t>& last_log, const error_code& ec,
+                       std::string_view what, std::string_view meanwhile) {
   const std::int64_t now = unix_ms_now();
-  std::int64_t last = last_local_failure_log.load(std::memory_order_relaxed);
+  std::int64_t last = last_log.load(std::memory_order_relaxed);
   if (now - last < std::chrono::milliseconds(kLocalFailureLogEvery).count() ||
-      !last_local_failure_log.compare_exchange_strong(last, now)) {
+      !last_log.compare_exchange_strong(last, now)) {
     return;
   }
   rlimit lim{};
   ::getrlimit(RLIMIT_NOFILE, &lim);
   log::line("error",
-            "cannot open a socket to a backend: {} (open-file limit {}): requests get 503 "
-            "overloaded meanwhile; raise the limit (ulimit -n, LimitNOFILE=) or lower "
-            "server.max_connections",
-            ec.message(), static_cast<std::uint64_t>(lim.rlim_cur));
+            "cannot {}: {} (open-file limit {}): {} meanwhile; raise the limit (ulimit -n, "
+            "LimitNOFILE=) or lower server.max_connections",
+            what, ec.message(), static_cast<std::uint64_t>(lim.rlim_cur), meanwhile);
 }
 
 // Resolves, connects and (for https://) handshakes with verification, all within `timeout`.
@@ -533,7 +535,8 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
   if (ec) {
     out.ec = ec;
     out.local = true;
-    log_local_failure(ec);
+    log_local_failure(last_connect_failure_log, ec, "open a socket to a backend",
+                      "requests get 503 overloaded");
     co_return out;
   }
   tcp_stream.expires_after(timeout);
@@ -2842,6 +2845,10 @@ asio::awaitable<void> accept_loop(Worker* w) {
     if (ec) {
       if (ec == asio::error::operation_aborted || !w->acceptor.is_open()) co_return;
       // Out of descriptors (EMFILE) and the like: back off instead of spinning.
+      if (ec == asio::error::no_descriptors || ec.value() == ENFILE) {
+        log_local_failure(last_accept_failure_log, ec, "accept a client connection",
+                          "new connections wait in the listen backlog");
+      }
       backoff.expires_after(std::chrono::milliseconds(50));
       co_await backoff.async_wait(use_nothrow);
       continue;

@@ -103,6 +103,12 @@ test('out of file descriptors: 503 overloaded, the backend is not marked down, a
   }
   await healthRound();
   await healthRound();
+  // One more client: it waits in the listen backlog, and the failed accept is logged.
+  fillers.push(await connect(gw.port));
+  await waitUntil(() => /cannot accept a client connection: Too many open files \(open-file limit 64\): new connections wait/.test(gw.stderr + gw.stdout), {
+    timeout: 10_000,
+    what: 'the failed accept logged',
+  });
   const body = JSON.stringify(chatBody('m1'));
   const chat = `POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`;
   const refused = await a.send(chat);
