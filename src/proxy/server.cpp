@@ -1455,9 +1455,10 @@ asio::awaitable<bool> ClientSession::handle_request() {
   Route route = metrics::route_for_path(path);
   bool body_pending = !parser.is_done();
   ctx.route = route;
-  if (metrics_only_ ? route != Route::metrics
+  if (metrics_only_ ? route != Route::metrics && route != Route::health && route != Route::ready
                     : route == Route::metrics && cfg.metrics.listen.has_value()) {
-    // The metrics listener serves /metrics only; the main one then does not serve it.
+    // The metrics listener serves /metrics and the probes (which then still answer when client
+    // connections are at server.max_connections); the main one then does not serve /metrics.
     route = Route::other;
     ctx.route = route;
   }

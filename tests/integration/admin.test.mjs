@@ -83,7 +83,7 @@ test('with admin.token, /admin/* need the bearer token; LLM routes do not', { ti
   assert.equal(chat.status, 200);
 });
 
-test('metrics.listen serves /metrics on its own address, and only there', { timeout: 30_000 }, async () => {
+test('metrics.listen serves /metrics on its own address, and only there, with the probes', { timeout: 30_000 }, async () => {
   const gw = await startGateway({ backends: [backendEntry(mock, { name: 'a' })], metrics: { listen: '127.0.0.1:0' } });
   const m = /metrics on (http:\/\/127\.0\.0\.1:\d+)\/metrics/.exec(gw.stdout);
   assert.ok(m, `no metrics address in: ${gw.stdout}`);
@@ -99,6 +99,13 @@ test('metrics.listen serves /metrics on its own address, and only there', { time
   openAIError(main);
   const other = await postJson(metricsUrl, '/v1/chat/completions', chatBody('m1'));
   assert.equal(other.status, 404);
+  // The probes answer there too: an orchestrator can probe a port that client connections at
+  // server.max_connections cannot crowd out.
   const health = await httpRequest(`${metricsUrl}/health`);
-  assert.equal(health.status, 404);
+  assert.equal(health.status, 200);
+  assert.equal(JSON.parse(health.text()).status, 'ok');
+  const ready = await httpRequest(`${metricsUrl}/ready`);
+  assert.equal(ready.status, 200);
+  const admin = await httpRequest(`${metricsUrl}/admin/backends`);
+  assert.equal(admin.status, 404);
 });
