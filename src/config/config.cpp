@@ -732,6 +732,11 @@ std::string ListenAddress::to_string() const {
   return host + ":" + std::to_string(port);
 }
 
+bool ListenAddress::loopback() const {
+  return host.starts_with("127.") || host == "::1" || host.starts_with("::ffff:127.") ||
+         host == "localhost";
+}
+
 std::string Url::authority() const {
   std::string h = host.find(':') != std::string::npos ? "[" + host + "]" : host;
   if ((tls && port == 443) || (!tls && port == 80)) return h;

@@ -21,6 +21,7 @@ struct ListenAddress {
   std::string host = "0.0.0.0";  // an IP literal, "::" for IPv6 any
   std::uint16_t port = 8080;
   std::string to_string() const;
+  bool loopback() const;  // reachable from this machine only (127.0.0.0/8, ::1)
 };
 
 struct Url {

@@ -3373,6 +3373,12 @@ int Gateway::run() {
     signals.async_wait(on_signal);
   };
   signals.async_wait(on_signal);
+  if (cfg.admin.token.empty() && !cfg.listen.loopback()) {
+    log::line("warn",
+              "the admin API has no token (admin.token) and listens on {}: whoever reaches it can "
+              "read the configuration and reload it",
+              cfg.listen.to_string());
+  }
   // Printed only now: a SIGTERM right after this line must find the handler installed.
   std::string host = cfg.listen.host.find(':') != std::string::npos ? "[" + cfg.listen.host + "]"
                                                                     : cfg.listen.host;

@@ -313,6 +313,17 @@ usage:
   EXPECT_TRUE(load("backends:\n  - url: http://a:8000\nusage:\n  enabled: false\n").ok());
 }
 
+// Whether the admin API without a token is reachable from elsewhere (the start-up warning).
+TEST(ConfigLoad, LoopbackListenAddresses) {
+  for (const char* h : {"127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1", "localhost"}) {
+    EXPECT_TRUE((ListenAddress{h, 1}.loopback())) << h;
+  }
+  for (const char* h :
+       {"0.0.0.0", "::", "10.0.0.1", "192.168.1.127", "::ffff:10.0.0.1", "1270::1"}) {
+    EXPECT_FALSE((ListenAddress{h, 1}.loopback())) << h;
+  }
+}
+
 TEST(ConfigLoad, ListenRejections) {
   for (const char* text :
        {"8080", ":", ":65536", ":80x", "example.com:80", "[::1]8080", "[::1", "1.2.3:80", ""}) {
