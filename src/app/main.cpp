@@ -86,6 +86,7 @@ int run_usage(const UsageArgs& a) {
     return usage_error("--since must be before --until");
   }
   std::string_view rest = a.group_by;
+  if (rest.ends_with(',')) return usage_error("--group-by: an empty key in \"" + a.group_by + "\"");
   while (!rest.empty()) {
     auto comma = rest.find(',');
     std::string_view item = rest.substr(0, comma);

@@ -538,6 +538,7 @@ test('`llmproxy usage --group-by user,model --format json`: totals equal the sum
     ['user,colour', /unknown key "colour"/],
     ['user,user', /"user" is given twice/],
     ['user,,model', /an empty key/],
+    ['user,', /an empty key/],
   ];
   for (const [groupBy, why] of refusals) {
     const bad = usageCli(['--db', gw.config.usage.log_path, '--group-by', groupBy]);
