@@ -286,6 +286,9 @@ std::string render(const Snapshot& s) {
   out.push_back(std::move(in_flight));
   add_single(out, "llmproxy_open_connections", "Open client connections.", MetricType::Gauge,
              static_cast<double>(s.open_connections));
+  add_single(out, "llmproxy_request_body_bytes",
+             "Request body memory held now, bounded by server.max_body_memory.", MetricType::Gauge,
+             static_cast<double>(s.request_body_bytes));
   auto reloads =
       family("llmproxy_config_reloads_total",
              "Configuration reloads (SIGHUP, POST /admin/reload) by result.", MetricType::Counter);

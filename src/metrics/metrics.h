@@ -143,6 +143,7 @@ struct Snapshot {
   ReloadStats reloads;
   std::vector<BackendState> backends;
   std::int64_t open_connections = 0;
+  std::uint64_t request_body_bytes = 0;  // held under server.max_body_memory
   UsageStats usage;
 };
 

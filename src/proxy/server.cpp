@@ -16,6 +16,7 @@
 #include <simdjson.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <array>
 #include <atomic>
@@ -74,6 +75,9 @@ constexpr auto use_nothrow = asio::as_tuple(asio::use_awaitable);
 // into the first only when the socket is readable, the body is parsed into the second, and
 // written from there at once. A stream waiting for its next event holds no relay buffer.
 constexpr std::size_t kRelayScratch = 32 * 1024;
+// The most one read of a request adds to its body (Beast's http::async_read_some reads at most
+// 64 KiB into the buffer at a time).
+constexpr std::size_t kBodyRead = 64 * 1024;
 // Lingering close (ClientSession::run()): how long, how idle and how much a closing connection
 // is drained, in reads of kLingerRead bytes.
 constexpr auto kLingerTime = std::chrono::seconds(5);
@@ -500,6 +504,22 @@ void log_local_failure(std::atomic<std::int64_t>& last_log, const error_code& ec
             what, ec.message(), static_cast<std::uint64_t>(lim.rlim_cur), meanwhile);
 }
 
+// Errors that say the gateway itself is short of something (descriptors, memory), not the backend.
+bool local_error(const error_code& ec) {
+  return ec == asio::error::no_descriptors || ec == asio::error::no_memory ||
+         ec == asio::error::no_buffer_space ||
+         (ec.category() == boost::system::system_category() && ec.value() == ENFILE);
+}
+
+ConnectResult local_connect_failure(const error_code& ec) {
+  ConnectResult out;
+  out.ec = ec;
+  out.local = true;
+  log_local_failure(last_connect_failure_log, ec, "open a socket to a backend",
+                    "requests get 503 overloaded");
+  return out;
+}
+
 // Resolves, connects and (for https://) handshakes with verification, all within `timeout`.
 // Used by requests (connect timeout) and health checks (their own timeout) alike.
 asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared& shared,
@@ -507,6 +527,14 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
                                                std::chrono::milliseconds timeout) {
   const auto& url = backend.config().parsed;
   ConnectResult out;
+  // The gateway's own failure (no descriptor left) is told from the backend's first: name
+  // resolution needs descriptors too, and would fail as if the name were unknown. A socket
+  // opened and closed costs two system calls, on new connections only.
+  if (const int probe = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0); probe >= 0) {
+    ::close(probe);
+  } else {
+    co_return local_connect_failure(error_code(errno, boost::system::system_category()));
+  }
   std::vector<tcp::endpoint> endpoints;
   error_code ec;
   auto addr = asio::ip::make_address(url.host, ec);
@@ -517,6 +545,7 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
     auto [rec, results] =
         co_await resolver.async_resolve(url.host, std::to_string(url.port), use_nothrow);
     if (rec) {
+      if (local_error(rec)) co_return local_connect_failure(rec);
       out.ec = rec;
       co_return out;
     }
@@ -529,19 +558,11 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
     conn = std::make_unique<UpstreamConn>(beast::tcp_stream(ex), backend.index(), gen.id);
   }
   auto& tcp_stream = conn->tcp();
-  // Opened here, not by async_connect, to tell the gateway's own failure (no descriptor left)
-  // from the backend's; async_connect closes and reopens it, which costs only new connections.
-  tcp_stream.socket().open(endpoints.front().protocol(), ec);
-  if (ec) {
-    out.ec = ec;
-    out.local = true;
-    log_local_failure(last_connect_failure_log, ec, "open a socket to a backend",
-                      "requests get 503 overloaded");
-    co_return out;
-  }
   tcp_stream.expires_after(timeout);
   auto [cec, ep] = co_await tcp_stream.async_connect(endpoints, use_nothrow);
   if (cec) {
+    // The socket is opened by async_connect: another thread may have taken the last descriptor.
+    if (local_error(cec)) co_return local_connect_failure(cec);
     out.ec = cec;
     out.timed_out = cec == beast::error::timeout;
     co_return out;
@@ -809,8 +830,35 @@ class ClientSession {
     return Reply{spec.status, http::error_body(spec, message, param), keep_alive, allow};
   }
   asio::awaitable<bool> send(RequestContext& ctx, Reply& reply);
+  // Frees the body kept for /tokenize, and its share of server.max_body_memory.
+  static void drop_retained(RequestContext& ctx) {
+    std::string().swap(ctx.retained_body);
+    ctx.body_ticket.shrink(0);
+  }
   bool hold_body(RequestContext& ctx, std::uint64_t bytes) {
-    return ctx.body_ticket.hold(w_.shared.body_bytes, w_.cfg().server.max_body_memory, bytes);
+    // A largest body alone always fits, whatever the setting.
+    const auto& server = w_.cfg().server;
+    const std::uint64_t bound =
+        std::max(server.max_body_memory, server.max_body_size + simdjson::SIMDJSON_PADDING);
+    return ctx.body_ticket.hold(w_.shared.body_bytes, bound, bytes);
+  }
+  // Makes room in `body` for `incoming` more bytes (and simdjson's padding), at most `cap`, held
+  // under server.max_body_memory before it is taken: the body grows with what arrives, never
+  // with what a header announces. Room grows geometrically, each time exactly (a fresh string:
+  // std::string::reserve would round up to twice the old capacity).
+  bool grow_body_room(RequestContext& ctx, std::string& body, std::uint64_t incoming,
+                      std::uint64_t cap) {
+    const std::uint64_t need =
+        std::min<std::uint64_t>(cap, body.size() + incoming + simdjson::SIMDJSON_PADDING);
+    if (need <= body.capacity()) return true;
+    const std::uint64_t room =
+        std::min<std::uint64_t>(cap, std::max<std::uint64_t>(need, 2 * body.capacity()));
+    if (!hold_body(ctx, room)) return false;
+    std::string fresh;
+    fresh.reserve(room);
+    fresh.append(body);
+    body.swap(fresh);
+    return true;
   }
   // 503 overloaded for a body past server.max_body_memory; the rest of it is not read.
   Reply body_memory_reply() const {
@@ -915,8 +963,7 @@ class ClientSession {
   bool metrics_only_ = false;  // a connection to metrics.listen
   bool aborted_ = false;       // cut at the drain deadline
   bool idle_ = false;
-  std::string ctx_scratch_;  // a padded copy of a retained body for /tokenize
-  std::string pending_;      // relayed bytes a slow client has not taken yet (see write_now)
+  std::string pending_;  // relayed bytes a slow client has not taken yet (see write_now)
   // The answer the gateway itself gives, built here rather than in a local of the coroutine:
   // GCC gives every local of every branch its own place in the frame, held for the request.
   Reply reply_;
@@ -1114,6 +1161,7 @@ asio::awaitable<std::string> ClientSession::metrics_body() {
   metrics::Snapshot snap;
   snap.requests = std::move(merged);
   snap.open_connections = open_connections(w_.shared);
+  snap.request_body_bytes = w_.shared.body_bytes.load(std::memory_order_relaxed);
   for (auto& name : w_.shared.labels.names()) {
     snap.backends.push_back({std::move(name), false, 0, false});
   }
@@ -1557,7 +1605,8 @@ asio::awaitable<bool> ClientSession::handle_request() {
   }
 
   // LLM endpoints: read the whole body (bounded), with room for simdjson's padding.
-  if (auto len = parser.content_length(); len && *len > cfg.server.max_body_size) {
+  const auto len = parser.content_length();
+  if (len && *len > cfg.server.max_body_size) {
     {
       reply_ = error_reply(
           http::errors::body_too_large,
@@ -1566,13 +1615,10 @@ asio::awaitable<bool> ClientSession::handle_request() {
           false);
       co_return co_await send(ctx, reply_);
     }
-  } else if (len) {
-    if (!hold_body(ctx, *len + simdjson::SIMDJSON_PADDING)) {
-      reply_ = body_memory_reply();
-      co_return co_await send(ctx, reply_);
-    }
-    req.body().reserve(*len + simdjson::SIMDJSON_PADDING);
   }
+  // The body's room, at most: its announced length, or the limit for a chunked one.
+  const std::uint64_t body_cap =
+      (len ? *len : cfg.server.max_body_size) + simdjson::SIMDJSON_PADDING;
   // An HTTP/1.0 client cannot take a 1xx answer: its expectation is ignored (RFC 9110 10.1.1).
   if (req.version() >= 11 && iequals(req[bhttp::field::expect], "100-continue") &&
       !parser.is_done()) {
@@ -1594,6 +1640,11 @@ asio::awaitable<bool> ClientSession::handle_request() {
     // What the header's read brought is parsed here; a read only when that makes no progress.
     error_code bec;
     std::size_t used = 0;
+    // Room for what is buffered and one more read (Beast reads at most kBodyRead at a time).
+    if (!grow_body_room(ctx, req.body(), buffer_.size() + kBodyRead, body_cap)) {
+      reply_ = body_memory_reply();
+      co_return co_await send(ctx, reply_);
+    }
     if (buffer_.size() > 0) {
       used = parser.put(buffer_.data(), bec);
       buffer_.consume(used);
@@ -1605,7 +1656,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
           co_await bhttp::async_read_some(stream_.socket(), buffer_, parser, use_nothrow);
       bec = settle(rbec);
     }
-    if (!hold_body(ctx, req.body().capacity())) {  // a chunked body, as it grows
+    if (!bec && !hold_body(ctx, req.body().capacity())) {  // a read longer than foreseen
       reply_ = body_memory_reply();
       co_return co_await send(ctx, reply_);
     }
@@ -1874,7 +1925,7 @@ bool ClientSession::wants_tokenize(RequestContext& ctx) {
       !ctx.sent_to->tokenize_unsupported()) {
     return true;
   }
-  std::string().swap(ctx.retained_body);
+  drop_retained(ctx);
   return false;
 }
 
@@ -1894,7 +1945,7 @@ asio::awaitable<void> ClientSession::tokenize_prompt(RequestContext& ctx, bool c
     ctx.usage.total_tokens = n + ctx.usage.completion_tokens;
     ctx.prompt_estimated = false;
   }
-  std::string().swap(ctx.retained_body);
+  drop_retained(ctx);
 }
 
 // POST {base}/tokenize with the request's model and messages (chat) or prompt (completions),
@@ -1907,9 +1958,10 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
   const auto& cfg = gen.cfg;
   std::string body;
   {
-    std::string& padded = ctx_scratch_;
+    // A padded copy, freed with this block (a session member would keep it for the connection).
+    std::string padded;
+    padded.reserve(ctx.retained_body.size() + simdjson::SIMDJSON_PADDING);
     padded.assign(ctx.retained_body);
-    padded.reserve(padded.size() + simdjson::SIMDJSON_PADDING);
     simdjson::dom::element doc;
     if (w_.usage_parser.parse(padded.data(), padded.size(), false).get(doc)) co_return -1;
     const bool chat = ctx.endpoint == llm::Endpoint::chat_completions;
@@ -2084,8 +2136,10 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
       co_return client_keep_alive;
     }
     if (outcome == Attempt::overloaded) {
-      // Another backend would fare no better: the gateway itself is out of sockets.
+      // Another backend would fare no better: the gateway itself is out of sockets. No backend
+      // was contacted: the request is not counted under one.
       disarm_watch();
+      ctx.backend = nullptr;
       ctx.finish = "upstream_error";
       reply_ = error_reply(http::errors::overloaded,
                            "The gateway is overloaded (" + error + "); retry later.", keep_alive);
@@ -2696,7 +2750,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     if (ctx.meter) {
       piece = ctx.meter->relay(piece);
       if (!ctx.retained_body.empty() && ctx.meter->tracker().usage().reported()) {
-        std::string().swap(ctx.retained_body);  // usage is known: /tokenize will not be needed
+        drop_retained(ctx);  // usage is known: /tokenize will not be needed
       }
       if (rp.is_done()) {
         std::string_view rest = ctx.meter->finish();
