@@ -1386,6 +1386,23 @@ std::string_view framing_problem(const RequestParser::value_type& req) {
   return {};
 }
 
+// The absolute form ("http://host/v1/..."), which a server must accept (RFC 9112 3.2.2), as the
+// origin form every client sends otherwise: routed and forwarded by its path. None for a target
+// already in origin form (or in a form the gateway does not route).
+std::optional<std::string> origin_form_of(std::string_view t) {
+  if (t.starts_with('/')) return std::nullopt;
+  const auto scheme = t.find("://");
+  if (scheme == std::string_view::npos ||
+      !(iequals(t.substr(0, scheme), "http") || iequals(t.substr(0, scheme), "https"))) {
+    return std::nullopt;
+  }
+  // Path and query after the authority; an empty path is "/".
+  const auto rest = t.find_first_of("/?", scheme + 3);
+  std::string origin_form = rest != std::string_view::npos && t[rest] == '/' ? "" : "/";
+  if (rest != std::string_view::npos) origin_form += t.substr(rest);
+  return origin_form;
+}
+
 // An error of Beast's HTTP parser that the peer's bytes caused; the end of the stream before the
 // message's end is the peer going away instead.
 bool protocol_error(error_code ec) {
@@ -1424,7 +1441,9 @@ asio::awaitable<bool> ClientSession::handle_request() {
       const std::string_view method = parser.get().method_string();
       ctx.method = method.empty() ? "-" : std::string(method);
       // Counted under its route, as a chunked body refused at the limit is.
-      const std::string_view target = parser.get().target();
+      const auto origin_form = origin_form_of(parser.get().target());
+      const std::string_view target =
+          origin_form ? std::string_view(*origin_form) : std::string_view(parser.get().target());
       ctx.path = target.empty() ? "-" : std::string(target.substr(0, target.find('?')));
       ctx.route = metrics::route_for_path(ctx.path);
       ctx.request_id = w_.ids.next();
@@ -1467,19 +1486,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
   auto& req = parser.get();
   ctx.client_version = req.version();
   ctx.method = std::string(req.method_string());
-  // The absolute form ("http://host/v1/..."), which a server must accept (RFC 9112 3.2.2):
-  // routed and forwarded by its path, as the origin form every client sends otherwise.
-  if (std::string_view t = req.target(); !t.starts_with('/')) {
-    if (const auto scheme = t.find("://");
-        scheme != std::string_view::npos &&
-        (iequals(t.substr(0, scheme), "http") || iequals(t.substr(0, scheme), "https"))) {
-      // Path and query after the authority; an empty path is "/".
-      const auto rest = t.find_first_of("/?", scheme + 3);
-      std::string origin_form = rest != std::string_view::npos && t[rest] == '/' ? "" : "/";
-      if (rest != std::string_view::npos) origin_form += t.substr(rest);
-      req.target(origin_form);
-    }
-  }
+  if (auto origin_form = origin_form_of(req.target())) req.target(*origin_form);
   std::string_view target = req.target();
   std::string_view path = target.substr(0, target.find('?'));
   ctx.path = std::string(path);

@@ -100,8 +100,16 @@ test('413 on a Content-Length over max_body_size, answered before the body is se
     const count = async () => metricSum(await scrapeMetrics(gw), 'llmproxy_requests_total', { path: '/v1/chat/completions', status: 413 });
     const before = await count();
     assertError(headersFirst(await rawExchange(gw.port, bytes)), 413);
-    // Counted under its route, as a chunked body refused at the limit is, not under `other`.
+    // Counted under its route, as a chunked body refused at the limit is, not under `other`;
+    // a target in absolute form too.
     await waitUntil(async () => (await count()) === before + 1, { timeout: 5_000, what: 'the 413 counted under its path' });
+    const absolute = rawRequest('POST', `http://127.0.0.1:${gw.port}/v1/chat/completions`, [
+      ['Host', `127.0.0.1:${gw.port}`],
+      ['Content-Type', 'application/json'],
+      ['Content-Length', String(1536 * 1024)],
+    ]);
+    assertError(headersFirst(await rawExchange(gw.port, absolute)), 413);
+    await waitUntil(async () => (await count()) === before + 2, { timeout: 5_000, what: 'the absolute-form 413 counted under its path' });
   });
 });
 
