@@ -759,7 +759,7 @@ std::optional<Url> parse_url(std::string_view text, std::string* error, bool all
     u.port = 443;
     rest = text.substr(8);
   } else {
-    *error = "URL must start with http:// or https://, got \"" + std::string(text) + "\"";
+    *error = "URL must start with http:// or https://, got \"" + redact_query(text) + "\"";
     return std::nullopt;
   }
   auto slash = rest.find_first_of(allow_query ? "/?#" : "/");

@@ -1138,6 +1138,8 @@ TEST(ParseUrl, QueryOnlyWhereAllowed) {
     EXPECT_FALSE(parse_url(text, &why, true).has_value()) << "accepted \"" << text << "\"";
   }
   EXPECT_FALSE(parse_url("http://h/a?x=1", &why).has_value()) << "a backend URL took a query";
+  EXPECT_FALSE(parse_url("htp://h/x?code=SECRET", &why, true).has_value());
+  EXPECT_EQ(why.find("SECRET"), std::string::npos) << "a refused URL echoed its query: " << why;
   EXPECT_EQ(redact_query("http://h/a?token=t"), "http://h/a?<redacted>");
   EXPECT_EQ(redact_query("http://h/a"), "http://h/a");
 }
