@@ -54,6 +54,11 @@ bool path_char(char ch) {
          std::string_view("-._~%!$&'()*+,;=:@/").find(ch) != std::string_view::npos;
 }
 
+// A character of a URL's query (RFC 3986 3.4): a path's, or '?'.
+bool query_char(char ch) {
+  return path_char(ch) || ch == '?';
+}
+
 std::string join(const std::string& path, std::string_view key) {
   return path.empty() ? std::string(key) : path + "." + std::string(key);
 }
@@ -671,8 +676,7 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
     r.string(n, "path", "health_check", c.health_check.path);
     if (c.health_check.path.empty() || c.health_check.path.front() != '/') {
       r.error(n["path"].Mark(), "health_check.path", "must start with /");
-    } else if (!std::all_of(c.health_check.path.begin(), c.health_check.path.end(),
-                            [](char ch) { return path_char(ch) || ch == '?'; })) {
+    } else if (!std::all_of(c.health_check.path.begin(), c.health_check.path.end(), query_char)) {
       r.error(n["path"].Mark(), "health_check.path",
               "may hold only URL path and query characters (percent-encode the others), got \"" +
                   c.health_check.path + "\"");
@@ -743,6 +747,18 @@ std::string Url::authority() const {
   return h + ":" + std::to_string(port);
 }
 
+std::optional<std::string> origin_form(std::string_view url) {
+  const auto scheme = url.find("://");
+  if (scheme == std::string_view::npos || !(iequals_ascii(url.substr(0, scheme), "http") ||
+                                            iequals_ascii(url.substr(0, scheme), "https"))) {
+    return std::nullopt;
+  }
+  const auto rest = url.find_first_of("/?", scheme + 3);
+  std::string target = rest != std::string_view::npos && url[rest] == '/' ? "" : "/";
+  if (rest != std::string_view::npos) target += url.substr(rest);
+  return target;
+}
+
 std::string redact_query(std::string_view url) {
   const auto q = url.find('?');
   if (q == std::string_view::npos) return std::string(url);
@@ -783,8 +799,7 @@ std::optional<Url> parse_url(std::string_view text, std::string* error, bool all
     *error = "URL must not have a query or fragment";
     return std::nullopt;
   }
-  if (!std::all_of(query.begin(), query.end(),
-                   [](char ch) { return path_char(ch) || ch == '?'; })) {
+  if (!std::all_of(query.begin(), query.end(), query_char)) {
     *error = "invalid character in URL query";
     return std::nullopt;
   }

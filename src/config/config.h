@@ -37,6 +37,11 @@ struct Url {
 // left out of base_path. A fragment is never accepted.
 std::optional<Url> parse_url(std::string_view text, std::string* error, bool allow_query = false);
 
+// The request-target in origin form (path and query; "/" for an empty path) of an absolute
+// http(s) URL: "http://h:1/a?q" -> "/a?q", "http://h:1?q" -> "/?q". None for anything else (a
+// target already in origin form). Used for webhook URLs and absolute-form request targets.
+std::optional<std::string> origin_form(std::string_view url);
+
 // `url` with its query, if any, replaced by "<redacted>": for logs and printed configurations.
 std::string redact_query(std::string_view url);
 
@@ -54,8 +59,8 @@ std::string_view to_string(Strategy s);
 struct ServerConfig {
   int workers = 0;  // 0: one per CPU core
   std::uint64_t max_body_size = 10ull * 1024 * 1024;
-  // All request bodies held in memory at once (each counted from its header's Content-Length, or
-  // as a chunked one grows, until it has been sent upstream): beyond it, 503 overloaded.
+  // All request bodies held in memory at once (each counted as its bytes arrive, until the
+  // backend's answer begins): beyond it, 503 overloaded.
   std::uint64_t max_body_memory = 1ull << 30;
   std::uint64_t max_header_size = 16 * 1024;
   int max_connections = 8192;

@@ -665,8 +665,8 @@ struct HangupWatch {
 // ---------------------------------------------------------------------------------------------
 // Per-request context: created when the header is read, logged exactly once at the end.
 
-// A request's share of server.max_body_memory: the bytes its body holds, from the header's
-// Content-Length (reserved at once) or as a chunked body grows, until the body is freed.
+// A request's share of server.max_body_memory: the room its body holds (grown as bytes arrive,
+// see grow_body_room), until the body is freed.
 class BodyTicket {
  public:
   BodyTicket() = default;
@@ -855,11 +855,15 @@ class ClientSession {
     const std::uint64_t room =
         std::min<std::uint64_t>(cap, std::max<std::uint64_t>(need, 2 * body.capacity()));
     if (!hold_body(ctx, room)) return false;
+    set_room(body, room);
+    return true;
+  }
+  // Gives `body` exactly `room` bytes of capacity.
+  static void set_room(std::string& body, std::uint64_t room) {
     std::string fresh;
     fresh.reserve(room);
     fresh.append(body);
     body.swap(fresh);
-    return true;
   }
   // After a read. Beast's string body reserves the whole announced Content-Length when the first
   // body byte comes: that room, untouched (address space only), is given back at once, so that a
@@ -868,24 +872,21 @@ class ClientSession {
   bool fit_body_room(RequestContext& ctx, std::string& body, std::uint64_t cap) {
     const std::uint64_t want =
         std::min<std::uint64_t>(cap, body.size() + kBodyRead + simdjson::SIMDJSON_PADDING);
-    if (body.capacity() > want && body.capacity() > ctx.body_ticket.held()) {
-      std::string fresh;
-      fresh.reserve(want);
-      fresh.append(body);
-      body.swap(fresh);
-    }
+    if (body.capacity() > want && body.capacity() > ctx.body_ticket.held()) set_room(body, want);
     return hold_body(ctx, body.capacity());
   }
-  // 503 overloaded for a body past server.max_body_memory; the rest of it is not read.
-  Reply body_memory_reply() const {
-    Reply r = error_reply(
+  // 503 overloaded for a body past server.max_body_memory (`bytes_in` of it arrived); the rest of
+  // it is not read.
+  asio::awaitable<bool> refuse_body(RequestContext& ctx, std::size_t bytes_in) {
+    ctx.bytes_in = bytes_in;
+    reply_ = error_reply(
         http::errors::overloaded,
         fmt::format("The gateway holds as many request bodies as server.max_body_memory allows "
                     "({} bytes); retry later.",
                     w_.cfg().server.max_body_memory),
         false);
-    r.retry_after = 1;
-    return r;
+    reply_.retry_after = 1;
+    co_return co_await send(ctx, reply_);
   }
   std::string health_body(bool ready_check) const;
   asio::awaitable<std::string> metrics_body();
@@ -1403,20 +1404,10 @@ std::string_view framing_problem(const RequestParser::value_type& req) {
 }
 
 // The absolute form ("http://host/v1/..."), which a server must accept (RFC 9112 3.2.2), as the
-// origin form every client sends otherwise: routed and forwarded by its path. None for a target
-// already in origin form (or in a form the gateway does not route).
-std::optional<std::string> origin_form_of(std::string_view t) {
-  if (t.starts_with('/')) return std::nullopt;
-  const auto scheme = t.find("://");
-  if (scheme == std::string_view::npos ||
-      !(iequals(t.substr(0, scheme), "http") || iequals(t.substr(0, scheme), "https"))) {
-    return std::nullopt;
-  }
-  // Path and query after the authority; an empty path is "/".
-  const auto rest = t.find_first_of("/?", scheme + 3);
-  std::string origin_form = rest != std::string_view::npos && t[rest] == '/' ? "" : "/";
-  if (rest != std::string_view::npos) origin_form += t.substr(rest);
-  return origin_form;
+// origin form every client sends otherwise: routed and forwarded by its path.
+std::optional<std::string> origin_form_of(std::string_view target) {
+  if (target.starts_with('/')) return std::nullopt;
+  return config::origin_form(target);
 }
 
 // An error of Beast's HTTP parser that the peer's bytes caused; the end of the stream before the
@@ -1451,50 +1442,45 @@ asio::awaitable<bool> ClientSession::handle_request() {
     hec = settle(rhec);
   }
   if (hec) {
+    if (hec == bhttp::error::end_of_stream || hec == asio::error::operation_aborted ||
+        hec == asio::error::eof || hec == asio::error::connection_reset) {
+      co_return false;  // the client left: nothing to answer, nothing to count
+    }
+    // A request refused or cut at its header: no method or path to show, unless read.
+    ctx.method = "-";
+    ctx.path = "-";
+    ctx.request_id = w_.ids.next();
     if (hec == bhttp::error::body_limit) {
       // Content-Length over the limit is detected with the header: refuse before the body. The
-      // request line has been read then (a HEAD gets the header alone).
-      const std::string_view method = parser.get().method_string();
-      ctx.method = method.empty() ? "-" : std::string(method);
-      // Counted under its route, as a chunked body refused at the limit is.
+      // request line has been read then (a HEAD gets the header alone), and it is counted under
+      // its route, as a chunked body refused at the limit is.
+      if (const std::string_view method = parser.get().method_string(); !method.empty()) {
+        ctx.method = std::string(method);
+      }
       const auto origin_form = origin_form_of(parser.get().target());
       const std::string_view target =
           origin_form ? std::string_view(*origin_form) : std::string_view(parser.get().target());
-      ctx.path = target.empty() ? "-" : std::string(target.substr(0, target.find('?')));
+      if (!target.empty()) ctx.path = std::string(target.substr(0, target.find('?')));
       ctx.route = metrics::route_for_path(ctx.path);
-      ctx.request_id = w_.ids.next();
-      std::string message = fmt::format("The request body is larger than the limit of {} bytes.",
-                                        cfg.server.max_body_size);
-      reply_ = error_reply(http::errors::body_too_large, message, false);
+      reply_ = error_reply(http::errors::body_too_large,
+                           fmt::format("The request body is larger than the limit of {} bytes.",
+                                       cfg.server.max_body_size),
+                           false);
       co_await send(ctx, reply_);
     } else if (hec == bhttp::error::header_limit) {
-      ctx.method = "-";
-      ctx.path = "-";
-      ctx.request_id = w_.ids.next();
-      {
-        reply_ = error_reply(http::errors::headers_too_large,
-                             "The request headers are larger than server.max_header_size.", false);
-        co_await send(ctx, reply_);
-      }
+      reply_ = error_reply(http::errors::headers_too_large,
+                           "The request headers are larger than server.max_header_size.", false);
+      co_await send(ctx, reply_);
     } else if (hec == beast::error::timeout) {
       // A header still unfinished at client_header (a client trickling it): the deadline closed
       // the socket, so no answer goes out, but the cut is counted and logged as the 408 it is.
-      ctx.method = "-";
-      ctx.path = "-";
-      ctx.request_id = w_.ids.next();
       ctx.status = 408;
       ctx.finish = "timeout";
       log(ctx);
-    } else if (hec != bhttp::error::end_of_stream && hec != asio::error::operation_aborted &&
-               hec != asio::error::eof && hec != asio::error::connection_reset) {
-      ctx.method = "-";
-      ctx.path = "-";
-      ctx.request_id = w_.ids.next();
-      {
-        reply_ = error_reply(http::errors::invalid_request,
-                             "Malformed HTTP request: " + hec.message(), false);
-        co_await send(ctx, reply_);
-      }
+    } else {
+      reply_ = error_reply(http::errors::invalid_request,
+                           "Malformed HTTP request: " + hec.message(), false);
+      co_await send(ctx, reply_);
     }
     co_return false;
   }
@@ -1642,14 +1628,13 @@ asio::awaitable<bool> ClientSession::handle_request() {
   // The body's room, at most: its announced length, or the limit for a chunked one.
   const std::uint64_t body_cap =
       (len ? *len : cfg.server.max_body_size) + simdjson::SIMDJSON_PADDING;
-  // Room for the first read, taken before a 100 Continue invites the body.
-  if (!parser.is_done() && !grow_body_room(ctx, req.body(), buffer_.size() + kBodyRead, body_cap)) {
-    reply_ = body_memory_reply();
-    co_return co_await send(ctx, reply_);
-  }
   // An HTTP/1.0 client cannot take a 1xx answer: its expectation is ignored (RFC 9110 10.1.1).
   if (req.version() >= 11 && iequals(req[bhttp::field::expect], "100-continue") &&
       !parser.is_done()) {
+    // Room for the first read, taken before the 100 Continue invites a body.
+    if (!grow_body_room(ctx, req.body(), buffer_.size() + kBodyRead, body_cap)) {
+      co_return co_await refuse_body(ctx, 0);
+    }
     static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
     arm_until(request_deadline);
     auto [cec, cn] =
@@ -1670,9 +1655,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
     std::size_t used = 0;
     // Room for what is buffered and one more read (Beast reads at most kBodyRead at a time).
     if (!grow_body_room(ctx, req.body(), buffer_.size() + kBodyRead, body_cap)) {
-      ctx.bytes_in = req.body().size();
-      reply_ = body_memory_reply();
-      co_return co_await send(ctx, reply_);
+      co_return co_await refuse_body(ctx, req.body().size());
     }
     if (buffer_.size() > 0) {
       used = parser.put(buffer_.data(), bec);
@@ -1686,9 +1669,7 @@ asio::awaitable<bool> ClientSession::handle_request() {
       bec = settle(rbec);
     }
     if (!bec && !fit_body_room(ctx, req.body(), body_cap)) {
-      ctx.bytes_in = req.body().size();
-      reply_ = body_memory_reply();
-      co_return co_await send(ctx, reply_);
+      co_return co_await refuse_body(ctx, req.body().size());
     }
     if (bec == bhttp::error::buffer_overflow) {
       reply_ = error_reply(http::errors::invalid_request,
@@ -2930,7 +2911,7 @@ asio::awaitable<void> accept_loop(Worker* w) {
     if (ec) {
       if (ec == asio::error::operation_aborted || !w->acceptor.is_open()) co_return;
       // Out of descriptors (EMFILE) and the like: back off instead of spinning.
-      if (ec == asio::error::no_descriptors || ec.value() == ENFILE) {
+      if (local_error(ec)) {
         log_local_failure(last_accept_failure_log, ec, "accept a client connection",
                           "new connections wait in the listen backlog");
       }

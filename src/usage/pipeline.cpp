@@ -99,16 +99,6 @@ std::string hmac_sha256_hex(std::string_view key, std::string_view data) {
   return out;
 }
 
-// The request-target of a webhook URL, trailing slash and query kept ("http://h:1/a/" -> "/a/",
-// "http://h:1?k=v" -> "/?k=v").
-std::string target_of(std::string_view url) {
-  auto scheme = url.find("://");
-  auto rest = scheme == std::string_view::npos ? url : url.substr(scheme + 3);
-  auto end = rest.find_first_of("/?");
-  if (end == std::string_view::npos) return "/";
-  return (rest[end] == '?' ? "/" : "") + std::string(rest.substr(end));
-}
-
 bool permanent_rejection(unsigned status) {
   return status >= 400 && status < 500 && status != 408 && status != 429;
 }
@@ -812,7 +802,8 @@ std::unique_ptr<Sink> Pipeline::Impl::make_sink(config::SinkConfig cfg, std::int
   auto url = config::parse_url(cfg.url, &why, true);
   if (!url) throw std::runtime_error("usage sink " + cfg.name + ": " + why);
   s->url = *url;
-  s->client = std::make_unique<WebhookClient>(s->url, target_of(cfg.url), &s->cut_at);
+  s->client = std::make_unique<WebhookClient>(s->url, config::origin_form(cfg.url).value_or("/"),
+                                              s->cut_at);
   if (memory) {
     s->log = log.get();
   } else {

@@ -75,15 +75,14 @@ struct Resolved {
   std::string error;
 };
 
-bool passed(const std::atomic<Clock::rep>* cut_at) {
-  if (!cut_at) return false;
-  const Clock::rep at = cut_at->load(std::memory_order_acquire);
+bool passed(const std::atomic<Clock::rep>& cut_at) {
+  const Clock::rep at = cut_at.load(std::memory_order_acquire);
   return at != 0 && Clock::now() >= Clock::time_point(Clock::duration(at));
 }
 
 // getaddrinfo in a thread that may outlive the wait; it owns everything it touches.
 Resolved resolve(const std::string& host, std::uint16_t port, Clock::time_point deadline,
-                 const std::atomic<Clock::rep>* cut_at) {
+                 const std::atomic<Clock::rep>& cut_at) {
   Resolved out;
   error_code ec;
   auto addr = asio::ip::make_address(host, ec);
@@ -154,7 +153,8 @@ struct Attempt {
 }  // namespace
 
 struct WebhookClient::Impl {
-  const std::atomic<Clock::rep>* cut_at = nullptr;
+  explicit Impl(const std::atomic<Clock::rep>& cut) : cut_at(cut) {}
+  const std::atomic<Clock::rep>& cut_at;
   config::Url url;
   std::string target;
   std::string host_header;
@@ -296,22 +296,16 @@ struct WebhookClient::Impl {
         }
       }
     });
-    bool cut = false;
     for (;;) {
-      if (!cut_at) {
-        ioc.run();
-        break;
-      }
       ioc.run_for(kCutPoll);
       if (ioc.stopped()) break;
-      if (!cut && cut_due()) {
+      if (cut_due() && (plain || tls)) {
         // The pending operation completes with an error, the coroutine ends, run_for returns.
-        cut = true;
         error_code ignored;
-        if (plain || tls) lowest().socket().close(ignored);
+        lowest().socket().close(ignored);
       }
     }
-    if ((cut || cut_due()) && out.response.status == 0) {
+    if (out.response.status == 0 && cut_due()) {
       out.response.cut = true;
       out.response.error = "cut";
     }
@@ -321,9 +315,8 @@ struct WebhookClient::Impl {
 };
 
 WebhookClient::WebhookClient(const config::Url& url, std::string target,
-                             const std::atomic<Clock::rep>* cut_at)
-    : impl_(std::make_unique<Impl>()) {
-  impl_->cut_at = cut_at;
+                             const std::atomic<Clock::rep>& cut_at)
+    : impl_(std::make_unique<Impl>(cut_at)) {
   impl_->url = url;
   impl_->target = target.empty() ? "/" : std::move(target);
   impl_->host_header = url.authority();

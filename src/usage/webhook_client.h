@@ -36,12 +36,12 @@ class WebhookClient {
   // e.g. "/hooks/usage". HTTPS verifies the certificate chain against the system store (OpenSSL's
   // default paths; SSL_CERT_FILE / SSL_CERT_DIR override them) and the host name or IP address.
   //
-  // `cut_at`, when given, is a steady_clock deadline (its time_since_epoch().count(); 0: none)
-  // another thread may set at any time (the pipeline: the shutdown deadline, or now when a reload
-  // retires the sink): a POST still running then, name resolution included, is cut within
-  // ~100 ms, whatever its own timeout.
+  // `cut_at` is a steady_clock deadline (its time_since_epoch().count(); 0: none) that outlives
+  // the client and that another thread may set at any time (the pipeline: the shutdown deadline,
+  // or now when a reload retires the sink): a POST still running then, name resolution included, is
+  // cut within ~100 ms, whatever its own timeout.
   WebhookClient(const config::Url& url, std::string target,
-                const std::atomic<std::chrono::steady_clock::rep>* cut_at = nullptr);
+                const std::atomic<std::chrono::steady_clock::rep>& cut_at);
   ~WebhookClient();
   WebhookClient(const WebhookClient&) = delete;
   WebhookClient& operator=(const WebhookClient&) = delete;

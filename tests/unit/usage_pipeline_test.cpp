@@ -78,6 +78,15 @@ config::SinkConfig batched_sink(const std::string& url, int size,
   return cfg;
 }
 
+// A receiver that takes every request and never answers it (until release_hangs()).
+void hang_every_request(Receiver& rx) {
+  rx.set_script([](const Receiver::Request&, std::size_t) {
+    Receiver::Reply r;
+    r.kind = Receiver::Reply::hang;
+    return r;
+  });
+}
+
 std::string hmac_hex(const std::string& key, const std::string& data) {
   unsigned char mac[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
@@ -398,11 +407,7 @@ TEST(UsagePipeline, AnAnswerBodyWithoutEndDoesNotHoldTheSink) {
 TEST(UsagePipeline, StopCutsAPostInFlightAtItsDeadline) {
   TempDir dir;
   Receiver rx;
-  rx.set_script([](const Receiver::Request&, std::size_t) {
-    Receiver::Reply r;
-    r.kind = Receiver::Reply::hang;
-    return r;
-  });
+  hang_every_request(rx);
   auto cfg = make_sink("hook", rx.url());
   cfg.timeout = std::chrono::minutes(10);
   Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
@@ -826,11 +831,7 @@ TEST(UsagePipeline, ReconfigureReplacesASinkInBackoff) {
 TEST(UsagePipeline, ReconfigureCutsAPostInFlight) {
   TempDir dir;
   Receiver hung, good;
-  hung.set_script([](const Receiver::Request&, std::size_t) {
-    Receiver::Reply r;
-    r.kind = Receiver::Reply::hang;
-    return r;
-  });
+  hang_every_request(hung);
   auto cfg = make_sink("hook", hung.url());
   cfg.timeout = std::chrono::minutes(10);
   Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
