@@ -27,6 +27,11 @@ bool Backend::record_success(int healthy_threshold) {
   return false;
 }
 
+void Backend::record_passive_success() {
+  auto& l = *live_;
+  if (l.healthy.load(std::memory_order_relaxed)) l.failures.store(0, std::memory_order_relaxed);
+}
+
 bool Backend::record_failure(int unhealthy_threshold) {
   auto& l = *live_;
   l.successes.store(0, std::memory_order_relaxed);

@@ -70,6 +70,8 @@ class Backend {
   // Health bookkeeping; both return true when the call flipped the health state.
   bool record_success(int healthy_threshold);
   bool record_failure(int unhealthy_threshold);
+  // A request's answer: ends a healthy backend's run of failures; never brings a down one back.
+  void record_passive_success();
   void set_last_check(std::int64_t unix_ms) {
     live_->last_check_ms.store(unix_ms, std::memory_order_relaxed);
   }

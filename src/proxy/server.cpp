@@ -411,6 +411,10 @@ class Worker {
   // Moves a connection of generation `from` to the same backend in the current generation.
   bool rebase(const WorkerGen& from, UpstreamConn& c) {
     if (from.gen->id != c.generation || c.backend >= from.gen->backends.size()) return false;
+    // A TLS connection opened without verification is not kept once verification is on.
+    if (c.is_tls() && from.gen->cfg.upstream.tls_verify != cur->gen->cfg.upstream.tls_verify) {
+      return false;
+    }
     const auto& old = from.gen->backends[c.backend];
     const auto& now = cur->gen->backends;
     for (std::size_t i = 0; i < now.size(); ++i) {
@@ -812,7 +816,9 @@ class ClientSession {
   asio::awaitable<bool> proxy(Request& req, RequestContext& ctx, bool keep_alive);
   // done: the response was relayed; retry: try another backend; first_byte_timeout: the
   // backend took the request but sent no header in time (answered 504 by proxy()).
-  enum class Attempt { done, retry, first_byte_timeout, overloaded };
+  // bad_answer: the backend began an answer it did not finish or that cannot be read; it ran the
+  // request, so another backend is not asked to run it again (502).
+  enum class Attempt { done, retry, first_byte_timeout, overloaded, bad_answer };
   asio::awaitable<Attempt> attempt(lb::Backend& backend, Request& req, RequestContext& ctx,
                                    bool keep_alive, bool& client_keep_alive, std::string& error);
   // A response the gateway writes itself. Built into a named local before the co_await that
@@ -1861,7 +1867,9 @@ void ClientSession::record_passive(const config::HealthCheck& hc, lb::Backend& b
   // backend back, so without them a passive "down" would be permanent.
   if (!hc.enabled) return;
   if (ok) {
-    if (backend.consecutive_failures() != 0) backend.record_success(hc.healthy_threshold);
+    // An answer to a request sent before the backend went down ends a run of failures, but
+    // only the active checks bring a down backend back (healthy_threshold passed checks).
+    if (backend.consecutive_failures() != 0) backend.record_passive_success();
   } else if (backend.record_failure(hc.unhealthy_threshold)) {
     log::line("warn", "backend {} marked unhealthy after {} consecutive failures", backend.name(),
               backend.consecutive_failures());
@@ -2140,6 +2148,7 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
     }
     if (outcome == Attempt::done) {
       disarm_watch();
+      in_flight.release();  // answered: a /tokenize call after it is not a request in flight
       if (wants_tokenize(ctx)) {
         co_await tokenize_prompt(ctx, client_keep_alive, req[bhttp::field::authorization]);
       }
@@ -2155,6 +2164,13 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
       reply_ = error_reply(http::errors::overloaded,
                            "The gateway is overloaded (" + error + "); retry later.", keep_alive);
       reply_.retry_after = 1;
+      co_return co_await send(ctx, reply_);
+    }
+    if (outcome == Attempt::bad_answer) {
+      disarm_watch();
+      ctx.finish = "upstream_error";
+      reply_ = error_reply(http::errors::bad_gateway,
+                           "The backend sent an invalid response: " + error, keep_alive);
       co_return co_await send(ctx, reply_);
     }
     if (outcome == Attempt::first_byte_timeout) {
@@ -2483,6 +2499,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     const error_code hec = settle(rhec);
     if (watch_.client_gone) co_return Attempt::retry;
     if (hec) {
+      // Bytes of an answer arrived (a header cut short, malformed or too large).
+      const bool began_answer = parser->got_some() || conn->buffer.size() > 0;
       watch_.upstream = nullptr;
       conn->close();
       // Stray bytes (not "HTTP/1.x") where the answer should start: what a backend wrote after
@@ -2514,7 +2532,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       }
       error = fmt::format("{}: {}", backend.name(), hec.message());
       record_passive(cfg.health_check, backend, false);
-      co_return Attempt::retry;
+      co_return began_answer ? Attempt::bad_answer : Attempt::retry;
     }
     break;
   }

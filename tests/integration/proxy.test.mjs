@@ -466,6 +466,30 @@ test('a malformed answer on a pooled connection is not replayed: the backend ran
   assert.equal(be.apiRequests.length - before, 1, 'the request was sent again');
 });
 
+test('an answer cut short or malformed is not sent to another backend: the first one ran the request', { timeout: 30_000 }, async () => {
+  const a = await startBackend('half-a');
+  const b = await startBackend('half-b');
+  const gw2 = await startGateway({
+    server: { workers: 1 },
+    load_balancing: { max_retries: 1 },
+    backends: [backendEntry(a, { name: 'ha' }), backendEntry(b, { name: 'hb' })],
+  });
+  const answers = [
+    (req) => req.socket.write('HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n{}'),
+    (req) => req.socket.end('HTTP/1.1 200 OK\r\nContent-Type: appl'),
+  ];
+  for (const answer of answers) {
+    const before = a.apiRequests.length + b.apiRequests.length;
+    a.handler = async (req) => answer(req);
+    b.handler = async (req) => answer(req);
+    const res = await postJson(gw2.url, '/v1/chat/completions', chatBody('m1'));
+    assert.equal(res.status, 502, res.text().slice(0, 300));
+    assert.equal(res.json().error.code, 'upstream_error');
+    assert.match(res.json().error.message, /invalid response/);
+    assert.equal(a.apiRequests.length + b.apiRequests.length - before, 1, 'the request was sent to a second backend');
+  }
+});
+
 async function scrape(g) {
   const res = await httpRequest(`${g.url}/metrics`);
   assert.equal(res.status, 200);

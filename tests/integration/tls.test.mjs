@@ -9,7 +9,7 @@ import https from 'node:https';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { cleanup, checkProcesses, trackTest, startGateway, postJson, chatBody, openAIError } from './lib/harness.mjs';
+import { cleanup, checkProcesses, trackTest, startGateway, postJson, chatBody, openAIError, httpRequest, toYaml } from './lib/harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const CERT = path.join(HERE, 'fixtures', 'tls-cert.pem');
@@ -122,4 +122,24 @@ test('upstream.tls_verify: false accepts the untrusted certificate', async () =>
   const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
   assert.equal(res.status, 200, res.text());
   assert.equal(res.text(), '{"ok":"over tls"}');
+});
+
+test('turning tls_verify on by reload: a connection opened unverified is not used again', async () => {
+  const gw = await startGateway({
+    server: { workers: 1 },
+    upstream: { tls_verify: false },
+    backends: [{ url: `https://localhost:${port}`, weight: 1, name: 'tls' }],
+  });
+  // Answered over an unverified connection, which the worker keeps for the next request.
+  assert.equal((await postJson(gw.url, '/v1/chat/completions', chatBody('m1'))).status, 200);
+  const cfg = structuredClone(gw.config);
+  cfg.upstream.tls_verify = true;
+  fs.writeFileSync(gw.configFile, toYaml(cfg));
+  const reload = await httpRequest(`${gw.url}/admin/reload`, { method: 'POST', body: '' });
+  assert.equal(reload.status, 200, reload.text());
+  const before = seen;
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
+  assert.equal(res.status, 502, res.text());
+  assert.match(openAIError(res).message, /certificate verify failed/, res.text());
+  assert.equal(seen - before, 0, 'the request went over the unverified connection');
 });

@@ -431,6 +431,20 @@ TEST(BackendHealth, SuccessesMustBeConsecutiveToComeBack) {
   EXPECT_FALSE(b.record_success(2)) << "already up: no flip to report";
 }
 
+TEST(BackendHealth, AnswersToRequestsInFlightDoNotBringADownBackendBack) {
+  Backend b(0, backend("x", 1));
+  EXPECT_FALSE(b.record_failure(2));
+  b.record_passive_success();
+  EXPECT_EQ(b.consecutive_failures(), 0) << "an answer ends a healthy backend's failure run";
+  ASSERT_FALSE(b.record_failure(2));
+  ASSERT_TRUE(b.record_failure(2));
+  for (int i = 0; i < 5; ++i) b.record_passive_success();
+  EXPECT_FALSE(b.healthy()) << "only active checks bring it back";
+  EXPECT_EQ(b.consecutive_failures(), 2);
+  EXPECT_FALSE(b.record_success(2));
+  EXPECT_TRUE(b.record_success(2)) << "two passed checks, as healthy_threshold says";
+}
+
 TEST(BackendHealth, SuccessesWhileHealthyDoNotPrecountARecovery) {
   Backend b(0, backend("x", 1));
   for (int i = 0; i < 5; ++i) b.record_success(3);
