@@ -18,6 +18,7 @@ struct ErrorSpec {
 namespace errors {
 inline constexpr ErrorSpec invalid_json{400, "invalid_request_error", "invalid_json"};
 inline constexpr ErrorSpec invalid_request{400, "invalid_request_error", "invalid_request"};
+inline constexpr ErrorSpec string_too_long{400, "invalid_request_error", "string_above_max_length"};
 inline constexpr ErrorSpec invalid_config{400, "invalid_request_error", "invalid_config"};
 inline constexpr ErrorSpec unauthorized{401, "authentication_error", "invalid_admin_token"};
 inline constexpr ErrorSpec not_found{404, "invalid_request_error", "not_found"};

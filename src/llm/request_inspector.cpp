@@ -24,6 +24,16 @@ void count_prompt(simdjson::dom::element v, RequestInfo& info, int depth = 0) {
   }
 }
 
+bool too_long(std::string_view field, std::string_view v, InspectError& error) {
+  if (v.size() <= kMaxIdentifierBytes) return false;
+  error.spec = http::errors::string_too_long;
+  error.param = field;
+  error.message = "Invalid '" + std::string(field) + "': string too long. Expected a string with " +
+                  "maximum length " + std::to_string(kMaxIdentifierBytes) + " bytes, but got " +
+                  std::to_string(v.size()) + ".";
+  return true;
+}
+
 }  // namespace
 
 std::string_view to_string(Endpoint e) {
@@ -88,6 +98,7 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
         error.message = "'model' must be a string.";
         return false;
       }
+      if (too_long("model", v, error)) return false;
       info.model.assign(v);
     } else if (key == "user") {
       if (field.value.is_null()) continue;
@@ -98,6 +109,7 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
         error.message = "'user' must be a string.";
         return false;
       }
+      if (too_long("user", v, error)) return false;
       info.user.assign(v);
     } else if (key == "messages") {
       simdjson::dom::array list;
@@ -113,11 +125,24 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
     } else if (key == "prompt" || key == "input") {
       if (count_text) count_prompt(field.value, info);
     } else if (key == "stream_options") {
+      // Every occurrence, the last one winning, as the Python and JS backends read duplicates.
       info.has_stream_options = true;
+      info.include_usage = false;
       simdjson::dom::object so;
       if (field.value.get_object().get(so)) continue;
-      bool v = false;
-      if (!so["include_usage"].get_bool().get(v)) info.include_usage = v;
+      bool asked = false, continuous = false;
+      for (auto f : so) {
+        bool v = false;
+        if (f.key == "include_usage") {
+          asked = true;
+          info.include_usage = !f.value.get_bool().get(v) && v;
+        } else if (f.key == "continuous_usage_stats") {
+          continuous = !f.value.get_bool().get(v) && v;
+        }
+      }
+      // continuous_usage_stats is vLLM's, whose include_usage defaults to true: such a client
+      // gets usage on every chunk and the final usage chunk, and the gateway leaves both alone.
+      if (!asked && continuous) info.include_usage = true;
     }
   }
   if (endpoint == Endpoint::embeddings && info.stream) {

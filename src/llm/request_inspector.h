@@ -15,6 +15,13 @@ namespace llmproxy::llm {
 enum class Endpoint { chat_completions, completions, embeddings };
 std::string_view to_string(Endpoint e);
 
+// The longest `model` and `user` a request may carry. They are routing and billing keys, held in
+// every usage record until it is delivered: an unbounded one would let a single client fill the
+// usage queue's memory (and the ledger) with megabytes per request. Longer ones are refused with
+// 400 string_above_max_length, as OpenAI refuses strings over its field limits, rather than cut:
+// two users whose ids share the first bytes must not be billed as one.
+inline constexpr std::size_t kMaxIdentifierBytes = 1024;
+
 struct RequestInfo {
   bool stream = false;
   bool include_usage = false;       // stream_options.include_usage was true

@@ -47,7 +47,9 @@ std::optional<std::string> with_include_usage(std::string_view body, bool has_st
   simdjson::dom::object so;
   if (root["stream_options"].get_object().get(so) == simdjson::SUCCESS) {
     for (auto field : so) {
-      if (field.key == "include_usage") continue;
+      // vLLM's continuous_usage_stats puts usage on every chunk, but only with include_usage:
+      // the client did not ask for usage, so it must not get it on its content chunks either.
+      if (field.key == "include_usage" || field.key == "continuous_usage_stats") continue;
       out.append(",\"");
       http::append_json_escaped(out, field.key);
       out.append("\":");

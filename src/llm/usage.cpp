@@ -1,5 +1,6 @@
 #include "llm/usage.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace llmproxy::llm {
@@ -174,11 +175,19 @@ bool StreamUsageTracker::on_event(std::string_view data) {
 }
 
 namespace {
-// The object that starts at `open` (a '{'), up to its matching brace; empty when cut.
+// A usage object is a few hundred bytes, details included; a body is searched for at most this
+// many candidates of at most this size, so a hostile body of `"usage":{` repeated costs a
+// bounded scan, not one to the end of the body per candidate.
+constexpr std::size_t kMaxUsageObject = 16 * 1024;
+constexpr int kMaxUsageCandidates = 16;
+
+// The object that starts at `open` (a '{'), up to its matching brace; empty when cut or longer
+// than kMaxUsageObject.
 std::string_view balanced_object(std::string_view s, std::size_t open) {
   int depth = 0;
   bool in_string = false;
-  for (std::size_t i = open; i < s.size(); ++i) {
+  const std::size_t end = std::min(s.size(), open + kMaxUsageObject);
+  for (std::size_t i = open; i < end; ++i) {
     char c = s[i];
     if (in_string) {
       if (c == '\\') {
@@ -392,7 +401,9 @@ bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage
   // The last `"usage":{...}` in the body (or its tail), parsed alone: a whole-body parse would
   // cost more than the rest of the metering. The pattern cannot match inside a JSON string
   // (quotes there are escaped), and servers write usage at the top level, after the choices.
-  for (std::size_t pos = rfind_usage_key(copy, copy.size()); pos != std::string_view::npos;
+  int candidates = 0;
+  for (std::size_t pos = rfind_usage_key(copy, copy.size());
+       pos != std::string_view::npos && candidates++ < kMaxUsageCandidates;
        pos = rfind_usage_key(copy, pos)) {
     std::size_t open = copy.find_first_not_of(" \t\r\n:", pos + 7);
     if (open == std::string_view::npos || copy[open] != '{') continue;

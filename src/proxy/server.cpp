@@ -2067,7 +2067,11 @@ void ClientSession::submit_usage(RequestContext& ctx, double duration_ms) {
   r.reasoning_tokens = ctx.usage.reasoning_tokens;
   r.is_stream = ctx.info.stream;
   r.endpoint = llm::to_string(ctx.endpoint);
-  r.timestamp_ms = unix_ms_now() - static_cast<std::int64_t>(duration_ms);
+  // When the request began: now less the time since, which includes a /tokenize call made
+  // after the response (duration_ms does not).
+  r.timestamp_ms =
+      unix_ms_now() -
+      std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - ctx.start).count();
   if (const lb::Backend* b = ctx.sent_to ? ctx.sent_to : ctx.backend) {
     r.backend_url = b->config().url;
     r.backend = b->name();

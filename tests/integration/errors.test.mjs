@@ -83,6 +83,20 @@ test('400 when "stream" is not a boolean', { timeout: 20_000 }, async () => {
   });
 });
 
+test('400 string_above_max_length when "model" or "user" is over 1,024 bytes; at 1,024 it passes', { timeout: 20_000 }, async () => {
+  await backendUntouched(async () => {
+    for (const field of ['model', 'user']) {
+      const res = await postJson(gw.url, '/v1/chat/completions', { ...chatBody('m1'), [field]: 'x'.repeat(1025) });
+      const e = assertError(res, 400, ['string_above_max_length']);
+      assert.equal(e.type, 'invalid_request_error');
+      assert.equal(e.param, field);
+      assert.match(e.message, /maximum length 1024 bytes, but got 1025/);
+    }
+  });
+  const ok = await postJson(gw.url, '/v1/chat/completions', { ...chatBody('m1'), user: 'u'.repeat(1024) });
+  assert.equal(ok.status, 200, ok.text().slice(0, 300));
+});
+
 // Raw client: the gateway may answer before reading the whole body, and close.
 function headersFirst(res) {
   res.headers = Object.fromEntries(Object.entries(res.headers).map(([k, v]) => [k, v[0]]));

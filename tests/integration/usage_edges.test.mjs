@@ -252,3 +252,29 @@ test('event boundaries in any line ending: a stream_idle cut after a CR-only eve
   await readAll(inEvent.res);
   assert.equal((await receiver.waitForClientId('edge-done-in-event', 15_000)).finish, 'upstream_error');
 });
+
+test('a record\'s timestamp is when its request began, also when a slow /tokenize counted its prompt', { timeout: 30_000 }, async () => {
+  const be = await startBackend('slowtok');
+  be.handler = async (req, res) => {
+    if (req.url === '/tokenize') {
+      await new Promise((resolve) => setTimeout(resolve, 2500)); // the backend's own slowness
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end('{"count":5}');
+      return;
+    }
+    // An answer without usage: the prompt is counted by /tokenize, after the response.
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ id: 'x', object: 'chat.completion', choices: [{ index: 0, message: { role: 'assistant', content: 'hi there' }, finish_reason: 'stop' }] }));
+  };
+  const gw = await startUsageGateway({ mock, receiver, backends: [backendEntry(be, { name: 'st' })], health_check: { timeout: '5s' } });
+  const t0 = Date.now();
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': 'edge-ts' } });
+  const t1 = Date.now();
+  assert.equal(res.status, 200);
+  const rec = await receiver.waitForClientId('edge-ts', 15_000);
+  assert.equal(rec.prompt_tokens, 5, JSON.stringify(rec));
+  assert.equal(rec.usage_source, 'estimated');
+  // Second precision: the second the request began, not 2.5 s later.
+  const ts = Date.parse(rec.timestamp);
+  assert.ok(ts >= Math.floor(t0 / 1000) * 1000 && ts <= t1, `timestamp ${rec.timestamp}, request from ${new Date(t0).toISOString()} to ${new Date(t1).toISOString()}`);
+});

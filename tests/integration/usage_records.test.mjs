@@ -255,7 +255,7 @@ for (const flavor of FLAVORS) {
   }
 }
 
-test('vllm stream with only continuous_usage_stats: the gateway adds include_usage without dropping the client\'s stream_options', { timeout: 30_000 }, async () => {
+test('vllm stream with only continuous_usage_stats: usage asked for (vLLM\'s include_usage defaults to true), the stream passes untouched', { timeout: 30_000 }, async () => {
   const id = nextId('inj-vllm-cont');
   const headers = { 'x-mock-flavor': 'vllm', 'x-mock-tokens': '6' };
   const body = genBody('chat', 'Continuous stats, please', { stream: true, stream_options: { continuous_usage_stats: true } });
@@ -269,6 +269,20 @@ test('vllm stream with only continuous_usage_stats: the gateway adds include_usa
   assert.equal(usageOnlyChunks(got).length, 0);
   const rec = await recordOf(id);
   assertNumbers(rec, lastUsage(got), 'vllm continuous');
+});
+
+test('vllm stream with include_usage false and continuous_usage_stats: the client gets no usage, the record the backend\'s', { timeout: 30_000 }, async () => {
+  const id = nextId('inj-vllm-off');
+  const headers = { 'x-mock-flavor': 'vllm', 'x-mock-tokens': '6' };
+  const body = genBody('chat', 'No usage for me', { stream: true, stream_options: { include_usage: false, continuous_usage_stats: true } });
+  const viaGateway = await send(PATHS.chat, body, { id, headers });
+  assert.equal(viaGateway.status, 200);
+  const got = streamEvents(viaGateway.text());
+  assert.ok(got.length >= 6, viaGateway.text());
+  assert.deepEqual(got.filter((e) => typeof e === 'object' && e.usage), [], `usage reached the client: ${viaGateway.text()}`);
+  const rec = await recordOf(id);
+  assert.equal(rec.usage_source, 'backend');
+  assert.equal(rec.completion_tokens, 6);
 });
 
 for (const flavor of FLAVORS) {

@@ -163,6 +163,22 @@ TEST(RequestInspector, IncludeUsageFromStreamOptions) {
       inspect(R"({"model":"m","stream":true,"stream_options":{"include_usage":"yes"}})");
   ASSERT_TRUE(wrong.ok) << wrong.error.message;
   EXPECT_FALSE(wrong.info.include_usage);
+
+  // Duplicates: the last one wins, as Python and JS backends read them.
+  auto include_usage = [](std::string_view so) {
+    Outcome o = inspect(R"({"model":"m","stream":true,"stream_options":)" + std::string(so) + "}");
+    EXPECT_TRUE(o.ok) << o.error.message;
+    return o.info.include_usage;
+  };
+  EXPECT_TRUE(include_usage(R"({"include_usage":false,"include_usage":true})"));
+  EXPECT_FALSE(include_usage(R"({"include_usage":true,"include_usage":false})"));
+  Outcome twice =
+      inspect(R"({"stream":true,"stream_options":{"include_usage":true},"stream_options":{}})");
+  EXPECT_FALSE(twice.info.include_usage);
+  // vLLM's continuous_usage_stats alone: its include_usage defaults to true there.
+  EXPECT_TRUE(include_usage(R"({"continuous_usage_stats":true})"));
+  EXPECT_FALSE(include_usage(R"({"continuous_usage_stats":false})"));
+  EXPECT_FALSE(include_usage(R"({"include_usage":false,"continuous_usage_stats":true})"));
 }
 
 TEST(RequestInspector, UnicodeEscapesInModel) {
@@ -278,6 +294,24 @@ TEST(RequestInspectorRefuses, ModelNotAString) {
 TEST(RequestInspectorRefuses, UserNotAString) {
   EXPECT_TRUE(refused(R"({"model":"m","user":7})", http::errors::invalid_request));
   EXPECT_EQ(inspect(R"({"model":"m","user":7})").error.param, "user");
+}
+
+TEST(RequestInspectorRefuses, ModelOrUserLongerThanTheLimit) {
+  const std::string at_limit(llm::kMaxIdentifierBytes, 'u');
+  const std::string over = at_limit + "v";
+  for (std::string field : {"model", "user"}) {
+    SCOPED_TRACE(field);
+    const std::string ok = R"({"model":"m",")" + field + R"(":")" + at_limit + R"("})";
+    Outcome fine = inspect(ok);
+    ASSERT_TRUE(fine.ok) << fine.error.message;
+    EXPECT_EQ(field == "model" ? fine.info.model : fine.info.user, at_limit);
+    const std::string body = R"({"model":"m",")" + field + R"(":")" + over + R"("})";
+    EXPECT_TRUE(refused(body, http::errors::string_too_long));
+    Outcome o = inspect(body);
+    EXPECT_EQ(o.error.param, field);
+    EXPECT_NE(o.error.message.find("maximum length 1024"), std::string::npos) << o.error.message;
+    EXPECT_NE(o.error.message.find("got 1025"), std::string::npos) << o.error.message;
+  }
 }
 
 TEST(RequestInspectorRefuses, StreamingEmbeddings) {
@@ -432,11 +466,12 @@ TEST(ErrorBody, EscapesQuotesBackslashesAndControlCharacters) {
 TEST(ErrorBody, EveryWellKnownSpecIsValidJson) {
   const http::ErrorSpec specs[] = {
       http::errors::invalid_json,       http::errors::invalid_request,
-      http::errors::not_found,          http::errors::model_not_found,
-      http::errors::method_not_allowed, http::errors::request_timeout,
-      http::errors::body_too_large,     http::errors::headers_too_large,
-      http::errors::bad_gateway,        http::errors::no_healthy_backend,
-      http::errors::shutting_down,      http::errors::gateway_timeout,
+      http::errors::string_too_long,    http::errors::not_found,
+      http::errors::model_not_found,    http::errors::method_not_allowed,
+      http::errors::request_timeout,    http::errors::body_too_large,
+      http::errors::headers_too_large,  http::errors::bad_gateway,
+      http::errors::no_healthy_backend, http::errors::shutting_down,
+      http::errors::gateway_timeout,
   };
   for (const auto& spec : specs) {
     SCOPED_TRACE(spec.code);

@@ -208,7 +208,9 @@ TEST(RequestRewrite, MergesIntoExistingStreamOptions) {
   ASSERT_TRUE(out);
   auto doc = p.parse(*out);
   EXPECT_EQ(bool(doc["stream_options"]["include_usage"]), true);
-  EXPECT_EQ(bool(doc["stream_options"]["continuous_usage_stats"]), true);
+  // The client turned usage off: it must not get usage on every chunk either (vLLM sends
+  // continuous stats only with include_usage).
+  EXPECT_EQ(doc["stream_options"]["continuous_usage_stats"].error(), simdjson::NO_SUCH_FIELD);
   EXPECT_EQ(std::string_view(doc["model"]), "m");
 }
 
@@ -275,6 +277,27 @@ TEST(BodyUsage, FoundInTheTailOfALargeResponse) {
   ASSERT_TRUE(read_body_usage(tail, p, u, content));
   EXPECT_EQ(u.prompt_tokens, 900);
   EXPECT_EQ(u.total_tokens, 900);
+}
+
+TEST(BodyUsage, AHostileBodyIsSearchedForABoundedNumberOfCandidates) {
+  // A backend's body of `"usage":{` repeated: each candidate is an object that never closes.
+  // Searched to the end of the body each, 1 MiB of them took minutes of a worker thread; now at
+  // most 16 candidates of at most 16 KiB are tried, from the end.
+  simdjson::dom::parser p;
+  const std::string real =
+      R"({"id":"x","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7},"junk":)";
+  auto junk = [](int n) {
+    std::string s;
+    for (int i = 0; i < n; ++i) s += R"("usage":{)";
+    return s;
+  };
+  Usage u;
+  TextCount content;
+  ASSERT_TRUE(read_body_usage(real + junk(15), p, u, content));
+  EXPECT_EQ(u.total_tokens, 7);
+  Usage none;
+  EXPECT_FALSE(read_body_usage(real + junk(120'000), p, none, content));
+  EXPECT_EQ(none.total_tokens, -1);
 }
 
 TEST(BodyUsage, TextCutOffInsideItsStringIsCounted) {
