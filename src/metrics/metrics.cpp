@@ -349,9 +349,10 @@ std::string render(const Snapshot& s) {
   auto deliveries = family("llmproxy_usage_sink_records_total",
                            "Usage records by sink and result (delivered, failed, dead_letter).",
                            MetricType::Counter);
-  auto delivery_latency =
-      family("llmproxy_usage_delivery_seconds",
-             "Time from a usage record's commit to its delivery, by sink.", MetricType::Histogram);
+  auto delivery_latency = family(
+      "llmproxy_usage_delivery_seconds",
+      "Time from the end of a request's response to the delivery of its usage record, by sink.",
+      MetricType::Histogram);
   for (const auto& sink : u.sinks) {
     backlog.metric.push_back(gauge(static_cast<double>(sink.backlog), {{"sink", sink.name}}));
     deliveries.metric.push_back(counter(static_cast<double>(sink.delivered),

@@ -68,6 +68,9 @@ namespace {
 // Records per transaction at most: a burst this large is committed without waiting out the
 // commit window.
 constexpr std::size_t kGroupMax = 4096;
+// Packed bytes in one group: its JSON is at most ~6 times this (every byte escaped), far below
+// SQLite's 1 GB limit on one value.
+constexpr std::size_t kGroupBytes = std::size_t{32} << 20;
 // Buffers (packed records, their JSON) keep at most this much capacity between commits: a
 // burst's growth is given back (a full group of large records is a few MiB).
 constexpr std::size_t kKeepBytes = std::size_t{1} << 20;
@@ -364,10 +367,15 @@ void Pipeline::Impl::writer_loop() {
         }
         if (!queue.empty() && (cap > 0 || late)) {
           if (late && cap <= 0) break;  // durability: memory, full at the deadline: give up
-          if (static_cast<std::int64_t>(queue.size()) <= cap) {
+          // One group is at most kGroupMax records and kGroupBytes: the group is one SQLite
+          // value, and a backlog taken whole after a stall could pass SQLite's 1 GB limit, which
+          // would fail that commit on every retry.
+          const std::size_t n = queue.front_fitting(
+              static_cast<std::size_t>(std::min<std::int64_t>(cap, kGroupMax)), kGroupBytes);
+          if (n == queue.size()) {
             taken.swap(queue);
           } else {
-            queue.move_front(static_cast<std::size_t>(cap), taken);
+            queue.move_front(n, taken);
             queue.trim(kKeepBytes);
           }
           break;
@@ -758,8 +766,13 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       s.log->dead_letter(*unsaved_dead);
       s.persisted = unsaved_dead->last_seq;
     } catch (const std::exception& e) {
-      log::line("error", "usage sink {}: dead letter for records {}..{} not stored: {}", s.cfg.name,
-                unsaved_dead->first_seq, unsaved_dead->last_seq, e.what());
+      // Neither delivered nor stored: the stored cursor stays before them, so that the next
+      // start (or a reload's successor) sends them again and stores the rejection then.
+      log::line("error",
+                "usage sink {}: dead letter for records {}..{} not stored ({}); they will be "
+                "sent again",
+                s.cfg.name, unsaved_dead->first_seq, unsaved_dead->last_seq, e.what());
+      s.cursor.store(unsaved_dead->first_seq - 1, std::memory_order_release);
     }
   }
   persist_cursor(s);
@@ -918,8 +931,16 @@ std::string Pipeline::reconfigure(std::vector<config::SinkConfig> wanted) {
     try {
       fresh.push_back(im.make_sink(cfg, head, summary));
     } catch (const std::exception& e) {
-      log::line("error", "usage sink {}: not started after the reload: {}", cfg.name, e.what());
-      continue;
+      // All or nothing: the sinks stopped for this reload run again as they were (a sink left
+      // stopped would neither deliver nor hold its records against retention), and the reload
+      // fails, keeping the running configuration.
+      for (Sink* s : leaving) {
+        s->retire.store(false, std::memory_order_release);
+        s->cut_at.store(0, std::memory_order_release);
+        s->replaced = false;
+        if (im.started) im.start_sink(*s);
+      }
+      throw std::runtime_error("usage sink " + cfg.name + ": cannot start: " + e.what());
     }
     for (Sink* old : leaving) {
       if (old->cfg.name != cfg.name) continue;
@@ -952,6 +973,9 @@ std::string Pipeline::reconfigure(std::vector<config::SinkConfig> wanted) {
   if (im.started) {
     for (Sink* s : starting) im.start_sink(*s);
   }
+  // A removed sink no longer holds records: with durability: memory they are freed now, and a
+  // writer that waited for room (no other sink would wake it) takes the queue again.
+  im.prune_memory();
   for (auto& old : gone) {
     if (!old->replaced) removed += (removed.empty() ? "" : ", ") + old->cfg.name;
   }

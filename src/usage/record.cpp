@@ -272,6 +272,18 @@ void PackedRecords::views(std::vector<UsageRecordView>& out) const {
   }
 }
 
+std::size_t PackedRecords::front_fitting(std::size_t max_n, std::size_t max_bytes) const noexcept {
+  std::size_t off = 0, n = 0;
+  while (n < count_ && n < max_n) {
+    std::uint64_t bytes;
+    std::memcpy(&bytes, data_.data() + off, sizeof bytes);
+    if (n > 0 && off + bytes > max_bytes) break;
+    off += bytes;
+    ++n;
+  }
+  return n;
+}
+
 void PackedRecords::move_front(std::size_t n, PackedRecords& to) {
   std::size_t off = 0;
   for (std::size_t k = 0; k < n; ++k) {

@@ -75,6 +75,9 @@ class PackedRecords {
   }
   // Frees the buffer when it holds more than `keep` bytes of capacity (after a burst).
   void trim(std::size_t keep);
+  // How many records from the front fit in `max_bytes` (at least one when not empty), at most
+  // `max_n`.
+  std::size_t front_fitting(std::size_t max_n, std::size_t max_bytes) const noexcept;
   // Moves the first n records (n <= size()) to the end of `to`.
   void move_front(std::size_t n, PackedRecords& to);
   // Appends a view of every record, in order, to `out` (valid until this buffer changes).

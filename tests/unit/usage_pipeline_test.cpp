@@ -101,6 +101,24 @@ std::string hmac_hex(const std::string& key, const std::string& data) {
   return out;
 }
 
+// A backlog (records queued while the writer could not commit) is committed in groups of at most
+// 4096 records: one group is one SQLite value, which must stay far below SQLite's 1 GB limit.
+TEST(UsagePipeline, ABacklogIsCommittedInBoundedGroups) {
+  TempDir dir;
+  auto u = testing::disk_config(dir.file("usage.db"));
+  u.queue_size = 20'000;
+  Pipeline p(u, {});
+  constexpr int N = 10'000;
+  for (int i = 0; i < N; ++i) ASSERT_TRUE(p.submit(make_record(i)));
+  p.start();
+  WAIT_FOR(p.stats().logged == N);
+  EXPECT_GE(p.stats().commits, 3u);
+  p.stop(soon());
+  Db db(dir.file("usage.db"));
+  EXPECT_EQ(db.number("SELECT count(*) FROM records"), N);
+  EXPECT_EQ(db.number("SELECT max(last_seq - first_seq + 1) FROM record_batches"), 4096);
+}
+
 TEST(UsagePipeline, DeliversEveryRecordOnceInOrder) {
   TempDir dir;
   Receiver rx;
@@ -801,6 +819,34 @@ TEST(UsagePipeline, ReconfigureWithAnInvalidSinkChangesNothing) {
   EXPECT_EQ(delivered_ids(a), expected_ids(0, 3));
 }
 
+// A reload whose new sink cannot start (here: the log is locked by another writer, so its cursor
+// cannot be stored) changes nothing: the sink it would have changed runs again as it was, instead
+// of being left stopped with its records unprotected, and the reload fails.
+TEST(UsagePipeline, ReconfigureThatCannotStartASinkKeepsTheSinksAsTheyWere) {
+  TempDir dir;
+  Receiver a, a2, b;
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("a", a.url())});
+  p.start();
+  submit_range(p, 0, 3);
+  WAIT_FOR(delivered(p, "a") == 3);
+  {
+    Db lock(dir.file("usage.db"));
+    lock.exec("BEGIN IMMEDIATE");
+    EXPECT_THROW(p.reconfigure({make_sink("a", a2.url("/moved")), make_sink("b", b.url())}),
+                 std::runtime_error);
+    lock.exec("COMMIT");
+  }
+  submit_range(p, 3, 6);
+  WAIT_FOR(delivered(p, "a") == 6);
+  auto st = p.stats();
+  ASSERT_EQ(st.sinks.size(), 1u);
+  EXPECT_EQ(st.sinks[0].name, "a");
+  p.stop(soon());
+  EXPECT_EQ(delivered_ids(a), expected_ids(0, 6));
+  EXPECT_TRUE(a2.accepted().empty());
+  EXPECT_TRUE(b.accepted().empty());
+}
+
 // A sink stuck retrying (receiver failing, backoff) is replaced at once by a reload that fixes
 // its URL, and the new one delivers the backlog from the cursor.
 TEST(UsagePipeline, ReconfigureReplacesASinkInBackoff) {
@@ -866,10 +912,11 @@ TEST(UsagePipeline, MemoryDurabilityDelivers) {
   p.stop(soon());
 }
 
-TEST(UsagePipeline, MemoryDurabilityHoldsAtMostMemoryMaxRecords) {
-  Receiver rx;
-  std::atomic<bool> failing{true};
-  rx.set_script([&](const Receiver::Request&, std::size_t) {
+// durability: memory holding at most 5 records, a queue of 10, and one sink whose receiver answers
+// 500 while `failing`: of the 30 records submitted, 5 are logged and the rest wait in the queue.
+constexpr int kStalledRecords = 30;
+std::unique_ptr<Pipeline> stalled_memory_pipeline(Receiver& rx, const std::atomic<bool>& failing) {
+  rx.set_script([&failing](const Receiver::Request&, std::size_t) {
     Receiver::Reply r;
     if (failing) r.status = 500;
     return r;
@@ -879,10 +926,18 @@ TEST(UsagePipeline, MemoryDurabilityHoldsAtMostMemoryMaxRecords) {
   u.memory_max_records = 5;
   u.queue_size = 10;
   u.on_backlog = config::OnBacklog::reject;
-  Pipeline p(u, {make_sink("hook", rx.url())});
-  p.start();
-  constexpr int N = 30;
-  for (int i = 0; i < N; ++i) EXPECT_TRUE(p.submit(make_record(i)));
+  auto p = std::make_unique<Pipeline>(u, std::vector{make_sink("hook", rx.url())});
+  p->start();
+  for (int i = 0; i < kStalledRecords; ++i) EXPECT_TRUE(p->submit(make_record(i)));
+  return p;
+}
+
+TEST(UsagePipeline, MemoryDurabilityHoldsAtMostMemoryMaxRecords) {
+  Receiver rx;
+  std::atomic<bool> failing{true};
+  auto pp = stalled_memory_pipeline(rx, failing);
+  Pipeline& p = *pp;
+  constexpr int N = kStalledRecords;
   WAIT_FOR(p.stats().logged == 5 && sink(p.stats(), "hook").failed > 0);
   EXPECT_EQ(p.stats().queue_depth, N - 5);  // the writer stopped taking
   EXPECT_FALSE(p.accepting());
@@ -891,6 +946,23 @@ TEST(UsagePipeline, MemoryDurabilityHoldsAtMostMemoryMaxRecords) {
   EXPECT_EQ(delivered_ids(rx), expected_ids(0, N));
   EXPECT_TRUE(p.accepting());
   EXPECT_EQ(p.stats().queue_depth, 0);
+  p.stop(soon());
+}
+
+// The sink that filled memory_max_records is removed by a reload: its records are freed at once
+// and the writer, waiting for room that no other sink would make, takes the queue again (it
+// used to sleep until the hourly retention pass, refusing requests all along).
+TEST(UsagePipeline, MemoryDurabilityRemovingTheStalledSinkFreesRoomAtOnce) {
+  Receiver rx;
+  const std::atomic<bool> failing{true};
+  auto pp = stalled_memory_pipeline(rx, failing);
+  Pipeline& p = *pp;
+  WAIT_FOR(p.stats().logged == 5 && sink(p.stats(), "hook").failed > 0);
+  EXPECT_FALSE(p.accepting());
+  p.reconfigure({});
+  WAIT_FOR(p.stats().logged == kStalledRecords);
+  EXPECT_EQ(p.stats().queue_depth, 0);
+  EXPECT_TRUE(p.accepting());
   p.stop(soon());
 }
 

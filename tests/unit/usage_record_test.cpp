@@ -277,6 +277,20 @@ TEST(PackedRecords, EveryFieldComesBack) {
   }
 }
 
+TEST(PackedRecords, FrontFittingCountsWholeRecordsWithinBothLimits) {
+  PackedRecords q;
+  EXPECT_EQ(q.front_fitting(10, 1 << 20), 0u);
+  UsageRecord big = varied_record(0);
+  big.user_id.assign(1000, 'u');
+  for (int i = 0; i < 6; ++i) q.push(big);
+  const std::size_t one = q.bytes() / 6;
+  EXPECT_EQ(q.front_fitting(100, q.bytes()), 6u);
+  EXPECT_EQ(q.front_fitting(4, q.bytes()), 4u);
+  EXPECT_EQ(q.front_fitting(100, 3 * one), 3u);
+  EXPECT_EQ(q.front_fitting(100, 3 * one - 1), 2u);
+  EXPECT_EQ(q.front_fitting(100, 1), 1u) << "a record larger than the limit still goes alone";
+}
+
 TEST(PackedRecords, MoveFrontSwapClearTrim) {
   PackedRecords q, taken;
   for (int i = 0; i < 10; ++i) q.push(varied_record(i));
