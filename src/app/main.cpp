@@ -2,7 +2,6 @@
 // and hands a valid one to the Gateway. `llmproxy usage` reads the usage log instead (read-only,
 // safe while the gateway runs); its argument errors exit 2 so that scripts can tell them apart
 // from a failed query.
-#include <malloc.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -198,10 +197,6 @@ int main(int argc, char** argv) {
   // minute for another gateway to let go of it), SIGHUP would end the process: a
   // `kill -HUP $(pidof llmproxy)` meant for a running gateway would kill the one starting.
   ::signal(SIGHUP, SIG_IGN);
-  // Large blocks (request bodies of megabytes) always from mmap, so that freeing them returns
-  // the memory: glibc would otherwise raise this threshold after the first such free, and serve
-  // the next burst of bodies from heap memory it keeps for good (QA: 1.1 GB held after one).
-  ::mallopt(M_MMAP_THRESHOLD, 256 * 1024);
   llmproxy::config::Config cfg;
   if (!load(config_path, cfg, "not starting")) return 1;
   if (print_config) {

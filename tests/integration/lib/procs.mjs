@@ -19,6 +19,13 @@ function resolveBin(envName, fallback) {
 export const LLMPROXY_BIN = resolveBin('LLMPROXY_BIN', '../../build/llmproxy');
 export const MOCK_BIN = resolveBin('MOCK_BIN', '../../build/llmproxy-mock');
 
+// Whether the gateway under test is built with AddressSanitizer, whose allocator replaces glibc's
+// (a test of glibc's heap behaviour does not apply to it).
+export function gatewaySanitized() {
+  const r = spawnSync('ldd', [LLMPROXY_BIN], { encoding: 'utf8' });
+  return /libasan/.test(r.stdout ?? '');
+}
+
 function requireBin(bin, envName) {
   if (!fs.existsSync(bin)) {
     throw new Error(`${bin} does not exist: build it or set ${envName} to the binary's path`);
