@@ -682,7 +682,9 @@ class BodyTicket {
   ~BodyTicket() { shrink(0); }
 
   // Holds n bytes in all (more than before); false, holding what it held, past the bound.
-  bool hold(std::atomic<std::uint64_t>& pool, std::uint64_t bound, std::uint64_t n) {
+  // `peak` keeps the most the pool reached (see memory_trim_loop).
+  bool hold(std::atomic<std::uint64_t>& pool, std::atomic<std::uint64_t>& peak, std::uint64_t bound,
+            std::uint64_t n) {
     if (n <= held_) return true;
     pool_ = &pool;
     const std::uint64_t more = n - held_;
@@ -691,6 +693,9 @@ class BodyTicket {
       if (now + more > bound) return false;
     } while (!pool.compare_exchange_weak(now, now + more, std::memory_order_relaxed));
     held_ = n;
+    for (std::uint64_t p = peak.load(std::memory_order_relaxed);
+         p < now + more && !peak.compare_exchange_weak(p, now + more, std::memory_order_relaxed);) {
+    }
     return true;
   }
   std::uint64_t held() const noexcept { return held_; }
@@ -850,13 +855,7 @@ class ClientSession {
     const auto& server = w_.cfg().server;
     const std::uint64_t bound =
         std::max(server.max_body_memory, server.max_body_size + simdjson::SIMDJSON_PADDING);
-    if (!ctx.body_ticket.hold(w_.shared.body_bytes, bound, bytes)) return false;
-    const std::uint64_t now = w_.shared.body_bytes.load(std::memory_order_relaxed);
-    auto& peak = w_.shared.body_peak;
-    for (std::uint64_t p = peak.load(std::memory_order_relaxed);
-         p < now && !peak.compare_exchange_weak(p, now, std::memory_order_relaxed);) {
-    }
-    return true;
+    return ctx.body_ticket.hold(w_.shared.body_bytes, w_.shared.body_peak, bound, bytes);
   }
   // Makes room in `body` for `incoming` more bytes (and simdjson's padding), at most `cap`, held
   // under server.max_body_memory before it is taken: the body grows with what arrives, never
@@ -3012,10 +3011,11 @@ asio::awaitable<void> memory_trim_loop(Shared& shared) {
     timer.expires_after(std::chrono::seconds(1));
     auto [ec] = co_await timer.async_wait(use_nothrow);
     if (ec) co_return;
-    const std::uint64_t peak = shared.body_peak.load(std::memory_order_relaxed);
+    std::uint64_t peak = shared.body_peak.load(std::memory_order_relaxed);
     const std::uint64_t now = shared.body_bytes.load(std::memory_order_relaxed);
     if (peak < kTrimAfterPeak || now > peak / 8) continue;
-    shared.body_peak.store(now, std::memory_order_relaxed);
+    // A worker that raised the peak meanwhile started a new burst: trim after that one.
+    if (!shared.body_peak.compare_exchange_strong(peak, now, std::memory_order_relaxed)) continue;
     ::malloc_trim(0);
   }
 }

@@ -372,11 +372,12 @@ void Pipeline::Impl::writer_loop() {
           // would fail that commit on every retry.
           const std::size_t n = queue.front_fitting(
               static_cast<std::size_t>(std::min<std::int64_t>(cap, kGroupMax)), kGroupBytes);
+          // (The queue's capacity after a burst goes with its last group: swapped into `taken`,
+          // which is trimmed after its commit. Trimming here copied the rest under the lock.)
           if (n == queue.size()) {
             taken.swap(queue);
           } else {
             queue.move_front(n, taken);
-            queue.trim(kKeepBytes);
           }
           break;
         }
