@@ -128,6 +128,7 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
       // Every occurrence, the last one winning, as the Python and JS backends read duplicates.
       info.has_stream_options = true;
       info.include_usage = false;
+      info.continuous_usage = false;
       simdjson::dom::object so;
       if (field.value.get_object().get(so)) continue;
       bool asked = false, continuous = false;
@@ -141,8 +142,9 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
         }
       }
       // continuous_usage_stats is vLLM's, whose include_usage defaults to true: such a client
-      // gets usage on every chunk and the final usage chunk, and the gateway leaves both alone.
-      if (!asked && continuous) info.include_usage = true;
+      // asked for usage on every chunk and the final usage chunk. Other servers default
+      // include_usage to false and would send no usage at all, so the gateway still asks.
+      info.continuous_usage = !asked && continuous;
     }
   }
   if (endpoint == Endpoint::embeddings && info.stream) {

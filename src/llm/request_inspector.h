@@ -28,6 +28,9 @@ struct RequestInfo {
   std::string model;                // empty when absent
   std::string user;                 // the OpenAI `user` field, empty when absent
   bool has_stream_options = false;  // the key is present (any value)
+  // stream_options.continuous_usage_stats was true and include_usage absent: the client wants
+  // usage (vLLM reads it so), though only vLLM defaults include_usage to true.
+  bool continuous_usage = false;
   // The prompt's text (message contents, prompt, input), for an estimate when the backend
   // reports no usage; token-id prompts are counted exactly in prompt_token_ids.
   TextCount prompt_text;

@@ -5,7 +5,7 @@
 namespace llmproxy::llm {
 
 std::optional<std::string> with_include_usage(std::string_view body, bool has_stream_options,
-                                              simdjson::dom::parser& parser) {
+                                              bool keep_continuous, simdjson::dom::parser& parser) {
   constexpr std::string_view kField = R"("stream_options":{"include_usage":true})";
   if (!has_stream_options) {
     std::size_t open = body.find_first_not_of(" \t\r\n");
@@ -33,8 +33,12 @@ std::optional<std::string> with_include_usage(std::string_view body, bool has_st
   out.reserve(body.size() + kField.size() + simdjson::SIMDJSON_PADDING);
   out.push_back('{');
   bool first = true;
+  simdjson::dom::element options;  // the last stream_options: the one the backend reads
   for (auto field : root) {
-    if (field.key == "stream_options") continue;
+    if (field.key == "stream_options") {
+      options = field.value;
+      continue;
+    }
     if (!first) out.push_back(',');
     first = false;
     out.push_back('"');
@@ -45,11 +49,12 @@ std::optional<std::string> with_include_usage(std::string_view body, bool has_st
   if (!first) out.push_back(',');
   out.append(R"("stream_options":{"include_usage":true)");
   simdjson::dom::object so;
-  if (root["stream_options"].get_object().get(so) == simdjson::SUCCESS) {
+  if (options.get_object().get(so) == simdjson::SUCCESS) {
     for (auto field : so) {
       // vLLM's continuous_usage_stats puts usage on every chunk, but only with include_usage:
-      // the client did not ask for usage, so it must not get it on its content chunks either.
-      if (field.key == "include_usage" || field.key == "continuous_usage_stats") continue;
+      // a client that did not ask for usage must not get it on its content chunks either.
+      if (field.key == "include_usage") continue;
+      if (field.key == "continuous_usage_stats" && !keep_continuous) continue;
       out.append(",\"");
       http::append_json_escaped(out, field.key);
       out.append("\":");

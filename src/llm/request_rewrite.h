@@ -15,8 +15,10 @@ namespace llmproxy::llm {
 // Common case (no stream_options key): the field is inserted after the opening brace and the
 // rest of the bytes are kept as they are. When stream_options is present (without
 // include_usage: true), the document is re-serialized with simdjson (numbers keep their value;
-// their spelling may change).
+// their spelling may change); of duplicated stream_options the last one is kept, the one
+// Python and JavaScript servers read. `keep_continuous` keeps continuous_usage_stats (the client
+// asked for usage through it); otherwise it is dropped with the client's include_usage.
 std::optional<std::string> with_include_usage(std::string_view body, bool has_stream_options,
-                                              simdjson::dom::parser& parser);
+                                              bool keep_continuous, simdjson::dom::parser& parser);
 
 }  // namespace llmproxy::llm

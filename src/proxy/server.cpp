@@ -1778,10 +1778,12 @@ asio::awaitable<bool> ClientSession::handle_request() {
         usage::present_api_key(usage::api_key_from_headers(authorization, x_api_key), ucfg.api_key);
     if (ucfg.inject_stream_usage && ctx.info.stream && !ctx.info.include_usage &&
         endpoint != llm::Endpoint::embeddings) {
-      if (auto rewritten =
-              llm::with_include_usage(body, ctx.info.has_stream_options, w_.usage_parser)) {
+      if (auto rewritten = llm::with_include_usage(body, ctx.info.has_stream_options,
+                                                   ctx.info.continuous_usage, w_.usage_parser)) {
         req.body() = std::move(*rewritten);
-        ctx.injected = true;
+        // continuous_usage_stats alone asked for usage (vLLM's reading): nothing is removed, so
+        // the client gets from every backend what vLLM would have sent it.
+        ctx.injected = !ctx.info.continuous_usage;
       }
     }
   }

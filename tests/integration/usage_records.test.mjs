@@ -263,13 +263,37 @@ test('vllm stream with only continuous_usage_stats: usage asked for (vLLM\'s inc
   const direct = await postJson(mock.url, PATHS.chat, body, { headers });
   const got = streamEvents(viaGateway.text());
   assert.deepEqual(normalizeEvents(got), normalizeEvents(streamEvents(direct.text())));
-  // Every content chunk still carries the running usage the client asked for.
+  // Every content chunk still carries the running usage the client asked for, and the final
+  // usage chunk vLLM sends by default is not taken away.
   const withUsage = got.filter((e) => typeof e === 'object' && e.usage);
   assert.ok(withUsage.length >= 6, `continuous usage stats lost: ${viaGateway.text()}`);
-  assert.equal(usageOnlyChunks(got).length, 0);
+  assert.equal(usageOnlyChunks(got).length, 1);
   const rec = await recordOf(id);
   assertNumbers(rec, lastUsage(got), 'vllm continuous');
+  assert.equal(rec.usage_source, 'backend');
 });
+
+for (const flavor of ['openai', 'tgi']) {
+  test(`${flavor} stream with only continuous_usage_stats: the gateway still asks for usage, and bills the backend's numbers`, { timeout: 30_000 }, async () => {
+    // Servers other than vLLM default include_usage to false: without the gateway's explicit
+    // include_usage this stream would carry no usage and be billed from an estimate.
+    const id = nextId(`inj-cont-${flavor}`);
+    const headers = { 'x-mock-flavor': flavor, 'x-mock-tokens': '5' };
+    const body = genBody('chat', `Continuous stats from ${flavor}`, { stream: true, stream_options: { continuous_usage_stats: true } });
+    const direct = await postJson(mock.url, PATHS.chat, body, { headers });
+    assert.equal(lastUsage(streamEvents(direct.text())), null, 'this backend sends no usage on its own');
+    const viaGateway = await send(PATHS.chat, body, { id, headers });
+    assert.equal(viaGateway.status, 200, viaGateway.text());
+    const got = streamEvents(viaGateway.text());
+    // The client asked for usage the way vLLM reads it, and gets what vLLM would send.
+    const chunks = usageOnlyChunks(got);
+    assert.equal(chunks.length, 1, viaGateway.text());
+    const rec = await recordOf(id);
+    assert.equal(rec.usage_source, 'backend');
+    assertNumbers(rec, chunks[0].usage, `${flavor} continuous_usage_stats`);
+    assert.equal(rec.completion_tokens, 5);
+  });
+}
 
 test('vllm stream with include_usage false and continuous_usage_stats: the client gets no usage, the record the backend\'s', { timeout: 30_000 }, async () => {
   const id = nextId('inj-vllm-off');

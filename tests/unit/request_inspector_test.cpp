@@ -175,10 +175,22 @@ TEST(RequestInspector, IncludeUsageFromStreamOptions) {
   Outcome twice =
       inspect(R"({"stream":true,"stream_options":{"include_usage":true},"stream_options":{}})");
   EXPECT_FALSE(twice.info.include_usage);
-  // vLLM's continuous_usage_stats alone: its include_usage defaults to true there.
-  EXPECT_TRUE(include_usage(R"({"continuous_usage_stats":true})"));
-  EXPECT_FALSE(include_usage(R"({"continuous_usage_stats":false})"));
-  EXPECT_FALSE(include_usage(R"({"include_usage":false,"continuous_usage_stats":true})"));
+  // vLLM's continuous_usage_stats alone asks for usage (its include_usage defaults to true
+  // there), but include_usage itself was not sent: other servers would send no usage.
+  auto continuous = [](std::string_view so) {
+    Outcome o = inspect(R"({"model":"m","stream":true,"stream_options":)" + std::string(so) + "}");
+    EXPECT_TRUE(o.ok) << o.error.message;
+    return std::pair(o.info.include_usage, o.info.continuous_usage);
+  };
+  EXPECT_EQ(continuous(R"({"continuous_usage_stats":true})"), std::pair(false, true));
+  EXPECT_EQ(continuous(R"({"continuous_usage_stats":false})"), std::pair(false, false));
+  EXPECT_EQ(continuous(R"({"include_usage":false,"continuous_usage_stats":true})"),
+            std::pair(false, false));
+  EXPECT_EQ(continuous(R"({"include_usage":true,"continuous_usage_stats":true})"),
+            std::pair(true, false));
+  Outcome later = inspect(
+      R"({"stream":true,"stream_options":{"continuous_usage_stats":true},"stream_options":{}})");
+  EXPECT_FALSE(later.info.continuous_usage);
 }
 
 TEST(RequestInspector, UnicodeEscapesInModel) {

@@ -193,7 +193,7 @@ TEST(StreamMeter, UnterminatedTailIsFlushedAtTheEnd) {
 
 TEST(RequestRewrite, InsertsIncludeUsageKeepingTheRestByteForByte) {
   simdjson::dom::parser p;
-  auto out = with_include_usage(R"(  {"model":"m","stream":true,"messages":[]})", false, p);
+  auto out = with_include_usage(R"(  {"model":"m","stream":true,"messages":[]})", false, false, p);
   ASSERT_TRUE(out);
   EXPECT_EQ(
       *out,
@@ -204,7 +204,7 @@ TEST(RequestRewrite, MergesIntoExistingStreamOptions) {
   simdjson::dom::parser p;
   auto out = with_include_usage(
       R"({"model":"m","stream":true,"stream_options":{"include_usage":false,"continuous_usage_stats":true}})",
-      true, p);
+      true, false, p);
   ASSERT_TRUE(out);
   auto doc = p.parse(*out);
   EXPECT_EQ(bool(doc["stream_options"]["include_usage"]), true);
@@ -216,10 +216,28 @@ TEST(RequestRewrite, MergesIntoExistingStreamOptions) {
 
 TEST(RequestRewrite, NullStreamOptionsBecomeAnObject) {
   simdjson::dom::parser p;
-  auto out = with_include_usage(R"({"stream":true,"stream_options":null})", true, p);
+  auto out = with_include_usage(R"({"stream":true,"stream_options":null})", true, false, p);
   ASSERT_TRUE(out);
   auto doc = p.parse(*out);
   EXPECT_EQ(bool(doc["stream_options"]["include_usage"]), true);
+}
+
+TEST(RequestRewrite, KeepsContinuousStatsTheClientAskedFor) {
+  simdjson::dom::parser p;
+  auto out = with_include_usage(
+      R"({"stream":true,"stream_options":{"continuous_usage_stats":true,"x":1}})", true, true, p);
+  ASSERT_TRUE(out);
+  EXPECT_EQ(
+      *out,
+      R"({"stream":true,"stream_options":{"include_usage":true,"continuous_usage_stats":true,"x":1}})");
+}
+
+TEST(RequestRewrite, TheLastDuplicatedStreamOptionsIsTheOneKept) {
+  simdjson::dom::parser p;
+  auto out = with_include_usage(
+      R"({"stream_options":{"a":1},"stream":true,"stream_options":{"b":2}})", true, false, p);
+  ASSERT_TRUE(out);
+  EXPECT_EQ(*out, R"({"stream":true,"stream_options":{"include_usage":true,"b":2}})");
 }
 
 TEST(TokenEstimate, AsciiAndOtherScripts) {

@@ -517,10 +517,12 @@ struct BodyInfo {
   bool stream = false;
   bool include_usage = false;
   bool continuous_usage = false;
-  std::uint64_t text_bytes = 0;  // bytes of the prompt / message contents / inputs
-  std::uint64_t token_ids = 0;   // prompts given as token id arrays count one token per id
-  std::uint64_t inputs = 0;      // embeddings: how many inputs
-  bool base64 = false;           // embeddings: encoding_format "base64" (the OpenAI SDKs' default)
+  bool stream_options_object = false;  // stream_options is an object
+  bool include_usage_given = false;    // it has an include_usage key
+  std::uint64_t text_bytes = 0;        // bytes of the prompt / message contents / inputs
+  std::uint64_t token_ids = 0;         // prompts given as token id arrays count one token per id
+  std::uint64_t inputs = 0;            // embeddings: how many inputs
+  bool base64 = false;  // embeddings: encoding_format "base64" (the OpenAI SDKs' default)
   bool has_input = false;
   std::int64_t max_tokens = -1;
 
@@ -647,8 +649,13 @@ BodyError inspect_body(Connection& c, BodyInfo& info) {
       info.stream = json_truthy(v);
     } else if (key == "stream_options") {
       simdjson::dom::element x;
-      if (v.at_key("include_usage").get(x) == simdjson::SUCCESS)
+      info.stream_options_object = v.is_object();
+      info.include_usage_given = false;
+      info.include_usage = info.continuous_usage = false;
+      if (v.at_key("include_usage").get(x) == simdjson::SUCCESS) {
+        info.include_usage_given = true;
         info.include_usage = json_truthy(x);
+      }
       if (v.at_key("continuous_usage_stats").get(x) == simdjson::SUCCESS) {
         info.continuous_usage = json_truthy(x);
       }
@@ -1083,6 +1090,11 @@ asio::awaitable<Outcome> handle_generation(Connection& c, bool keep_alive) {
   g.no_usage = ctl.no_usage;
   g.include_usage = info.include_usage;
   g.continuous_usage = info.continuous_usage;
+  if (g.flavor == Flavor::kVllm) {
+    // vLLM's StreamOptions default include_usage to true, and continuous stats need it.
+    if (info.stream_options_object && !info.include_usage_given) g.include_usage = true;
+    g.continuous_usage = g.continuous_usage && g.include_usage;
+  }
   g.prompt_tokens = info.prompt_tokens();
   g.completion_tokens = ctl.tokens;
   if (info.max_tokens >= 0 && info.max_tokens < g.completion_tokens) {
