@@ -1,6 +1,7 @@
 // Micro-benchmarks for the per-request and per-event work that is not I/O: request inspection
 // (simdjson DOM validation + field extraction) from 1 KB to 1 MB, the SSE scanner over a
-// realistic chat stream, and a balancer pick. Run: build/llmproxy_micro_benchmark
+// realistic chat stream, a balancer pick, and the usage writer cutting a backlog into commit
+// groups. Run: build/llmproxy_micro_benchmark
 #include <benchmark/benchmark.h>
 #include <simdjson.h>
 
@@ -12,6 +13,7 @@
 #include "lb/balancer.h"
 #include "llm/request_inspector.h"
 #include "llm/sse_scanner.h"
+#include "usage/record.h"
 
 namespace {
 
@@ -92,6 +94,33 @@ void BM_BalancerPick(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_BalancerPick)->Args({2, 0})->Args({16, 0})->Args({2, 1})->Args({16, 1});
+
+// The usage writer after a stall: a backlog of N records cut into groups of 4,096 from the front.
+// The time per record must not grow with N (moving the rest at each cut made it quadratic).
+void BM_BacklogIntoGroups(benchmark::State& state) {
+  const auto n = static_cast<std::size_t>(state.range(0));
+  usage::UsageRecord r;
+  r.request_id = "req-0123456789abcdef0123456789abcdef";
+  r.user_id = "user-42";
+  r.api_key = "sk-test-0123456789abcdef0123456789abcdef";
+  r.model = "meta-llama/Llama-3-8b-Instruct";
+  r.backend_url = "http://127.0.0.1:8000";
+  r.endpoint = "/v1/chat/completions";
+  usage::PackedRecords backlog, group;
+  for (auto _ : state) {
+    state.PauseTiming();
+    backlog.clear();
+    for (std::size_t i = 0; i < n; ++i) backlog.push(r);
+    state.ResumeTiming();
+    while (!backlog.empty()) {
+      backlog.move_front(backlog.front_fitting(4096, 32 << 20), group);
+      benchmark::DoNotOptimize(group.bytes());
+      group.clear();
+    }
+  }
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * n));
+}
+BENCHMARK(BM_BacklogIntoGroups)->Arg(16 << 10)->Arg(64 << 10)->Arg(256 << 10);
 
 }  // namespace
 

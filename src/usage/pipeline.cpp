@@ -343,6 +343,10 @@ bool Pipeline::Impl::retention_chunk(std::int64_t& deleted) {
 }
 
 void Pipeline::Impl::writer_loop() {
+  // `backlog`: the queue as the writer last swapped it out, not yet taken into groups. Swapping
+  // the whole queue costs the request path's lock nothing, however long the queue; the groups
+  // are cut from it outside the lock. `taken`: the group being committed.
+  PackedRecords backlog;
   PackedRecords taken;
   auto next_retention = Clock::now();  // once at start, then hourly
   bool retention_running = false;
@@ -351,6 +355,7 @@ void Pipeline::Impl::writer_loop() {
   milliseconds backoff{10};
   for (;;) {
     bool stopping = false;
+    std::size_t take = 0;  // records the next group may hold (0: none taken)
     if (taken.empty()) {
       std::unique_lock lk(mu);
       for (;;) {
@@ -358,36 +363,39 @@ void Pipeline::Impl::writer_loop() {
         auto deadline = stop_deadline();
         bool late = stopping && Clock::now() >= deadline;
         std::int64_t cap = capacity();
-        if (!queue.empty() && cap > 0 && !stopping && queue.size() < kGroupMax &&
+        if (backlog.empty() && !queue.empty() && cap > 0 && !stopping && queue.size() < kGroupMax &&
             Clock::now() < queue_since + cfg.commit_interval) {
           // Group commit: a transaction costs about as much as a hundred inserts, so gather
           // what arrives within the window (a kill -9 can lose at most this window).
           writer_cv.wait_until(lk, queue_since + cfg.commit_interval);
           continue;
         }
-        if (!queue.empty() && (cap > 0 || late)) {
+        if ((!backlog.empty() || !queue.empty()) && (cap > 0 || late)) {
           if (late && cap <= 0) break;  // durability: memory, full at the deadline: give up
-          // One group is at most kGroupMax records and kGroupBytes: the group is one SQLite
-          // value, and a backlog taken whole after a stall could pass SQLite's 1 GB limit, which
-          // would fail that commit on every retry.
-          const std::size_t n = queue.front_fitting(
-              static_cast<std::size_t>(std::min<std::int64_t>(cap, kGroupMax)), kGroupBytes);
-          // (The queue's capacity after a burst goes with its last group: swapped into `taken`,
-          // which is trimmed after its commit. Trimming here copied the rest under the lock.)
-          if (n == queue.size()) {
-            taken.swap(queue);
-          } else {
-            queue.move_front(n, taken);
-          }
+          // The queue gets the backlog's empty buffer; a burst's capacity goes with the last
+          // group into `taken`, which is trimmed after its commit.
+          if (backlog.empty()) backlog.swap(queue);
+          take = static_cast<std::size_t>(std::min<std::int64_t>(cap, kGroupMax));
           break;
         }
         if (stopping) {
-          if (queue.empty() || late) break;
+          if ((backlog.empty() && queue.empty()) || late) break;
           writer_cv.wait_until(lk, deadline);  // sinks make room (durability: memory)
           continue;
         }
         if (retention_running || Clock::now() >= next_retention) break;
         writer_cv.wait_until(lk, next_retention);
+      }
+    }
+    if (take > 0) {
+      // One group is at most kGroupMax records and kGroupBytes: the group is one SQLite value,
+      // and a backlog taken whole after a stall could pass SQLite's 1 GB limit, which would fail
+      // that commit on every retry.
+      const std::size_t n = backlog.front_fitting(take, kGroupBytes);
+      if (n == backlog.size()) {
+        taken.swap(backlog);
+      } else {
+        backlog.move_front(n, taken);
       }
     }
     if (!taken.empty()) {
@@ -400,7 +408,7 @@ void Pipeline::Impl::writer_loop() {
       std::unique_lock lk(mu);
       auto deadline = stop_deadline();
       if (stop_requested.load() && Clock::now() >= deadline) {
-        std::size_t lost = taken.size() + queue.size();
+        std::size_t lost = taken.size() + backlog.size() + queue.size();
         depth->fetch_sub(static_cast<std::int64_t>(lost), std::memory_order_relaxed);
         dropped.fetch_add(lost, std::memory_order_relaxed);
         log::line("error",
@@ -408,6 +416,7 @@ void Pipeline::Impl::writer_loop() {
                   "dropped)",
                   lost);
         taken.clear();
+        backlog.clear();
         queue.clear();
         clear_json();
         break;
@@ -422,13 +431,14 @@ void Pipeline::Impl::writer_loop() {
     }
     if (stopping) {
       std::lock_guard lk(mu);
-      if (!queue.empty()) {
-        depth->fetch_sub(static_cast<std::int64_t>(queue.size()), std::memory_order_relaxed);
-        dropped.fetch_add(queue.size(), std::memory_order_relaxed);
+      if (const std::size_t left = backlog.size() + queue.size(); left > 0) {
+        depth->fetch_sub(static_cast<std::int64_t>(left), std::memory_order_relaxed);
+        dropped.fetch_add(left, std::memory_order_relaxed);
         log::line("error",
                   "usage log: stopping with {} records not logged (durability: memory, the "
                   "sinks did not make room before the deadline; counted as dropped)",
-                  queue.size());
+                  left);
+        backlog.clear();
         queue.clear();
       }
       break;

@@ -210,6 +210,10 @@ auto strings_of(R& r) {
 }  // namespace
 
 void PackedRecords::push(const UsageRecord& r) {
+  if (front_ > 0 && front_ >= data_.size() / 2) {  // amortized: each byte moves at most once
+    data_.erase(0, front_);
+    front_ = 0;
+  }
   PackedHead h{};
   const auto strs = strings_of(r);
   std::array<std::string_view, 10> parts;
@@ -242,7 +246,7 @@ void PackedRecords::push(const UsageRecord& r) {
 }
 
 void PackedRecords::views(std::vector<UsageRecordView>& out) const {
-  const char* p = data_.data();
+  const char* p = data_.data() + front_;
   for (std::size_t k = 0; k < count_; ++k) {
     PackedHead h;
     std::memcpy(&h, p, sizeof h);
@@ -276,7 +280,7 @@ std::size_t PackedRecords::front_fitting(std::size_t max_n, std::size_t max_byte
   std::size_t off = 0, n = 0;
   while (n < count_ && n < max_n) {
     std::uint64_t bytes;
-    std::memcpy(&bytes, data_.data() + off, sizeof bytes);
+    std::memcpy(&bytes, data_.data() + front_ + off, sizeof bytes);
     if (n > 0 && off + bytes > max_bytes) break;
     off += bytes;
     ++n;
@@ -288,21 +292,26 @@ void PackedRecords::move_front(std::size_t n, PackedRecords& to) {
   std::size_t off = 0;
   for (std::size_t k = 0; k < n; ++k) {
     std::uint64_t bytes;
-    std::memcpy(&bytes, data_.data() + off, sizeof bytes);
+    std::memcpy(&bytes, data_.data() + front_ + off, sizeof bytes);
     off += bytes;
   }
-  to.data_.append(data_, 0, off);
+  to.data_.append(data_, front_, off);
   to.count_ += n;
-  data_.erase(0, off);
   count_ -= n;
+  if (count_ == 0) {
+    clear();
+  } else {
+    front_ += off;
+  }
 }
 
 void PackedRecords::trim(std::size_t keep) {
   if (data_.capacity() > keep) {
     std::string fresh;
-    fresh.reserve(data_.size());
-    fresh.append(data_);
+    fresh.reserve(bytes());
+    fresh.append(data_, front_);
     data_.swap(fresh);
+    front_ = 0;
   }
 }
 

@@ -59,18 +59,23 @@ std::string rfc3339(std::int64_t unix_ms);
 // once the buffer has grown), so the strings the request path allocated are freed by the thread
 // that allocated them, and the writer reads the records in place (views). A buffer and its
 // capacity are reused: the pipeline swaps two of them between the request path and the writer.
+// Records taken from the front are not erased at once (that moved the rest each time, quadratic
+// over a backlog taken group by group): the front advances, and the space is reclaimed when the
+// buffer empties or a push finds more than half of it taken.
 class PackedRecords {
  public:
   void push(const UsageRecord& r);
   std::size_t size() const noexcept { return count_; }
   bool empty() const noexcept { return count_ == 0; }
-  std::size_t bytes() const noexcept { return data_.size(); }
+  std::size_t bytes() const noexcept { return data_.size() - front_; }
   void clear() noexcept {
     data_.clear();
+    front_ = 0;
     count_ = 0;
   }
   void swap(PackedRecords& o) noexcept {
     data_.swap(o.data_);
+    std::swap(front_, o.front_);
     std::swap(count_, o.count_);
   }
   // Frees the buffer when it holds more than `keep` bytes of capacity (after a burst).
@@ -78,13 +83,14 @@ class PackedRecords {
   // How many records from the front fit in `max_bytes` (at least one when not empty), at most
   // `max_n`.
   std::size_t front_fitting(std::size_t max_n, std::size_t max_bytes) const noexcept;
-  // Moves the first n records (n <= size()) to the end of `to`.
+  // Moves the first n records (n <= size()) to the end of `to`: a copy of those n only.
   void move_front(std::size_t n, PackedRecords& to);
   // Appends a view of every record, in order, to `out` (valid until this buffer changes).
   void views(std::vector<UsageRecordView>& out) const;
 
  private:
   std::string data_;
+  std::size_t front_ = 0;  // data_ before this offset was moved out
   std::size_t count_ = 0;
 };
 

@@ -326,5 +326,45 @@ TEST(PackedRecords, MoveFrontSwapClearTrim) {
   EXPECT_TRUE(v.empty());
 }
 
+TEST(PackedRecords, TakingGroupsFromTheFrontLeavesTheRestInPlace) {
+  // A backlog is cut into groups from its front: the records behind must not be moved each
+  // time (that made draining a long backlog quadratic).
+  PackedRecords q, taken;
+  for (int i = 0; i < 100; ++i) q.push(varied_record(i));
+  std::vector<UsageRecordView> before;
+  q.views(before);
+  int next = 0;
+  for (std::size_t group : {7u, 30u, 1u, 50u}) {
+    q.move_front(group, taken);
+    std::vector<UsageRecordView> t, rest;
+    taken.views(t);
+    ASSERT_EQ(t.size(), group);
+    for (const auto& v : t) expect_same(v, varied_record(next++));
+    taken.clear();
+    q.views(rest);
+    ASSERT_EQ(rest.size(), 100u - static_cast<std::size_t>(next));
+    EXPECT_EQ(rest.front().user_id.data(), before[static_cast<std::size_t>(next)].user_id.data())
+        << "the records behind the group were moved";
+    expect_same(rest.front(), varied_record(next));
+  }
+  // Pushing behind a taken front (the space is reclaimed on the way) keeps the order.
+  for (int i = 100; i < 160; ++i) q.push(varied_record(i));
+  std::vector<UsageRecordView> rest;
+  q.views(rest);
+  ASSERT_EQ(rest.size(), 160u - static_cast<std::size_t>(next));
+  for (std::size_t k = 0; k < rest.size(); ++k) {
+    SCOPED_TRACE(k);
+    expect_same(rest[k], varied_record(next + static_cast<int>(k)));
+  }
+  EXPECT_EQ(q.front_fitting(1000, 1 << 30), rest.size());
+  const std::size_t bytes = q.bytes();
+  q.trim(0);
+  EXPECT_EQ(q.bytes(), bytes);
+  q.move_front(q.size(), taken);
+  EXPECT_TRUE(q.empty());
+  EXPECT_EQ(q.bytes(), 0u);
+  EXPECT_EQ(taken.size(), rest.size());
+}
+
 }  // namespace
 }  // namespace llmproxy::usage
