@@ -2301,9 +2301,11 @@ void ClientSession::upstream_head(std::string& out, const Request& req, const Re
 // Reads response headers until the final one: interim responses (100 Continue, 103 Early
 // Hints) are consumed here and never reach the client, or the next response on this
 // connection would be misread as this one's body.
+// `interims` counts the interim responses read.
 asio::awaitable<error_code> read_final_header(UpstreamConn& conn,
-                                              std::optional<ResponseParser>& parser) {
-  for (int interim = 0; interim < 8; ++interim) {
+                                              std::optional<ResponseParser>& parser,
+                                              int& interims) {
+  for (; interims < 8; ++interims) {
     new_response_parser(parser);
     auto op = on_upstream(conn, [&](auto& s) {
       return bhttp::async_read_header(s, conn.buffer, *parser, use_nothrow);
@@ -2401,14 +2403,16 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     // body over its own limit): read that answer rather than calling the backend down.
     arm(wec ? cfg.timeouts.connect : cfg.timeouts.first_byte, conn.get());
     error_code rhec;
+    int interims = 0;           // interim 1xx answers read (and consumed)
+    bool answer_bytes = false;  // any byte of an answer arrived on this attempt
     if (conn->is_tls()) {
-      rhec = co_await read_final_header(*conn, parser);
+      rhec = co_await read_final_header(*conn, parser, interims);
+      answer_bytes = interims > 0 || parser->got_some() || conn->buffer.size() > 0;
     } else {
       // A stream's answer: read when readable into the worker's space; the connection keeps
       // only the bytes after the header (the start of the body), or a header still incomplete.
       auto& sock = std::get<UpstreamConn::Plain>(conn->stream).socket();
       char* const space = w_.relay_in.get();
-      int interim = 0;
       new_response_parser(parser);
       fast_head = false;
       std::size_t direct_seen = 0;  // bytes the direct reader saw without a whole header
@@ -2433,7 +2437,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
             if (h.status < 200) {  // an interim 1xx (101 is left to Beast): the answer follows
               conn->buffer.consume(h.size);
               direct_seen = 0;
-              if (++interim == 8) {
+              if (++interims == 8) {
                 rhec = bhttp::error::bad_status;
                 break;
               }
@@ -2453,7 +2457,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
             if (parser->is_header_done()) {
               const unsigned st = parser->get().result_int();
               if (st >= 200 || st == 101) break;
-              if (++interim == 8) {
+              if (++interims == 8) {
                 rhec = bhttp::error::bad_status;
                 break;
               }
@@ -2474,6 +2478,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
           auto [rrec, rn] = co_await sock.async_read_some(
               conn->buffer.prepare(std::min(room, kUpstreamInitialBuffer)), use_nothrow);
           conn->buffer.commit(rn);
+          answer_bytes = answer_bytes || rn > 0;
           if (rrec == asio::error::eof) {
             rhec = parser->got_some() || conn->buffer.size() > 0 ? bhttp::error::partial_message
                                                                  : bhttp::error::end_of_stream;
@@ -2508,22 +2513,26 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
         auto room = conn->buffer.prepare(static_cast<std::size_t>(got));
         std::memcpy(room.data(), space, static_cast<std::size_t>(got));
         conn->buffer.commit(static_cast<std::size_t>(got));
+        answer_bytes = true;
       }
     }
     const error_code hec = settle(rhec);
     if (watch_.client_gone) co_return Attempt::retry;
     if (hec) {
-      // Bytes of an answer arrived (a header cut short, malformed or too large).
-      const bool began_answer = parser->got_some() || conn->buffer.size() > 0;
+      // Bytes of an answer arrived (an interim 1xx, a header cut short, malformed or too
+      // large): the backend read the request and may have run it.
+      const bool began_answer = answer_bytes || interims > 0;
       watch_.upstream = nullptr;
       conn->close();
-      // Stray bytes (not "HTTP/1.x") where the answer should start: what a backend wrote after
-      // its last answer on this connection. A malformed answer of its own (a bad header, too
-      // large) means it ran the request: not replayed. (An answer in another version, HTTP/2 or
-      // 0.9, also reads as bad_version and is replayed once: no HTTP/1.1 backend sends one.)
-      const bool stale = !wec && conn->reused && !ctx.replaced_stale &&
-                         (hec == bhttp::error::end_of_stream ||
-                          hec == asio::error::connection_reset || hec == bhttp::error::bad_version);
+      // A pooled connection the backend closed before any byte of an answer (EOF, reset), or
+      // stray bytes (not "HTTP/1.x") where the answer should start: what a backend wrote after
+      // its last answer on this connection. Anything else that began an answer means it ran
+      // the request: not replayed. (An answer in another version, HTTP/2 or 0.9, also reads as
+      // bad_version and is replayed once: no HTTP/1.1 backend sends one.)
+      const bool stale = !wec && conn->reused && !ctx.replaced_stale && interims == 0 &&
+                         (hec == bhttp::error::bad_version ||
+                          (!answer_bytes && (hec == bhttp::error::end_of_stream ||
+                                             hec == asio::error::connection_reset)));
       if (!stale) {
         w_.metrics.upstream_error(metric_id, hec == beast::error::timeout
                                                  ? metrics::UpstreamError::timeout

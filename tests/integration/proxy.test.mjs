@@ -466,6 +466,34 @@ test('a malformed answer on a pooled connection is not replayed: the backend ran
   assert.equal(be.apiRequests.length - before, 1, 'the request was sent again');
 });
 
+test('any byte of an answer means the backend ran the request: never replayed, on a pooled connection or another', { timeout: 60_000 }, async () => {
+  const be = await startBackend('began');
+  const gw2 = await startGateway({ server: { workers: 1 }, load_balancing: { max_retries: 2 }, backends: [backendEntry(be, { name: 'began' })] });
+  const early = 'HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n';
+  const answers = {
+    'a header cut short, then a reset': (req) => {
+      req.socket.write('HTTP/1.1 200 OK\r\nContent-Ty', () => req.socket.resetAndDestroy());
+    },
+    'an interim 100 Continue, then the connection closed': (req) => req.socket.end('HTTP/1.1 100 Continue\r\n\r\n'),
+    'an interim 103, then a reset': (req) => req.socket.write(early, () => req.socket.resetAndDestroy()),
+    'eight interim answers and no final one': (req) => req.socket.write(early.repeat(8)),
+  };
+  for (const [what, answer] of Object.entries(answers)) {
+    for (const stream of [false, true]) {
+      const label = `${what} (${stream ? 'stream' : 'non-stream'})`;
+      // A first request leaves a pooled connection, the one the stale-connection rule replays on.
+      be.handler = null;
+      assert.equal((await postJson(gw2.url, '/v1/chat/completions', chatBody('m1'))).status, 200, label);
+      const before = be.apiRequests.length;
+      be.handler = async (req) => answer(req);
+      const res = await postJson(gw2.url, '/v1/chat/completions', { ...chatBody('m1'), stream });
+      assert.equal(res.status, 502, `${label}: ${res.text().slice(0, 300)}`);
+      assert.match(res.json().error.message, /invalid response/, label);
+      assert.equal(be.apiRequests.length - before, 1, `${label}: the request was sent again`);
+    }
+  }
+});
+
 test('an answer cut short or malformed is not sent to another backend: the first one ran the request', { timeout: 30_000 }, async () => {
   const a = await startBackend('half-a');
   const b = await startBackend('half-b');

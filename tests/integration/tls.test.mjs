@@ -18,6 +18,7 @@ const KEY = path.join(HERE, 'fixtures', 'tls-key.pem');
 let server;
 let port;
 let seen = 0;
+let answer = null; // when set, answers the next POSTs instead of the normal response
 const SSE = 'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {"choices":[{"delta":{"content":"b"}}]}\n\ndata: [DONE]\n\n';
 
 before(async () => {
@@ -26,6 +27,7 @@ before(async () => {
     req.on('data', (d) => (body += d));
     req.on('end', () => {
       if (req.method === 'POST') seen++; // not the gateway's GET /v1/models discovery
+      if (req.method === 'POST' && answer) return answer(req, res);
       const stream = JSON.parse(body || '{}').stream === true;
       if (stream) {
         res.writeHead(200, { 'Content-Type': 'text/event-stream' });
@@ -142,4 +144,26 @@ test('turning tls_verify on by reload: a connection opened unverified is not use
   assert.equal(res.status, 502, res.text());
   assert.match(openAIError(res).message, /certificate verify failed/, res.text());
   assert.equal(seen - before, 0, 'the request went over the unverified connection');
+});
+
+test('an interim answer then a dropped connection over TLS: the backend ran the request, not replayed', async () => {
+  const gw = await startGateway({
+    server: { workers: 1 },
+    upstream: { ca_file: CERT },
+    load_balancing: { max_retries: 2 },
+    backends: [{ url: `https://localhost:${port}`, weight: 1, name: 'tls' }],
+  });
+  assert.equal((await postJson(gw.url, '/v1/chat/completions', chatBody('m1'))).status, 200);
+  for (const stream of [false, true]) {
+    const before = seen;
+    answer = (req) => req.socket.write('HTTP/1.1 103 Early Hints\r\n\r\n', () => req.socket.destroy());
+    try {
+      const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1', { stream }));
+      assert.equal(res.status, 502, res.text());
+      assert.match(openAIError(res).message, /invalid response/, res.text());
+    } finally {
+      answer = null;
+    }
+    assert.equal(seen - before, 1, `the request was sent again (stream: ${stream})`);
+  }
 });
