@@ -140,6 +140,9 @@ class Sink {
 
   std::atomic<std::int64_t> cursor{0};
   std::int64_t persisted = 0;  // the cursor as stored (sink thread only)
+  // make_sink(): a cursor created (new sink) or moved (past deleted records), stored with the
+  // others of the same start or reload in one transaction (store_new_cursors()).
+  bool cursor_unstored = false;
   Clock::time_point persisted_at{};
 
   std::atomic<std::uint64_t> delivered{0};
@@ -247,6 +250,15 @@ struct Pipeline::Impl {
   void writer_loop();
 
   std::unique_ptr<Sink> make_sink(config::SinkConfig cfg, std::int64_t head, std::string& summary);
+  // Stores the cursors make_sink() created, all or none (throws when none could be).
+  void store_new_cursors(const std::vector<std::unique_ptr<Sink>>& made) {
+    std::vector<std::pair<std::string, std::int64_t>> cursors;
+    for (const auto& s : made) {
+      if (s->cursor_unstored) cursors.emplace_back(s->cfg.name, s->persisted);
+    }
+    log->set_cursors(cursors, unix_ms_now());
+    for (const auto& s : made) s->cursor_unstored = false;
+  }
   void start_sink(Sink& s) {
     Sink* sp = &s;
     s.thread = std::thread([this, sp] {
@@ -811,6 +823,7 @@ Pipeline::Pipeline(const config::UsageConfig& usage, std::vector<config::SinkCon
   std::erase_if(sinks, [](const config::SinkConfig& c) { return !c.enabled; });
   check_sinks(sinks);
   for (auto& cfg : sinks) im.sinks.push_back(im.make_sink(std::move(cfg), head, summary));
+  im.store_new_cursors(im.sinks);
   im.pruned.store(0);
   log::line("info", "usage log {} opened ({}, head seq {}); {}", im.log->path(),
             im.memory ? "durability: memory" : "durability: disk, WAL", head,
@@ -838,11 +851,13 @@ std::unique_ptr<Sink> Pipeline::Impl::make_sink(config::SinkConfig cfg, std::int
   const bool stored = c.has_value();
   std::string origin = "stored cursor";
   if (!c) {
-    // New to this log: from its head, or from the beginning with replay. Stored now, so that a
-    // restart before the first delivery does not skip what arrived in between.
+    // New to this log: from its head, or from the beginning with replay. Stored before the sink
+    // starts, so that a restart before its first delivery does not skip what arrived in
+    // between; and only when the whole start or reload succeeds (store_new_cursors()), so that
+    // a reload rolled back leaves no cursor for a sink that never ran.
     c = cfg.replay ? 0 : head;
     origin = cfg.replay ? "new, replaying the log" : "new, starting at the head";
-    s->log->set_cursor(cfg.name, *c, unix_ms_now());
+    s->cursor_unstored = true;
   }
   // Records after the cursor that are gone (retention, or deleted by hand, while this sink was
   // not configured): the cursor moves past them, so the backlog counts only what the sink will
@@ -857,7 +872,7 @@ std::unique_ptr<Sink> Pipeline::Impl::make_sink(config::SinkConfig cfg, std::int
                 cfg.name, *c + 1, resume, resume);
     }
     c = resume;
-    s->log->set_cursor(cfg.name, *c, unix_ms_now());
+    s->cursor_unstored = true;
   }
   s->cursor.store(*c);
   s->persisted = *c;
@@ -935,6 +950,17 @@ std::string Pipeline::reconfigure(std::vector<config::SinkConfig> wanted) {
   std::string summary, removed;
   const std::int64_t head = im.head.load(std::memory_order_acquire);
   std::vector<std::unique_ptr<Sink>> fresh;
+  // All or nothing: on a failure the sinks stopped for this reload run again as they were (a
+  // sink left stopped would neither deliver nor hold its records against retention), no new
+  // cursor is stored, and the reload fails, keeping the running configuration.
+  auto roll_back = [&] {
+    for (Sink* s : leaving) {
+      s->retire.store(false, std::memory_order_release);
+      s->cut_at.store(0, std::memory_order_release);
+      s->replaced = false;
+      if (im.started) im.start_sink(*s);
+    }
+  };
   for (auto& cfg : wanted) {
     bool running = false;
     for (const auto& s : im.sinks) running = running || (s->cfg.name == cfg.name && !s->retire);
@@ -942,15 +968,7 @@ std::string Pipeline::reconfigure(std::vector<config::SinkConfig> wanted) {
     try {
       fresh.push_back(im.make_sink(cfg, head, summary));
     } catch (const std::exception& e) {
-      // All or nothing: the sinks stopped for this reload run again as they were (a sink left
-      // stopped would neither deliver nor hold its records against retention), and the reload
-      // fails, keeping the running configuration.
-      for (Sink* s : leaving) {
-        s->retire.store(false, std::memory_order_release);
-        s->cut_at.store(0, std::memory_order_release);
-        s->replaced = false;
-        if (im.started) im.start_sink(*s);
-      }
+      roll_back();
       throw std::runtime_error("usage sink " + cfg.name + ": cannot start: " + e.what());
     }
     for (Sink* old : leaving) {
@@ -962,6 +980,12 @@ std::string Pipeline::reconfigure(std::vector<config::SinkConfig> wanted) {
       s.latency = old->latency;
       old->replaced = true;
     }
+  }
+  try {
+    im.store_new_cursors(fresh);
+  } catch (const std::exception& e) {
+    roll_back();
+    throw std::runtime_error(std::string("usage sinks: cannot store their cursors: ") + e.what());
   }
   std::vector<Sink*> starting;
   std::vector<std::unique_ptr<Sink>> kept, gone;

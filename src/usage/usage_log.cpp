@@ -530,6 +530,17 @@ void UsageLog::set_cursor(const std::string& sink, std::int64_t seq, std::int64_
   store_cursor(sink, seq, now_ms);
 }
 
+void UsageLog::set_cursors(std::span<const std::pair<std::string, std::int64_t>> cursors,
+                           std::int64_t now_ms) {
+  if (cursors.empty()) return;
+  std::lock_guard lk(mu_);
+  Transaction tx(db_);
+  if (tx.begin_rc() != SQLITE_OK) fail(tx.begin_rc(), "begin transaction");
+  for (const auto& [sink, seq] : cursors) store_cursor(sink, seq, now_ms);
+  int rc = tx.commit();
+  if (rc != SQLITE_OK) fail(rc, "commit");
+}
+
 void UsageLog::store_cursor(const std::string& sink, std::int64_t seq, std::int64_t now_ms) {
   auto& st =
       stmt(kCursorSet,

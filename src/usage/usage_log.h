@@ -140,6 +140,9 @@ class UsageLog {
 
   std::optional<std::int64_t> cursor(const std::string& sink);
   void set_cursor(const std::string& sink, std::int64_t seq, std::int64_t now_ms);
+  // Several cursors in one transaction: all are stored or none.
+  void set_cursors(std::span<const std::pair<std::string, std::int64_t>> cursors,
+                   std::int64_t now_ms);
 
   // Up to `limit` records with seq > after, in seq order, appended to `out`.
   void read_after(std::int64_t after, int limit, LoggedRecords& out);

@@ -847,6 +847,38 @@ TEST(UsagePipeline, ReconfigureThatCannotStartASinkKeepsTheSinksAsTheyWere) {
   EXPECT_TRUE(b.accepted().empty());
 }
 
+// A reload rolled back stores no cursor for the sinks it would have added: added later, such a
+// sink starts at the head of that later time, not where the failed reload stood.
+TEST(UsagePipeline, ReconfigureRolledBackLeavesNoCursorForItsNewSinks) {
+  TempDir dir;
+  Receiver a, b, c;
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("a", a.url())});
+  p.start();
+  submit_range(p, 0, 3);
+  WAIT_FOR(delivered(p, "a") == 3);
+  {
+    Db lock(dir.file("usage.db"));
+    lock.exec("BEGIN IMMEDIATE");
+    EXPECT_THROW(
+        p.reconfigure({make_sink("a", a.url()), make_sink("b", b.url()), make_sink("c", c.url())}),
+        std::runtime_error);
+    lock.exec("COMMIT");
+  }
+  {
+    Db db(dir.file("usage.db"));
+    EXPECT_EQ(db.number("SELECT count(*) FROM sink_cursors WHERE name IN ('b','c')"), 0);
+  }
+  submit_range(p, 3, 6);
+  WAIT_FOR(delivered(p, "a") == 6);
+  p.reconfigure({make_sink("a", a.url()), make_sink("b", b.url())});
+  submit_range(p, 6, 8);
+  WAIT_FOR(delivered(p, "b") == 2);
+  p.stop(soon());
+  EXPECT_EQ(delivered_ids(b), expected_ids(6, 8));
+  EXPECT_EQ(delivered_ids(a), expected_ids(0, 8));
+  EXPECT_TRUE(c.accepted().empty());
+}
+
 // A sink stuck retrying (receiver failing, backoff) is replaced at once by a reload that fixes
 // its URL, and the new one delivers the backlog from the cursor.
 TEST(UsagePipeline, ReconfigureReplacesASinkInBackoff) {
