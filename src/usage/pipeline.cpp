@@ -552,6 +552,7 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       try {
         s.log->dead_letter(*unsaved_dead);
         s.persisted = unsaved_dead->last_seq;
+        s.cursor.store(unsaved_dead->last_seq, std::memory_order_release);
         unsaved_dead.reset();
         prune_memory();
       } catch (const std::exception& e) {
@@ -741,7 +742,9 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       row.response = std::move(resp.body);
       row.at_ms = unix_ms_now();
       row.body = body;
-      s.cursor.store(batch.entries.back().seq, std::memory_order_release);
+      // The cursor moves past them with the dead letter stored (the top of the loop), not
+      // before: until then they are still held against pruning and retention, and counted in
+      // the backlog.
       s.dead_letters.fetch_add(n, std::memory_order_relaxed);
       // The receiver answered, so the failures before are over: a next failure starts afresh,
       // with quick retries, and is reported as a new outage.
@@ -788,14 +791,14 @@ void Pipeline::Impl::sink_loop(Sink& s) {
     try {
       s.log->dead_letter(*unsaved_dead);
       s.persisted = unsaved_dead->last_seq;
+      s.cursor.store(unsaved_dead->last_seq, std::memory_order_release);
     } catch (const std::exception& e) {
-      // Neither delivered nor stored: the stored cursor stays before them, so that the next
-      // start (or a reload's successor) sends them again and stores the rejection then.
+      // Neither delivered nor stored: the cursor stays before them, so that the next start (or
+      // a reload's successor) sends them again and stores the rejection then.
       log::line("error",
                 "usage sink {}: dead letter for records {}..{} not stored ({}); they will be "
                 "sent again",
                 s.cfg.name, unsaved_dead->first_seq, unsaved_dead->last_seq, e.what());
-      s.cursor.store(unsaved_dead->first_seq - 1, std::memory_order_release);
     }
   }
   persist_cursor(s);

@@ -312,6 +312,36 @@ TEST(UsagePipeline, PermanentRejectionIsDeadLetteredNotRetried) {
   EXPECT_EQ(log.cursor("hook"), 5);
 }
 
+// A rejected record is past the sink's cursor only once its dead letter is stored: while the log
+// is locked it stays in the backlog (held against pruning and retention), then is stored.
+TEST(UsagePipeline, ARejectionLeavesTheBacklogOnlyWithItsDeadLetterStored) {
+  TempDir dir;
+  const std::string path = dir.file("usage.db");
+  Receiver rx;
+  std::optional<Db> lock;  // taken by the receiver before it answers the rejection
+  rx.set_script([&lock, path](const Receiver::Request&, std::size_t) {
+    if (!lock) {
+      lock.emplace(path);
+      lock->exec("BEGIN IMMEDIATE");
+    }
+    Receiver::Reply r;
+    r.status = 400;
+    return r;
+  });
+  Pipeline p(testing::disk_config(path), {make_sink("hook", rx.url())});
+  p.start();
+  submit_range(p, 0, 1);
+  WAIT_FOR(sink(p.stats(), "hook").dead_letters == 1);
+  EXPECT_EQ(sink(p.stats(), "hook").backlog, 1) << "past the cursor before the dead letter";
+  lock->exec("COMMIT");
+  WAIT_FOR(sink(p.stats(), "hook").backlog == 0);
+  p.stop(soon());
+  UsageLog log(UsageLog::Mode::read_only, path);
+  ASSERT_EQ(log.dead_letters().size(), 1u);
+  EXPECT_EQ(log.cursor("hook"), 1);
+  EXPECT_EQ(rx.requests().size(), 1u);
+}
+
 // A dead letter ends the failures before it: the next record that fails starts a new outage,
 // with its quick retries, instead of going on in the slow lane where the rejected one left off.
 // Record 0 is answered 500, 500, then 400; record 1 500, then 204.
