@@ -407,8 +407,8 @@ bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage
        pos = rfind_usage_key(copy, pos)) {
     std::size_t open = copy.find_first_not_of(" \t\r\n:", pos + 7);
     if (open == std::string_view::npos || copy[open] != '{') continue;
-    // The simple form, read in one pass from the brace on.
-    if (auto reported = read_flat(copy.substr(open), true, out)) {
+    // The simple form, read in one pass from the brace on (within the same bound).
+    if (auto reported = read_flat(copy.substr(open, kMaxUsageObject), true, out)) {
       if (*reported) return true;
       continue;
     }
