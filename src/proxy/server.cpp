@@ -542,15 +542,31 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
   } else {
     co_return local_connect_failure(error_code(errno, boost::system::system_category()));
   }
+  // One deadline for the three steps: a slow name server must not add its own timeouts (glibc:
+  // 5 s per try and server) to a request's connect timeout.
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
   std::vector<tcp::endpoint> endpoints;
   error_code ec;
   auto addr = asio::ip::make_address(url.host, ec);
   if (!ec) {
     endpoints.emplace_back(addr, url.port);
   } else {
-    tcp::resolver resolver(ex);
+    // getaddrinfo runs on Asio's resolver thread and cannot be interrupted; cancel() completes
+    // the wait at the deadline and leaves the lookup to finish there. The timer's handler owns
+    // the resolver, so a handler that fires as the lookup completes never touches a dead one.
+    auto resolver = std::make_shared<tcp::resolver>(ex);
+    asio::steady_timer limit(ex, deadline);
+    limit.async_wait([resolver](const error_code& e) {
+      if (!e) resolver->cancel();
+    });
     auto [rec, results] =
-        co_await resolver.async_resolve(url.host, std::to_string(url.port), use_nothrow);
+        co_await resolver->async_resolve(url.host, std::to_string(url.port), use_nothrow);
+    limit.cancel();
+    if (rec == asio::error::operation_aborted) {
+      out.ec = beast::error::timeout;
+      out.timed_out = true;
+      co_return out;
+    }
     if (rec) {
       if (local_error(rec)) co_return local_connect_failure(rec);
       out.ec = rec;
@@ -565,7 +581,7 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
     conn = std::make_unique<UpstreamConn>(beast::tcp_stream(ex), backend.index(), gen.id);
   }
   auto& tcp_stream = conn->tcp();
-  tcp_stream.expires_after(timeout);
+  tcp_stream.expires_at(deadline);
   auto [cec, ep] = co_await tcp_stream.async_connect(endpoints, use_nothrow);
   if (cec) {
     // The socket is opened by async_connect: another thread may have taken the last descriptor.
@@ -587,7 +603,7 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
       co_return out;
     }
     tls.set_verify_mode(verify ? asio::ssl::verify_peer : asio::ssl::verify_none);
-    tcp_stream.expires_after(timeout);
+    tcp_stream.expires_at(deadline);
     auto [hec] = co_await tls.async_handshake(asio::ssl::stream_base::client, use_nothrow);
     if (hec) {
       out.ec = hec;
