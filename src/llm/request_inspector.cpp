@@ -24,6 +24,24 @@ void count_prompt(simdjson::dom::element v, RequestInfo& info, int depth = 0) {
   }
 }
 
+// A tool call of an assistant message (`tool_calls[]` item or the legacy `function_call`): the
+// function's name and its arguments (a string of JSON) are written into the prompt as they are.
+void count_tool_call(simdjson::dom::element call, RequestInfo& info) {
+  simdjson::dom::element f;
+  if (call["function"].get(f) != simdjson::SUCCESS) f = call;  // function_call: no wrapper
+  if (!f.is_object()) return;
+  ++info.tool_calls;
+  std::string_view s;
+  if (f["name"].get_string().get(s) == simdjson::SUCCESS) info.tool_text.add_utf8(s);
+  simdjson::dom::element args;
+  if (f["arguments"].get(args) != simdjson::SUCCESS) return;
+  if (args.get_string().get(s) == simdjson::SUCCESS) {
+    info.tool_text.add_utf8(s);
+  } else {
+    info.tool_text.add_utf8(simdjson::to_string(args));  // an object, as some clients send it
+  }
+}
+
 bool too_long(std::string_view field, std::string_view v, InspectError& error) {
   if (v.size() <= kMaxIdentifierBytes) return false;
   error.spec = http::errors::string_too_long;
@@ -117,13 +135,31 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
         for (auto m : list) {
           ++info.messages;
           simdjson::dom::element content;
-          if (count_text && m["content"].get(content) == simdjson::SUCCESS) {
-            count_prompt(content, info);
+          if (!count_text) continue;
+          if (m["content"].get(content) == simdjson::SUCCESS) count_prompt(content, info);
+          simdjson::dom::element calls;
+          if (m["tool_calls"].get(calls) == simdjson::SUCCESS) {
+            simdjson::dom::array list_of_calls;
+            if (calls.get_array().get(list_of_calls) == simdjson::SUCCESS) {
+              for (auto call : list_of_calls) count_tool_call(call, info);
+            }
+          }
+          if (m["function_call"].get(calls) == simdjson::SUCCESS && calls.is_object()) {
+            count_tool_call(calls, info);
           }
         }
       }
     } else if (key == "prompt" || key == "input") {
       if (count_text) count_prompt(field.value, info);
+    } else if (key == "tools" || key == "functions") {
+      // Tool definitions (`functions`: the legacy form): chat templates write each one into the
+      // prompt as JSON, so the estimate counts their JSON text.
+      simdjson::dom::array defs;
+      if (!count_text || field.value.get_array().get(defs)) continue;
+      for (auto def : defs) {
+        ++info.tools;
+        info.tool_text.add_utf8(simdjson::to_string(def));
+      }
     } else if (key == "stream_options") {
       // Every occurrence, the last one winning, as the Python and JS backends read duplicates.
       info.has_stream_options = true;
@@ -154,6 +190,16 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
     return false;
   }
   return true;
+}
+
+std::int64_t estimate_prompt_tokens(const RequestInfo& info) {
+  std::int64_t n = info.prompt_token_ids + info.prompt_text.tokens();
+  // Chat templates add a few tokens per message (role markers, separators).
+  if (info.messages > 0) n += 4 * info.messages + 3;
+  // With tools, templates add a tool-use instruction (~80 tokens in Qwen3's) and wrap each call.
+  n += info.tool_text.json_tokens() + (info.tools > 0 ? kToolsPromptTokens : 0) +
+       kToolCallTokens * info.tool_calls;
+  return n;
 }
 
 }  // namespace llmproxy::llm

@@ -36,7 +36,22 @@ struct RequestInfo {
   TextCount prompt_text;
   std::int64_t prompt_token_ids = 0;
   int messages = 0;
+  // Tool definitions (`tools`, legacy `functions`) as JSON text, and the names and arguments of
+  // the tool calls in assistant messages: templates write both into the prompt.
+  TextCount tool_text;
+  int tools = 0;
+  int tool_calls = 0;
 };
+
+// What chat templates add for tools, beyond the tools' own JSON (bench/results/estimate.md:
+// Qwen3's template; others differ by some tens of tokens): the tool-use instruction, once, and
+// the markup around each call.
+inline constexpr std::int64_t kToolsPromptTokens = 80;
+inline constexpr std::int64_t kToolCallTokens = 10;
+
+// The prompt's tokens as the gateway estimates them when neither the backend's usage nor its
+// /tokenize count is available: text, token ids, per-message template overhead, tools.
+std::int64_t estimate_prompt_tokens(const RequestInfo& info);
 
 struct InspectError {
   http::ErrorSpec spec;

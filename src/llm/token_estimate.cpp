@@ -87,4 +87,9 @@ std::int64_t TextCount::tokens() const {
   return static_cast<std::int64_t>((ascii + 3) / 4 + (4 * other + 4) / 5);
 }
 
+std::int64_t TextCount::json_tokens() const {
+  if (empty()) return 0;
+  return static_cast<std::int64_t>((ascii + 2) / 3 + (4 * other + 4) / 5);
+}
+
 }  // namespace llmproxy::llm

@@ -26,6 +26,9 @@ struct TextCount {
   }
   bool empty() const { return ascii == 0 && other == 0; }
   std::int64_t tokens() const;
+  // The same for JSON text (tool definitions, call arguments), which runs at about three ASCII
+  // bytes per token: quotes, braces and short keys rarely merge (bench/results/estimate.md).
+  std::int64_t json_tokens() const;
 };
 
 }  // namespace llmproxy::llm

@@ -1931,9 +1931,7 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
   ctx.body_copy.shrink_to_fit();
   std::string().swap(ctx.body_head);
   const auto& info = ctx.info;
-  // Chat templates add a few tokens per message (role markers, separators).
-  const std::int64_t prompt_estimate = info.prompt_token_ids + info.prompt_text.tokens() +
-                                       (info.messages > 0 ? 4 * info.messages + 3 : 0);
+  const std::int64_t prompt_estimate = llm::estimate_prompt_tokens(info);
   const std::int64_t completion_estimate =
       ctx.endpoint == llm::Endpoint::embeddings ? 0 : content.tokens();
   if (reported) {
@@ -1993,9 +1991,9 @@ asio::awaitable<void> ClientSession::tokenize_prompt(RequestContext& ctx, bool c
   drop_retained(ctx);
 }
 
-// POST {base}/tokenize with the request's model and messages (chat) or prompt (completions),
-// as vLLM's and the mock's /tokenize take them; the answer's `count`, else the length of its
-// `tokens`. -1 when the backend has no such endpoint or does not answer in time.
+// POST {base}/tokenize with the request's model and messages and tools (chat) or prompt
+// (completions), as vLLM's and the mock's /tokenize take them; the answer's `count`, else the
+// length of its `tokens`. -1 when the backend has no such endpoint or does not answer in time.
 asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend,
                                                       const RequestContext& ctx,
                                                       std::string_view authorization) {
@@ -2016,6 +2014,13 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
     http::append_json_escaped(body, ctx.info.model);
     body += chat ? "\",\"messages\":" : "\",\"prompt\":";
     body += simdjson::minify(prompt);
+    // The tool definitions too: vLLM's chat /tokenize renders them into the template, as the
+    // request itself did.
+    simdjson::dom::element tools;
+    if (chat && doc["tools"].get(tools) == simdjson::SUCCESS && tools.is_array()) {
+      body += ",\"tools\":";
+      body += simdjson::minify(tools);
+    }
     body += '}';
   }
   // A connection of its own, closed afterwards: this rare call never touches the pool.

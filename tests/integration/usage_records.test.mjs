@@ -391,6 +391,54 @@ for (const stream of [false, true]) {
   }
 }
 
+// A conversation with tool definitions and an assistant tool call: chat templates write both into
+// the prompt, so a backend bills them (the mock counts their JSON text too).
+const TOOLS = [
+  { type: 'function', function: { name: 'get_forecast', description: 'Daily forecast for a city.', parameters: { type: 'object', properties: { city: { type: 'string' }, days: { type: 'integer', minimum: 1, maximum: 7 } }, required: ['city', 'days'] } } },
+  { type: 'function', function: { name: 'get_weather', description: 'Current weather for a city.', parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] } } },
+];
+const TOOL_MESSAGES = [
+  { role: 'user', content: 'Umbrella for Porto this weekend?' },
+  { role: 'assistant', content: null, tool_calls: [{ id: 'call_1', type: 'function', function: { name: 'get_forecast', arguments: '{"city":"Porto","days":3}' } }] },
+  { role: 'tool', tool_call_id: 'call_1', content: '[{"day":"Sat","rain_mm":7.5}]' },
+];
+
+test('no usage from the backend for a chat with tools: /tokenize is sent the tools, and the record bills them as the backend counts them', { timeout: 30_000 }, async () => {
+  for (const stream of [false, true]) {
+    const id = nextId(`tools-tok-${stream}`);
+    const body = { model: 'm1', messages: TOOL_MESSAGES, tools: TOOLS, stream };
+    const res = await send(PATHS.chat, body, { id, headers: { 'x-mock-flavor': 'vllm', 'x-mock-tokens': '6', 'x-mock-no-usage': '1' } });
+    assert.equal(res.status, 200);
+    const rec = await recordOf(id);
+    assert.equal(rec.usage_source, 'estimated');
+    // What the backend bills for this very request when it reports usage.
+    const billed = await postJson(mock.url, PATHS.chat, { ...body, stream: false }, { headers: { 'x-mock-tokens': '6' } });
+    const withoutTools = await postJson(mock.url, '/tokenize', { model: 'm1', messages: TOOL_MESSAGES });
+    assert.ok(billed.json().usage.prompt_tokens > withoutTools.json().count + 50, 'the tools are a large part of this prompt');
+    assert.equal(rec.prompt_tokens, billed.json().usage.prompt_tokens, `${stream ? 'stream' : 'non-stream'}: prompt_tokens with the tools`);
+  }
+});
+
+test('usage.tokenize off: the prompt estimate of a chat with tools counts their JSON text, the calls and the template\'s tool instruction', { timeout: 30_000 }, async () => {
+  const gw2 = await startUsageGateway({ mock, receiver, usage: { tokenize: false } });
+  const headers = { 'x-mock-flavor': 'openai', 'x-mock-tokens': '6', 'x-mock-no-usage': '1' };
+  const plainId = nextId('tools-est-plain');
+  const plainMessages = TOOL_MESSAGES.map(({ tool_calls, ...m }) => ({ ...m, content: m.content ?? '' }));
+  assert.equal((await send(PATHS.chat, { model: 'm1', messages: plainMessages }, { id: plainId, headers, to: gw2 })).status, 200);
+  const toolsId = nextId('tools-est');
+  assert.equal((await send(PATHS.chat, { model: 'm1', messages: TOOL_MESSAGES, tools: TOOLS }, { id: toolsId, headers, to: gw2 })).status, 200);
+  const plain = await recordOf(plainId);
+  const withTools = await recordOf(toolsId);
+  assert.equal(plain.usage_source, 'estimated');
+  assert.equal(withTools.usage_source, 'estimated');
+  // Each tool's minified JSON, and the call's name and arguments, at no more than 4 bytes a token.
+  const toolBytes = TOOLS.reduce((n, t) => n + JSON.stringify(t).length, 0) + 'get_forecast'.length + TOOL_MESSAGES[1].tool_calls[0].function.arguments.length;
+  const added = withTools.prompt_tokens - plain.prompt_tokens;
+  // ... and not wildly more: the instruction a template adds for tools is some tens of tokens
+  // (its accuracy against real tokenizers: bench/results/estimate.md).
+  assert.ok(added >= Math.ceil(toolBytes / 4) && added <= toolBytes / 2 + 100, `the tools added ${added} tokens for ${toolBytes} bytes of tool JSON`);
+});
+
 test('a client that hangs up mid-stream: finish "client_disconnected", estimated, 0 < completion_tokens < 200', { timeout: 30_000 }, async () => {
   const id = nextId('hangup');
   const stream = await openRawStream(

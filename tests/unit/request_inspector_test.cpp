@@ -117,6 +117,54 @@ TEST(RequestInspector, PromptCountedOnlyWhenAsked) {
   EXPECT_EQ(ids.prompt_token_ids, 0);
 }
 
+// Tools are written into the prompt by chat templates: their definitions count as JSON text
+// (minified, as parsed), tool calls as the function's name plus its arguments; the estimate adds
+// the template's tool instruction once and its markup per call.
+TEST(RequestInspector, ToolDefinitionsAndCallsCountTowardsThePromptEstimate) {
+  const std::string tool =
+      R"({"type":"function","function":{"name":"get_weather","parameters":{"type":"object"}}})";
+  const std::string body =
+      R"({"model":"m","tools":[ )" + tool +
+      R"( ],"messages":[)"
+      R"({"role":"user","content":"rain?"},)"
+      R"({"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function",)"
+      R"("function":{"name":"get_weather","arguments":"{\"city\":\"Porto\"}"}}]},)"
+      R"({"role":"assistant","function_call":{"name":"f","arguments":{"a":1}}},)"
+      R"({"role":"tool","tool_call_id":"c1","content":"sunny"}]})";
+  Outcome o = inspect(body);
+  ASSERT_TRUE(o.ok) << o.error.message;
+  const RequestInfo& i = o.info;
+  EXPECT_EQ(i.tools, 1);
+  EXPECT_EQ(i.tool_calls, 2);
+  EXPECT_EQ(i.messages, 4);
+  // tool (minified) + "get_weather" + {"city":"Porto"} + "f" + {"a":1}
+  const std::uint64_t tool_bytes = tool.size() + 11 + 16 + 1 + 7;
+  EXPECT_EQ(i.tool_text.ascii, tool_bytes);
+  EXPECT_EQ(i.prompt_text.ascii, 10u);  // "rain?" + "sunny"
+  const std::int64_t text = (10 + 3) / 4, overhead = 4 * 4 + 3;
+  EXPECT_EQ(llm::estimate_prompt_tokens(i), text + overhead +
+                                                static_cast<std::int64_t>((tool_bytes + 2) / 3) +
+                                                llm::kToolsPromptTokens + 2 * llm::kToolCallTokens);
+
+  // The legacy `functions` list counts as tools; without metering nothing is counted.
+  Outcome legacy = inspect(R"({"functions":[{"name":"f","parameters":{}}],"messages":[]})");
+  ASSERT_TRUE(legacy.ok);
+  EXPECT_EQ(legacy.info.tools, 1);
+  EXPECT_EQ(legacy.info.tool_text.ascii, std::string(R"({"name":"f","parameters":{}})").size());
+  RequestInspector insp(1 << 20);
+  RequestInfo plain;
+  InspectError error;
+  ASSERT_TRUE(insp.inspect(Endpoint::chat_completions, body, false, plain, error, false));
+  EXPECT_EQ(plain.tools, 0);
+  EXPECT_EQ(plain.tool_calls, 0);
+  EXPECT_TRUE(plain.tool_text.empty());
+  // Odd shapes are not refused (the backend judges them) and count nothing.
+  Outcome odd = inspect(R"({"tools":{"a":1},"messages":[{"tool_calls":7},{"tool_calls":[3]}]})");
+  ASSERT_TRUE(odd.ok);
+  EXPECT_EQ(odd.info.tools, 0);
+  EXPECT_TRUE(odd.info.tool_text.empty());
+}
+
 TEST(RequestInspector, AbsentFieldsStayEmpty) {
   Outcome o = inspect(R"({"messages":[]})");
   ASSERT_TRUE(o.ok) << o.error.message;

@@ -586,10 +586,33 @@ void count_text_or_tokens(simdjson::dom::element e, BodyInfo& info) {
   }
 }
 
+// Tool definitions, and the tool calls of assistant messages, count as their JSON text (a
+// function's name plus its arguments for a call), as a chat template writes them into the prompt.
+void count_tools(simdjson::dom::element e, BodyInfo& info) {
+  simdjson::dom::array tools;
+  if (e.get_array().get(tools) != simdjson::SUCCESS) return;
+  for (simdjson::dom::element t : tools) info.text_bytes += simdjson::to_string(t).size();
+}
+
+void count_tool_calls(simdjson::dom::element m, BodyInfo& info) {
+  simdjson::dom::array calls;
+  if (m.at_key("tool_calls").get_array().get(calls) != simdjson::SUCCESS) return;
+  for (simdjson::dom::element call : calls) {
+    std::string_view s;
+    if (call.at_pointer("/function/name").get_string().get(s) == simdjson::SUCCESS) {
+      info.text_bytes += s.size();
+    }
+    if (call.at_pointer("/function/arguments").get_string().get(s) == simdjson::SUCCESS) {
+      info.text_bytes += s.size();
+    }
+  }
+}
+
 void count_messages(simdjson::dom::element e, BodyInfo& info) {
   simdjson::dom::array messages;
   if (e.get_array().get(messages) != simdjson::SUCCESS) return;
   for (simdjson::dom::element m : messages) {
+    count_tool_calls(m, info);
     simdjson::dom::element content;
     if (m.at_key("content").get(content) != simdjson::SUCCESS) continue;
     std::string_view s;
@@ -661,6 +684,8 @@ BodyError inspect_body(Connection& c, BodyInfo& info) {
       }
     } else if (key == "messages") {
       count_messages(v, info);
+    } else if (key == "tools" || key == "functions") {
+      count_tools(v, info);
     } else if (key == "prompt" || key == "input" || key == "content") {
       // "content" is llama.cpp's /tokenize field.
       info.has_input = true;
