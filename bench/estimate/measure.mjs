@@ -5,6 +5,7 @@
 // reports no usage:
 //   text:  ceil(ASCII bytes / 4) + ceil(0.8 x non-ASCII code points)   (0 for an empty text)
 //   chat:  the same over the contents of all messages together, + 4 per message + 3
+//   tools: + tool definitions and calls as JSON at 3 bytes per token, + 80 with tools, + 10 per call
 // Real counts:
 //   text:  the tokenizer's encode(text), no BOS/EOS
 //   chat:  the whole prompt as the backend counts it: the model's chat template rendered with the
@@ -94,9 +95,12 @@ const CLASSES = [
   ['chat-', 'chat prompt (template included)'],
 ];
 const corpusDir = path.join(HERE, 'corpus');
+// Chats with tools ({"tools": [...], "messages": [...]}) are measured apart, below.
+const isToolSample = (file) => file.startsWith('chat-tools-');
 const samples = fs
   .readdirSync(corpusDir)
   .sort()
+  .filter((file) => !isToolSample(file))
   .map((file) => {
     const cls = CLASSES.find(([p]) => file.startsWith(p));
     if (!cls) throw new Error(`corpus/${file}: name must start with one of ${CLASSES.map(([p]) => p).join(' ')}`);
@@ -400,6 +404,120 @@ p();
   p('  samples of one class differ: cl100k spends ' +
     byClass('Chinese prose').map((x) => `${(x.real.cl100k / x.count.other).toFixed(2)}`).join(' and ') +
     ' tokens per character on the two Chinese texts (everyday words vs technical vocabulary).');
+  p();
+}
+
+// --- chats with tools ---------------------------------------------------------------------------
+// Templates write each tool definition into the prompt as JSON (HF's `tojson`: Python's json.dumps
+// separators ", " and ": ") inside a tool-use instruction, and each tool call as
+// {"name": ..., "arguments": ...}. Rendered here for Qwen3 by its template's rules (the package's
+// own template engine fails on it, as above); the other packages have no tool template, and
+// OpenAI's rendering of tools is not published.
+const pyJson = (x) =>
+  Array.isArray(x)
+    ? `[${x.map(pyJson).join(', ')}]`
+    : x !== null && typeof x === 'object'
+      ? `{${Object.entries(x).map(([k, v]) => `${JSON.stringify(k)}: ${pyJson(v)}`).join(', ')}}`
+      : JSON.stringify(x);
+function qwen3ToolPrompt({ tools, messages: m }) {
+  let out = '';
+  if (tools.length) {
+    out += '<|im_start|>system\n' + (m[0].role === 'system' ? m[0].content + '\n\n' : '');
+    out += '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n';
+    out += 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>';
+    for (const t of tools) out += '\n' + pyJson(t);
+    out += '\n</tools>\n\nFor each function call, return a json object with function name and arguments ';
+    out += 'within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": ';
+    out += '<args-json-object>}\n</tool_call><|im_end|>\n';
+  } else if (m[0].role === 'system') {
+    out += `<|im_start|>system\n${m[0].content}<|im_end|>\n`;
+  }
+  m.forEach((msg, i) => {
+    if (msg.role === 'user' || (msg.role === 'system' && i > 0)) {
+      out += `<|im_start|>${msg.role}\n${msg.content}<|im_end|>\n`;
+    } else if (msg.role === 'assistant') {
+      out += '<|im_start|>assistant\n' + (msg.content ?? '');
+      (msg.tool_calls ?? []).forEach((c, j) => {
+        if (j > 0 || msg.content) out += '\n';
+        const a = c.function.arguments;
+        out += `<tool_call>\n{"name": "${c.function.name}", "arguments": ${typeof a === 'string' ? a : pyJson(a)}}\n</tool_call>`;
+      });
+      out += '<|im_end|>\n';
+    } else if (msg.role === 'tool') {
+      if (i === 0 || m[i - 1].role !== 'tool') out += '<|im_start|>user';
+      out += `\n<tool_response>\n${msg.content}\n</tool_response>`;
+      if (i === m.length - 1 || m[i + 1].role !== 'tool') out += '<|im_end|>\n';
+    }
+  });
+  return out + '<|im_start|>assistant\n';
+}
+// The gateway's rule (src/llm/request_inspector.cpp, estimate_prompt_tokens): contents as text;
+// each tool's minified JSON and each call's name + arguments at 3 ASCII bytes per token; + 80 for
+// the tool instruction when there are tools, + 10 per call, + 4 per message + 3.
+const TOOLS_PROMPT = 80;
+const TOOL_CALL = 10;
+const toolSamples = fs
+  .readdirSync(corpusDir)
+  .sort()
+  .filter(isToolSample)
+  .map((file) => {
+    const chat = JSON.parse(fs.readFileSync(path.join(corpusDir, file), 'utf8'));
+    const content = { ascii: 0, other: 0 };
+    const json = { ascii: 0, other: 0 };
+    let calls = 0;
+    const add = (c, x) => {
+      c.ascii += x.ascii;
+      c.other += x.other;
+    };
+    for (const m of chat.messages) {
+      add(content, countText(m.content ?? ''));
+      for (const c of m.tool_calls ?? []) {
+        calls++;
+        add(json, countText(c.function.name));
+        const a = c.function.arguments;
+        add(json, countText(typeof a === 'string' ? a : JSON.stringify(a)));
+      }
+    }
+    for (const t of chat.tools) add(json, countText(JSON.stringify(t)));
+    const n = chat.messages.length;
+    const before = chatEstimate(content, n, 4, 0.8); // the estimate before tools were counted
+    const jsonTokens = json.ascii || json.other ? Math.floor((json.ascii + 2) / 3) + Math.floor((4 * json.other + 4) / 5) : 0;
+    const est = before + jsonTokens + (chat.tools.length ? TOOLS_PROMPT : 0) + TOOL_CALL * calls;
+    const real = qwen3.encode(qwen3ToolPrompt(chat), { add_special_tokens: false }).length;
+    const noTools = qwen3.encode(qwen3ToolPrompt({ tools: [], messages: chat.messages.map(({ tool_calls, ...r }) => r) }), {
+      add_special_tokens: false,
+    }).length;
+    const toolJsonReal = chat.tools.reduce((a, t) => a + qwen3.encode(pyJson(t), { add_special_tokens: false }).length, 0);
+    const toolJsonBytes = chat.tools.reduce((a, t) => a + JSON.stringify(t).length, 0);
+    return { file, n, tools: chat.tools.length, calls, json, before, est, real, noTools, toolJsonReal, toolJsonBytes };
+  });
+if (toolSamples.length) {
+  p('## Chats with tools');
+  p();
+  p('Tool definitions and tool calls are part of the prompt a backend bills: the template writes each');
+  p('tool as JSON inside a tool-use instruction. The estimate counts them (it counted only message');
+  p("contents until November 2026): each tool's minified JSON and each call's function name and");
+  p(`arguments at 3 ASCII bytes per token, + ${TOOLS_PROMPT} for the instruction when the request has tools, + ${TOOL_CALL} per`);
+  p('call, on top of the chat estimate above. **Real**: Qwen3, its template rendered with the tools');
+  p("(`tojson` as Python's `json.dumps`); the other packages have no tool template, and OpenAI does not");
+  p('publish how it renders tools, so they are not measured here.');
+  p();
+  p('| sample | messages | tools | calls | tool JSON bytes (minified) | qwen3 tokens of the tools\' JSON (as rendered) | qwen3 real prompt | estimate without tools / error | **estimate / error** |');
+  p('|---|---|---|---|---|---|---|---|---|');
+  for (const s of toolSamples) {
+    p(
+      `| \`${s.file}\` | ${s.n} | ${s.tools} | ${s.calls} | ${s.toolJsonBytes} | ${s.toolJsonReal} (${(s.toolJsonBytes / s.toolJsonReal).toFixed(2)} B/tok) | ${s.real} | ` +
+        `${s.before} / ${pct(rel(s.before, s.real))} | **${s.est} / ${pct(rel(s.est, s.real))}** |`,
+    );
+  }
+  p();
+  const overheads = toolSamples.map((s) => s.real - s.noTools - s.toolJsonReal);
+  p(`What Qwen3's template adds beyond the contents and the tools' JSON (real prompt - prompt without tools`);
+  p(`and calls - the tools' JSON tokens): ${toolSamples.map((s, i) => `${overheads[i]} (${s.calls} call${s.calls === 1 ? '' : 's'})`).join(', ')} tokens, i.e. its`);
+  p('instruction (~80) and the markup of each call with its name and arguments. Other templates write');
+  p('different instructions (Llama 3.1 indents the JSON by 4, Mistral and Hermes use their own markers): expect');
+  p('tens of tokens of difference per request there. With `usage.tokenize` on (the default), a vLLM backend');
+  p('counts the prompt itself: the gateway sends it the tools along with the messages.');
   p();
 }
 
