@@ -13,7 +13,7 @@ bool has_finish_reason(std::string_view data) {
 
 std::string_view StreamMeter::relay(std::string_view in) {
   if (!filter_) {
-    scanner_.feed(in, [this](const SseEvent& e) { tracker_.on_event(e.data); });
+    scanner_.feed(in, [this](const SseEvent& e) { tracker_.on_event(e.data, e.event); });
     return in;
   }
   out_.clear();
@@ -29,7 +29,7 @@ std::string_view StreamMeter::relay(std::string_view in) {
   }
   const bool held_before = !held_.empty();
   scanner_.feed(in, [&](const SseEvent& e) {
-    const bool usage_only = tracker_.on_event(e.data);
+    const bool usage_only = tracker_.on_event(e.data, e.event);
     const bool removable = usage_only && !(e.continued && flushed_);
     if (e.continued) flushed_ = false;
     if (!saw_finish_ && !usage_only && has_finish_reason(e.data)) saw_finish_ = true;

@@ -145,7 +145,7 @@ bool is_usage_only_chunk(simdjson::dom::element object) {
   return obj["usage"].get_object().get(u) == simdjson::SUCCESS;
 }
 
-bool StreamUsageTracker::on_event(std::string_view data) {
+bool StreamUsageTracker::on_event(std::string_view data, std::string_view event) {
   ++events_;
   // [DONE] ends the response: what a backend sends after it is not part of it, and not billed.
   if (saw_done_) return false;
@@ -153,12 +153,15 @@ bool StreamUsageTracker::on_event(std::string_view data) {
     saw_done_ = true;
     return false;
   }
+  if (event == "error") saw_error_ = true;
   content_chars_ += count_content(data, content_text_);
-  // Cheap filter: only bytes that mention a usage report are parsed. `"usage":null` (on every
-  // chunk once include_usage is set) carries nothing.
+  // Cheap filter: only bytes that mention a usage report or an error are parsed. `"usage":null`
+  // (on every chunk once include_usage is set) carries nothing. Quotes inside strings are
+  // escaped, so generated text that says "error" does not match.
   const bool candidate = has_key_with_value_starting(data, "\"usage\"", '{') ||
                          data.find("\"details\"") != std::string_view::npos;
-  if (!candidate) return false;
+  const bool error_candidate = data.find("\"error\"") != std::string_view::npos;
+  if (!candidate && !error_candidate) return false;
   scratch_.assign(data);
   scratch_.reserve(data.size() + simdjson::SIMDJSON_PADDING);
   if (!shared_) {
@@ -170,6 +173,16 @@ bool StreamUsageTracker::on_event(std::string_view data) {
     return false;
   }
   ++parsed_;
+  if (error_candidate) {
+    simdjson::dom::element e;
+    std::string_view object;
+    if ((doc["error"].get(e) == simdjson::SUCCESS && !e.is_null()) ||
+        (doc["object"].get_string().get(object) == simdjson::SUCCESS && object == "error")) {
+      saw_error_ = true;
+      return false;  // an error object's fields are not usage
+    }
+  }
+  if (!candidate) return false;
   read_usage(doc, usage_);  // replaces: cumulative reports make the last one right
   return is_usage_only_chunk(doc);
 }

@@ -55,10 +55,15 @@ class StreamUsageTracker {
   explicit StreamUsageTracker(simdjson::dom::parser* parser = nullptr) : shared_(parser) {}
 
   // Returns true when the event was the usage-only chunk of include_usage (see below).
-  bool on_event(std::string_view data);
+  // `event`: the event's `event:` field, empty when it had none.
+  bool on_event(std::string_view data, std::string_view event = {});
 
   const Usage& usage() const { return usage_; }
   bool saw_done() const { return saw_done_; }
+  // The backend reported an error inside the stream, after its 200 (vLLM, TGI and OpenAI write
+  // one as a data event whose object has a top-level `error`, or vLLM's older
+  // `"object":"error"`; some servers name the event `error`): the response did not complete.
+  bool saw_error() const { return saw_error_; }
   std::uint64_t events() const { return events_; }
   std::uint64_t parsed_events() const { return parsed_; }
   // Characters of generated text that streamed (content/text/reasoning deltas, JSON-escaped
@@ -69,6 +74,7 @@ class StreamUsageTracker {
  private:
   Usage usage_;
   bool saw_done_ = false;
+  bool saw_error_ = false;
   std::uint64_t events_ = 0;
   std::uint64_t parsed_ = 0;
   std::uint64_t content_chars_ = 0;

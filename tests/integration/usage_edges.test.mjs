@@ -253,6 +253,34 @@ test('event boundaries in any line ending: a stream_idle cut after a CR-only eve
   assert.equal((await receiver.waitForClientId('edge-done-in-event', 15_000)).finish, 'upstream_error');
 });
 
+test('an error event inside a 200 stream (vLLM, TGI, named `error`): relayed as sent, and the record says "upstream_error" with the tokens that streamed', { timeout: 30_000 }, async () => {
+  const be = await startBackend('inband');
+  const gw = await startUsageGateway({ mock, receiver, backends: [backendEntry(be, { name: 'ib' })], usage: { tokenize: false } });
+  const tok = (t) => `data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"${t}"},"finish_reason":null}]}\n\n`;
+  const streams = {
+    'inband-vllm': `${tok('one ')}${tok('two ')}data: {"error":{"message":"CUDA out of memory","type":"InternalServerError","param":null,"code":500}}\n\ndata: [DONE]\n\n`,
+    'inband-vllm-old': `${tok('one ')}data: {"object":"error","message":"engine dead","type":"InternalServerError","param":null,"code":500}\n\ndata: [DONE]\n\n`,
+    'inband-tgi': `${tok('one ')}${tok('two ')}data: {"error":"Request failed during generation: Server error: CUDA OOM","error_type":"generation"}\n\n`,
+    'inband-named': `${tok('one ')}event: error\ndata: {"message":"overloaded"}\n\n`,
+    // Generated text that talks about errors is no error.
+    'inband-none': `${tok('an \\"error\\": ')}${tok('error')}data: [DONE]\n\n`,
+  };
+  be.handler = async (req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' });
+    res.end(streams[req.headers['x-request-id']]);
+  };
+  for (const [id, sent] of Object.entries(streams)) {
+    const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1', { stream: true, stream_options: { include_usage: true } }), { headers: { 'x-request-id': id } });
+    assert.equal(res.status, 200);
+    assert.equal(res.text(), sent, `${id}: relayed as the backend sent it`);
+    const rec = await receiver.waitForClientId(id, 15_000);
+    assert.equal(rec.finish, id === 'inband-none' ? 'completed' : 'upstream_error', `${id}: ${JSON.stringify(rec)}`);
+    assert.equal(rec.status_code, 200);
+    assert.equal(rec.usage_source, 'estimated');
+    assert.ok(rec.completion_tokens > 0, `${id}: the tokens that streamed are billed`);
+  }
+});
+
 test('a record\'s timestamp is when its request began, also when a slow /tokenize counted its prompt', { timeout: 30_000 }, async () => {
   const be = await startBackend('slowtok');
   be.handler = async (req, res) => {

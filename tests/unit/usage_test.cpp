@@ -27,7 +27,7 @@ Usage from_body(const std::string& json) {
 StreamUsageTracker track(const std::string& sse) {
   StreamUsageTracker t;
   SseScanner s;
-  s.feed(sse, [&](const SseEvent& e) { t.on_event(e.data); });
+  s.feed(sse, [&](const SseEvent& e) { t.on_event(e.data, e.event); });
   return t;
 }
 
@@ -287,6 +287,50 @@ TEST(StreamUsage, OpenAiFinalUsageOnlyChunk) {
   EXPECT_EQ(t.usage().completion_tokens, 2);
   EXPECT_TRUE(t.saw_done());
   EXPECT_EQ(t.parsed_events(), 1u) << "usage:null chunks must not be parsed";
+}
+
+// An error inside a 200 stream, in the shapes servers write it; text that merely says "error"
+// (quoted inside a string, a key of tool-call arguments) is not one.
+TEST(StreamUsage, ErrorEventsInsideTheStreamAreSeen) {
+  const std::string content =
+      R"(data: {"id":"c","choices":[{"index":0,"delta":{"content":"an \"error\": 1"}}]})"
+      "\n\n";
+  const std::string args =
+      R"(data: {"id":"c","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,)"
+      R"("function":{"arguments":"{\"error\":null}"}}]}}]})"
+      "\n\n";
+  const std::string errors[] = {
+      // OpenAI's shape (newer vLLM)
+      R"(data: {"error":{"message":"engine died","type":"InternalServerError","code":500}})"
+      "\n\n",
+      // vLLM's older ErrorResponse
+      R"(data: {"object":"error","message":"engine died","type":"InternalServerError","code":500})"
+      "\n\n",
+      // TGI
+      R"(data: {"error":"Request failed during generation","error_type":"generation"})"
+      "\n\n",
+      // a named event
+      "event: error\ndata: engine died\n\n",
+  };
+  {
+    auto t = track(content + args + "data: [DONE]\n\n");
+    EXPECT_FALSE(t.saw_error());
+    EXPECT_GT(t.content_chars(), 0u);
+  }
+  {
+    auto t = track(content + R"(data: {"id":"c","error":null,"choices":[]})"
+                             "\n\n");
+    EXPECT_FALSE(t.saw_error()) << "a null error is no error";
+  }
+  for (const auto& e : errors) {
+    auto t = track(content + e + "data: [DONE]\n\n");
+    EXPECT_TRUE(t.saw_error()) << e;
+    EXPECT_FALSE(t.usage().reported()) << e;
+    EXPECT_TRUE(t.saw_done());
+  }
+  // After [DONE] nothing belongs to the response any more.
+  auto late = track(content + "data: [DONE]\n\n" + errors[0]);
+  EXPECT_FALSE(late.saw_error());
 }
 
 TEST(StreamUsage, VllmContinuousUsageLastValueWinsNeverTheSum) {
