@@ -1945,9 +1945,11 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
     return;
   }
   ctx.estimated = true;
+  // A request cut at the drain deadline before any answer was ended by the gateway, not by its
+  // client: billed like one the backend failed.
   const bool backend_failed = ctx.upstream_answered
                                   ? (ctx.upstream_status < 200 || ctx.upstream_status >= 300)
-                                  : ctx.finish != "client_disconnected";
+                                  : aborted_ || ctx.finish != "client_disconnected";
   if (backend_failed) {
     // The backend refused or failed the request (an error status, or no answer: the client got
     // 502/504) and reported nothing: nothing is billed; the record still says what happened.

@@ -24,6 +24,7 @@ import {
   toYaml,
   waitUntil,
   readAll,
+  mockPathCount,
 } from './lib/harness.mjs';
 import { startUsageGateway, mapLimit, hookConfig } from './lib/usage.mjs';
 
@@ -54,6 +55,18 @@ test('a first-byte timeout (504) makes exactly one record', { timeout: 30_000 },
   assert.equal(recs[0].prompt_tokens, 0, 'the backend never answered: nothing billed');
 });
 
+// The record of client request `id` of a gateway that has exited: delivered before the exit, or
+// committed but not yet delivered, and then delivered from the log by the next start.
+async function recordAfterExit(gw, id) {
+  const rec = receiver.delivered.find((r) => r.client_request_id === id);
+  if (rec) return rec;
+  const gw2 = await restartGateway(gw);
+  const later = await receiver.waitForClientId(id, 15_000);
+  gw2.signal('SIGTERM');
+  await gw2.waitExit(20_000);
+  return later;
+}
+
 test('a stream still running at the drain deadline is cut and still recorded', { timeout: 60_000 }, async () => {
   const gw = await startUsageGateway({ mock, receiver, server: { drain_timeout: '500ms' } });
   const { res } = await openStream(`${gw.url}/v1/chat/completions`, {
@@ -70,17 +83,30 @@ test('a stream still running at the drain deadline is cut and still recorded', {
   gw.signal('SIGTERM');
   const exit = await gw.waitExit(20_000);
   assert.deepEqual(exit, { code: 0, signal: null });
-  let rec = receiver.delivered.find((r) => r.client_request_id === 'edge-drain');
-  if (!rec) {
-    // Committed but not yet delivered before exit: the next start delivers it from the log.
-    const gw2 = await restartGateway(gw);
-    rec = await receiver.waitForClientId('edge-drain', 15_000);
-    gw2.signal('SIGTERM');
-    await gw2.waitExit(20_000);
-  }
+  const rec = await recordAfterExit(gw, 'edge-drain');
   assert.equal(rec.finish, 'timeout');
   assert.equal(rec.is_stream, true);
   assert.ok(rec.completion_tokens > 0 && rec.completion_tokens < 200, `completion_tokens ${rec.completion_tokens}`);
+});
+
+test('a request still waiting for its answer at the drain deadline is cut, recorded "timeout", and not billed', { timeout: 60_000 }, async () => {
+  const gw = await startUsageGateway({ mock, receiver, server: { drain_timeout: '500ms' } });
+  const before = await mockPathCount(mock, '/v1/chat/completions');
+  const pending = postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': 'edge-drain-wait', 'x-mock-ttft-ms': '10000' } }).then(
+    (r) => ({ status: r.status }),
+    (e) => ({ error: e.code ?? e.message }),
+  );
+  await waitUntil(async () => (await mockPathCount(mock, '/v1/chat/completions')) > before, { timeout: 10_000, what: 'the request at the backend' });
+  gw.signal('SIGTERM');
+  const exit = await gw.waitExit(20_000);
+  assert.deepEqual(exit, { code: 0, signal: null });
+  const answer = await pending;
+  assert.ok(answer.error || answer.status >= 500, `the client got no answer of the backend's: ${JSON.stringify(answer)}`);
+  const rec = await recordAfterExit(gw, 'edge-drain-wait');
+  assert.equal(rec.finish, 'timeout');
+  // The gateway, not the client, ended it before any answer: the client is not billed for it.
+  assert.equal(rec.prompt_tokens, 0, JSON.stringify(rec));
+  assert.equal(rec.completion_tokens, 0);
 });
 
 test('an event stream sent with Content-Length: the injected usage chunk is removed and the body re-framed', { timeout: 30_000 }, async () => {
