@@ -498,7 +498,8 @@ if (toolSamples.length) {
   p('tool as JSON inside a tool-use instruction. The estimate counts them (it counted only message');
   p("contents until November 2026): each tool's minified JSON and each call's function name and");
   p(`arguments at 3 ASCII bytes per token, + ${TOOLS_PROMPT} for the instruction when the request has tools, + ${TOOL_CALL} per`);
-  p('call, on top of the chat estimate above. **Real**: Qwen3, its template rendered with the tools');
+  p('call, on top of the chat estimate above (constants fitted to these three samples: the errors below are');
+  p('in-sample). **Real**: Qwen3, its template rendered with the tools');
   p("(`tojson` as Python's `json.dumps`); the other packages have no tool template, and OpenAI does not");
   p('publish how it renders tools, so they are not measured here.');
   p();

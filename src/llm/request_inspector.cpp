@@ -1,5 +1,7 @@
 #include "llm/request_inspector.h"
 
+#include <charconv>
+
 namespace llmproxy::llm {
 namespace {
 
@@ -24,21 +26,80 @@ void count_prompt(simdjson::dom::element v, RequestInfo& info, int depth = 0) {
   }
 }
 
-// A tool call of an assistant message (`tool_calls[]` item or the legacy `function_call`): the
-// function's name and its arguments (a string of JSON) are written into the prompt as they are.
-void count_tool_call(simdjson::dom::element call, RequestInfo& info) {
-  simdjson::dom::element f;
-  if (call["function"].get(f) != simdjson::SUCCESS) f = call;  // function_call: no wrapper
+// Adds `v` as minified JSON text would count, without building the text (a request's tools can
+// be most of a large body): keys and strings by their characters plus quotes, numbers by their
+// digits, literals by their letters. Escapes inside strings count as the characters they stand
+// for. Depth is bounded by the parser's.
+void count_json(simdjson::dom::element v, TextCount& count) {
+  using T = simdjson::dom::element_type;
+  switch (v.type()) {
+    case T::ARRAY: {
+      count.ascii += 2;
+      bool first = true;
+      const simdjson::dom::array items = v.get_array().value_unsafe();  // a copy: no dangling
+      for (auto item : items) {
+        if (!first) ++count.ascii;
+        first = false;
+        count_json(item, count);
+      }
+      break;
+    }
+    case T::OBJECT: {
+      count.ascii += 2;
+      bool first = true;
+      const simdjson::dom::object fields = v.get_object().value_unsafe();
+      for (auto field : fields) {
+        if (!first) ++count.ascii;
+        first = false;
+        count.add_utf8(field.key);
+        count.ascii += 3;  // its quotes and the colon
+        count_json(field.value, count);
+      }
+      break;
+    }
+    case T::STRING:
+      count.add_utf8(v.get_string().value_unsafe());
+      count.ascii += 2;
+      break;
+    case T::INT64:
+    case T::UINT64:
+    case T::DOUBLE: {
+      char digits[32];
+      std::to_chars_result r{};
+      if (v.type() == T::INT64) {
+        r = std::to_chars(digits, digits + sizeof digits, v.get_int64().value_unsafe());
+      } else if (v.type() == T::UINT64) {
+        r = std::to_chars(digits, digits + sizeof digits, v.get_uint64().value_unsafe());
+      } else {
+        r = std::to_chars(digits, digits + sizeof digits, v.get_double().value_unsafe());
+      }
+      count.ascii += static_cast<std::uint64_t>(r.ptr - digits);
+      break;
+    }
+    case T::BOOL:
+      count.ascii += v.get_bool().value_unsafe() ? 4 : 5;
+      break;
+    case T::NULL_VALUE:
+      count.ascii += 4;
+      break;
+  }
+}
+
+// One tool call as templates write it: the function's name and its arguments (`arguments`, a
+// string of JSON, or an object as some clients send it; `input` for a custom tool).
+void count_tool_call(simdjson::dom::element f, RequestInfo& info) {
   if (!f.is_object()) return;
   ++info.tool_calls;
   std::string_view s;
   if (f["name"].get_string().get(s) == simdjson::SUCCESS) info.tool_text.add_utf8(s);
   simdjson::dom::element args;
-  if (f["arguments"].get(args) != simdjson::SUCCESS) return;
+  if (f["arguments"].get(args) != simdjson::SUCCESS && f["input"].get(args) != simdjson::SUCCESS) {
+    return;
+  }
   if (args.get_string().get(s) == simdjson::SUCCESS) {
     info.tool_text.add_utf8(s);
   } else {
-    info.tool_text.add_utf8(simdjson::to_string(args));  // an object, as some clients send it
+    count_json(args, info.tool_text);
   }
 }
 
@@ -137,28 +198,33 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
           simdjson::dom::element content;
           if (!count_text) continue;
           if (m["content"].get(content) == simdjson::SUCCESS) count_prompt(content, info);
-          simdjson::dom::element calls;
-          if (m["tool_calls"].get(calls) == simdjson::SUCCESS) {
-            simdjson::dom::array list_of_calls;
-            if (calls.get_array().get(list_of_calls) == simdjson::SUCCESS) {
-              for (auto call : list_of_calls) count_tool_call(call, info);
+          simdjson::dom::array calls;
+          if (m["tool_calls"].get_array().get(calls) == simdjson::SUCCESS) {
+            for (auto call : calls) {
+              simdjson::dom::element f;  // {"type":"function","function":{...}} or "custom"
+              if (call["function"].get(f) == simdjson::SUCCESS ||
+                  call["custom"].get(f) == simdjson::SUCCESS) {
+                count_tool_call(f, info);
+              }
             }
           }
-          if (m["function_call"].get(calls) == simdjson::SUCCESS && calls.is_object()) {
-            count_tool_call(calls, info);
-          }
+          simdjson::dom::element legacy;  // function_call: the function itself, no wrapper
+          if (m["function_call"].get(legacy) == simdjson::SUCCESS) count_tool_call(legacy, info);
         }
       }
     } else if (key == "prompt" || key == "input") {
       if (count_text) count_prompt(field.value, info);
     } else if (key == "tools" || key == "functions") {
       // Tool definitions (`functions`: the legacy form): chat templates write each one into the
-      // prompt as JSON, so the estimate counts their JSON text.
+      // prompt as JSON, so the estimate counts their JSON text. Other endpoints have no template.
       simdjson::dom::array defs;
-      if (!count_text || field.value.get_array().get(defs)) continue;
+      if (!count_text || endpoint != Endpoint::chat_completions ||
+          field.value.get_array().get(defs)) {
+        continue;
+      }
       for (auto def : defs) {
         ++info.tools;
-        info.tool_text.add_utf8(simdjson::to_string(def));
+        count_json(def, info.tool_text);
       }
     } else if (key == "stream_options") {
       // Every occurrence, the last one winning, as the Python and JS backends read duplicates.

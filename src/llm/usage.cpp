@@ -156,11 +156,14 @@ bool StreamUsageTracker::on_event(std::string_view data, std::string_view event)
   if (event == "error") saw_error_ = true;
   content_chars_ += count_content(data, content_text_);
   // Cheap filter: only bytes that mention a usage report or an error are parsed. `"usage":null`
-  // (on every chunk once include_usage is set) carries nothing. Quotes inside strings are
-  // escaped, so generated text that says "error" does not match.
+  // (on every chunk once include_usage is set) and `"error":null` carry nothing; a token that
+  // reads "error" is a value, not a key, and quotes inside strings are escaped.
   const bool candidate = has_key_with_value_starting(data, "\"usage\"", '{') ||
                          data.find("\"details\"") != std::string_view::npos;
-  const bool error_candidate = data.find("\"error\"") != std::string_view::npos;
+  const bool error_candidate = has_key_with_value_starting(data, "\"error\"", '{') ||
+                               has_key_with_value_starting(data, "\"error\"", '"') ||
+                               data.find("\"object\":\"error\"") != std::string_view::npos ||
+                               data.find("\"object\": \"error\"") != std::string_view::npos;
   if (!candidate && !error_candidate) return false;
   scratch_.assign(data);
   scratch_.reserve(data.size() + simdjson::SIMDJSON_PADDING);
@@ -174,12 +177,13 @@ bool StreamUsageTracker::on_event(std::string_view data, std::string_view event)
   }
   ++parsed_;
   if (error_candidate) {
+    // An error object, or a message (TGI); vLLM's older shape names its object "error".
     simdjson::dom::element e;
-    std::string_view object;
-    if ((doc["error"].get(e) == simdjson::SUCCESS && !e.is_null()) ||
-        (doc["object"].get_string().get(object) == simdjson::SUCCESS && object == "error")) {
-      saw_error_ = true;
-      return false;  // an error object's fields are not usage
+    std::string_view text;
+    if ((doc["error"].get(e) == simdjson::SUCCESS &&
+         (e.is_object() || (e.get_string().get(text) == simdjson::SUCCESS && !text.empty()))) ||
+        (doc["object"].get_string().get(text) == simdjson::SUCCESS && text == "error")) {
+      saw_error_ = true;  // usage that came with it still counts
     }
   }
   if (!candidate) return false;

@@ -1945,11 +1945,14 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
     return;
   }
   ctx.estimated = true;
-  // A request cut at the drain deadline before any answer was ended by the gateway, not by its
-  // client: billed like one the backend failed.
-  const bool backend_failed = ctx.upstream_answered
-                                  ? (ctx.upstream_status < 200 || ctx.upstream_status >= 300)
-                                  : aborted_ || ctx.finish != "client_disconnected";
+  // A request the gateway cut at its drain deadline before any of the answer's content (no
+  // answer yet, or a stream's headers only) was ended by the gateway, not by its client: billed
+  // like one the backend failed.
+  const bool cut_before_content = aborted_ && content.empty();
+  const bool backend_failed =
+      cut_before_content ||
+      (ctx.upstream_answered ? (ctx.upstream_status < 200 || ctx.upstream_status >= 300)
+                             : ctx.finish != "client_disconnected");
   if (backend_failed) {
     // The backend refused or failed the request (an error status, or no answer: the client got
     // 502/504) and reported nothing: nothing is billed; the record still says what happened.
@@ -2017,11 +2020,15 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
     body += chat ? "\",\"messages\":" : "\",\"prompt\":";
     body += simdjson::minify(prompt);
     // The tool definitions too: vLLM's chat /tokenize renders them into the template, as the
-    // request itself did.
-    simdjson::dom::element tools;
-    if (chat && doc["tools"].get(tools) == simdjson::SUCCESS && tools.is_array()) {
-      body += ",\"tools\":";
-      body += simdjson::minify(tools);
+    // request itself did (the legacy `functions` go along for a server that reads them).
+    for (const char* key : {"tools", "functions"}) {
+      simdjson::dom::element defs;
+      if (chat && doc[key].get(defs) == simdjson::SUCCESS && defs.is_array()) {
+        body += ",\"";
+        body += key;
+        body += "\":";
+        body += simdjson::minify(defs);
+      }
     }
     body += '}';
   }

@@ -89,24 +89,34 @@ test('a stream still running at the drain deadline is cut and still recorded', {
   assert.ok(rec.completion_tokens > 0 && rec.completion_tokens < 200, `completion_tokens ${rec.completion_tokens}`);
 });
 
-test('a request still waiting for its answer at the drain deadline is cut, recorded "timeout", and not billed', { timeout: 60_000 }, async () => {
+test('requests with no content yet at the drain deadline (waiting for the answer, a stream with only its headers) are cut, recorded "timeout", and not billed', { timeout: 60_000 }, async () => {
   const gw = await startUsageGateway({ mock, receiver, server: { drain_timeout: '500ms' } });
   const before = await mockPathCount(mock, '/v1/chat/completions');
   const pending = postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': 'edge-drain-wait', 'x-mock-ttft-ms': '10000' } }).then(
     (r) => ({ status: r.status }),
     (e) => ({ error: e.code ?? e.message }),
   );
-  await waitUntil(async () => (await mockPathCount(mock, '/v1/chat/completions')) > before, { timeout: 10_000, what: 'the request at the backend' });
+  // The mock sends a stream's headers at once, its first token after ttft_ms.
+  const stream = await openStream(`${gw.url}/v1/chat/completions`, {
+    headers: { 'content-type': 'application/json', 'x-request-id': 'edge-drain-headers', 'x-mock-ttft-ms': '10000' },
+    body: JSON.stringify(chatBody('m1', { stream: true })),
+  });
+  assert.equal(stream.res.statusCode, 200);
+  stream.res.on('data', () => {});
+  stream.res.on('error', () => {});
+  await waitUntil(async () => (await mockPathCount(mock, '/v1/chat/completions')) >= before + 2, { timeout: 10_000, what: 'both requests at the backend' });
   gw.signal('SIGTERM');
   const exit = await gw.waitExit(20_000);
   assert.deepEqual(exit, { code: 0, signal: null });
   const answer = await pending;
   assert.ok(answer.error || answer.status >= 500, `the client got no answer of the backend's: ${JSON.stringify(answer)}`);
-  const rec = await recordAfterExit(gw, 'edge-drain-wait');
-  assert.equal(rec.finish, 'timeout');
-  // The gateway, not the client, ended it before any answer: the client is not billed for it.
-  assert.equal(rec.prompt_tokens, 0, JSON.stringify(rec));
-  assert.equal(rec.completion_tokens, 0);
+  for (const id of ['edge-drain-wait', 'edge-drain-headers']) {
+    const rec = await recordAfterExit(gw, id);
+    assert.equal(rec.finish, 'timeout');
+    // The gateway, not the client, ended it before any content: the client is not billed for it.
+    assert.equal(rec.prompt_tokens, 0, JSON.stringify(rec));
+    assert.equal(rec.completion_tokens, 0);
+  }
 });
 
 test('an event stream sent with Content-Length: the injected usage chunk is removed and the body re-framed', { timeout: 30_000 }, async () => {
@@ -293,17 +303,22 @@ test('an error event inside a 200 stream (vLLM, TGI, named `error`): relayed as 
   };
   be.handler = async (req, res) => {
     res.writeHead(200, { 'content-type': 'text/event-stream' });
-    res.end(streams[req.headers['x-request-id']]);
+    res.end(streams[req.headers['x-request-id'].replace(/-asked$/, '')]);
   };
-  for (const [id, sent] of Object.entries(streams)) {
-    const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1', { stream: true, stream_options: { include_usage: true } }), { headers: { 'x-request-id': id } });
-    assert.equal(res.status, 200);
-    assert.equal(res.text(), sent, `${id}: relayed as the backend sent it`);
-    const rec = await receiver.waitForClientId(id, 15_000);
-    assert.equal(rec.finish, id === 'inband-none' ? 'completed' : 'upstream_error', `${id}: ${JSON.stringify(rec)}`);
-    assert.equal(rec.status_code, 200);
-    assert.equal(rec.usage_source, 'estimated');
-    assert.ok(rec.completion_tokens > 0, `${id}: the tokens that streamed are billed`);
+  // The client asked for usage (relayed as is), or the gateway did (its usage chunk filtered out).
+  for (const asked of [true, false]) {
+    for (const [name, sent] of Object.entries(streams)) {
+      const id = asked ? `${name}-asked` : name;
+      const body = chatBody('m1', { stream: true, ...(asked ? { stream_options: { include_usage: true } } : {}) });
+      const res = await postJson(gw.url, '/v1/chat/completions', body, { headers: { 'x-request-id': id } });
+      assert.equal(res.status, 200);
+      assert.equal(res.text(), sent, `${id}: relayed as the backend sent it`);
+      const rec = await receiver.waitForClientId(id, 15_000);
+      assert.equal(rec.finish, name === 'inband-none' ? 'completed' : 'upstream_error', `${id}: ${JSON.stringify(rec)}`);
+      assert.equal(rec.status_code, 200);
+      assert.equal(rec.usage_source, 'estimated');
+      assert.ok(rec.completion_tokens > 0, `${id}: the tokens that streamed are billed`);
+    }
   }
 });
 

@@ -118,33 +118,36 @@ TEST(RequestInspector, PromptCountedOnlyWhenAsked) {
 }
 
 // Tools are written into the prompt by chat templates: their definitions count as JSON text
-// (minified, as parsed), tool calls as the function's name plus its arguments; the estimate adds
-// the template's tool instruction once and its markup per call.
+// (as long as their minified JSON), tool calls as the function's name plus its arguments; the
+// estimate adds the template's tool instruction once and its markup per call.
 TEST(RequestInspector, ToolDefinitionsAndCallsCountTowardsThePromptEstimate) {
   const std::string tool =
-      R"({"type":"function","function":{"name":"get_weather","parameters":{"type":"object"}}})";
+      R"({"type":"function","function":{"name":"get_weather","parameters":{"type":"object",)"
+      R"("properties":{"days":{"type":"integer","minimum":-1,"maximum":7.5,"default":null,)"
+      R"("nullable":true,"strict":false,"enum":[1,2,18446744073709551615]}}}}})";
   const std::string body =
       R"({"model":"m","tools":[ )" + tool +
       R"( ],"messages":[)"
       R"({"role":"user","content":"rain?"},)"
       R"({"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function",)"
-      R"("function":{"name":"get_weather","arguments":"{\"city\":\"Porto\"}"}}]},)"
+      R"("function":{"name":"get_weather","arguments":"{\"city\":\"Porto\"}"}},)"
+      R"({"id":"c2","type":"custom","custom":{"name":"sql","input":"SELECT 1"}},{},{"id":"x"}]},)"
       R"({"role":"assistant","function_call":{"name":"f","arguments":{"a":1}}},)"
       R"({"role":"tool","tool_call_id":"c1","content":"sunny"}]})";
   Outcome o = inspect(body);
   ASSERT_TRUE(o.ok) << o.error.message;
   const RequestInfo& i = o.info;
   EXPECT_EQ(i.tools, 1);
-  EXPECT_EQ(i.tool_calls, 2);
+  EXPECT_EQ(i.tool_calls, 3) << "function, custom and the legacy function_call; {} is none";
   EXPECT_EQ(i.messages, 4);
-  // tool (minified) + "get_weather" + {"city":"Porto"} + "f" + {"a":1}
-  const std::uint64_t tool_bytes = tool.size() + 11 + 16 + 1 + 7;
+  // tool (minified) + "get_weather" + {"city":"Porto"} + "sql" + "SELECT 1" + "f" + {"a":1}
+  const std::uint64_t tool_bytes = tool.size() + 11 + 16 + 3 + 8 + 1 + 7;
   EXPECT_EQ(i.tool_text.ascii, tool_bytes);
   EXPECT_EQ(i.prompt_text.ascii, 10u);  // "rain?" + "sunny"
   const std::int64_t text = (10 + 3) / 4, overhead = 4 * 4 + 3;
   EXPECT_EQ(llm::estimate_prompt_tokens(i), text + overhead +
                                                 static_cast<std::int64_t>((tool_bytes + 2) / 3) +
-                                                llm::kToolsPromptTokens + 2 * llm::kToolCallTokens);
+                                                llm::kToolsPromptTokens + 3 * llm::kToolCallTokens);
 
   // The legacy `functions` list counts as tools; without metering nothing is counted.
   Outcome legacy = inspect(R"({"functions":[{"name":"f","parameters":{}}],"messages":[]})");
@@ -158,10 +161,18 @@ TEST(RequestInspector, ToolDefinitionsAndCallsCountTowardsThePromptEstimate) {
   EXPECT_EQ(plain.tools, 0);
   EXPECT_EQ(plain.tool_calls, 0);
   EXPECT_TRUE(plain.tool_text.empty());
+  // Only chat templates render tools.
+  Outcome completion = inspect(R"({"prompt":"x","tools":[{"a":1}]})", Endpoint::completions);
+  ASSERT_TRUE(completion.ok);
+  EXPECT_EQ(completion.info.tools, 0);
+  EXPECT_EQ(llm::estimate_prompt_tokens(completion.info), 1);
   // Odd shapes are not refused (the backend judges them) and count nothing.
-  Outcome odd = inspect(R"({"tools":{"a":1},"messages":[{"tool_calls":7},{"tool_calls":[3]}]})");
+  Outcome odd = inspect(
+      R"({"tools":{"a":1},"messages":[{"tool_calls":7},{"tool_calls":[3,{},{"function":1}]},)"
+      R"({"function_call":"auto"}]})");
   ASSERT_TRUE(odd.ok);
   EXPECT_EQ(odd.info.tools, 0);
+  EXPECT_EQ(odd.info.tool_calls, 0);
   EXPECT_TRUE(odd.info.tool_text.empty());
 }
 

@@ -317,17 +317,29 @@ TEST(StreamUsage, ErrorEventsInsideTheStreamAreSeen) {
     EXPECT_FALSE(t.saw_error());
     EXPECT_GT(t.content_chars(), 0u);
   }
-  {
-    auto t = track(content + R"(data: {"id":"c","error":null,"choices":[]})"
-                             "\n\n");
-    EXPECT_FALSE(t.saw_error()) << "a null error is no error";
+  for (const char* not_an_error : {
+           R"(data: {"id":"c","error":null,"choices":[]})",
+           R"(data: {"id":"c","error":"","choices":[]})",
+           R"(data: {"id":"c","error":false,"choices":[]})",
+           R"(data: {"id":"c","choices":[{"index":0,"delta":{"content":"error"}}]})",
+           R"(data: {"id":"c","choices":[{"index":0,"delta":{"error":{"x":1}}}]})",
+       }) {
+    auto t = track(content + not_an_error + "\n\ndata: [DONE]\n\n");
+    EXPECT_FALSE(t.saw_error()) << not_an_error;
   }
   for (const auto& e : errors) {
     auto t = track(content + e + "data: [DONE]\n\n");
     EXPECT_TRUE(t.saw_error()) << e;
-    EXPECT_FALSE(t.usage().reported()) << e;
     EXPECT_TRUE(t.saw_done());
   }
+  // Usage that a server sends along with its error is still read: it is the backend's count.
+  auto with_usage = track(
+      content +
+      R"(data: {"error":{"message":"aborted"},"usage":{"prompt_tokens":9,"completion_tokens":1}})"
+      "\n\n");
+  EXPECT_TRUE(with_usage.saw_error());
+  EXPECT_EQ(with_usage.usage().prompt_tokens, 9);
+  EXPECT_EQ(with_usage.usage().completion_tokens, 1);
   // After [DONE] nothing belongs to the response any more.
   auto late = track(content + "data: [DONE]\n\n" + errors[0]);
   EXPECT_FALSE(late.saw_error());

@@ -594,17 +594,19 @@ void count_tools(simdjson::dom::element e, BodyInfo& info) {
   for (simdjson::dom::element t : tools) info.text_bytes += simdjson::to_string(t).size();
 }
 
+void count_function(simdjson::dom::element f, BodyInfo& info) {
+  std::string_view s;
+  if (f.at_key("name").get_string().get(s) == simdjson::SUCCESS) info.text_bytes += s.size();
+  if (f.at_key("arguments").get_string().get(s) == simdjson::SUCCESS) info.text_bytes += s.size();
+}
+
 void count_tool_calls(simdjson::dom::element m, BodyInfo& info) {
+  simdjson::dom::element f;
+  if (m.at_key("function_call").get(f) == simdjson::SUCCESS) count_function(f, info);  // legacy
   simdjson::dom::array calls;
   if (m.at_key("tool_calls").get_array().get(calls) != simdjson::SUCCESS) return;
   for (simdjson::dom::element call : calls) {
-    std::string_view s;
-    if (call.at_pointer("/function/name").get_string().get(s) == simdjson::SUCCESS) {
-      info.text_bytes += s.size();
-    }
-    if (call.at_pointer("/function/arguments").get_string().get(s) == simdjson::SUCCESS) {
-      info.text_bytes += s.size();
-    }
+    if (call.at_key("function").get(f) == simdjson::SUCCESS) count_function(f, info);
   }
 }
 
