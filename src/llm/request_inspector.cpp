@@ -195,21 +195,26 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
       if (field.value.get_array().get(list) == simdjson::SUCCESS) {
         for (auto m : list) {
           ++info.messages;
-          simdjson::dom::element content;
-          if (!count_text) continue;
-          if (m["content"].get(content) == simdjson::SUCCESS) count_prompt(content, info);
-          simdjson::dom::array calls;
-          if (m["tool_calls"].get_array().get(calls) == simdjson::SUCCESS) {
-            for (auto call : calls) {
-              simdjson::dom::element f;  // {"type":"function","function":{...}} or "custom"
-              if (call["function"].get(f) == simdjson::SUCCESS ||
-                  call["custom"].get(f) == simdjson::SUCCESS) {
-                count_tool_call(f, info);
+          simdjson::dom::object fields;
+          if (!count_text || m.get_object().get(fields)) continue;
+          // One pass over the message's keys (a lookup per key would scan them each time).
+          for (auto f : fields) {
+            if (f.key == "content") {
+              count_prompt(f.value, info);
+            } else if (f.key == "tool_calls") {
+              simdjson::dom::array calls;
+              if (f.value.get_array().get(calls)) continue;
+              for (auto call : calls) {
+                simdjson::dom::element fn;  // {"type":"function","function":{...}} or "custom"
+                if (call["function"].get(fn) == simdjson::SUCCESS ||
+                    call["custom"].get(fn) == simdjson::SUCCESS) {
+                  count_tool_call(fn, info);
+                }
               }
+            } else if (f.key == "function_call") {
+              count_tool_call(f.value, info);  // legacy: the function itself, no wrapper
             }
           }
-          simdjson::dom::element legacy;  // function_call: the function itself, no wrapper
-          if (m["function_call"].get(legacy) == simdjson::SUCCESS) count_tool_call(legacy, info);
         }
       }
     } else if (key == "prompt" || key == "input") {
