@@ -1,6 +1,7 @@
 // Micro-benchmarks for the per-request and per-event work that is not I/O: request inspection
 // (simdjson DOM validation + field extraction) from 1 KB to 1 MB, the SSE scanner over a
-// realistic chat stream, a balancer pick, and the usage writer cutting a backlog into commit
+// realistic chat stream, the same stream through the metering relay, a balancer pick, and the usage
+// writer cutting a backlog into commit
 // groups. Run: build/llmproxy_micro_benchmark
 #include <benchmark/benchmark.h>
 #include <simdjson.h>
@@ -13,6 +14,7 @@
 #include "lb/balancer.h"
 #include "llm/request_inspector.h"
 #include "llm/sse_scanner.h"
+#include "llm/stream_meter.h"
 #include "usage/record.h"
 
 namespace {
@@ -75,6 +77,40 @@ void BM_SseScanPerEventReads(benchmark::State& state) {
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * stream.size()));
 }
 BENCHMARK(BM_SseScanPerEventReads);
+
+// The same reads through the metering relay, as with metering on and usage injected upstream:
+// every chunk says `"usage":null` and the last one carries the usage (removed from the client's
+// stream). Scanning, content counting, the usage/error key filters and the one parse.
+void BM_StreamMeterPerEventReads(benchmark::State& state) {
+  std::string stream;
+  for (int i = 0; i < 200; ++i) {
+    stream +=
+        R"(data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",)"
+        R"("choices":[{"index":0,"delta":{"content":"tok )" +
+        std::to_string(i) + R"("},"finish_reason":null}],"usage":null})" + "\n\n";
+  }
+  stream +=
+      R"(data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",)"
+      R"("choices":[],"usage":{"prompt_tokens":9,"completion_tokens":200,"total_tokens":209}})"
+      "\n\ndata: [DONE]\n\n";
+  std::vector<std::string_view> reads;
+  for (std::size_t pos = 0; pos < stream.size();) {
+    auto end = stream.find("\n\n", pos) + 2;
+    reads.emplace_back(stream.data() + pos, end - pos);
+    pos = end;
+  }
+  simdjson::dom::parser parser;
+  std::size_t out = 0;
+  for (auto _ : state) {
+    llm::StreamMeter meter(&parser, /*remove_injected_usage=*/true);
+    for (auto r : reads) out += meter.relay(r).size();
+    if (meter.tracker().usage().completion_tokens != 200) state.SkipWithError("usage not read");
+  }
+  benchmark::DoNotOptimize(out);
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * reads.size()));
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * stream.size()));
+}
+BENCHMARK(BM_StreamMeterPerEventReads);
 
 void BM_BalancerPick(benchmark::State& state) {
   std::vector<config::BackendConfig> cfgs;
