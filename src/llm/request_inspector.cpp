@@ -26,56 +26,50 @@ void count_prompt(simdjson::dom::element v, RequestInfo& info, int depth = 0) {
   }
 }
 
+// Characters of a number as JSON writes it (shortest round-trip form for doubles).
+template <class Number>
+std::uint64_t number_chars(Number n) {
+  char digits[32];
+  return static_cast<std::uint64_t>(std::to_chars(digits, digits + sizeof digits, n).ptr - digits);
+}
+
 // Adds `v` as minified JSON text would count, without building the text (a request's tools can
 // be most of a large body): keys and strings by their characters plus quotes, numbers by their
 // digits, literals by their letters. Escapes inside strings count as the characters they stand
 // for. Depth is bounded by the parser's.
 void count_json(simdjson::dom::element v, TextCount& count) {
   using T = simdjson::dom::element_type;
+  std::uint64_t items = 0;  // of an array or object: their brackets and the commas between
   switch (v.type()) {
-    case T::ARRAY: {
-      count.ascii += 2;
-      bool first = true;
-      const simdjson::dom::array items = v.get_array().value_unsafe();  // a copy: no dangling
-      for (auto item : items) {
-        if (!first) ++count.ascii;
-        first = false;
+    case T::ARRAY:
+      for (auto item : simdjson::dom::array(v.get_array().value_unsafe())) {  // a copy: no dangling
+        ++items;
         count_json(item, count);
       }
+      count.ascii += items == 0 ? 2 : items + 1;
       break;
-    }
-    case T::OBJECT: {
-      count.ascii += 2;
-      bool first = true;
-      const simdjson::dom::object fields = v.get_object().value_unsafe();
-      for (auto field : fields) {
-        if (!first) ++count.ascii;
-        first = false;
+    case T::OBJECT:
+      for (auto field : simdjson::dom::object(v.get_object().value_unsafe())) {
+        ++items;
         count.add_utf8(field.key);
         count.ascii += 3;  // its quotes and the colon
         count_json(field.value, count);
       }
+      count.ascii += items == 0 ? 2 : items + 1;
       break;
-    }
     case T::STRING:
       count.add_utf8(v.get_string().value_unsafe());
       count.ascii += 2;
       break;
     case T::INT64:
-    case T::UINT64:
-    case T::DOUBLE: {
-      char digits[32];
-      std::to_chars_result r{};
-      if (v.type() == T::INT64) {
-        r = std::to_chars(digits, digits + sizeof digits, v.get_int64().value_unsafe());
-      } else if (v.type() == T::UINT64) {
-        r = std::to_chars(digits, digits + sizeof digits, v.get_uint64().value_unsafe());
-      } else {
-        r = std::to_chars(digits, digits + sizeof digits, v.get_double().value_unsafe());
-      }
-      count.ascii += static_cast<std::uint64_t>(r.ptr - digits);
+      count.ascii += number_chars(v.get_int64().value_unsafe());
       break;
-    }
+    case T::UINT64:
+      count.ascii += number_chars(v.get_uint64().value_unsafe());
+      break;
+    case T::DOUBLE:
+      count.ascii += number_chars(v.get_double().value_unsafe());
+      break;
     case T::BOOL:
       count.ascii += v.get_bool().value_unsafe() ? 4 : 5;
       break;

@@ -2022,13 +2022,12 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
     // The tool definitions too: vLLM's chat /tokenize renders them into the template, as the
     // request itself did (the legacy `functions` go along for a server that reads them).
     for (const char* key : {"tools", "functions"}) {
-      simdjson::dom::element defs;
-      if (chat && doc[key].get(defs) == simdjson::SUCCESS && defs.is_array()) {
-        body += ",\"";
-        body += key;
-        body += "\":";
-        body += simdjson::minify(defs);
-      }
+      simdjson::dom::array defs;
+      if (!chat || doc[key].get_array().get(defs)) continue;
+      body += ",\"";
+      body += key;
+      body += "\":";
+      body += simdjson::minify(defs);
     }
     body += '}';
   }
