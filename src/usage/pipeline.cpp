@@ -196,7 +196,7 @@ struct Pipeline::Impl {
   bool stopped = false;
 
   // Writer-thread state.
-  // The JSON of the records taken, back to back in one buffer (kept between commits: no
+  // The rows of the records taken, back to back in one buffer (kept between commits: no
   // allocation per record); json_ends[i] is where record i's ends.
   std::string json_text;
   std::vector<std::size_t> json_ends;
@@ -280,7 +280,7 @@ bool Pipeline::Impl::commit(PackedRecords& taken) {
   views.clear();
   taken.views(views);
   for (std::size_t i = json_ends.size(); i < views.size(); ++i) {
-    append_json(json_text, views[i]);
+    append_row(json_text, views[i]);
     json_ends.push_back(json_text.size());
   }
   pending.clear();

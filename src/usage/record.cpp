@@ -117,28 +117,43 @@ std::string rfc3339(std::int64_t unix_ms) {
   return std::string(buf, 20);
 }
 
+namespace {
+
+// Text (a key with its punctuation, or a row's punctuation) then a string value, escaped.
+char* put_text(char* p, std::string_view before, std::string_view value) {
+  return http::write_json_escaped(put(p, before), value);
+}
+
+char* put_num(char* p, std::string_view before, std::int64_t value) {
+  return put_int(put(p, before), value);
+}
+
+// Makes room at the end of `out` for `fixed` bytes plus the record's strings, escaped; returns
+// where to write. The caller resizes `out` to what it wrote.
+template <class Str>
+char* reserve_for(std::string& out, const BasicUsageRecord<Str>& r, std::size_t fixed) {
+  const std::size_t strings = r.request_id.size() + r.user_id.size() + r.api_key.size() +
+                              r.model.size() + r.endpoint.size() + r.backend_url.size() +
+                              r.client_request_id.size() + r.backend.size() + r.finish.size() +
+                              r.usage_source.size();
+  const std::size_t old = out.size();
+  out.resize(old + fixed + http::kJsonEscapedMax * strings);
+  return out.data() + old;
+}
+
+}  // namespace
+
 // Keys are written with their punctuation as one literal each, into room reserved once (one
 // size check per record instead of one per piece): this runs once per record.
 template <class Str>
 void append_json(std::string& out, const BasicUsageRecord<Str>& r) {
   using namespace std::string_view_literals;
-  const std::size_t strings = r.request_id.size() + r.user_id.size() + r.api_key.size() +
-                              r.model.size() + r.endpoint.size() + r.backend_url.size() +
-                              r.client_request_id.size() + r.backend.size() + r.finish.size() +
-                              r.usage_source.size();
   // Keys and punctuation (~400 bytes), six integers, two millisecond values, the timestamp.
-  const std::size_t bound =
-      512 + 6 * kIntMax + 2 * kMillisMax + 20 + http::kJsonEscapedMax * strings;
-  const std::size_t old = out.size();
-  out.resize(old + bound);
-  char* p = out.data() + old;
-  // A key (with the punctuation around it) and a string value, or a number.
+  char* p = reserve_for(out, r, 512 + 6 * kIntMax + 2 * kMillisMax + 20);
   const auto text = [&p](std::string_view key, std::string_view value) {
-    p = http::write_json_escaped(put(p, key), value);
+    p = put_text(p, key, value);
   };
-  const auto num = [&p](std::string_view key, std::int64_t value) {
-    p = put_int(put(p, key), value);
-  };
+  const auto num = [&p](std::string_view key, std::int64_t value) { p = put_num(p, key, value); };
   text(R"({"request_id":")"sv, r.request_id);
   text(R"(","user_id":")"sv, r.user_id);
   text(R"(","api_key":")"sv, r.api_key);
@@ -180,6 +195,160 @@ std::string to_json(const UsageRecord& r) {
   std::string out;
   append_json(out, r);
   return out;
+}
+
+// Strings are escaped as append_json escapes them, so that expanding a row copies each one.
+template <class Str>
+void append_row(std::string& out, const BasicUsageRecord<Str>& r) {
+  using namespace std::string_view_literals;
+  // Punctuation (~60 bytes), eight integers, two millisecond values.
+  char* p = reserve_for(out, r, 128 + 8 * kIntMax + 2 * kMillisMax);
+  const auto text = [&p](std::string_view before, std::string_view value) {
+    p = put_text(p, before, value);
+  };
+  const auto num = [&p](std::string_view before, std::int64_t value) {
+    p = put_num(p, before, value);
+  };
+  text(R"([")"sv, r.request_id);
+  text(R"(",")"sv, r.user_id);
+  text(R"(",")"sv, r.api_key);
+  text(R"(",")"sv, r.model);
+  num(R"(",)"sv, r.prompt_tokens);
+  num(","sv, r.completion_tokens);
+  num(","sv, r.total_tokens);
+  text(r.is_stream ? R"(,1,")"sv : R"(,0,")"sv, r.endpoint);
+  num(R"(",)"sv, r.timestamp_ms);
+  text(R"(,")"sv, r.backend_url);
+  if (r.client_request_id.empty()) {
+    p = put(p, R"(",null)"sv);
+  } else {
+    text(R"(",")"sv, r.client_request_id);
+    p = put(p, "\""sv);
+  }
+  text(R"(,")"sv, r.backend);
+  num(R"(",)"sv, r.status_code);
+  p = put_millis(put(p, ","sv), r.duration_ms);
+  p = put(p, ","sv);
+  p = r.ttft_ms < 0 ? put(p, "null"sv) : put_millis(p, r.ttft_ms);
+  text(R"(,")"sv, r.finish);
+  text(R"(",")"sv, r.usage_source);
+  p = put(p, "\""sv);
+  if (r.cached_tokens >= 0 || r.reasoning_tokens >= 0) {
+    p = r.cached_tokens >= 0 ? put_int(put(p, ","sv), r.cached_tokens) : put(p, ",null"sv);
+    if (r.reasoning_tokens >= 0) num(","sv, r.reasoning_tokens);
+  }
+  p = put(p, "]"sv);
+  out.resize(static_cast<std::size_t>(p - out.data()));
+}
+
+template void append_row(std::string& out, const UsageRecord& r);
+template void append_row(std::string& out, const UsageRecordView& r);
+
+namespace {
+
+constexpr std::size_t kRowValues = 20;
+constexpr std::size_t kRowRequired = 18;  // cached_tokens and reasoning_tokens may be left out
+// Each value's key in the object, with the punctuation before it (is_stream and timestamp are
+// written apart: their values change form).
+constexpr std::array<std::string_view, kRowValues> kRowKeys{
+    R"({"request_id":)",    R"(,"user_id":)",
+    R"(,"api_key":)",       R"(,"model":)",
+    R"(,"prompt_tokens":)", R"(,"completion_tokens":)",
+    R"(,"total_tokens":)",  "",
+    R"(,"endpoint":)",      "",
+    R"(,"backend_url":)",   R"(,"client_request_id":)",
+    R"(,"backend":)",       R"(,"status_code":)",
+    R"(,"duration_ms":)",   R"(,"ttft_ms":)",
+    R"(,"finish":)",        R"(,"usage_source":)",
+    R"(,"cached_tokens":)", R"(,"reasoning_tokens":)"};
+
+// Splits a row into its values' JSON text: strings with their quotes and escapes, everything
+// else up to the next ',' or ']'. Returns how many, or 0 when it is not a row this build reads.
+std::size_t split_row(std::string_view row, std::array<std::string_view, kRowValues>& values) {
+  if (row.size() < 2 || row.front() != '[' || row.back() != ']') return 0;
+  std::size_t n = 0;
+  std::size_t i = 1;
+  const std::size_t end = row.size() - 1;
+  while (i < end) {
+    if (n == kRowValues) return 0;
+    const std::size_t start = i;
+    if (row[i] == '"') {
+      ++i;
+      while (i < end && row[i] != '"') i += row[i] == '\\' ? 2 : 1;
+      if (i >= end) return 0;
+      ++i;  // the closing quote
+    } else {
+      while (i < end && row[i] != ',') ++i;
+    }
+    if (i == start) return 0;  // an empty value: ",,"
+    values[n++] = row.substr(start, i - start);
+    if (i < end) {
+      if (row[i] != ',') return 0;
+      if (++i == end) return 0;  // a trailing ','
+    }
+  }
+  return n;
+}
+
+bool is_number(std::string_view v) {
+  if (!v.empty() && v.front() == '-') v.remove_prefix(1);
+  return !v.empty() && std::all_of(v.begin(), v.end(), [](char c) {
+    return (c >= '0' && c <= '9') || c == '.' || c == 'e' || c == 'E' || c == '+' || c == '-';
+  });
+}
+
+bool is_string(std::string_view v) {
+  return v.size() >= 2 && v.front() == '"';
+}
+
+}  // namespace
+
+bool append_stored_json(std::string& out, std::string_view stored) {
+  using namespace std::string_view_literals;
+  if (!stored.empty() && stored.front() == '{') {
+    out += stored;
+    return true;
+  }
+  std::array<std::string_view, kRowValues> v;
+  const std::size_t n = split_row(stored, v);
+  if (n < kRowRequired) return false;
+  for (std::size_t i : {0, 1, 2, 3, 8, 10, 12, 16, 17}) {
+    if (!is_string(v[i])) return false;
+  }
+  for (std::size_t i : {4, 5, 6, 13, 14}) {
+    if (!is_number(v[i])) return false;
+  }
+  if ((v[7] != "0"sv && v[7] != "1"sv) || !is_number(v[9]) ||
+      (v[11] != "null"sv && !is_string(v[11])) || (v[15] != "null"sv && !is_number(v[15]))) {
+    return false;
+  }
+  std::int64_t ts = 0;
+  if (std::from_chars(v[9].data(), v[9].data() + v[9].size(), ts).ptr !=
+      v[9].data() + v[9].size()) {
+    return false;
+  }
+  for (std::size_t i = kRowRequired; i < n; ++i) {
+    if (v[i] != "null"sv && !is_number(v[i])) return false;
+  }
+  std::size_t size = 400 + 20;
+  for (std::size_t i = 0; i < n; ++i) size += v[i].size();
+  const std::size_t old = out.size();
+  out.resize(old + size);
+  char* p = out.data() + old;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (i == 7) {
+      p = put(p, v[7] == "1"sv ? R"(,"is_stream":true)"sv : R"(,"is_stream":false)"sv);
+    } else if (i == 9) {
+      p = put(p, R"(,"timestamp":")"sv);
+      format_rfc3339(p, ts);
+      p = put(p + 20, "\""sv);
+    } else if (i < kRowRequired || v[i] != "null"sv) {
+      p = put(put(p, kRowKeys[i]), v[i]);
+    }
+  }
+  p = put(p, "}"sv);
+  out.resize(static_cast<std::size_t>(p - out.data()));
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -27,8 +27,10 @@ namespace {
 // longer store the head in log_head (a trigger raises it on delete); a version-2 build would take
 // log_head alone for the head and give seqs out again, so the version tells it to refuse the
 // file. A version-2 file needs no conversion: its log_head is the head, and kSchema adds the
-// trigger.
-constexpr int kSchemaVersion = 3;
+// trigger. 4: records are stored as rows (append_row in record.h) instead of objects; batches of
+// objects stay as they are (readers take both), and a version-3 build, which would send a row to
+// a webhook as it is, refuses the file.
+constexpr int kSchemaVersion = 4;
 // A lock held by another process (an operator's sqlite3 shell, a backup) is waited for this long
 // before an operation reports busy; the pipeline then retries from its own loop, where stop()
 // can interrupt it.
@@ -36,9 +38,12 @@ constexpr int kBusyTimeoutMs = 1000;
 
 // Records are stored one row per group commit: the writer's cost per record is then a memcpy
 // into the batch, not a B-tree insert with eighteen bound columns. `records` holds the batch's
-// records as a JSON array, each element byte for byte the JSON a sink POSTs; `meta` has, per
-// record, 20 bytes little-endian: the end offset of its JSON in `records` (u32), its ts_ms (i64,
-// request start) and end_ms (i64). The view `records` shows one row per record for ad-hoc SQL.
+// records as a JSON array whose elements are the records' rows (record.h: values without keys;
+// logs written before version 4 hold the objects a sink POSTs); `meta` has, per record, 20 bytes
+// little-endian: the end offset of its element in `records` (u32), its ts_ms (i64, request start)
+// and end_ms (i64). The view `records` shows one record per row, as the object a sink POSTs, for
+// ad-hoc SQL; it is made again at every start (plain json_extract, not the -> operator, so that
+// an older sqlite3 shell can still read the file).
 constexpr const char* kSchema = R"sql(
 CREATE TABLE IF NOT EXISTS record_batches (
   first_seq INTEGER PRIMARY KEY,
@@ -57,8 +62,31 @@ CREATE TRIGGER IF NOT EXISTS record_batches_keep_head AFTER DELETE ON record_bat
   INSERT INTO log_head(id, seq) VALUES(1, old.last_seq)
     ON CONFLICT(id) DO UPDATE SET seq = excluded.seq WHERE excluded.seq > log_head.seq;
 END;
-CREATE VIEW IF NOT EXISTS records AS
-  SELECT b.first_seq + r.key AS seq, r.value AS json
+DROP VIEW IF EXISTS records;
+CREATE VIEW records AS
+  SELECT b.first_seq + r.key AS seq,
+    CASE WHEN r.type = 'object' THEN r.value ELSE json_patch(json_object(
+      'request_id', json_extract(r.value, '$[0]'),
+      'user_id', json_extract(r.value, '$[1]'),
+      'api_key', json_extract(r.value, '$[2]'),
+      'model', json_extract(r.value, '$[3]'),
+      'prompt_tokens', json_extract(r.value, '$[4]'),
+      'completion_tokens', json_extract(r.value, '$[5]'),
+      'total_tokens', json_extract(r.value, '$[6]'),
+      'is_stream', json(CASE WHEN json_extract(r.value, '$[7]') THEN 'true' ELSE 'false' END),
+      'endpoint', json_extract(r.value, '$[8]'),
+      'timestamp', strftime('%Y-%m-%dT%H:%M:%SZ', json_extract(r.value, '$[9]') / 1000,
+                            'unixepoch'),
+      'backend_url', json_extract(r.value, '$[10]'),
+      'client_request_id', json_extract(r.value, '$[11]'),
+      'backend', json_extract(r.value, '$[12]'),
+      'status_code', json_extract(r.value, '$[13]'),
+      'duration_ms', json_extract(r.value, '$[14]'),
+      'ttft_ms', json_extract(r.value, '$[15]'),
+      'finish', json_extract(r.value, '$[16]'),
+      'usage_source', json_extract(r.value, '$[17]')),
+      json_object('cached_tokens', json_extract(r.value, '$[18]'),
+                  'reasoning_tokens', json_extract(r.value, '$[19]'))) END AS json
   FROM record_batches AS b, json_each(b.records) AS r;
 CREATE TABLE IF NOT EXISTS sink_cursors (
   name TEXT PRIMARY KEY,
@@ -385,6 +413,11 @@ void UsageLog::step_done(sqlite3_stmt* st, const char* what) {
   if (rc != SQLITE_DONE) fail(rc, what);
 }
 
+void UsageLog::damaged(std::int64_t seq) const {
+  throw SqliteError(SQLITE_CORRUPT, "usage log " + path_ + ": record " + std::to_string(seq) +
+                                        " is damaged (neither a record's row nor its object)");
+}
+
 void UsageLog::fail(int rc, const char* what) {
   std::string message = "usage log " + path_ + ": " + what + ": " + sqlite3_errmsg(db_);
   // A WAL-mode file is read through its -shm index, which a reader creates beside it: an open
@@ -571,7 +604,7 @@ void UsageLog::read_after(std::int64_t after, int limit, LoggedRecords& out) {
                         if (seq <= after) return true;
                         if (!out.json.empty()) out.json += ',';
                         const std::size_t begin = out.json.size();
-                        out.json += json;
+                        if (!append_stored_json(out.json, json)) damaged(seq);
                         out.entries.push_back({seq, end_ms, begin, out.json.size()});
                         after = seq;
                         return --left > 0;
@@ -679,21 +712,29 @@ void UsageLog::for_each_record(std::int64_t since_ms, std::int64_t until_ms,
   std::lock_guard lk(mu_);
   sqlite3_stmt* s = nullptr;
   int rc = sqlite3_prepare_v2(db_,
-                              "SELECT records, meta FROM record_batches WHERE max_ts_ms >= ? AND "
-                              "min_ts_ms < ? ORDER BY first_seq",
+                              "SELECT records, meta, first_seq FROM record_batches WHERE "
+                              "max_ts_ms >= ? AND min_ts_ms < ? ORDER BY first_seq",
                               -1, &s, nullptr);
   if (rc != SQLITE_OK) fail(rc, "prepare");
   std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> guard(s, sqlite3_finalize);
   sqlite3_bind_int64(s, 1, since_ms);
   sqlite3_bind_int64(s, 2, until_ms);
+  std::string json;
   while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
     std::string_view text(reinterpret_cast<const char*>(sqlite3_column_text(s, 0)),
                           static_cast<std::size_t>(sqlite3_column_bytes(s, 0)));
     std::string_view meta(static_cast<const char*>(sqlite3_column_blob(s, 1)),
                           static_cast<std::size_t>(sqlite3_column_bytes(s, 1)));
+    const std::int64_t first = sqlite3_column_int64(s, 2);
     for_each_in_batch(text, meta,
-                      [&](std::size_t, std::string_view json, std::int64_t ts, std::int64_t) {
-                        if (ts >= since_ms && ts < until_ms) fn(ts, json);
+                      [&](std::size_t i, std::string_view stored, std::int64_t ts, std::int64_t) {
+                        if (ts >= since_ms && ts < until_ms) {
+                          json.clear();
+                          if (!append_stored_json(json, stored)) {
+                            damaged(first + static_cast<std::int64_t>(i));
+                          }
+                          fn(ts, json);
+                        }
                         return true;
                       });
   }

@@ -49,7 +49,8 @@ class SqliteError : public std::runtime_error {
   int code_;
 };
 
-// A record as the writer hands it to the log: its times and its serialized JSON.
+// A record as the writer hands it to the log: its times and its row (append_row in record.h; an
+// object, as logs before version 4 stored them, is read back as well).
 struct PendingRecord {
   std::int64_t timestamp_ms;  // request start
   std::int64_t end_ms;        // timestamp + duration
@@ -176,6 +177,8 @@ class UsageLog {
   Statement& stmt(int index, const char* sql);
   void exec(const char* sql);
   [[noreturn]] void fail(int rc, const char* what);
+  // A stored record this build cannot read: SqliteError with SQLITE_CORRUPT (damaged()).
+  [[noreturn]] void damaged(std::int64_t seq) const;
   // Runs a statement that returns no rows; throws (fail) unless it completed.
   void step_done(sqlite3_stmt* st, const char* what);
   // The cursor upsert, inside the caller's lock (and transaction, when it has one).

@@ -214,7 +214,7 @@ test('a damaged usage log: the sink delivers up to the damage, then says the fil
   // Records logged with no sink, the gateway stopped cleanly (the WAL is folded into the file).
   const first = await startUsageGateway({ mock });
   const logPath = first.config.usage.log_path;
-  await mapLimit([...Array(1500).keys()], 16, async (i) => {
+  await mapLimit([...Array(3000).keys()], 16, async (i) => {
     const res = await postJson(first.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': `dmg-${i}` } });
     assert.equal(res.status, 200);
   });
@@ -236,7 +236,7 @@ test('a damaged usage log: the sink delivers up to the damage, then says the fil
   const m = /usage sink usage_hook: the usage log file is damaged: the records after seq (\d+) cannot be read/.exec(gw.stderr);
   assert.ok(m, gw.stderr.slice(-2000));
   const stuckAt = Number(m[1]);
-  assert.ok(stuckAt > 0 && stuckAt < 1500, `stuck after seq ${stuckAt}`);
+  assert.ok(stuckAt > 0 && stuckAt < 3000, `stuck after seq ${stuckAt}`);
   // Every record before the damage was delivered, exactly the ones up to that seq.
   await hook.waitFor((h) => h.records.length >= stuckAt, 15_000, `the ${stuckAt} records before the damage`);
   assert.equal(new Set(hook.records.map((r) => r.request_id)).size, stuckAt);

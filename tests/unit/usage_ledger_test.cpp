@@ -372,7 +372,7 @@ TEST(UsageLog, ConvertsAVersion1Log) {
     EXPECT_EQ(log.append(std::span(&p, 1)), 5);  // after the old head
   }
   testing::Db db(path);
-  EXPECT_EQ(db.number("PRAGMA user_version"), 3);
+  EXPECT_EQ(db.number("PRAGMA user_version"), 4);
   EXPECT_EQ(db.scalar("SELECT group_concat(seq) FROM (SELECT seq FROM records ORDER BY seq)"),
             "2,3,4,5");
   EXPECT_EQ(db.scalar("SELECT json FROM records WHERE seq=3"), jsons[1]);
@@ -386,6 +386,103 @@ TEST(UsageLog, ConvertsAVersion1Log) {
   EXPECT_EQ(rows[0].prompt_tokens, 11 + 12 + 13);
   EXPECT_EQ(rows[1].keys[0], "bob");
   EXPECT_EQ(rows[1].total_tokens, 10);
+}
+
+// simdjson's rendering of a JSON text: two texts with the same keys in the same order and the
+// same values render the same.
+std::string canonical(const std::string& json) {
+  simdjson::dom::parser p;
+  simdjson::dom::element e;
+  if (p.parse(json).get(e) != simdjson::SUCCESS) return "unparsable: " + json;
+  return simdjson::to_string(e);
+}
+
+// Version 4 stores rows; a log of version 3 holds objects. After the upgrade both kinds are read
+// back as the exact JSON a sink sends, by sinks and by the ledger, and the view `records` shows
+// each as that object; a row this build cannot read is reported as damage, not sent.
+TEST(UsageLog, RowsAndObjectsReadBackAsTheJsonASinkSends) {
+  TempDir dir;
+  const std::string path = dir.file("usage.db");
+  std::vector<UsageRecord> records;
+  for (int i = 0; i < 6; ++i) {
+    UsageRecord r = rec(i % 2 ? "alice" : "bob\"\n", "llama", kJan14 + i * 1000, 10 + i, i);
+    r.request_id = testing::request_id(i);
+    r.client_request_id = i == 3 ? "client-3" : "";
+    r.is_stream = i % 2 == 0;
+    r.ttft_ms = i % 2 ? -1 : 3.25;
+    r.cached_tokens = i == 4 ? 8 : -1;
+    r.reasoning_tokens = i == 5 ? 9 : -1;
+    records.push_back(r);
+  }
+  auto append = [&](UsageLog& log, int from, int to, bool rows) {
+    std::vector<std::string> texts;
+    for (int i = from; i < to; ++i) {
+      std::string t;
+      if (rows) {
+        append_row(t, records[static_cast<std::size_t>(i)]);
+      } else {
+        append_json(t, records[static_cast<std::size_t>(i)]);
+      }
+      texts.push_back(std::move(t));
+    }
+    std::vector<PendingRecord> pending;
+    for (int i = from; i < to; ++i) {
+      const auto& r = records[static_cast<std::size_t>(i)];
+      pending.push_back(
+          {r.timestamp_ms, r.timestamp_ms + 1, texts[static_cast<std::size_t>(i - from)]});
+    }
+    log.append(pending);
+  };
+  {
+    UsageLog log(UsageLog::Mode::disk, path, true);
+    append(log, 0, 3, false);  // objects, as version 3 wrote them
+  }
+  {
+    testing::Db db(path);
+    db.exec("PRAGMA user_version=3");
+  }
+  {
+    UsageLog log(UsageLog::Mode::disk, path, true);
+    append(log, 3, 6, true);
+    LoggedRecords got;
+    log.read_after(0, 100, got);
+    ASSERT_EQ(got.size(), 6u);
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      EXPECT_EQ(got.json_of(i), to_json(records[i]));
+      EXPECT_EQ(got.request_id(i), records[i].request_id);
+    }
+    std::vector<std::string> seen;
+    log.for_each_record(INT64_MIN, INT64_MAX,
+                        [&](std::int64_t, std::string_view json) { seen.emplace_back(json); });
+    ASSERT_EQ(seen.size(), 6u);
+    for (std::size_t i = 0; i < seen.size(); ++i) EXPECT_EQ(seen[i], to_json(records[i]));
+  }
+  testing::Db db(path);
+  EXPECT_EQ(db.number("PRAGMA user_version"), 4);
+  EXPECT_EQ(db.number("SELECT count(*) FROM records"), 6);
+  for (std::size_t i = 0; i < records.size(); ++i) {
+    EXPECT_EQ(canonical(db.scalar(fmt::format("SELECT json FROM records WHERE seq={}", i + 1))),
+              canonical(to_json(records[i])))
+        << i;
+  }
+  Ledger ledger(path);
+  auto totals = ledger.totals({});
+  ASSERT_EQ(totals.size(), 1u);
+  EXPECT_EQ(totals[0].requests, 6);
+  EXPECT_EQ(totals[0].prompt_tokens, 10 + 11 + 12 + 13 + 14 + 15);
+  // A damaged row (its tokens overwritten by a string).
+  db.exec(
+      "UPDATE record_batches SET records = replace(records, ',13,3,16,', ',\"x\",3,16,') "
+      "WHERE first_seq = 4");
+  UsageLog log(UsageLog::Mode::disk, path, true);
+  LoggedRecords got;
+  try {
+    log.read_after(3, 100, got);
+    ADD_FAILURE() << "a damaged row was read";
+  } catch (const SqliteError& e) {
+    EXPECT_TRUE(e.damaged());
+    EXPECT_NE(std::string(e.what()).find("record 4 is damaged"), std::string::npos) << e.what();
+  }
 }
 
 // Appends `n` records after the log's head; returns the new head.
@@ -500,8 +597,8 @@ TEST(UsageLog, ASecondWriterWaitsForTheFirstToLetGo) {
   EXPECT_EQ(head, 2);
 }
 
-// A version-2 file (its head stored by every commit) is used as it is, and marked version 3 so
-// that a version-2 build, which would take the head from log_head alone, refuses it.
+// A version-2 file (its head stored by every commit) is used as it is, and marked as this build's
+// version so that a version-2 build, which would take the head from log_head alone, refuses it.
 TEST(UsageLog, OpensAVersion2LogAndVersion2BuildsRefuseTheResult) {
   TempDir dir;
   const std::string path = dir.file("usage.db");
@@ -520,16 +617,16 @@ TEST(UsageLog, OpensAVersion2LogAndVersion2BuildsRefuseTheResult) {
     EXPECT_EQ(append_some(log, 1), 5);
   }
   testing::Db db(path);
-  EXPECT_EQ(db.number("PRAGMA user_version"), 3);
+  EXPECT_EQ(db.number("PRAGMA user_version"), 4);
   EXPECT_EQ(db.number("SELECT count(*) FROM sqlite_master WHERE name='record_batches_keep_head'"),
             1);
   // What a build that knows only version 2 does with it: refuse, with the versions in the message.
-  db.exec("PRAGMA user_version=4");
+  db.exec("PRAGMA user_version=5");
   try {
     UsageLog newer(UsageLog::Mode::disk, path, true);
     ADD_FAILURE() << "a newer schema was accepted";
   } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find("schema version 4 is newer than this build's (3)"),
+    EXPECT_NE(std::string(e.what()).find("schema version 5 is newer than this build's (4)"),
               std::string::npos)
         << e.what();
   }

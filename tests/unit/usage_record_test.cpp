@@ -260,6 +260,71 @@ void expect_same(const UsageRecordView& got, const UsageRecord& w) {
   EXPECT_EQ(a, b);
 }
 
+// The usage log stores rows: expanding one must give exactly the object the record's own JSON is
+// (every string, number and optional field), whatever the record holds.
+TEST(UsageRecordRow, ExpandsToTheRecordsJsonByteForByte) {
+  std::vector<UsageRecord> records{seed_record(), UsageRecord{}};
+  for (int i = 0; i < 300; ++i) records.push_back(varied_record(i));
+  UsageRecord odd = seed_record();
+  odd.user_id = "a,b]c[\\\"\\";  // the row's own punctuation inside strings
+  odd.api_key = "bad\xff\xc3(x";
+  odd.client_request_id = "\",null,\"";
+  odd.duration_ms = 1e15;
+  odd.timestamp_ms = -1;
+  odd.cached_tokens = -1;
+  odd.reasoning_tokens = 7;  // reported without cached_tokens: the row holds null before it
+  records.push_back(odd);
+  std::size_t row_bytes = 0, json_bytes = 0;
+  for (const auto& r : records) {
+    std::string row, expanded;
+    append_row(row, r);
+    ASSERT_TRUE(append_stored_json(expanded, row)) << row;
+    ASSERT_EQ(expanded, to_json(r)) << row;
+    // The row is an array a JSON parser reads, with the documented values at their indexes.
+    simdjson::dom::parser p;
+    simdjson::dom::array a;
+    ASSERT_EQ(p.parse(row).get(a), simdjson::SUCCESS) << row;
+    EXPECT_EQ(std::string_view(a.at(0)), r.request_id);
+    EXPECT_EQ(std::int64_t(a.at(5)), r.completion_tokens);
+    EXPECT_EQ(std::int64_t(a.at(9)), r.timestamp_ms);
+    EXPECT_EQ(std::string_view(a.at(17)), r.usage_source);
+    row_bytes += row.size();
+    json_bytes += expanded.size();
+  }
+  // The seed's example record: what the row saves.
+  std::string row;
+  append_row(row, seed_record());
+  EXPECT_LT(row.size() * 2, to_json(seed_record()).size()) << row;
+  EXPECT_LT(row_bytes, json_bytes);
+}
+
+TEST(UsageRecordRow, AnObjectIsCopiedAndAnythingElseRefused) {
+  const std::string object = to_json(seed_record());
+  std::string out = "x";
+  ASSERT_TRUE(append_stored_json(out, object));
+  EXPECT_EQ(out, "x" + object);
+  std::string row;
+  append_row(row, seed_record());
+  std::vector<std::string> bad{
+      "",
+      "[]",
+      "null",
+      row.substr(0, row.size() - 1),                              // cut short
+      row.substr(0, row.find(",\"/v1")) + "]",                    // too few values
+      "[" + row.substr(1, row.size() - 2) + ",1,2,3]",            // too many
+      "[" + row.substr(1, row.size() - 2) + ",]",                 // a trailing comma
+      std::string(row).replace(row.find(",15,"), 4, ",,"),        // an empty value
+      std::string(row).replace(row.find(",15,"), 4, ",\"15\","),  // a string for a number
+      std::string(row).replace(row.find(",1,\""), 3, ",2,"),      // is_stream neither 0 nor 1
+      std::string(row).replace(0, 2, "[1"),                       // request_id not a string
+  };
+  for (const auto& b : bad) {
+    std::string o = "kept";
+    EXPECT_FALSE(append_stored_json(o, b)) << b;
+    EXPECT_EQ(o, "kept");
+  }
+}
+
 TEST(PackedRecords, EveryFieldComesBack) {
   PackedRecords q;
   std::vector<UsageRecord> want;
