@@ -2088,17 +2088,19 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
 
 void ClientSession::submit_usage(RequestContext& ctx, double duration_ms) {
   resolve_usage(ctx);  // paths that did not resolve it already (errors answered by the gateway)
-  // The context ends with this call (log() submits last): its strings move into the record.
-  usage::UsageRecord r;
+  // The record views the context's strings: the pipeline copies its bytes into the queue.
+  usage::UsageRecordView r;
+  std::string own_id;
   if (ctx.client_request_id.empty()) {
-    r.request_id = std::move(ctx.request_id);
+    r.request_id = ctx.request_id;
   } else {
-    r.request_id = w_.ids.next();  // the client's id may repeat; ours never does
-    r.client_request_id = std::move(ctx.client_request_id);
+    own_id = w_.ids.next();  // the client's id may repeat; ours never does
+    r.request_id = own_id;
+    r.client_request_id = ctx.client_request_id;
   }
-  r.user_id = std::move(ctx.user_id);
-  r.api_key = std::move(ctx.api_key);
-  r.model = std::move(ctx.info.model);
+  r.user_id = ctx.user_id;
+  r.api_key = ctx.api_key;
+  r.model = ctx.info.model;
   r.prompt_tokens = ctx.usage.prompt_tokens;
   r.completion_tokens = ctx.usage.completion_tokens;
   r.total_tokens = ctx.usage.total_tokens;

@@ -1054,7 +1054,7 @@ void Pipeline::stop(std::chrono::steady_clock::time_point deadline) {
   log::line("info", "usage pipeline stopped: {} records logged{}", im.logged.load(), state);
 }
 
-bool Pipeline::submit(const UsageRecord& record) {
+bool Pipeline::submit(const UsageRecordView& record) {
   auto& im = *impl_;
   std::unique_lock lk(im.mu);
   if (im.writer_gone ||

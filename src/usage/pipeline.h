@@ -74,7 +74,8 @@ class Pipeline {
   // Never blocks on I/O: copies the record's bytes into the queue (the record's endpoint,
   // finish and usage_source views are read here and not kept). Returns false only when the
   // record was dropped (on_backlog: serve, queue full), which is counted.
-  bool submit(const UsageRecord& record);
+  bool submit(const UsageRecordView& record);
+  bool submit(const UsageRecord& record) { return submit(view_of(record)); }
 
   // For /metrics (called off the request path).
   metrics::UsageStats stats() const;

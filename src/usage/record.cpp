@@ -378,7 +378,29 @@ auto strings_of(R& r) {
 
 }  // namespace
 
-void PackedRecords::push(const UsageRecord& r) {
+UsageRecordView view_of(const UsageRecord& r) {
+  UsageRecordView v;
+  const auto from = strings_of(r);
+  const auto to = strings_of(v);
+  for (std::size_t i = 0; i < from.size(); ++i) *to[i] = *from[i];
+  v.prompt_tokens = r.prompt_tokens;
+  v.completion_tokens = r.completion_tokens;
+  v.total_tokens = r.total_tokens;
+  v.cached_tokens = r.cached_tokens;
+  v.reasoning_tokens = r.reasoning_tokens;
+  v.is_stream = r.is_stream;
+  v.endpoint = r.endpoint;
+  v.timestamp_ms = r.timestamp_ms;
+  v.status_code = r.status_code;
+  v.duration_ms = r.duration_ms;
+  v.ttft_ms = r.ttft_ms;
+  v.finish = r.finish;
+  v.usage_source = r.usage_source;
+  return v;
+}
+
+// One resize and a memcpy per part: this runs on the request path, once per record.
+void PackedRecords::push(const UsageRecordView& r) {
   if (front_ > 0 && front_ >= data_.size() / 2) {  // amortized: each byte moves at most once
     data_.erase(0, front_);
     front_ = 0;
@@ -409,8 +431,15 @@ void PackedRecords::push(const UsageRecord& r) {
   h.ttft_ms = r.ttft_ms;
   h.status_code = r.status_code;
   h.is_stream = r.is_stream ? 1 : 0;
-  data_.append(reinterpret_cast<const char*>(&h), sizeof h);
-  for (std::string_view part : parts) data_.append(part);
+  const std::size_t old = data_.size();
+  data_.resize(old + total);
+  char* p = data_.data() + old;
+  std::memcpy(p, &h, sizeof h);
+  p += sizeof h;
+  for (std::string_view part : parts) {
+    if (!part.empty()) std::memcpy(p, part.data(), part.size());  // "" may have no data()
+    p += part.size();
+  }
   ++count_;
 }
 

@@ -45,6 +45,9 @@ struct BasicUsageRecord {
 using UsageRecord = BasicUsageRecord<std::string>;
 using UsageRecordView = BasicUsageRecord<std::string_view>;
 
+// A view of every field of `r` (valid while `r` is unchanged).
+UsageRecordView view_of(const UsageRecord& r);
+
 // The webhook's JSON object: the seed's fields first, in the seed's order, then the additions.
 // append_json is defined for UsageRecord and UsageRecordView.
 std::string to_json(const UsageRecord& r);
@@ -80,7 +83,8 @@ std::string rfc3339(std::int64_t unix_ms);
 // buffer empties or a push finds more than half of it taken.
 class PackedRecords {
  public:
-  void push(const UsageRecord& r);
+  void push(const UsageRecordView& r);
+  void push(const UsageRecord& r) { push(view_of(r)); }
   std::size_t size() const noexcept { return count_; }
   bool empty() const noexcept { return count_ == 0; }
   std::size_t bytes() const noexcept { return data_.size() - front_; }
