@@ -76,6 +76,8 @@ std::string_view upstream_error_label(UpstreamError e) {
       return "reset";
     case UpstreamError::status_5xx:
       return "5xx";
+    case UpstreamError::stream_error:
+      return "stream_error";
   }
   return "other";
 }
@@ -252,9 +254,10 @@ std::string render(const Snapshot& s) {
   gaps.metric.push_back(histogram(r.gaps, kGapBoundsMs, 0.001));
   out.push_back(std::move(gaps));
 
-  auto errors = family("llmproxy_upstream_errors_total",
-                       "Upstream failures by backend and kind (connect, timeout, reset, 5xx).",
-                       MetricType::Counter);
+  auto errors =
+      family("llmproxy_upstream_errors_total",
+             "Upstream failures by backend and kind (connect, timeout, reset, 5xx, stream_error).",
+             MetricType::Counter);
   for (std::size_t i = 0; i < r.upstream_errors.size() && i < s.backends.size(); ++i) {
     for (std::size_t k = 0; k < kUpstreamErrorKinds; ++k) {
       errors.metric.push_back(

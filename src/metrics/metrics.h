@@ -59,8 +59,10 @@ std::string_view route_label(Route r);
 // The route of a request path (without query): the inverse of route_label, one table for both.
 Route route_for_path(std::string_view path);
 
-enum class UpstreamError : std::uint8_t { connect, timeout, reset, status_5xx };
-inline constexpr std::size_t kUpstreamErrorKinds = 4;
+// stream_error: a 200 stream that did not complete although its framing did: the backend ended
+// it inside an event, or (metering on: only then are events read) reported an error in it.
+enum class UpstreamError : std::uint8_t { connect, timeout, reset, status_5xx, stream_error };
+inline constexpr std::size_t kUpstreamErrorKinds = 5;
 std::string_view upstream_error_label(UpstreamError e);
 
 inline constexpr int kNoBackend = -1;

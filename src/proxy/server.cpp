@@ -2915,10 +2915,12 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     // record says the stream did not complete. A last "data: [DONE]" line without its blank
     // line is a complete stream all the same: that is only the end marker.
     ctx.finish = "upstream_error";
+    w_.metrics.upstream_error(metric_id, metrics::UpstreamError::stream_error);
   } else if (upstream_ok && ctx.meter && ctx.meter->tracker().saw_error()) {
     // The backend reported an error inside its 200 stream (relayed as it came): the response
     // did not complete, whatever the stream's framing says.
     ctx.finish = "upstream_error";
+    w_.metrics.upstream_error(metric_id, metrics::UpstreamError::stream_error);
   }
   if (!upstream_ok) {
     // The response is cut: the client must see a truncated message, never a clean end. A stream

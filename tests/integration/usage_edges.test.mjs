@@ -26,7 +26,7 @@ import {
   readAll,
   mockPathCount,
 } from './lib/harness.mjs';
-import { startUsageGateway, mapLimit, hookConfig } from './lib/usage.mjs';
+import { startUsageGateway, mapLimit, hookConfig, scrapeMetrics, metricSum } from './lib/usage.mjs';
 
 let mock;
 let receiver;
@@ -287,6 +287,11 @@ test('event boundaries in any line ending: a stream_idle cut after a CR-only eve
   const inEvent = await openStream(`${gw.url}/v1/chat/completions`, { headers: { 'content-type': 'application/json', 'x-request-id': 'edge-done-in-event' }, body });
   await readAll(inEvent.res);
   assert.equal((await receiver.waitForClientId('edge-done-in-event', 15_000)).finish, 'upstream_error');
+  // The two streams cut inside an event are upstream errors in the metrics too (the idle cut is a
+  // timeout, the end marker without its blank line no error).
+  const metrics = await scrapeMetrics(gw);
+  assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'cr', kind: 'stream_error' }), 2);
+  assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'cr', kind: 'timeout' }), 1);
 });
 
 test('an error event inside a 200 stream (vLLM, TGI, named `error`): relayed as sent, and the record says "upstream_error" with the tokens that streamed', { timeout: 30_000 }, async () => {
@@ -320,6 +325,10 @@ test('an error event inside a 200 stream (vLLM, TGI, named `error`): relayed as 
       assert.ok(rec.completion_tokens > 0, `${id}: the tokens that streamed are billed`);
     }
   }
+  // Each stream that reported an error counts as an upstream error of its backend.
+  const metrics = await scrapeMetrics(gw);
+  assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'ib', kind: 'stream_error' }), 8);
+  assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'ib' }), 8);
 });
 
 test('a record\'s timestamp is when its request began, also when a slow /tokenize counted its prompt', { timeout: 30_000 }, async () => {
