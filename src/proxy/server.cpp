@@ -1085,7 +1085,7 @@ void ClientSession::log(RequestContext& ctx) {
     w_.metrics.ttft(backend, ctx.first_byte_ms);
   }
   if (w_.log.enabled()) access_log(ctx, duration_ms);
-  // Last: the record takes the context's strings instead of copying them.
+  // Last: the record views the context's strings, whose bytes the pipeline copies.
   if (ctx.metered && ctx.forwarded) submit_usage(ctx, duration_ms);
 }
 
@@ -2905,6 +2905,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   watch_.upstream = nullptr;
   // Nothing relayed, or a blank line last: the client stands between two events.
   const bool at_event_end = tail.view().empty() || ends_with_blank_line(tail.view());
+  bool stream_failed = false;  // the backend ended its stream inside an event or reported an error
   if (!client_ok) {
     // A client that stopped reading was cut by the gateway's deadline (stream_idle): a timeout.
     ctx.finish = client_stalled ? "timeout" : "client_disconnected";
@@ -2915,11 +2916,17 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     // record says the stream did not complete. A last "data: [DONE]" line without its blank
     // line is a complete stream all the same: that is only the end marker.
     ctx.finish = "upstream_error";
-    w_.metrics.upstream_error(metric_id, metrics::UpstreamError::stream_error);
+    stream_failed = true;
   } else if (upstream_ok && ctx.meter && ctx.meter->tracker().saw_error()) {
     // The backend reported an error inside its 200 stream (relayed as it came): the response
     // did not complete, whatever the stream's framing says.
     ctx.finish = "upstream_error";
+    stream_failed = true;
+  }
+  // A backend's error on a stream: once per response, and only for a success status (a 5xx is
+  // counted as one already; a 4xx with an error event, such as TGI's validation errors, is the
+  // client's).
+  if (stream_failed && status < 300) {
     w_.metrics.upstream_error(metric_id, metrics::UpstreamError::stream_error);
   }
   if (!upstream_ok) {

@@ -61,7 +61,8 @@ void append_json(std::string& out, const BasicUsageRecord<Str>& r);
 // 7 is_stream, 8 endpoint, 9 timestamp, 10 backend_url, 11 client_request_id (null: none),
 // 12 backend, 13 status_code, 14 duration_ms, 15 ttft_ms (null: none), 16 finish,
 // 17 usage_source, 18 cached_tokens, 19 reasoning_tokens (null or left out: not reported).
-// Values are only ever added at the end; a reader takes those a row lacks as not reported.
+// Values are only ever added at the end, with a new schema version of the log (a reader refuses a
+// row with more values than it knows); a reader takes those a row lacks as not reported.
 template <class Str>
 void append_row(std::string& out, const BasicUsageRecord<Str>& r);
 

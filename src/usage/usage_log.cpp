@@ -41,7 +41,8 @@ constexpr int kBusyTimeoutMs = 1000;
 // records as a JSON array whose elements are the records' rows (record.h: values without keys;
 // logs written before version 4 hold the objects a sink POSTs); `meta` has, per record, 20 bytes
 // little-endian: the end offset of its element in `records` (u32), its ts_ms (i64, request start)
-// and end_ms (i64). The view `records` shows one record per row, as the object a sink POSTs, for
+// and end_ms (i64). The view `records` shows one record per row, as the object a sink POSTs (the
+// same keys, order and values; SQLite writes non-ASCII characters and reals its own way), for
 // ad-hoc SQL; it is made again at every start (plain json_extract, not the -> operator, so that
 // an older sqlite3 shell can still read the file).
 constexpr const char* kSchema = R"sql(
@@ -75,7 +76,7 @@ CREATE VIEW records AS
       'total_tokens', json_extract(r.value, '$[6]'),
       'is_stream', json(CASE WHEN json_extract(r.value, '$[7]') THEN 'true' ELSE 'false' END),
       'endpoint', json_extract(r.value, '$[8]'),
-      'timestamp', strftime('%Y-%m-%dT%H:%M:%SZ', json_extract(r.value, '$[9]') / 1000,
+      'timestamp', strftime('%Y-%m-%dT%H:%M:%SZ', json_extract(r.value, '$[9]') / 1000.0,
                             'unixepoch'),
       'backend_url', json_extract(r.value, '$[10]'),
       'client_request_id', json_extract(r.value, '$[11]'),

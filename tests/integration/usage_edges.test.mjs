@@ -307,8 +307,16 @@ test('an error event inside a 200 stream (vLLM, TGI, named `error`): relayed as 
     'inband-none': `${tok('an \\"error\\": ')}${tok('error')}data: [DONE]\n\n`,
   };
   be.handler = async (req, res) => {
+    const id = req.headers['x-request-id'];
+    if (id === 'inband-400' || id === 'inband-503-cut') {
+      // Errors with a status of their own, sent as events: a 5xx is counted once (as 5xx), a 4xx
+      // (TGI's validation errors) is the client's.
+      res.writeHead(id === 'inband-400' ? 400 : 503, { 'content-type': 'text/event-stream' });
+      res.end(id === 'inband-400' ? 'data: {"error":"Input validation error: too long","error_type":"validation"}\n\n' : 'data: {"error":"overlo');
+      return;
+    }
     res.writeHead(200, { 'content-type': 'text/event-stream' });
-    res.end(streams[req.headers['x-request-id'].replace(/-asked$/, '')]);
+    res.end(streams[id.replace(/-asked$/, '')]);
   };
   // The client asked for usage (relayed as is), or the gateway did (its usage chunk filtered out).
   for (const asked of [true, false]) {
@@ -325,10 +333,17 @@ test('an error event inside a 200 stream (vLLM, TGI, named `error`): relayed as 
       assert.ok(rec.completion_tokens > 0, `${id}: the tokens that streamed are billed`);
     }
   }
-  // Each stream that reported an error counts as an upstream error of its backend.
+  for (const [id, status] of [['inband-400', 400], ['inband-503-cut', 503]]) {
+    const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1', { stream: true }), { headers: { 'x-request-id': id } });
+    assert.equal(res.status, status);
+    assert.equal((await receiver.waitForClientId(id, 15_000)).status_code, status);
+  }
+  // Each 200 stream that reported an error counts as an upstream error of its backend; the 503
+  // once, as a 5xx; the 400 not at all.
   const metrics = await scrapeMetrics(gw);
   assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'ib', kind: 'stream_error' }), 8);
-  assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'ib' }), 8);
+  assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'ib', kind: '5xx' }), 1);
+  assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'ib' }), 9);
 });
 
 test('a record\'s timestamp is when its request began, also when a slow /tokenize counted its prompt', { timeout: 30_000 }, async () => {

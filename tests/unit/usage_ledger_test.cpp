@@ -412,6 +412,7 @@ TEST(UsageLog, RowsAndObjectsReadBackAsTheJsonASinkSends) {
     r.ttft_ms = i % 2 ? -1 : 3.25;
     r.cached_tokens = i == 4 ? 8 : -1;
     r.reasoning_tokens = i == 5 ? 9 : -1;
+    if (i == 4) r.timestamp_ms = -1500;  // before 1970: 23:59:58, the second it falls in
     records.push_back(r);
   }
   auto append = [&](UsageLog& log, int from, int to, bool rows) {
