@@ -1,6 +1,7 @@
 // Micro-benchmarks for the per-request and per-event work that is not I/O: request inspection
 // (simdjson DOM validation + field extraction) from 1 KB to 1 MB, the SSE scanner over a
-// realistic chat stream, the same stream through the metering relay, a balancer pick, and the usage
+// realistic chat stream, the same stream through the metering relay, a non-stream answer's usage
+// read, a balancer pick, and the usage
 // writer cutting a backlog into commit
 // groups. Run: build/llmproxy_micro_benchmark
 #include <benchmark/benchmark.h>
@@ -15,6 +16,7 @@
 #include "llm/request_inspector.h"
 #include "llm/sse_scanner.h"
 #include "llm/stream_meter.h"
+#include "llm/usage.h"
 #include "usage/record.h"
 
 namespace {
@@ -111,6 +113,26 @@ void BM_StreamMeterPerEventReads(benchmark::State& state) {
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * stream.size()));
 }
 BENCHMARK(BM_StreamMeterPerEventReads);
+
+// A non-stream answer's usage, read from the response's copy after it was sent: the last
+// `"usage"` key, then the flat reader (the mock's answer to the load generator's request).
+void BM_ReadBodyUsage(benchmark::State& state) {
+  const std::string body =
+      R"({"id":"chatcmpl-mock0-1","object":"chat.completion","created":1795925148,"model":"m",)"
+      R"("choices":[{"index":0,"message":{"role":"assistant","content":"tok0 tok1 tok2 tok3 )"
+      R"(tok4 tok5 tok6 tok7 tok8 tok9 tok10 tok11 tok12 tok13 tok14 tok15 "},"logprobs":null,)"
+      R"("finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":16,)"
+      R"("total_tokens":17}})";
+  simdjson::dom::parser parser;
+  for (auto _ : state) {
+    llm::Usage usage;
+    llm::TextCount content;
+    const bool found = llm::read_body_usage(body, parser, usage, content);
+    if (!found || usage.completion_tokens != 16) state.SkipWithError("usage not read");
+    benchmark::DoNotOptimize(usage);
+  }
+}
+BENCHMARK(BM_ReadBodyUsage);
 
 void BM_BalancerPick(benchmark::State& state) {
   std::vector<config::BackendConfig> cfgs;
