@@ -1,9 +1,8 @@
 // Micro-benchmarks for the per-request and per-event work that is not I/O: request inspection
 // (simdjson DOM validation + field extraction) from 1 KB to 1 MB, the SSE scanner over a
 // realistic chat stream, the same stream through the metering relay, a non-stream answer's usage
-// read, a balancer pick, and the usage
-// writer cutting a backlog into commit
-// groups. Run: build/llmproxy_micro_benchmark
+// read, a balancer pick, and the usage writer cutting a backlog into commit groups.
+// Run: build/llmproxy_micro_benchmark
 #include <benchmark/benchmark.h>
 #include <simdjson.h>
 
