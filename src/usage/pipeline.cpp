@@ -197,9 +197,9 @@ struct Pipeline::Impl {
 
   // Writer-thread state.
   // The rows of the records taken, back to back in one buffer (kept between commits: no
-  // allocation per record); json_ends[i] is where record i's ends.
-  std::string json_text;
-  std::vector<std::size_t> json_ends;
+  // allocation per record); row_ends[i] is where record i's ends.
+  std::string row_text;
+  std::vector<std::size_t> row_ends;
   std::vector<UsageRecordView> views;
   std::vector<PendingRecord> pending;
   std::uint64_t commit_failures = 0;
@@ -234,16 +234,16 @@ struct Pipeline::Impl {
   }
 
   bool commit(PackedRecords& taken);
-  void clear_json() {
-    json_ends.clear();
-    json_text.clear();
+  void clear_rows() {
+    row_ends.clear();
+    row_text.clear();
     // A burst's buffer is not kept for ever (a full group is ~2 MiB).
-    if (json_text.capacity() > kKeepBytes) std::string().swap(json_text);
+    if (row_text.capacity() > kKeepBytes) std::string().swap(row_text);
     // The per-record vectors too (~200 bytes a record of capacity after a large take).
     if (views.capacity() > kKeepBytes / sizeof(UsageRecordView)) {
       std::vector<UsageRecordView>().swap(views);
       std::vector<PendingRecord>().swap(pending);
-      std::vector<std::size_t>().swap(json_ends);
+      std::vector<std::size_t>().swap(row_ends);
     }
   }
   bool retention_chunk(std::int64_t& deleted);
@@ -279,17 +279,17 @@ bool Pipeline::Impl::commit(PackedRecords& taken) {
   // Serialize what was not serialized by an earlier failed attempt.
   views.clear();
   taken.views(views);
-  for (std::size_t i = json_ends.size(); i < views.size(); ++i) {
-    append_row(json_text, views[i]);
-    json_ends.push_back(json_text.size());
+  for (std::size_t i = row_ends.size(); i < views.size(); ++i) {
+    append_row(row_text, views[i]);
+    row_ends.push_back(row_text.size());
   }
   pending.clear();
-  for (std::size_t i = 0, from = 0; i < views.size(); from = json_ends[i++]) {
+  for (std::size_t i = 0, from = 0; i < views.size(); from = row_ends[i++]) {
     const UsageRecordView& r = views[i];
     const std::int64_t end_ms =
         r.timestamp_ms + static_cast<std::int64_t>(r.duration_ms > 0 ? r.duration_ms : 0);
     pending.push_back(
-        {r.timestamp_ms, end_ms, std::string_view(json_text).substr(from, json_ends[i] - from)});
+        {r.timestamp_ms, end_ms, std::string_view(row_text).substr(from, row_ends[i] - from)});
   }
   std::int64_t last = 0;
   try {
@@ -315,7 +315,7 @@ bool Pipeline::Impl::commit(PackedRecords& taken) {
   head.store(last, std::memory_order_release);
   taken.clear();
   taken.trim(kKeepBytes);
-  clear_json();
+  clear_rows();
   bool unread;
   {
     std::lock_guard lk(sinks_mu);
@@ -430,7 +430,7 @@ void Pipeline::Impl::writer_loop() {
         taken.clear();
         backlog.clear();
         queue.clear();
-        clear_json();
+        clear_rows();
         break;
       }
       auto wait = milliseconds(std::uniform_int_distribution<int>(

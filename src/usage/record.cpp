@@ -246,21 +246,31 @@ template void append_row(std::string& out, const UsageRecordView& r);
 
 namespace {
 
-constexpr std::size_t kRowValues = 20;
-constexpr std::size_t kRowRequired = 18;  // cached_tokens and reasoning_tokens may be left out
-// Each value's key in the object, with the punctuation before it (is_stream and timestamp are
-// written apart: their values change form).
-constexpr std::array<std::string_view, kRowValues> kRowKeys{
-    R"({"request_id":)",    R"(,"user_id":)",
-    R"(,"api_key":)",       R"(,"model":)",
-    R"(,"prompt_tokens":)", R"(,"completion_tokens":)",
-    R"(,"total_tokens":)",  "",
-    R"(,"endpoint":)",      "",
-    R"(,"backend_url":)",   R"(,"client_request_id":)",
-    R"(,"backend":)",       R"(,"status_code":)",
-    R"(,"duration_ms":)",   R"(,"ttft_ms":)",
-    R"(,"finish":)",        R"(,"usage_source":)",
-    R"(,"cached_tokens":)", R"(,"reasoning_tokens":)"};
+using V = RowValue;
+// append_row writes the values in this order.
+constexpr std::array<RowField, 20> kRowFields{{
+    {"request_id", V::string},
+    {"user_id", V::string},
+    {"api_key", V::string},
+    {"model", V::string},
+    {"prompt_tokens", V::number},
+    {"completion_tokens", V::number},
+    {"total_tokens", V::number},
+    {"is_stream", V::flag},
+    {"endpoint", V::string},
+    {"timestamp", V::unix_ms},
+    {"backend_url", V::string},
+    {"client_request_id", V::string_or_null},
+    {"backend", V::string},
+    {"status_code", V::number},
+    {"duration_ms", V::number},
+    {"ttft_ms", V::number_or_null},
+    {"finish", V::string},
+    {"usage_source", V::string},
+    {"cached_tokens", V::optional_number},
+    {"reasoning_tokens", V::optional_number},
+}};
+constexpr std::size_t kRowValues = kRowFields.size();
 
 // Splits a row into its values' JSON text: strings with their quotes and escapes, everything
 // else up to the next ',' or ']'. Returns how many, or 0 when it is not a row this build reads.
@@ -301,7 +311,37 @@ bool is_string(std::string_view v) {
   return v.size() >= 2 && v.front() == '"';
 }
 
+bool is_null(std::string_view v) {
+  return v == "null";
+}
+
+// Whether `v` is a value of this kind as append_row writes it.
+bool valid(std::string_view v, RowValue kind) {
+  switch (kind) {
+    case V::string:
+      return is_string(v);
+    case V::number:
+      return is_number(v);
+    case V::string_or_null:
+      return is_null(v) || is_string(v);
+    case V::number_or_null:
+    case V::optional_number:
+      return is_null(v) || is_number(v);
+    case V::flag:
+      return v == "0" || v == "1";
+    case V::unix_ms: {
+      std::int64_t ms;
+      return std::from_chars(v.data(), v.data() + v.size(), ms).ptr == v.data() + v.size();
+    }
+  }
+  return false;
+}
+
 }  // namespace
+
+std::span<const RowField> row_fields() {
+  return kRowFields;
+}
 
 bool append_stored_json(std::string& out, std::string_view stored) {
   using namespace std::string_view_literals;
@@ -311,39 +351,30 @@ bool append_stored_json(std::string& out, std::string_view stored) {
   }
   std::array<std::string_view, kRowValues> v;
   const std::size_t n = split_row(stored, v);
-  if (n < kRowRequired) return false;
-  for (std::size_t i : {0, 1, 2, 3, 8, 10, 12, 16, 17}) {
-    if (!is_string(v[i])) return false;
+  if (n == 0) return false;
+  std::size_t size = 1;  // the closing brace
+  for (std::size_t i = 0; i < kRowValues; ++i) {
+    const RowField& f = kRowFields[i];
+    if (i >= n ? f.value != V::optional_number : !valid(v[i], f.value)) return false;
+    // `,"key":` and the value, a flag or a timestamp written longer than stored.
+    size += f.key.size() + 4 + std::max<std::size_t>(i < n ? v[i].size() : 0, 22);
   }
-  for (std::size_t i : {4, 5, 6, 13, 14}) {
-    if (!is_number(v[i])) return false;
-  }
-  if ((v[7] != "0"sv && v[7] != "1"sv) || !is_number(v[9]) ||
-      (v[11] != "null"sv && !is_string(v[11])) || (v[15] != "null"sv && !is_number(v[15]))) {
-    return false;
-  }
-  std::int64_t ts = 0;
-  if (std::from_chars(v[9].data(), v[9].data() + v[9].size(), ts).ptr !=
-      v[9].data() + v[9].size()) {
-    return false;
-  }
-  for (std::size_t i = kRowRequired; i < n; ++i) {
-    if (v[i] != "null"sv && !is_number(v[i])) return false;
-  }
-  std::size_t size = 400 + 20;
-  for (std::size_t i = 0; i < n; ++i) size += v[i].size();
   const std::size_t old = out.size();
   out.resize(old + size);
   char* p = out.data() + old;
   for (std::size_t i = 0; i < n; ++i) {
-    if (i == 7) {
-      p = put(p, v[7] == "1"sv ? R"(,"is_stream":true)"sv : R"(,"is_stream":false)"sv);
-    } else if (i == 9) {
-      p = put(p, R"(,"timestamp":")"sv);
-      format_rfc3339(p, ts);
-      p = put(p + 20, "\""sv);
-    } else if (i < kRowRequired || v[i] != "null"sv) {
-      p = put(put(p, kRowKeys[i]), v[i]);
+    const RowField& f = kRowFields[i];
+    if (f.value == V::optional_number && is_null(v[i])) continue;
+    p = put(put(put(p, i == 0 ? "{\""sv : ",\""sv), f.key), "\":"sv);
+    if (f.value == V::flag) {
+      p = put(p, v[i] == "1"sv ? "true"sv : "false"sv);
+    } else if (f.value == V::unix_ms) {
+      std::int64_t ms = 0;
+      std::from_chars(v[i].data(), v[i].data() + v[i].size(), ms);
+      format_rfc3339(put(p, "\""sv), ms);
+      p = put(p + 21, "\""sv);
+    } else {
+      p = put(p, v[i]);
     }
   }
   p = put(p, "}"sv);

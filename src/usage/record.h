@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -54,17 +55,29 @@ std::string to_json(const UsageRecord& r);
 template <class Str>
 void append_json(std::string& out, const BasicUsageRecord<Str>& r);
 
-// The form the usage log stores a record in: a JSON array of the values in a fixed order, without
-// keys, the timestamp as Unix milliseconds and is_stream as 0 or 1 (~40 % of the object's bytes,
-// which the log writes twice: to the WAL and at the checkpoint). Values, by index: 0 request_id,
-// 1 user_id, 2 api_key, 3 model, 4 prompt_tokens, 5 completion_tokens, 6 total_tokens,
-// 7 is_stream, 8 endpoint, 9 timestamp, 10 backend_url, 11 client_request_id (null: none),
-// 12 backend, 13 status_code, 14 duration_ms, 15 ttft_ms (null: none), 16 finish,
-// 17 usage_source, 18 cached_tokens, 19 reasoning_tokens (null or left out: not reported).
-// Values are only ever added at the end, with a new schema version of the log (a reader refuses a
-// row with more values than it knows); a reader takes those a row lacks as not reported.
+// The form the usage log stores a record in: a JSON array of the values in the order of
+// row_fields(), without keys (~40 % of the object's bytes, which the log writes twice: to the WAL
+// and at the checkpoint). Values are only ever added at the end, with a new schema version of the
+// log (a reader refuses a row with more values than it knows); a reader takes the optional ones a
+// row lacks as not reported.
 template <class Str>
 void append_row(std::string& out, const BasicUsageRecord<Str>& r);
+
+// A row's values, in order: the object's key for each and how the row holds it.
+enum class RowValue : std::uint8_t {
+  string,          // a JSON string, as in the object
+  number,          // a JSON number, as in the object
+  string_or_null,  // the same, or null (null in the object too)
+  number_or_null,
+  flag,             // 0 or 1: false or true in the object
+  unix_ms,          // integer milliseconds: an RFC 3339 string in the object
+  optional_number,  // a number, or null or left out: then the object has no such key
+};
+struct RowField {
+  std::string_view key;
+  RowValue value;
+};
+std::span<const RowField> row_fields();
 
 // Appends the webhook JSON of a record as the log stores it: a row is expanded into exactly the
 // bytes append_json writes for the record, an object (a log written before rows) is copied.

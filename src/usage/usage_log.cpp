@@ -26,7 +26,7 @@ namespace {
 // costs the writer a fraction per record; a version-1 file is converted on open. 3: commits no
 // longer store the head in log_head (a trigger raises it on delete); a version-2 build would take
 // log_head alone for the head and give seqs out again, so the version tells it to refuse the
-// file. A version-2 file needs no conversion: its log_head is the head, and kSchema adds the
+// file. A version-2 file needs no conversion: its log_head is the head, and the schema adds the
 // trigger. 4: records are stored as rows (append_row in record.h) instead of objects; batches of
 // objects stay as they are (readers take both), and a version-3 build, which would send a row to
 // a webhook as it is, refuses the file.
@@ -41,10 +41,8 @@ constexpr int kBusyTimeoutMs = 1000;
 // records as a JSON array whose elements are the records' rows (record.h: values without keys;
 // logs written before version 4 hold the objects a sink POSTs); `meta` has, per record, 20 bytes
 // little-endian: the end offset of its element in `records` (u32), its ts_ms (i64, request start)
-// and end_ms (i64). The view `records` shows one record per row, as the object a sink POSTs (the
-// same keys, order and values; SQLite writes non-ASCII characters and reals its own way), for
-// ad-hoc SQL; it is made again at every start (plain json_extract, not the -> operator, so that
-// an older sqlite3 shell can still read the file).
+// and end_ms (i64). The view `records` (records_view_sql()) shows one record per row, as the
+// object a sink POSTs, for ad-hoc SQL.
 constexpr const char* kSchema = R"sql(
 CREATE TABLE IF NOT EXISTS record_batches (
   first_seq INTEGER PRIMARY KEY,
@@ -63,32 +61,6 @@ CREATE TRIGGER IF NOT EXISTS record_batches_keep_head AFTER DELETE ON record_bat
   INSERT INTO log_head(id, seq) VALUES(1, old.last_seq)
     ON CONFLICT(id) DO UPDATE SET seq = excluded.seq WHERE excluded.seq > log_head.seq;
 END;
-DROP VIEW IF EXISTS records;
-CREATE VIEW records AS
-  SELECT b.first_seq + r.key AS seq,
-    CASE WHEN r.type = 'object' THEN r.value ELSE json_patch(json_object(
-      'request_id', json_extract(r.value, '$[0]'),
-      'user_id', json_extract(r.value, '$[1]'),
-      'api_key', json_extract(r.value, '$[2]'),
-      'model', json_extract(r.value, '$[3]'),
-      'prompt_tokens', json_extract(r.value, '$[4]'),
-      'completion_tokens', json_extract(r.value, '$[5]'),
-      'total_tokens', json_extract(r.value, '$[6]'),
-      'is_stream', json(CASE WHEN json_extract(r.value, '$[7]') THEN 'true' ELSE 'false' END),
-      'endpoint', json_extract(r.value, '$[8]'),
-      'timestamp', strftime('%Y-%m-%dT%H:%M:%SZ', json_extract(r.value, '$[9]') / 1000.0,
-                            'unixepoch'),
-      'backend_url', json_extract(r.value, '$[10]'),
-      'client_request_id', json_extract(r.value, '$[11]'),
-      'backend', json_extract(r.value, '$[12]'),
-      'status_code', json_extract(r.value, '$[13]'),
-      'duration_ms', json_extract(r.value, '$[14]'),
-      'ttft_ms', json_extract(r.value, '$[15]'),
-      'finish', json_extract(r.value, '$[16]'),
-      'usage_source', json_extract(r.value, '$[17]')),
-      json_object('cached_tokens', json_extract(r.value, '$[18]'),
-                  'reasoning_tokens', json_extract(r.value, '$[19]'))) END AS json
-  FROM record_batches AS b, json_each(b.records) AS r;
 CREATE TABLE IF NOT EXISTS sink_cursors (
   name TEXT PRIMARY KEY,
   seq INTEGER NOT NULL,
@@ -107,6 +79,37 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 CREATE INDEX IF NOT EXISTS dead_letters_at ON dead_letters(at_ms);
 )sql";
+
+// The view `records`: one row per record, `seq` and `json`, the object a sink POSTs (the same keys,
+// order and values; SQLite writes non-ASCII characters and reals its own way), built from
+// row_fields(). Made again at every start, with plain json_extract rather than the -> operator,
+// so that an older sqlite3 shell can still read the file.
+std::string records_view_sql() {
+  std::string fields, optional;  // json_patch's second object: a null there leaves the key out
+  const auto row = row_fields();
+  for (std::size_t i = 0; i < row.size(); ++i) {
+    std::string value = "json_extract(r.value, '$[" + std::to_string(i) + "]')";
+    if (row[i].value == RowValue::flag) {
+      value = "json(CASE WHEN " + value + " THEN 'true' ELSE 'false' END)";
+    } else if (row[i].value == RowValue::unix_ms) {
+      value = "strftime('%Y-%m-%dT%H:%M:%SZ', " + value + " / 1000.0, 'unixepoch')";
+    }
+    std::string& into = row[i].value == RowValue::optional_number ? optional : fields;
+    if (!into.empty()) into += ", ";
+    into += "'" + std::string(row[i].key) + "', " + value;
+  }
+  return "DROP VIEW IF EXISTS records;\n"
+         "CREATE VIEW records AS SELECT b.first_seq + r.key AS seq, CASE WHEN r.type = 'object' "
+         "THEN r.value ELSE json_patch(json_object(" +
+         fields + "), json_object(" + optional +
+         ")) END AS json FROM record_batches AS b, json_each(b.records) AS r;\n";
+}
+
+// The tables, the trigger and the view.
+const std::string& schema_sql() {
+  static const std::string sql = kSchema + records_view_sql();
+  return sql;
+}
 
 constexpr std::size_t kMetaBytes = 20;
 
@@ -368,7 +371,7 @@ UsageLog::UsageLog(Mode mode, const std::string& path, bool create_schema,
       exec("BEGIN IMMEDIATE");
       try {
         if (version == 1) migrate_v1();
-        exec(kSchema);
+        exec(schema_sql().c_str());
         exec(("PRAGMA user_version=" + std::to_string(kSchemaVersion)).c_str());
         exec("COMMIT");
       } catch (...) {
@@ -464,7 +467,7 @@ std::int64_t UsageLog::append(std::span<const PendingRecord> records) {
   text.clear();
   meta.clear();
   std::size_t size = 2 + records.size();
-  for (const auto& p : records) size += p.json.size();
+  for (const auto& p : records) size += p.stored.size();
   text.reserve(size);
   meta.reserve(records.size() * kMetaBytes);
   std::int64_t min_ts = INT64_MAX, max_ts = INT64_MIN;
@@ -472,7 +475,7 @@ std::int64_t UsageLog::append(std::span<const PendingRecord> records) {
   for (std::size_t i = 0; i < records.size(); ++i) {
     const PendingRecord& r = records[i];
     if (i) text += ',';
-    text += r.json;
+    text += r.stored;
     put_meta(meta, text.size(), r.timestamp_ms, r.end_ms);
     min_ts = std::min(min_ts, r.timestamp_ms);
     max_ts = std::max(max_ts, r.timestamp_ms);
@@ -503,7 +506,7 @@ void UsageLog::insert_batch(std::int64_t first, std::int64_t last, std::int64_t 
 // transaction: every record becomes a batch of one, the head and the cursors stay as they were.
 void UsageLog::migrate_v1() {
   exec("ALTER TABLE records RENAME TO records_v1");
-  exec(kSchema);
+  exec(schema_sql().c_str());
   sqlite3_stmt* s = nullptr;
   int rc = sqlite3_prepare_v2(db_, "SELECT seq, ts_ms, end_ms, json FROM records_v1 ORDER BY seq",
                               -1, &s, nullptr);

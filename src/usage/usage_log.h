@@ -54,7 +54,7 @@ class SqliteError : public std::runtime_error {
 struct PendingRecord {
   std::int64_t timestamp_ms;  // request start
   std::int64_t end_ms;        // timestamp + duration
-  std::string_view json;
+  std::string_view stored;
 };
 
 // Records as a sink reads them back: their JSON back to back with a ',' between two (so a batch's
