@@ -1,7 +1,8 @@
 // Micro-benchmarks for the per-request and per-event work that is not I/O: request inspection
 // (simdjson DOM validation + field extraction) from 1 KB to 1 MB, the SSE scanner over a
 // realistic chat stream, the same stream through the metering relay, a non-stream answer's usage
-// read, a balancer pick, and the usage writer cutting a backlog into commit groups.
+// read, a balancer pick, the usage writer cutting a backlog into commit groups, and a sink
+// expanding a stored row into the webhook's JSON.
 // Run: build/llmproxy_micro_benchmark
 #include <benchmark/benchmark.h>
 #include <simdjson.h>
@@ -152,17 +153,32 @@ void BM_BalancerPick(benchmark::State& state) {
 }
 BENCHMARK(BM_BalancerPick)->Args({2, 0})->Args({16, 0})->Args({2, 1})->Args({16, 1});
 
-// The usage writer after a stall: a backlog of N records cut into groups of 4,096 from the front.
-// The time per record must not grow with N (moving the rest at each cut made it quadratic).
-void BM_BacklogIntoGroups(benchmark::State& state) {
-  const auto n = static_cast<std::size_t>(state.range(0));
+// A usage record of a typical chat request.
+usage::UsageRecord sample_record() {
   usage::UsageRecord r;
   r.request_id = "req-0123456789abcdef0123456789abcdef";
   r.user_id = "user-42";
   r.api_key = "sk-test-0123456789abcdef0123456789abcdef";
   r.model = "meta-llama/Llama-3-8b-Instruct";
-  r.backend_url = "http://127.0.0.1:8000";
+  r.prompt_tokens = 1234;
+  r.completion_tokens = 200;
+  r.total_tokens = 1434;
   r.endpoint = "/v1/chat/completions";
+  r.timestamp_ms = 1795939200123;
+  r.backend_url = "http://127.0.0.1:8000";
+  r.backend = "vllm-a";
+  r.status_code = 200;
+  r.duration_ms = 812.25;
+  r.finish = "completed";
+  r.usage_source = "backend";
+  return r;
+}
+
+// The usage writer after a stall: a backlog of N records cut into groups of 4,096 from the front.
+// The time per record must not grow with N (moving the rest at each cut made it quadratic).
+void BM_BacklogIntoGroups(benchmark::State& state) {
+  const auto n = static_cast<std::size_t>(state.range(0));
+  const usage::UsageRecord r = sample_record();
   usage::PackedRecords backlog, group;
   for (auto _ : state) {
     state.PauseTiming();
@@ -178,6 +194,22 @@ void BM_BacklogIntoGroups(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * n));
 }
 BENCHMARK(BM_BacklogIntoGroups)->Arg(16 << 10)->Arg(64 << 10)->Arg(256 << 10);
+
+// A webhook sink turns each stored row back into the record's JSON object (once per record
+// delivered, on the sink's thread).
+void BM_ExpandRow(benchmark::State& state) {
+  const usage::UsageRecord r = sample_record();
+  std::string row;
+  usage::append_row(row, r);
+  std::string out;
+  for (auto _ : state) {
+    out.clear();
+    benchmark::DoNotOptimize(usage::append_stored_json(out, row));
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()));
+}
+BENCHMARK(BM_ExpandRow);
 
 }  // namespace
 

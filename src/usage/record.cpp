@@ -272,39 +272,42 @@ constexpr std::array<RowField, 20> kRowFields{{
 }};
 constexpr std::size_t kRowValues = kRowFields.size();
 
-// Splits a row into its values' JSON text: strings with their quotes and escapes, everything
-// else up to the next ',' or ']'. Returns how many, or 0 when it is not a row this build reads.
-std::size_t split_row(std::string_view row, std::array<std::string_view, kRowValues>& values) {
-  if (row.size() < 2 || row.front() != '[' || row.back() != ']') return 0;
-  std::size_t n = 0;
-  std::size_t i = 1;
-  const std::size_t end = row.size() - 1;
-  while (i < end) {
-    if (n == kRowValues) return 0;
-    const std::size_t start = i;
-    if (row[i] == '"') {
-      ++i;
-      while (i < end && row[i] != '"') i += row[i] == '\\' ? 2 : 1;
-      if (i >= end) return 0;
-      ++i;  // the closing quote
-    } else {
-      while (i < end && row[i] != ',') ++i;
-    }
-    if (i == start) return 0;  // an empty value: ",,"
-    values[n++] = row.substr(start, i - start);
-    if (i < end) {
-      if (row[i] != ',') return 0;
-      if (++i == end) return 0;  // a trailing ','
-    }
+// One past the closing quote of the string whose opening quote is row[open], or npos when it has
+// none before `end`. A quote closes the string when an even number of backslashes precede it (an
+// odd run escapes it); row[open] is a quote, so counting them back stops there at the latest.
+std::size_t string_end(std::string_view row, std::size_t open, std::size_t end) {
+  const char* base = row.data();
+  std::size_t from = open + 1;
+  while (from < end) {
+    const void* q = std::memchr(base + from, '"', end - from);
+    if (q == nullptr) break;
+    const auto at = static_cast<std::size_t>(static_cast<const char*>(q) - base);
+    std::size_t backslashes = 0;
+    while (base[at - backslashes - 1] == '\\') ++backslashes;
+    if (backslashes % 2 == 0) return at + 1;
+    from = at + 1;
   }
-  return n;
+  return std::string_view::npos;
+}
+
+// One past the value that starts at row[i] (i < end): a string with its quotes and escapes,
+// anything else up to the next ',' or `end`; npos for a string that does not close.
+std::size_t value_end(std::string_view row, std::size_t i, std::size_t end) {
+  if (row[i] == '"') return string_end(row, i, end);
+  const void* comma = std::memchr(row.data() + i, ',', end - i);
+  return comma == nullptr ? end
+                          : static_cast<std::size_t>(static_cast<const char*>(comma) - row.data());
 }
 
 bool is_number(std::string_view v) {
   if (!v.empty() && v.front() == '-') v.remove_prefix(1);
-  return !v.empty() && std::all_of(v.begin(), v.end(), [](char c) {
-    return (c >= '0' && c <= '9') || c == '.' || c == 'e' || c == 'E' || c == '+' || c == '-';
-  });
+  if (v.empty()) return false;
+  for (const char c : v) {
+    if ((c < '0' || c > '9') && c != '.' && c != 'e' && c != 'E' && c != '+' && c != '-') {
+      return false;
+    }
+  }
+  return true;
 }
 
 bool is_string(std::string_view v) {
@@ -329,10 +332,8 @@ bool valid(std::string_view v, RowValue kind) {
       return is_null(v) || is_number(v);
     case V::flag:
       return v == "0" || v == "1";
-    case V::unix_ms: {
-      std::int64_t ms;
-      return std::from_chars(v.data(), v.data() + v.size(), ms).ptr == v.data() + v.size();
-    }
+    case V::unix_ms:
+      return true;  // put_value parses it
   }
   return false;
 }
@@ -343,41 +344,90 @@ std::span<const RowField> row_fields() {
   return kRowFields;
 }
 
-bool append_stored_json(std::string& out, std::string_view stored) {
+namespace {
+
+// `,"key":` for each value of a row, made once from kRowFields.
+struct KeyPrefixes {
+  std::array<std::string, kRowValues> text;
+  std::size_t total = 0;  // all of them
+};
+
+const KeyPrefixes& key_prefixes() {
+  static const KeyPrefixes prefixes = [] {
+    KeyPrefixes out;
+    for (std::size_t i = 0; i < kRowValues; ++i) {
+      out.text[i] = ",\"" + std::string(kRowFields[i].key) + "\":";
+      out.total += out.text[i].size();
+    }
+    return out;
+  }();
+  return prefixes;
+}
+
+// Writes one value of a row as the object has it (after its key); false if it is not a value
+// of this kind as append_row writes it.
+bool put_value(char*& p, std::string_view v, RowValue kind) {
   using namespace std::string_view_literals;
+  if (!valid(v, kind)) return false;
+  if (kind == V::flag) {
+    p = put(p, v == "1"sv ? "true"sv : "false"sv);
+  } else if (kind == V::unix_ms) {
+    std::int64_t ms = 0;
+    if (std::from_chars(v.data(), v.data() + v.size(), ms).ptr != v.data() + v.size()) {
+      return false;
+    }
+    *p = '"';
+    format_rfc3339(p + 1, ms);
+    p[21] = '"';
+    p += 22;
+  } else {
+    p = put(p, v);
+  }
+  return true;
+}
+
+}  // namespace
+
+bool append_stored_json(std::string& out, std::string_view stored) {
   if (!stored.empty() && stored.front() == '{') {
     out += stored;
     return true;
   }
-  std::array<std::string_view, kRowValues> v;
-  const std::size_t n = split_row(stored, v);
-  if (n == 0) return false;
-  std::size_t size = 1;  // the closing brace
-  for (std::size_t i = 0; i < kRowValues; ++i) {
-    const RowField& f = kRowFields[i];
-    if (i >= n ? f.value != V::optional_number : !valid(v[i], f.value)) return false;
-    // `,"key":` and the value, a flag or a timestamp written longer than stored.
-    size += f.key.size() + 4 + std::max<std::size_t>(i < n ? v[i].size() : 0, 22);
-  }
+  if (stored.size() < 2 || stored.front() != '[' || stored.back() != ']') return false;
+  const KeyPrefixes& prefix = key_prefixes();
+  // One pass: each value is found, checked and written after its key. The object is at most the
+  // row's bytes plus every key, a flag's "false" (4 more than "0") and a timestamp's 22 bytes.
   const std::size_t old = out.size();
-  out.resize(old + size);
+  out.resize(old + stored.size() + prefix.total + 4 + 22);
   char* p = out.data() + old;
-  for (std::size_t i = 0; i < n; ++i) {
-    const RowField& f = kRowFields[i];
-    if (f.value == V::optional_number && is_null(v[i])) continue;
-    p = put(put(put(p, i == 0 ? "{\""sv : ",\""sv), f.key), "\":"sv);
-    if (f.value == V::flag) {
-      p = put(p, v[i] == "1"sv ? "true"sv : "false"sv);
-    } else if (f.value == V::unix_ms) {
-      std::int64_t ms = 0;
-      std::from_chars(v[i].data(), v[i].data() + v[i].size(), ms);
-      format_rfc3339(put(p, "\""sv), ms);
-      p = put(p + 21, "\""sv);
-    } else {
-      p = put(p, v[i]);
+  std::size_t n = 0;
+  std::size_t i = 1;
+  const std::size_t end = stored.size() - 1;
+  bool ok = true;
+  while (ok && i < end) {
+    const std::size_t stop = n < kRowValues ? value_end(stored, i, end) : std::string_view::npos;
+    // Not a row this build reads: more values than it knows, "[1,,2]", a trailing ',', a
+    // string that does not close or is followed by something other than ','.
+    ok = stop != std::string_view::npos && stop != i &&
+         (stop == end || (stored[stop] == ',' && stop + 1 != end));
+    if (!ok) break;
+    const std::string_view v = stored.substr(i, stop - i);
+    const RowValue kind = kRowFields[n].value;
+    if (kind != V::optional_number || !is_null(v)) {
+      p = put(p, prefix.text[n]);
+      ok = put_value(p, v, kind);
     }
+    ++n;
+    i = stop + 1;
   }
-  p = put(p, "}"sv);
+  // Values left out at the end may only be optional ones.
+  for (std::size_t k = n; ok && k < kRowValues; ++k) ok = kRowFields[k].value == V::optional_number;
+  if (!ok || n == 0) {
+    out.resize(old);
+    return false;
+  }
+  *p++ = '}';
+  out[old] = '{';  // the first value's ',' (request_id: always written)
   out.resize(static_cast<std::size_t>(p - out.data()));
   return true;
 }

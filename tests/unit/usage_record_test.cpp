@@ -317,6 +317,10 @@ TEST(UsageRecordRow, AnObjectIsCopiedAndAnythingElseRefused) {
       std::string(row).replace(row.find(",15,"), 4, ",\"15\","),  // a string for a number
       std::string(row).replace(row.find(",1,\""), 3, ",2,"),      // is_stream neither 0 nor 1
       std::string(row).replace(0, 2, "[1"),                       // request_id not a string
+      "[\"req\\\"]",                                              // its closing quote escaped
+      std::string(row).replace(row.find("\","), 2, "\"x,"),       // a string, then not a ','
+      std::string(row).replace(row.find(std::to_string(kSeedTimeMs)),
+                               std::to_string(kSeedTimeMs).size(), "1.5"),  // not whole ms
   };
   for (const auto& b : bad) {
     std::string o = "kept";
