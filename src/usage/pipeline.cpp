@@ -172,13 +172,16 @@ struct Pipeline::Impl {
   std::uint64_t removed_delivered = 0;  // under sinks_mu: counts of sinks a reload removed
   std::uint64_t removed_failed = 0;
 
-  std::mutex mu;  // queue, writer_gone
+  std::mutex mu;  // queue, writer_gone, writer_idle
   std::condition_variable writer_cv;
   PackedRecords queue;
   Clock::time_point queue_since{};          // when the oldest queued record arrived
   std::atomic<Clock::rep> deadline_rep{0};  // stop()'s deadline, stored before stop_requested
   std::atomic<bool> stop_requested{false};
   bool writer_gone = false;  // under mu: submit() after the writer exited drops
+  // Under mu: the writer sleeps with nothing to do and no timer set for the queue, so submit()
+  // must wake it for the first record. Otherwise it looks at the queue on its own.
+  bool writer_idle = false;
 
   std::mutex sink_mu;  // sinks sleep on sink_cv for new records, writer_done or stop
   std::condition_variable sink_cv;
@@ -365,6 +368,9 @@ void Pipeline::Impl::writer_loop() {
   std::int64_t retention_deleted = 0;
   std::mt19937 rng(std::random_device{}());
   milliseconds backoff{10};
+  // Whether the writer has already waited one commit window for records since its last group:
+  // then what came meanwhile is committed at once (it is no older than the window).
+  bool looked_again = false;
   for (;;) {
     bool stopping = false;
     std::size_t take = 0;  // records the next group may hold (0: none taken)
@@ -376,7 +382,7 @@ void Pipeline::Impl::writer_loop() {
         bool late = stopping && Clock::now() >= deadline;
         std::int64_t cap = capacity();
         if (backlog.empty() && !queue.empty() && cap > 0 && !stopping && queue.size() < kGroupMax &&
-            Clock::now() < queue_since + cfg.commit_interval) {
+            !looked_again && Clock::now() < queue_since + cfg.commit_interval) {
           // Group commit: a transaction costs about as much as a hundred inserts, so gather
           // what arrives within the window (a kill -9 can lose at most this window).
           writer_cv.wait_until(lk, queue_since + cfg.commit_interval);
@@ -388,6 +394,7 @@ void Pipeline::Impl::writer_loop() {
           // group into `taken`, which is trimmed after its commit.
           if (backlog.empty()) backlog.swap(queue);
           take = static_cast<std::size_t>(std::min<std::int64_t>(cap, kGroupMax));
+          looked_again = false;
           break;
         }
         if (stopping) {
@@ -396,7 +403,20 @@ void Pipeline::Impl::writer_loop() {
           continue;
         }
         if (retention_running || Clock::now() >= next_retention) break;
+        if (!looked_again) {
+          // Nothing queued, often because the request path could not run while this thread
+          // committed (one core for both). Under load the next records come within moments:
+          // look again after one window instead of having the request path wake this thread for
+          // the first of them, which would cost it a system call and two switches per group.
+          looked_again = true;
+          writer_cv.wait_until(lk, std::min(Clock::now() + cfg.commit_interval, next_retention));
+          continue;
+        }
+        // A whole window brought nothing: sleep until submit() wakes the writer.
+        writer_idle = true;
         writer_cv.wait_until(lk, next_retention);
+        writer_idle = false;
+        looked_again = false;
       }
     }
     if (take > 0) {
@@ -1064,14 +1084,14 @@ bool Pipeline::submit(const UsageRecordView& record) {
     return false;
   }
   im.queue.push(record);
-  bool first = im.queue.size() == 1;
+  const bool first = im.queue.size() == 1;
   if (first) im.queue_since = Clock::now();
-  // A full group is committed at once; otherwise the writer waits out the commit window.
-  if (im.queue.size() == kGroupMax) first = true;
+  // An idle writer is woken by the first record and waits out the commit window from there;
+  // otherwise it is already on a timer. A full group is committed at once.
+  const bool wake = (first && im.writer_idle) || im.queue.size() == kGroupMax;
   depth_.fetch_add(1, std::memory_order_relaxed);
   lk.unlock();
-  // The writer sleeps only with an empty queue (or when it cannot take more anyway).
-  if (first) im.writer_cv.notify_one();
+  if (wake) im.writer_cv.notify_one();
   return true;
 }
 
