@@ -1447,7 +1447,19 @@ asio::awaitable<void> reap_expired(Worker& worker) {
   }
 }
 
+void start_connection(Worker& worker, tcp::socket socket) {
+  error_code ignored;
+  socket.set_option(tcp::no_delay(true), ignored);
+  bump(worker.stats.connections_accepted);
+  asio::co_spawn(worker.ioc, serve_connection(worker, std::move(socket)), asio::detached);
+}
+
+// Connections taken per wake of the accept loop, at most: the rest wait for its next turn.
+constexpr int kAcceptBurst = 128;
+
 asio::awaitable<void> accept_loop(Worker& worker) {
+  // The acceptor is non-blocking (open_acceptor), so accept() below says would_block once no
+  // connection is waiting.
   for (;;) {
     auto [ec, socket] = co_await worker.acceptor.async_accept(kAsTuple);
     if (ec) {
@@ -1457,10 +1469,16 @@ asio::awaitable<void> accept_loop(Worker& worker) {
       co_await backoff.async_wait(kAsTuple);
       continue;
     }
-    error_code ignored;
-    socket.set_option(tcp::no_delay(true), ignored);
-    bump(worker.stats.connections_accepted);
-    asio::co_spawn(worker.ioc, serve_connection(worker, std::move(socket)), asio::detached);
+    start_connection(worker, std::move(socket));
+    // Then every connection already waiting, as event-loop servers do (Python's asyncio, under
+    // vLLM, accepts up to its backlog per readiness): one accept per turn of a busy loop made
+    // each new connection of a burst wait behind a whole turn of the streams' work.
+    for (int i = 1; i < kAcceptBurst; ++i) {
+      error_code more_ec;
+      tcp::socket more = worker.acceptor.accept(more_ec);
+      if (more_ec) break;
+      start_connection(worker, std::move(more));
+    }
   }
 }
 
@@ -1589,6 +1607,7 @@ void open_acceptor(tcp::acceptor& acceptor, const tcp::endpoint& ep) {
   acceptor.set_option(reuse_port(true));
   acceptor.bind(ep);
   acceptor.listen(asio::socket_base::max_listen_connections);
+  acceptor.non_blocking(true);
 }
 
 int run(int argc, char** argv) {
