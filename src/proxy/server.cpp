@@ -2980,6 +2980,9 @@ asio::awaitable<void> run_session(Worker* w, tcp::socket socket, bool metrics_on
   }
 }
 
+// Connections one wake of a worker's accept loop takes at most; the rest wait for its next turn.
+constexpr int kAcceptBurst = 64;
+
 asio::awaitable<void> accept_loop(Worker* w) {
   const std::int64_t limit = std::max<std::int64_t>(1, w->shared.cfg.server.max_connections);
   asio::steady_timer backoff(w->ioc);
@@ -3005,6 +3008,18 @@ asio::awaitable<void> accept_loop(Worker* w) {
       continue;
     }
     asio::co_spawn(w->ioc, run_session(w, std::move(socket), false), asio::detached);
+    // Then the connections already waiting, up to kAcceptBurst and the limit (a spawned session
+    // counts itself only once it runs, so those taken here are counted here). Under load, one
+    // accept per turn of the event loop made each connection of a burst wait behind a whole turn
+    // of every other session's work. The acceptor is non-blocking: accept() says would_block
+    // once none is waiting, and an error is left to the next async_accept.
+    std::int64_t taken = 1;
+    for (int i = 1; i < kAcceptBurst && open_connections(w->shared) + taken < limit; ++i) {
+      tcp::socket more = w->acceptor.accept(ec);
+      if (ec) break;
+      ++taken;
+      asio::co_spawn(w->ioc, run_session(w, std::move(more), false), asio::detached);
+    }
   }
 }
 
@@ -3435,6 +3450,7 @@ int Gateway::run() {
     }
     if (!ec) acc.bind(endpoint, ec);
     if (!ec) acc.listen(asio::socket_base::max_listen_connections, ec);
+    if (!ec) acc.non_blocking(true, ec);  // accept_loop's bursts
     if (ec) {
       log::line("error", "cannot listen on {}: {}", cfg.listen.to_string(), ec.message());
       return 1;

@@ -176,6 +176,50 @@ test('a malformed chunked request body is answered 400, not taken for a client h
   assert.equal(metricSum(await scrapeMetrics(gw), 'llmproxy_client_disconnects_total'), before);
 });
 
+test('connections that arrive together are taken together, never past server.max_connections', { timeout: 60_000 }, async () => {
+  const backend = await startBackend('burst');
+  const limit = 8;
+  const gw = await startGateway({
+    server: { workers: 1, max_connections: limit },
+    timeouts: { keepalive: '60s' },
+    metrics: { listen: '127.0.0.1:0' },
+    backends: [backendEntry(backend, { name: 'burst' })],
+  });
+  const metricsUrl = /metrics on (http:\/\/127\.0\.0\.1:\d+)\/metrics/.exec(gw.stdout)[1];
+  const openNow = async () => metricSum((await httpRequest(`${metricsUrl}/metrics`)).text(), 'llmproxy_open_connections');
+  const held = [];
+  for (let i = 0; i < limit; i++) {
+    const c = await healthAsker(gw.port);
+    assert.equal((await withTimeout(c.ask(), 10_000, `an answer on connection ${i + 1}`)).status, 200);
+    held.push(c);
+  }
+  // Twice the limit waits in the listen backlog, each with its request sent.
+  const waiting = [];
+  for (let i = 0; i < 2 * limit; i++) waiting.push(await healthAsker(gw.port));
+  const answered = new Set();
+  const closed = new Set();
+  const answers = waiting.map((c, i) => c.ask().then((r) => { answered.add(i); return r; }));
+  await held[0].ask();
+  assert.equal(answered.size, 0);
+  // Every slot freed at once: the gateway finds them all waiting, and takes only what fits.
+  for (const c of held) c.socket.destroy();
+  for (let round = 0; round < 2; round++) {
+    const expected = limit * (round + 1);
+    await withTimeout((async () => { while (answered.size < expected) await new Promise((r) => setTimeout(r, 5)); })(), 10_000, `${expected} answers`);
+    const live = [...answered].filter((i) => !closed.has(i));
+    // A round trip through the gateway after the burst was taken.
+    await withTimeout(waiting[live[0]].ask(), 10_000, 'a round trip');
+    assert.equal(answered.size, expected, 'answered beyond the free slots');
+    assert.ok((await openNow()) <= limit, `open: ${await openNow()}`);
+    for (const i of live) {
+      waiting[i].socket.destroy();
+      closed.add(i);
+    }
+  }
+  const got = await withTimeout(Promise.all(answers), 10_000, 'every answer');
+  assert.ok(got.every((r) => r.status === 200));
+});
+
 // A keep-alive connection that asks GET /health and resolves with each complete answer.
 async function healthAsker(port) {
   const socket = await connect(port);
