@@ -2981,7 +2981,7 @@ asio::awaitable<void> run_session(Worker* w, tcp::socket socket, bool metrics_on
 }
 
 // Connections one wake of a worker's accept loop takes at most; the rest wait for its next turn.
-constexpr int kAcceptBurst = 64;
+constexpr std::int64_t kAcceptBurst = 64;
 
 asio::awaitable<void> accept_loop(Worker* w) {
   const std::int64_t limit = std::max<std::int64_t>(1, w->shared.cfg.server.max_connections);
@@ -3013,11 +3013,10 @@ asio::awaitable<void> accept_loop(Worker* w) {
     // accept per turn of the event loop made each connection of a burst wait behind a whole turn
     // of every other session's work. The acceptor is non-blocking: accept() says would_block
     // once none is waiting, and an error is left to the next async_accept.
-    std::int64_t taken = 1;
-    for (int i = 1; i < kAcceptBurst && open_connections(w->shared) + taken < limit; ++i) {
+    for (std::int64_t taken = 1;
+         taken < kAcceptBurst && open_connections(w->shared) + taken < limit; ++taken) {
       tcp::socket more = w->acceptor.accept(ec);
       if (ec) break;
-      ++taken;
       asio::co_spawn(w->ioc, run_session(w, std::move(more), false), asio::detached);
     }
   }

@@ -318,26 +318,6 @@ bool is_null(std::string_view v) {
   return v == "null";
 }
 
-// Whether `v` is a value of this kind as append_row writes it.
-bool valid(std::string_view v, RowValue kind) {
-  switch (kind) {
-    case V::string:
-      return is_string(v);
-    case V::number:
-      return is_number(v);
-    case V::string_or_null:
-      return is_null(v) || is_string(v);
-    case V::number_or_null:
-    case V::optional_number:
-      return is_null(v) || is_number(v);
-    case V::flag:
-      return v == "0" || v == "1";
-    case V::unix_ms:
-      return true;  // put_value parses it
-  }
-  return false;
-}
-
 }  // namespace
 
 std::span<const RowField> row_fields() {
@@ -368,21 +348,37 @@ const KeyPrefixes& key_prefixes() {
 // of this kind as append_row writes it.
 bool put_value(char*& p, std::string_view v, RowValue kind) {
   using namespace std::string_view_literals;
-  if (!valid(v, kind)) return false;
-  if (kind == V::flag) {
-    p = put(p, v == "1"sv ? "true"sv : "false"sv);
-  } else if (kind == V::unix_ms) {
-    std::int64_t ms = 0;
-    if (std::from_chars(v.data(), v.data() + v.size(), ms).ptr != v.data() + v.size()) {
-      return false;
+  switch (kind) {
+    case V::string:
+      if (!is_string(v)) return false;
+      break;
+    case V::number:
+      if (!is_number(v)) return false;
+      break;
+    case V::string_or_null:
+      if (!is_null(v) && !is_string(v)) return false;
+      break;
+    case V::number_or_null:
+    case V::optional_number:
+      if (!is_null(v) && !is_number(v)) return false;
+      break;
+    case V::flag:
+      if (v != "0"sv && v != "1"sv) return false;
+      p = put(p, v == "1"sv ? "true"sv : "false"sv);
+      return true;
+    case V::unix_ms: {
+      std::int64_t ms = 0;
+      if (std::from_chars(v.data(), v.data() + v.size(), ms).ptr != v.data() + v.size()) {
+        return false;
+      }
+      *p = '"';
+      format_rfc3339(p + 1, ms);
+      p[21] = '"';
+      p += 22;
+      return true;
     }
-    *p = '"';
-    format_rfc3339(p + 1, ms);
-    p[21] = '"';
-    p += 22;
-  } else {
-    p = put(p, v);
   }
+  p = put(p, v);  // strings, numbers and nulls are the same text in the object
   return true;
 }
 
@@ -422,12 +418,12 @@ bool append_stored_json(std::string& out, std::string_view stored) {
   }
   // Values left out at the end may only be optional ones.
   for (std::size_t k = n; ok && k < kRowValues; ++k) ok = kRowFields[k].value == V::optional_number;
-  if (!ok || n == 0) {
+  if (!ok) {
     out.resize(old);
     return false;
   }
   *p++ = '}';
-  out[old] = '{';  // the first value's ',' (request_id: always written)
+  out[old] = '{';  // the first value's ',' (request_id, never optional: always written)
   out.resize(static_cast<std::size_t>(p - out.data()));
   return true;
 }
