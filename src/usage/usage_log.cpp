@@ -133,22 +133,33 @@ void put_meta(std::string& meta, std::size_t end_offset, std::int64_t ts_ms, std
   meta.append(entry, kMetaBytes);
 }
 
-// Calls fn(index, json, ts_ms, end_ms) for each record of a batch, in order.
+// Calls fn(index, json, ts_ms, end_ms) for each record of a batch of `count`, in order, until fn
+// returns false. Returns the index of the first record whose place in the batch is not as
+// append() wrote it (a damaged file: an entry of `meta` pointing elsewhere, no ',' between two
+// records, fewer or more entries than records), or npos when every record it came to was whole.
 template <class Fn>
-void for_each_in_batch(std::string_view text, std::string_view meta, Fn&& fn) {
-  const auto* m = reinterpret_cast<const unsigned char*>(meta.data());
+std::size_t for_each_in_batch(std::string_view text, std::string_view meta, std::int64_t count,
+                              Fn&& fn) {
+  constexpr std::size_t kWhole = std::string_view::npos;
   const std::size_t n = meta.size() / kMetaBytes;
-  std::size_t begin = 1;  // after '['
+  if (meta.size() % kMetaBytes != 0 || count < 1 || n != static_cast<std::uint64_t>(count) ||
+      text.size() < 3 || text.front() != '[' || text.back() != ']') {
+    return 0;
+  }
+  const auto* m = reinterpret_cast<const unsigned char*>(meta.data());
+  const std::size_t close = text.size() - 1;  // the ']'
+  std::size_t begin = 1;                      // after '['
   for (std::size_t i = 0; i < n; ++i, m += kMetaBytes) {
     const std::size_t end = get_le(m, 4);
-    if (end > begin && end <= text.size()) {
-      if (!fn(i, text.substr(begin, end - begin), static_cast<std::int64_t>(get_le(m + 4, 8)),
-              static_cast<std::int64_t>(get_le(m + 12, 8)))) {
-        return;
-      }
+    const bool whole = end > begin && (i + 1 == n ? end == close : end < close && text[end] == ',');
+    if (!whole) return i;
+    if (!fn(i, text.substr(begin, end - begin), static_cast<std::int64_t>(get_le(m + 4, 8)),
+            static_cast<std::int64_t>(get_le(m + 12, 8)))) {
+      return kWhole;
     }
     begin = end + 1;  // skip ','
   }
+  return kWhole;
 }
 
 // The request_id of a record's JSON: its first field, always the gateway's own id (no escapes).
@@ -418,8 +429,9 @@ void UsageLog::step_done(sqlite3_stmt* st, const char* what) {
 }
 
 void UsageLog::damaged(std::int64_t seq) const {
-  throw SqliteError(SQLITE_CORRUPT, "usage log " + path_ + ": record " + std::to_string(seq) +
-                                        " is damaged (neither a record's row nor its object)");
+  throw SqliteError(SQLITE_CORRUPT,
+                    "usage log " + path_ + ": record " + std::to_string(seq) +
+                        " is damaged: its bytes are not a record as the gateway writes one");
 }
 
 void UsageLog::fail(int rc, const char* what) {
@@ -602,17 +614,19 @@ void UsageLog::read_after(std::int64_t after, int limit, LoggedRecords& out) {
   // the last batch read stays decoded here.
   auto take = [&](const CachedBatch& b) {
     if (b.last_seq <= after || b.first_seq > after + 1) return;
-    for_each_in_batch(b.text, b.meta,
-                      [&](std::size_t i, std::string_view json, std::int64_t, std::int64_t end_ms) {
-                        const std::int64_t seq = b.first_seq + static_cast<std::int64_t>(i);
-                        if (seq <= after) return true;
-                        if (!out.json.empty()) out.json += ',';
-                        const std::size_t begin = out.json.size();
-                        if (!append_stored_json(out.json, json)) damaged(seq);
-                        out.entries.push_back({seq, end_ms, begin, out.json.size()});
-                        after = seq;
-                        return --left > 0;
-                      });
+    const std::size_t bad = for_each_in_batch(
+        b.text, b.meta, b.last_seq - b.first_seq + 1,
+        [&](std::size_t i, std::string_view json, std::int64_t, std::int64_t end_ms) {
+          const std::int64_t seq = b.first_seq + static_cast<std::int64_t>(i);
+          if (seq <= after) return true;
+          if (!out.json.empty()) out.json += ',';
+          const std::size_t begin = out.json.size();
+          if (!append_stored_json(out.json, json)) damaged(seq);
+          out.entries.push_back({seq, end_ms, begin, out.json.size()});
+          after = seq;
+          return --left > 0;
+        });
+    if (bad != std::string_view::npos) damaged(b.first_seq + static_cast<std::int64_t>(bad));
   };
   if (left > 0) take(cached_);
   if (left <= 0) return;
@@ -716,7 +730,7 @@ void UsageLog::for_each_record(std::int64_t since_ms, std::int64_t until_ms,
   std::lock_guard lk(mu_);
   sqlite3_stmt* s = nullptr;
   int rc = sqlite3_prepare_v2(db_,
-                              "SELECT records, meta, first_seq FROM record_batches WHERE "
+                              "SELECT records, meta, first_seq, last_seq FROM record_batches WHERE "
                               "max_ts_ms >= ? AND min_ts_ms < ? ORDER BY first_seq",
                               -1, &s, nullptr);
   if (rc != SQLITE_OK) fail(rc, "prepare");
@@ -730,17 +744,17 @@ void UsageLog::for_each_record(std::int64_t since_ms, std::int64_t until_ms,
     std::string_view meta(static_cast<const char*>(sqlite3_column_blob(s, 1)),
                           static_cast<std::size_t>(sqlite3_column_bytes(s, 1)));
     const std::int64_t first = sqlite3_column_int64(s, 2);
-    for_each_in_batch(text, meta,
-                      [&](std::size_t i, std::string_view stored, std::int64_t ts, std::int64_t) {
-                        if (ts >= since_ms && ts < until_ms) {
-                          json.clear();
-                          if (!append_stored_json(json, stored)) {
-                            damaged(first + static_cast<std::int64_t>(i));
-                          }
-                          fn(ts, json);
-                        }
-                        return true;
-                      });
+    const std::size_t bad = for_each_in_batch(
+        text, meta, sqlite3_column_int64(s, 3) - first + 1,
+        [&](std::size_t i, std::string_view stored, std::int64_t ts, std::int64_t) {
+          if (ts >= since_ms && ts < until_ms) {
+            json.clear();
+            if (!append_stored_json(json, stored)) damaged(first + static_cast<std::int64_t>(i));
+            fn(ts, json);
+          }
+          return true;
+        });
+    if (bad != std::string_view::npos) damaged(first + static_cast<std::int64_t>(bad));
   }
   if (rc != SQLITE_DONE) fail(rc, "read records");
 }

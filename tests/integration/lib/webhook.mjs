@@ -127,7 +127,10 @@ export class WebhookReceiver extends EventEmitter {
       this.emit('change', entry);
       let action;
       try {
-        action = normalizeAction(this.respond ? await this.respond(entry, this) : undefined);
+        // Without a test's own answer, a body that is not JSON is refused as a real receiver
+        // would refuse it: the gateway then records a dead letter instead of counting a delivery.
+        const fallback = parseError === null ? undefined : { status: 400, body: JSON.stringify({ error: `not JSON: ${parseError}` }) };
+        action = normalizeAction(this.respond ? await this.respond(entry, this) : fallback);
       } catch (err) {
         action = { status: 500, body: JSON.stringify({ error: String(err) }) };
       }
@@ -241,7 +244,8 @@ export class WebhookReceiver extends EventEmitter {
       const k = e.outcome === 'answered' ? `answered ${e.status}` : e.outcome;
       by[k] = (by[k] ?? 0) + 1;
     }
-    return `${this.requests.length} requests ${JSON.stringify(by)}, ${this.deliveredCounts().size} distinct delivered, listening: ${this.listening}`;
+    const unparsed = this.requests.filter((e) => e.parseError !== null).length;
+    return `${this.requests.length} requests ${JSON.stringify(by)}, ${unparsed} not JSON, ${this.deliveredCounts().size} distinct delivered, listening: ${this.listening}`;
   }
 }
 
