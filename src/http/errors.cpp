@@ -42,6 +42,24 @@ bool plain_word(std::uint64_t x) {
          0;
 }
 
+// The first byte at or after s[i] that a JSON string cannot hold as it is (a control byte, a
+// quote, a backslash, anything above 0x7f), or s.size(): eight bytes at a time, then one.
+std::size_t skip_plain(std::string_view s, std::size_t i) {
+  const auto plain_at = [&s](std::size_t at) {
+    std::uint64_t word;
+    std::memcpy(&word, s.data() + at, 8);
+    return plain_word(word);
+  };
+  while (i + 8 <= s.size() && plain_at(i)) i += 8;
+  // Fewer than eight left: the last eight bytes (some already seen) answer for them at once.
+  if (i + 8 > s.size() && s.size() >= 8 && plain_at(s.size() - 8)) return s.size();
+  for (; i < s.size(); ++i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x20 || c >= 0x80 || c == '"' || c == '\\') break;
+  }
+  return i;
+}
+
 }  // namespace
 
 // Bytes that need no escaping are copied in runs; a byte that does not start a valid UTF-8
@@ -55,19 +73,9 @@ char* write_json_escaped(char* p, std::string_view s) {
     p += piece.size();
   };
   while (i < s.size()) {
-    if (i + 8 <= s.size()) {
-      std::uint64_t word;
-      std::memcpy(&word, s.data() + i, 8);
-      if (plain_word(word)) {
-        i += 8;
-        continue;
-      }
-    }
-    auto c = static_cast<unsigned char>(s[i]);
-    if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
-      ++i;
-      continue;
-    }
+    i = skip_plain(s, i);
+    if (i == s.size()) break;
+    const auto c = static_cast<unsigned char>(s[i]);
     if (c >= 0x80) {
       if (std::size_t n = utf8_sequence(s, i); n != 0) {
         i += n;
@@ -104,6 +112,47 @@ char* write_json_escaped(char* p, std::string_view s) {
   }
   put(s.substr(run));
   return p;
+}
+
+bool is_json_string_body(std::string_view s) {
+  const auto hex = [](char c) {
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+  };
+  std::size_t i = 0;
+  while (i < s.size()) {
+    i = skip_plain(s, i);
+    if (i == s.size()) break;
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c >= 0x80) {
+      const std::size_t n = utf8_sequence(s, i);
+      if (n == 0) return false;
+      i += n;
+      continue;
+    }
+    if (c != '\\' || i + 1 == s.size()) return false;  // a quote, a control byte, a '\' at the end
+    switch (s[i + 1]) {
+      case '"':
+      case '\\':
+      case '/':
+      case 'b':
+      case 'f':
+      case 'n':
+      case 'r':
+      case 't':
+        i += 2;
+        break;
+      case 'u':
+        if (s.size() - i < 6 || !hex(s[i + 2]) || !hex(s[i + 3]) || !hex(s[i + 4]) ||
+            !hex(s[i + 5])) {
+          return false;
+        }
+        i += 6;
+        break;
+      default:
+        return false;
+    }
+  }
+  return true;
 }
 
 void append_json_escaped(std::string& out, std::string_view s) {

@@ -47,4 +47,9 @@ void append_json_escaped(std::string& out, std::string_view text);
 inline constexpr std::size_t kJsonEscapedMax = 6;
 char* write_json_escaped(char* p, std::string_view text);
 
+// Is `text` the inside of a valid JSON string literal (RFC 8259): valid UTF-8, no quote or control
+// byte unescaped, every escape one of \" \\ \/ \b \f \n \r \t \uXXXX? (What write_json_escaped
+// writes always is; bytes read back from disk may not be.)
+bool is_json_string_body(std::string_view text);
+
 }  // namespace llmproxy::http

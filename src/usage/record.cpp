@@ -299,19 +299,34 @@ std::size_t value_end(std::string_view row, std::size_t i, std::size_t end) {
                           : static_cast<std::size_t>(static_cast<const char*>(comma) - row.data());
 }
 
+// A JSON number (RFC 8259): -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?
 bool is_number(std::string_view v) {
-  if (!v.empty() && v.front() == '-') v.remove_prefix(1);
-  if (v.empty()) return false;
-  for (const char c : v) {
-    if ((c < '0' || c > '9') && c != '.' && c != 'e' && c != 'E' && c != '+' && c != '-') {
-      return false;
-    }
+  std::size_t i = 0;
+  const auto digits = [&] {
+    const std::size_t from = i;
+    while (i < v.size() && v[i] >= '0' && v[i] <= '9') ++i;
+    return i - from;
+  };
+  if (i < v.size() && v[i] == '-') ++i;
+  const std::size_t first = i;
+  const std::size_t whole = digits();
+  if (whole == 0 || (whole > 1 && v[first] == '0')) return false;
+  if (i < v.size() && v[i] == '.') {
+    ++i;
+    if (digits() == 0) return false;
   }
-  return true;
+  if (i < v.size() && (v[i] == 'e' || v[i] == 'E')) {
+    ++i;
+    if (i < v.size() && (v[i] == '+' || v[i] == '-')) ++i;
+    if (digits() == 0) return false;
+  }
+  return i == v.size();
 }
 
+// A string as value_end found it (quotes at both ends, none unescaped inside) whose bytes a
+// JSON parser accepts: damage on disk can leave the quotes standing around bytes that are not.
 bool is_string(std::string_view v) {
-  return v.size() >= 2 && v.front() == '"';
+  return v.size() >= 2 && v.front() == '"' && http::is_json_string_body(v.substr(1, v.size() - 2));
 }
 
 bool is_null(std::string_view v) {

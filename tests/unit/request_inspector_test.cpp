@@ -594,6 +594,44 @@ TEST(ErrorBody, AppendJsonEscapedAtEveryAlignment) {
     std::string out = "p";
     http::append_json_escaped(out, in);
     ASSERT_EQ(out, "p" + want) << "round " << round;
+    ASSERT_TRUE(http::is_json_string_body(want)) << "round " << round;
+  }
+}
+
+// What the usage log reads back from disk is checked with is_json_string_body: each way a string
+// can be invalid is found wherever it falls in an 8-byte word.
+TEST(ErrorBody, IsJsonStringBodyRefusesWhatAParserRefuses) {
+  const std::vector<std::string> good{"",
+                                      "plain",
+                                      "\\\"\\/\\b\\f\\n\\r\\t",
+                                      "\\u00e9\\uFFFD",
+                                      "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80",
+                                      "\x7f"};
+  const std::vector<std::string> bad{"\"",
+                                     "\\",
+                                     "\\x",
+                                     "\\u12",
+                                     "\\u12g4",
+                                     "\\U0041",
+                                     "\xa5",
+                                     "\xa5\xa5\xa5\xa5",
+                                     "\xc3",
+                                     "\xc3(",
+                                     "\xe0\x80\x80",
+                                     "\xed\xa0\x80",
+                                     "\xf4\x90\x80\x80",
+                                     std::string("\0", 1),
+                                     "\n",
+                                     "\x1f"};
+  for (std::size_t pad = 0; pad < 9; ++pad) {
+    const std::string before(pad, 'a'), after(9 - pad, 'z');
+    for (const auto& g : good) {
+      EXPECT_TRUE(http::is_json_string_body(before + g + after)) << pad << " " << g;
+    }
+    for (const auto& b : bad) {
+      EXPECT_FALSE(http::is_json_string_body(before + b + after)) << pad << " " << b;
+      EXPECT_FALSE(http::is_json_string_body(before + b)) << pad << " " << b;
+    }
   }
 }
 

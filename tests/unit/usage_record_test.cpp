@@ -306,10 +306,7 @@ TEST(UsageRecordRow, AnObjectIsCopiedAndAnythingElseRefused) {
   std::string row;
   append_row(row, seed_record());
   std::vector<std::string> bad{
-      "",
-      "[]",
-      "null",
-      row.substr(0, row.size() - 1),                              // cut short
+      "", "[]", "null", row.substr(0, row.size() - 1),            // cut short
       row.substr(0, row.find(",\"/v1")) + "]",                    // too few values
       "[" + row.substr(1, row.size() - 2) + ",1,2,3]",            // too many
       "[" + row.substr(1, row.size() - 2) + ",]",                 // a trailing comma
@@ -321,6 +318,14 @@ TEST(UsageRecordRow, AnObjectIsCopiedAndAnythingElseRefused) {
       std::string(row).replace(row.find("\","), 2, "\"x,"),       // a string, then not a ','
       std::string(row).replace(row.find(std::to_string(kSeedTimeMs)),
                                std::to_string(kSeedTimeMs).size(), "1.5"),  // not whole ms
+      // Damage that keeps the row's shape, found by the values' contents.
+      std::string(row).replace(2, 3, "\xa5\xa5\xa5"),          // not UTF-8
+      std::string(row).replace(2, 1, "\t"),                    // a raw control byte
+      std::string(row).replace(2, 2, "\\x"),                   // no such escape
+      std::string(row).replace(row.find(",15,"), 4, ",1-5,"),  // not a number
+      std::string(row).replace(row.find(",15,"), 4, ",015,"),  // a leading zero
+      std::string(row).replace(row.find(",15,"), 4, ",15.,"),  // no digit after '.'
+      std::string(row).replace(row.find(",15,"), 4, ",-,"),    // a sign alone
   };
   for (const auto& b : bad) {
     std::string o = "kept";
