@@ -352,6 +352,12 @@ std::string render(const Snapshot& s) {
   auto deliveries = family("llmproxy_usage_sink_records_total",
                            "Usage records by sink and result (delivered, failed, dead_letter).",
                            MetricType::Counter);
+  auto read_errors =
+      family("llmproxy_usage_sink_read_errors_total",
+             "Failed reads of the usage log by sink, retried every 500 ms (kind: damaged, the file "
+             "is damaged where the sink reads, delivery waits there; other, e.g. a lock held "
+             "outside the gateway).",
+             MetricType::Counter);
   auto delivery_latency = family(
       "llmproxy_usage_delivery_seconds",
       "Time from the end of a request's response to the delivery of its usage record, by sink.",
@@ -364,11 +370,16 @@ std::string render(const Snapshot& s) {
         counter(static_cast<double>(sink.failed), {{"sink", sink.name}, {"result", "failed"}}));
     deliveries.metric.push_back(counter(static_cast<double>(sink.dead_letters),
                                         {{"sink", sink.name}, {"result", "dead_letter"}}));
+    read_errors.metric.push_back(counter(static_cast<double>(sink.reads_damaged),
+                                         {{"sink", sink.name}, {"kind", "damaged"}}));
+    read_errors.metric.push_back(
+        counter(static_cast<double>(sink.reads_failed), {{"sink", sink.name}, {"kind", "other"}}));
     delivery_latency.metric.push_back(
         histogram(sink.delivery_latency, kLatencyBoundsMs, 0.001, {{"sink", sink.name}}));
   }
   out.push_back(std::move(backlog));
   out.push_back(std::move(deliveries));
+  out.push_back(std::move(read_errors));
   out.push_back(std::move(delivery_latency));
 
   return prometheus::TextSerializer().Serialize(out);

@@ -105,10 +105,12 @@ struct WorkerMetrics {
 // The usage pipeline's state, filled by usage::Pipeline::stats() off the request path.
 struct SinkStats {
   std::string name;
-  std::uint64_t delivered = 0;     // records a 2xx acknowledged
-  std::uint64_t failed = 0;        // records in POSTs that failed (each attempt counts)
-  std::uint64_t dead_letters = 0;  // records rejected for good (4xx other than 408/429)
-  std::int64_t backlog = 0;        // records in the log after the sink's cursor
+  std::uint64_t delivered = 0;      // records a 2xx acknowledged
+  std::uint64_t failed = 0;         // records in POSTs that failed (each attempt counts)
+  std::uint64_t dead_letters = 0;   // records rejected for good (4xx other than 408/429)
+  std::int64_t backlog = 0;         // records in the log after the sink's cursor
+  std::uint64_t reads_damaged = 0;  // reads of the log that found the file damaged (retried)
+  std::uint64_t reads_failed = 0;   // reads of the log that failed otherwise (retried)
   Histogram delivery_latency{kLatencyBoundsMs.size()};  // ms from the record's end to its 2xx
 };
 

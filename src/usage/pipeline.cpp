@@ -148,6 +148,8 @@ class Sink {
   std::atomic<std::uint64_t> delivered{0};
   std::atomic<std::uint64_t> failed{0};
   std::atomic<std::uint64_t> dead_letters{0};
+  std::atomic<std::uint64_t> reads_damaged{0};  // reads of the log that found it damaged
+  std::atomic<std::uint64_t> reads_failed{0};   // other failed reads (a lock held outside)
   mutable std::mutex latency_mu;
   metrics::Histogram latency{metrics::kLatencyBoundsMs.size()};
 
@@ -635,8 +637,10 @@ void Pipeline::Impl::sink_loop(Sink& s) {
         std::int64_t head_seen = head.load(std::memory_order_acquire);
         s.log->read_after(s.cursor.load(), batch_cap, batch);
         if (batch.empty()) {
-          // Nothing after the cursor although head is beyond it: the records are gone (deleted
-          // outside of the pipeline). Skip to what was the head.
+          // Nothing after the cursor although head is beyond it: the records are gone. Deleted
+          // outside of the pipeline: skip to what was the head. Never deleted: the file lost
+          // them, damage like any other.
+          if (s.log->deleted_through() < head_seen) s.log->missing(s.cursor.load() + 1, head_seen);
           log::line("warn", "usage sink {}: records {}..{} are missing from the log, skipped",
                     s.cfg.name, s.cursor.load() + 1, head_seen);
           s.cursor.store(head_seen);
@@ -649,9 +653,11 @@ void Pipeline::Impl::sink_loop(Sink& s) {
         // kLogEvery. A damaged file does not heal: delivery waits at the damage, every record
         // kept, until an operator repairs or replaces the file (LLMProxyUsageSinkStalled fires).
         auto now = Clock::now();
+        const auto* se = dynamic_cast<const SqliteError*>(&e);
+        const bool damaged = se != nullptr && se->damaged();
+        (damaged ? s.reads_damaged : s.reads_failed).fetch_add(1, std::memory_order_relaxed);
         if (s.last_read_report == Clock::time_point{} || now - s.last_read_report >= kLogEvery) {
-          const auto* se = dynamic_cast<const SqliteError*>(&e);
-          if (se != nullptr && se->damaged()) {
+          if (damaged) {
             log::line("error",
                       "usage sink {}: the usage log file is damaged: the records after seq {} "
                       "cannot be read, and this sink's delivery waits there until the file is "
@@ -882,12 +888,24 @@ std::unique_ptr<Sink> Pipeline::Impl::make_sink(config::SinkConfig cfg, std::int
     origin = cfg.replay ? "new, replaying the log" : "new, starting at the head";
     s->cursor_unstored = true;
   }
-  // Records after the cursor that are gone (retention, or deleted by hand, while this sink was
-  // not configured): the cursor moves past them, so the backlog counts only what the sink will
+  if (*c > head) {
+    // Past the head: the file lost records this sink had (a repair, an older copy put back).
+    // New records get seqs from head + 1 on, so the sink must resume at the head to send them.
+    log::line("warn",
+              "usage sink {}: its cursor (seq {}) is past the log's head (seq {}): the log lost "
+              "records this sink had delivered; it resumes at the head",
+              cfg.name, *c, head);
+    c = head;
+    s->cursor_unstored = true;
+  }
+  // Records after the cursor that were deleted (retention, or by hand, while this sink was not
+  // configured): the cursor moves past them, so the backlog counts only what the sink will
   // deliver; said once for a sink that had a cursor (a new one replaying never had them).
+  // Records missing that no delete took stay ahead of it: the sink stops there as at damage.
   const std::int64_t first = s->log->first_seq().value_or(head + 1);
-  if (*c + 1 < first && *c < head) {
-    const std::int64_t resume = std::min(first - 1, head);
+  const std::int64_t deleted = std::min({first - 1, head, s->log->deleted_through()});
+  if (*c < deleted) {
+    const std::int64_t resume = deleted;
     if (stored) {
       log::line("warn",
                 "usage sink {}: records {}..{} are no longer in the log (retention, pruning, or "
@@ -1000,6 +1018,8 @@ std::string Pipeline::reconfigure(std::vector<config::SinkConfig> wanted) {
       s.delivered.store(old->delivered.load());
       s.failed.store(old->failed.load());
       s.dead_letters.store(old->dead_letters.load());
+      s.reads_damaged.store(old->reads_damaged.load());
+      s.reads_failed.store(old->reads_failed.load());
       s.latency = old->latency;
       old->replaced = true;
     }
@@ -1113,6 +1133,8 @@ metrics::UsageStats Pipeline::stats() const {
     ss.delivered = s->delivered.load(std::memory_order_relaxed);
     ss.failed = s->failed.load(std::memory_order_relaxed);
     ss.dead_letters = s->dead_letters.load(std::memory_order_relaxed);
+    ss.reads_damaged = s->reads_damaged.load(std::memory_order_relaxed);
+    ss.reads_failed = s->reads_failed.load(std::memory_order_relaxed);
     ss.backlog = std::max<std::int64_t>(0, head - s->cursor.load(std::memory_order_acquire));
     {
       std::lock_guard lk(s->latency_mu);

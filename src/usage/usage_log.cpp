@@ -183,6 +183,7 @@ enum StatementIndex {
   kCountAll,
   kFirstSeq,
   kReadBatches,
+  kDeletedThrough,
   kStatementCount
 };
 
@@ -434,6 +435,12 @@ void UsageLog::damaged(std::int64_t seq) const {
                         " is damaged: its bytes are not a record as the gateway writes one");
 }
 
+void UsageLog::missing(std::int64_t from, std::int64_t to) const {
+  throw SqliteError(SQLITE_CORRUPT, "usage log " + path_ + ": records " + std::to_string(from) +
+                                        ".." + std::to_string(to) +
+                                        " are missing from the file, and no delete took them");
+}
+
 void UsageLog::fail(int rc, const char* what) {
   std::string message = "usage log " + path_ + ": " + what + ": " + sqlite3_errmsg(db_);
   // A WAL-mode file is read through its -shm index, which a reader creates beside it: an open
@@ -563,6 +570,19 @@ std::int64_t UsageLog::head_locked() {
   fail(rc, "read head");
 }
 
+std::int64_t UsageLog::deleted_through() {
+  std::lock_guard lk(mu_);
+  return deleted_through_locked();
+}
+
+std::int64_t UsageLog::deleted_through_locked() {
+  auto& st = stmt(kDeletedThrough, "SELECT coalesce((SELECT seq FROM log_head WHERE id=1), 0)");
+  Use u(st.s);
+  int rc = sqlite3_step(st.s);
+  if (rc != SQLITE_ROW) fail(rc, "read the last deleted seq");
+  return sqlite3_column_int64(st.s, 0);
+}
+
 std::optional<std::int64_t> UsageLog::cursor(const std::string& sink) {
   std::lock_guard lk(mu_);
   auto& st = stmt(kCursorGet, "SELECT seq FROM sink_cursors WHERE name=?");
@@ -644,8 +664,15 @@ void UsageLog::read_after(std::int64_t after, int limit, LoggedRecords& out) {
     cached_.text = column_text(st.s, 2);
     auto* blob = static_cast<const char*>(sqlite3_column_blob(st.s, 3));
     cached_.meta.assign(blob ? blob : "", static_cast<std::size_t>(sqlite3_column_bytes(st.s, 3)));
-    if (cached_.first_seq > after + 1 && out.size() > had) break;      // a gap: next call goes on
-    if (cached_.first_seq > after + 1) after = cached_.first_seq - 1;  // deleted records: skip
+    if (cached_.first_seq > after + 1) {  // a gap
+      if (out.size() > had) break;        // the next call goes on from here
+      // Deleted records are skipped. Records no delete took were lost by the file (SQLite does
+      // not notice every damaged page): delivery stops there, as at any other damage.
+      if (const std::int64_t deleted = deleted_through_locked(); deleted < cached_.first_seq - 1) {
+        missing(std::max(after, deleted) + 1, cached_.first_seq - 1);
+      }
+      after = cached_.first_seq - 1;
+    }
     take(cached_);
   }
   if (left > 0 && rc != SQLITE_DONE && rc != SQLITE_ROW) fail(rc, "read records");

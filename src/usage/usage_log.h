@@ -138,6 +138,13 @@ class UsageLog {
 
   // The highest seq ever assigned (0 for an empty log), deleted records included.
   std::int64_t head();
+  // The highest seq a delete has taken (0 before the first): deletes of every kind (retention,
+  // pruning, SQL typed by hand) raise it. A seq missing from the log above it was never deleted:
+  // the file lost it.
+  std::int64_t deleted_through();
+  // Throws the error for records from..to absent from the file although no delete took them:
+  // SqliteError, damaged().
+  [[noreturn]] void missing(std::int64_t from, std::int64_t to) const;
 
   std::optional<std::int64_t> cursor(const std::string& sink);
   void set_cursor(const std::string& sink, std::int64_t seq, std::int64_t now_ms);
@@ -145,7 +152,9 @@ class UsageLog {
   void set_cursors(std::span<const std::pair<std::string, std::int64_t>> cursors,
                    std::int64_t now_ms);
 
-  // Up to `limit` records with seq > after, in seq order, appended to `out`.
+  // Up to `limit` records with seq > after, in seq order, appended to `out`. Records deleted
+  // after `after` are skipped; records missing that no delete took are damage (SqliteError,
+  // damaged()), as is a stored record this build cannot read.
   void read_after(std::int64_t after, int limit, LoggedRecords& out);
 
   // Stores the dead letter and moves the sink's cursor to its last_seq in one transaction.
@@ -184,6 +193,7 @@ class UsageLog {
   // The cursor upsert, inside the caller's lock (and transaction, when it has one).
   void store_cursor(const std::string& sink, std::int64_t seq, std::int64_t now_ms);
   std::int64_t head_locked();
+  std::int64_t deleted_through_locked();
   void insert_batch(std::int64_t first, std::int64_t last, std::int64_t min_ts, std::int64_t max_ts,
                     std::string_view text, std::string_view meta);
   void migrate_v1();

@@ -621,6 +621,35 @@ TEST(UsageLog, DamageOnAnyPageStopsReadingWithoutSkippingOrAltering) {
   EXPECT_GT(stopped * 2, pages) << stopped << " of " << pages;
 }
 
+// Records missing from the file that no delete took (a damaged page SQLite did not notice, rows
+// deleted around the log's trigger) are damage; records a delete took are skipped.
+TEST(UsageLog, RecordsMissingThatNoDeleteTookAreDamage) {
+  TempDir dir;
+  const std::string path = dir.file("usage.db");
+  {
+    UsageLog log(UsageLog::Mode::disk, path, true);
+    for (int i = 0; i < 3; ++i) append_some(log, 3);  // seq 1-3, 4-6, 7-9
+    EXPECT_EQ(log.delete_records(3, std::nullopt, 100), 3);
+    EXPECT_EQ(log.deleted_through(), 3);
+  }
+  testing::Db(path).exec(
+      "DROP TRIGGER record_batches_keep_head; DELETE FROM record_batches WHERE first_seq = 4");
+  UsageLog log(UsageLog::Mode::disk, path, true);
+  EXPECT_EQ(log.deleted_through(), 3);
+  LoggedRecords got;
+  try {
+    log.read_after(0, 100, got);
+    ADD_FAILURE() << "read past records that were lost";
+  } catch (const SqliteError& e) {
+    EXPECT_TRUE(e.damaged());
+    EXPECT_NE(std::string(e.what()).find("records 4..6 are missing"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(got.size(), 0u);
+  log.read_after(6, 100, got);  // past the loss (an operator's decision): read as before
+  EXPECT_EQ(got.size(), 3u);
+}
+
 // What a commit costs on disk is bounded: the WAL grows by two pages per one-record commit (the
 // batch's B-tree leaf and the index leaf; the head is not stored by commits, only by deletes).
 TEST(UsageLog, ASmallCommitWritesTwoPages) {

@@ -743,6 +743,88 @@ TEST(UsagePipeline, ASinkResumesAfterRecordsDeletedBeforeItDeliveredThem) {
   EXPECT_EQ(delivered_ids(rx), expected_ids(6, 10));
 }
 
+// A stored cursor past the log's head (the file lost its newest records after the sink had them:
+// a repair, an older copy put back): the sink resumes at the head, so the records that now get
+// those seqs are delivered, not taken for delivered.
+TEST(UsagePipeline, ACursorPastTheHeadResumesAtTheHead) {
+  TempDir dir;
+  const std::string path = dir.file("usage.db");
+  {
+    Pipeline p(testing::disk_config(path), {});
+    submit_range(p, 0, 3);
+    p.stop(soon());
+  }
+  Db(path).exec("INSERT INTO sink_cursors(name, seq, updated_ms) VALUES('hook', 50, 0)");
+  Receiver rx;
+  Pipeline p(testing::disk_config(path), {make_sink("hook", rx.url())});
+  EXPECT_EQ(UsageLog(UsageLog::Mode::read_only, path, false).cursor("hook"), 3);
+  p.start();
+  submit_range(p, 3, 5);
+  WAIT_FOR(delivered(p) == 2);
+  p.stop(soon());
+  EXPECT_EQ(delivered_ids(rx), expected_ids(3, 5));
+}
+
+// Records that vanish from the file, not deleted (damage SQLite does not notice, rows deleted
+// around the log's trigger), stop a sink as damage does: never skipped, counted in
+// llmproxy_usage_sink_read_errors_total{kind="damaged"}. Both places a sink meets them: ahead of
+// its cursor at start, and after it while running.
+TEST(UsagePipeline, RecordsLostFromTheFileStopTheSinkWithoutSkippingThem) {
+  TempDir dir;
+  const std::string path = dir.file("usage.db");
+  Receiver rx;
+  rx.set_script([](const Receiver::Request&, std::size_t n) {
+    Receiver::Reply r;
+    if (n == 0) r.kind = Receiver::Reply::hang;  // record 1's first POST waits
+    return r;
+  });
+  {
+    Pipeline p(testing::disk_config(path), {make_sink("hook", rx.url())});
+    p.start();
+    submit_range(p, 0, 1);
+    WAIT_FOR(rx.count() == 1);
+    submit_range(p, 1, 5);
+    WAIT_FOR(p.stats().logged == 5);
+    Db(path).exec(
+        "DROP TRIGGER record_batches_keep_head; DELETE FROM record_batches WHERE last_seq > 1");
+    rx.release_hangs();  // record 1 is sent again and delivered; 2..5 are gone
+    WAIT_FOR(sink(p.stats(), "hook").reads_damaged > 0);
+    EXPECT_EQ(delivered(p), 1u);
+    EXPECT_EQ(sink(p.stats(), "hook").backlog, 4);
+    p.stop(soon());
+  }
+  EXPECT_EQ(UsageLog(UsageLog::Mode::read_only, path, false).cursor("hook"), 1);
+  // At start: seq 1-3 deleted (retention), 4-6 lost, 7-9 in the log, the sink's cursor at 0. It
+  // moves past the deleted records only, and stops at 4.
+  const std::string start_path = dir.file("start.db");
+  {
+    UsageLog log(UsageLog::Mode::disk, start_path, true);
+    std::vector<std::string> jsons;
+    for (int i = 0; i < 9; ++i) jsons.push_back(to_json(make_record(i)));
+    for (int group = 0; group < 3; ++group) {
+      std::vector<PendingRecord> batch;
+      for (int k = 0; k < 3; ++k) {
+        batch.push_back({0, 1, jsons[static_cast<std::size_t>(3 * group + k)]});
+      }
+      log.append(batch);
+    }
+    log.set_cursor("hook", 0, 0);
+    EXPECT_EQ(log.delete_records(3, std::nullopt, 100), 3);
+  }
+  Db(start_path)
+      .exec(
+          "DROP TRIGGER record_batches_keep_head; DELETE FROM record_batches WHERE first_seq = 4");
+  Receiver rx2;
+  Pipeline p(testing::disk_config(start_path), {make_sink("hook", rx2.url())});
+  EXPECT_EQ(UsageLog(UsageLog::Mode::read_only, start_path, false).cursor("hook"), 3);
+  p.start();
+  WAIT_FOR(sink(p.stats(), "hook").reads_damaged > 0);
+  EXPECT_EQ(delivered(p), 0u);
+  EXPECT_EQ(sink(p.stats(), "hook").backlog, 6);
+  p.stop(soon());
+  EXPECT_EQ(rx2.count(), 0u);
+}
+
 // An interim answer (100 Continue, 103 Early Hints) is skipped, not taken for the final one: a
 // client that did would read every later answer one POST late and count a record as delivered
 // on the answer to the one before. The first POST gets "100, 103, then 204"; every later
