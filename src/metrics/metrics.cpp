@@ -335,9 +335,11 @@ std::string render(const Snapshot& s) {
   add_single(out, "llmproxy_usage_backlog_rejected_total",
              "Requests refused with 503 because the usage backlog was full.", MetricType::Counter,
              static_cast<double>(r.usage_backlog_rejects));
-  add_single(out, "llmproxy_usage_records_dropped_total",
-             "Usage records dropped because the backlog was full (on_backlog: serve).",
-             MetricType::Counter, static_cast<double>(u.dropped));
+  add_single(
+      out, "llmproxy_usage_records_dropped_total",
+      "Usage records dropped: the backlog was full (on_backlog: serve), or the log could not take "
+      "them before a shutdown's deadline.",
+      MetricType::Counter, static_cast<double>(u.dropped));
   add_single(out, "llmproxy_usage_queue_depth",
              "Usage records waiting to be written to the usage log.", MetricType::Gauge,
              static_cast<double>(u.queue_depth));

@@ -190,6 +190,10 @@ struct Pipeline::Impl {
   std::atomic<std::int64_t> head{0};
   std::atomic<bool> writer_done{false};
   std::atomic<std::int64_t> pruned{0};  // durability: memory: records up to here are deleted
+  // While a reload makes its new sinks, which are not yet in `sinks`: the head it read before
+  // them, so that pruning keeps what they will read (min_cursor() counts it as a cursor).
+  static constexpr std::int64_t kNoHold = std::numeric_limits<std::int64_t>::max();
+  std::atomic<std::int64_t> reload_hold{kNoHold};
 
   std::atomic<std::uint64_t> logged{0};
   std::atomic<std::uint64_t> dropped{0};
@@ -211,8 +215,9 @@ struct Pipeline::Impl {
   Clock::time_point last_commit_report{};
 
   std::int64_t min_cursor() const {
-    std::int64_t m = head.load(std::memory_order_acquire);
+    std::int64_t m = head.load();  // before reload_hold (see reconfigure)
     std::lock_guard lk(sinks_mu);
+    m = std::min(m, reload_hold.load());
     for (const auto& s : sinks) m = std::min(m, s->cursor.load(std::memory_order_acquire));
     return m;
   }
@@ -326,15 +331,7 @@ bool Pipeline::Impl::commit(PackedRecords& taken) {
     std::lock_guard lk(sinks_mu);
     unread = sinks.empty();
   }
-  if (memory && unread) {
-    // Nothing will read these: keep the memory flat.
-    try {
-      log->delete_records(last, std::nullopt, std::numeric_limits<int>::max());
-      pruned.store(last, std::memory_order_relaxed);
-    } catch (const std::exception& e) {
-      log::line("error", "usage log: {}", e.what());
-    }
-  }
+  if (unread) prune_memory();  // nothing will read these (unless a reload adds a sink now)
   wake_sinks();
   return true;
 }
@@ -989,7 +986,15 @@ std::string Pipeline::reconfigure(std::vector<config::SinkConfig> wanted) {
   // holding records (durability: memory prunes, retention deletes) until their successors hold
   // them. A changed sink keeps its counters and resumes at its cursor.
   std::string summary, removed;
-  const std::int64_t head = im.head.load(std::memory_order_acquire);
+  // The hold is stored before the head the new sinks start at is read: a prune that missed the
+  // hold read the head earlier, so it deletes nothing they need (both seq_cst). Lifted once they
+  // are in the set, or on any way out of here.
+  im.reload_hold.store(im.head.load());
+  struct LiftHold {
+    std::atomic<std::int64_t>& hold;
+    ~LiftHold() { hold.store(Impl::kNoHold); }
+  } lift_hold{im.reload_hold};
+  const std::int64_t head = im.head.load();
   std::vector<std::unique_ptr<Sink>> fresh;
   // All or nothing: on a failure the sinks stopped for this reload run again as they were (a
   // sink left stopped would neither deliver nor hold its records against retention), no new
@@ -1047,6 +1052,7 @@ std::string Pipeline::reconfigure(std::vector<config::SinkConfig> wanted) {
       im.removed_delivered += old->delivered.load();
       im.removed_failed += old->failed.load() + old->dead_letters.load();
     }
+    im.reload_hold.store(Impl::kNoHold);  // the new sinks' cursors hold their records now
   }
   if (im.started) {
     for (Sink* s : starting) im.start_sink(*s);

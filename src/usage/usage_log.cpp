@@ -325,6 +325,7 @@ UsageLog::UsageLog(Mode mode, const std::string& path, bool create_schema,
   if (mode == Mode::memory) {
     name = ":memory:";
     path_ = ":memory:";
+    memory_ = true;
     flags |= SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE;
   } else {
     path_ = path;
@@ -680,6 +681,12 @@ void UsageLog::read_after(std::int64_t after, int limit, LoggedRecords& out) {
 
 void UsageLog::dead_letter(const DeadLetterRow& row) {
   std::lock_guard lk(mu_);
+  if (memory_) {
+    // Nothing outside this process could read the row, and the rows would grow with every
+    // rejection: only the cursor moves (the sink counts and logs the rejection).
+    store_cursor(row.sink, row.last_seq, row.at_ms);
+    return;
+  }
   Transaction tx(db_);
   if (tx.begin_rc() != SQLITE_OK) fail(tx.begin_rc(), "begin transaction");
   {

@@ -157,7 +157,8 @@ class UsageLog {
   // damaged()), as is a stored record this build cannot read.
   void read_after(std::int64_t after, int limit, LoggedRecords& out);
 
-  // Stores the dead letter and moves the sink's cursor to its last_seq in one transaction.
+  // Stores the dead letter and moves the sink's cursor to its last_seq in one transaction. In
+  // memory only the cursor moves: no row is kept.
   void dead_letter(const DeadLetterRow& row);
 
   // Deletes at most `limit` commit groups whose records all have seq <= max_seq and (when
@@ -211,6 +212,7 @@ class UsageLog {
   std::mutex mu_;
   sqlite3* db_ = nullptr;
   std::string path_;
+  bool memory_ = false;  // Mode::memory
   std::vector<std::unique_ptr<Statement>> statements_;
   std::string batch_text_;  // append's buffers, kept between commits
   std::string batch_meta_;

@@ -650,6 +650,27 @@ TEST(UsageLog, RecordsMissingThatNoDeleteTookAreDamage) {
   EXPECT_EQ(got.size(), 3u);
 }
 
+// durability: memory keeps no dead letter row (nothing outside the process could read it, and
+// the rows would grow with every rejection): only the cursor moves. On disk the row is kept.
+TEST(UsageLog, InMemoryADeadLetterMovesTheCursorOnly) {
+  TempDir dir;
+  for (const bool memory : {true, false}) {
+    SCOPED_TRACE(memory ? "memory" : "disk");
+    UsageLog log(memory ? UsageLog::Mode::memory : UsageLog::Mode::disk, dir.file("dl.db"), true);
+    DeadLetterRow row;
+    row.sink = "hook";
+    row.first_seq = 1;
+    row.last_seq = 2;
+    row.request_ids = "a,b";
+    row.status = 400;
+    row.at_ms = kJan14;
+    row.body = std::string(100'000, 'x');
+    log.dead_letter(row);
+    EXPECT_EQ(log.cursor("hook"), 2);
+    EXPECT_EQ(log.dead_letters().size(), memory ? 0u : 1u);
+  }
+}
+
 // What a commit costs on disk is bounded: the WAL grows by two pages per one-record commit (the
 // batch's B-tree leaf and the index leaf; the head is not stored by commits, only by deletes).
 TEST(UsageLog, ASmallCommitWritesTwoPages) {
