@@ -842,7 +842,9 @@ class ClientSession {
   // backend took the request but sent no header in time (answered 504 by proxy()).
   // bad_answer: the backend began an answer it did not finish or that cannot be read; it ran the
   // request, so another backend is not asked to run it again (502).
-  enum class Attempt { done, retry, first_byte_timeout, overloaded, bad_answer };
+  // cut_before_body: the backend's header came, then its answer failed (reset, closed, silent
+  // past stream_idle) before any of it reached the client: the client gets an error instead.
+  enum class Attempt { done, retry, first_byte_timeout, overloaded, bad_answer, cut_before_body };
   asio::awaitable<Attempt> attempt(lb::Backend& backend, Request& req, RequestContext& ctx,
                                    bool keep_alive, bool& client_keep_alive, std::string& error);
   // A response the gateway writes itself. Built into a named local before the co_await that
@@ -2218,6 +2220,13 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
                            "The backend sent an invalid response: " + error, keep_alive);
       co_return co_await send(ctx, reply_);
     }
+    if (outcome == Attempt::cut_before_body) {
+      disarm_watch();
+      reply_ = error_reply(
+          ctx.finish == "timeout" ? http::errors::gateway_timeout : http::errors::bad_gateway,
+          error, keep_alive);
+      co_return co_await send(ctx, reply_);
+    }
     if (outcome == Attempt::first_byte_timeout) {
       disarm_watch();
       ctx.finish = "timeout";
@@ -2712,8 +2721,9 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // A stream holds no buffer of its own while it waits: the request's read space goes too.
   if (is_stream && buffer_.size() == 0) buffer_.shrink_to_fit();
   bool upstream_ok = true;
-  bool ended = false;  // the write that ends the message went out
-  StreamTail tail;     // the stream's last bytes: does it end between two events?
+  error_code upstream_ec;  // why !upstream_ok
+  bool ended = false;      // the write that ends the message went out
+  StreamTail tail;         // the stream's last bytes: does it end between two events?
   char* const body_space = w_.relay_out.get();
   char* const in_space = w_.relay_in.get();
   const bool plain = !conn->is_tls();
@@ -2815,6 +2825,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     }
     if (rec || watch_.client_gone) {
       upstream_ok = false;
+      upstream_ec = rec;
       if (watch_.client_gone) {
         client_ok = false;
       } else if (rec == beast::error::timeout) {
@@ -2928,6 +2939,18 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // client's).
   if (stream_failed && status < 300) {
     w_.metrics.upstream_error(metric_id, metrics::UpstreamError::stream_error);
+  }
+  if (!upstream_ok && client_ok && !head.empty()) {
+    // Nothing of the answer reached the client (a header that waits for the first piece of
+    // body): it gets a clean 502/504 rather than a closed connection, and the record bills
+    // nothing, like an answer that never came.
+    conn->close();
+    ctx.upstream_answered = false;
+    error = ctx.finish == "timeout"
+                ? fmt::format("The backend sent its response header, then nothing within {} ms.",
+                              cfg.timeouts.stream_idle.count())
+                : "The backend's answer was cut short: " + upstream_ec.message();
+    co_return Attempt::cut_before_body;
   }
   if (!upstream_ok) {
     // The response is cut: the client must see a truncated message, never a clean end. A stream

@@ -55,6 +55,35 @@ test('a first-byte timeout (504) makes exactly one record', { timeout: 30_000 },
   assert.equal(recs[0].prompt_tokens, 0, 'the backend never answered: nothing billed');
 });
 
+test('a header, then the answer fails before any of its body: 502 or 504 in the OpenAI shape, not an empty reply; nothing billed', { timeout: 30_000 }, async () => {
+  const be = await startBackend('headonly');
+  const gw = await startUsageGateway({ mock, receiver, backends: [backendEntry(be, { name: 'ho' })], timeouts: { stream_idle: '500ms' }, usage: { tokenize: false } });
+  const header = 'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n';
+  const cases = {
+    'head-reset': { answer: (req) => req.socket.write(header, () => req.socket.resetAndDestroy()), status: 502, code: 'upstream_error', finish: 'upstream_error', message: /cut short/ },
+    'head-close': { answer: (req) => req.socket.end(header), status: 502, code: 'upstream_error', finish: 'upstream_error', message: /cut short/ },
+    'head-silent': { answer: (req) => req.socket.write(header), status: 504, code: 'upstream_timeout', finish: 'timeout', message: /response header, then nothing within 500 ms/ },
+  };
+  for (const [id, c] of Object.entries(cases)) {
+    be.handler = async (req) => c.answer(req);
+    const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': id } });
+    assert.equal(res.status, c.status, `${id}: ${res.text().slice(0, 300)}`);
+    const err = res.json().error;
+    assert.equal(err.code, c.code, id);
+    assert.equal(err.type, 'server_error', id);
+    assert.equal(err.param, null, id);
+    assert.match(err.message, c.message, id);
+    const rec = await receiver.waitForClientId(id, 15_000);
+    assert.equal(rec.status_code, c.status, id);
+    assert.equal(rec.finish, c.finish, id);
+    assert.equal(rec.prompt_tokens, 0, `${id}: no answer reached the client, nothing billed`);
+    assert.equal(rec.completion_tokens, 0, id);
+  }
+  // The client's connection was answered cleanly, and the backend works again.
+  be.handler = null;
+  assert.equal((await postJson(gw.url, '/v1/chat/completions', chatBody('m1'))).status, 200);
+});
+
 // The record of client request `id` of a gateway that has exited: delivered before the exit, or
 // committed but not yet delivered, and then delivered from the log by the next start.
 async function recordAfterExit(gw, id) {
