@@ -2564,7 +2564,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       const bool began_answer = answer_bytes || interims > 0;
       watch_.upstream = nullptr;
       conn->close();
-      // A pooled connection the backend closed before any byte of an answer (EOF, reset), or
+      // A pooled connection the backend closed before any byte of an answer (EOF, reset, or over
+      // TLS a close without close_notify, which OpenSSL reports as truncation), or
       // stray bytes (not "HTTP/1.x") where the answer should start: what a backend wrote after
       // its last answer on this connection. Anything else that began an answer means it ran
       // the request: not replayed. (An answer in another version, HTTP/2 or 0.9, also reads as
@@ -2572,7 +2573,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       const bool stale = !wec && conn->reused && !ctx.replaced_stale && interims == 0 &&
                          (hec == bhttp::error::bad_version ||
                           (!answer_bytes && (hec == bhttp::error::end_of_stream ||
-                                             hec == asio::error::connection_reset)));
+                                             hec == asio::error::connection_reset ||
+                                             hec == asio::ssl::error::stream_truncated)));
       if (!stale) {
         w_.metrics.upstream_error(metric_id, hec == beast::error::timeout
                                                  ? metrics::UpstreamError::timeout

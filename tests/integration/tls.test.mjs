@@ -167,3 +167,32 @@ test('an interim answer then a dropped connection over TLS: the backend ran the 
     assert.equal(seen - before, 1, `the request was sent again (stream: ${stream})`);
   }
 });
+
+test('a pooled TLS connection the backend dropped without close_notify is replaced, not counted as a failure', async () => {
+  const gw = await startGateway({
+    server: { workers: 1 },
+    upstream: { ca_file: CERT },
+    load_balancing: { max_retries: 0 },
+    health_check: { enabled: false },
+    backends: [{ url: `https://localhost:${port}`, weight: 1, name: 'tls' }],
+  });
+  const sockets = new Set();
+  const track = (s) => sockets.add(s);
+  server.on('secureConnection', track);
+  try {
+    assert.equal((await postJson(gw.url, '/v1/chat/completions', chatBody('m1'))).status, 200);
+    assert.ok(sockets.size > 0, 'the answer came over a new connection');
+    // The backend drops the pooled connection at the TCP level: no TLS close_notify first (a
+    // process killed, an idle timeout in a proxy between), which OpenSSL reads as truncation.
+    for (const s of sockets) s.destroy();
+    const before = seen;
+    const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
+    assert.equal(res.status, 200, res.text());
+    assert.equal(seen - before, 1);
+    const metrics = (await httpRequest(`${gw.url}/metrics`)).text();
+    assert.doesNotMatch(metrics, /^llmproxy_upstream_errors_total\{[^}]*backend="tls"[^}]*\} [1-9]/m, metrics);
+    assert.match(metrics, /^llmproxy_retries_total 1$/m);
+  } finally {
+    server.off('secureConnection', track);
+  }
+});
