@@ -815,10 +815,12 @@ class ClientSession {
   // stops.
   void abort() {
     aborted_ = true;
+    only_count_cut_ = counting_prompt_;
     watch_.client_gone = true;  // a request still connecting stops before it is sent
     error_code ec;
     stream_.socket().close(ec);
     if (watch_.upstream) watch_.upstream->close();
+    if (tokenize_conn_) tokenize_conn_->close();  // the prompt keeps its local estimate
   }
   // The worker's deadline sweep: cuts the I/O of a session past its deadline (see arm()).
   void check_deadline(Clock::time_point now) {
@@ -1009,8 +1011,11 @@ class ClientSession {
   std::string client_ip_;
   std::shared_ptr<HangupWatch> watch_state_ = std::make_shared<HangupWatch>();
   HangupWatch& watch_ = *watch_state_;
-  bool metrics_only_ = false;  // a connection to metrics.listen
-  bool aborted_ = false;       // cut at the drain deadline
+  bool metrics_only_ = false;              // a connection to metrics.listen
+  bool aborted_ = false;                   // cut at the drain deadline
+  bool counting_prompt_ = false;           // in tokenize_prompt(): the response has ended
+  bool only_count_cut_ = false;            // abort() came while counting_prompt_
+  UpstreamConn* tokenize_conn_ = nullptr;  // the /tokenize call's connection while it runs
   bool idle_ = false;
   std::string pending_;  // relayed bytes a slow client has not taken yet (see write_now)
   // The answer the gateway itself gives, built here rather than in a local of the coroutine:
@@ -1075,7 +1080,9 @@ asio::awaitable<void> ClientSession::run() {
 
 void ClientSession::log(RequestContext& ctx) {
   // The one place every request passes exactly once: metrics, the usage record, the access log.
-  if (aborted_) ctx.finish = "timeout";  // cut by the gateway at the drain deadline
+  // Cut by the gateway at the drain deadline, unless the response had ended (only its /tokenize
+  // count was cut).
+  if (aborted_ && !only_count_cut_) ctx.finish = "timeout";
   const int backend = ctx.backend ? ctx.backend->metric_id() : metrics::kNoBackend;
   const double duration_ms =
       std::chrono::duration<double, std::milli>(
@@ -1988,7 +1995,9 @@ asio::awaitable<void> ClientSession::tokenize_prompt(RequestContext& ctx, bool c
     error_code ec;
     stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
   }
+  counting_prompt_ = true;
   std::int64_t n = co_await tokenize(*ctx.sent_to, ctx, authorization);
+  counting_prompt_ = false;
   // 0 is no answer: llama.cpp's /tokenize reads `content` and answers [] to other shapes.
   if (n > 0) {
     ctx.usage.prompt_tokens = n;
@@ -2033,11 +2042,19 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
     }
     body += '}';
   }
-  // A connection of its own, closed afterwards: this rare call never touches the pool.
+  // A connection of its own, closed afterwards: this rare call never touches the pool. The drain
+  // deadline's abort() closes it (its connect is bounded by timeouts.connect, which the grace
+  // after the cut outlasts): the record is logged with the local estimate.
+  if (aborted_) co_return -1;
   auto cr = co_await connect_backend(w_.ioc.get_executor(), w_.shared, gen, backend,
                                      cfg.timeouts.connect);
-  if (!cr.conn) co_return -1;
+  if (!cr.conn || aborted_) co_return -1;
   std::unique_ptr<UpstreamConn> conn = std::move(cr.conn);
+  struct Unregister {
+    UpstreamConn*& registered;
+    ~Unregister() { registered = nullptr; }
+  } unregister{tokenize_conn_};
+  tokenize_conn_ = conn.get();
   const auto& url = backend.config().parsed;
   bhttp::request<bhttp::string_body> req{bhttp::verb::post, url.base_path + "/tokenize", 11};
   req.set(bhttp::field::host, url.authority());
@@ -3558,7 +3575,11 @@ int Gateway::run() {
           for (auto* s : w->sessions) s->abort();
         });
       }
-      drain_deadline = Clock::now() + std::chrono::seconds(2);
+      // The grace outlasts a connect under way (a retry's, or /tokenize's), which nothing cuts.
+      drain_deadline =
+          Clock::now() + std::max<Clock::duration>(
+                             std::chrono::seconds(2),
+                             shared.current->cfg.timeouts.connect + std::chrono::milliseconds(500));
     } else if (open == 0 || Clock::now() >= drain_deadline) {
       if (open > 0) log::line("warn", "closing {} connections that did not end", open);
       stop_all();

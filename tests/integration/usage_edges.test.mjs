@@ -118,6 +118,35 @@ test('a stream still running at the drain deadline is cut and still recorded', {
   assert.ok(rec.completion_tokens > 0 && rec.completion_tokens < 200, `completion_tokens ${rec.completion_tokens}`);
 });
 
+test('a /tokenize call still running at the drain deadline is cut: the record is logged with the local estimate', { timeout: 60_000 }, async () => {
+  const be = await startBackend('hangtok');
+  let tokenizeCalls = 0;
+  be.handler = async (req, res) => {
+    if (req.url === '/tokenize') {
+      tokenizeCalls++;
+      return; // never answers: only the gateway's own deadlines end this call
+    }
+    // An answer without usage: the prompt is counted by /tokenize, after the response.
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ id: 'x', object: 'chat.completion', choices: [{ index: 0, message: { role: 'assistant', content: 'hi there' }, finish_reason: 'stop' }] }));
+  };
+  // /tokenize may take health_check.timeout + timeouts.connect (8 s here): far past the cut's grace.
+  const gw = await startUsageGateway({ mock, receiver, backends: [backendEntry(be, { name: 'ht' })], health_check: { timeout: '5s' }, server: { drain_timeout: '500ms' } });
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': 'edge-drain-tokenize' } });
+  assert.equal(res.status, 200);
+  await waitUntil(() => tokenizeCalls > 0, { timeout: 10_000, what: 'the /tokenize call' });
+  gw.signal('SIGTERM');
+  const exit = await gw.waitExit(20_000);
+  assert.deepEqual(exit, { code: 0, signal: null });
+  assert.match(gw.stderr, /drain timeout: cutting 1 connections/);
+  const rec = await recordAfterExit(gw, 'edge-drain-tokenize');
+  assert.equal(rec.finish, 'completed', 'the response had ended: only the count of its prompt was cut');
+  assert.equal(rec.status_code, 200);
+  assert.equal(rec.usage_source, 'estimated');
+  assert.ok(rec.prompt_tokens > 0, JSON.stringify(rec));
+  assert.ok(rec.completion_tokens > 0, JSON.stringify(rec));
+});
+
 test('requests with no content yet at the drain deadline (waiting for the answer, a stream with only its headers) are cut, recorded "timeout", and not billed', { timeout: 60_000 }, async () => {
   const gw = await startUsageGateway({ mock, receiver, server: { drain_timeout: '500ms' } });
   const before = await mockPathCount(mock, '/v1/chat/completions');
