@@ -74,6 +74,9 @@ constexpr std::size_t kGroupBytes = std::size_t{32} << 20;
 // Buffers (packed records, their JSON) keep at most this much capacity between commits: a
 // burst's growth is given back (a full group of large records is a few MiB).
 constexpr std::size_t kKeepBytes = std::size_t{1} << 20;
+// A sink's batch stops at this much JSON (at least one record), whatever batch_size says: its
+// POST body, and the signed copy, are then bounded too (records reach ~60 KiB each).
+constexpr std::size_t kMaxBatchBytes = std::size_t{8} << 20;
 
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
@@ -632,7 +635,7 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       if (done) break;
       try {
         std::int64_t head_seen = head.load(std::memory_order_acquire);
-        s.log->read_after(s.cursor.load(), batch_cap, batch);
+        s.log->read_after(s.cursor.load(), batch_cap, batch, kMaxBatchBytes);
         if (batch.empty()) {
           // Nothing after the cursor although head is beyond it: the records are gone. Deleted
           // outside of the pipeline: skip to what was the head. Never deleted: the file lost

@@ -627,7 +627,8 @@ std::string_view LoggedRecords::request_id(std::size_t i) const {
   return request_id_of(json_of(i));
 }
 
-void UsageLog::read_after(std::int64_t after, int limit, LoggedRecords& out) {
+void UsageLog::read_after(std::int64_t after, int limit, LoggedRecords& out,
+                          std::size_t max_bytes) {
   std::lock_guard lk(mu_);
   int left = limit;
   const std::size_t had = out.size();  // `out` may hold records already: this read's are after
@@ -645,7 +646,9 @@ void UsageLog::read_after(std::int64_t after, int limit, LoggedRecords& out) {
           if (!append_stored_json(out.json, json)) damaged(seq);
           out.entries.push_back({seq, end_ms, begin, out.json.size()});
           after = seq;
-          return --left > 0;
+          --left;
+          if (out.json.size() >= max_bytes) left = 0;  // at least one record: it is in
+          return left > 0;
         });
     if (bad != std::string_view::npos) damaged(b.first_seq + static_cast<std::int64_t>(bad));
   };

@@ -24,6 +24,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -152,10 +153,12 @@ class UsageLog {
   void set_cursors(std::span<const std::pair<std::string, std::int64_t>> cursors,
                    std::int64_t now_ms);
 
-  // Up to `limit` records with seq > after, in seq order, appended to `out`. Records deleted
-  // after `after` are skipped; records missing that no delete took are damage (SqliteError,
-  // damaged()), as is a stored record this build cannot read.
-  void read_after(std::int64_t after, int limit, LoggedRecords& out);
+  // Up to `limit` records with seq > after, in seq order, appended to `out`; no more once
+  // out.json holds `max_bytes` (so at least one). Records deleted after `after` are skipped;
+  // records missing that no delete took are damage (SqliteError, damaged()), as is a stored
+  // record this build cannot read.
+  void read_after(std::int64_t after, int limit, LoggedRecords& out,
+                  std::size_t max_bytes = std::numeric_limits<std::size_t>::max());
 
   // Stores the dead letter and moves the sink's cursor to its last_seq in one transaction. In
   // memory only the cursor moves: no row is kept.

@@ -671,6 +671,28 @@ TEST(UsageLog, InMemoryADeadLetterMovesTheCursorOnly) {
   }
 }
 
+// A read stops once its JSON reaches max_bytes: the record that crossed it is in, the next is
+// not; a first record larger than the bound comes alone. A sink's batch is so bounded in bytes.
+TEST(UsageLog, ReadAfterStopsAtMaxBytes) {
+  TempDir dir;
+  UsageLog log(UsageLog::Mode::disk, dir.file("usage.db"), true);
+  append_some(log, 10);
+  LoggedRecords one;
+  log.read_after(0, 100, one);
+  ASSERT_EQ(one.size(), 10u);
+  const std::size_t record = one.json_of(0).size();
+  LoggedRecords got;
+  log.read_after(0, 100, got, 3 * record + 2);  // three records and their two commas
+  EXPECT_EQ(got.size(), 3u);
+  got = LoggedRecords{};
+  log.read_after(0, 100, got, 3 * record + 3);  // one byte more: the fourth crosses it
+  EXPECT_EQ(got.size(), 4u);
+  got = LoggedRecords{};
+  log.read_after(2, 100, got, 1);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got.entries[0].seq, 3);
+}
+
 // What a commit costs on disk is bounded: the WAL grows by two pages per one-record commit (the
 // batch's B-tree leaf and the index leaf; the head is not stored by commits, only by deletes).
 TEST(UsageLog, ASmallCommitWritesTwoPages) {
