@@ -255,6 +255,9 @@ struct Shared {
   asio::io_context* control = nullptr;   // reloads run there, one at a time
   std::function<ReloadResult()> reload;  // control thread only
   std::shared_ptr<Generation> current;   // control thread only (workers: WorkerGen)
+  // The longest timeouts.connect of every generation so far (control thread only): a request of
+  // an older generation still connects with its own.
+  config::Millis longest_connect{0};
   // A reload counts as done (and its generation as live) once every worker has adopted it, so a
   // scrape that shows it promises that every request from then on runs on it. `live_generation`
   // is stored before `reloads_ok` is incremented; a scrape reads them in the other order.
@@ -3395,6 +3398,7 @@ int Gateway::run() {
   const auto boot_ids = metric_ids(shared.labels, cfg);  // before the label count below
   shared.current =
       std::make_shared<Generation>(1, cfg, nullptr, boot_ids, shared.labels.names().size());
+  shared.longest_connect = cfg.timeouts.connect;
   shared.reload = [&impl = *impl_]() -> ReloadResult {
     Shared& sh = impl.shared;
     ReloadResult r;
@@ -3431,6 +3435,7 @@ int Gateway::run() {
                                             sh.labels.names().size());
     old->retired.store(true);
     sh.current = gen;
+    sh.longest_connect = std::max(sh.longest_connect, gen->cfg.timeouts.connect);
     // Workers exist before any reload can run. Each adopts in its queue's order, so reloads
     // complete in order too.
     auto pending = std::make_shared<std::atomic<std::size_t>>(sh.workers.size());
@@ -3576,10 +3581,9 @@ int Gateway::run() {
         });
       }
       // The grace outlasts a connect under way (a retry's, or /tokenize's), which nothing cuts.
-      drain_deadline =
-          Clock::now() + std::max<Clock::duration>(
-                             std::chrono::seconds(2),
-                             shared.current->cfg.timeouts.connect + std::chrono::milliseconds(500));
+      drain_deadline = Clock::now() + std::max<Clock::duration>(
+                                          std::chrono::seconds(2),
+                                          shared.longest_connect + std::chrono::milliseconds(500));
     } else if (open == 0 || Clock::now() >= drain_deadline) {
       if (open > 0) log::line("warn", "closing {} connections that did not end", open);
       stop_all();

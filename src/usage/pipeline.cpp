@@ -193,8 +193,8 @@ struct Pipeline::Impl {
   std::atomic<std::int64_t> head{0};
   std::atomic<bool> writer_done{false};
   std::atomic<std::int64_t> pruned{0};  // durability: memory: records up to here are deleted
-  // While a reload makes its new sinks, which are not yet in `sinks`: the head it read before
-  // them, so that pruning keeps what they will read (min_cursor() counts it as a cursor).
+  // 0 while a reload makes its new sinks, which are not yet in `sinks` (min_cursor() counts it as
+  // a cursor): neither pruning nor retention deletes what they may read, wherever they start.
   static constexpr std::int64_t kNoHold = std::numeric_limits<std::int64_t>::max();
   std::atomic<std::int64_t> reload_hold{kNoHold};
 
@@ -217,10 +217,11 @@ struct Pipeline::Impl {
   std::uint64_t commit_failures = 0;
   Clock::time_point last_commit_report{};
 
-  std::int64_t min_cursor() const {
+  // `hold`: with the reload's hold, as what pruning may delete; without, as what sinks still need.
+  std::int64_t min_cursor(bool hold = true) const {
     std::int64_t m = head.load();  // before reload_hold (see reconfigure)
     std::lock_guard lk(sinks_mu);
-    m = std::min(m, reload_hold.load());
+    if (hold) m = std::min(m, reload_hold.load());
     for (const auto& s : sinks) m = std::min(m, s->cursor.load(std::memory_order_acquire));
     return m;
   }
@@ -228,7 +229,8 @@ struct Pipeline::Impl {
   // Records the writer may still add before durability: memory holds memory_max_records.
   std::int64_t capacity() const {
     if (!memory) return std::numeric_limits<std::int64_t>::max();
-    std::int64_t held = head.load(std::memory_order_acquire) - min_cursor();
+    // Not the reload's hold: it keeps records a moment longer, it does not make them needed.
+    std::int64_t held = head.load(std::memory_order_acquire) - min_cursor(false);
     return std::max<std::int64_t>(0, cfg.memory_max_records - held);
   }
 
@@ -640,7 +642,9 @@ void Pipeline::Impl::sink_loop(Sink& s) {
           // Nothing after the cursor although head is beyond it: the records are gone. Deleted
           // outside of the pipeline: skip to what was the head. Never deleted: the file lost
           // them, damage like any other.
-          if (s.log->deleted_through() < head_seen) s.log->missing(s.cursor.load() + 1, head_seen);
+          if (const std::int64_t deleted = s.log->deleted_through(); deleted < head_seen) {
+            s.log->missing(std::max(s.cursor.load(), deleted) + 1, head_seen);
+          }
           log::line("warn", "usage sink {}: records {}..{} are missing from the log, skipped",
                     s.cfg.name, s.cursor.load() + 1, head_seen);
           s.cursor.store(head_seen);
@@ -781,10 +785,10 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       // everything (a wrong secret: 401) must not log a line per request.
       if (s.last_dead_report == Clock::time_point{} || now - s.last_dead_report >= kLogEvery) {
         log::line("error",
-                  "usage sink {}: receiver rejected {} record{} with HTTP {} (first {}); stored "
-                  "as dead letter, not retried ({} rejected POSTs since the last report)",
+                  "usage sink {}: receiver rejected {} record{} with HTTP {} (first {}); {} "
+                  "dead letter, not retried ({} rejected POSTs since the last report)",
                   s.cfg.name, n, n == 1 ? "" : "s", resp.status, batch.request_id(0),
-                  s.dead_unreported);
+                  memory ? "counted as" : "stored as", s.dead_unreported);
         s.dead_unreported = 0;
         s.last_dead_report = now;
       }
@@ -989,10 +993,12 @@ std::string Pipeline::reconfigure(std::vector<config::SinkConfig> wanted) {
   // holding records (durability: memory prunes, retention deletes) until their successors hold
   // them. A changed sink keeps its counters and resumes at its cursor.
   std::string summary, removed;
-  // The hold is stored before the head the new sinks start at is read: a prune that missed the
-  // hold read the head earlier, so it deletes nothing they need (both seq_cst). Lifted once they
-  // are in the set, or on any way out of here.
-  im.reload_hold.store(im.head.load());
+  // The hold is stored before the head the new sinks start at is read: a prune under way that
+  // missed it read the head earlier, so it deletes nothing a sink starting at the head needs
+  // (both seq_cst). One starting below (replay, or a cursor stored earlier) may miss what that
+  // one prune takes: with durability: memory those records had been delivered to every sink
+  // running. Lifted once they are in the set, or on any way out of here.
+  im.reload_hold.store(0);
   struct LiftHold {
     std::atomic<std::int64_t>& hold;
     ~LiftHold() { hold.store(Impl::kNoHold); }

@@ -650,7 +650,10 @@ void UsageLog::read_after(std::int64_t after, int limit, LoggedRecords& out,
           if (out.json.size() >= max_bytes) left = 0;  // at least one record: it is in
           return left > 0;
         });
-    if (bad != std::string_view::npos) damaged(b.first_seq + static_cast<std::int64_t>(bad));
+    // The first record this read cannot have (a batch whose shape is wrong reports its first).
+    if (bad != std::string_view::npos) {
+      damaged(std::max(b.first_seq + static_cast<std::int64_t>(bad), after + 1));
+    }
   };
   if (left > 0) take(cached_);
   if (left <= 0) return;
