@@ -89,6 +89,8 @@ constexpr std::size_t kLingerRead = 4 * 1024;  // per closing connection: SIGTER
 // request body kept after sending for a /tokenize call (larger prompts are estimated).
 constexpr std::size_t kResponseTailBytes = 64 * 1024;
 constexpr std::size_t kMaxTokenizeBody = 1024 * 1024;
+// A non-stream answer whose client left is read on for its usage up to this many more bytes.
+constexpr std::size_t kReadForUsageMax = 64 * 1024 * 1024;
 constexpr std::size_t kUpstreamHeaderLimit = 64 * 1024;
 constexpr std::size_t kUpstreamInitialBuffer = 4 * 1024;
 // A response header still incomplete past this many bytes is left to Beast's parser.
@@ -685,6 +687,9 @@ struct HangupWatch {
   bool pending = false;  // a peek is queued on the client socket
   bool client_gone = false;
   UpstreamConn* upstream = nullptr;
+  // The answer was generated whole (non-stream, metered): a hang-up does not close `upstream`,
+  // whose body is read on for its usage (abort() at the drain deadline still closes it).
+  bool keep_upstream = false;
   char peek = 0;  // the peek's one byte (here: it outlives the session with the queued peek)
 };
 
@@ -1859,6 +1864,7 @@ asio::awaitable<void> ClientSession::handle_reload(RequestContext& ctx, bool kee
 void ClientSession::arm_watch() {
   watch_.client_gone = false;
   watch_.upstream = nullptr;
+  watch_.keep_upstream = false;
   watch_.armed = true;
   // The peek itself starts at the worker's next sweep (watch_tick()): most requests end before
   // it, and a peek started now would cost a recv that finds nothing (Asio tries every read at
@@ -1878,7 +1884,7 @@ void ClientSession::watch_tick() {
     if (ec == asio::error::operation_aborted || !watch->armed) return;
     if (ec || n == 0) {  // end of stream or an error: the client is gone
       watch->client_gone = true;
-      if (watch->upstream) watch->upstream->close();
+      if (watch->upstream && !watch->keep_upstream) watch->upstream->close();
     } else {
       // A byte (a pipelined request): the watch ends; a hang-up is then seen on write.
       watch->armed = false;
@@ -2770,7 +2776,16 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // Once the upstream response is complete, a client hang-up no longer concerns the upstream
   // connection: it stays reusable, so the watch must not close it.
   if (rp.is_done()) watch_.upstream = nullptr;
-  while (client_ok && !rp.is_done()) {
+  // A non-stream answer was generated whole before its header came, and its usage comes last:
+  // when the client leaves or stalls, the rest of the body is read without being sent (up to
+  // kReadForUsageMax), so that the tokens the backend spent are billed as it reported them. Only
+  // the drain deadline's abort() cuts that.
+  const bool usage_in_body = ctx.metered && !is_stream;
+  watch_.keep_upstream = usage_in_body;
+  const auto client_cut = [&] { return watch_.client_gone && (!usage_in_body || aborted_); };
+  bool reading_for_usage = false;  // the client is gone: the body is read, not sent
+  std::size_t read_for_usage = 0;
+  while ((client_ok || reading_for_usage) && !rp.is_done()) {
     rp.get().body().data = body_space;
     rp.get().body().size = kRelayScratch;
     error_code rec;
@@ -2790,7 +2805,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
         arm(cfg.timeouts.stream_idle, conn.get());
         auto [rwec] = co_await sock.async_wait(tcp::socket::wait_read, use_nothrow);
         rec = settle(rwec);
-        if (rec || watch_.client_gone) break;
+        if (rec || client_cut()) break;
         const std::size_t held = conn->buffer.size();
         if (held >= kRelayScratch / 2) {
           rec = bhttp::error::buffer_overflow;  // a chunk header of 16 KiB is not a chunk header
@@ -2831,7 +2846,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       });
       auto [rrec, rn] = co_await std::move(rop);
       rec = settle(rrec);
-      if (watch_.client_gone) break;
+      if (client_cut()) break;
       conn->buffer.commit(rn);
       if (rec == asio::error::eof) {
         rec = {};
@@ -2845,10 +2860,10 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     if (plain && is_stream && conn->buffer.capacity() > 256 && conn->buffer.size() <= 64) {
       conn->buffer.shrink_to_fit();
     }
-    if (rec || watch_.client_gone) {
+    if (rec || client_cut()) {
       upstream_ok = false;
       upstream_ec = rec;
-      if (watch_.client_gone) {
+      if (client_cut()) {
         client_ok = false;
       } else if (rec == beast::error::timeout) {
         ctx.finish = "timeout";
@@ -2881,8 +2896,11 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     n = piece.size();
     if (n == 0 && !rp.is_done()) continue;
     // The last piece and the end of the message (chunked: the last chunk) in one write.
-    out.frame(head, chunked, piece, rp.is_done());
-    error_code cwec = write_now(out);
+    error_code cwec;
+    if (!reading_for_usage) {
+      out.frame(head, chunked, piece, rp.is_done());
+      cwec = write_now(out);
+    }
     if (!ctx.meter && ctx.metered && n > 0) {
       // The usage read happens after the response went out. A whole body in one piece that the
       // socket took at once is read where it lies (the worker's space, valid until the next
@@ -2903,10 +2921,20 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
         if (copy.size() > 2 * kResponseTailBytes) copy.erase(0, copy.size() - kResponseTailBytes);
       }
     }
+    if (reading_for_usage) {
+      read_for_usage += n;
+      if (read_for_usage <= kReadForUsageMax) continue;
+      ctx.body_copy_complete = false;  // usage is searched for in what was read, not parsed
+      break;
+    }
     if (!cwec && !pending_.empty()) cwec = co_await flush_pending(cfg.timeouts.stream_idle);
     if (cwec) {
       client_ok = false;
       client_stalled = cwec == beast::error::timeout;
+      if (usage_in_body && !aborted_) {
+        reading_for_usage = true;  // this piece is in the copy already
+        continue;
+      }
       ctx.body_copy_complete = false;  // a prefix: usage is searched for in it, not parsed
       break;
     }

@@ -4,6 +4,7 @@
 import { test, before, after, afterEach, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import http from 'node:http';
 import { spawn } from 'node:child_process';
 import {
   cleanup,
@@ -80,6 +81,42 @@ test('a header, then the answer fails before any of its body: 502 or 504 in the 
     assert.equal(rec.completion_tokens, 0, id);
   }
   // The client's connection was answered cleanly, and the backend works again.
+  be.handler = null;
+  assert.equal((await postJson(gw.url, '/v1/chat/completions', chatBody('m1'))).status, 200);
+});
+
+test('a client that leaves in the middle of a non-stream answer: the rest is read for its usage, which is billed as the backend reported it', { timeout: 30_000 }, async () => {
+  const be = await startBackend('bigbody');
+  let clientGone;
+  const gone = new Promise((resolve) => (clientGone = resolve));
+  const content = 'a'.repeat(300_000);
+  const body = JSON.stringify({ id: 'x', object: 'chat.completion', choices: [{ index: 0, message: { role: 'assistant', content }, finish_reason: 'stop' }], usage: { prompt_tokens: 11, completion_tokens: 75_000, total_tokens: 75_011 } });
+  be.handler = async (req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
+    res.write(body.slice(0, 100_000));
+    await gone; // the rest, with the usage at its end, only once the client has hung up
+    res.end(body.slice(100_000));
+  };
+  const gw = await startUsageGateway({ mock, receiver, backends: [backendEntry(be, { name: 'bb' })] });
+  await new Promise((resolve, reject) => {
+    const req = http.request(`${gw.url}/v1/chat/completions`, { method: 'POST', headers: { 'content-type': 'application/json', 'x-request-id': 'edge-left-mid-body' } }, (res) => {
+      assert.equal(res.statusCode, 200);
+      res.once('data', () => {
+        req.destroy();
+        resolve();
+      });
+    });
+    req.on('error', () => {});
+    req.once('error', reject);
+    req.end(JSON.stringify(chatBody('m1')));
+  });
+  clientGone();
+  const rec = await receiver.waitForClientId('edge-left-mid-body', 15_000);
+  assert.equal(rec.finish, 'client_disconnected');
+  assert.equal(rec.usage_source, 'backend', JSON.stringify(rec));
+  assert.equal(rec.prompt_tokens, 11);
+  assert.equal(rec.completion_tokens, 75_000);
+  // The upstream connection was read to its end: it serves the next request.
   be.handler = null;
   assert.equal((await postJson(gw.url, '/v1/chat/completions', chatBody('m1'))).status, 200);
 });
