@@ -109,11 +109,13 @@ bool may_report_error(std::string_view data) {
 
 std::uint64_t count_content(std::string_view data, TextCount& text) {
   std::uint64_t n = 0;
-  // "content", "text", "reasoning_content" and tool-call "arguments" string values, with or
-  // without whitespace around the colon (pretty-printed bodies).
+  // "content", "text", reasoning ("reasoning_content"; "reasoning" in vLLM since it renamed the
+  // field, and OpenRouter) and tool-call "arguments" string values, with or without whitespace
+  // around the colon (pretty-printed bodies).
   for (std::string_view key :
        {std::string_view("\"content\""), std::string_view("\"text\""),
-        std::string_view("\"reasoning_content\""), std::string_view("\"arguments\"")}) {
+        std::string_view("\"reasoning_content\""), std::string_view("\"reasoning\""),
+        std::string_view("\"arguments\"")}) {
     std::size_t pos = 0;
     while ((pos = find_text(data, key, pos)) != std::string_view::npos) {
       pos += key.size();

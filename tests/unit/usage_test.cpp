@@ -397,6 +397,21 @@ TEST(StreamUsage, NoUsageAtAllCountsStreamedContent) {
   EXPECT_EQ(t.parsed_events(), 0u);
 }
 
+// A stream cut in its thinking phase sends no usage: the reasoning that streamed is what the
+// completion estimate counts, under either name servers give it (vLLM renamed
+// "reasoning_content" to "reasoning"), and tool-call arguments too.
+TEST(StreamUsage, NoUsageCountsReasoningAndToolArguments) {
+  const auto delta = [](std::string_view d) {
+    return "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,"
+           "\"delta\":" +
+           std::string(d) + ",\"finish_reason\":null}]}\n\n";
+  };
+  auto t = track(delta(R"({"reasoning":"think"})") + delta(R"({"reasoning_content":"more"})") +
+                 delta(R"({"tool_calls":[{"index":0,"function":{"arguments":"{}"}}]})"));
+  EXPECT_FALSE(t.usage().reported());
+  EXPECT_EQ(t.content_chars(), 5u + 4u + 2u);
+}
+
 TEST(StreamUsage, EventsAfterDoneAreIgnored) {
   std::string sse =
       chunk() +
