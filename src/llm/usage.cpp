@@ -180,6 +180,29 @@ bool is_usage_only_chunk(simdjson::dom::element object) {
   return obj["usage"].get_object().get(u) == simdjson::SUCCESS;
 }
 
+namespace {
+
+// An error object, or a message (TGI); vLLM's older shape names its object "error".
+bool reports_error(simdjson::dom::element doc) {
+  simdjson::dom::element e;
+  std::string_view text;
+  return (doc["error"].get(e) == simdjson::SUCCESS &&
+          (e.is_object() || (e.get_string().get(text) == simdjson::SUCCESS && !text.empty()))) ||
+         (doc["object"].get_string().get(text) == simdjson::SUCCESS && text == "error");
+}
+
+}  // namespace
+
+bool body_reports_error(std::string_view body, simdjson::dom::parser& parser) {
+  if (!may_report_error(body)) return false;
+  std::string padded;
+  padded.reserve(body.size() + simdjson::SIMDJSON_PADDING);
+  padded.assign(body);
+  simdjson::dom::element doc;
+  return parser.parse(padded.data(), padded.size(), false).get(doc) == simdjson::SUCCESS &&
+         reports_error(doc);
+}
+
 bool StreamUsageTracker::on_event(std::string_view data, std::string_view event) {
   ++events_;
   // [DONE] ends the response: what a backend sends after it is not part of it, and not billed.
@@ -208,16 +231,7 @@ bool StreamUsageTracker::on_event(std::string_view data, std::string_view event)
     return false;
   }
   ++parsed_;
-  if (error_candidate) {
-    // An error object, or a message (TGI); vLLM's older shape names its object "error".
-    simdjson::dom::element e;
-    std::string_view text;
-    if ((doc["error"].get(e) == simdjson::SUCCESS &&
-         (e.is_object() || (e.get_string().get(text) == simdjson::SUCCESS && !text.empty()))) ||
-        (doc["object"].get_string().get(text) == simdjson::SUCCESS && text == "error")) {
-      saw_error_ = true;  // usage that came with it still counts
-    }
-  }
+  if (error_candidate && reports_error(doc)) saw_error_ = true;  // usage with it still counts
   if (!candidate) return false;
   read_usage(doc, usage_);  // replaces: cumulative reports make the last one right
   return is_usage_only_chunk(doc);

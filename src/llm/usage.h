@@ -99,6 +99,10 @@ std::optional<bool> read_usage_text(std::string_view object, Usage& out);
 bool read_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage& out,
                      TextCount& content);
 
+// Is a whole non-stream body an error report (an `error` object or message, or `"object":
+// "error"`)? Some servers answer errors with 200; such a body is billed like an error status.
+bool body_reports_error(std::string_view body, simdjson::dom::parser& parser);
+
 // Does `data` hold the quoted key `key` followed by a value that starts with `first`, with any
 // JSON whitespace around its colon (`"usage":\n{`: pretty-printed data joined from several
 // `data:` lines)? Found textually: a cheap filter before a parse, or a hint where none is needed.

@@ -775,6 +775,7 @@ struct RequestContext {
   // A body relayed in one piece is read for usage where it lies, once written: no copy.
   struct BodyUsage {
     bool reported = false;
+    bool error = false;  // no usage, and the whole body is an error report
     llm::Usage usage;
     llm::TextCount content;
   };
@@ -1929,16 +1930,20 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
   llm::Usage u;
   llm::TextCount content;
   bool reported = false;
+  bool error_body = false;  // a whole non-stream body that is an error report (2xx or not)
   if (ctx.meter) {
     u = ctx.meter->tracker().usage();
     reported = u.reported();
     content = ctx.meter->tracker().content_text();
   } else if (ctx.body_usage) {
     reported = ctx.body_usage->reported;
+    error_body = ctx.body_usage->error;
     u = ctx.body_usage->usage;
     content = ctx.body_usage->content;
   } else if (!ctx.body_copy.empty()) {
     reported = llm::read_body_usage(ctx.body_copy, w_.usage_parser, u, content);
+    error_body = !reported && ctx.body_copy_complete &&
+                 llm::body_reports_error(ctx.body_copy, w_.usage_parser);
     if (!reported && !ctx.body_head.empty()) {
       // A body over the copy limit whose usage came first (the tail's text stays the estimate).
       llm::TextCount head_content;
@@ -1967,8 +1972,12 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
   // answer yet, or a stream's headers only) was ended by the gateway, not by its client: billed
   // like one the backend failed.
   const bool cut_before_content = aborted_ && content.empty();
+  // Some servers answer an error with 200: that body, without usage, is billed as an error
+  // status is, and the record says the response did not complete.
+  const bool ok_status = ctx.upstream_status >= 200 && ctx.upstream_status < 300;
+  if (error_body && ok_status && ctx.finish == "completed") ctx.finish = "upstream_error";
   const bool backend_failed =
-      cut_before_content ||
+      cut_before_content || error_body ||
       (ctx.upstream_answered ? (ctx.upstream_status < 200 || ctx.upstream_status >= 300)
                              : ctx.finish != "client_disconnected");
   if (backend_failed) {
@@ -2912,6 +2921,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       if (rp.is_done() && !cwec && pending_.empty() && copy.empty() && ctx.body_copy_complete) {
         auto& b = ctx.body_usage.emplace();
         b.reported = llm::read_body_usage(piece, w_.usage_parser, b.usage, b.content);
+        b.error = !b.reported && llm::body_reports_error(piece, w_.usage_parser);
       } else if (ctx.body_copy_complete && copy.size() + n <= copy_limit) {
         copy.append(piece);
       } else {

@@ -121,6 +121,30 @@ test('a client that leaves in the middle of a non-stream answer: the rest is rea
   assert.equal((await postJson(gw.url, '/v1/chat/completions', chatBody('m1'))).status, 200);
 });
 
+test('a non-stream error answered with 200 (a server\'s error object, no usage) bills nothing and says upstream_error', { timeout: 30_000 }, async () => {
+  const be = await startBackend('err200');
+  const bodies = {
+    'err200-vllm-old': { object: 'error', message: 'engine dead', type: 'InternalServerError', param: null, code: 500 },
+    'err200-openai': { error: { message: 'CUDA out of memory', type: 'server_error', param: null, code: null } },
+  };
+  be.handler = async (req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end(JSON.stringify(bodies[req.headers['x-request-id']]));
+  };
+  const gw = await startUsageGateway({ mock, receiver, backends: [backendEntry(be, { name: 'e2' })], usage: { tokenize: false } });
+  for (const [id, body] of Object.entries(bodies)) {
+    const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': id } });
+    assert.equal(res.status, 200, 'relayed as the backend sent it');
+    assert.deepEqual(res.json(), body);
+    const rec = await receiver.waitForClientId(id, 15_000);
+    assert.equal(rec.status_code, 200, id);
+    assert.equal(rec.finish, 'upstream_error', id);
+    assert.equal(rec.usage_source, 'estimated', id);
+    assert.equal(rec.prompt_tokens, 0, `${id}: ${JSON.stringify(rec)}`);
+    assert.equal(rec.completion_tokens, 0, id);
+  }
+});
+
 // The record of client request `id` of a gateway that has exited: delivered before the exit, or
 // committed but not yet delivered, and then delivered from the log by the next start.
 async function recordAfterExit(gw, id) {

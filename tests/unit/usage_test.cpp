@@ -412,6 +412,23 @@ TEST(StreamUsage, NoUsageCountsReasoningAndToolArguments) {
   EXPECT_EQ(t.content_chars(), 5u + 4u + 2u);
 }
 
+// A whole non-stream body that is an error report (servers that answer errors with 200), and
+// bodies that only mention the word.
+TEST(Usage, BodyReportsError) {
+  simdjson::dom::parser p;
+  for (std::string_view body : {R"({"error":{"message":"CUDA out of memory","code":500}})",
+                                R"({"object":"error","message":"engine dead","code":500})",
+                                R"({"error":"Input validation error"})"}) {
+    EXPECT_TRUE(llm::body_reports_error(body, p)) << body;
+  }
+  for (std::string_view body :
+       {R"({"choices":[{"message":{"content":"error"}}],"error":null})", R"({"error":""})",
+        R"({"id":"x","choices":[{"message":{"content":"an \"error\": here"}}]})",
+        R"({"error":{"message":"cut)", ""}) {
+    EXPECT_FALSE(llm::body_reports_error(body, p)) << body;
+  }
+}
+
 TEST(StreamUsage, EventsAfterDoneAreIgnored) {
   std::string sse =
       chunk() +
