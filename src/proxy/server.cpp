@@ -954,6 +954,8 @@ class ClientSession {
   // Metering: usage from what passed (sync), then, when the backend reported none, the prompt
   // counted by the backend's /tokenize (after the client has its whole response).
   void resolve_usage(RequestContext& ctx);
+  // Usage of a non-stream body, or of the copy of one (`whole` false when it holds only part).
+  RequestContext::BodyUsage read_body(std::string_view body, bool whole);
   // Resolves usage; true when the prompt count should then come from /tokenize (otherwise the
   // retained request body is freed). Plain call: most requests need no coroutine frame for it.
   bool wants_tokenize(RequestContext& ctx);
@@ -1924,6 +1926,14 @@ void ClientSession::record_passive(const config::HealthCheck& hc, lb::Backend& b
 // ---------------------------------------------------------------------------------------------
 // Metering.
 
+RequestContext::BodyUsage ClientSession::read_body(std::string_view body, bool whole) {
+  RequestContext::BodyUsage b;
+  b.reported = llm::read_body_usage(body, w_.usage_parser, b.usage, b.content);
+  // Only a whole body is an error report: a part of one may only quote one.
+  b.error = whole && !b.reported && llm::body_reports_error(body, w_.usage_parser);
+  return b;
+}
+
 void ClientSession::resolve_usage(RequestContext& ctx) {
   if (ctx.usage_resolved) return;
   ctx.usage_resolved = true;
@@ -1935,19 +1945,20 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
     u = ctx.meter->tracker().usage();
     reported = u.reported();
     content = ctx.meter->tracker().content_text();
-  } else if (ctx.body_usage) {
-    reported = ctx.body_usage->reported;
-    error_body = ctx.body_usage->error;
-    u = ctx.body_usage->usage;
-    content = ctx.body_usage->content;
-  } else if (!ctx.body_copy.empty()) {
-    reported = llm::read_body_usage(ctx.body_copy, w_.usage_parser, u, content);
-    error_body = !reported && ctx.body_copy_complete &&
-                 llm::body_reports_error(ctx.body_copy, w_.usage_parser);
-    if (!reported && !ctx.body_head.empty()) {
-      // A body over the copy limit whose usage came first (the tail's text stays the estimate).
-      llm::TextCount head_content;
-      reported = llm::read_body_usage(ctx.body_head, w_.usage_parser, u, head_content);
+  } else {
+    if (!ctx.body_usage && !ctx.body_copy.empty()) {
+      auto& b = ctx.body_usage.emplace(read_body(ctx.body_copy, ctx.body_copy_complete));
+      if (!b.reported && !ctx.body_head.empty()) {
+        // A body over the copy limit whose usage came first (the tail's text stays the estimate).
+        llm::TextCount head_content;
+        b.reported = llm::read_body_usage(ctx.body_head, w_.usage_parser, b.usage, head_content);
+      }
+    }
+    if (ctx.body_usage) {
+      reported = ctx.body_usage->reported;
+      error_body = ctx.body_usage->error;
+      u = ctx.body_usage->usage;
+      content = ctx.body_usage->content;
     }
   }
   ctx.body_copy.clear();
@@ -2919,9 +2930,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       static_assert(kRelayScratch <= 2 * kResponseTailBytes);
       auto& copy = ctx.body_copy;
       if (rp.is_done() && !cwec && pending_.empty() && copy.empty() && ctx.body_copy_complete) {
-        auto& b = ctx.body_usage.emplace();
-        b.reported = llm::read_body_usage(piece, w_.usage_parser, b.usage, b.content);
-        b.error = !b.reported && llm::body_reports_error(piece, w_.usage_parser);
+        ctx.body_usage = read_body(piece, true);
       } else if (ctx.body_copy_complete && copy.size() + n <= copy_limit) {
         copy.append(piece);
       } else {

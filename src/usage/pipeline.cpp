@@ -193,10 +193,9 @@ struct Pipeline::Impl {
   std::atomic<std::int64_t> head{0};
   std::atomic<bool> writer_done{false};
   std::atomic<std::int64_t> pruned{0};  // durability: memory: records up to here are deleted
-  // 0 while a reload makes its new sinks, which are not yet in `sinks` (min_cursor() counts it as
-  // a cursor): neither pruning nor retention deletes what they may read, wherever they start.
-  static constexpr std::int64_t kNoHold = std::numeric_limits<std::int64_t>::max();
-  std::atomic<std::int64_t> reload_hold{kNoHold};
+  // While a reload makes its new sinks, which are not yet in `sinks`: min_cursor() is then 0, so
+  // neither pruning nor retention deletes what they may read, wherever they start.
+  std::atomic<bool> reload_hold{false};
 
   std::atomic<std::uint64_t> logged{0};
   std::atomic<std::uint64_t> dropped{0};
@@ -220,8 +219,8 @@ struct Pipeline::Impl {
   // `hold`: with the reload's hold, as what pruning may delete; without, as what sinks still need.
   std::int64_t min_cursor(bool hold = true) const {
     std::int64_t m = head.load();  // before reload_hold (see reconfigure)
+    if (hold && reload_hold.load()) return 0;
     std::lock_guard lk(sinks_mu);
-    if (hold) m = std::min(m, reload_hold.load());
     for (const auto& s : sinks) m = std::min(m, s->cursor.load(std::memory_order_acquire));
     return m;
   }
@@ -909,14 +908,13 @@ std::unique_ptr<Sink> Pipeline::Impl::make_sink(config::SinkConfig cfg, std::int
   const std::int64_t first = s->log->first_seq().value_or(head + 1);
   const std::int64_t deleted = std::min({first - 1, head, s->log->deleted_through()});
   if (*c < deleted) {
-    const std::int64_t resume = deleted;
     if (stored) {
       log::line("warn",
                 "usage sink {}: records {}..{} are no longer in the log (retention, pruning, or "
                 "deleted by hand) and were not delivered by this sink; it resumes after seq {}",
-                cfg.name, *c + 1, resume, resume);
+                cfg.name, *c + 1, deleted, deleted);
     }
-    c = resume;
+    c = deleted;
     s->cursor_unstored = true;
   }
   s->cursor.store(*c);
@@ -998,10 +996,10 @@ std::string Pipeline::reconfigure(std::vector<config::SinkConfig> wanted) {
   // (both seq_cst). One starting below (replay, or a cursor stored earlier) may miss what that
   // one prune takes: with durability: memory those records had been delivered to every sink
   // running. Lifted once they are in the set, or on any way out of here.
-  im.reload_hold.store(0);
+  im.reload_hold.store(true);
   struct LiftHold {
-    std::atomic<std::int64_t>& hold;
-    ~LiftHold() { hold.store(Impl::kNoHold); }
+    std::atomic<bool>& hold;
+    ~LiftHold() { hold.store(false); }
   } lift_hold{im.reload_hold};
   const std::int64_t head = im.head.load();
   std::vector<std::unique_ptr<Sink>> fresh;
@@ -1061,7 +1059,7 @@ std::string Pipeline::reconfigure(std::vector<config::SinkConfig> wanted) {
       im.removed_delivered += old->delivered.load();
       im.removed_failed += old->failed.load() + old->dead_letters.load();
     }
-    im.reload_hold.store(Impl::kNoHold);  // the new sinks' cursors hold their records now
+    im.reload_hold.store(false);  // the new sinks' cursors hold their records now
   }
   if (im.started) {
     for (Sink* s : starting) im.start_sink(*s);

@@ -390,6 +390,17 @@ TEST(UsageLog, ConvertsAVersion1Log) {
   EXPECT_EQ(rows[1].total_tokens, 10);
 }
 
+// `read` must throw the damage error (SqliteError, damaged()) whose message holds `says`.
+void expect_damage(const std::function<void()>& read, const std::string& says) {
+  try {
+    read();
+    ADD_FAILURE() << "read past the damage (" << says << ")";
+  } catch (const SqliteError& e) {
+    EXPECT_TRUE(e.damaged());
+    EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << e.what();
+  }
+}
+
 // simdjson's rendering of a JSON text: two texts with the same keys in the same order and the
 // same values render the same.
 std::string canonical(const std::string& json) {
@@ -479,13 +490,7 @@ TEST(UsageLog, RowsAndObjectsReadBackAsTheJsonASinkSends) {
       "WHERE first_seq = 4");
   UsageLog log(UsageLog::Mode::disk, path, true);
   LoggedRecords got;
-  try {
-    log.read_after(3, 100, got);
-    ADD_FAILURE() << "a damaged row was read";
-  } catch (const SqliteError& e) {
-    EXPECT_TRUE(e.damaged());
-    EXPECT_NE(std::string(e.what()).find("record 4 is damaged"), std::string::npos) << e.what();
-  }
+  expect_damage([&] { log.read_after(3, 100, got); }, "record 4 is damaged");
 }
 
 // Appends `n` records after the log's head; returns the new head.
@@ -533,23 +538,16 @@ TEST(UsageLog, ABatchWhosePiecesDoNotFitIsDamage) {
     LoggedRecords got;
     log.read_after(0, static_cast<int>(c.damaged_seq - 1), got);  // up to the damage: read
     EXPECT_EQ(got.size(), static_cast<std::size_t>(c.damaged_seq - 1));
-    const auto expect_damage = [&](const std::function<void()>& read) {
-      try {
-        read();
-        ADD_FAILURE() << "read past the damage";
-      } catch (const SqliteError& e) {
-        EXPECT_TRUE(e.damaged());
-        EXPECT_NE(std::string(e.what()).find(fmt::format("record {} is damaged", c.damaged_seq)),
-                  std::string::npos)
-            << e.what();
-      }
-    };
-    expect_damage([&] {
-      LoggedRecords rest;
-      log.read_after(c.damaged_seq - 1, 100, rest);
-    });
+    const std::string says = fmt::format("record {} is damaged", c.damaged_seq);
     expect_damage(
-        [&] { log.for_each_record(INT64_MIN, INT64_MAX, [](std::int64_t, std::string_view) {}); });
+        [&] {
+          LoggedRecords rest;
+          log.read_after(c.damaged_seq - 1, 100, rest);
+        },
+        says);
+    expect_damage(
+        [&] { log.for_each_record(INT64_MIN, INT64_MAX, [](std::int64_t, std::string_view) {}); },
+        says);
   }
 }
 
@@ -637,14 +635,7 @@ TEST(UsageLog, RecordsMissingThatNoDeleteTookAreDamage) {
   UsageLog log(UsageLog::Mode::disk, path, true);
   EXPECT_EQ(log.deleted_through(), 3);
   LoggedRecords got;
-  try {
-    log.read_after(0, 100, got);
-    ADD_FAILURE() << "read past records that were lost";
-  } catch (const SqliteError& e) {
-    EXPECT_TRUE(e.damaged());
-    EXPECT_NE(std::string(e.what()).find("records 4..6 are missing"), std::string::npos)
-        << e.what();
-  }
+  expect_damage([&] { log.read_after(0, 100, got); }, "records 4..6 are missing");
   EXPECT_EQ(got.size(), 0u);
   log.read_after(6, 100, got);  // past the loss (an operator's decision): read as before
   EXPECT_EQ(got.size(), 3u);
