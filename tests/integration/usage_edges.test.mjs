@@ -32,6 +32,10 @@ import { startUsageGateway, mapLimit, hookConfig, scrapeMetrics, metricSum } fro
 let mock;
 let receiver;
 
+// A non-stream chat answer as servers write it, with `usage` last when given.
+const chatAnswer = (content, usage) =>
+  JSON.stringify({ id: 'x', object: 'chat.completion', choices: [{ index: 0, message: { role: 'assistant', content }, finish_reason: 'stop' }], ...(usage ? { usage } : {}) });
+
 before(async () => {
   mock = await startMock({ name: 'mk' });
   receiver = await startWebhook({ name: 'edges' });
@@ -90,7 +94,7 @@ test('a client that leaves in the middle of a non-stream answer: the rest is rea
   let clientGone;
   const gone = new Promise((resolve) => (clientGone = resolve));
   const content = 'a'.repeat(300_000);
-  const body = JSON.stringify({ id: 'x', object: 'chat.completion', choices: [{ index: 0, message: { role: 'assistant', content }, finish_reason: 'stop' }], usage: { prompt_tokens: 11, completion_tokens: 75_000, total_tokens: 75_011 } });
+  const body = chatAnswer(content, { prompt_tokens: 11, completion_tokens: 75_000, total_tokens: 75_011 });
   be.handler = async (req, res) => {
     res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
     res.write(body.slice(0, 100_000));
@@ -189,7 +193,7 @@ test('a /tokenize call still running at the drain deadline is cut: the record is
     }
     // An answer without usage: the prompt is counted by /tokenize, after the response.
     res.writeHead(200, { 'content-type': 'application/json' });
-    res.end(JSON.stringify({ id: 'x', object: 'chat.completion', choices: [{ index: 0, message: { role: 'assistant', content: 'hi there' }, finish_reason: 'stop' }] }));
+    res.end(chatAnswer('hi there'));
   };
   // /tokenize may take health_check.timeout + timeouts.connect (8 s here): far past the cut's grace.
   const gw = await startUsageGateway({ mock, receiver, backends: [backendEntry(be, { name: 'ht' })], health_check: { timeout: '5s' }, server: { drain_timeout: '500ms' } });
@@ -476,7 +480,7 @@ test('a record\'s timestamp is when its request began, also when a slow /tokeniz
     }
     // An answer without usage: the prompt is counted by /tokenize, after the response.
     res.writeHead(200, { 'content-type': 'application/json' });
-    res.end(JSON.stringify({ id: 'x', object: 'chat.completion', choices: [{ index: 0, message: { role: 'assistant', content: 'hi there' }, finish_reason: 'stop' }] }));
+    res.end(chatAnswer('hi there'));
   };
   const gw = await startUsageGateway({ mock, receiver, backends: [backendEntry(be, { name: 'st' })], health_check: { timeout: '5s' } });
   const t0 = Date.now();
