@@ -18,8 +18,10 @@ bool SseScanner::line(std::string_view text) {
   }
   if (text.empty()) {
     blank_ = true;
-    // A blank line dispatches the event; one without data lines is no event (spec 9.2.6).
-    if (!has_data_) {
+    // A blank line dispatches the event; one without data lines is no event (spec 9.2.6), unless
+    // it had an `error:` line (then that line's value is its data).
+    if (error_field_) event_.assign("error");
+    if (!has_data_ && !error_field_) {
       event_.clear();
       return false;
     }
@@ -33,6 +35,7 @@ bool SseScanner::line(std::string_view text) {
     if (!value.empty() && value.front() == ' ') value.remove_prefix(1);
   }
   if (field == "data") {
+    if (!has_data_) data_.clear();  // it may hold an `error:` value, which data lines replace
     std::size_t need = value.size() + (has_data_ ? 1 : 0);
     if (data_.size() + need > max_) {
       event_truncated_ = true;
@@ -51,6 +54,11 @@ bool SseScanner::line(std::string_view text) {
     event_.assign(value);
   } else if (field == "id") {
     id_.assign(value);
+  } else if (field == "error") {
+    // llama.cpp's in-stream failure. Kept as data only while the block has none of its own (the
+    // line, like any, is at most max_ bytes).
+    if (!has_data_ && !error_field_) data_.assign(value);
+    error_field_ = true;
   }
   return false;
 }

@@ -5,6 +5,9 @@
 // number of feeds and one feed may hold many events. Lines end in \n, \r\n or \r (also when the
 // \r and the \n arrive in different feeds). `data:` takes one optional space; several data lines
 // of one event are joined with \n; comments (":") are skipped; `event:` and `id:` are kept.
+// One field outside the spec is read: llama.cpp's server writes a failure inside a stream as
+// `error: {json}`, a field the spec says to ignore (and clients do). A block with an `error:`
+// line is an event named "error"; its data is its data lines, or else the `error:` value.
 // Memory is bounded: a line or an event's data longer than `max_event_bytes` is truncated (the
 // event is still delivered, flagged) instead of growing without limit on an endless line.
 #pragma once
@@ -58,6 +61,7 @@ class SseScanner {
   bool skip_lf_ends_block_ = false;  // ... and that \r ended a blank line
   std::string data_, event_, id_;
   bool has_data_ = false;
+  bool error_field_ = false;  // the block has an `error:` line (llama.cpp)
   bool event_truncated_ = false;
   bool block_continued_ = false;  // the current block began in an earlier feed
   std::size_t block_start_ = 0;   // where the current block began in this feed
@@ -117,6 +121,7 @@ void SseScanner::feed(std::string_view bytes, OnEvent&& on_event) {
       data_.clear();
       event_.clear();
       has_data_ = false;
+      error_field_ = false;
       event_truncated_ = false;
     }
     if (blank_) {

@@ -62,7 +62,8 @@ class StreamUsageTracker {
   bool saw_done() const { return saw_done_; }
   // The backend reported an error inside the stream, after its 200 (vLLM, TGI and OpenAI write
   // one as a data event whose object has a top-level `error`, or vLLM's older
-  // `"object":"error"`; some servers name the event `error`): the response did not complete.
+  // `"object":"error"`; some servers name the event `error`, and SseScanner reads llama.cpp's
+  // `error:` line as one): the response did not complete.
   bool saw_error() const { return saw_error_; }
   std::uint64_t events() const { return events_; }
   std::uint64_t parsed_events() const { return parsed_; }

@@ -417,7 +417,7 @@ test('event boundaries in any line ending: a stream_idle cut after a CR-only eve
   assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'cr', kind: 'timeout' }), 1);
 });
 
-test('an error event inside a 200 stream (vLLM, TGI, named `error`): relayed as sent, and the record says "upstream_error" with the tokens that streamed', { timeout: 30_000 }, async () => {
+test('an error event inside a 200 stream (vLLM, TGI, llama.cpp, named `error`): relayed as sent, and the record says "upstream_error" with the tokens that streamed', { timeout: 30_000 }, async () => {
   const be = await startBackend('inband');
   const gw = await startUsageGateway({ mock, receiver, backends: [backendEntry(be, { name: 'ib' })], usage: { tokenize: false } });
   const tok = (t) => `data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"${t}"},"finish_reason":null}]}\n\n`;
@@ -426,6 +426,8 @@ test('an error event inside a 200 stream (vLLM, TGI, named `error`): relayed as 
     'inband-vllm-old': `${tok('one ')}data: {"object":"error","message":"engine dead","type":"InternalServerError","param":null,"code":500}\n\ndata: [DONE]\n\n`,
     'inband-tgi': `${tok('one ')}${tok('two ')}data: {"error":"Request failed during generation: Server error: CUDA OOM","error_type":"generation"}\n\n`,
     'inband-named': `${tok('one ')}event: error\ndata: {"message":"overloaded"}\n\n`,
+    // llama.cpp's server: an `error:` field (which SSE clients ignore), then [DONE].
+    'inband-llamacpp': `${tok('one ')}error: {"code":500,"message":"Input prompt is too big compared to KV size.","type":"server_error"}\n\ndata: [DONE]\n\n`,
     // Generated text that talks about errors is no error.
     'inband-none': `${tok('an \\"error\\": ')}${tok('error')}data: [DONE]\n\n`,
   };
@@ -464,9 +466,9 @@ test('an error event inside a 200 stream (vLLM, TGI, named `error`): relayed as 
   // Each 200 stream that reported an error counts as an upstream error of its backend; the 503
   // once, as a 5xx; the 400 not at all.
   const metrics = await scrapeMetrics(gw);
-  assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'ib', kind: 'stream_error' }), 8);
+  assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'ib', kind: 'stream_error' }), 10);
   assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'ib', kind: '5xx' }), 1);
-  assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'ib' }), 9);
+  assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'ib' }), 11);
 });
 
 test('a record\'s timestamp is when its request began, also when a slow /tokenize counted its prompt', { timeout: 30_000 }, async () => {

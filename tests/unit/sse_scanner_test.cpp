@@ -102,6 +102,29 @@ TEST(SseScanner, FieldWithoutColonAndUnknownFieldsAreIgnored) {
             (std::vector<Seen>{{"", "\nx", "", false}}));
 }
 
+// llama.cpp's server reports a failure inside a stream as `error: {json}` (no data line): read
+// as an event named "error", whatever else the block has, and only that block.
+TEST(SseScanner, LlamaCppErrorFieldIsAnEventNamedError) {
+  constexpr std::string_view kError =
+      R"({"code":500,"message":"context full","type":"server_error"})";
+  const std::string stream = "data: {\"a\":1}\n\nerror: " + std::string(kError) +
+                             "\n\ndata: {\"b\":2}\n\nerror: x\ndata: y\n\ndata: [DONE]\n\n";
+  const std::vector<Seen> expected = {
+      {"", "{\"a\":1}", "", false},
+      {"error", std::string(kError), "", false},
+      {"", "{\"b\":2}", "", false},
+      {"error", "y", "", false},  // a block's own data wins over the error line's value
+      {"", "[DONE]", "", false},
+  };
+  EXPECT_EQ(scan({stream}), expected);
+  for (std::size_t i = 0; i <= stream.size(); ++i) {
+    ASSERT_EQ(scan({std::string_view(stream).substr(0, i), std::string_view(stream).substr(i)}),
+              expected)
+        << "split at " << i;
+  }
+  EXPECT_EQ(scan({"data: y\nerror: x\n\n"}), (std::vector<Seen>{{"error", "y", "", false}}));
+}
+
 TEST(SseScanner, EndlessLineIsBoundedAndFlagged) {
   SseScanner s(64);
   std::string chunk(1000, 'x');

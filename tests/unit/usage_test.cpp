@@ -311,6 +311,9 @@ TEST(StreamUsage, ErrorEventsInsideTheStreamAreSeen) {
       "\n\n",
       // a named event
       "event: error\ndata: engine died\n\n",
+      // llama.cpp's server: an `error:` field, no data line
+      R"(error: {"code":500,"message":"engine died","type":"server_error"})"
+      "\n\n",
   };
   {
     auto t = track(content + args + "data: [DONE]\n\n");
