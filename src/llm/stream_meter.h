@@ -31,7 +31,8 @@ class StreamMeter {
   // Feeds bytes read from the backend; returns the bytes to send to the client now (a view of
   // `in` or of an internal buffer, valid until the next call).
   std::string_view relay(std::string_view in);
-  // The stream ended: whatever is still held goes to the client.
+  // The backend's message ended: whatever is still held goes to the client, and an event left
+  // without its blank line is read for usage (not sent again).
   std::string_view finish();
 
   const StreamUsageTracker& tracker() const { return tracker_; }

@@ -371,12 +371,15 @@ test('event boundaries in any line ending: a stream_idle cut after a CR-only eve
   const be = await startBackend('cr');
   const gw = await startUsageGateway({ mock, receiver, backends: [backendEntry(be, { name: 'cr' })], timeouts: { stream_idle: '500ms' } });
   const event = 'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}';
+  const usageEvent = 'data: {"id":"c1","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}';
   be.handler = async (req, res) => {
     res.writeHead(200, { 'content-type': 'text/event-stream' });
     if (req.headers['x-request-id'] === 'edge-cr') {
       res.write(`${event}\r\r`); // then silence past stream_idle
     } else if (req.headers['x-request-id'] === 'edge-done') {
       res.end(`${event}\n\ndata: [DONE]\n`); // the end marker without its blank line
+    } else if (req.headers['x-request-id'] === 'edge-usage-cut') {
+      res.end(`${event}\n\n${usageEvent}`); // the usage chunk without its blank line
     } else if (req.headers['x-request-id'] === 'edge-done-in-event') {
       res.end(`${event}\n\ndata: {"id":"c1","choi\ndata: [DONE]\n`); // [DONE] inside a cut event
     } else {
@@ -406,14 +409,20 @@ test('event boundaries in any line ending: a stream_idle cut after a CR-only eve
   const done = await openStream(`${gw.url}/v1/chat/completions`, { headers: { 'content-type': 'application/json', 'x-request-id': 'edge-done' }, body });
   assert.equal((await readAll(done.res)).toString(), `${event}\n\ndata: [DONE]\n`);
   assert.equal((await receiver.waitForClientId('edge-done', 15_000)).finish, 'completed');
+  // A usage chunk without its blank line: relayed as it came (clients drop it), the stream did
+  // not complete, and the usage in it is still the backend's count.
+  const usageCut = await openStream(`${gw.url}/v1/chat/completions`, { headers: { 'content-type': 'application/json', 'x-request-id': 'edge-usage-cut' }, body });
+  assert.equal((await readAll(usageCut.res)).toString(), `${event}\n\n${usageEvent}`);
+  const usageRec = await receiver.waitForClientId('edge-usage-cut', 15_000);
+  assert.deepEqual([usageRec.finish, usageRec.usage_source, usageRec.prompt_tokens, usageRec.completion_tokens], ['upstream_error', 'backend', 7, 3], JSON.stringify(usageRec));
   // The same line as part of an event left unfinished is no end marker.
   const inEvent = await openStream(`${gw.url}/v1/chat/completions`, { headers: { 'content-type': 'application/json', 'x-request-id': 'edge-done-in-event' }, body });
   await readAll(inEvent.res);
   assert.equal((await receiver.waitForClientId('edge-done-in-event', 15_000)).finish, 'upstream_error');
-  // The two streams cut inside an event are upstream errors in the metrics too (the idle cut is a
-  // timeout, the end marker without its blank line no error).
+  // The three streams cut inside an event are upstream errors in the metrics too (the idle cut is
+  // a timeout, the end marker without its blank line no error).
   const metrics = await scrapeMetrics(gw);
-  assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'cr', kind: 'stream_error' }), 2);
+  assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'cr', kind: 'stream_error' }), 3);
   assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'cr', kind: 'timeout' }), 1);
 });
 

@@ -191,6 +191,26 @@ TEST(StreamMeter, UnterminatedTailIsFlushedAtTheEnd) {
   EXPECT_EQ(r.out, kContent1 + "data: {\"partial\":");
 }
 
+// A message that ends inside its last event (no blank line, or no line end at all): the bytes
+// go out as they came, and usage in that event, when its JSON is whole, is still read; an
+// event cut in the middle of its JSON adds nothing.
+TEST(StreamMeter, UsageInALastEventWithoutItsBlankLineIsRead) {
+  const std::string usage_event = kUsageOnly.substr(0, kUsageOnly.size() - 2);
+  for (const std::string end : {"", "\n", "\r", "\r\n"}) {
+    const std::string stream = kContent1 + kContent2 + usage_event + end;
+    for (bool filter : {true, false}) {
+      for (std::size_t i = 0; i <= stream.size(); ++i) {
+        Result r = run(stream, filter, {i});
+        ASSERT_EQ(r.out, stream) << "split at " << i;
+        ASSERT_EQ(r.usage.prompt_tokens, 15) << "split at " << i;
+        ASSERT_EQ(r.usage.completion_tokens, 2) << "split at " << i;
+      }
+    }
+  }
+  Result cut = run(kContent1 + kContent2 + kUsageOnly.substr(0, kUsageOnly.size() - 10), true, {});
+  EXPECT_FALSE(cut.usage.reported());
+}
+
 TEST(RequestRewrite, InsertsIncludeUsageKeepingTheRestByteForByte) {
   simdjson::dom::parser p;
   auto out = with_include_usage(R"(  {"model":"m","stream":true,"messages":[]})", false, false, p);
