@@ -50,6 +50,11 @@ void Backend::reset_health() {
   l.healthy.store(true, std::memory_order_relaxed);
 }
 
+void Backend::set_health_checks(bool on) {
+  live_->checks_on.store(on);  // before the reset: a passive failure after it sees `off`
+  if (!on) reset_health();
+}
+
 std::vector<std::string> Backend::discovered_models() const {
   std::lock_guard lock(live_->discovered_mutex);
   return live_->discovered;

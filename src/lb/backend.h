@@ -33,7 +33,10 @@ struct BackendLive {
   // to it at once), but readiness waits for one proof that it answers.
   std::atomic<bool> checked_ok{false};
   std::atomic<bool> no_tokenize{false};  // a hint, not part of the backend's config
-  std::mutex discovered_mutex;           // admin/models path only, never per request
+  // Health checks run in the newest generation that has this backend. Passive results count only
+  // then: without checks nothing could bring a backend they marked down back up.
+  std::atomic<bool> checks_on{true};
+  std::mutex discovered_mutex;  // admin/models path only, never per request
   std::vector<std::string> discovered;
 };
 
@@ -49,6 +52,11 @@ class Backend {
   // Up, with no failures or successes counted: for a configuration without health checks,
   // where nothing else could ever bring a backend that was marked down back.
   void reset_health();
+  // A generation takes this backend over (at start, or in a reload): whether it runs health
+  // checks. Off: the backend is up (reset_health) and passive results stop counting, also those
+  // of requests still running on an older generation that had checks on.
+  void set_health_checks(bool on);
+  bool health_checks_on() const { return live_->checks_on.load(); }
   const config::BackendConfig& config() const { return cfg_; }
   const std::string& name() const { return cfg_.name; }
   int weight() const { return cfg_.weight; }

@@ -200,9 +200,9 @@ struct Generation {
              const std::vector<int>& metric_ids, std::size_t labels)
       : id(id), cfg(std::move(c)), backends(cfg.backends, previous, metric_ids), labels(labels) {
     // A reload that turns health checks off: a backend kept from before, down by their
-    // verdict, would otherwise stay down for good.
-    if (!cfg.health_check.enabled) {
-      for (std::size_t i = 0; i < backends.size(); ++i) backends[i].reset_health();
+    // verdict, would otherwise stay down for good (set_health_checks brings it up).
+    for (std::size_t i = 0; i < backends.size(); ++i) {
+      backends[i].set_health_checks(cfg.health_check.enabled);
     }
   }
   const std::uint64_t id;
@@ -1911,13 +1911,18 @@ void ClientSession::stop_watch() {
 
 void ClientSession::record_passive(const config::HealthCheck& hc, lb::Backend& backend, bool ok) {
   // Passive results only feed health when active checks run: they alone can bring a
-  // backend back, so without them a passive "down" would be permanent.
-  if (!hc.enabled) return;
+  // backend back, so without them a passive "down" would be permanent. `hc` is the request's
+  // generation's; a reload since may have turned the checks off (health_checks_on).
+  if (!hc.enabled || !backend.health_checks_on()) return;
   if (ok) {
     // An answer to a request sent before the backend went down ends a run of failures, but
     // only the active checks bring a down backend back (healthy_threshold passed checks).
     if (backend.consecutive_failures() != 0) backend.record_passive_success();
   } else if (backend.record_failure(hc.unhealthy_threshold)) {
+    if (!backend.health_checks_on()) {
+      backend.reset_health();  // a reload turned the checks off while this failure was counted
+      return;
+    }
     log::line("warn", "backend {} marked unhealthy after {} consecutive failures", backend.name(),
               backend.consecutive_failures());
   }

@@ -668,6 +668,38 @@ test('a reload that turns health checks off brings back a backend they had marke
   assert.equal(res.headers['x-mock-backend'], 'sick');
 });
 
+test('requests still on the old generation that fail after a reload turned health checks off do not mark their backend down', { timeout: 30_000 }, async () => {
+  const flaky = await startBackend('flaky');
+  const release = deferred();
+  flaky.handler = async (req, res) => {
+    if (req.headers['x-request-id']?.startsWith('old-')) {
+      await release.promise;
+      req.socket.destroy(); // reset before any answer: a passive failure of the backend
+      return;
+    }
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ id: 'c', object: 'chat.completion', choices: [{ index: 0, message: { role: 'assistant', content: 'ok' }, finish_reason: 'stop' }] }));
+  };
+  const gw = await startGateway({
+    server: { workers: 1 },
+    health_check: { enabled: true, interval: '100ms', unhealthy_threshold: 1, healthy_threshold: 1 },
+    load_balancing: { max_retries: 0 },
+    backends: [backendEntry(flaky, { name: 'flaky' })],
+  });
+  const inFlight = ['old-1', 'old-2'].map((id) => postJson(gw.url, CHAT, chatBody('m1'), { headers: { 'x-request-id': id } }));
+  await waitUntil(async () => flaky.apiRequests.length === 2, { timeout: 10_000, what: 'both requests at the backend' });
+  rewriteConfig(gw, (c) => {
+    c.health_check.enabled = false;
+  });
+  await reloadOk(gw);
+  release.resolve();
+  for (const res of await Promise.all(inFlight)) assert.equal(res.status, 502, res.text());
+  // Nothing checks the backend any more: those failures must not have marked it down.
+  assert.equal((await adminBackends(gw))[0].healthy, true);
+  const res = await postJson(gw.url, CHAT, chatBody('m1'));
+  assert.equal(res.status, 200, res.text());
+});
+
 test('usage_hook, usage.api_key and usage.user_header are reloaded; the hook added by reload starts at the log head', { timeout: 30_000 }, async () => {
   const hook = await startWebhook({ name: 'hook' });
   const gw = await startGateway({ backends: [backendEntry(a, { name: 'a' })] });
