@@ -1,6 +1,8 @@
 #include "config/config.h"
 
 #include <arpa/inet.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <simdjson.h>
 #include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
@@ -348,12 +350,27 @@ void read_backends(Reader& r, const YAML::Node& root, Config& c) {
   }
 }
 
+// Does OpenSSL load `path` as a trust store (at least one PEM certificate), as the gateway will?
+bool loads_as_trust_store(const std::string& path) {
+  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+  if (!ctx) return true;  // cannot tell here; the gateway's own load reports it
+  const bool ok = SSL_CTX_load_verify_locations(ctx, path.c_str(), nullptr) == 1;
+  SSL_CTX_free(ctx);
+  ERR_clear_error();
+  return ok;
+}
+
 const std::initializer_list<std::string_view> kSinkKeys = {
     "name",       "enabled",        "url",     "timeout", "retry", "max_backoff",
     "batch_size", "batch_interval", "headers", "secret",  "replay"};
+// usage_hook is the sink named "usage_hook": its name (and so its cursor) is not configurable.
+const std::initializer_list<std::string_view> kHookKeys = {
+    "enabled",        "url",     "timeout", "retry", "max_backoff", "batch_size",
+    "batch_interval", "headers", "secret",  "replay"};
 
-void read_sink(Reader& r, const YAML::Node& n, const std::string& path, SinkConfig& s) {
-  if (!r.map(n, path, kSinkKeys)) return;
+void read_sink(Reader& r, const YAML::Node& n, const std::string& path, SinkConfig& s,
+               std::initializer_list<std::string_view> keys = kSinkKeys) {
+  if (!r.map(n, path, keys)) return;
   r.string(n, "name", path, s.name);
   r.boolean(n, "enabled", path, s.enabled);
   r.string(n, "url", path, s.url);
@@ -664,6 +681,12 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
     if (!c.upstream.ca_file.empty() && !std::ifstream(c.upstream.ca_file).good()) {
       r.error(n["ca_file"].Mark(), "upstream.ca_file",
               "cannot read \"" + c.upstream.ca_file + "\"");
+    } else if (!c.upstream.ca_file.empty() && !loads_as_trust_store(c.upstream.ca_file)) {
+      // A directory (OpenSSL's CApath habit), an empty file, a key: every TLS backend would fail
+      // its handshake.
+      r.error(n["ca_file"].Mark(), "upstream.ca_file",
+              "no PEM certificate could be loaded from \"" + c.upstream.ca_file +
+                  "\" (expected a file of PEM certificates, not a directory or a key)");
     }
   }
   read_backends(r, root, c);
@@ -686,10 +709,10 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
     r.integer(n, "healthy_threshold", "health_check", c.health_check.healthy_threshold, 1, 100);
     r.boolean(n, "passive_5xx", "health_check", c.health_check.passive_5xx);
   }
-  c.usage_hook.name = "usage_hook";
   if (auto n = root["usage_hook"]; n.IsDefined() && !n.IsNull()) {
-    read_sink(r, n, "usage_hook", c.usage_hook);
+    read_sink(r, n, "usage_hook", c.usage_hook, kHookKeys);
   }
+  c.usage_hook.name = "usage_hook";
   read_usage(r, root, c);
   if (!c.usage.enabled) {
     // With metering off no record is made: an enabled sink would get nothing, without a word.

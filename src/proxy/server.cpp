@@ -3426,10 +3426,16 @@ int Gateway::run() {
   error_code ec;
   if (!cfg.upstream.ca_file.empty()) {
     shared.tls.load_verify_file(cfg.upstream.ca_file, ec);
+    if (ec) {
+      // Checked with the configuration; a file changed since would leave the trust store empty
+      // and fail every TLS backend.
+      log::line("error", "upstream.ca_file \"{}\": {}", cfg.upstream.ca_file, ec.message());
+      return 1;
+    }
   } else {
     shared.tls.set_default_verify_paths(ec);
+    if (ec) log::line("warn", "TLS trust store: {}", ec.message());
   }
-  if (ec) log::line("warn", "TLS trust store: {}", ec.message());
 
   // Metering: the usage log is opened before any request can be served.
   if (cfg.usage.enabled) {

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <string_view>
@@ -611,6 +612,16 @@ usage_hook:
   retries: 2
 )",
                            "usage_hook.retries", 5));
+  // usage_hook is the sink named "usage_hook" (its cursor's name): another name would move the
+  // cursor and skip what that receiver had not got yet.
+  EXPECT_TRUE(single_error(R"(
+backends:
+  - url: http://a:8000
+usage_hook:
+  enabled: false
+  name: billing
+)",
+                           "usage_hook.name", 5));
 }
 
 TEST(ConfigReject, UnknownKeyMessageListsKnownKeys) {
@@ -988,6 +999,26 @@ upstream:
   ca_file: /nonexistent/llmproxy/ca.pem
 )",
                            "upstream.ca_file", 4));
+  // Readable, but no trust store: a directory (OpenSSL's CApath habit) or a file without a PEM
+  // certificate.
+  const auto dir = std::filesystem::temp_directory_path();
+  EXPECT_TRUE(single_error(
+      "backends:\n  - url: http://a:8000\nupstream:\n  ca_file: " + dir.string() + "\n",
+      "upstream.ca_file", 4));
+  const auto not_pem = dir / "llmproxy-config-test-not-a-ca.pem";
+  std::ofstream(not_pem) << "not a certificate\n";
+  EXPECT_TRUE(single_error(
+      "backends:\n  - url: http://a:8000\nupstream:\n  ca_file: " + not_pem.string() + "\n",
+      "upstream.ca_file", 4));
+  std::filesystem::remove(not_pem);
+  // The integration tests' certificate loads; its private key is no trust store.
+  const std::string fixtures = LLMPROXY_SOURCE_DIR "/tests/integration/fixtures/";
+  EXPECT_TRUE(load("backends:\n  - url: http://a:8000\nupstream:\n  ca_file: " + fixtures +
+                   "tls-cert.pem\n")
+                  .ok());
+  EXPECT_TRUE(single_error(
+      "backends:\n  - url: http://a:8000\nupstream:\n  ca_file: " + fixtures + "tls-key.pem\n",
+      "upstream.ca_file", 4));
 }
 
 TEST(ConfigReject, AllProblemsAreReported) {
