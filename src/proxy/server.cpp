@@ -13,6 +13,7 @@
 #include <malloc.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <signal.h>
 #include <simdjson.h>
 #include <sys/resource.h>
@@ -310,15 +311,15 @@ struct UpstreamConn {
   bool reused = false;
 };
 
-// Is an idle pooled connection still usable? A peer that closed it has left EOF (or stray
-// bytes) in the socket; both mean "do not reuse".
+// Is an idle pooled connection still usable? A peer that closed it has shut its side down
+// (FIN or reset), whatever it sent before: over TLS, the close_notify alert waits in front of the
+// FIN. Bytes alone are stray on plain HTTP (do not reuse), and over TLS may be TLS 1.3 session
+// tickets sent after the handshake (harmless).
 bool idle_conn_alive(UpstreamConn& c) {
-  char b;
-  int fd = c.tcp().socket().native_handle();
-  ssize_t n = ::recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
-  if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK;
-  if (n == 0) return false;
-  return c.is_tls();  // TLS 1.3 session tickets may arrive after the handshake
+  pollfd p{c.tcp().socket().native_handle(), POLLIN | POLLRDHUP, 0};
+  if (::poll(&p, 1, 0) < 0) return false;
+  if ((p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) != 0) return false;
+  return (p.revents & POLLIN) == 0 || c.is_tls();
 }
 
 // ---------------------------------------------------------------------------------------------

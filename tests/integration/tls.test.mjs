@@ -9,7 +9,7 @@ import https from 'node:https';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { cleanup, checkProcesses, trackTest, startGateway, postJson, chatBody, openAIError, httpRequest, toYaml } from './lib/harness.mjs';
+import { cleanup, checkProcesses, trackTest, startGateway, postJson, chatBody, openAIError, httpRequest, toYaml, withTimeout } from './lib/harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const CERT = path.join(HERE, 'fixtures', 'tls-cert.pem');
@@ -168,7 +168,9 @@ test('an interim answer then a dropped connection over TLS: the backend ran the 
   }
 });
 
-test('a pooled TLS connection the backend dropped without close_notify is replaced, not counted as a failure', async () => {
+// A gateway with one pooled TLS backend (no retries, no health checks), and the backend's
+// connections opened from now on.
+async function pooledTlsGateway() {
   const gw = await startGateway({
     server: { workers: 1 },
     upstream: { ca_file: CERT },
@@ -179,6 +181,11 @@ test('a pooled TLS connection the backend dropped without close_notify is replac
   const sockets = new Set();
   const track = (s) => sockets.add(s);
   server.on('secureConnection', track);
+  return { gw, sockets, untrack: () => server.off('secureConnection', track) };
+}
+
+test('a pooled TLS connection the backend dropped without close_notify is replaced, not counted as a failure', async () => {
+  const { gw, sockets, untrack } = await pooledTlsGateway();
   try {
     assert.equal((await postJson(gw.url, '/v1/chat/completions', chatBody('m1'))).status, 200);
     assert.ok(sockets.size > 0, 'the answer came over a new connection');
@@ -193,6 +200,30 @@ test('a pooled TLS connection the backend dropped without close_notify is replac
     assert.doesNotMatch(metrics, /^llmproxy_upstream_errors_total\{[^}]*backend="tls"[^}]*\} [1-9]/m, metrics);
     assert.match(metrics, /^llmproxy_retries_total 1$/m);
   } finally {
-    server.off('secureConnection', track);
+    untrack();
+  }
+});
+
+test('a pooled TLS connection the backend closed (close_notify, then FIN) leaves the pool at once: never tried, no retry', async () => {
+  const { gw, sockets, untrack } = await pooledTlsGateway();
+  const keepAlive = server.keepAliveTimeout;
+  server.keepAliveTimeout = 120_000; // the server's own idle cut must not close them first
+  try {
+    assert.equal((await postJson(gw.url, '/v1/chat/completions', chatBody('m1'))).status, 200);
+    assert.ok(sockets.size > 0, 'the answer came over a new connection');
+    // The backend's keep-alive timeout, as a TLS server ends a connection: close_notify, then
+    // FIN. The alert's bytes wait in the gateway's socket in front of the FIN.
+    // (A connection already closed is the gateway's model discovery: one request, then closed.)
+    const open = [...sockets].filter((s) => !s.destroyed);
+    const closed = open.map((s) => new Promise((resolve) => s.once('close', resolve)));
+    for (const s of open) s.end();
+    await withTimeout(Promise.all(closed), 10_000, 'the gateway closing the pooled connections the backend ended');
+    const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
+    assert.equal(res.status, 200, res.text());
+    const metrics = (await httpRequest(`${gw.url}/metrics`)).text();
+    assert.match(metrics, /^llmproxy_retries_total 0$/m);
+  } finally {
+    server.keepAliveTimeout = keepAlive;
+    untrack();
   }
 });
