@@ -3203,6 +3203,8 @@ asio::awaitable<ProbeResult> probe(asio::io_context& ioc, Shared& shared, const 
                                    std::chrono::milliseconds timeout) {
   ProbeResult out;
   const auto& url = b.config().parsed;
+  // One deadline for the whole check (connect, TLS handshake, request, answer): `timeout`.
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
   auto cr = co_await connect_backend(ioc.get_executor(), shared, gen, b, timeout);
   if (!cr.conn) {
     out.error = cr.message();
@@ -3210,7 +3212,7 @@ asio::awaitable<ProbeResult> probe(asio::io_context& ioc, Shared& shared, const 
     co_return out;
   }
   auto conn = std::move(cr.conn);
-  conn->tcp().expires_after(timeout);
+  conn->tcp().expires_at(deadline);
   bhttp::request<bhttp::empty_body> req{bhttp::verb::get, url.base_path + path, 11};
   req.set(bhttp::field::host, url.authority());
   req.set(bhttp::field::user_agent, "llmproxy-health-check");
