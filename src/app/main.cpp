@@ -111,10 +111,16 @@ int run_usage(const UsageArgs& a) {
     return usage_error("--group-by does not apply to --dead-letters");
   }
   std::unique_ptr<u::Ledger> ledger;
+  std::error_code exists_ec;
+  if (!std::filesystem::exists(db, exists_ec)) {
+    return usage_error(db + ": no such file (--db, or the config's usage.log_path)");
+  }
   try {
     ledger = std::make_unique<u::Ledger>(db);
   } catch (const std::exception& e) {
-    return usage_error(e.what());
+    // Not the command line's fault (a foreign file, a lock, a newer schema): 1, like a query.
+    std::fprintf(stderr, "llmproxy usage: %s\n", e.what());
+    return 1;
   }
   try {
     std::string out = a.dead_letters ? u::format_dead_letters(

@@ -188,7 +188,8 @@ std::optional<std::int64_t> parse_absolute(std::string_view s) {
     if (s[i] == 'Z' || s[i] == 'z') {
       if (i + 1 != s.size()) return std::nullopt;
     } else if (s[i] == '+' || s[i] == '-') {
-      if (s.size() != i + 6 || !digits(s, i + 1, 2) || s[i + 3] != ':' || !digits(s, i + 4, 2)) {
+      if (s.size() != i + 6 || !digits(s, i + 1, 2) || s[i + 3] != ':' || !digits(s, i + 4, 2) ||
+          num(s, i + 1, 2) > 23 || num(s, i + 4, 2) > 59) {
         return std::nullopt;
       }
       offset_s = (num(s, i + 1, 2) * 3600 + num(s, i + 4, 2) * 60) * (s[i] == '+' ? 1 : -1);
@@ -241,41 +242,65 @@ Ledger::Ledger(const std::string& path)
 
 Ledger::~Ledger() = default;
 
+namespace {
+// An RFC 3339 UTC time with milliseconds, as --since reads it back exactly.
+std::string rfc3339_ms(std::int64_t unix_ms) {
+  const std::int64_t sec_ms = unix_ms - ((unix_ms % 1000) + 1000) % 1000;
+  std::string t = rfc3339(sec_ms);  // "...:SSZ"
+  t.insert(t.size() - 1, fmt::format(".{:03}", unix_ms - sec_ms));
+  return t;
+}
+}  // namespace
+
 std::vector<LedgerRow> Ledger::totals(const LedgerQuery& q) {
   std::map<std::vector<std::string>, LedgerRow> groups;
   simdjson::dom::parser parser;
   std::string padded;
   std::vector<std::string> keys(q.group_by.size());
   std::string error;
-  log_->for_each_record(q.since_ms.value_or(INT64_MIN), q.until_ms.value_or(INT64_MAX),
-                        [&](std::int64_t ts_ms, std::string_view json) {
-                          if (!error.empty()) return;
-                          padded.assign(json);
-                          padded.reserve(json.size() + simdjson::SIMDJSON_PADDING);
-                          simdjson::dom::element doc;
-                          if (parser.parse(padded.data(), padded.size(), false).get(doc)) {
-                            error = "a record in the log is not valid JSON";
-                            return;
-                          }
-                          for (std::size_t i = 0; i < q.group_by.size(); ++i) {
-                            const auto& k = info(q.group_by[i]);
-                            if (k.field.empty()) {
-                              keys[i] = rfc3339(ts_ms).substr(0, 10);  // the UTC date
-                            } else {
-                              std::string_view v;
-                              keys[i] =
-                                  doc[k.field].get_string().get(v) ? std::string() : std::string(v);
-                            }
-                          }
-                          auto& row = groups[keys];
-                          std::int64_t n;
-                          row.requests += 1;
-                          if (!doc["prompt_tokens"].get_int64().get(n)) row.prompt_tokens += n;
-                          if (!doc["completion_tokens"].get_int64().get(n))
-                            row.completion_tokens += n;
-                          if (!doc["total_tokens"].get_int64().get(n)) row.total_tokens += n;
-                        });
+  const auto cov = log_->for_each_record(
+      q.since_ms.value_or(INT64_MIN), q.until_ms.value_or(INT64_MAX),
+      [&](std::int64_t ts_ms, std::string_view json) {
+        if (!error.empty()) return;
+        padded.assign(json);
+        padded.reserve(json.size() + simdjson::SIMDJSON_PADDING);
+        simdjson::dom::element doc;
+        if (parser.parse(padded.data(), padded.size(), false).get(doc)) {
+          error = "a record in the log is not valid JSON";
+          return;
+        }
+        for (std::size_t i = 0; i < q.group_by.size(); ++i) {
+          const auto& k = info(q.group_by[i]);
+          if (k.field.empty()) {
+            keys[i] = rfc3339(ts_ms).substr(0, 10);  // the UTC date
+          } else {
+            std::string_view v;
+            keys[i] = doc[k.field].get_string().get(v) ? std::string() : std::string(v);
+          }
+        }
+        auto& row = groups[keys];
+        std::int64_t n;
+        row.requests += 1;
+        // A sum past int64 (counts up to 2^53 each) fails the report.
+        const auto add = [&](std::int64_t& sum) {
+          if (__builtin_add_overflow(sum, n, &sum)) {
+            error = "a token sum exceeds 2^63 - 1 (records with absurd counts)";
+          }
+        };
+        if (!doc["prompt_tokens"].get_int64().get(n)) add(row.prompt_tokens);
+        if (!doc["completion_tokens"].get_int64().get(n)) add(row.completion_tokens);
+        if (!doc["total_tokens"].get_int64().get(n)) add(row.total_tokens);
+      });
   if (!error.empty()) throw std::runtime_error("usage ledger: " + error);
+  // Retention deleted records: a window that starts before the oldest one left may be missing
+  // some (a report without --since covers what the log holds).
+  if (q.since_ms && cov.deleted_through > 0 && (!cov.oldest_ms || *q.since_ms < *cov.oldest_ms)) {
+    throw std::runtime_error(
+        "the report would be incomplete: retention (usage.retention_days) has deleted records, " +
+        (cov.oldest_ms ? "and the oldest one left is from " + rfc3339_ms(*cov.oldest_ms) +
+                             "; ask from then on (--since " + rfc3339_ms(*cov.oldest_ms) + ")"
+                       : std::string("and none is left")));
+  }
   std::vector<LedgerRow> out;
   if (q.group_by.empty() && groups.empty()) out.emplace_back();  // one total, even of nothing
   for (auto& [k, row] : groups) {
@@ -472,9 +497,14 @@ std::optional<std::int64_t> parse_time_arg(std::string_view s, std::int64_t now_
       }
       ++i;
     }
-    total += n * unit;
+    std::int64_t part;
+    if (__builtin_mul_overflow(n, unit, &part) || __builtin_add_overflow(total, part, &total)) {
+      return std::nullopt;  // past any date a log holds
+    }
   }
-  return now_ms - total;
+  std::int64_t at;
+  if (__builtin_sub_overflow(now_ms, total, &at)) return std::nullopt;
+  return at;
 }
 
 }  // namespace llmproxy::usage

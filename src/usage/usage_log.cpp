@@ -765,9 +765,39 @@ std::optional<std::int64_t> UsageLog::first_seq() {
   return sqlite3_column_int64(st.s, 0);
 }
 
-void UsageLog::for_each_record(std::int64_t since_ms, std::int64_t until_ms,
-                               const std::function<void(std::int64_t, std::string_view)>& fn) {
+UsageLog::Coverage UsageLog::for_each_record(
+    std::int64_t since_ms, std::int64_t until_ms,
+    const std::function<void(std::int64_t, std::string_view)>& fn) {
   std::lock_guard lk(mu_);
+  // One snapshot for the checks and the scan: a delete in between (the gateway's retention)
+  // would otherwise look like records lost.
+  if (int rc = sqlite3_exec(db_, "BEGIN", nullptr, nullptr, nullptr); rc != SQLITE_OK) {
+    fail(rc, "begin a read");
+  }
+  struct EndRead {
+    sqlite3* db;
+    ~EndRead() { sqlite3_exec(db, "COMMIT", nullptr, nullptr, nullptr); }
+  } end_read{db_};
+  Coverage cov;
+  cov.deleted_through = deleted_through_locked();
+  {
+    // Every seq above the deleted ones, each batch starting where the one before it ended.
+    sqlite3_stmt* s = nullptr;
+    int rc = sqlite3_prepare_v2(
+        db_, "SELECT first_seq, last_seq, min_ts_ms FROM record_batches ORDER BY first_seq", -1, &s,
+        nullptr);
+    if (rc != SQLITE_OK) fail(rc, "prepare");
+    std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> guard(s, sqlite3_finalize);
+    std::int64_t expected = cov.deleted_through + 1;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+      const std::int64_t first = sqlite3_column_int64(s, 0);
+      if (first > expected) missing(expected, first - 1);
+      expected = std::max<std::int64_t>(expected, sqlite3_column_int64(s, 1) + 1);
+      const std::int64_t ts = sqlite3_column_int64(s, 2);
+      cov.oldest_ms = cov.oldest_ms ? std::min(*cov.oldest_ms, ts) : ts;
+    }
+    if (rc != SQLITE_DONE) fail(rc, "read the log's batches");
+  }
   sqlite3_stmt* s = nullptr;
   int rc = sqlite3_prepare_v2(db_,
                               "SELECT records, meta, first_seq, last_seq FROM record_batches WHERE "
@@ -797,6 +827,7 @@ void UsageLog::for_each_record(std::int64_t since_ms, std::int64_t until_ms,
     if (bad != std::string_view::npos) damaged(first + static_cast<std::int64_t>(bad));
   }
   if (rc != SQLITE_DONE) fail(rc, "read records");
+  return cov;
 }
 
 std::vector<DeadLetterRow> UsageLog::dead_letters(std::optional<std::int64_t> since_ms,

@@ -632,6 +632,13 @@ test('`llmproxy usage --group-by user,model --format json`: totals equal the sum
     assert.match(bad.stderr, why, `--group-by ${groupBy}`);
     assert.equal(bad.stdout, '', `--group-by ${groupBy}`);
   }
+  // A path that names no file is a wrong command line (2); a file that is no usage log is not (1).
+  const missing = usageCli(['--db', `${gw.config.usage.log_path}.nope`]);
+  assert.equal(missing.status, 2, missing.stderr);
+  assert.match(missing.stderr, /no such file/);
+  const foreign = usageCli(['--db', gw.configFile]);
+  assert.equal(foreign.status, 1, foreign.stderr);
+  assert.equal(foreign.stdout, '');
 });
 
 test('/metrics after known traffic: usage token counters equal the sums of the records, webhook successes equal deliveries', { timeout: 60_000 }, async () => {
