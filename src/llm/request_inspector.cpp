@@ -154,7 +154,10 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
   for (auto field : obj) {
     std::string_view key = field.key;
     if (key == "stream") {
-      if (field.value.is_null()) continue;
+      if (field.value.is_null()) {
+        info.stream = false;  // a later null wins too, as the backends read duplicates
+        continue;
+      }
       bool v;
       if (field.value.get_bool().get(v)) {
         error.spec = http::errors::invalid_request;
@@ -174,7 +177,10 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
       if (too_long("model", v, error)) return false;
       info.model.assign(v);
     } else if (key == "user") {
-      if (field.value.is_null()) continue;
+      if (field.value.is_null()) {
+        info.user.clear();
+        continue;
+      }
       std::string_view v;
       if (field.value.get_string().get(v)) {
         error.spec = http::errors::invalid_request;
@@ -237,7 +243,9 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
         bool v = false;
         if (f.key == "include_usage") {
           asked = true;
-          info.include_usage = !f.value.get_bool().get(v) && v;
+          // Not a boolean (and not null): what the backend makes of it is its own (vLLM takes
+          // "true" and 1 as true), so the gateway neither asks for usage nor removes any.
+          info.include_usage = f.value.get_bool().get(v) ? !f.value.is_null() : v;
         } else if (f.key == "continuous_usage_stats") {
           continuous = !f.value.get_bool().get(v) && v;
         }

@@ -78,6 +78,14 @@ TEST(RequestInspector, StreamFlag) {
   Outcome null = inspect(R"({"model":"m","stream":null})");
   ASSERT_TRUE(null.ok) << null.error.message;
   EXPECT_FALSE(null.info.stream);
+
+  // Duplicates: the last one wins, a null too, as the backends read them.
+  Outcome later_null = inspect(R"({"model":"m","stream":true,"stream":null})");
+  ASSERT_TRUE(later_null.ok) << later_null.error.message;
+  EXPECT_FALSE(later_null.info.stream);
+  Outcome user_null = inspect(R"({"model":"m","user":"alice","user":null})");
+  ASSERT_TRUE(user_null.ok) << user_null.error.message;
+  EXPECT_EQ(user_null.info.user, "");
 }
 
 TEST(RequestInspector, ModelAndUserExtracted) {
@@ -218,10 +226,18 @@ TEST(RequestInspector, IncludeUsageFromStreamOptions) {
   ASSERT_TRUE(null.ok) << null.error.message;
   EXPECT_FALSE(null.info.include_usage);
 
-  Outcome wrong =
-      inspect(R"({"model":"m","stream":true,"stream_options":{"include_usage":"yes"}})");
-  ASSERT_TRUE(wrong.ok) << wrong.error.message;
-  EXPECT_FALSE(wrong.info.include_usage);
+  // Not a boolean: the backend decides what it means (vLLM reads "yes", "true" and 1 as true),
+  // so the gateway takes it as the client's own request: nothing injected, nothing removed.
+  for (const char* value : {R"("yes")", "1", "{}"}) {
+    Outcome wrong = inspect(R"({"model":"m","stream":true,"stream_options":{"include_usage":)" +
+                            std::string(value) + "}}");
+    ASSERT_TRUE(wrong.ok) << wrong.error.message;
+    EXPECT_TRUE(wrong.info.include_usage) << value;
+  }
+  Outcome null_usage =
+      inspect(R"({"model":"m","stream":true,"stream_options":{"include_usage":null}})");
+  ASSERT_TRUE(null_usage.ok) << null_usage.error.message;
+  EXPECT_FALSE(null_usage.info.include_usage);
 
   // Duplicates: the last one wins, as Python and JS backends read them.
   auto include_usage = [](std::string_view so) {
