@@ -321,7 +321,11 @@ void read_backends(Reader& r, const YAML::Node& root, Config& c) {
     }
     r.string(node, "name", path, b.name);
     if (b.name.empty()) b.name = b.url;
-    if (!b.name.empty() && !names.insert(b.name).second) {
+    if (b.name == "none") {
+      // The metrics' backend label for requests that reached no backend: one name, one series.
+      r.error(node.Mark(), path + ".name",
+              "\"none\" is reserved (the metrics' label for requests no backend served)");
+    } else if (!b.name.empty() && !names.insert(b.name).second) {
       r.error(node.Mark(), path + ".name", "duplicate backend name \"" + b.name + "\"");
     }
     if (Reader::has(node, "models")) {

@@ -1102,7 +1102,10 @@ void ClientSession::log(RequestContext& ctx) {
           .count();
   w_.metrics.request(ctx.route, ctx.info.stream, backend, ctx.status, duration_ms);
   if (ctx.finish == "client_disconnected") ++w_.metrics.client_disconnects;
-  if (ctx.info.stream && ctx.backend && ctx.first_byte_ms >= 0) {
+  // An error answer's first byte is no first token: a backend shedding load in 3 ms would
+  // otherwise improve the TTFT while it serves nothing.
+  if (ctx.info.stream && ctx.backend && ctx.first_byte_ms >= 0 && ctx.upstream_status >= 200 &&
+      ctx.upstream_status < 300) {
     w_.metrics.ttft(backend, ctx.first_byte_ms);
   }
   if (w_.log.enabled()) access_log(ctx, duration_ms);

@@ -95,6 +95,11 @@ test('counters read back after known traffic equal that traffic', async () => {
     assert.equal(res.statusCode, 200);
     await readAll(res);
   }
+  // Streams the backend refuses (a fast 400, a 429): no first token, so no TTFT observation.
+  for (const status of [400, 429]) {
+    const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1', { stream: true }), { headers: { 'x-mock-status': String(status) } });
+    assert.equal(res.status, status);
+  }
   for (let i = 0; i < 3; i++) assert.equal((await httpRequest(`${gw.url}/nope`)).status, 404);
   for (let i = 0; i < 2; i++) {
     const res = await httpRequest(`${gw.url}/v1/chat/completions`, { method: 'POST', body: '{bad', headers: { 'content-type': 'application/json' } });
@@ -111,7 +116,8 @@ test('counters read back after known traffic equal that traffic', async () => {
         delta('llmproxy_requests_total', chat) >= 12 &&
         delta('llmproxy_requests_total', chatStream) >= 4 &&
         delta('llmproxy_requests_total', notFound) >= 3 &&
-        delta('llmproxy_requests_total', badJson) >= 2
+        delta('llmproxy_requests_total', badJson) >= 2 &&
+        delta('llmproxy_requests_total', { ...chatStream, status: '429' }) >= 1
       );
     },
     { timeout: 10_000, what: 'the request counters to count the traffic' },
@@ -127,7 +133,7 @@ test('counters read back after known traffic equal that traffic', async () => {
   assert.ok(connectErrors >= 1, 'round robin over a dead and a live backend sends some requests to the dead one');
   // One latency observation per request counted (the scrapes' own included).
   const counted = metricSum(after, 'llmproxy_requests_total') - metricSum(before, 'llmproxy_requests_total');
-  assert.ok(counted >= 12 + 4 + 3 + 2 + 1, `requests counted: ${counted}`);
+  assert.ok(counted >= 12 + 4 + 2 + 3 + 2 + 1, `requests counted: ${counted}`);
   assert.equal(delta('llmproxy_latency_ms_count', {}), counted);
   assert.equal(delta('llmproxy_request_duration_seconds_count', {}), counted);
   assert.equal(delta('llmproxy_time_to_first_token_seconds_count', { backend: 'a' }), 4);

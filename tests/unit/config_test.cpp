@@ -863,6 +863,15 @@ backends:
                            "backends[1].name", 3));
 }
 
+TEST(ConfigReject, BackendNamedNone) {
+  EXPECT_TRUE(single_error(R"(
+backends:
+  - url: http://a:8000
+    name: none
+)",
+                           "backends[0].name", 2));
+}
+
 TEST(ConfigReject, BadDurations) {
   // Beyond a year: now + duration in nanoseconds would wrap around (QA: 3000000h as
   // first_byte answered every request 504 at once, as health_check.interval probed in a loop).
