@@ -21,9 +21,11 @@
 namespace llmproxy::metrics {
 
 // Milliseconds. llmproxy_latency_ms and llmproxy_request_duration_seconds are the same
-// observations rendered in two units.
-inline constexpr std::array<double, 17> kLatencyBoundsMs = {
-    1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000};
+// observations rendered in two units. Up to 20 minutes: a long generation streams for longer
+// than 5, and first_byte alone may wait 5 (above the top bucket a quantile reads as that bucket).
+inline constexpr std::array<double, 20> kLatencyBoundsMs = {
+    1,    2.5,  5,     10,    25,    50,    100,    250,    500,    1000,
+    2500, 5000, 10000, 15000, 30000, 60000, 120000, 300000, 600000, 1200000};
 inline constexpr std::array<double, 14> kGapBoundsMs = {0.25, 0.5, 1,   2.5, 5,    10,   25,
                                                         50,   100, 250, 500, 1000, 2500, 10000};
 

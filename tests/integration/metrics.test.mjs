@@ -137,6 +137,9 @@ test('counters read back after known traffic equal that traffic', async () => {
   assert.equal(delta('llmproxy_latency_ms_count', {}), counted);
   assert.equal(delta('llmproxy_request_duration_seconds_count', {}), counted);
   assert.equal(delta('llmproxy_time_to_first_token_seconds_count', { backend: 'a' }), 4);
+  // Buckets reach 20 minutes: long generations do not all land in +Inf.
+  assert.match(after, /^llmproxy_request_duration_seconds_bucket\{le="1200"\} /m);
+  assert.match(after, /^llmproxy_latency_ms_bucket\{le="1200000"\} /m);
   // 5 tokens + finish chunk + [DONE]: up to 6 gaps per stream (the last two are written together).
   assert.ok(delta('llmproxy_stream_event_gap_seconds_count', {}) >= 4 * 3);
   assert.equal(sample(after, 'llmproxy_backend_up', { backend: 'a' }), 1);
