@@ -73,8 +73,8 @@ test('SIGTERM with an idle keep-alive client connection exits 0 without waiting 
 });
 
 test('SIGTERM with no traffic exits 0', { timeout: 30_000 }, async () => {
-  const mock = await startMock({ name: 'none' });
-  const gw = await startGateway({ backends: [backendEntry(mock, { name: 'none' })] });
+  const mock = await startMock({ name: 'idle' });
+  const gw = await startGateway({ backends: [backendEntry(mock, { name: 'idle' })] });
   gw.signal('SIGTERM');
   const exit = await gw.waitExit(10_000);
   assert.deepEqual(exit, { code: 0, signal: null });
