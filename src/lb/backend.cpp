@@ -47,7 +47,9 @@ void Backend::reset_health() {
   auto& l = *live_;
   l.failures.store(0, std::memory_order_relaxed);
   l.successes.store(0, std::memory_order_relaxed);
-  l.healthy.store(true, std::memory_order_relaxed);
+  // seq_cst, like the checks_on store before it (set_health_checks): a passive failure that
+  // flips the backend down after this store then sees the checks off, on any CPU.
+  l.healthy.store(true);
 }
 
 void Backend::set_health_checks(bool on) {

@@ -1,6 +1,8 @@
 #include "llm/request_inspector.h"
 
+#include <cctype>
 #include <charconv>
+#include <string>
 
 namespace llmproxy::llm {
 namespace {
@@ -123,6 +125,25 @@ std::string_view to_string(Endpoint e) {
 
 RequestInspector::RequestInspector(std::size_t max_body_size) : parser_(max_body_size) {}
 
+namespace {
+// A boolean as vLLM's models read one (pydantic, lax): true, 1, and "true", "yes", "on", "1",
+// "t", "y" in any case. So a client whose `include_usage` the backend reads as true gets its
+// usage untouched, and one it reads as false ("false", 0, "no") is asked for usage by the
+// gateway like one that sent false (its usage chunk removed), never billed from an estimate.
+bool lax_true(simdjson::dom::element v) {
+  bool b = false;
+  if (v.get_bool().get(b) == simdjson::SUCCESS) return b;
+  std::int64_t i = 0;
+  if (v.get_int64().get(i) == simdjson::SUCCESS) return i == 1;
+  std::string_view text;
+  if (v.get_string().get(text) != simdjson::SUCCESS || text.size() > 4) return false;
+  std::string lower(text);
+  for (auto& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return lower == "true" || lower == "yes" || lower == "on" || lower == "1" || lower == "t" ||
+         lower == "y";
+}
+}  // namespace
+
 bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool padded,
                                RequestInfo& info, InspectError& error, bool count_text) {
   // The DOM parser validates the whole document (the on-demand API would skip unread values),
@@ -243,9 +264,7 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
         bool v = false;
         if (f.key == "include_usage") {
           asked = true;
-          // Not a boolean (and not null): what the backend makes of it is its own (vLLM takes
-          // "true" and 1 as true), so the gateway neither asks for usage nor removes any.
-          info.include_usage = f.value.get_bool().get(v) ? !f.value.is_null() : v;
+          info.include_usage = lax_true(f.value);
         } else if (f.key == "continuous_usage_stats") {
           continuous = !f.value.get_bool().get(v) && v;
         }

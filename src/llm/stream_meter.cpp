@@ -80,8 +80,9 @@ std::string_view StreamMeter::relay(std::string_view in) {
 std::string_view StreamMeter::finish() {
   // The message may have ended inside an event (no blank line after its last bytes): clients
   // drop that event, but a usage report in it is still the backend's count of what it generated.
-  // It is read as if a blank line had followed; nothing is sent for that. Only whole JSON is
-  // read, so an event cut in the middle adds nothing.
+  // It is read as if a blank line had followed; nothing is sent for that. Usage is read only
+  // from whole JSON (an event cut in the middle reports none); the text it streamed counts
+  // towards an estimate like any other, as the backend generated it.
   scanner_.feed("\n\n", [this](const SseEvent& e) { tracker_.on_event(e.data, e.event); });
   tail_.swap(held_);  // not out_: the caller may still hold a view of it
   held_.clear();

@@ -242,65 +242,47 @@ Ledger::Ledger(const std::string& path)
 
 Ledger::~Ledger() = default;
 
-namespace {
-// An RFC 3339 UTC time with milliseconds, as --since reads it back exactly.
-std::string rfc3339_ms(std::int64_t unix_ms) {
-  const std::int64_t sec_ms = unix_ms - ((unix_ms % 1000) + 1000) % 1000;
-  std::string t = rfc3339(sec_ms);  // "...:SSZ"
-  t.insert(t.size() - 1, fmt::format(".{:03}", unix_ms - sec_ms));
-  return t;
-}
-}  // namespace
-
 std::vector<LedgerRow> Ledger::totals(const LedgerQuery& q) {
   std::map<std::vector<std::string>, LedgerRow> groups;
   simdjson::dom::parser parser;
   std::string padded;
   std::vector<std::string> keys(q.group_by.size());
   std::string error;
-  const auto cov = log_->for_each_record(
-      q.since_ms.value_or(INT64_MIN), q.until_ms.value_or(INT64_MAX),
-      [&](std::int64_t ts_ms, std::string_view json) {
-        if (!error.empty()) return;
-        padded.assign(json);
-        padded.reserve(json.size() + simdjson::SIMDJSON_PADDING);
-        simdjson::dom::element doc;
-        if (parser.parse(padded.data(), padded.size(), false).get(doc)) {
-          error = "a record in the log is not valid JSON";
-          return;
-        }
-        for (std::size_t i = 0; i < q.group_by.size(); ++i) {
-          const auto& k = info(q.group_by[i]);
-          if (k.field.empty()) {
-            keys[i] = rfc3339(ts_ms).substr(0, 10);  // the UTC date
-          } else {
-            std::string_view v;
-            keys[i] = doc[k.field].get_string().get(v) ? std::string() : std::string(v);
-          }
-        }
-        auto& row = groups[keys];
-        std::int64_t n;
-        row.requests += 1;
-        // A sum past int64 (counts up to 2^53 each) fails the report.
-        const auto add = [&](std::int64_t& sum) {
-          if (__builtin_add_overflow(sum, n, &sum)) {
-            error = "a token sum exceeds 2^63 - 1 (records with absurd counts)";
-          }
-        };
-        if (!doc["prompt_tokens"].get_int64().get(n)) add(row.prompt_tokens);
-        if (!doc["completion_tokens"].get_int64().get(n)) add(row.completion_tokens);
-        if (!doc["total_tokens"].get_int64().get(n)) add(row.total_tokens);
-      });
+  log_->for_each_record(q.since_ms.value_or(INT64_MIN), q.until_ms.value_or(INT64_MAX),
+                        [&](std::int64_t ts_ms, std::string_view json) {
+                          if (!error.empty()) return;
+                          padded.assign(json);
+                          padded.reserve(json.size() + simdjson::SIMDJSON_PADDING);
+                          simdjson::dom::element doc;
+                          if (parser.parse(padded.data(), padded.size(), false).get(doc)) {
+                            error = "a record in the log is not valid JSON";
+                            return;
+                          }
+                          for (std::size_t i = 0; i < q.group_by.size(); ++i) {
+                            const auto& k = info(q.group_by[i]);
+                            if (k.field.empty()) {
+                              keys[i] = rfc3339(ts_ms).substr(0, 10);  // the UTC date
+                            } else {
+                              std::string_view v;
+                              keys[i] =
+                                  doc[k.field].get_string().get(v) ? std::string() : std::string(v);
+                            }
+                          }
+                          auto& row = groups[keys];
+                          std::int64_t n;
+                          row.requests += 1;
+                          // A sum past int64 (counts up to 2^53 each) fails the report.
+                          const auto add = [&](std::int64_t& sum) {
+                            if (__builtin_add_overflow(sum, n, &sum)) {
+                              error = "a token sum exceeds 2^63 - 1 (records with absurd counts)";
+                            }
+                          };
+                          if (!doc["prompt_tokens"].get_int64().get(n)) add(row.prompt_tokens);
+                          if (!doc["completion_tokens"].get_int64().get(n))
+                            add(row.completion_tokens);
+                          if (!doc["total_tokens"].get_int64().get(n)) add(row.total_tokens);
+                        });
   if (!error.empty()) throw std::runtime_error("usage ledger: " + error);
-  // Retention deleted records: a window that starts before the oldest one left may be missing
-  // some (a report without --since covers what the log holds).
-  if (q.since_ms && cov.deleted_through > 0 && (!cov.oldest_ms || *q.since_ms < *cov.oldest_ms)) {
-    throw std::runtime_error(
-        "the report would be incomplete: retention (usage.retention_days) has deleted records, " +
-        (cov.oldest_ms ? "and the oldest one left is from " + rfc3339_ms(*cov.oldest_ms) +
-                             "; ask from then on (--since " + rfc3339_ms(*cov.oldest_ms) + ")"
-                       : std::string("and none is left")));
-  }
   std::vector<LedgerRow> out;
   if (q.group_by.empty() && groups.empty()) out.emplace_back();  // one total, even of nothing
   for (auto& [k, row] : groups) {

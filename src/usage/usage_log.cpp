@@ -765,11 +765,10 @@ std::optional<std::int64_t> UsageLog::first_seq() {
   return sqlite3_column_int64(st.s, 0);
 }
 
-UsageLog::Coverage UsageLog::for_each_record(
-    std::int64_t since_ms, std::int64_t until_ms,
-    const std::function<void(std::int64_t, std::string_view)>& fn) {
+void UsageLog::for_each_record(std::int64_t since_ms, std::int64_t until_ms,
+                               const std::function<void(std::int64_t, std::string_view)>& fn) {
   std::lock_guard lk(mu_);
-  // One snapshot for the checks and the scan: a delete in between (the gateway's retention)
+  // One snapshot for the scan and its checks: a delete in between (the gateway's retention)
   // would otherwise look like records lost.
   if (int rc = sqlite3_exec(db_, "BEGIN", nullptr, nullptr, nullptr); rc != SQLITE_OK) {
     fail(rc, "begin a read");
@@ -778,26 +777,29 @@ UsageLog::Coverage UsageLog::for_each_record(
     sqlite3* db;
     ~EndRead() { sqlite3_exec(db, "COMMIT", nullptr, nullptr, nullptr); }
   } end_read{db_};
-  Coverage cov;
-  cov.deleted_through = deleted_through_locked();
-  {
-    // Every seq above the deleted ones, each batch starting where the one before it ended.
-    sqlite3_stmt* s = nullptr;
-    int rc = sqlite3_prepare_v2(
-        db_, "SELECT first_seq, last_seq, min_ts_ms FROM record_batches ORDER BY first_seq", -1, &s,
-        nullptr);
-    if (rc != SQLITE_OK) fail(rc, "prepare");
-    std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> guard(s, sqlite3_finalize);
-    std::int64_t expected = cov.deleted_through + 1;
-    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-      const std::int64_t first = sqlite3_column_int64(s, 0);
-      if (first > expected) missing(expected, first - 1);
-      expected = std::max<std::int64_t>(expected, sqlite3_column_int64(s, 1) + 1);
-      const std::int64_t ts = sqlite3_column_int64(s, 2);
-      cov.oldest_ms = cov.oldest_ms ? std::min(*cov.oldest_ms, ts) : ts;
-    }
-    if (rc != SQLITE_DONE) fail(rc, "read the log's batches");
+  const std::int64_t deleted = deleted_through_locked();
+  // The batch before each batch the window reads (one lookup by key): records missing right
+  // before a batch of the window, which no delete took, may have belonged to it. A batch
+  // contiguous with the one read before it needs no lookup.
+  sqlite3_stmt* before = nullptr;
+  if (int rc = sqlite3_prepare_v2(db_,
+                                  "SELECT last_seq FROM record_batches WHERE first_seq < ? ORDER "
+                                  "BY first_seq DESC LIMIT 1",
+                                  -1, &before, nullptr);
+      rc != SQLITE_OK) {
+    fail(rc, "prepare");
   }
+  std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> before_guard(before, sqlite3_finalize);
+  std::int64_t read_through = -1;  // the last seq of the batch read before
+  const auto check_before = [&](std::int64_t first) {
+    if (first - 1 <= deleted || first - 1 == read_through) return;
+    sqlite3_reset(before);
+    sqlite3_bind_int64(before, 1, first);
+    const int rc = sqlite3_step(before);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) fail(rc, "read the batch before");
+    const std::int64_t prev = rc == SQLITE_ROW ? sqlite3_column_int64(before, 0) : 0;
+    if (prev < first - 1) missing(std::max(prev, deleted) + 1, first - 1);
+  };
   sqlite3_stmt* s = nullptr;
   int rc = sqlite3_prepare_v2(db_,
                               "SELECT records, meta, first_seq, last_seq FROM record_batches WHERE "
@@ -814,6 +816,8 @@ UsageLog::Coverage UsageLog::for_each_record(
     std::string_view meta(static_cast<const char*>(sqlite3_column_blob(s, 1)),
                           static_cast<std::size_t>(sqlite3_column_bytes(s, 1)));
     const std::int64_t first = sqlite3_column_int64(s, 2);
+    check_before(first);
+    read_through = sqlite3_column_int64(s, 3);
     const std::size_t bad = for_each_in_batch(
         text, meta, sqlite3_column_int64(s, 3) - first + 1,
         [&](std::size_t i, std::string_view stored, std::int64_t ts, std::int64_t) {
@@ -827,7 +831,6 @@ UsageLog::Coverage UsageLog::for_each_record(
     if (bad != std::string_view::npos) damaged(first + static_cast<std::int64_t>(bad));
   }
   if (rc != SQLITE_DONE) fail(rc, "read records");
-  return cov;
 }
 
 std::vector<DeadLetterRow> UsageLog::dead_letters(std::optional<std::int64_t> since_ms,

@@ -175,17 +175,11 @@ class UsageLog {
   std::int64_t count_records();
   // The oldest seq still in the log (none when it holds no record).
   std::optional<std::int64_t> first_seq();
-  // What a read of the whole log saw: deletes took every seq up to `deleted_through`, and the
-  // oldest record left has timestamp `oldest_ms` (none: no record left).
-  struct Coverage {
-    std::int64_t deleted_through = 0;
-    std::optional<std::int64_t> oldest_ms;
-  };
   // Calls fn(ts_ms, json) for every record with since_ms <= ts_ms < until_ms, in seq order, all
-  // read in one snapshot. Every record above deleted_through must be there: one missing that no
-  // delete took is damage (SqliteError, damaged()), as is a stored record this build cannot read.
-  Coverage for_each_record(std::int64_t since_ms, std::int64_t until_ms,
-                           const std::function<void(std::int64_t, std::string_view)>& fn);
+  // read in one snapshot. Records missing right before a batch it reads, which no delete took,
+  // are damage (SqliteError, damaged()), as is a stored record this build cannot read.
+  void for_each_record(std::int64_t since_ms, std::int64_t until_ms,
+                       const std::function<void(std::int64_t, std::string_view)>& fn);
   std::vector<DeadLetterRow> dead_letters(std::optional<std::int64_t> since_ms = {},
                                           std::optional<std::int64_t> until_ms = {});
 

@@ -226,13 +226,19 @@ TEST(RequestInspector, IncludeUsageFromStreamOptions) {
   ASSERT_TRUE(null.ok) << null.error.message;
   EXPECT_FALSE(null.info.include_usage);
 
-  // Not a boolean: the backend decides what it means (vLLM reads "yes", "true" and 1 as true),
-  // so the gateway takes it as the client's own request: nothing injected, nothing removed.
-  for (const char* value : {R"("yes")", "1", "{}"}) {
-    Outcome wrong = inspect(R"({"model":"m","stream":true,"stream_options":{"include_usage":)" +
-                            std::string(value) + "}}");
-    ASSERT_TRUE(wrong.ok) << wrong.error.message;
-    EXPECT_TRUE(wrong.info.include_usage) << value;
+  // Not a boolean: read as vLLM reads it (pydantic, lax). True: the client's own request for
+  // usage, left alone. False or unknown: not asked, so the gateway asks (never an estimate).
+  for (const char* value : {R"("yes")", R"("True")", "1", R"("on")"}) {
+    Outcome lax = inspect(R"({"model":"m","stream":true,"stream_options":{"include_usage":)" +
+                          std::string(value) + "}}");
+    ASSERT_TRUE(lax.ok) << lax.error.message;
+    EXPECT_TRUE(lax.info.include_usage) << value;
+  }
+  for (const char* value : {R"("false")", R"("no")", "0", "2", R"("")", "{}", R"("maybe")"}) {
+    Outcome lax = inspect(R"({"model":"m","stream":true,"stream_options":{"include_usage":)" +
+                          std::string(value) + "}}");
+    ASSERT_TRUE(lax.ok) << lax.error.message;
+    EXPECT_FALSE(lax.info.include_usage) << value;
   }
   Outcome null_usage =
       inspect(R"({"model":"m","stream":true,"stream_options":{"include_usage":null}})");
