@@ -131,6 +131,20 @@ bool connection_lists(std::string_view connection, std::string_view name) {
   return false;
 }
 
+// The tokens of every Connection field of `fields` as one list (RFC 9110 5.3: several fields
+// are one comma-separated list): a view of the only field, else joined into `joined`.
+template <class Fields>
+std::string_view connection_tokens(const Fields& fields, std::string& joined) {
+  auto [first, last] = fields.equal_range(bhttp::field::connection);
+  if (first == last) return {};
+  if (std::next(first) == last) return first->value();
+  for (auto it = first; it != last; ++it) {
+    if (!joined.empty()) joined += ',';
+    joined.append(it->value());
+  }
+  return joined;
+}
+
 // Hop-by-hop headers (RFC 9110 7.6.1) plus the legacy ones proxies must not forward. All are
 // names Beast knows, so the parsed field's code is enough: no string comparison.
 bool is_hop_by_hop(bhttp::field f) {
@@ -1552,7 +1566,11 @@ asio::awaitable<bool> ClientSession::handle_request() {
   } else {
     ctx.request_id = w_.ids.next();
   }
-  bool keep_alive = req.keep_alive();
+  bool keep_alive = req.keep_alive();  // Beast reads the first Connection field only
+  if (keep_alive) {
+    std::string joined;
+    if (connection_lists(connection_tokens(req.base(), joined), "close")) keep_alive = false;
+  }
   // Framing the gateway does not take, refused before any body byte is read, with the connection
   // closed after the answer (RFC 9112 6.1, 6.3), so that no body can be read as a second request:
   // - a Transfer-Encoding other than chunked alone: with another coding before chunked
@@ -2330,7 +2348,8 @@ void ClientSession::upstream_head(std::string& out, const Request& req, const Re
                                   const lb::Backend& backend) const {
   const config::Url& url = backend.config().parsed;
   const std::string host = url.authority();
-  const std::string_view connection = req[bhttp::field::connection];
+  std::string joined_connection;
+  const std::string_view connection = connection_tokens(req.base(), joined_connection);
   std::size_t bound = req.method_string().size() + url.base_path.size() + req.target().size() +
                       host.size() + client_ip_.size() + ctx.request_id.size() + 256;
   for (const auto& f : req.base()) {

@@ -260,31 +260,34 @@ test("X-Forwarded-For appends the client address to the client's own list", { ti
   assert.deepEqual(String(xff).split(',').map((s) => s.trim()), ['192.0.2.7', '127.0.0.1']);
 });
 
-test('hop-by-hop request headers are not forwarded; end-to-end ones are', { timeout: 20_000 }, async () => {
+// A chat request with these header fields besides Host, Content-Type and Content-Length, sent
+// as raw bytes; the answer must be 200. Returns it, the body, and what the backend received.
+async function rawChatWith(fields) {
   backend.handler = null;
   const before = backend.apiRequests.length;
   const body = JSON.stringify(chatBody('m1'));
-  const bytes = rawRequest(
-    'POST',
-    '/v1/chat/completions',
-    [
-      ['Host', `127.0.0.1:${gw.port}`],
-      ['Content-Type', 'application/json'],
-      ['Content-Length', String(Buffer.byteLength(body))],
-      ['Connection', 'close, X-Custom, X-Forwarded-For'],
-      ['X-Custom', 'must-not-pass'],
-      ['X-Forwarded-For', '198.51.100.9'],
-      ['Keep-Alive', 'timeout=5, max=100'],
-      ['Proxy-Connection', 'keep-alive'],
-      ['Authorization', 'Bearer sk-it-test'],
-      ['X-End-To-End', 'kept'],
-    ],
-    body,
-  );
-  const res = await rawExchange(gw.port, bytes);
+  const head = [
+    ['Host', `127.0.0.1:${gw.port}`],
+    ['Content-Type', 'application/json'],
+    ['Content-Length', String(Buffer.byteLength(body))],
+  ];
+  const res = await rawExchange(gw.port, rawRequest('POST', '/v1/chat/completions', [...head, ...fields], body));
   assert.equal(res.status, 200);
   const seen = backend.apiRequests.slice(before);
   assert.equal(seen.length, 1);
+  return { res, body, seen };
+}
+
+test('hop-by-hop request headers are not forwarded; end-to-end ones are', { timeout: 20_000 }, async () => {
+  const { body, seen } = await rawChatWith([
+    ['Connection', 'close, X-Custom, X-Forwarded-For'],
+    ['X-Custom', 'must-not-pass'],
+    ['X-Forwarded-For', '198.51.100.9'],
+    ['Keep-Alive', 'timeout=5, max=100'],
+    ['Proxy-Connection', 'keep-alive'],
+    ['Authorization', 'Bearer sk-it-test'],
+    ['X-End-To-End', 'kept'],
+  ]);
   const h = seen[0].headers;
   assert.equal(h['x-custom'], undefined, 'a header named in Connection was forwarded');
   assert.equal(h['x-forwarded-for'], '127.0.0.1', 'an X-Forwarded-For named in Connection was forwarded');
@@ -294,6 +297,17 @@ test('hop-by-hop request headers are not forwarded; end-to-end ones are', { time
   assert.equal(h.authorization, 'Bearer sk-it-test');
   assert.equal(h['x-end-to-end'], 'kept');
   assert.equal(seen[0].body.toString(), body, 'non-stream request body changed');
+});
+
+test('several Connection fields are one list: what any of them names is not forwarded, a close in any closes', { timeout: 20_000 }, async () => {
+  const { res, seen } = await rawChatWith([
+    ['Connection', 'keep-alive'],
+    ['Connection', 'X-Hop'],
+    ['Connection', 'close'],
+    ['X-Hop', 'must-not-pass'],
+  ]);
+  assert.deepEqual(res.headers.connection, ['close'], 'a close in the third Connection field was ignored');
+  assert.equal(seen[0].headers['x-hop'], undefined, 'a header named in the second Connection field was forwarded');
 });
 
 test("the gateway's own upstream fields replace the client's: Host, X-Forwarded-*, X-Request-Id, Content-Length", { timeout: 20_000 }, async () => {
