@@ -367,14 +367,9 @@ bool loads_as_trust_store(const std::string& path) {
 const std::initializer_list<std::string_view> kSinkKeys = {
     "name",       "enabled",        "url",     "timeout", "retry", "max_backoff",
     "batch_size", "batch_interval", "headers", "secret",  "replay"};
-// usage_hook is the sink named "usage_hook": its name (and so its cursor) is not configurable.
-const std::initializer_list<std::string_view> kHookKeys = {
-    "enabled",        "url",     "timeout", "retry", "max_backoff", "batch_size",
-    "batch_interval", "headers", "secret",  "replay"};
 
-void read_sink(Reader& r, const YAML::Node& n, const std::string& path, SinkConfig& s,
-               std::initializer_list<std::string_view> keys = kSinkKeys) {
-  if (!r.map(n, path, keys)) return;
+void read_sink(Reader& r, const YAML::Node& n, const std::string& path, SinkConfig& s) {
+  if (!r.map(n, path, kSinkKeys)) return;
   r.string(n, "name", path, s.name);
   r.boolean(n, "enabled", path, s.enabled);
   r.string(n, "url", path, s.url);
@@ -714,7 +709,13 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
     r.boolean(n, "passive_5xx", "health_check", c.health_check.passive_5xx);
   }
   if (auto n = root["usage_hook"]; n.IsDefined() && !n.IsNull()) {
-    read_sink(r, n, "usage_hook", c.usage_hook, kHookKeys);
+    read_sink(r, n, "usage_hook", c.usage_hook);
+    if (Reader::has(n, "name")) {
+      // Its name is its cursor's: another would skip what that receiver has not got yet.
+      r.error(n["name"].Mark(), "usage_hook.name",
+              "usage_hook is the sink named \"usage_hook\"; a sink of another name goes under "
+              "usage.sinks");
+    }
   }
   c.usage_hook.name = "usage_hook";
   read_usage(r, root, c);

@@ -1,8 +1,8 @@
 #include "llm/request_inspector.h"
 
+#include <algorithm>
 #include <cctype>
 #include <charconv>
-#include <string>
 
 namespace llmproxy::llm {
 namespace {
@@ -136,11 +136,16 @@ bool lax_true(simdjson::dom::element v) {
   std::int64_t i = 0;
   if (v.get_int64().get(i) == simdjson::SUCCESS) return i == 1;
   std::string_view text;
-  if (v.get_string().get(text) != simdjson::SUCCESS || text.size() > 4) return false;
-  std::string lower(text);
-  for (auto& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return lower == "true" || lower == "yes" || lower == "on" || lower == "1" || lower == "t" ||
-         lower == "y";
+  if (v.get_string().get(text) != simdjson::SUCCESS) return false;
+  for (std::string_view yes : {"true", "yes", "on", "1", "t", "y"}) {
+    if (text.size() == yes.size() &&
+        std::equal(text.begin(), text.end(), yes.begin(), [](char a, char b) {
+          return std::tolower(static_cast<unsigned char>(a)) == b;
+        })) {
+      return true;
+    }
+  }
+  return false;
 }
 }  // namespace
 

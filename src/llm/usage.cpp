@@ -111,14 +111,22 @@ std::uint64_t count_content(std::string_view data, TextCount& text) {
   std::uint64_t n = 0;
   // "content", "text", reasoning ("reasoning_content"; "reasoning" in vLLM since it renamed the
   // field, and OpenRouter) and tool-call "arguments" string values, with or without whitespace
-  // around the colon (pretty-printed bodies).
+  // around the colon (pretty-printed bodies). One scan per key: `"reasoning` finds both names.
   for (std::string_view key :
        {std::string_view("\"content\""), std::string_view("\"text\""),
-        std::string_view("\"reasoning_content\""), std::string_view("\"reasoning\""),
-        std::string_view("\"arguments\"")}) {
+        std::string_view("\"reasoning"), std::string_view("\"arguments\"")}) {
     std::size_t pos = 0;
     while ((pos = find_text(data, key, pos)) != std::string_view::npos) {
       pos += key.size();
+      if (key.back() != '"') {  // `"reasoning`: which of its two names, if either
+        if (data.substr(pos, 1) == "\"") {
+          pos += 1;
+        } else if (data.substr(pos, 9) == "_content\"") {
+          pos += 9;
+        } else {
+          continue;
+        }
+      }
       const std::size_t value = value_start(data, pos);
       if (value >= data.size() || data[value] != '"') continue;
       pos = value + 1;

@@ -1566,10 +1566,11 @@ asio::awaitable<bool> ClientSession::handle_request() {
   } else {
     ctx.request_id = w_.ids.next();
   }
-  bool keep_alive = req.keep_alive();  // Beast reads the first Connection field only
-  if (keep_alive) {
-    std::string joined;
-    if (connection_lists(connection_tokens(req.base(), joined), "close")) keep_alive = false;
+  bool keep_alive = req.keep_alive();
+  if (std::string joined; keep_alive) {
+    // Beast reads the first Connection field only: with several, a close in any one closes.
+    connection_tokens(req.base(), joined);
+    if (!joined.empty() && connection_lists(joined, "close")) keep_alive = false;
   }
   // Framing the gateway does not take, refused before any body byte is read, with the connection
   // closed after the answer (RFC 9112 6.1, 6.3), so that no body can be read as a second request:

@@ -184,6 +184,7 @@ enum StatementIndex {
   kFirstSeq,
   kReadBatches,
   kDeletedThrough,
+  kBatchBefore,
   kStatementCount
 };
 
@@ -232,11 +233,12 @@ struct Use {
   }
 };
 
-// BEGIN IMMEDIATE ... COMMIT, rolled back when the scope ends without commit().
+// BEGIN IMMEDIATE ... COMMIT, rolled back when the scope ends without commit(). With `begin`
+// "BEGIN": a read snapshot, ended with the scope.
 class Transaction {
  public:
-  explicit Transaction(sqlite3* db) : db_(db) {
-    begin_rc_ = sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr);
+  explicit Transaction(sqlite3* db, const char* begin = "BEGIN IMMEDIATE") : db_(db) {
+    begin_rc_ = sqlite3_exec(db_, begin, nullptr, nullptr, nullptr);
     if (begin_rc_ != SQLITE_OK) done_ = true;  // nothing to roll back
   }
   ~Transaction() {
@@ -770,34 +772,23 @@ void UsageLog::for_each_record(std::int64_t since_ms, std::int64_t until_ms,
   std::lock_guard lk(mu_);
   // One snapshot for the scan and its checks: a delete in between (the gateway's retention)
   // would otherwise look like records lost.
-  if (int rc = sqlite3_exec(db_, "BEGIN", nullptr, nullptr, nullptr); rc != SQLITE_OK) {
-    fail(rc, "begin a read");
-  }
-  struct EndRead {
-    sqlite3* db;
-    ~EndRead() { sqlite3_exec(db, "COMMIT", nullptr, nullptr, nullptr); }
-  } end_read{db_};
+  Transaction snapshot(db_, "BEGIN");
+  if (snapshot.begin_rc() != SQLITE_OK) fail(snapshot.begin_rc(), "begin a read");
   const std::int64_t deleted = deleted_through_locked();
   // The batch before each batch the window reads (one lookup by key): records missing right
   // before a batch of the window, which no delete took, may have belonged to it. A batch
   // contiguous with the one read before it needs no lookup.
-  sqlite3_stmt* before = nullptr;
-  if (int rc = sqlite3_prepare_v2(db_,
-                                  "SELECT last_seq FROM record_batches WHERE first_seq < ? ORDER "
-                                  "BY first_seq DESC LIMIT 1",
-                                  -1, &before, nullptr);
-      rc != SQLITE_OK) {
-    fail(rc, "prepare");
-  }
-  std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> before_guard(before, sqlite3_finalize);
+  auto& before = stmt(kBatchBefore,
+                      "SELECT last_seq FROM record_batches WHERE first_seq < ? ORDER BY first_seq "
+                      "DESC LIMIT 1");
   std::int64_t read_through = -1;  // the last seq of the batch read before
   const auto check_before = [&](std::int64_t first) {
     if (first - 1 <= deleted || first - 1 == read_through) return;
-    sqlite3_reset(before);
-    sqlite3_bind_int64(before, 1, first);
-    const int rc = sqlite3_step(before);
+    Use u(before.s);
+    u.i64(1, first);
+    const int rc = sqlite3_step(before.s);
     if (rc != SQLITE_ROW && rc != SQLITE_DONE) fail(rc, "read the batch before");
-    const std::int64_t prev = rc == SQLITE_ROW ? sqlite3_column_int64(before, 0) : 0;
+    const std::int64_t prev = rc == SQLITE_ROW ? sqlite3_column_int64(before.s, 0) : 0;
     if (prev < first - 1) missing(std::max(prev, deleted) + 1, first - 1);
   };
   sqlite3_stmt* s = nullptr;

@@ -493,11 +493,13 @@ TEST(UsageLog, RowsAndObjectsReadBackAsTheJsonASinkSends) {
   expect_damage([&] { log.read_after(3, 100, got); }, "record 4 is damaged");
 }
 
-// Appends `n` records after the log's head; returns the new head.
-std::int64_t append_some(UsageLog& log, int n) {
+// Appends `n` records of `prompt` tokens after the log's head; returns the new head.
+std::int64_t append_some(UsageLog& log, int n, std::int64_t prompt = 1) {
   std::vector<std::string> jsons;
   std::vector<PendingRecord> pending;
-  for (int i = 0; i < n; ++i) jsons.push_back(to_json(rec("carol", "llama", kJan14 + i, 1, 2)));
+  for (int i = 0; i < n; ++i) {
+    jsons.push_back(to_json(rec("carol", "llama", kJan14 + i, prompt, 2)));
+  }
   for (const auto& j : jsons) pending.push_back({kJan14, kJan14 + 1, j});
   return log.append(pending);
 }
@@ -652,22 +654,13 @@ TEST(UsageLog, RecordsMissingThatNoDeleteTookAreDamage) {
   EXPECT_EQ(Ledger(path).totals(later)[0].requests, 0);
 }
 
-// Appends one record of `prompt` tokens at `ts` in a batch of its own.
-void append_at(UsageLog& log, std::int64_t ts, std::int64_t prompt = 1, int n = 1) {
-  std::vector<std::string> jsons;
-  for (int i = 0; i < n; ++i) jsons.push_back(to_json(rec("carol", "llama", ts, prompt, 2)));
-  std::vector<PendingRecord> pending;
-  for (const auto& j : jsons) pending.push_back({ts, ts + 1, j});
-  log.append(pending);
-}
-
 // Counts are at most 2^53 each; a sum past 2^63 - 1 fails the report instead of wrapping.
 TEST(UsageLedger, ASumPastInt64FailsTheReport) {
   TempDir dir;
   const std::string path = dir.file("usage.db");
   {
     UsageLog log(UsageLog::Mode::disk, path, true);
-    append_at(log, kJan14, std::int64_t{1} << 53, 1030);
+    append_some(log, 1030, std::int64_t{1} << 53);
   }
   try {
     Ledger(path).totals({});
