@@ -42,6 +42,7 @@ struct UsageArgs {
   std::string group_by;
   std::string format = "table";
   bool dead_letters = false;
+  bool require_complete = false;
 };
 
 int usage_error(const std::string& message) {
@@ -110,6 +111,9 @@ int run_usage(const UsageArgs& a) {
   if (a.dead_letters && !q.group_by.empty()) {
     return usage_error("--group-by does not apply to --dead-letters");
   }
+  if (a.dead_letters && a.require_complete) {
+    return usage_error("--require-complete does not apply to --dead-letters");
+  }
   std::unique_ptr<u::Ledger> ledger;
   std::error_code exists_ec;
   if (!std::filesystem::exists(db, exists_ec)) {
@@ -126,6 +130,14 @@ int run_usage(const UsageArgs& a) {
     std::string out = a.dead_letters ? u::format_dead_letters(
                                            ledger->dead_letters(q.since_ms, q.until_ms), *format)
                                      : u::format_totals(q.group_by, ledger->totals(q), *format);
+    if (const auto& incomplete = ledger->incomplete()) {
+      if (a.require_complete) {
+        std::fprintf(stderr, "llmproxy usage: %s (--require-complete: no report)\n",
+                     incomplete->c_str());
+        return 1;
+      }
+      std::fprintf(stderr, "llmproxy usage: warning: %s\n", incomplete->c_str());
+    }
     std::fwrite(out.data(), 1, out.size(), stdout);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "llmproxy usage: %s\n", e.what());
@@ -171,6 +183,9 @@ int main(int argc, char** argv) {
   usage_cmd->add_option("--format", usage_args.format, "table (default), json or csv");
   usage_cmd->add_flag("--dead-letters", usage_args.dead_letters,
                       "List the records receivers rejected for good instead of totals");
+  usage_cmd->add_flag("--require-complete", usage_args.require_complete,
+                      "Fail (exit 1, nothing printed) when the window reaches back to records "
+                      "that retention or a manual delete took, instead of warning on stderr");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

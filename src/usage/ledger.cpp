@@ -248,41 +248,41 @@ std::vector<LedgerRow> Ledger::totals(const LedgerQuery& q) {
   std::string padded;
   std::vector<std::string> keys(q.group_by.size());
   std::string error;
-  log_->for_each_record(q.since_ms.value_or(INT64_MIN), q.until_ms.value_or(INT64_MAX),
-                        [&](std::int64_t ts_ms, std::string_view json) {
-                          if (!error.empty()) return;
-                          padded.assign(json);
-                          padded.reserve(json.size() + simdjson::SIMDJSON_PADDING);
-                          simdjson::dom::element doc;
-                          if (parser.parse(padded.data(), padded.size(), false).get(doc)) {
-                            error = "a record in the log is not valid JSON";
-                            return;
-                          }
-                          for (std::size_t i = 0; i < q.group_by.size(); ++i) {
-                            const auto& k = info(q.group_by[i]);
-                            if (k.field.empty()) {
-                              keys[i] = rfc3339(ts_ms).substr(0, 10);  // the UTC date
-                            } else {
-                              std::string_view v;
-                              keys[i] =
-                                  doc[k.field].get_string().get(v) ? std::string() : std::string(v);
-                            }
-                          }
-                          auto& row = groups[keys];
-                          std::int64_t n;
-                          row.requests += 1;
-                          // A sum past int64 (counts up to 2^53 each) fails the report.
-                          const auto add = [&](std::int64_t& sum) {
-                            if (__builtin_add_overflow(sum, n, &sum)) {
-                              error = "a token sum exceeds 2^63 - 1 (records with absurd counts)";
-                            }
-                          };
-                          if (!doc["prompt_tokens"].get_int64().get(n)) add(row.prompt_tokens);
-                          if (!doc["completion_tokens"].get_int64().get(n))
-                            add(row.completion_tokens);
-                          if (!doc["total_tokens"].get_int64().get(n)) add(row.total_tokens);
-                        });
+  const auto deleted_ts = log_->for_each_record(
+      q.since_ms.value_or(INT64_MIN), q.until_ms.value_or(INT64_MAX),
+      [&](std::int64_t ts_ms, std::string_view json) {
+        if (!error.empty()) return;
+        padded.assign(json);
+        padded.reserve(json.size() + simdjson::SIMDJSON_PADDING);
+        simdjson::dom::element doc;
+        if (parser.parse(padded.data(), padded.size(), false).get(doc)) {
+          error = "a record in the log is not valid JSON";
+          return;
+        }
+        for (std::size_t i = 0; i < q.group_by.size(); ++i) {
+          const auto& k = info(q.group_by[i]);
+          if (k.field.empty()) {
+            keys[i] = rfc3339(ts_ms).substr(0, 10);  // the UTC date
+          } else {
+            std::string_view v;
+            keys[i] = doc[k.field].get_string().get(v) ? std::string() : std::string(v);
+          }
+        }
+        auto& row = groups[keys];
+        std::int64_t n;
+        row.requests += 1;
+        // A sum past int64 (counts up to 2^53 each) fails the report.
+        const auto add = [&](std::int64_t& sum) {
+          if (__builtin_add_overflow(sum, n, &sum)) {
+            error = "a token sum exceeds 2^63 - 1 (records with absurd counts)";
+          }
+        };
+        if (!doc["prompt_tokens"].get_int64().get(n)) add(row.prompt_tokens);
+        if (!doc["completion_tokens"].get_int64().get(n)) add(row.completion_tokens);
+        if (!doc["total_tokens"].get_int64().get(n)) add(row.total_tokens);
+      });
   if (!error.empty()) throw std::runtime_error("usage ledger: " + error);
+  incomplete_ = deleted_in_window(q.since_ms, deleted_ts);
   std::vector<LedgerRow> out;
   if (q.group_by.empty() && groups.empty()) out.emplace_back();  // one total, even of nothing
   for (auto& [k, row] : groups) {
@@ -290,6 +290,22 @@ std::vector<LedgerRow> Ledger::totals(const LedgerQuery& q) {
     out.push_back(std::move(row));
   }
   return out;
+}
+
+std::optional<std::string> deleted_in_window(std::optional<std::int64_t> since_ms,
+                                             std::optional<std::int64_t> deleted_ts_ms) {
+  if (!deleted_ts_ms || (since_ms && *since_ms > *deleted_ts_ms)) return std::nullopt;
+  if (*deleted_ts_ms == INT64_MAX) {
+    return "records were deleted from this log (retention, or by hand) and the log does not say "
+           "when they started (an older gateway deleted them): the totals cover only the "
+           "records kept";
+  }
+  // Whole seconds, rounded up: every deleted record started at or before the time printed.
+  const std::int64_t up_to = *deleted_ts_ms / 1000 * 1000 + (*deleted_ts_ms % 1000 > 0 ? 1000 : 0);
+  return "records that started up to " + rfc3339(up_to) +
+         " were deleted from this log (retention, or by hand), and the window starts " +
+         (since_ms ? "at " + rfc3339(*since_ms) : std::string("at the beginning")) +
+         ": the totals cover only the records kept";
 }
 
 std::vector<DeadLetterRow> Ledger::dead_letters(std::optional<std::int64_t> since_ms,

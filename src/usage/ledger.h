@@ -4,7 +4,8 @@
 // writes), so an operator can ask "who used what" at any time without stopping anything. The
 // totals are SQL aggregates over the records table; the formatting (table, json, csv) lives here
 // too so that main.cpp stays a thin argument parser and the output can be unit tested.
-// Records deleted by retention are no longer counted: the ledger covers usage.retention_days.
+// Records deleted by retention are no longer counted: the ledger covers usage.retention_days, and
+// says when a window reaches back to records that deletes took.
 #pragma once
 
 #include <cstdint>
@@ -46,12 +47,20 @@ class Ledger {
 
   // Rows sorted by their keys.
   std::vector<LedgerRow> totals(const LedgerQuery& query);
+  // After totals(): what deletes (retention, or SQL by hand) took from that window, as a
+  // sentence for the operator, or none when the window starts after every deleted record.
+  const std::optional<std::string>& incomplete() const { return incomplete_; }
   std::vector<DeadLetterRow> dead_letters(std::optional<std::int64_t> since_ms,
                                           std::optional<std::int64_t> until_ms);
 
  private:
   std::unique_ptr<UsageLog> log_;
+  std::optional<std::string> incomplete_;
 };
+
+// The sentence for incomplete(): deleted_ts_ms as UsageLog::for_each_record returns it.
+std::optional<std::string> deleted_in_window(std::optional<std::int64_t> since_ms,
+                                             std::optional<std::int64_t> deleted_ts_ms);
 
 enum class OutputFormat { table, json, csv };
 std::optional<OutputFormat> parse_output_format(std::string_view name);

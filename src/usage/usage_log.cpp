@@ -61,6 +61,17 @@ CREATE TRIGGER IF NOT EXISTS record_batches_keep_head AFTER DELETE ON record_bat
   INSERT INTO log_head(id, seq) VALUES(1, old.last_seq)
     ON CONFLICT(id) DO UPDATE SET seq = excluded.seq WHERE excluded.seq > log_head.seq;
 END;
+-- The newest request start (ts_ms) among deleted records, raised by every delete like log_head:
+-- the ledger tells from it whether a window reaches back to what deletes took.
+CREATE TABLE IF NOT EXISTS deleted_times (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  max_ts_ms INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS record_batches_keep_deleted_time AFTER DELETE ON record_batches BEGIN
+  INSERT INTO deleted_times(id, max_ts_ms) VALUES(1, old.max_ts_ms)
+    ON CONFLICT(id) DO UPDATE SET max_ts_ms = excluded.max_ts_ms
+    WHERE excluded.max_ts_ms > deleted_times.max_ts_ms;
+END;
 CREATE TABLE IF NOT EXISTS sink_cursors (
   name TEXT PRIMARY KEY,
   seq INTEGER NOT NULL,
@@ -387,6 +398,7 @@ UsageLog::UsageLog(Mode mode, const std::string& path, bool create_schema,
       try {
         if (version == 1) migrate_v1();
         exec(schema_sql().c_str());
+        mark_untimed_deletes();
         exec(("PRAGMA user_version=" + std::to_string(kSchemaVersion)).c_str());
         exec("COMMIT");
       } catch (...) {
@@ -586,6 +598,51 @@ std::int64_t UsageLog::deleted_through_locked() {
   return sqlite3_column_int64(st.s, 0);
 }
 
+namespace {
+// True when seqs below the oldest kept record are missing (or the log kept none of those it
+// gave out): deletes took records.
+constexpr const char* kRecordsDeletedBelowKept =
+    " WHERE coalesce((SELECT min(first_seq) FROM record_batches), (SELECT seq FROM log_head "
+    "WHERE id=1) + 1, 1) > 1";
+}  // namespace
+
+void UsageLog::mark_untimed_deletes() {
+  // Records missing below the oldest kept one (or all of them) were deleted before the file had
+  // deleted_times, by an older build: they started before now, which bounds their times. Once
+  // the row exists the trigger keeps it, so this inserts at most once per file.
+  const std::string sql = "INSERT OR IGNORE INTO deleted_times(id, max_ts_ms) SELECT 1, " +
+                          std::to_string(log::unix_ms_now()) + kRecordsDeletedBelowKept;
+  exec(sql.c_str());
+}
+
+std::optional<std::int64_t> UsageLog::deleted_times_locked() {
+  // A file no writer of this version has opened has no table: whether records were deleted is
+  // then known (seqs missing below the oldest kept one), their times are not.
+  bool has_table = false;
+  {
+    sqlite3_stmt* s = nullptr;
+    int rc = sqlite3_prepare_v2(
+        db_, "SELECT 1 FROM sqlite_master WHERE type='table' AND name='deleted_times'", -1, &s,
+        nullptr);
+    if (rc != SQLITE_OK) fail(rc, "prepare");
+    rc = sqlite3_step(s);
+    sqlite3_finalize(s);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) fail(rc, "read the schema");
+    has_table = rc == SQLITE_ROW;
+  }
+  sqlite3_stmt* s = nullptr;
+  const std::string sql =
+      has_table ? "SELECT max_ts_ms FROM deleted_times WHERE id=1"
+                : std::string("SELECT 9223372036854775807") + kRecordsDeletedBelowKept;
+  int rc = sqlite3_prepare_v2(db_, sql.c_str(), -1, &s, nullptr);
+  if (rc != SQLITE_OK) fail(rc, "prepare");
+  std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> guard(s, sqlite3_finalize);
+  rc = sqlite3_step(s);
+  if (rc == SQLITE_ROW) return sqlite3_column_int64(s, 0);
+  if (rc != SQLITE_DONE) fail(rc, "read the deleted records' times");
+  return std::nullopt;
+}
+
 std::optional<std::int64_t> UsageLog::cursor(const std::string& sink) {
   std::lock_guard lk(mu_);
   auto& st = stmt(kCursorGet, "SELECT seq FROM sink_cursors WHERE name=?");
@@ -767,14 +824,16 @@ std::optional<std::int64_t> UsageLog::first_seq() {
   return sqlite3_column_int64(st.s, 0);
 }
 
-void UsageLog::for_each_record(std::int64_t since_ms, std::int64_t until_ms,
-                               const std::function<void(std::int64_t, std::string_view)>& fn) {
+std::optional<std::int64_t> UsageLog::for_each_record(
+    std::int64_t since_ms, std::int64_t until_ms,
+    const std::function<void(std::int64_t, std::string_view)>& fn) {
   std::lock_guard lk(mu_);
   // One snapshot for the scan and its checks: a delete in between (the gateway's retention)
   // would otherwise look like records lost.
   Transaction snapshot(db_, "BEGIN");
   if (snapshot.begin_rc() != SQLITE_OK) fail(snapshot.begin_rc(), "begin a read");
   const std::int64_t deleted = deleted_through_locked();
+  const std::optional<std::int64_t> deleted_times = deleted_times_locked();
   // The batch before each batch the window reads (one lookup by key): records missing right
   // before a batch of the window, which no delete took, may have belonged to it. A batch
   // contiguous with the one read before it needs no lookup.
@@ -822,6 +881,7 @@ void UsageLog::for_each_record(std::int64_t since_ms, std::int64_t until_ms,
     if (bad != std::string_view::npos) damaged(first + static_cast<std::int64_t>(bad));
   }
   if (rc != SQLITE_DONE) fail(rc, "read records");
+  return deleted_times;
 }
 
 std::vector<DeadLetterRow> UsageLog::dead_letters(std::optional<std::int64_t> since_ms,

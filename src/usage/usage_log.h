@@ -178,8 +178,13 @@ class UsageLog {
   // Calls fn(ts_ms, json) for every record with since_ms <= ts_ms < until_ms, in seq order, all
   // read in one snapshot. Records missing right before a batch it reads, which no delete took,
   // are damage (SqliteError, damaged()), as is a stored record this build cannot read.
-  void for_each_record(std::int64_t since_ms, std::int64_t until_ms,
-                       const std::function<void(std::int64_t, std::string_view)>& fn);
+  // Returns, from the same snapshot, the newest ts_ms among the records deletes took (none when
+  // nothing was deleted): a window starting after it lost nothing to them. Where older builds
+  // deleted records, their times are not known: the time a writer of this version first opened
+  // the file stands in for them (they started before it), INT64_MAX when none has yet.
+  std::optional<std::int64_t> for_each_record(
+      std::int64_t since_ms, std::int64_t until_ms,
+      const std::function<void(std::int64_t, std::string_view)>& fn);
   std::vector<DeadLetterRow> dead_letters(std::optional<std::int64_t> since_ms = {},
                                           std::optional<std::int64_t> until_ms = {});
 
@@ -200,6 +205,8 @@ class UsageLog {
   void store_cursor(const std::string& sink, std::int64_t seq, std::int64_t now_ms);
   std::int64_t head_locked();
   std::int64_t deleted_through_locked();
+  std::optional<std::int64_t> deleted_times_locked();
+  void mark_untimed_deletes();
   void insert_batch(std::int64_t first, std::int64_t last, std::int64_t min_ts, std::int64_t max_ts,
                     std::string_view text, std::string_view meta);
   void migrate_v1();

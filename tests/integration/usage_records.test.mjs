@@ -6,6 +6,7 @@
 // usage counters of /metrics.
 import { test, before, after, afterEach, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import {
   cleanup,
   checkProcesses,
@@ -639,6 +640,32 @@ test('`llmproxy usage --group-by user,model --format json`: totals equal the sum
   const foreign = usageCli(['--db', gw.configFile]);
   assert.equal(foreign.status, 1, foreign.stderr);
   assert.equal(foreign.stdout, '');
+
+  // Records deleted from the log (retention, or by hand; here a copy's oldest commit group): a
+  // window reaching back to them warns on stderr, or fails with --require-complete.
+  const copy = `${gw.config.usage.log_path}.copy`;
+  const sql = (db, text) => {
+    const out = spawnSync('sqlite3', [db, text], { encoding: 'utf8', timeout: 20_000 });
+    assert.equal(out.status, 0, `sqlite3 ${text}: ${out.error ?? out.stderr}`);
+    return out.stdout.trim();
+  };
+  sql(gw.config.usage.log_path, `.backup '${copy}'`);
+  const firstStart = Number(sql(copy, 'DELETE FROM record_batches WHERE first_seq = (SELECT min(first_seq) FROM record_batches) RETURNING max_ts_ms'));
+  assert.ok(firstStart > 0);
+  const warned = usageCli(['--db', copy]);
+  assert.equal(warned.status, 0, warned.stderr);
+  assert.match(warned.stderr, /warning: records that started up to .* were deleted .* the totals cover only the records kept/);
+  assert.notEqual(warned.stdout, '');
+  const strict = usageCli(['--db', copy, '--require-complete', '--format', 'json']);
+  assert.equal(strict.status, 1, strict.stderr);
+  assert.equal(strict.stdout, '');
+  assert.match(strict.stderr, /were deleted/);
+  const after = new Date(firstStart + 1000).toISOString();
+  const clean = usageCli(['--db', copy, '--require-complete', '--since', after]);
+  assert.equal(clean.status, 0, clean.stderr);
+  assert.equal(clean.stderr, '');
+  const whole = usageCli(['--db', gw.config.usage.log_path, '--require-complete']);
+  assert.equal(whole.status, 0, whole.stderr);
 });
 
 test('/metrics after known traffic: usage token counters equal the sums of the records, webhook successes equal deliveries', { timeout: 60_000 }, async () => {

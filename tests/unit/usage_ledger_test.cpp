@@ -10,6 +10,7 @@
 #include <span>
 #include <thread>
 
+#include "log/log.h"
 #include "usage/ledger.h"
 #include "usage/pipeline.h"
 #include "usage/usage_log.h"
@@ -849,6 +850,116 @@ TEST(UsageLog, OpensAVersion2LogAndVersion2BuildsRefuseTheResult) {
               std::string::npos)
         << e.what();
   }
+}
+
+}  // namespace
+}  // namespace llmproxy::usage
+
+namespace llmproxy::usage {
+namespace {
+
+// One commit group of records that started at `starts`.
+void append_started(UsageLog& log, std::initializer_list<std::int64_t> starts) {
+  std::vector<std::string> jsons;
+  std::vector<PendingRecord> pending;
+  for (auto ts : starts) jsons.push_back(to_json(rec("dave", "llama", ts, 1, 1)));
+  auto ts = starts.begin();
+  for (const auto& j : jsons) pending.push_back({*ts, *ts + 1, j}), ++ts;
+  log.append(pending);
+}
+
+// Deletes, retention's or SQL typed by hand, leave the newest start time they took in the log: a
+// report whose window reaches back to it says that its totals cover only what was kept.
+TEST(UsageLedger, SaysWhenAWindowReachesBackToDeletedRecords) {
+  TempDir dir;
+  const std::string path = dir.file("usage.db");
+  {
+    UsageLog log(UsageLog::Mode::disk, path, true);
+    append_started(log, {kJan14 + 1000, kJan14 + 4500});  // seq 1-2
+    append_started(log, {kJan14 + 3000});                 // seq 3, started before seq 2
+    append_started(log, {kJan14 + kDay});                 // seq 4
+  }
+  {
+    Ledger ledger(path);
+    EXPECT_EQ(ledger.totals({})[0].requests, 4);
+    EXPECT_FALSE(ledger.incomplete()) << *ledger.incomplete();
+  }
+  {
+    UsageLog log(UsageLog::Mode::disk, path, true);
+    EXPECT_EQ(log.delete_records(3, std::nullopt, 100), 3);
+  }
+  Ledger ledger(path);
+  LedgerQuery q;
+  EXPECT_EQ(ledger.totals(q)[0].requests, 1);
+  ASSERT_TRUE(ledger.incomplete());
+  // The newest start among the deleted, rounded up to the second.
+  EXPECT_NE(ledger.incomplete()->find("started up to 2026-01-14T00:00:05Z"), std::string::npos)
+      << *ledger.incomplete();
+  EXPECT_NE(ledger.incomplete()->find("starts at the beginning"), std::string::npos);
+  q.since_ms = kJan14 + 4500;  // a deleted record started then: in the window
+  ledger.totals(q);
+  ASSERT_TRUE(ledger.incomplete());
+  EXPECT_NE(ledger.incomplete()->find("starts at 2026-01-14T00:00:04Z"), std::string::npos);
+  q.since_ms = kJan14 + 4501;
+  EXPECT_EQ(ledger.totals(q)[0].requests, 1);
+  EXPECT_FALSE(ledger.incomplete()) << *ledger.incomplete();
+
+  // A delete by hand raises it too.
+  testing::Db(path).exec("DELETE FROM record_batches WHERE first_seq = 4");
+  EXPECT_EQ(ledger.totals(q)[0].requests, 0);
+  ASSERT_TRUE(ledger.incomplete());
+  EXPECT_NE(ledger.incomplete()->find("started up to 2026-01-15T00:00:00Z"), std::string::npos)
+      << *ledger.incomplete();
+}
+
+// A file in which an older build deleted records does not say when those started: until a writer
+// of this version opens it, every report says so; then the time of that opening bounds them.
+TEST(UsageLedger, RecordsDeletedBeforeTheirTimesWereKept) {
+  TempDir dir;
+  const std::string path = dir.file("usage.db");
+  {
+    UsageLog log(UsageLog::Mode::disk, path, true);
+    append_started(log, {kJan14});
+    append_started(log, {kJan14 + kDay});
+  }
+  {
+    testing::Db db(path);  // as an older build left it, then its retention
+    db.exec("DROP TRIGGER record_batches_keep_deleted_time; DROP TABLE deleted_times");
+    db.exec("DELETE FROM record_batches WHERE first_seq = 1");
+  }
+  LedgerQuery q;
+  q.since_ms = kJan14 + 2 * kDay;
+  {
+    Ledger ledger(path);
+    EXPECT_EQ(ledger.totals(q)[0].requests, 0);
+    ASSERT_TRUE(ledger.incomplete());
+    EXPECT_NE(ledger.incomplete()->find("does not say when they started"), std::string::npos)
+        << *ledger.incomplete();
+  }
+  const std::int64_t before_open = log::unix_ms_now();
+  { UsageLog log(UsageLog::Mode::disk, path, true); }
+  const std::int64_t after_open = log::unix_ms_now();
+  Ledger ledger(path);
+  ledger.totals(q);
+  ASSERT_TRUE(ledger.incomplete());
+  EXPECT_NE(ledger.incomplete()->find(rfc3339(before_open).substr(0, 10)), std::string::npos)
+      << *ledger.incomplete();
+  q.since_ms = after_open + 1000;
+  ledger.totals(q);
+  EXPECT_FALSE(ledger.incomplete()) << *ledger.incomplete();
+
+  // A log whose records were all kept gets no time at that opening.
+  TempDir other;
+  const std::string kept = other.file("usage.db");
+  {
+    UsageLog log(UsageLog::Mode::disk, kept, true);
+    append_started(log, {kJan14});
+  }
+  testing::Db(kept).exec("DROP TRIGGER record_batches_keep_deleted_time; DROP TABLE deleted_times");
+  { UsageLog log(UsageLog::Mode::disk, kept, true); }
+  Ledger all(kept);
+  EXPECT_EQ(all.totals({})[0].requests, 1);
+  EXPECT_FALSE(all.incomplete()) << *all.incomplete();
 }
 
 }  // namespace
