@@ -108,7 +108,7 @@ std::optional<ListenAddress> parse_listen(std::string_view text, std::string* er
   }
   out.port = *p;
   if (host.empty()) {
-    out.host = "0.0.0.0";
+    out.host.clear();  // every address, IPv6 and IPv4
   } else if (host == "localhost") {
     out.host = "127.0.0.1";
   } else {
@@ -747,7 +747,9 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
       }
       // The same port on an overlapping address: the second bind would fail at start.
       const auto& m = c.metrics.listen;
-      const auto wildcard = [](const std::string& h) { return h == "0.0.0.0" || h == "::"; };
+      const auto wildcard = [](const std::string& h) {
+        return h.empty() || h == "0.0.0.0" || h == "::";
+      };
       if (m && m->port != 0 && m->port == c.listen.port &&
           (m->host == c.listen.host || wildcard(m->host) || wildcard(c.listen.host))) {
         r.error(n["listen"].Mark(), "metrics.listen",
@@ -761,6 +763,7 @@ void read_root(Reader& r, const YAML::Node& root, Config& c) {
 
 std::string ListenAddress::to_string() const {
   if (host.find(':') != std::string::npos) return "[" + host + "]:" + std::to_string(port);
+  if (host.empty()) return ":" + std::to_string(port);
   return host + ":" + std::to_string(port);
 }
 

@@ -18,7 +18,9 @@ namespace llmproxy::config {
 using Millis = std::chrono::milliseconds;
 
 struct ListenAddress {
-  std::string host = "0.0.0.0";  // an IP literal, "::" for IPv6 any
+  // An IP literal ("0.0.0.0": every IPv4 address, "::": every IPv6 one); empty (":PORT", the
+  // default) for every address of both, as the seed's Go listener reads it.
+  std::string host;
   std::uint16_t port = 8080;
   std::string to_string() const;
   bool loopback() const;  // reachable from this machine only (127.0.0.0/8, ::1)

@@ -817,7 +817,15 @@ class ClientSession {
       : w_(w), stream_(std::move(socket)), metrics_only_(metrics_only) {
     error_code ec;
     auto ep = stream_.socket().remote_endpoint(ec);
-    if (!ec) client_ip_ = ep.address().to_string();
+    if (!ec) {
+      // A listener on every address sees IPv4 clients as ::ffff:a.b.c.d: logged and forwarded
+      // as a.b.c.d.
+      auto ip = ep.address();
+      if (ip.is_v6() && ip.to_v6().is_v4_mapped()) {
+        ip = asio::ip::make_address_v4(asio::ip::v4_mapped, ip.to_v6());
+      }
+      client_ip_ = ip.to_string();
+    }
     w_.sessions.insert(this);
   }
   ~ClientSession() {
@@ -3104,6 +3112,46 @@ asio::awaitable<void> run_session(Worker* w, tcp::socket socket, bool metrics_on
 // Connections one wake of a worker's accept loop takes at most; the rest wait for its next turn.
 constexpr std::int64_t kAcceptBurst = 64;
 
+// Opens and binds `acc` to `addr` (port `port`, 0 for any). An empty host is every address:
+// IPv6 with IPv4 mapped into it, or IPv4 alone where the machine has no IPv6 (a kernel without
+// it, or IPv6 switched off). Returns the address bound; ec says why not.
+tcp::endpoint bind_listener(tcp::acceptor& acc, const config::ListenAddress& addr,
+                            std::uint16_t port, bool reuse_port, error_code& ec) {
+  const auto bind_to = [&](const asio::ip::address& ip, bool dual) {
+    const tcp::endpoint ep(ip, port);
+    ec.clear();
+    if (acc.is_open()) acc.close();
+    acc.open(ep.protocol(), ec);
+    if (!ec && dual) acc.set_option(asio::ip::v6_only(false), ec);
+    if (!ec) acc.set_option(tcp::acceptor::reuse_address(true), ec);
+    if (!ec && reuse_port) {
+      int one = 1;
+      if (::setsockopt(acc.native_handle(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) {
+        ec = error_code(errno, boost::system::system_category());
+      }
+    }
+    if (!ec) acc.bind(ep, ec);
+    return ep;
+  };
+  if (addr.host.empty()) {
+    tcp::endpoint ep = bind_to(asio::ip::address_v6::any(), true);
+    if (ec == asio::error::address_family_not_supported ||
+        ec == boost::system::errc::address_not_available || ec == asio::error::invalid_argument) {
+      ep = bind_to(asio::ip::address_v4::any(), false);
+    }
+    return ep;
+  }
+  const auto ip = asio::ip::make_address(addr.host, ec);
+  if (ec) return {};
+  return bind_to(ip, false);
+}
+
+// Where a listener's "listening on" line says it is: http://HOST:PORT.
+std::string listen_url(const tcp::endpoint& ep) {
+  const std::string host = ep.address().to_string();
+  return fmt::format("http://{}:{}", ep.address().is_v6() ? "[" + host + "]" : host, ep.port());
+}
+
 asio::awaitable<void> accept_loop(Worker* w) {
   const std::int64_t limit = std::max<std::int64_t>(1, w->shared.cfg.server.max_connections);
   asio::steady_timer backoff(w->ioc);
@@ -3546,67 +3594,49 @@ int Gateway::run() {
   };
 
   const int nworkers = cfg.effective_workers();
-  auto address = asio::ip::make_address(cfg.listen.host, ec);
-  if (ec) {
-    log::line("error", "listen address {}: {}", cfg.listen.host, ec.message());
-    return 1;
-  }
-  tcp::endpoint endpoint(address, cfg.listen.port);
-  if (endpoint.port() != 0) {
+  std::uint16_t port = cfg.listen.port;
+  if (port != 0) {
     // The workers' SO_REUSEPORT would let the gateway share a fixed port silently with any
     // process of the same user already listening there (an old instance taking half the
     // traffic). A plain bind first makes that an error; the probe is closed before the workers
     // bind.
     tcp::acceptor probe(impl_->control);
-    probe.open(endpoint.protocol(), ec);
-    if (!ec) probe.set_option(tcp::acceptor::reuse_address(true), ec);
-    if (!ec) probe.bind(endpoint, ec);
+    bind_listener(probe, cfg.listen, port, false, ec);
     if (ec) {
       log::line("error", "cannot listen on {}: {}{}", cfg.listen.to_string(), ec.message(),
                 ec == asio::error::address_in_use ? " (another process listens there)" : "");
       return 1;
     }
   }
+  tcp::endpoint endpoint;
   for (int i = 0; i < nworkers; ++i) {
     impl_->workers.push_back(std::make_unique<Worker>(shared, i, shared.current));
     auto& acc = impl_->workers.back()->acceptor;
-    acc.open(endpoint.protocol(), ec);
-    if (!ec) acc.set_option(tcp::acceptor::reuse_address(true), ec);
-    if (!ec) {
-      int one = 1;
-      if (::setsockopt(acc.native_handle(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) {
-        ec = error_code(errno, boost::system::system_category());
-      }
-    }
-    if (!ec) acc.bind(endpoint, ec);
+    bind_listener(acc, cfg.listen, port, true, ec);
     if (!ec) acc.listen(asio::socket_base::max_listen_connections, ec);
     if (!ec) acc.non_blocking(true, ec);  // accept_loop's bursts
+    if (!ec && i == 0) endpoint = acc.local_endpoint(ec);
     if (ec) {
       log::line("error", "cannot listen on {}: {}", cfg.listen.to_string(), ec.message());
       return 1;
     }
-    if (i == 0) endpoint.port(acc.local_endpoint().port());  // port 0: the others follow
+    port = endpoint.port();  // port 0: the others follow the first
   }
   for (auto& wp : impl_->workers) shared.workers.push_back(wp.get());
   std::string metrics_note;
   if (cfg.metrics.listen) {
     Worker* w0 = impl_->workers.front().get();
-    auto maddr = asio::ip::make_address(cfg.metrics.listen->host, ec);
-    tcp::endpoint mep(maddr, cfg.metrics.listen->port);
     auto& acc = w0->metrics_acceptor.emplace(w0->ioc);
-    if (!ec) acc.open(mep.protocol(), ec);
-    if (!ec) acc.set_option(tcp::acceptor::reuse_address(true), ec);
-    if (!ec) acc.bind(mep, ec);
+    bind_listener(acc, *cfg.metrics.listen, cfg.metrics.listen->port, false, ec);
     if (!ec) acc.listen(asio::socket_base::max_listen_connections, ec);
+    tcp::endpoint mep;
+    if (!ec) mep = acc.local_endpoint(ec);
     if (ec) {
       log::line("error", "cannot listen for metrics on {}: {}", cfg.metrics.listen->to_string(),
                 ec.message());
       return 1;
     }
-    mep = acc.local_endpoint();
-    std::string mhost =
-        mep.address().is_v6() ? "[" + mep.address().to_string() + "]" : mep.address().to_string();
-    metrics_note = fmt::format("; metrics on http://{}:{}/metrics", mhost, mep.port());
+    metrics_note = fmt::format("; metrics on {}/metrics", listen_url(mep));
     asio::co_spawn(w0->ioc, metrics_accept_loop(w0, &acc), asio::detached);
   }
 
@@ -3704,11 +3734,9 @@ int Gateway::run() {
               cfg.listen.to_string());
   }
   // Printed only now: a SIGTERM right after this line must find the handler installed.
-  std::string host = cfg.listen.host.find(':') != std::string::npos ? "[" + cfg.listen.host + "]"
-                                                                    : cfg.listen.host;
   const std::size_t nbackends = shared.current->backends.size();
-  std::printf("llmproxy: listening on http://%s:%u (%d worker%s, %zu backend%s)%s\n", host.c_str(),
-              static_cast<unsigned>(endpoint.port()), nworkers, nworkers == 1 ? "" : "s", nbackends,
+  std::printf("llmproxy: listening on %s (%d worker%s, %zu backend%s)%s\n",
+              listen_url(endpoint).c_str(), nworkers, nworkers == 1 ? "" : "s", nbackends,
               nbackends == 1 ? "" : "s", metrics_note.c_str());
   std::fflush(stdout);
 

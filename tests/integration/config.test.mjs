@@ -2,6 +2,7 @@
 // and --help; the seed project's config style is accepted and runs.
 import { test, after, afterEach, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import {
   cleanup,
   checkProcesses,
@@ -235,10 +236,35 @@ health_check:
   path: /health
 `;
   const gw = await startGateway(yaml);
-  assert.equal(gw.host, '127.0.0.1');
+  // ":PORT" is every address, IPv6 and IPv4 (as the seed's Go listener reads it); IPv4 alone
+  // only on a machine without IPv6.
+  assert.ok(['::', '0.0.0.0'].includes(gw.listenHost), `listening on ${gw.listenHost}`);
   assert.ok(gw.port > 0);
   await waitUntil(async () => (await httpRequest(`${gw.url}/ready`)).status === 200, { timeout: 10_000, what: '/ready 200' });
   const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
   assert.equal(res.status, 200, res.text());
   assert.equal(res.headers['x-mock-backend'], 'seed');
+});
+
+test('listen ":0" serves IPv4 and IPv6 clients, and names an IPv4 client a.b.c.d upstream', { timeout: 30_000 }, async (t) => {
+  const backend = await startBackend('dual');
+  // Whether this machine has IPv6 at all: a listener on ::1.
+  const probe = net.createServer();
+  const v6 = await new Promise((resolve) => {
+    probe.once('error', () => resolve(false));
+    probe.listen(0, '::1', () => probe.close(() => resolve(true)));
+  });
+  const gw = await startGateway(`listen: ":0"\nbackends:\n  - url: "${backend.url}"\nhealth_check:\n  enabled: false\n`);
+  if (!v6) {
+    assert.equal(gw.listenHost, '0.0.0.0');
+    t.skip('no IPv6 on this machine: IPv4 only');
+    return;
+  }
+  assert.equal(gw.listenHost, '::');
+  for (const [host, client] of [['127.0.0.1', '127.0.0.1'], ['[::1]', '::1']]) {
+    const before = backend.apiRequests.length;
+    const res = await postJson(`http://${host}:${gw.port}`, '/v1/chat/completions', chatBody('m1'));
+    assert.equal(res.status, 200, `${host}: ${res.text()}`);
+    assert.equal(backend.apiRequests[before].headers['x-forwarded-for'], client, host);
+  }
 });

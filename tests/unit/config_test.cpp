@@ -99,7 +99,7 @@ TEST(ConfigLoad, SeedExampleIsAccepted) {
   ASSERT_TRUE(r.ok()) << dump(r);
   const Config& c = *r.config;
   EXPECT_EQ(c.source, "test.yaml");
-  EXPECT_EQ(c.listen.host, "0.0.0.0");
+  EXPECT_EQ(c.listen.host, "");  // every address, IPv6 and IPv4
   EXPECT_EQ(c.listen.port, 8080);
 
   ASSERT_EQ(c.backends.size(), 2u);
@@ -164,13 +164,13 @@ struct ListenCase {
 
 TEST(ConfigLoad, ListenForms) {
   const ListenCase cases[] = {
-      {":8080", "0.0.0.0", 8080, "0.0.0.0:8080"},
+      {":8080", "", 8080, ":8080"},
       {"0.0.0.0:8080", "0.0.0.0", 8080, "0.0.0.0:8080"},
       {"127.0.0.1:8080", "127.0.0.1", 8080, "127.0.0.1:8080"},
       {"[::]:8080", "::", 8080, "[::]:8080"},
       {"[::1]:9000", "::1", 9000, "[::1]:9000"},
       {"localhost:0", "127.0.0.1", 0, "127.0.0.1:0"},
-      {":65535", "0.0.0.0", 65535, "0.0.0.0:65535"},
+      {":65535", "", 65535, ":65535"},
   };
   for (const auto& tc : cases) {
     SCOPED_TRACE(tc.text);
@@ -320,7 +320,7 @@ TEST(ConfigLoad, LoopbackListenAddresses) {
     EXPECT_TRUE((ListenAddress{h, 1}.loopback())) << h;
   }
   for (const char* h :
-       {"0.0.0.0", "::", "10.0.0.1", "192.168.1.127", "::ffff:10.0.0.1", "1270::1"}) {
+       {"", "0.0.0.0", "::", "10.0.0.1", "192.168.1.127", "::ffff:10.0.0.1", "1270::1"}) {
     EXPECT_FALSE((ListenAddress{h, 1}.loopback())) << h;
   }
 }
@@ -340,7 +340,7 @@ TEST(ConfigLoad, DefaultsWhenKeysAreAbsent) {
   LoadResult r = load(kMinimal);
   ASSERT_TRUE(r.ok()) << dump(r);
   const Config& c = *r.config;
-  EXPECT_EQ(c.listen.host, "0.0.0.0");
+  EXPECT_EQ(c.listen.host, "");  // every address, IPv6 and IPv4
   EXPECT_EQ(c.listen.port, 8080);
 
   EXPECT_EQ(c.server.workers, 0);

@@ -55,7 +55,7 @@ export function httpRequest(url, { method = 'GET', headers = {}, body, agent = f
   return withTimeout(
     new Promise((resolve, reject) => {
       const req = http.request(
-        { host: u.hostname, port: u.port, path: u.pathname + u.search, method, headers, agent },
+        { host: u.hostname.replace(/^\[|\]$/g, ''), port: u.port, path: u.pathname + u.search, method, headers, agent },
         (res) => {
           const chunks = [];
           res.on('data', (c) => chunks.push(c));
