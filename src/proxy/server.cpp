@@ -2017,8 +2017,12 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
   ctx.estimated = true;
   // A request the gateway cut at its drain deadline before any of the answer's content (no
   // answer yet, or a stream's headers only) was ended by the gateway, not by its client: billed
-  // like one the backend failed.
-  const bool cut_before_content = aborted_ && content.empty();
+  // like one the backend failed. So is a stream that failed or went silent before its first
+  // content: vLLM, TGI and llama.cpp send a stream's 200 header before queueing and prefill, so
+  // a backend that crashes, rejects the prompt (TGI's error event) or hangs there answers 200.
+  const bool cut_before_content =
+      content.empty() &&
+      (aborted_ || (ctx.meter && (ctx.finish == "upstream_error" || ctx.finish == "timeout")));
   // Some servers answer an error with 200: that body, without usage, is billed as an error
   // status is, and the record says the response did not complete.
   const bool ok_status = ctx.upstream_status >= 200 && ctx.upstream_status < 300;
@@ -2792,6 +2796,14 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   BodyWrite out;
   bool client_ok = true;
   bool client_stalled = false;  // the client stopped reading and stream_idle passed
+  // vLLM, TGI and llama.cpp send a stream's header before queueing and prefill: until the
+  // stream's first piece reaches the client, the backend's silence is bounded by first_byte
+  // (when that is the longer), as the wait for a non-stream answer's header is.
+  const auto silence_limit = [&] {
+    return is_stream && ctx.first_byte_ms < 0
+               ? std::max(cfg.timeouts.stream_idle, cfg.timeouts.first_byte)
+               : cfg.timeouts.stream_idle;
+  };
   // An event stream's header goes out at once, so the client learns the status while the
   // backend is still prefilling (even when the bytes that came with it hold no whole piece of
   // body yet, such as the start of a chunk-size line); any other header rides with the first
@@ -2859,7 +2871,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       if (plain) {
         // Wait for readability, then read into the worker's space behind what is held.
         auto& sock = std::get<UpstreamConn::Plain>(conn->stream).socket();
-        arm(cfg.timeouts.stream_idle, conn.get());
+        arm(silence_limit(), conn.get());
         auto [rwec] = co_await sock.async_wait(tcp::socket::wait_read, use_nothrow);
         rec = settle(rwec);
         if (rec || client_cut()) break;
@@ -2897,7 +2909,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
         rec = bhttp::error::buffer_overflow;
         break;
       }
-      arm(cfg.timeouts.stream_idle, conn.get());
+      arm(silence_limit(), conn.get());
       auto rop = on_upstream(*conn, [&](auto& s) {
         return s.async_read_some(conn->buffer.prepare(room), use_nothrow);
       });
@@ -3068,7 +3080,14 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
           "data: {\"error\":{\"message\":\"The backend sent nothing within timeouts.stream_idle; "
           "the gateway ended the stream.\",\"type\":\"server_error\",\"param\":null,\"code\":"
           "\"upstream_timeout\"}}\n\n";
-      out.frame({}, chunked, kIdle, false);
+      static constexpr std::string_view kFirst =
+          "data: {\"error\":{\"message\":\"The backend sent its stream's header, then nothing "
+          "within timeouts.first_byte; the gateway ended the stream.\",\"type\":\"server_error\","
+          "\"param\":null,\"code\":\"upstream_timeout\"}}\n\n";
+      out.frame({}, chunked,
+                ctx.first_byte_ms < 0 && cfg.timeouts.first_byte > cfg.timeouts.stream_idle ? kFirst
+                                                                                            : kIdle,
+                false);
       write_now(out);
     }
     client_keep_alive = false;

@@ -480,6 +480,65 @@ test('an error event inside a 200 stream (vLLM, TGI, llama.cpp, named `error`): 
   assert.equal(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'ib' }), 11);
 });
 
+test('a stream that fails or goes silent before its first content bills nothing (no /tokenize); a long silent prefill is bounded by first_byte, not stream_idle', { timeout: 60_000 }, async () => {
+  const be = await startBackend('prefill');
+  const gw = await startUsageGateway({
+    mock,
+    receiver,
+    backends: [backendEntry(be, { name: 'pf' })],
+    timeouts: { stream_idle: '400ms', first_byte: '2500ms' },
+  });
+  const tok = (t) => `data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"${t}"},"finish_reason":null}]}\n\n`;
+  const usage = 'data: {"id":"c1","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}\n\n';
+  const tokenizeCalls = [];
+  be.handler = async (req, res) => {
+    if (req.url === '/tokenize') {
+      tokenizeCalls.push(req.headers['x-request-id']);
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end('{"count":1234}');
+      return;
+    }
+    const id = req.headers['x-request-id'];
+    res.writeHead(200, { 'content-type': 'text/event-stream' });
+    res.flushHeaders();
+    if (id === 'pf-tgi') {
+      // TGI rejects a prompt inside its 200 stream.
+      res.end('data: {"error":"Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096","error_type":"validation"}\n\n');
+    } else if (id === 'pf-reset') {
+      setImmediate(() => req.socket.resetAndDestroy()); // a crash during prefill
+    } else if (id === 'pf-slow') {
+      // A prefill three times stream_idle long, under first_byte: the stream goes through.
+      await new Promise((r) => setTimeout(r, 1200));
+      res.end(`${tok('one ')}${tok('two')}${usage}data: [DONE]\n\n`);
+    } // pf-silent: nothing more, ever
+  };
+  const body = chatBody('m1', { stream: true });
+  const cases = [
+    ['pf-tgi', 'upstream_error'],
+    ['pf-reset', 'upstream_error'],
+    ['pf-silent', 'timeout'],
+  ];
+  for (const [id, finish] of cases) {
+    const s = await openStream(`${gw.url}/v1/chat/completions`, { headers: { 'content-type': 'application/json', 'x-request-id': id }, body: JSON.stringify(body) });
+    assert.equal(s.res.statusCode, 200, id);
+    const text = await new Promise((resolve) => {
+      let t = '';
+      s.res.on('data', (d) => (t += d));
+      s.res.on('error', () => {});
+      s.res.on('close', () => resolve(t));
+    });
+    if (id === 'pf-silent') assert.match(text, /nothing within timeouts\.first_byte.*"code":"upstream_timeout"/, text);
+    const rec = await receiver.waitForClientId(id, 15_000);
+    assert.deepEqual([rec.finish, rec.prompt_tokens, rec.completion_tokens, rec.total_tokens], [finish, 0, 0, 0], `${id}: ${JSON.stringify(rec)}`);
+  }
+  const slow = await postJson(gw.url, '/v1/chat/completions', body, { headers: { 'x-request-id': 'pf-slow' } });
+  assert.equal(slow.status, 200);
+  assert.equal(slow.text(), `${tok('one ')}${tok('two')}data: [DONE]\n\n`, 'the slow stream whole, without the usage chunk the gateway asked for');
+  const rec = await receiver.waitForClientId('pf-slow', 15_000);
+  assert.deepEqual([rec.finish, rec.usage_source, rec.prompt_tokens, rec.completion_tokens], ['completed', 'backend', 9, 2], JSON.stringify(rec));
+  assert.deepEqual(tokenizeCalls, [], 'no prompt is counted for a stream the backend failed');
+});
+
 test('a record\'s timestamp is when its request began, also when a slow /tokenize counted its prompt', { timeout: 30_000 }, async () => {
   const be = await startBackend('slowtok');
   be.handler = async (req, res) => {
