@@ -4,7 +4,8 @@
 // Bytes are fed exactly as they were read from the socket: an event may be split across any
 // number of feeds and one feed may hold many events. Lines end in \n, \r\n or \r (also when the
 // \r and the \n arrive in different feeds). `data:` takes one optional space; several data lines
-// of one event are joined with \n; comments (":") are skipped; `event:` and `id:` are kept.
+// of one event are joined with \n; comments (":") are skipped; `event:` and `id:` are kept; a
+// leading UTF-8 byte order mark is skipped.
 // One field outside the spec is read: llama.cpp's server writes a failure inside a stream as
 // `error: {json}`, a field the spec says to ignore (and clients do). A block with an `error:`
 // line is an event named "error"; its data is its data lines, or else the `error:` value.
@@ -54,8 +55,11 @@ class SseScanner {
   bool line(std::string_view text);
   void append_line_bytes(std::string_view part);
 
+  static constexpr unsigned char kBom[3] = {0xEF, 0xBB, 0xBF};
+
   std::size_t max_;
-  std::string line_;  // an unfinished line carried over from the previous feed
+  std::uint8_t bom_ = 0;  // bytes of a leading byte order mark passed; 3 once past the start
+  std::string line_;      // an unfinished line carried over from the previous feed
   bool line_truncated_ = false;
   bool skip_lf_ = false;             // the previous feed ended in \r: a leading \n belongs to it
   bool skip_lf_ends_block_ = false;  // ... and that \r ended a blank line
@@ -77,6 +81,16 @@ void SseScanner::feed(std::string_view bytes, OnEvent&& on_event) {
   last_boundary_ = std::string_view::npos;
   block_start_ = 0;
   block_continued_ = true;
+  // A UTF-8 byte order mark opening the stream is not part of its first field name (the spec
+  // strips one); it may arrive a byte at a time.
+  while (bom_ < 3 && pos < bytes.size()) {
+    if (static_cast<unsigned char>(bytes[pos]) != kBom[bom_]) {
+      bom_ = 3;
+      break;
+    }
+    ++bom_;
+    ++pos;
+  }
   if (skip_lf_ && !bytes.empty()) {
     skip_lf_ = false;
     if (bytes.front() == '\n') {

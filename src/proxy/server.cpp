@@ -2795,7 +2795,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // with the header while unsent, framed as a chunk when the client's message is chunked.
   BodyWrite out;
   bool client_ok = true;
-  bool client_stalled = false;  // the client stopped reading and stream_idle passed
+  bool client_stalled = false;   // the client stopped reading and stream_idle passed
+  bool client_had_done = false;  // the client left after the whole stream, [DONE] included
   // vLLM, TGI and llama.cpp send a stream's header before queueing and prefill: until the
   // stream's first piece reaches the client, the backend's silence is bounded by first_byte
   // (when that is the longer), as the wait for a non-stream answer's header is.
@@ -2934,6 +2935,9 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       upstream_ec = rec;
       if (client_cut()) {
         client_ok = false;
+        // A client that hung up once it had the stream's end marker (the backend's last bytes,
+        // the end of its chunked message, still on their way) read a complete stream.
+        client_had_done = is_stream && ends_with_done_line(tail.view());
       } else if (rec == beast::error::timeout) {
         ctx.finish = "timeout";
         w_.metrics.upstream_error(metric_id, metrics::UpstreamError::timeout);
@@ -2995,6 +2999,9 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       ctx.body_copy_complete = false;  // usage is searched for in what was read, not parsed
       break;
     }
+    // `piece` may lie in the worker's shared scratch space, which other sessions overwrite
+    // while this one waits for a slow client below: the tail takes its bytes first.
+    if (is_stream && n > 0 && !cwec) tail.push(piece);
     if (!cwec && !pending_.empty()) cwec = co_await flush_pending(cfg.timeouts.stream_idle);
     if (cwec) {
       client_ok = false;
@@ -3010,7 +3017,6 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     ctx.bytes_out += n;
     ended = rp.is_done();
     if (n > 0) {
-      if (is_stream) tail.push(piece);
       const auto now = Clock::now();
       if (ctx.first_byte_ms < 0) {
         ctx.first_byte_ms = std::chrono::duration<double, std::milli>(now - ctx.start).count();
@@ -3035,7 +3041,13 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // Nothing relayed, or a blank line last: the client stands between two events.
   const bool at_event_end = tail.view().empty() || ends_with_blank_line(tail.view());
   bool stream_failed = false;  // the backend ended its stream inside an event or reported an error
-  if (!client_ok) {
+  if (client_had_done) {
+    client_keep_alive = false;
+    if (ctx.meter && ctx.meter->tracker().saw_error()) {
+      ctx.finish = "upstream_error";  // an error event before the end marker (vLLM's shape)
+      stream_failed = true;
+    }
+  } else if (!client_ok) {
     // A client that stopped reading was cut by the gateway's deadline (stream_idle): a timeout.
     ctx.finish = client_stalled ? "timeout" : "client_disconnected";
     client_keep_alive = false;

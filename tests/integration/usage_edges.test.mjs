@@ -26,6 +26,7 @@ import {
   waitUntil,
   readAll,
   mockPathCount,
+  withTimeout,
 } from './lib/harness.mjs';
 import { startUsageGateway, mapLimit, hookConfig, scrapeMetrics, metricSum } from './lib/usage.mjs';
 
@@ -537,6 +538,45 @@ test('a stream that fails or goes silent before its first content bills nothing 
   const rec = await receiver.waitForClientId('pf-slow', 15_000);
   assert.deepEqual([rec.finish, rec.usage_source, rec.prompt_tokens, rec.completion_tokens], ['completed', 'backend', 9, 2], JSON.stringify(rec));
   assert.deepEqual(tokenizeCalls, [], 'no prompt is counted for a stream the backend failed');
+});
+
+test('a client that hangs up right after [DONE], before the backend has ended its message, read a complete stream: "completed"', { timeout: 30_000 }, async () => {
+  const be = await startBackend('donelate');
+  const gw = await startUsageGateway({ mock, receiver, backends: [backendEntry(be, { name: 'dl' })], usage: { tokenize: false } });
+  const tok = (t) => `data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"${t}"},"finish_reason":null}]}\n\n`;
+  const usage = 'data: {"id":"c1","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}\n\n';
+  let ended;
+  const backendDone = new Promise((r) => (ended = r));
+  be.handler = async (req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' });
+    res.write(`${tok('one ')}${tok('two')}${usage}data: [DONE]\n\n`);
+    // The end of the chunked message comes late (a server finishing its bookkeeping).
+    req.socket.once('close', () => ended('closed'));
+    setTimeout(() => {
+      res.end();
+      ended('ended');
+    }, 2000);
+  };
+  const s = await openStream(`${gw.url}/v1/chat/completions`, {
+    headers: { 'content-type': 'application/json', 'x-request-id': 'done-late' },
+    body: JSON.stringify(chatBody('m1', { stream: true })),
+  });
+  let text = '';
+  await withTimeout(
+    new Promise((resolve) => {
+      s.res.on('data', (d) => {
+        text += d;
+        if (text.includes('data: [DONE]\n\n')) resolve();
+      });
+    }),
+    10_000,
+    'the end marker',
+  );
+  s.socket.destroy();
+  // The gateway notices the hang-up and closes the upstream before the message's end.
+  assert.equal(await backendDone, 'closed');
+  const rec = await receiver.waitForClientId('done-late', 15_000);
+  assert.deepEqual([rec.finish, rec.usage_source, rec.prompt_tokens, rec.completion_tokens], ['completed', 'backend', 9, 2], JSON.stringify(rec));
 });
 
 test('a record\'s timestamp is when its request began, also when a slow /tokenize counted its prompt', { timeout: 30_000 }, async () => {

@@ -72,6 +72,25 @@ TEST(SseScanner, OneByteAtATime) {
   EXPECT_EQ(scan(feeds), kExpected);
 }
 
+// A byte order mark opening the stream is skipped (the spec strips it), at every split; one
+// anywhere else is part of its line.
+TEST(SseScanner, LeadingByteOrderMarkIsSkipped) {
+  const std::string stream =
+      "\xEF\xBB\xBF"
+      "data: {\"a\":1}\n\n\xEF\xBB\xBF"
+      "data: x\n\ndata: y\n\n";
+  const std::vector<Seen> expected = {{"", "{\"a\":1}", "", false}, {"", "y", "", false}};
+  const std::string_view v(stream);
+  for (std::size_t i = 0; i <= v.size(); ++i) {
+    for (std::size_t j = i; j <= v.size(); ++j) {
+      ASSERT_EQ(scan({v.substr(0, i), v.substr(i, j - i), v.substr(j)}), expected)
+          << "splits at " << i << " and " << j;
+    }
+  }
+  // The start of a mark, then other bytes: what came of the mark is dropped as well.
+  EXPECT_EQ(scan({"\xEF\xBB", "data: z\n\n"}), (std::vector<Seen>{{"", "z", "", false}}));
+}
+
 TEST(SseScanner, CrAtTheEndOfAFeedAndLfAtTheStartOfTheNextAreOneLineEnding) {
   // Were the \n taken as a second line ending, the blank line would dispatch "a" early and the
   // next data line would form an event of its own.
