@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cctype>
 #include <charconv>
+#include <optional>
 
 namespace llmproxy::llm {
 namespace {
@@ -177,6 +178,11 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
     error.message = "The request body must be a JSON object.";
     return false;
   }
+  // The fields the prompt estimate counts: the last of each name, as the Python and JS backends
+  // read duplicate keys (counting every copy over-counts; counting the first under-counts).
+  struct {
+    std::optional<simdjson::dom::element> messages, prompt, input, tools, functions;
+  } last;
   for (auto field : obj) {
     std::string_view key = field.key;
     if (key == "stream") {
@@ -217,46 +223,15 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
       if (too_long("user", v, error)) return false;
       info.user.assign(v);
     } else if (key == "messages") {
-      simdjson::dom::array list;
-      if (field.value.get_array().get(list) == simdjson::SUCCESS) {
-        for (auto m : list) {
-          ++info.messages;
-          simdjson::dom::object fields;
-          if (!count_text || m.get_object().get(fields)) continue;
-          // One pass over the message's keys (a lookup per key would scan them each time).
-          for (auto f : fields) {
-            if (f.key == "content") {
-              count_prompt(f.value, info);
-            } else if (f.key == "tool_calls") {
-              simdjson::dom::array calls;
-              if (f.value.get_array().get(calls)) continue;
-              for (auto call : calls) {
-                simdjson::dom::element fn;  // {"type":"function","function":{...}} or "custom"
-                if (call["function"].get(fn) == simdjson::SUCCESS ||
-                    call["custom"].get(fn) == simdjson::SUCCESS) {
-                  count_tool_call(fn, info);
-                }
-              }
-            } else if (f.key == "function_call") {
-              count_tool_call(f.value, info);  // legacy: the function itself, no wrapper
-            }
-          }
-        }
-      }
-    } else if (key == "prompt" || key == "input") {
-      if (count_text) count_prompt(field.value, info);
-    } else if (key == "tools" || key == "functions") {
-      // Tool definitions (`functions`: the legacy form): chat templates write each one into the
-      // prompt as JSON, so the estimate counts their JSON text. Other endpoints have no template.
-      simdjson::dom::array defs;
-      if (!count_text || endpoint != Endpoint::chat_completions ||
-          field.value.get_array().get(defs)) {
-        continue;
-      }
-      for (auto def : defs) {
-        ++info.tools;
-        count_json(def, info.tool_text);
-      }
+      last.messages = field.value;  // counted after the loop: a repeated key's last value wins
+    } else if (key == "prompt") {
+      last.prompt = field.value;
+    } else if (key == "input") {
+      last.input = field.value;
+    } else if (key == "tools") {
+      last.tools = field.value;
+    } else if (key == "functions") {
+      last.functions = field.value;
     } else if (key == "stream_options") {
       // Every occurrence, the last one winning, as the Python and JS backends read duplicates.
       info.has_stream_options = true;
@@ -278,6 +253,48 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
       // asked for usage on every chunk and the final usage chunk. Other servers default
       // include_usage to false and would send no usage at all, so the gateway still asks.
       info.continuous_usage = !asked && continuous;
+    }
+  }
+  if (simdjson::dom::array list;
+      last.messages && last.messages->get_array().get(list) == simdjson::SUCCESS) {
+    for (auto m : list) {
+      ++info.messages;
+      simdjson::dom::object fields;
+      if (!count_text || m.get_object().get(fields)) continue;
+      // One pass over the message's keys (a lookup per key would scan them each time).
+      for (auto f : fields) {
+        if (f.key == "content") {
+          count_prompt(f.value, info);
+        } else if (f.key == "tool_calls") {
+          simdjson::dom::array calls;
+          if (f.value.get_array().get(calls)) continue;
+          for (auto call : calls) {
+            simdjson::dom::element fn;  // {"type":"function","function":{...}} or "custom"
+            if (call["function"].get(fn) == simdjson::SUCCESS ||
+                call["custom"].get(fn) == simdjson::SUCCESS) {
+              count_tool_call(fn, info);
+            }
+          }
+        } else if (f.key == "function_call") {
+          count_tool_call(f.value, info);  // legacy: the function itself, no wrapper
+        }
+      }
+    }
+  }
+  if (count_text) {
+    if (last.prompt) count_prompt(*last.prompt, info);
+    if (last.input) count_prompt(*last.input, info);
+    // Tool definitions (`functions`: the legacy form): chat templates write each one into the
+    // prompt as JSON, so the estimate counts their JSON text. Other endpoints have no template.
+    for (const auto& value : {last.tools, last.functions}) {
+      simdjson::dom::array defs;
+      if (endpoint != Endpoint::chat_completions || !value || value->get_array().get(defs)) {
+        continue;
+      }
+      for (auto def : defs) {
+        ++info.tools;
+        count_json(def, info.tool_text);
+      }
     }
   }
   if (endpoint == Endpoint::embeddings && info.stream) {

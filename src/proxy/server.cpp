@@ -2090,24 +2090,42 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
     std::string padded;
     padded.reserve(ctx.retained_body.size() + simdjson::SIMDJSON_PADDING);
     padded.assign(ctx.retained_body);
-    simdjson::dom::element doc;
-    if (w_.usage_parser.parse(padded.data(), padded.size(), false).get(doc)) co_return -1;
+    simdjson::dom::object doc;
+    if (w_.usage_parser.parse(padded.data(), padded.size(), false).get_object().get(doc)) {
+      co_return -1;
+    }
     const bool chat = ctx.endpoint == llm::Endpoint::chat_completions;
-    simdjson::dom::element prompt;
-    if (doc[chat ? "messages" : "prompt"].get(prompt)) co_return -1;
+    // The last of each key, as the backend reads a repeated one (simdjson's lookup finds the
+    // first: a short first copy would have the long prompt the backend ran counted short).
+    const std::string_view prompt_key = chat ? "messages" : "prompt";
+    std::optional<simdjson::dom::element> prompt;
+    std::optional<simdjson::dom::array> tools, functions;
+    for (auto field : doc) {
+      simdjson::dom::array defs;
+      if (field.key == prompt_key) {
+        prompt = field.value;
+      } else if (chat && (field.key == "tools" || field.key == "functions")) {
+        auto& slot = field.key == "tools" ? tools : functions;
+        if (field.value.get_array().get(defs)) {
+          slot.reset();
+        } else {
+          slot = defs;
+        }
+      }
+    }
+    if (!prompt) co_return -1;
     body = "{\"model\":\"";
     http::append_json_escaped(body, ctx.info.model);
     body += chat ? "\",\"messages\":" : "\",\"prompt\":";
-    body += simdjson::minify(prompt);
+    body += simdjson::minify(*prompt);
     // The tool definitions too: vLLM's chat /tokenize renders them into the template, as the
     // request itself did (the legacy `functions` go along for a server that reads them).
-    for (const char* key : {"tools", "functions"}) {
-      simdjson::dom::array defs;
-      if (!chat || doc[key].get_array().get(defs)) continue;
+    for (auto [key, defs] : {std::pair{"tools", &tools}, std::pair{"functions", &functions}}) {
+      if (!*defs) continue;
       body += ",\"";
       body += key;
       body += "\":";
-      body += simdjson::minify(defs);
+      body += simdjson::minify(**defs);
     }
     body += '}';
   }
@@ -2164,8 +2182,9 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
     if (!w_.usage_parser.parse(text.data(), text.size(), false).get(doc)) {
       std::int64_t v;
       simdjson::dom::array tokens;
+      // A count past what any record holds (llm::kMaxTokenCount) is no answer.
       if (!doc["count"].get_int64().get(v) && v >= 0) {
-        count = v;
+        if (v <= llm::kMaxTokenCount) count = v;
       } else if (!doc["tokens"].get_array().get(tokens)) {
         count = static_cast<std::int64_t>(tokens.size());
       }

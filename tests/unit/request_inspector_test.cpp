@@ -125,6 +125,24 @@ TEST(RequestInspector, PromptCountedOnlyWhenAsked) {
   EXPECT_EQ(ids.prompt_token_ids, 0);
 }
 
+// A repeated key: the backends (Python, JS) take its last value, so the estimate counts that one
+// only; counting the first (or every copy) would let a client make its real prompt look short.
+TEST(RequestInspector, RepeatedPromptKeysCountTheLastValue) {
+  const std::string longer = std::string(500, 'x');
+  const Outcome chat =
+      inspect(R"({"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[{"a":1}],)"
+              R"("messages":[{"role":"user","content":")" +
+              longer + R"("},{"role":"user","content":"ok"}],"tools":[]})");
+  ASSERT_TRUE(chat.ok);
+  EXPECT_EQ(chat.info.messages, 2);
+  EXPECT_EQ(chat.info.prompt_text.ascii, 502u);
+  EXPECT_EQ(chat.info.tools, 0);
+  const Outcome completion =
+      inspect(R"({"model":"m","prompt":")" + longer + R"(","prompt":"hi"})", Endpoint::completions);
+  ASSERT_TRUE(completion.ok);
+  EXPECT_EQ(completion.info.prompt_text.ascii, 2u);
+}
+
 // Tools are written into the prompt by chat templates: their definitions count as JSON text
 // (as long as their minified JSON), tool calls as the function's name plus its arguments; the
 // estimate adds the template's tool instruction once and its markup per call.
