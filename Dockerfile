@@ -1,7 +1,10 @@
 # LLMProxy container image: the gateway (`llmproxy`) and the bundled mock backend (`llmproxy-mock`).
 #
 #   docker build -t llmproxy .                  (no docker0 bridge on this machine: add --network host)
-#   docker run -d -p 8080:8080 -v "$PWD/config.yaml:/home/llmproxy/config.yaml" llmproxy
+#   docker run -d --stop-timeout 40 -p 8080:8080 -v "$PWD/config.yaml:/home/llmproxy/config.yaml" \
+#     -v llmproxy-usage:/home/llmproxy/data llmproxy
+#   (--stop-timeout 40: more than server.drain_timeout's 30 s; the volume keeps undelivered usage
+#   records across container replacements; both as in the README's Docker section)
 #
 # Nothing here is architecture-specific (no architecture paths, packages or binaries: ldd and dpkg
 # report the build's own), and every package exists for amd64 and arm64 in Debian 12, so

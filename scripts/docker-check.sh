@@ -59,8 +59,11 @@ say "docker build --network host -t $IMAGE ."
 exec 8>/var/tmp/llmproxy-docker-check.lock
 flock -n 8 || { echo "waiting for another docker-check build to finish..."; flock 8; }
 t=$(now)
-docker build --network host -t "$IMAGE" . 2>&1 | tee "$work/build.log" | grep -E '^Step |runtime packages:|llmproxy [0-9]|OK \(|Successfully|ERROR|error:' || true
-[ "${PIPESTATUS[0]}" -eq 0 ] || { tail -n 40 "$work/build.log" >&2; die "docker build failed"; }
+# The build's own exit status decides (a pipeline into grep would hide it); the log is filtered after.
+build_rc=0
+docker build --network host -t "$IMAGE" . >"$work/build.log" 2>&1 || build_rc=$?
+grep -E '^Step |runtime packages:|llmproxy [0-9]|OK \(|Successfully|ERROR|error:' "$work/build.log" || true
+[ "$build_rc" -eq 0 ] || { tail -n 40 "$work/build.log" >&2; die "docker build failed (exit status $build_rc)"; }
 took "docker build" "$t"
 flock -u 8
 

@@ -37,15 +37,43 @@ count() {  # count LOG: adds the runner's pass/fail totals (ctest or node:test) 
   passed=$((passed + ${p:-0})) failed=$((failed + ${f:-0}))
 }
 
+# Every runner stops by itself: a hung test fails the run instead of holding CI until its kill.
+# CTest: 300 s per unit test. node:test: --test-timeout=300000 where this Node.js has the flag
+# (added in v20.11 and v21.2; probed, as an older Node.js exits on it): it bounds each test that
+# sets no timeout of its own, and also each test file as a whole, so it stays above the longest
+# timeout a test sets itself (240 s). Around the whole integration run, whatever the Node.js
+# version, `timeout` sends TERM to the runner's process group (test files, gateways, mocks) after
+# INTEGRATION_TIMEOUT s, and KILL 30 s later.
+INTEGRATION_TIMEOUT=${INTEGRATION_TIMEOUT:-1500}
+NODE_TEST_TIMEOUT_MS=300000
+
 unit() {  # unit BUILD_DIR
-  ctest --test-dir "$1" --output-on-failure -j2 | tee "$logdir/unit.log"
+  ctest --test-dir "$1" --output-on-failure -j2 --timeout 300 | tee "$logdir/unit.log"
   count "$logdir/unit.log"
 }
 
 integration() {  # integration BUILD_DIR
-  (cd tests/integration &&
-    LLMPROXY_BIN="$root/$1/llmproxy" MOCK_BIN="$root/$1/llmproxy-mock" \
-      node --test --test-concurrency=1 ./*.test.mjs) | tee "$logdir/integration.log"
+  local rc=0 node_test_timeout=()
+  # Probed here, after the dependency stage: a bad option makes node exit 9 before running anything.
+  if node "--test-timeout=$NODE_TEST_TIMEOUT_MS" -e '' >/dev/null 2>&1; then
+    node_test_timeout=("--test-timeout=$NODE_TEST_TIMEOUT_MS")
+  else
+    echo "note: node $(node --version) has no --test-timeout: only the ${INTEGRATION_TIMEOUT} s bound on the whole run applies"
+  fi
+  (
+    cd tests/integration || exit
+    export LLMPROXY_BIN="$root/$1/llmproxy" MOCK_BIN="$root/$1/llmproxy-mock"
+    timeout -k 30 "$INTEGRATION_TIMEOUT" node --test --test-concurrency=1 "${node_test_timeout[@]}" ./*.test.mjs &
+    runner=$!
+    # The tests run in timeout's own process group, which an interrupt (^C) or a TERM of this
+    # script does not reach: passed on to timeout, it stops that whole group the same way.
+    trap 'kill -TERM "$runner" 2>/dev/null; wait "$runner"; exit 130' INT TERM
+    wait "$runner"
+  ) | tee "$logdir/integration.log" || rc=$?
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    echo "=== integration tests stopped: not finished within ${INTEGRATION_TIMEOUT} s (exit $rc)" >&2
+  fi
+  [ $rc -eq 0 ] || return $rc
   count "$logdir/integration.log"
 }
 

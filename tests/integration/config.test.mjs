@@ -148,7 +148,7 @@ test('a fixed listen port another process listens on is refused at start, not sh
   assert.match(r.stderr, /cannot listen on 127\.0\.0\.1:\d+: .*another process listens there/);
   // The check itself does not stand in the way: with the port free, the same config starts there.
   first.signal('SIGTERM');
-  await first.waitExit(15_000);
+  assert.deepEqual(await first.waitExit(15_000), { code: 0, signal: null }, first.describe());
   const second = await startGateway(config);
   assert.equal(second.port, port);
   const res = await httpRequest(`${second.url}/health`);

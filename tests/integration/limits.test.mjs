@@ -87,7 +87,13 @@ test('out of file descriptors: 503 overloaded, the backend is not marked down, a
   const gw = await spawnListening('llmproxy', '/bin/bash', ['-c', `ulimit -n ${LIMIT} && exec "$0" --config "$1"`, LLMPROXY_BIN, file], {
     env: { UBSAN_OPTIONS: ubsan },
   });
-  assert.match(gw.stdout + gw.stderr, /open-file limit 64 \(hard limit 64\) is below/);
+  // Logged at start, on stderr, which may arrive after the listening line on stdout.
+  await waitUntil(() => /open-file limit 64 \(hard limit 64\) is below/.test(gw.stdout + gw.stderr), {
+    timeout: 10_000,
+    what: 'the warning about the open-file limit',
+  }).catch((err) => {
+    throw new Error(`${err.message}\n${gw.describe()}`);
+  });
   await waitUntil(async () => (await httpRequest(`${gw.url}/ready`)).status === 200, { timeout: 10_000, what: 'a passed health check' });
   // A kept-alive client connection, opened first, with no request sent upstream yet: its chat
   // request will need a new upstream connection.
@@ -104,7 +110,9 @@ test('out of file descriptors: 503 overloaded, the backend is not marked down, a
   const fillers = [];
   // Descriptors below the limit in use (one the process inherited may lie above it).
   const openFds = () => readdirSync(`/proc/${gw.pid}/fd`).filter((fd) => Number(fd) < LIMIT).length;
+  const fillDeadline = Date.now() + 30_000; // the loop's own bound: it must not outlive the test
   for (;;) {
+    if (Date.now() > fillDeadline) throw new Error(`the gateway was not held at ${LIMIT} descriptors within 30 s (${openFds()} open)`);
     const n = openFds();
     if (n >= LIMIT) {
       await healthRound();
@@ -158,7 +166,10 @@ test('a soft open-file limit below what max_connections needs is raised towards 
   const gw = await spawnListening('llmproxy', '/bin/bash', ['-c', 'ulimit -S -n 256 && exec "$0" --config "$1"', LLMPROXY_BIN, file]);
   const limits = readFileSync(`/proc/${gw.pid}/limits`, 'utf8');
   const [soft, hard] = /Max open files\s+(\d+|unlimited)\s+(\d+|unlimited)/.exec(limits).slice(1);
-  assert.match(gw.stdout + gw.stderr, new RegExp(`raised the open-file limit from 256 to ${soft}`));
+  const raised = new RegExp(`raised the open-file limit from 256 to ${soft}`);
+  await waitUntil(() => raised.test(gw.stdout + gw.stderr), { timeout: 10_000, what: 'the note on the raised open-file limit' }).catch((err) => {
+    throw new Error(`${err.message}\n${gw.describe()}`);
+  });
   // 2 per connection, the idle pool (64 per backend and worker) and 64 for the rest.
   const need = 2 * 1000 + 64 + 64;
   assert.equal(Number(soft), hard === 'unlimited' ? need : Math.min(need, Number(hard)));

@@ -17,6 +17,7 @@ import {
   parseResponse,
   httpRequest,
   withTimeout,
+  waitUntil,
 } from './lib/harness.mjs';
 import { scrapeMetrics, metricSum } from './lib/usage.mjs';
 
@@ -205,7 +206,7 @@ test('connections that arrive together are taken together, never past server.max
   for (const c of held) c.socket.destroy();
   for (let round = 0; round < 2; round++) {
     const expected = limit * (round + 1);
-    await withTimeout((async () => { while (answered.size < expected) await new Promise((r) => setTimeout(r, 5)); })(), 10_000, `${expected} answers`);
+    await waitUntil(() => answered.size >= expected, { timeout: 10_000, interval: 5, what: `${expected} answers` });
     const live = [...answered].filter((i) => !closed.has(i));
     // A round trip through the gateway after the burst was taken.
     await withTimeout(waiting[live[0]].ask(), 10_000, 'a round trip');

@@ -77,17 +77,19 @@ test('a request body that stalls past timeouts.client_header is dropped and neve
 });
 
 test('a stream longer than timeouts.stream_idle in total, with shorter gaps, is not cut', { timeout: 20_000 }, async () => {
-  // 8 events 100 ms apart: about 2.5 x the idle timeout in total.
-  const { gw } = await gatewayWith({ stream_idle: '300ms', first_byte: '300ms' });
+  // 25 events 100 ms apart: about 2.5 x both timeouts in total, while each gap stays 10 x shorter
+  // than them (the deadlines are swept every 100 ms; a loaded sanitizer run must not cut a gap).
+  const tokens = 25;
+  const { gw } = await gatewayWith({ stream_idle: '1s', first_byte: '1s' });
   const { res } = await openStream(`${gw.url}/v1/chat/completions`, {
     body: JSON.stringify(chatBody('m1', { stream: true })),
-    headers: { 'content-type': 'application/json', 'x-mock-tokens': '8', 'x-mock-delay-ms': '100' },
+    headers: { 'content-type': 'application/json', 'x-mock-tokens': String(tokens), 'x-mock-delay-ms': '100' },
   });
   assert.equal(res.statusCode, 200);
   const data = sseData((await readAll(res)).toString());
   assert.equal(data.at(-1), '[DONE]');
   const deltas = data.filter((d) => d !== '[DONE]' && JSON.parse(d).choices?.[0]?.delta?.content !== undefined);
-  assert.equal(deltas.length, 8);
+  assert.equal(deltas.length, tokens);
 });
 
 test('a backend silent mid-stream past timeouts.stream_idle: the client sees a truncated message', { timeout: 20_000 }, async () => {

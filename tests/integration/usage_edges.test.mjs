@@ -158,7 +158,7 @@ async function recordAfterExit(gw, id) {
   const gw2 = await restartGateway(gw);
   const later = await receiver.waitForClientId(id, 15_000);
   gw2.signal('SIGTERM');
-  await gw2.waitExit(20_000);
+  assert.deepEqual(await gw2.waitExit(20_000), { code: 0, signal: null }, `the restarted gateway\n${gw2.describe()}`);
   return later;
 }
 
@@ -177,7 +177,7 @@ test('a stream still running at the drain deadline is cut and still recorded', {
   res.on('error', () => {});
   gw.signal('SIGTERM');
   const exit = await gw.waitExit(20_000);
-  assert.deepEqual(exit, { code: 0, signal: null });
+  assert.deepEqual(exit, { code: 0, signal: null }, gw.describe());
   const rec = await recordAfterExit(gw, 'edge-drain');
   assert.equal(rec.finish, 'timeout');
   assert.equal(rec.is_stream, true);
@@ -203,7 +203,7 @@ test('a /tokenize call still running at the drain deadline is cut: the record is
   await waitUntil(() => tokenizeCalls > 0, { timeout: 10_000, what: 'the /tokenize call' });
   gw.signal('SIGTERM');
   const exit = await gw.waitExit(20_000);
-  assert.deepEqual(exit, { code: 0, signal: null });
+  assert.deepEqual(exit, { code: 0, signal: null }, gw.describe());
   assert.match(gw.stderr, /drain timeout: cutting 1 connections/);
   const rec = await recordAfterExit(gw, 'edge-drain-tokenize');
   assert.equal(rec.finish, 'completed', 'the response had ended: only the count of its prompt was cut');
@@ -231,7 +231,7 @@ test('requests with no content yet at the drain deadline (waiting for the answer
   await waitUntil(async () => (await mockPathCount(mock, '/v1/chat/completions')) >= before + 2, { timeout: 10_000, what: 'both requests at the backend' });
   gw.signal('SIGTERM');
   const exit = await gw.waitExit(20_000);
-  assert.deepEqual(exit, { code: 0, signal: null });
+  assert.deepEqual(exit, { code: 0, signal: null }, gw.describe());
   const answer = await pending;
   assert.ok(answer.error || answer.status >= 500, `the client got no answer of the backend's: ${JSON.stringify(answer)}`);
   for (const id of ['edge-drain-wait', 'edge-drain-headers']) {
@@ -322,7 +322,7 @@ test('a second gateway on the same usage log waits for the first to exit, then t
     // The first still meters meanwhile; then it stops, and the second starts on the same log.
     assert.equal((await postJson(first.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': 'edge-lock-1' } })).status, 200);
     first.signal('SIGTERM');
-    assert.equal((await first.waitExit(20_000)).code, 0);
+    assert.deepEqual(await first.waitExit(20_000), { code: 0, signal: null }, first.describe());
     await waitUntil(() => /listening on http:\/\/127\.0\.0\.1:(\d+)/.test(out), { timeout: 15_000, what: 'the second gateway listening' });
     const port = Number(/listening on http:\/\/127\.0\.0\.1:(\d+)/.exec(out)[1]);
     assert.equal((await postJson(`http://127.0.0.1:${port}`, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': 'edge-lock-2' } })).status, 200);
@@ -343,7 +343,7 @@ test('a damaged usage log: the sink delivers up to the damage, then says the fil
     assert.equal(res.status, 200);
   });
   first.signal('SIGTERM');
-  assert.equal((await first.waitExit(20_000)).code, 0);
+  assert.deepEqual(await first.waitExit(20_000), { code: 0, signal: null }, first.describe());
   assert.ok(!fs.existsSync(`${logPath}-wal`), 'the WAL was checkpointed at exit');
   const pages = fs.statSync(logPath).size / 4096;
   assert.ok(pages > 120, `a log of ${pages} pages`);
@@ -577,6 +577,28 @@ test('a client that hangs up right after [DONE], before the backend has ended it
   assert.equal(await backendDone, 'closed');
   const rec = await receiver.waitForClientId('done-late', 15_000);
   assert.deepEqual([rec.finish, rec.usage_source, rec.prompt_tokens, rec.completion_tokens], ['completed', 'backend', 9, 2], JSON.stringify(rec));
+});
+
+test('a /tokenize count past 2^53 is no answer: the prompt is estimated, the total stays a sum', { timeout: 30_000 }, async () => {
+  const be = await startBackend('hugecount');
+  const gw = await startUsageGateway({ mock, receiver, backends: [backendEntry(be, { name: 'hc' })] });
+  be.handler = async (req, res) => {
+    if (req.url === '/tokenize') {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end('{"count":9223372036854775807}');
+      return;
+    }
+    const body = '{"id":"c1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hello there"},"finish_reason":"stop"}]}';
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
+    res.end(body);
+  };
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': 'huge-count' } });
+  assert.equal(res.status, 200);
+  const rec = await receiver.waitForClientId('huge-count', 15_000);
+  assert.equal(rec.usage_source, 'estimated');
+  assert.ok(rec.prompt_tokens > 0 && rec.prompt_tokens < 100, `the local estimate: ${rec.prompt_tokens}`);
+  assert.equal(rec.total_tokens, rec.prompt_tokens + rec.completion_tokens);
+  assert.equal(be.requests.filter((r) => r.url === '/tokenize').length, 1, 'the backend was asked');
 });
 
 test('a record\'s timestamp is when its request began, also when a slow /tokenize counted its prompt', { timeout: 30_000 }, async () => {

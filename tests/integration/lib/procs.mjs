@@ -2,6 +2,7 @@
 // and makes sure that no process outlives its test file.
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { gatewayConfig, toYaml, writeTempFile } from './config.mjs';
@@ -53,6 +54,12 @@ process.on('exit', () => {
     }
   }
 });
+// The test runner stops a file that outlives --test-timeout with SIGTERM, and scripts/test.sh's
+// bound on the whole run stops it the same way; a signal's default action would skip the 'exit'
+// hook above and leave this file's gateways and mocks running.
+for (const sig of ['SIGTERM', 'SIGINT', 'SIGHUP']) {
+  process.once(sig, () => process.exit(128 + os.constants.signals[sig]));
+}
 
 export class Proc {
   constructor(name, child) {
@@ -65,9 +72,15 @@ export class Proc {
     this.exitExpected = false;
     this.crashReported = false;
     this.startedIn = currentTest;
+    // `running` turns false at 'exit'; `exited` resolves at 'close', which follows once both pipes
+    // are drained too, so the output a test reads after the exit is complete.
     this.exited = new Promise((resolve) => {
       child.once('exit', (code, signal) => {
         this.exitInfo = { code, signal };
+        live.delete(this);
+      });
+      child.once('close', (code, signal) => {
+        this.exitInfo ??= { code, signal };
         live.delete(this);
         resolve(this.exitInfo);
       });
