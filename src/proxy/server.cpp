@@ -92,6 +92,8 @@ constexpr std::size_t kResponseTailBytes = 64 * 1024;
 constexpr std::size_t kMaxTokenizeBody = 1024 * 1024;
 // A non-stream answer whose client left is read on for its usage up to this many more bytes.
 constexpr std::size_t kReadForUsageMax = 64 * 1024 * 1024;
+// An API key kept whole in usage records (api_key: full) is refused past this.
+constexpr std::size_t kMaxStoredKeyBytes = 4096;
 constexpr std::size_t kUpstreamHeaderLimit = 64 * 1024;
 constexpr std::size_t kUpstreamInitialBuffer = 4 * 1024;
 // A response header still incomplete past this many bytes is left to Beast's parser.
@@ -1818,8 +1820,6 @@ asio::awaitable<bool> ClientSession::handle_request() {
       co_return co_await send(ctx, reply_);
     }
     const auto& ucfg = cfg.usage;
-    ctx.metered = true;
-    ctx.endpoint = endpoint;
     // One pass over the header for the three fields metering reads (the first of each, as
     // req[name] would give), instead of three lookups.
     std::string_view user, authorization, x_api_key;
@@ -1840,9 +1840,30 @@ asio::awaitable<bool> ClientSession::handle_request() {
         have_x_api_key = true;
       }
     }
+    // Every record keeps these until delivery (and the log for retention_days): bounded as the
+    // body's `user` is, refused rather than cut (two callers must not become one). A key is kept
+    // whole only with api_key: full; JWTs run past 1 KiB, so it gets 4 KiB.
+    const std::string_view key = usage::api_key_from_headers(authorization, x_api_key);
+    const std::size_t key_limit =
+        ucfg.api_key == config::ApiKeyMode::full ? kMaxStoredKeyBytes : SIZE_MAX;
+    if (user.size() > llm::kMaxIdentifierBytes || key.size() > key_limit) {
+      const bool of_user = user.size() > llm::kMaxIdentifierBytes;
+      reply_ = error_reply(
+          http::errors::string_too_long,
+          fmt::format("Invalid '{}' header: too long for the usage record. Expected at most {} "
+                      "bytes, but got {}.",
+                      of_user ? user_header
+                              : (authorization.empty() ? std::string_view("X-API-Key")
+                                                       : std::string_view("Authorization")),
+                      of_user ? llm::kMaxIdentifierBytes : key_limit,
+                      of_user ? user.size() : key.size()),
+          keep_alive);
+      co_return co_await send(ctx, reply_);
+    }
+    ctx.metered = true;
+    ctx.endpoint = endpoint;
     ctx.user_id = user.empty() ? std::move(ctx.info.user) : std::string(user);
-    ctx.api_key =
-        usage::present_api_key(usage::api_key_from_headers(authorization, x_api_key), ucfg.api_key);
+    ctx.api_key = usage::present_api_key(key, ucfg.api_key);
     if (ucfg.inject_stream_usage && ctx.info.stream && !ctx.info.include_usage &&
         endpoint != llm::Endpoint::embeddings) {
       if (auto rewritten = llm::with_include_usage(body, ctx.info.has_stream_options,

@@ -437,6 +437,33 @@ test('a repeated key in the request body: /tokenize counts the last copy, the on
   }
 });
 
+test('a user header over 1,024 bytes or a kept-whole API key over 4 KiB: 400 string_above_max_length, nothing forwarded or billed', { timeout: 30_000 }, async () => {
+  const before = await mockPathCount(mock, PATHS.chat);
+  const cases = [
+    [{ 'x-user-id': 'u'.repeat(1025) }, /'x-user-id' header.*at most 1024 bytes, but got 1025/i],
+    [{ authorization: `Bearer ${'k'.repeat(4097)}` }, /'Authorization' header.*at most 4096 bytes, but got 4097/],
+    [{ 'x-api-key': 'k'.repeat(4097) }, /'X-API-Key' header.*at most 4096 bytes, but got 4097/],
+  ];
+  for (const [headers, message] of cases) {
+    const id = nextId('long-id');
+    const res = await send(PATHS.chat, chatBody('m1'), { id, headers });
+    assert.equal(res.status, 400, res.text());
+    const e = res.json().error;
+    assert.equal(e.code, 'string_above_max_length');
+    assert.equal(e.type, 'invalid_request_error');
+    assert.match(e.message, message);
+  }
+  assert.equal(await mockPathCount(mock, PATHS.chat), before, 'refused requests reached the backend');
+  // At the bounds: served and billed with the values whole.
+  const id = nextId('long-id-ok');
+  const res = await send(PATHS.chat, chatBody('m1'), { id, headers: { 'x-user-id': 'u'.repeat(1024), authorization: `Bearer ${'k'.repeat(4096)}` } });
+  assert.equal(res.status, 200, res.text());
+  const rec = await recordOf(id);
+  assert.equal(rec.user_id.length, 1024);
+  assert.equal(rec.api_key.length, 4096);
+  assert.ok(!receiver.delivered.some((r) => r.client_request_id?.startsWith('long-id-') && r.client_request_id !== id), 'a refused request was billed');
+});
+
 test('usage.tokenize off: the prompt estimate of a chat with tools counts their JSON text, the calls and the template\'s tool instruction', { timeout: 30_000 }, async () => {
   const gw2 = await startUsageGateway({ mock, receiver, usage: { tokenize: false } });
   const headers = { 'x-mock-flavor': 'openai', 'x-mock-tokens': '6', 'x-mock-no-usage': '1' };
