@@ -8,7 +8,11 @@ namespace {
 constexpr char kHex[] = "0123456789abcdef";
 }
 
-RequestIdGenerator::RequestIdGenerator() {
+RequestIdGenerator::RequestIdGenerator(std::uint32_t first) : counter_(first) {
+  draw_prefix();
+}
+
+void RequestIdGenerator::draw_prefix() {
   std::random_device rd;
   std::uint64_t r = (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
   for (int i = 0; i < 16; ++i) prefix_[i] = kHex[(r >> (i * 4)) & 0xf];
@@ -23,6 +27,7 @@ std::string RequestIdGenerator::next() {
   for (int i = 0; i < 16; ++i) id[4 + i] = prefix_[i];
   std::uint32_t c = counter_++;
   for (int i = 0; i < 8; ++i) id[20 + 7 - i] = kHex[(c >> (i * 4)) & 0xf];
+  if (counter_ == 0) draw_prefix();  // wrapped: the next ids get another prefix
   return id;
 }
 

@@ -698,6 +698,19 @@ TEST(RequestId, UniqueAndWellFormed) {
   EXPECT_EQ(seen.size(), 1000u);
 }
 
+// 2^32 ids later the counter wraps: the ids after it get another prefix, never an earlier id.
+TEST(RequestId, TheCounterWrapsToANewPrefix) {
+  proxy::RequestIdGenerator gen(0xFFFFFFFEu);
+  const std::string a = gen.next(), b = gen.next(), c = gen.next(), d = gen.next();
+  EXPECT_EQ(a.substr(20), "fffffffe");
+  EXPECT_EQ(b.substr(20), "ffffffff");
+  EXPECT_EQ(a.substr(0, 20), b.substr(0, 20));
+  EXPECT_EQ(c.substr(20), "00000000");
+  EXPECT_NE(c.substr(0, 20), b.substr(0, 20));
+  EXPECT_EQ(c.substr(0, 20), d.substr(0, 20));
+  EXPECT_EQ(d.substr(20), "00000001");
+}
+
 TEST(RequestId, OneGeneratorSharesAPrefixAndCounts) {
   proxy::RequestIdGenerator gen;
   std::string first = gen.next();
