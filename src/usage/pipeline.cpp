@@ -84,6 +84,8 @@ using std::chrono::milliseconds;
 constexpr int kRetentionChunk = 5000;
 constexpr auto kRetentionPeriod = std::chrono::hours(1);
 constexpr auto kLogEvery = std::chrono::seconds(10);
+// How long a 413 keeps batches under half the size it refused.
+constexpr auto kForgetTooLarge = std::chrono::minutes(10);
 constexpr milliseconds kFirstBackoff{100};
 constexpr milliseconds kCursorEvery{100};
 
@@ -105,8 +107,18 @@ std::string hmac_sha256_hex(std::string_view key, std::string_view data) {
   return out;
 }
 
+// 408 and 429 say "later"; 409 is what receivers implementing Idempotency-Key answer while an
+// earlier attempt with the same key is still being processed (a retry after a timeout), and 425
+// "too early": neither refuses the records.
 bool permanent_rejection(unsigned status) {
-  return status >= 400 && status < 500 && status != 408 && status != 429;
+  return status >= 400 && status < 500 && status != 408 && status != 409 && status != 425 &&
+         status != 429;
+}
+
+// A rejection of the endpoint rather than of the records in the POST (credentials, a wrong
+// URL): a batch so refused is not split to find the records at fault; all of them are.
+bool rejects_the_endpoint(unsigned status) {
+  return status == 401 || status == 403 || status == 404 || status == 405 || status == 410;
 }
 
 // Throws std::runtime_error for a sink without a name or a valid URL, or a name used twice.
@@ -557,6 +569,11 @@ void Pipeline::Impl::sink_loop(Sink& s) {
   // doubled back by each success.
   int batch_cap = batch_size;
   bool told_too_large = false;
+  // The smallest batch a 413 refused, and when: batches grow back below it only (doubling up to
+  // it would have every other POST refused), until kForgetTooLarge has passed (the receiver's
+  // limit may have been raised).
+  int refused_size = 0;
+  Clock::time_point refused_at{};
   LoggedRecords batch;  // in flight: resent unchanged until it is done
   std::string body;
   std::string key;
@@ -733,7 +750,9 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       s.cursor.store(batch.entries.back().seq, std::memory_order_release);
       s.delivered.fetch_add(n, std::memory_order_relaxed);
       batch.clear();
+      if (refused_size > 0 && Clock::now() - refused_at >= kForgetTooLarge) refused_size = 0;
       batch_cap = std::min(batch_size, batch_cap * 2);
+      if (refused_size > 0) batch_cap = std::min(batch_cap, std::max(1, refused_size / 2));
       // At most every kCursorEvery (and before the next wait for records, below); with
       // durability: memory at once: no disk, and pruning keeps memory_max_records true.
       if (memory || Clock::now() - s.persisted_at >= kCursorEvery) {
@@ -747,14 +766,28 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       // a single record it refuses becomes a dead letter. The POST failed all the same.
       s.failed.fetch_add(n, std::memory_order_relaxed);
       batch_cap = static_cast<int>(n / 2);
+      refused_size =
+          refused_size > 0 ? std::min(refused_size, static_cast<int>(n)) : static_cast<int>(n);
+      refused_at = Clock::now();
       if (!told_too_large) {
         told_too_large = true;
         log::line("warn",
                   "usage sink {}: receiver refused a batch of {} records as too large (HTTP "
-                  "413); sending smaller batches (halved at each 413, doubled back up to "
-                  "batch_size at each success; not reported again)",
-                  s.cfg.name, n);
+                  "413); sending smaller batches (halved at each 413, doubled back at each "
+                  "success up to half the smallest size refused in the last {} min; not "
+                  "reported again)",
+                  s.cfg.name, n,
+                  std::chrono::duration_cast<std::chrono::minutes>(kForgetTooLarge).count());
       }
+      batch.clear();
+      continue;
+    }
+    if (permanent_rejection(resp.status) && n > 1 && !rejects_the_endpoint(resp.status)) {
+      // A batch refused for what is in it (400, 422): one bad record must not take the others
+      // with it. The same records again in halves, as after a 413, until the ones refused on
+      // their own are found; those alone become dead letters.
+      s.failed.fetch_add(n, std::memory_order_relaxed);
+      batch_cap = static_cast<int>(n / 2);
       batch.clear();
       continue;
     }

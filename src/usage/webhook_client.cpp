@@ -219,11 +219,14 @@ struct WebhookClient::Impl {
   asio::awaitable<void> exchange(Stream& s, http::request<http::string_body>& req,
                                  Clock::time_point deadline, Attempt& out) {
     auto [wec, wn] = co_await http::async_write(s, req, use_nothrow);
-    if (wec) {
-      out.response.error =
-          wec == beast::error::timeout ? "timeout sending" : "send: " + wec.message();
+    if (wec == beast::error::timeout) {
+      out.response.error = "timeout sending";
       co_return;
     }
+    // A receiver that refuses a POST from its header (413 over a body limit, 401) often answers
+    // and closes before the body is all sent: the send fails (reset, broken pipe), but the
+    // answer is there to be read, and decides (a 413 splits the batch, a 401 is a dead letter).
+    const std::string send_error = wec ? "send: " + wec.message() : std::string();
     std::optional<http::response_parser<http::buffer_body>> parser;
     // Interim answers (100 Continue, 103 Early Hints) come before the final one (RFC 9110
     // 15.2): each is read and skipped, so that the next answer is never taken for this one's.
@@ -237,8 +240,9 @@ struct WebhookClient::Impl {
       auto [hec, hn] = co_await http::async_read_header(s, buffer, *parser, use_nothrow);
       if (hec) {
         out.answered = out.answered || hn > 0 || buffer.size() > 0;
-        out.response.error = hec == beast::error::timeout ? "timeout waiting for the answer"
-                                                          : "receive: " + hec.message();
+        out.response.error = !send_error.empty()            ? send_error
+                             : hec == beast::error::timeout ? "timeout waiting for the answer"
+                                                            : "receive: " + hec.message();
         co_return;
       }
       out.answered = true;
@@ -263,8 +267,8 @@ struct WebhookClient::Impl {
       std::size_t room = WebhookResponse::kMaxKeptBody - out.response.body.size();
       out.response.body.append(piece, std::min(got, room));
     }
-    // After a 101 the connection no longer speaks HTTP.
-    out.keep_alive = p.get().keep_alive() && out.response.status != 101;
+    // After a 101 the connection no longer speaks HTTP; after a failed send it is broken.
+    out.keep_alive = p.get().keep_alive() && out.response.status != 101 && send_error.empty();
   }
 
   asio::awaitable<void> attempt(http::request<http::string_body>& req, Clock::time_point deadline,

@@ -4,8 +4,10 @@
 // conditions, never fixed sleeps.
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <poll.h>
 #include <simdjson.h>
 
+#include <atomic>
 #include <future>
 #include <map>
 #include <set>
@@ -396,6 +398,16 @@ TEST(UsagePipeline, ABatchTooLargeForTheReceiverIsSplit) {
   EXPECT_EQ(delivered_ids(rx), expected_ids(0, 16));
   EXPECT_EQ(sink(p.stats(), "hook").dead_letters, 0u);
   for (const auto& req : rx.accepted()) EXPECT_LE(ids_in(req.body).size(), 2u);
+  // Once refused, batches grow back to half the size refused only: the second round had no
+  // 413 (doubling back to 4 after each success had every other POST refused).
+  const auto all_requests = rx.requests();
+  std::size_t refused_in_second_round = 0;
+  bool second_round = false;
+  for (const auto& req : all_requests) {
+    for (const auto& id : ids_in(req.body)) second_round = second_round || id == request_id(8);
+    if (second_round && req.answered == 413) ++refused_in_second_round;
+  }
+  EXPECT_EQ(refused_in_second_round, 0u);
   // Each refused POST failed: its records count in webhook_failure_total, as any failure's.
   std::uint64_t refused = 0;
   for (const auto& req : rx.requests()) {
@@ -417,6 +429,155 @@ TEST(UsagePipeline, ABatchTooLargeForTheReceiverIsSplit) {
   WAIT_FOR(sink(q.stats(), "hook").dead_letters == 4);
   q.stop(soon());
   EXPECT_EQ(tiny.count(), 6u);  // 4 records, then 2, then one at a time: 4 dead letters
+}
+
+// A batch refused for one record in it (400, 422) is split until that record is alone: it
+// alone is a dead letter, the others are delivered. A refusal of the endpoint (401) is not split.
+TEST(UsagePipeline, ARejectedBatchIsSplitToFindTheRecordAtFault) {
+  TempDir dir;
+  Receiver rx;
+  rx.set_script([](const Receiver::Request& req, std::size_t) {
+    Receiver::Reply r;
+    for (const auto& id : ids_in(req.body)) {
+      if (id == request_id(5)) r.status = 422;
+    }
+    return r;
+  });
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {batched_sink(rx.url(), 8, 100ms)});
+  p.start();
+  submit_range(p, 0, 8);
+  WAIT_FOR(delivered(p) == 7 && sink(p.stats(), "hook").dead_letters == 1);
+  p.stop(soon());
+  auto got = delivered_ids(rx);
+  std::sort(got.begin(), got.end());
+  auto want = expected_ids(0, 8);
+  want.erase(want.begin() + 5);
+  EXPECT_EQ(got, want);
+  UsageLog log(UsageLog::Mode::read_only, dir.file("usage.db"));
+  auto dead = log.dead_letters();
+  ASSERT_EQ(dead.size(), 1u);
+  EXPECT_EQ(dead[0].request_ids, request_id(5));
+  EXPECT_EQ(dead[0].status, 422u);
+  EXPECT_EQ(log.cursor("hook"), 8);
+
+  Receiver locked;  // a wrong secret: every POST 401
+  locked.set_script([](const Receiver::Request&, std::size_t) {
+    Receiver::Reply r;
+    r.status = 401;
+    return r;
+  });
+  TempDir dir2;
+  Pipeline q(testing::disk_config(dir2.file("usage.db")), {batched_sink(locked.url(), 4, 100ms)});
+  q.start();
+  submit_range(q, 0, 4);
+  WAIT_FOR(sink(q.stats(), "hook").dead_letters == 4);
+  q.stop(soon());
+  EXPECT_EQ(locked.count(), 1u);
+}
+
+// 409 is what a receiver implementing Idempotency-Key answers while an earlier attempt with the
+// same key is still being processed (425: too early): retried, not a dead letter.
+TEST(UsagePipeline, ConflictAndTooEarlyAreRetried) {
+  TempDir dir;
+  Receiver rx;
+  rx.set_script([](const Receiver::Request&, std::size_t i) {
+    Receiver::Reply r;
+    r.status = i == 0 ? 409 : i == 1 ? 425 : 200;
+    return r;
+  });
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {make_sink("hook", rx.url())});
+  p.start();
+  submit_range(p, 0, 1);
+  WAIT_FOR(delivered(p) == 1);
+  p.stop(soon());
+  EXPECT_EQ(sink(p.stats(), "hook").dead_letters, 0u);
+  EXPECT_EQ(rx.count(), 3u);
+}
+
+// A receiver that refuses a large POST from its header (413 by Content-Length) answers and closes
+// without reading the body: the sender's write fails, but the answer is read and the batch split.
+// Before, the failed send was a network error and the same batch went again, unchanged.
+TEST(UsagePipeline, AnAnswerSentBeforeTheBodyWasReadIsRead) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::listen(fd, 16), 0);
+  socklen_t alen = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &alen);
+  const std::uint16_t port = ntohs(a.sin_port);
+  constexpr std::size_t kLimit = 512 * 1024;
+  std::mutex mu;
+  std::vector<std::size_t> lengths;  // Content-Length of each POST, in order
+  std::atomic<bool> stopping{false};
+  std::thread server([&] {
+    while (!stopping) {
+      pollfd pfd{fd, POLLIN, 0};
+      if (::poll(&pfd, 1, 50) <= 0) continue;
+      int c = ::accept4(fd, nullptr, nullptr, SOCK_CLOEXEC);
+      if (c < 0) continue;
+      for (;;) {  // requests on this connection
+        std::string in;
+        char buf[65536];
+        std::size_t end;
+        while ((end = in.find("\r\n\r\n")) == std::string::npos) {
+          ssize_t n = ::recv(c, buf, sizeof buf, 0);
+          if (n <= 0) break;
+          in.append(buf, static_cast<std::size_t>(n));
+        }
+        if (end == std::string::npos) break;
+        std::string head = in.substr(0, end);
+        for (auto& ch : head) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+        const auto at = head.find("content-length:");
+        const std::size_t length = at == std::string::npos ? 0 : std::stoul(head.substr(at + 15));
+        {
+          std::lock_guard lk(mu);
+          lengths.push_back(length);
+        }
+        if (length > kLimit) {
+          const std::string no = "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n";
+          ::send(c, no.data(), no.size(), MSG_NOSIGNAL);
+          break;  // closed with the body unread: the sender's write is reset
+        }
+        std::size_t have = in.size() - end - 4;
+        while (have < length) {
+          ssize_t n = ::recv(c, buf, sizeof buf, 0);
+          if (n <= 0) break;
+          have += static_cast<std::size_t>(n);
+        }
+        const std::string ok = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        ::send(c, ok.data(), ok.size(), MSG_NOSIGNAL);
+      }
+      ::close(c);
+    }
+  });
+  TempDir dir;
+  const std::string url = "http://127.0.0.1:" + std::to_string(port) + "/hook";
+  auto cfg = batched_sink(url, 20000, 100ms);
+  cfg.timeout = 10s;
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
+  constexpr int kRecords = 12000;  // ~5 MB in one batch
+  submit_range(p, 0, kRecords);    // all logged before the sink reads the first batch
+  p.start();
+  const bool done = testing::eventually([&] { return delivered(p) == kRecords; });
+  p.stop(soon());
+  stopping = true;
+  server.join();
+  ::close(fd);
+  ASSERT_TRUE(done);
+  EXPECT_EQ(sink(p.stats(), "hook").dead_letters, 0u);
+  // Each refused size was answered and halved: sizes over the limit never repeat.
+  std::lock_guard lk(mu);
+  std::size_t over = 0;
+  for (std::size_t i = 0; i < lengths.size(); ++i) {
+    if (lengths[i] <= kLimit) continue;
+    ++over;
+    ASSERT_LT(i + 1, lengths.size());
+    EXPECT_LT(lengths[i + 1], lengths[i]) << "POST " << i + 1 << " was not smaller";
+  }
+  EXPECT_GE(over, 1u);
+  EXPECT_LE(over, 5u);
 }
 
 // A receiver that answers 200 and then sends its body without end (a streaming endpoint behind
