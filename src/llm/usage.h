@@ -110,8 +110,9 @@ bool body_reports_error(std::string_view body, simdjson::dom::parser& parser);
 bool has_key_with_value_starting(std::string_view data, std::string_view key, char first);
 
 // Is this event the usage-only chunk that `stream_options.include_usage` adds (OpenAI, vLLM,
-// TGI): `choices` present and empty, `usage` non-null? A chunk with content or a finish_reason
-// is never one.
+// TGI): `choices` present and empty, `usage` an object, and nothing else than a chunk's own
+// fields (id, object, created, model, system_fingerprint, service_tier, obfuscation)? A chunk
+// with content, a finish_reason or anything more (llama.cpp's `timings`) is never one.
 bool is_usage_only_chunk(simdjson::dom::element object);
 
 }  // namespace llmproxy::llm
