@@ -348,6 +348,10 @@ std::string render(const Snapshot& s) {
   add_single(out, "llmproxy_usage_log_commits_total",
              "Usage log transactions (each commits a group of records).", MetricType::Counter,
              static_cast<double>(u.commits));
+  add_single(out, "llmproxy_usage_log_file_lost",
+             "1 when the file at usage.log_path was deleted or replaced while the gateway writes "
+             "its log: what is not delivered when it stops is lost.",
+             MetricType::Gauge, u.log_file_lost ? 1.0 : 0.0);
 
   auto backlog = family("llmproxy_usage_sink_backlog",
                         "Usage records in the log not yet delivered, by sink.", MetricType::Gauge);

@@ -122,6 +122,7 @@ struct UsageStats {
   std::uint64_t logged = 0;      // records committed to the log
   std::uint64_t dropped = 0;     // on_backlog: serve, queue full
   std::uint64_t commits = 0;     // log transactions (group commits)
+  bool log_file_lost = false;    // the file at log_path is not the one the log writes
   std::vector<SinkStats> sinks;
   // Sinks a reload removed: their counts stay in the totals (the seed's webhook counters).
   std::uint64_t removed_delivered = 0;

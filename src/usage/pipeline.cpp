@@ -84,6 +84,8 @@ using std::chrono::milliseconds;
 constexpr int kRetentionChunk = 5000;
 constexpr auto kRetentionPeriod = std::chrono::hours(1);
 constexpr auto kLogEvery = std::chrono::seconds(10);
+// The writer looks at most this often whether the log's file is still at log_path.
+constexpr auto kFileCheckEvery = std::chrono::seconds(1);
 // How long a 413 keeps batches under half the size it refused.
 constexpr auto kForgetTooLarge = std::chrono::minutes(10);
 constexpr milliseconds kFirstBackoff{100};
@@ -212,6 +214,12 @@ struct Pipeline::Impl {
   std::atomic<std::uint64_t> logged{0};
   std::atomic<std::uint64_t> dropped{0};
   std::atomic<std::uint64_t> commits{0};
+  // The file at log_path is no longer the one the log writes (deleted or replaced): checked by
+  // the writer after commits (at most every kFileCheckEvery) and at every scrape.
+  mutable std::atomic<bool> file_lost{false};
+  mutable std::atomic<Clock::rep> file_checked_rep{0};
+  mutable std::atomic<Clock::rep> file_reported_rep{0};
+  void check_file() const;
 
   std::thread writer;
   std::mutex lifecycle_mu;
@@ -301,6 +309,30 @@ struct Pipeline::Impl {
 // ---------------------------------------------------------------------------------------------
 // Writer
 
+void Pipeline::Impl::check_file() const {
+  if (memory || !log) return;
+  const auto now = Clock::now();
+  file_checked_rep.store(now.time_since_epoch().count(), std::memory_order_relaxed);
+  const bool lost = log->file_replaced();
+  const bool was = file_lost.exchange(lost, std::memory_order_relaxed);
+  if (!lost) {
+    if (was)
+      log::line("info", "usage log {}: the file is back where the gateway writes it", log->path());
+    return;
+  }
+  const Clock::time_point reported{
+      Clock::duration{file_reported_rep.load(std::memory_order_relaxed)}};
+  if (!was || now - reported >= std::chrono::minutes(1)) {
+    file_reported_rep.store(now.time_since_epoch().count(), std::memory_order_relaxed);
+    log::line("error",
+              "usage log {}: the file was deleted or replaced while the gateway writes it; "
+              "records still go into the file the gateway opened, which nothing will open again: "
+              "whatever is not delivered when the gateway stops is lost. Restore the file "
+              "(e.g. from /proc/<pid>/fd) before a restart",
+              log->path());
+  }
+}
+
 bool Pipeline::Impl::commit(PackedRecords& taken) {
   // Serialize what was not serialized by an earlier failed attempt.
   views.clear();
@@ -339,6 +371,11 @@ bool Pipeline::Impl::commit(PackedRecords& taken) {
   logged.fetch_add(static_cast<std::uint64_t>(n), std::memory_order_relaxed);
   commits.fetch_add(1, std::memory_order_relaxed);
   head.store(last, std::memory_order_release);
+  if (Clock::now() -
+          Clock::time_point{Clock::duration{file_checked_rep.load(std::memory_order_relaxed)}} >=
+      kFileCheckEvery) {
+    check_file();
+  }
   taken.clear();
   taken.trim(kKeepBytes);
   clear_rows();
@@ -1169,6 +1206,8 @@ metrics::UsageStats Pipeline::stats() const {
   st.logged = im.logged.load(std::memory_order_relaxed);
   st.dropped = im.dropped.load(std::memory_order_relaxed);
   st.commits = im.commits.load(std::memory_order_relaxed);
+  im.check_file();
+  st.log_file_lost = im.file_lost.load(std::memory_order_relaxed);
   std::int64_t head = im.head.load(std::memory_order_acquire);
   std::lock_guard lk(im.sinks_mu);
   st.removed_delivered = im.removed_delivered;

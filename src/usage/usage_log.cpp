@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <sqlite3.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -407,12 +408,27 @@ UsageLog::UsageLog(Mode mode, const std::string& path, bool create_schema,
       }
     }
     statements_.resize(kStatementCount);
+    if (!memory_) {
+      struct stat st {};
+      if (::stat(path_.c_str(), &st) == 0) {
+        file_dev_ = static_cast<std::uint64_t>(st.st_dev);
+        file_ino_ = static_cast<std::uint64_t>(st.st_ino);
+      }
+    }
   } catch (...) {
     statements_.clear();
     sqlite3_close_v2(db_);
     db_ = nullptr;
     throw;
   }
+}
+
+bool UsageLog::file_replaced() const {
+  if (memory_ || file_ino_ == 0) return false;
+  struct stat st {};
+  if (::stat(path_.c_str(), &st) != 0) return errno == ENOENT || errno == ENOTDIR;
+  return static_cast<std::uint64_t>(st.st_dev) != file_dev_ ||
+         static_cast<std::uint64_t>(st.st_ino) != file_ino_;
 }
 
 int UsageLog::user_version() {

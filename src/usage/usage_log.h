@@ -132,6 +132,10 @@ class UsageLog {
   UsageLog& operator=(const UsageLog&) = delete;
 
   const std::string& path() const { return path_; }
+  // Whether the file at path() is no longer the one this log writes (deleted, or replaced by
+  // another file): the log then goes on in a file nothing will open again, and everything not
+  // delivered before the process ends is lost. Always false in memory.
+  bool file_replaced() const;
 
   // Inserts every record in one transaction; returns the last seq assigned. On error nothing is
   // committed and SqliteError is thrown (busy() for a lock held by someone else).
@@ -225,6 +229,8 @@ class UsageLog {
   sqlite3* db_ = nullptr;
   std::string path_;
   bool memory_ = false;  // Mode::memory
+  // The file's identity when it was opened (st_dev, st_ino), for file_replaced().
+  std::uint64_t file_dev_ = 0, file_ino_ = 0;
   std::vector<std::unique_ptr<Statement>> statements_;
   std::string batch_text_;  // append's buffers, kept between commits
   std::string batch_meta_;

@@ -8,6 +8,7 @@
 #include <simdjson.h>
 
 #include <atomic>
+#include <fstream>
 #include <future>
 #include <map>
 #include <set>
@@ -578,6 +579,39 @@ TEST(UsagePipeline, AnAnswerSentBeforeTheBodyWasReadIsRead) {
   }
   EXPECT_GE(over, 1u);
   EXPECT_LE(over, 5u);
+}
+
+// The log's file deleted or replaced while the gateway writes it: the gateway goes on in the file
+// it opened (nothing is lost while it runs), but says so, in the log and in its stats (a metric),
+// and says when the file is back.
+TEST(UsagePipeline, ALogFileDeletedOrReplacedIsReported) {
+  TempDir dir;
+  const std::string path = dir.file("usage.db");
+  Pipeline p(testing::disk_config(path), {});
+  ::testing::internal::CaptureStderr();
+  p.start();
+  submit_range(p, 0, 3);
+  WAIT_FOR(p.stats().logged == 3);
+  EXPECT_FALSE(p.stats().log_file_lost);
+  std::filesystem::rename(path, path + ".moved");
+  EXPECT_TRUE(p.stats().log_file_lost);
+  submit_range(p, 3, 6);
+  WAIT_FOR(p.stats().logged == 6);  // still committed, to the file it opened
+  {
+    std::ofstream other(path);  // another file in its place is no better
+    other << "x";
+  }
+  EXPECT_TRUE(p.stats().log_file_lost);
+  std::filesystem::rename(path + ".moved", path);
+  EXPECT_FALSE(p.stats().log_file_lost);
+  p.stop(soon());
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(log.find("the file was deleted or replaced while the gateway writes it"),
+            std::string::npos)
+      << log;
+  EXPECT_NE(log.find("the file is back"), std::string::npos) << log;
+  UsageLog reread(UsageLog::Mode::read_only, path);
+  EXPECT_EQ(reread.count_records(), 6);
 }
 
 // A receiver that answers 200 and then sends its body without end (a streaming endpoint behind
