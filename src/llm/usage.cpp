@@ -460,7 +460,6 @@ std::optional<bool> read_usage_text(std::string_view object, Usage& out) {
   return read_flat(object, false, out);
 }
 
-namespace {
 // The start of the last `"usage"` that begins before `end`, or npos. Backwards from quote to
 // quote (memrchr): std::string_view::rfind compares the whole pattern at every position.
 std::size_t rfind_usage_key(std::string_view s, std::size_t end) {
@@ -477,6 +476,7 @@ std::size_t rfind_usage_key(std::string_view s, std::size_t end) {
   return std::string_view::npos;
 }
 
+namespace {
 bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage& out) {
   std::string padded;
   // The last `"usage":{...}` in the body (or its tail), parsed alone: a whole-body parse would

@@ -109,6 +109,12 @@ bool body_reports_error(std::string_view body, simdjson::dom::parser& parser);
 // `data:` lines)? Found textually: a cheap filter before a parse, or a hint where none is needed.
 bool has_key_with_value_starting(std::string_view data, std::string_view key, char first);
 
+// The start of the last `"usage"` in `s` that begins before `end`, or npos (a key, not text:
+// quotes inside JSON strings are escaped). With the kUsageWindowBytes after it, a piece of a
+// large body that read_body_usage() reads as it reads a tail.
+std::size_t rfind_usage_key(std::string_view s, std::size_t end);
+inline constexpr std::size_t kUsageWindowBytes = 16 * 1024 + 64;
+
 // Is this event the usage-only chunk that `stream_options.include_usage` adds (OpenAI, vLLM,
 // TGI): `choices` present and empty, `usage` an object, and nothing else than a chunk's own
 // fields (id, object, created, model, system_fingerprint, service_tier, obfuscation)? A chunk

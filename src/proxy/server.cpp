@@ -788,6 +788,7 @@ struct RequestContext {
   std::optional<llm::StreamMeter> meter;  // event streams
   std::string body_copy;                  // other responses: the body, or its tail when large
   std::string body_head;                  // ... and then its first kResponseTailBytes too
+  std::string body_mid;  // ... and the last usage key that left the copy, with what follows it
   bool body_copy_complete = true;
   // A body relayed in one piece is read for usage where it lies, once written: no copy.
   struct BodyUsage {
@@ -2005,10 +2006,12 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
   } else {
     if (!ctx.body_usage && !ctx.body_copy.empty()) {
       auto& b = ctx.body_usage.emplace(read_body(ctx.body_copy, ctx.body_copy_complete));
-      if (!b.reported && !ctx.body_head.empty()) {
-        // A body over the copy limit whose usage came first (the tail's text stays the estimate).
-        llm::TextCount head_content;
-        b.reported = llm::read_body_usage(ctx.body_head, w_.usage_parser, b.usage, head_content);
+      // A body over the copy limit whose usage was not in its tail: the last usage key that
+      // passed, then its head (the tail's text stays the estimate).
+      for (const std::string* part : {&ctx.body_mid, &ctx.body_head}) {
+        if (b.reported || part->empty()) continue;
+        llm::TextCount part_content;
+        b.reported = llm::read_body_usage(*part, w_.usage_parser, b.usage, part_content);
       }
     }
     if (ctx.body_usage) {
@@ -2021,6 +2024,7 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
   ctx.body_copy.clear();
   ctx.body_copy.shrink_to_fit();
   std::string().swap(ctx.body_head);
+  std::string().swap(ctx.body_mid);
   const auto& info = ctx.info;
   const std::int64_t prompt_estimate = llm::estimate_prompt_tokens(info);
   const std::int64_t completion_estimate =
@@ -3030,7 +3034,16 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
         copy.append(piece);
         if (ctx.body_copy_complete) ctx.body_head.assign(copy, 0, kResponseTailBytes);
         ctx.body_copy_complete = false;
-        if (copy.size() > 2 * kResponseTailBytes) copy.erase(0, copy.size() - kResponseTailBytes);
+        if (copy.size() > 2 * kResponseTailBytes) {
+          // Usage in the middle of a large body (vLLM writes prompt_logprobs and
+          // prompt_token_ids after it): the last usage key leaving the copy stays, with what
+          // follows it.
+          const std::size_t drop = copy.size() - kResponseTailBytes;
+          if (const auto at = llm::rfind_usage_key(copy, drop); at != std::string::npos) {
+            ctx.body_mid.assign(copy, at, llm::kUsageWindowBytes);
+          }
+          copy.erase(0, drop);
+        }
       }
     }
     if (reading_for_usage) {

@@ -270,21 +270,28 @@ test('an event stream sent with Content-Length: the injected usage chunk is remo
   assert.equal(rec.usage_source, 'backend');
 });
 
-test('a non-stream body over usage.max_response_copy is billed from its usage, written last or first', { timeout: 60_000 }, async () => {
+test('a non-stream body over usage.max_response_copy is billed from its usage, written last, first or in the middle', { timeout: 60_000 }, async () => {
   const backend = await startBackend('big-body');
   const usage = { prompt_tokens: 210, completion_tokens: 14, total_tokens: 224 };
   const content = 'x'.repeat(1_500_000);
   backend.handler = async (req, res) => {
-    const first = req.headers['x-usage-first'] === '1';
-    const body = first
-      ? JSON.stringify({ usage, id: 'c', object: 'chat.completion', choices: [{ index: 0, message: { role: 'assistant', content }, finish_reason: 'stop' }] })
-      : JSON.stringify({ id: 'c', object: 'chat.completion', choices: [{ index: 0, message: { role: 'assistant', content }, finish_reason: 'stop' }], usage });
+    const where = req.headers['x-usage-at'];
+    const choices = [{ index: 0, message: { role: 'assistant', content }, finish_reason: 'stop' }];
+    // vLLM writes prompt_logprobs and prompt_token_ids after usage: with a long prompt, far more
+    // than the copy's tail.
+    const promptTokenIds = Array.from({ length: 300_000 }, (_, i) => i % 50_000);
+    const body =
+      where === 'first'
+        ? JSON.stringify({ usage, id: 'c', object: 'chat.completion', choices })
+        : where === 'middle'
+          ? JSON.stringify({ id: 'c', object: 'chat.completion', choices, usage, prompt_logprobs: null, prompt_token_ids: promptTokenIds })
+          : JSON.stringify({ id: 'c', object: 'chat.completion', choices, usage });
     res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
     res.end(body);
   };
   const gw = await startUsageGateway({ mock, receiver, backends: [backendEntry(backend, { name: 'big' })] });
-  for (const [id, first] of [['big-last', '0'], ['big-first', '1']]) {
-    const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': id, 'x-usage-first': first } });
+  for (const [id, at] of [['big-last', 'last'], ['big-first', 'first'], ['big-middle', 'middle']]) {
+    const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': id, 'x-usage-at': at } });
     assert.equal(res.status, 200);
     assert.equal(JSON.parse(res.text()).choices[0].message.content.length, content.length);
     const rec = await receiver.waitForClientId(id, 10_000);
