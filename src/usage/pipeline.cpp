@@ -175,6 +175,7 @@ class Sink {
   std::uint64_t unreported = 0;
   Clock::time_point last_report{};
   Clock::time_point last_dead_report{};
+  Clock::time_point last_cursor_warning{};  // a cursor that cannot be stored: once per kLogEvery
   std::uint64_t dead_unreported = 0;
   Clock::time_point last_read_report{};
 };
@@ -579,8 +580,12 @@ void Pipeline::Impl::persist_cursor(Sink& s) {
   } catch (const std::exception& e) {
     // Delivered but not yet recorded as such: retried with the next delivery or at exit; if the
     // process dies first, these records are delivered again (receivers de-duplicate).
-    log::line("warn", "usage sink {}: cannot store the cursor ({}), will retry: {}", s.cfg.name, c,
-              e.what());
+    const auto now = Clock::now();
+    if (s.last_cursor_warning == Clock::time_point{} || now - s.last_cursor_warning >= kLogEvery) {
+      s.last_cursor_warning = now;
+      log::line("warn", "usage sink {}: cannot store the cursor ({}), will retry: {}", s.cfg.name,
+                c, e.what());
+    }
   }
 }
 
@@ -867,6 +872,13 @@ void Pipeline::Impl::sink_loop(Sink& s) {
     }
     s.failed.fetch_add(n, std::memory_order_relaxed);
     report_failure(s, n, resp.status ? fmt::format("HTTP {}", resp.status) : resp.error);
+    if (resp.slow && n > 1) {
+      // Not taken within `timeout`: perhaps too large for the receiver to take in time. The
+      // next attempt sends half (doubled back after successes); a hanging receiver costs
+      // nothing more.
+      batch_cap = static_cast<int>(n / 2);
+      batch.clear();
+    }
     if (stop_requested.load(std::memory_order_acquire) || s.retire.load()) {
       break;  // the records stay in the log
     }

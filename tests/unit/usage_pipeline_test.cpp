@@ -581,6 +581,29 @@ TEST(UsagePipeline, AnAnswerSentBeforeTheBodyWasReadIsRead) {
   EXPECT_LE(over, 5u);
 }
 
+// A batch the receiver cannot take within `timeout` (here: it answers only POSTs of at most 2
+// records, and lets larger ones time out) is retried in halves, not unchanged for ever.
+TEST(UsagePipeline, ABatchThatTimesOutIsRetriedInHalves) {
+  TempDir dir;
+  Receiver rx;
+  rx.set_script([](const Receiver::Request& req, std::size_t) {
+    Receiver::Reply r;
+    if (ids_in(req.body).size() > 2) r.kind = Receiver::Reply::hang;
+    return r;
+  });
+  auto cfg = batched_sink(rx.url(), 8, 100ms);
+  cfg.timeout = 300ms;
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
+  p.start();
+  submit_range(p, 0, 8);
+  const bool done = testing::eventually([&] { return delivered(p) == 8; });
+  rx.release_hangs();
+  p.stop(soon());
+  ASSERT_TRUE(done);
+  EXPECT_EQ(delivered_ids(rx), expected_ids(0, 8));
+  EXPECT_EQ(sink(p.stats(), "hook").dead_letters, 0u);
+}
+
 // The log's file deleted or replaced while the gateway writes it: the gateway goes on in the file
 // it opened (nothing is lost while it runs), but says so, in the log and in its stats (a metric),
 // and says when the file is back.
