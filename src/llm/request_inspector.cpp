@@ -178,50 +178,21 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
     error.message = "The request body must be a JSON object.";
     return false;
   }
-  // The fields the prompt estimate counts: the last of each name, as the Python and JS backends
-  // read duplicate keys (counting every copy over-counts; counting the first under-counts).
+  // The last of each name, as the Python and JS backends read duplicate keys: what they route,
+  // stream and bill by is the last copy (an earlier one of another type is no error to them);
+  // counting every copy of the prompt over-counts, counting the first under-counts.
   struct {
+    std::optional<simdjson::dom::element> stream, model, user;
     std::optional<simdjson::dom::element> messages, prompt, input, tools, functions;
   } last;
   for (auto field : obj) {
     std::string_view key = field.key;
     if (key == "stream") {
-      if (field.value.is_null()) {
-        info.stream = false;  // a later null wins too, as the backends read duplicates
-        continue;
-      }
-      bool v;
-      if (field.value.get_bool().get(v)) {
-        error.spec = http::errors::invalid_request;
-        error.param = "stream";
-        error.message = "'stream' must be a boolean.";
-        return false;
-      }
-      info.stream = v;
+      last.stream = field.value;
     } else if (key == "model") {
-      std::string_view v;
-      if (field.value.get_string().get(v)) {
-        error.spec = http::errors::invalid_request;
-        error.param = "model";
-        error.message = "'model' must be a string.";
-        return false;
-      }
-      if (too_long("model", v, error)) return false;
-      info.model.assign(v);
+      last.model = field.value;
     } else if (key == "user") {
-      if (field.value.is_null()) {
-        info.user.clear();
-        continue;
-      }
-      std::string_view v;
-      if (field.value.get_string().get(v)) {
-        error.spec = http::errors::invalid_request;
-        error.param = "user";
-        error.message = "'user' must be a string.";
-        return false;
-      }
-      if (too_long("user", v, error)) return false;
-      info.user.assign(v);
+      last.user = field.value;
     } else if (key == "messages") {
       last.messages = field.value;  // counted after the loop: a repeated key's last value wins
     } else if (key == "prompt") {
@@ -254,6 +225,38 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
       // include_usage to false and would send no usage at all, so the gateway still asks.
       info.continuous_usage = !asked && continuous;
     }
+  }
+  if (last.stream && !last.stream->is_null()) {  // null: not streamed
+    bool v;
+    if (last.stream->get_bool().get(v)) {
+      error.spec = http::errors::invalid_request;
+      error.param = "stream";
+      error.message = "'stream' must be a boolean.";
+      return false;
+    }
+    info.stream = v;
+  }
+  if (last.model) {
+    std::string_view v;
+    if (last.model->get_string().get(v)) {
+      error.spec = http::errors::invalid_request;
+      error.param = "model";
+      error.message = "'model' must be a string.";
+      return false;
+    }
+    if (too_long("model", v, error)) return false;
+    info.model.assign(v);
+  }
+  if (last.user && !last.user->is_null()) {  // null: no user
+    std::string_view v;
+    if (last.user->get_string().get(v)) {
+      error.spec = http::errors::invalid_request;
+      error.param = "user";
+      error.message = "'user' must be a string.";
+      return false;
+    }
+    if (too_long("user", v, error)) return false;
+    info.user.assign(v);
   }
   if (simdjson::dom::array list;
       last.messages && last.messages->get_array().get(list) == simdjson::SUCCESS) {

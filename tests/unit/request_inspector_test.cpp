@@ -143,6 +143,26 @@ TEST(RequestInspector, RepeatedPromptKeysCountTheLastValue) {
   EXPECT_EQ(completion.info.prompt_text.ascii, 2u);
 }
 
+// Only the last copy of a repeated key is validated and read: an earlier one of another type is
+// no error to the backends either.
+TEST(RequestInspector, RepeatedKeysAreJudgedByTheirLastCopy) {
+  const std::string long_user = std::string(2000, 'u');
+  const Outcome ok = inspect(R"({"model":5,"model":"m","stream":"yes","stream":true,"user":")" +
+                             long_user + R"(","user":"bob","messages":[]})");
+  ASSERT_TRUE(ok.ok) << ok.error.message;
+  EXPECT_EQ(ok.info.model, "m");
+  EXPECT_TRUE(ok.info.stream);
+  EXPECT_EQ(ok.info.user, "bob");
+  EXPECT_TRUE(refused(R"({"model":"m","model":5})", http::errors::invalid_request));
+  EXPECT_TRUE(refused(R"({"stream":true,"stream":"yes"})", http::errors::invalid_request));
+  EXPECT_TRUE(
+      refused(R"({"user":"bob","user":")" + long_user + R"("})", http::errors::string_too_long));
+  const Outcome nulls = inspect(R"({"stream":true,"stream":null,"user":"bob","user":null})");
+  ASSERT_TRUE(nulls.ok);
+  EXPECT_FALSE(nulls.info.stream);
+  EXPECT_EQ(nulls.info.user, "");
+}
+
 // Tools are written into the prompt by chat templates: their definitions count as JSON text
 // (as long as their minified JSON), tool calls as the function's name plus its arguments; the
 // estimate adds the template's tool instruction once and its markup per call.
