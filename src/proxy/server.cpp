@@ -1521,9 +1521,11 @@ asio::awaitable<bool> ClientSession::handle_request() {
     hec = settle(rhec);
   }
   if (hec) {
-    if (hec == bhttp::error::end_of_stream || hec == asio::error::operation_aborted ||
-        hec == asio::error::eof || hec == asio::error::connection_reset) {
-      co_return false;  // the client left: nothing to answer, nothing to count
+    if (hec == bhttp::error::end_of_stream || hec == bhttp::error::partial_message ||
+        hec == asio::error::operation_aborted || hec == asio::error::eof ||
+        hec == asio::error::connection_reset) {
+      // The client left (also in the middle of a header): nothing to answer, nothing to count.
+      co_return false;
     }
     // A request refused or cut at its header: no method or path to show, unless read.
     ctx.method = "-";

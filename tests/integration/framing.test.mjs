@@ -15,6 +15,7 @@ import {
   openAIError,
   parseResponse,
   waitUntil,
+  withTimeout,
 } from './lib/harness.mjs';
 
 let backend;
@@ -108,6 +109,16 @@ test('timeouts.client_header bounds the body as a whole: a body trickled byte by
   const entry = JSON.parse(line);
   assert.equal(entry.finish, 'timeout');
   assert.ok(entry.bytes_in > 0 && entry.bytes_in < BODY.length, line);
+});
+
+test('a client that leaves in the middle of its header gets no answer and is not counted as a 400', { timeout: 30_000 }, async () => {
+  const s = await connect(gw.port);
+  let got = '';
+  s.on('data', (d) => (got += d.toString('latin1')));
+  const closed = new Promise((resolve) => s.once('close', resolve));
+  s.end('POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Ty'); // then its FIN
+  await withTimeout(closed, 10_000, 'the gateway to close the connection');
+  assert.equal(got, '', 'an answer was written to a client that had left');
 });
 
 test('timeouts.client_header cuts a new connection that sends nothing, and a header trickled without end, which is logged as 408', { timeout: 30_000 }, async () => {
