@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <string_view>
 
@@ -75,6 +76,19 @@ class SseScanner {
   std::uint64_t truncated_events_ = 0;
 };
 
+// The first \r or \n at or after `pos`, or npos: two memchr calls per line (find_first_of
+// would call memchr on its two-byte set once per byte of the line).
+inline std::size_t line_end(std::string_view bytes, std::size_t pos) {
+  const char* const p = bytes.data() + pos;
+  const std::size_t n = bytes.size() - pos;
+  const void* lf = std::memchr(p, '\n', n);
+  const std::size_t before_lf = lf ? static_cast<std::size_t>(static_cast<const char*>(lf) - p) : n;
+  if (const void* cr = std::memchr(p, '\r', before_lf)) {
+    return pos + static_cast<std::size_t>(static_cast<const char*>(cr) - p);
+  }
+  return lf ? pos + before_lf : std::string_view::npos;
+}
+
 template <class OnEvent>
 void SseScanner::feed(std::string_view bytes, OnEvent&& on_event) {
   std::size_t pos = 0;
@@ -103,7 +117,7 @@ void SseScanner::feed(std::string_view bytes, OnEvent&& on_event) {
     }
   }
   while (pos < bytes.size()) {
-    std::size_t end = bytes.find_first_of("\r\n", pos);
+    std::size_t end = line_end(bytes, pos);
     if (end == std::string_view::npos) {
       append_line_bytes(bytes.substr(pos));
       return;

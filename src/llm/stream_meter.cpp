@@ -1,15 +1,6 @@
 #include "llm/stream_meter.h"
 
 namespace llmproxy::llm {
-namespace {
-
-// A choice finished (`"finish_reason":"stop"`, not `null`): the stream is in its tail, where
-// only the usage chunk and [DONE] are still to come.
-bool has_finish_reason(std::string_view data) {
-  return has_key_with_value_starting(data, "\"finish_reason\"", '"');
-}
-
-}  // namespace
 
 std::string_view StreamMeter::relay(std::string_view in) {
   if (!filter_) {
@@ -32,7 +23,9 @@ std::string_view StreamMeter::relay(std::string_view in) {
     const bool usage_only = tracker_.on_event(e.data, e.event);
     const bool removable = usage_only && !(e.continued && flushed_);
     if (e.continued) flushed_ = false;
-    if (!saw_finish_ && !usage_only && has_finish_reason(e.data)) saw_finish_ = true;
+    // A choice finished (`"finish_reason":"stop"`, not `null`): the stream is in its tail,
+    // where only the usage chunk and [DONE] are still to come.
+    if (!saw_finish_ && !usage_only && tracker_.last_event_finished()) saw_finish_ = true;
     if (!removable) return;
     ++removed_;
     copied = true;

@@ -84,25 +84,28 @@ std::size_t value_start(std::string_view data, std::size_t pos) {
   return pos;
 }
 
-// Could this event report an error: `"error"` as a key whose value is an object or a string, or
-// as the value of `"object"` (vLLM's older shape)? One scan for the quoted word, which events
-// rarely hold; `"error": null` and a token that reads "error" do not count.
-bool may_report_error(std::string_view data) {
-  constexpr std::string_view kError = "\"error\"";
+constexpr std::string_view kErrorWord = "\"error\"";
+
+// Does the `"error"` at `pos` report an error: a key whose value is an object or a string, or the
+// value of `"object"` (vLLM's older shape)? `"error": null` and a token that reads "error" do not.
+bool error_at(std::string_view data, std::size_t pos) {
   constexpr std::string_view kObject = "\"object\"";
   const auto trimmed_end = [&](std::size_t end) {  // `end` past JSON whitespace before it
     while (end > 0 && json_space(data[end - 1])) --end;
     return end;
   };
-  for (std::size_t pos = 0; (pos = find_text(data, kError, pos)) != std::string_view::npos;
-       pos += kError.size()) {
-    const std::size_t value = value_start(data, pos + kError.size());
-    if (value < data.size() && (data[value] == '{' || data[value] == '"')) return true;
-    const std::size_t colon = trimmed_end(pos);
-    if (colon > 0 && data[colon - 1] == ':' &&
-        data.substr(0, trimmed_end(colon - 1)).ends_with(kObject)) {
-      return true;
-    }
+  const std::size_t value = value_start(data, pos + kErrorWord.size());
+  if (value < data.size() && (data[value] == '{' || data[value] == '"')) return true;
+  const std::size_t colon = trimmed_end(pos);
+  return colon > 0 && data[colon - 1] == ':' &&
+         data.substr(0, trimmed_end(colon - 1)).ends_with(kObject);
+}
+
+// Could this body report an error? One scan for the quoted word, which bodies rarely hold.
+bool may_report_error(std::string_view data) {
+  for (std::size_t pos = 0; (pos = find_text(data, kErrorWord, pos)) != std::string_view::npos;
+       pos += kErrorWord.size()) {
+    if (error_at(data, pos)) return true;
   }
   return false;
 }
@@ -137,6 +140,84 @@ std::uint64_t count_content(std::string_view data, TextCount& text) {
     }
   }
   return n;
+}
+
+// What one stream event holds for the tracker, found in one pass over its quotes: the text
+// count_content() counts, whether it may hold a usage report (`"usage"` with an object, or
+// `"details"`: TGI's native stream) or an error (as may_report_error() reads it). A scan per
+// word (a dozen memmem calls, each setting up its shift table) was a quarter of a metered
+// stream's instructions. Equivalent to those scans: every word here ends in a quote (or, for
+// `"reasoning`, is checked for one), and inside a JSON string every quote is escaped, so no word
+// begins inside a string value: a counted value is skipped whole.
+struct EventScan {
+  std::uint64_t chars = 0;
+  bool usage = false;
+  bool error = false;
+  bool finish = false;  // `"finish_reason"` with a string value (a choice finished)
+};
+
+EventScan scan_event(std::string_view data, TextCount& text) {
+  EventScan out;
+  const char* const base = data.data();
+  const std::size_t n = data.size();
+  std::size_t pos = 0;
+  while (pos < n) {
+    const void* q = std::memchr(base + pos, '"', n - pos);
+    if (!q) break;
+    pos = static_cast<std::size_t>(static_cast<const char*>(q) - base);
+    const std::string_view at = data.substr(pos);
+    std::size_t key_end = 0;  // past the closing quote of a key whose string value is counted
+    switch (at.size() > 1 ? at[1] : '\0') {
+      case 'c':
+        if (at.starts_with("\"content\"")) key_end = pos + 9;
+        break;
+      case 't':
+        if (at.starts_with("\"text\"")) key_end = pos + 6;
+        break;
+      case 'a':
+        if (at.starts_with("\"arguments\"")) key_end = pos + 11;
+        break;
+      case 'r':
+        if (at.starts_with("\"reasoning\"")) {
+          key_end = pos + 11;
+        } else if (at.starts_with("\"reasoning_content\"")) {
+          key_end = pos + 19;
+        }
+        break;
+      case 'u':
+        if (!out.usage && at.starts_with("\"usage\"")) {
+          const std::size_t value = value_start(data, pos + 7);
+          out.usage = value < n && data[value] == '{';
+        }
+        break;
+      case 'd':
+        if (at.starts_with("\"details\"")) out.usage = true;
+        break;
+      case 'e':
+        if (!out.error && at.starts_with(kErrorWord)) out.error = error_at(data, pos);
+        break;
+      case 'f':
+        if (!out.finish && at.starts_with("\"finish_reason\"")) {
+          const std::size_t value = value_start(data, pos + 15);
+          out.finish = value < n && data[value] == '"';
+        }
+        break;
+      default:
+        break;
+    }
+    if (key_end != 0) {
+      const std::size_t value = value_start(data, key_end);
+      if (value < n && data[value] == '"') {
+        const std::size_t len = string_value_length(data, value + 1);
+        out.chars += len;
+        text.add_json_escaped(data.substr(value + 1, len));
+        pos = value + 1 + len + 1;  // past the value's closing quote
+        continue;
+      }
+    }
+    ++pos;
+  }
+  return out;
 }
 
 }  // namespace
@@ -223,6 +304,7 @@ bool body_reports_error(std::string_view body, simdjson::dom::parser& parser) {
 
 bool StreamUsageTracker::on_event(std::string_view data, std::string_view event) {
   ++events_;
+  finished_ = false;
   // [DONE] ends the response: what a backend sends after it is not part of it, and not billed.
   if (saw_done_) return false;
   if (data == "[DONE]") {
@@ -230,13 +312,14 @@ bool StreamUsageTracker::on_event(std::string_view data, std::string_view event)
     return false;
   }
   if (event == "error") saw_error_ = true;
-  content_chars_ += count_content(data, content_text_);
   // Cheap filter: only bytes that mention a usage report or an error are parsed. `"usage":null`
   // (on every chunk once include_usage is set) and `"error":null` carry nothing; a token that
   // reads "error" is a value, not a key, and quotes inside strings are escaped.
-  const bool candidate = has_key_with_value_starting(data, "\"usage\"", '{') ||
-                         find_text(data, "\"details\"") != std::string_view::npos;
-  const bool error_candidate = may_report_error(data);
+  const EventScan scan = scan_event(data, content_text_);
+  content_chars_ += scan.chars;
+  finished_ = scan.finish;
+  const bool candidate = scan.usage;
+  const bool error_candidate = scan.error;
   if (!candidate && !error_candidate) return false;
   scratch_.assign(data);
   scratch_.reserve(data.size() + simdjson::SIMDJSON_PADDING);

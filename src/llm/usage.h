@@ -65,6 +65,8 @@ class StreamUsageTracker {
   // `"object":"error"`; some servers name the event `error`, and SseScanner reads llama.cpp's
   // `error:` line as one): the response did not complete.
   bool saw_error() const { return saw_error_; }
+  // The last event read had a `finish_reason` with a string value (a choice finished).
+  bool last_event_finished() const { return finished_; }
   std::uint64_t events() const { return events_; }
   std::uint64_t parsed_events() const { return parsed_; }
   // Characters of generated text that streamed (content/text/reasoning deltas, JSON-escaped
@@ -76,6 +78,7 @@ class StreamUsageTracker {
   Usage usage_;
   bool saw_done_ = false;
   bool saw_error_ = false;
+  bool finished_ = false;
   std::uint64_t events_ = 0;
   std::uint64_t parsed_ = 0;
   std::uint64_t content_chars_ = 0;

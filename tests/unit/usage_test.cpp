@@ -461,3 +461,79 @@ TEST(StreamUsage, UsageOnlyChunkDetection) {
 
 }  // namespace
 }  // namespace llmproxy::llm
+
+namespace llmproxy::llm {
+namespace {
+
+// The tracker reads each event in one pass over its quotes; bodies are read with a scan per word.
+// Both must find the same text and the same error reports: random events built from the words
+// either looks for, as keys and as values, with escapes, nesting and whitespace.
+TEST(StreamUsageTracker, OnePassOverAnEventFindsWhatTheScansPerWordFind) {
+  std::mt19937 rng(20261129);
+  const std::vector<std::string> words = {
+      "content", "text",  "reasoning", "reasoning_content", "arguments", "error",
+      "object",  "usage", "role",      "reasoning_tokens",  "contents",  "delta"};
+  const std::vector<std::string> strings = {"hi",
+                                            "a \\\"quoted\\\" word",
+                                            "\\\"content\\\": \\\"x\\\"",
+                                            "error",
+                                            "\\u00e9t\\u00e9",
+                                            "tab\\tand\\\\backslash",
+                                            "\\\"text\\\"",
+                                            "",
+                                            "reasoning_content"};
+  const auto pick = [&](const auto& v) { return v[rng() % v.size()]; };
+  const auto space = [&] { return std::string(rng() % 3 == 0 ? " " : ""); };
+  std::function<std::string(int)> value = [&](int depth) -> std::string {
+    switch (rng() % (depth > 2 ? 3 : 6)) {
+      case 0:
+        return "\"" + pick(strings) + "\"";
+      case 1:
+        return rng() % 2 ? "null" : "12";
+      case 2:
+        return "\"" + pick(words) + "\"";
+      case 3: {
+        std::string o = "{";
+        for (int i = 0, n = static_cast<int>(rng() % 4); i < n; ++i) {
+          o += (i ? "," : "") + space() + "\"" + pick(words) + "\"" + space() + ":" + space() +
+               value(depth + 1);
+        }
+        return o + "}";
+      }
+      default: {
+        std::string a = "[";
+        for (int i = 0, n = static_cast<int>(rng() % 3); i < n; ++i) {
+          a += (i ? "," : "") + value(depth + 1);
+        }
+        return a + "]";
+      }
+    }
+  };
+  simdjson::dom::parser parser;
+  int with_text = 0, with_error = 0;
+  for (int i = 0; i < 20000; ++i) {
+    std::string event = "{";
+    for (int k = 0, n = 1 + static_cast<int>(rng() % 4); k < n; ++k) {
+      event +=
+          (k ? "," : "") + space() + "\"" + pick(words) + "\"" + space() + ":" + space() + value(0);
+    }
+    event += "}";
+    StreamUsageTracker tracker(&parser);
+    tracker.on_event(event);
+    // A body without usage: read_body_usage counts its text with the scans per word.
+    Usage none;
+    TextCount body_text;
+    if (read_body_usage(event, parser, none, body_text)) continue;  // usage found: no count
+    ASSERT_EQ(tracker.content_text().ascii, body_text.ascii) << event;
+    ASSERT_EQ(tracker.content_text().other, body_text.other) << event;
+    const bool body_error = body_reports_error(event, parser);
+    ASSERT_EQ(tracker.saw_error(), body_error) << event;
+    with_text += body_text.empty() ? 0 : 1;
+    with_error += body_error ? 1 : 0;
+  }
+  EXPECT_GT(with_text, 1000);  // the corpus exercises both
+  EXPECT_GT(with_error, 1000);
+}
+
+}  // namespace
+}  // namespace llmproxy::llm
