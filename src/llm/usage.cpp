@@ -262,25 +262,11 @@ bool complete_usage(Usage& u, std::int64_t prompt_estimate, std::int64_t complet
 bool is_usage_only_chunk(simdjson::dom::element object) {
   simdjson::dom::object obj;
   if (object.get_object().get(obj) != simdjson::SUCCESS) return false;
-  bool has_choices = false, has_usage = false;
-  for (auto field : obj) {
-    const std::string_view k = field.key;
-    if (k == "choices") {
-      simdjson::dom::array choices;
-      if (field.value.get_array().get(choices) != simdjson::SUCCESS || choices.size() != 0) {
-        return false;
-      }
-      has_choices = true;
-    } else if (k == "usage") {
-      has_usage = field.value.is_object();
-    } else if (k != "id" && k != "object" && k != "created" && k != "model" &&
-               k != "system_fingerprint" && k != "service_tier" && k != "obfuscation") {
-      // Anything else is for the client (llama.cpp puts its `timings` on this chunk when it
-      // is the last one): the chunk stays, usage and all.
-      return false;
-    }
-  }
-  return has_choices && has_usage;
+  simdjson::dom::array choices;
+  if (obj["choices"].get_array().get(choices) != simdjson::SUCCESS) return false;
+  if (choices.size() != 0) return false;
+  simdjson::dom::object u;
+  return obj["usage"].get_object().get(u) == simdjson::SUCCESS;
 }
 
 namespace {

@@ -119,9 +119,8 @@ std::size_t rfind_usage_key(std::string_view s, std::size_t end);
 inline constexpr std::size_t kUsageWindowBytes = 16 * 1024 + 64;
 
 // Is this event the usage-only chunk that `stream_options.include_usage` adds (OpenAI, vLLM,
-// TGI): `choices` present and empty, `usage` an object, and nothing else than a chunk's own
-// fields (id, object, created, model, system_fingerprint, service_tier, obfuscation)? A chunk
-// with content, a finish_reason or anything more (llama.cpp's `timings`) is never one.
+// TGI): `choices` present and empty, `usage` non-null? A chunk with content or a finish_reason
+// is never one.
 bool is_usage_only_chunk(simdjson::dom::element object);
 
 }  // namespace llmproxy::llm
