@@ -86,6 +86,8 @@ constexpr auto kRetentionPeriod = std::chrono::hours(1);
 constexpr auto kLogEvery = std::chrono::seconds(10);
 // The writer looks at most this often whether the log's file is still at log_path.
 constexpr auto kFileCheckEvery = std::chrono::seconds(1);
+// A batch sent whole this many times without an answer in time is sent in halves.
+constexpr int kUnansweredToHalve = 3;
 // How long a 413 keeps batches under half the size it refused.
 constexpr auto kForgetTooLarge = std::chrono::minutes(10);
 constexpr milliseconds kFirstBackoff{100};
@@ -616,6 +618,13 @@ void Pipeline::Impl::sink_loop(Sink& s) {
   // limit may have been raised).
   int refused_size = 0;
   Clock::time_point refused_at{};
+  // Finding the record a 4xx refused (400, 422) by halves: `splitting` from the first refused
+  // batch until a single record is refused; `split_delivered` if any POST since was taken. A
+  // split that ends without one means the receiver refuses everything (a schema it no longer
+  // accepts): until its next 2xx, `refuses_all` dead-letters batches whole instead of sending
+  // each record alone.
+  bool splitting = false, split_delivered = false, refuses_all = false;
+  int unanswered = 0;   // POSTs of the batch in flight sent whole and not answered in time
   LoggedRecords batch;  // in flight: resent unchanged until it is done
   std::string body;
   std::string key;
@@ -771,6 +780,7 @@ void Pipeline::Impl::sink_loop(Sink& s) {
                            "sha256=" + hmac_sha256_hex(s.cfg.secret, signed_text));
     }
     WebhookResponse resp = s.client->post(body, headers, timeout);
+    unanswered = resp.unanswered ? unanswered + 1 : 0;  // consecutive, of the batch in flight
     // Cut by a reload or the shutdown: not the receiver failing. The records stay in the log.
     if (resp.cut) break;
     const std::size_t n = batch.size();
@@ -792,6 +802,8 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       s.cursor.store(batch.entries.back().seq, std::memory_order_release);
       s.delivered.fetch_add(n, std::memory_order_relaxed);
       batch.clear();
+      split_delivered = true;
+      refuses_all = false;
       if (refused_size > 0 && Clock::now() - refused_at >= kForgetTooLarge) refused_size = 0;
       batch_cap = std::min(batch_size, batch_cap * 2);
       if (refused_size > 0) batch_cap = std::min(batch_cap, std::max(1, refused_size / 2));
@@ -824,16 +836,31 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       batch.clear();
       continue;
     }
-    if (permanent_rejection(resp.status) && n > 1 && !rejects_the_endpoint(resp.status)) {
+    if (permanent_rejection(resp.status) && n > 1 && !rejects_the_endpoint(resp.status) &&
+        !refuses_all) {
       // A batch refused for what is in it (400, 422): one bad record must not take the others
       // with it. The same records again in halves, as after a 413, until the ones refused on
       // their own are found; those alone become dead letters.
       s.failed.fetch_add(n, std::memory_order_relaxed);
+      if (!splitting) {
+        splitting = true;
+        split_delivered = false;
+      }
       batch_cap = static_cast<int>(n / 2);
       batch.clear();
       continue;
     }
     if (permanent_rejection(resp.status)) {
+      if (n == 1 && splitting) {
+        // The split found its record. Nothing taken since it began: the receiver refuses every
+        // record, so the next batches go whole (and whole into the dead letters).
+        splitting = false;
+        if (!split_delivered) {
+          refuses_all = true;
+          batch_cap = batch_size;
+        }
+      }
+      if (n == 1 && resp.status == 413) refused_size = 0;  // that record, not the batches
       DeadLetterRow row;
       row.sink = s.cfg.name;
       row.first_seq = batch.entries.front().seq;
@@ -872,11 +899,18 @@ void Pipeline::Impl::sink_loop(Sink& s) {
     }
     s.failed.fetch_add(n, std::memory_order_relaxed);
     report_failure(s, n, resp.status ? fmt::format("HTTP {}", resp.status) : resp.error);
-    if (resp.slow && n > 1) {
-      // Not taken within `timeout`: perhaps too large for the receiver to take in time. The
-      // next attempt sends half (doubled back after successes); a hanging receiver costs
-      // nothing more.
+    // A body that could not all be sent within `timeout`, or was sent whole kUnansweredToHalve
+    // times and never answered in time: perhaps too large for the receiver to take in time.
+    // The next attempt sends half and, as after a 413, batches grow back only to half this size
+    // for a while. A body sent whole and not answered goes again unchanged first: the receiver
+    // may have taken it, and must see the same Idempotency-Key (one that took it answers the
+    // retry from what it stored); halving changes the key.
+    if (n > 1 && (resp.slow || unanswered >= kUnansweredToHalve)) {
+      unanswered = 0;
       batch_cap = static_cast<int>(n / 2);
+      refused_size =
+          refused_size > 0 ? std::min(refused_size, static_cast<int>(n)) : static_cast<int>(n);
+      refused_at = Clock::now();
       batch.clear();
     }
     if (stop_requested.load(std::memory_order_acquire) || s.retire.load()) {

@@ -234,7 +234,7 @@ struct WebhookClient::Impl {
     for (;;) {
       if (Clock::now() >= deadline) {  // interim answers sent without end
         out.response.error = "timeout waiting for the answer";
-        out.response.slow = true;
+        out.response.unanswered = true;
         co_return;
       }
       parser.emplace();
@@ -242,7 +242,7 @@ struct WebhookClient::Impl {
       auto [hec, hn] = co_await http::async_read_header(s, buffer, *parser, use_nothrow);
       if (hec) {
         out.answered = out.answered || hn > 0 || buffer.size() > 0;
-        out.response.slow = send_error.empty() && hec == beast::error::timeout;
+        out.response.unanswered = send_error.empty() && hec == beast::error::timeout;
         out.response.error = !send_error.empty()            ? send_error
                              : hec == beast::error::timeout ? "timeout waiting for the answer"
                                                             : "receive: " + hec.message();

@@ -26,9 +26,11 @@ struct WebhookResponse {
   // The answer's Retry-After in seconds (delta-seconds form only; 0: none, or an HTTP date).
   std::uint32_t retry_after_s = 0;
   bool cut = false;  // cut_at passed before an answer came (status 0)
-  // The timeout passed while the body was being sent or its answer awaited (status 0): a batch
-  // too large for the receiver to take within it, or a receiver that hangs.
+  // The timeout passed while the body was still being sent (status 0): a batch too large for
+  // the receiver to take within it, or a receiver that stopped reading.
   bool slow = false;
+  // The body was sent whole, and no answer came within the timeout (status 0).
+  bool unanswered = false;
   static constexpr std::size_t kMaxKeptBody = 1024;
   static constexpr std::size_t kMaxDrainedBody = 64 * 1024;
 };

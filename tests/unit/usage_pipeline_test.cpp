@@ -476,6 +476,62 @@ TEST(UsagePipeline, ARejectedBatchIsSplitToFindTheRecordAtFault) {
   EXPECT_EQ(locked.count(), 1u);
 }
 
+// A receiver that refuses every record (400/422 after a schema change): the first split finds no
+// record it takes, so the batches after it are dead-lettered whole, not one POST per record; its
+// next 2xx ends that.
+TEST(UsagePipeline, AReceiverRefusingEveryRecordIsNotSentThemOneByOne) {
+  TempDir dir;
+  Receiver rx;
+  std::atomic<bool> accept{false};
+  rx.set_script([&](const Receiver::Request&, std::size_t) {
+    Receiver::Reply r;
+    r.status = accept ? 200 : 422;
+    return r;
+  });
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {batched_sink(rx.url(), 16, 100ms)});
+  submit_range(p, 0, 32);
+  p.start();
+  WAIT_FOR(sink(p.stats(), "hook").dead_letters == 32);
+  EXPECT_LE(rx.count(), 8u);  // 16, 8, 4, 2, 1, then two whole batches
+  accept = true;
+  submit_range(p, 32, 40);
+  WAIT_FOR(delivered(p) == 8);
+  submit_range(p, 40, 56);
+  WAIT_FOR(delivered(p) == 24);
+  p.stop(soon());
+  UsageLog log(UsageLog::Mode::read_only, dir.file("usage.db"));
+  EXPECT_LE(log.dead_letters().size(), 3u);
+}
+
+// A single record answered 413 is a dead letter of its own; the batches after it grow back (the
+// size of the split that isolated it says nothing about the receiver's limit).
+TEST(UsagePipeline, ARecordTooLargeAloneDoesNotKeepBatchesSmall) {
+  TempDir dir;
+  Receiver rx;
+  rx.set_script([](const Receiver::Request& req, std::size_t) {
+    Receiver::Reply r;
+    for (const auto& id : ids_in(req.body)) {
+      if (id == request_id(3)) r.status = 413;
+    }
+    return r;
+  });
+  Pipeline p(testing::disk_config(dir.file("usage.db")), {batched_sink(rx.url(), 16, 100ms)});
+  submit_range(p, 0, 16);
+  p.start();
+  WAIT_FOR(delivered(p) == 15 && sink(p.stats(), "hook").dead_letters == 1);
+  submit_range(p, 16, 64);
+  WAIT_FOR(delivered(p) == 63);
+  p.stop(soon());
+  std::size_t largest_after = 0;
+  bool after = false;
+  for (const auto& req : rx.requests()) {
+    const auto ids = ids_in(req.body);
+    if (std::find(ids.begin(), ids.end(), request_id(20)) != ids.end()) after = true;
+    if (after) largest_after = std::max(largest_after, ids.size());
+  }
+  EXPECT_GE(largest_after, 8u);
+}
+
 // 409 is what a receiver implementing Idempotency-Key answers while an earlier attempt with the
 // same key is still being processed (425: too early): retried, not a dead letter.
 TEST(UsagePipeline, ConflictAndTooEarlyAreRetried) {
@@ -495,113 +551,168 @@ TEST(UsagePipeline, ConflictAndTooEarlyAreRetried) {
   EXPECT_EQ(rx.count(), 3u);
 }
 
-// A receiver that refuses a large POST from its header (413 by Content-Length) answers and closes
-// without reading the body: the sender's write fails, but the answer is read and the batch split.
-// Before, the failed send was a network error and the same batch went again, unchanged.
-TEST(UsagePipeline, AnAnswerSentBeforeTheBodyWasReadIsRead) {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-  ASSERT_EQ(::listen(fd, 16), 0);
-  socklen_t alen = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &alen);
-  const std::uint16_t port = ntohs(a.sin_port);
-  constexpr std::size_t kLimit = 512 * 1024;
-  std::mutex mu;
-  std::vector<std::size_t> lengths;  // Content-Length of each POST, in order
-  std::atomic<bool> stopping{false};
-  std::thread server([&] {
-    while (!stopping) {
-      pollfd pfd{fd, POLLIN, 0};
+// A receiver on a raw socket that takes POSTs up to `limit` bytes of body (200) and treats a larger
+// one as `large` says: answer 413 from the header and close with the body unread (which resets the
+// sender's write), or stop reading and never answer (the sender's write stalls). It records each
+// POST's Content-Length, in order.
+class LimitedReceiver {
+ public:
+  enum class Large { refuse_early, stall };
+  LimitedReceiver(std::size_t limit, Large large) : limit_(limit), large_(large) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 || ::listen(fd_, 16) != 0) {
+      throw std::runtime_error("LimitedReceiver: cannot listen");
+    }
+    socklen_t alen = sizeof a;
+    ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &alen);
+    port_ = ntohs(a.sin_port);
+    thread_ = std::thread([this] { run(); });
+  }
+  ~LimitedReceiver() {
+    stopping_ = true;
+    thread_.join();
+    ::close(fd_);
+  }
+  std::string url() const { return "http://127.0.0.1:" + std::to_string(port_) + "/hook"; }
+  std::vector<std::size_t> lengths() {
+    std::lock_guard lk(mu_);
+    return lengths_;
+  }
+
+ private:
+  void run() {
+    std::vector<int> stalled;  // connections left unread until the end
+    while (!stopping_) {
+      pollfd pfd{fd_, POLLIN, 0};
       if (::poll(&pfd, 1, 50) <= 0) continue;
-      int c = ::accept4(fd, nullptr, nullptr, SOCK_CLOEXEC);
+      int c = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
       if (c < 0) continue;
-      for (;;) {  // requests on this connection
-        std::string in;
-        char buf[65536];
-        std::size_t end;
-        while ((end = in.find("\r\n\r\n")) == std::string::npos) {
-          ssize_t n = ::recv(c, buf, sizeof buf, 0);
-          if (n <= 0) break;
-          in.append(buf, static_cast<std::size_t>(n));
-        }
-        if (end == std::string::npos) break;
-        std::string head = in.substr(0, end);
-        for (auto& ch : head) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-        const auto at = head.find("content-length:");
-        const std::size_t length = at == std::string::npos ? 0 : std::stoul(head.substr(at + 15));
-        {
-          std::lock_guard lk(mu);
-          lengths.push_back(length);
-        }
-        if (length > kLimit) {
-          const std::string no = "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n";
-          ::send(c, no.data(), no.size(), MSG_NOSIGNAL);
-          break;  // closed with the body unread: the sender's write is reset
-        }
-        std::size_t have = in.size() - end - 4;
-        while (have < length) {
-          ssize_t n = ::recv(c, buf, sizeof buf, 0);
-          if (n <= 0) break;
-          have += static_cast<std::size_t>(n);
-        }
-        const std::string ok = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
-        ::send(c, ok.data(), ok.size(), MSG_NOSIGNAL);
+      if (!serve(c)) {
+        stalled.push_back(c);
+        continue;
       }
       ::close(c);
     }
-  });
+    for (int c : stalled) ::close(c);
+  }
+  // false: the connection stalls (left open, unread).
+  bool serve(int c) {
+    for (;;) {  // requests on this connection
+      std::string in;
+      char buf[65536];
+      std::size_t end;
+      while ((end = in.find("\r\n\r\n")) == std::string::npos) {
+        pollfd pfd{c, POLLIN, 0};
+        if (stopping_) return true;
+        if (::poll(&pfd, 1, 50) <= 0) continue;
+        ssize_t n = ::recv(c, buf, sizeof buf, 0);
+        if (n <= 0) return true;
+        in.append(buf, static_cast<std::size_t>(n));
+      }
+      std::string head = in.substr(0, end);
+      for (auto& ch : head) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+      const auto at = head.find("content-length:");
+      const std::size_t length = at == std::string::npos ? 0 : std::stoul(head.substr(at + 15));
+      {
+        std::lock_guard lk(mu_);
+        lengths_.push_back(length);
+      }
+      if (length > limit_) {
+        if (large_ == Large::stall) return false;
+        const std::string no = "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n";
+        ::send(c, no.data(), no.size(), MSG_NOSIGNAL);
+        return true;  // closed with the body unread: the sender's write is reset
+      }
+      std::size_t have = in.size() - end - 4;
+      while (have < length) {
+        ssize_t n = ::recv(c, buf, sizeof buf, 0);
+        if (n <= 0) return true;
+        have += static_cast<std::size_t>(n);
+      }
+      const std::string ok = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+      ::send(c, ok.data(), ok.size(), MSG_NOSIGNAL);
+    }
+  }
+
+  std::size_t limit_;
+  Large large_;
+  int fd_ = -1;
+  std::uint16_t port_ = 0;
+  std::atomic<bool> stopping_{false};
+  std::thread thread_;
+  std::mutex mu_;
+  std::vector<std::size_t> lengths_;
+};
+
+// Sends ~5 MB of records in one batch to `rx` and expects all delivered, the sizes over the limit
+// decreasing, none sent more than `max_repeat` times.
+void expect_halved_until_taken(LimitedReceiver& rx, std::size_t limit,
+                               std::chrono::milliseconds timeout, int max_repeat) {
   TempDir dir;
-  const std::string url = "http://127.0.0.1:" + std::to_string(port) + "/hook";
-  auto cfg = batched_sink(url, 20000, 100ms);
-  cfg.timeout = 10s;
+  auto cfg = batched_sink(rx.url(), 20000, 100ms);
+  cfg.timeout = timeout;
+  cfg.max_backoff = 200ms;
   Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
   constexpr int kRecords = 12000;  // ~5 MB in one batch
   submit_range(p, 0, kRecords);    // all logged before the sink reads the first batch
   p.start();
   const bool done = testing::eventually([&] { return delivered(p) == kRecords; });
   p.stop(soon());
-  stopping = true;
-  server.join();
-  ::close(fd);
   ASSERT_TRUE(done);
   EXPECT_EQ(sink(p.stats(), "hook").dead_letters, 0u);
-  // Each refused size was answered and halved: sizes over the limit never repeat.
-  std::lock_guard lk(mu);
-  std::size_t over = 0;
-  for (std::size_t i = 0; i < lengths.size(); ++i) {
-    if (lengths[i] <= kLimit) continue;
-    ++over;
-    ASSERT_LT(i + 1, lengths.size());
-    EXPECT_LT(lengths[i + 1], lengths[i]) << "POST " << i + 1 << " was not smaller";
+  std::map<std::size_t, int> sent;  // POSTs per size over the limit
+  std::size_t last = SIZE_MAX;
+  for (const std::size_t length : rx.lengths()) {
+    if (length <= limit) continue;
+    EXPECT_LE(length, last) << "a larger batch after a smaller one was refused";
+    last = length;
+    EXPECT_LE(++sent[length], max_repeat) << length << " bytes sent again";
   }
-  EXPECT_GE(over, 1u);
-  EXPECT_LE(over, 5u);
+  EXPECT_GE(sent.size(), 1u);
+  EXPECT_LE(sent.size(), 5u);
 }
 
-// A batch the receiver cannot take within `timeout` (here: it answers only POSTs of at most 2
-// records, and lets larger ones time out) is retried in halves, not unchanged for ever.
-TEST(UsagePipeline, ABatchThatTimesOutIsRetriedInHalves) {
+// A receiver that refuses a large POST from its header (413 by Content-Length) answers and closes
+// without reading the body: the sender's write fails, but the answer is read and the batch split.
+// Before, the failed send was a network error and the same batch went again, unchanged.
+TEST(UsagePipeline, AnAnswerSentBeforeTheBodyWasReadIsRead) {
+  constexpr std::size_t kLimit = 512 * 1024;
+  LimitedReceiver rx(kLimit, LimitedReceiver::Large::refuse_early);
+  expect_halved_until_taken(rx, kLimit, 10s, 1);
+}
+
+// A batch whose body cannot all be sent within `timeout` (the receiver stops reading) is retried
+// in halves, not unchanged for ever; one sent whole whose answer does not come in time is sent
+// again unchanged, with the same Idempotency-Key (the receiver may have taken it), and in halves
+// only after three such POSTs.
+TEST(UsagePipeline, ABatchThatCannotBeSentInTimeIsRetriedInHalves) {
+  constexpr std::size_t kLimit = 512 * 1024;
+  LimitedReceiver rx(kLimit, LimitedReceiver::Large::stall);
+  expect_halved_until_taken(rx, kLimit, 500ms, 3);
+
   TempDir dir;
-  Receiver rx;
-  rx.set_script([](const Receiver::Request& req, std::size_t) {
+  Receiver slow;  // answers the first POST too late, then at once
+  slow.set_script([](const Receiver::Request&, std::size_t i) {
     Receiver::Reply r;
-    if (ids_in(req.body).size() > 2) r.kind = Receiver::Reply::hang;
+    if (i == 0) r.kind = Receiver::Reply::hang;
     return r;
   });
-  auto cfg = batched_sink(rx.url(), 8, 100ms);
+  auto cfg = batched_sink(slow.url(), 8, 100ms);
   cfg.timeout = 300ms;
   Pipeline p(testing::disk_config(dir.file("usage.db")), {cfg});
-  p.start();
   submit_range(p, 0, 8);
+  p.start();
   const bool done = testing::eventually([&] { return delivered(p) == 8; });
-  rx.release_hangs();
+  slow.release_hangs();
   p.stop(soon());
   ASSERT_TRUE(done);
-  EXPECT_EQ(delivered_ids(rx), expected_ids(0, 8));
-  EXPECT_EQ(sink(p.stats(), "hook").dead_letters, 0u);
+  const auto all = slow.requests();
+  ASSERT_GE(all.size(), 2u);
+  EXPECT_EQ(all[1].header("idempotency-key"), all[0].header("idempotency-key"));
+  EXPECT_EQ(all[1].body, all[0].body);
 }
 
 // The log's file deleted or replaced while the gateway writes it: the gateway goes on in the file
