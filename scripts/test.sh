@@ -65,8 +65,10 @@ integration() {  # integration BUILD_DIR
     export LLMPROXY_BIN="$root/$1/llmproxy" MOCK_BIN="$root/$1/llmproxy-mock"
     timeout -k 30 "$INTEGRATION_TIMEOUT" node --test --test-concurrency=1 "${node_test_timeout[@]}" ./*.test.mjs &
     runner=$!
-    # The tests run in timeout's own process group, which an interrupt (^C) or a TERM of this
-    # script does not reach: passed on to timeout, it stops that whole group the same way.
+    # The tests run in timeout's own process group, which an interrupt (^C) or a TERM sent to
+    # this script's process group does not reach: passed on to timeout, it stops that whole
+    # group the same way. (A TERM to this script's pid alone reaches only the outer shell, which
+    # defers traps while its pipeline runs: the run then ends at INTEGRATION_TIMEOUT.)
     trap 'kill -TERM "$runner" 2>/dev/null; wait "$runner"; exit 130' INT TERM
     wait "$runner"
   ) | tee "$logdir/integration.log" || rc=$?

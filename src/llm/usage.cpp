@@ -551,12 +551,16 @@ bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage
   // The last `"usage":{...}` in the body (or its tail), parsed alone: a whole-body parse would
   // cost more than the rest of the metering. The pattern cannot match inside a JSON string
   // (quotes there are escaped), and servers write usage at the top level, after the choices.
+  // Only a key followed by an object is a candidate (each costs a read or a parse): the word as
+  // a value (`"decoded_token":"usage"` in vLLM's prompt_logprobs, thousands of times) is passed
+  // over at the cost of its quotes.
   int candidates = 0;
   for (std::size_t pos = rfind_usage_key(copy, copy.size());
-       pos != std::string_view::npos && candidates++ < kMaxUsageCandidates;
+       pos != std::string_view::npos && candidates < kMaxUsageCandidates;
        pos = rfind_usage_key(copy, pos)) {
     std::size_t open = copy.find_first_not_of(" \t\r\n:", pos + 7);
     if (open == std::string_view::npos || copy[open] != '{') continue;
+    ++candidates;
     // The simple form, read in one pass from the brace on (within the same bound).
     if (auto reported = read_flat(copy.substr(open, kMaxUsageObject), true, out)) {
       if (*reported) return true;

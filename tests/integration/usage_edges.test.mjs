@@ -285,12 +285,15 @@ test('a non-stream body over usage.max_response_copy is billed from its usage, w
         ? JSON.stringify({ usage, id: 'c', object: 'chat.completion', choices })
         : where === 'middle'
           ? JSON.stringify({ id: 'c', object: 'chat.completion', choices, usage, prompt_logprobs: null, prompt_token_ids: promptTokenIds })
-          : JSON.stringify({ id: 'c', object: 'chat.completion', choices, usage });
+          : where === 'middle-word'
+            ? // the word "usage" as a value after it (a prompt token), far past the copy's tail
+              JSON.stringify({ id: 'c', object: 'chat.completion', choices, usage, prompt_logprobs: Array.from({ length: 6000 }, (_, i) => ({ [i]: { logprob: -0.5, rank: 1, decoded_token: 'usage' } })), prompt_token_ids: promptTokenIds })
+            : JSON.stringify({ id: 'c', object: 'chat.completion', choices, usage });
     res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
     res.end(body);
   };
   const gw = await startUsageGateway({ mock, receiver, backends: [backendEntry(backend, { name: 'big' })] });
-  for (const [id, at] of [['big-last', 'last'], ['big-first', 'first'], ['big-middle', 'middle']]) {
+  for (const [id, at] of [['big-last', 'last'], ['big-first', 'first'], ['big-middle', 'middle'], ['big-middle-word', 'middle-word']]) {
     const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'), { headers: { 'x-request-id': id, 'x-usage-at': at } });
     assert.equal(res.status, 200);
     assert.equal(JSON.parse(res.text()).choices[0].message.content.length, content.length);

@@ -443,6 +443,8 @@ test('a user header over 1,024 bytes or a kept-whole API key over 4 KiB: 400 str
     [{ 'x-user-id': 'u'.repeat(1025) }, /'x-user-id' header.*at most 1024 bytes, but got 1025/i],
     [{ authorization: `Bearer ${'k'.repeat(4097)}` }, /'Authorization' header.*at most 4096 bytes, but got 4097/],
     [{ 'x-api-key': 'k'.repeat(4097) }, /'X-API-Key' header.*at most 4096 bytes, but got 4097/],
+    // Not a Bearer token: the key is X-API-Key's, and the message names that header.
+    [{ authorization: 'Basic dXNlcjpwYXNz', 'x-api-key': 'k'.repeat(4097) }, /'X-API-Key' header.*but got 4097/],
   ];
   for (const [headers, message] of cases) {
     const id = nextId('long-id');
