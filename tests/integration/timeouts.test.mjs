@@ -3,6 +3,7 @@
 // a timer per operation, so these tests pin down what the sweep must still do.
 import { test, after, afterEach, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import {
   cleanup,
   checkProcesses,
@@ -22,7 +23,9 @@ import {
   startBackend,
   waitUntil,
   httpRequest,
+  postJson,
 } from './lib/harness.mjs';
+import { scrapeMetrics, metricSum } from './lib/usage.mjs';
 
 beforeEach(trackTest);
 afterEach(checkProcesses);
@@ -133,4 +136,55 @@ test('a client that stops reading a stream is cut at timeouts.stream_idle, and l
   assert.equal(entry.status, 200, 'the client got the header: its status stays');
   const metrics = (await httpRequest(`${gw.url}/metrics`)).text();
   assert.match(metrics, /^llmproxy_client_disconnects_total 0$/m);
+});
+
+test('a backend whose connect never completes is given up at timeouts.connect, counted as a timeout, and the request retried on another', { timeout: 30_000 }, async () => {
+  const stuck = await startMock({ name: 'stuck', extraArgs: ['--no-accept'] });
+  // Fill its accept queue (backlog 0 holds one or two): after that the kernel drops new SYNs,
+  // so a connect hangs as to a host that stopped answering.
+  const fillers = [];
+  for (let i = 0; i < 8; i++) {
+    const s = net.connect({ port: stuck.port, host: '127.0.0.1' });
+    s.on('error', () => {});
+    const connected = await new Promise((resolve) => {
+      const timer = setTimeout(() => resolve(false), 500);
+      s.once('connect', () => {
+        clearTimeout(timer);
+        resolve(true);
+      });
+    });
+    fillers.push(s);
+    if (!connected) break;
+  }
+  try {
+    const live = await startMock({ name: 'live' });
+    const gw = await startGateway({
+      server: { workers: 1 },
+      timeouts: { connect: '300ms' },
+      load_balancing: { max_retries: 1 },
+      health_check: { enabled: false },
+      backends: [backendEntry(stuck, { name: 'stuck' }), backendEntry(live, { name: 'live' })],
+    });
+    for (let i = 0; i < 4; i++) {
+      const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1'));
+      assert.equal(res.status, 200, res.text().slice(0, 300));
+      assert.equal(res.headers['x-mock-backend'], 'live');
+    }
+    const metrics = await scrapeMetrics(gw);
+    assert.ok(metricSum(metrics, 'llmproxy_upstream_errors_total', { backend: 'stuck', kind: 'timeout' }) >= 1, 'the connect timeout is counted for the stuck backend');
+    assert.ok(metricSum(metrics, 'llmproxy_retries_total', {}) >= 1);
+    // Without another backend to try: 502 naming the connect timeout, within bounded time.
+    const alone = await startGateway({
+      server: { workers: 1 },
+      timeouts: { connect: '300ms' },
+      load_balancing: { max_retries: 0 },
+      health_check: { enabled: false },
+      backends: [backendEntry(stuck, { name: 'stuck' })],
+    });
+    const res = await postJson(alone.url, '/v1/chat/completions', chatBody('m1'), { timeout: 10_000 });
+    assert.equal(res.status, 502, res.text().slice(0, 300));
+    assert.match(res.json().error.message, /stuck: .*(timed out|timeout)/i);
+  } finally {
+    for (const s of fillers) s.destroy();
+  }
 });

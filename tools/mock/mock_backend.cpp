@@ -117,6 +117,9 @@ struct Options {
   std::string name = "mock-backend";
   Flavor flavor = Flavor::kOpenAi;
   bool quiet = false;
+  // Listen with the smallest backlog and never accept: once the queue is full the kernel drops
+  // new SYNs, so connecting hangs (a backend whose host stopped answering), for connect timeouts.
+  bool no_accept = false;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1489,7 +1492,7 @@ void print_usage(std::FILE* to) {
   fmt::print(to,
              "usage: llmproxy-mock [--listen HOST:PORT] [--threads N] [--models m1,m2] "
              "[--name NAME]\n"
-             "                     [--flavor openai|vllm|tgi|llamacpp] [--quiet]\n"
+             "                     [--flavor openai|vllm|tgi|llamacpp] [--quiet] [--no-accept]\n"
              "  --listen HOST:PORT  address to bind (default 127.0.0.1:9000; port 0 = ephemeral)\n"
              "  --threads N         event-loop threads, each with its own SO_REUSEPORT acceptor "
              "(default 1)\n"
@@ -1497,7 +1500,9 @@ void print_usage(std::FILE* to) {
              "  --name NAME         sent back in X-Mock-Backend and /v1/models owned_by "
              "(default mock-backend)\n"
              "  --flavor F          how streamed usage is reported (default openai)\n"
-             "  --quiet             no startup summary on stderr\n");
+             "  --quiet             no startup summary on stderr\n"
+             "  --no-accept         listen (backlog 0) but never accept: once the queue is full,\n"
+             "                      connecting hangs (tests of timeouts.connect)\n");
 }
 
 // Returns an error message, or empty on success.
@@ -1522,6 +1527,10 @@ std::string parse_args(int argc, char** argv, Options& opt) {
     };
     if (arg == "--quiet") {
       opt.quiet = true;
+      continue;
+    }
+    if (arg == "--no-accept") {
+      opt.no_accept = true;
       continue;
     }
     if (arg == "--help" || arg == "-h") {
@@ -1600,13 +1609,13 @@ asio::ip::address resolve_host(const std::string& host) {
   return results.begin()->endpoint().address();
 }
 
-void open_acceptor(tcp::acceptor& acceptor, const tcp::endpoint& ep) {
+void open_acceptor(tcp::acceptor& acceptor, const tcp::endpoint& ep, bool no_accept) {
   acceptor.open(ep.protocol());
   acceptor.set_option(asio::socket_base::reuse_address(true));
   using reuse_port = asio::detail::socket_option::boolean<SOL_SOCKET, SO_REUSEPORT>;
   acceptor.set_option(reuse_port(true));
   acceptor.bind(ep);
-  acceptor.listen(asio::socket_base::max_listen_connections);
+  acceptor.listen(no_accept ? 0 : asio::socket_base::max_listen_connections);
   acceptor.non_blocking(true);
 }
 
@@ -1639,7 +1648,7 @@ int run(int argc, char** argv) {
     }
     // The first acceptor picks the port (it may be ephemeral); the others join it.
     for (auto& w : server.workers) {
-      open_acceptor(w->acceptor, tcp::endpoint(addr, port));
+      open_acceptor(w->acceptor, tcp::endpoint(addr, port), server.opt.no_accept);
       port = w->acceptor.local_endpoint().port();
     }
   } catch (const std::exception& e) {
@@ -1655,6 +1664,7 @@ int run(int argc, char** argv) {
     for (auto& w : server.workers) w->ioc.stop();
   });
   for (auto& w : server.workers) {
+    if (server.opt.no_accept) break;
     asio::co_spawn(w->ioc, accept_loop(*w), asio::detached);
     asio::co_spawn(w->ioc, reap_expired(*w), asio::detached);
   }
