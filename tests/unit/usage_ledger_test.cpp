@@ -163,10 +163,12 @@ TEST(UsageLedger, DeadLetters) {
   std::string path = dir.file("usage.db");
   {
     testing::Receiver rx;
+    // 401 refuses the endpoint, not a record: the batch is one dead letter (a 422 would be
+    // split to find the record at fault).
     rx.set_script([](const testing::Receiver::Request&, std::size_t) {
       testing::Receiver::Reply r;
-      r.status = 422;
-      r.body = "unprocessable";
+      r.status = 401;
+      r.body = "unauthorized";
       return r;
     });
     auto sink = testing::make_sink("hook", rx.url());
@@ -183,14 +185,14 @@ TEST(UsageLedger, DeadLetters) {
   auto dead = ledger.dead_letters(std::nullopt, std::nullopt);
   ASSERT_EQ(dead.size(), 1u);
   EXPECT_EQ(dead[0].request_ids, "req-00000,req-00001");
-  EXPECT_EQ(dead[0].status, 422u);
-  EXPECT_EQ(dead[0].response, "unprocessable");
+  EXPECT_EQ(dead[0].status, 401u);
+  EXPECT_EQ(dead[0].response, "unauthorized");
   EXPECT_EQ(dead[0].first_seq, 1);
   EXPECT_EQ(dead[0].last_seq, 2);
   EXPECT_TRUE(dead[0].body.starts_with("[{\"request_id\":\"req-00000\""));
   EXPECT_TRUE(ledger.dead_letters(testing::now_ms() + 60'000, std::nullopt).empty());
   std::string table = format_dead_letters(dead, OutputFormat::table);
-  EXPECT_NE(table.find("422"), std::string::npos);
+  EXPECT_NE(table.find("401"), std::string::npos);
   EXPECT_NE(table.find("req-00000,req-00001"), std::string::npos);
   simdjson::dom::parser p;
   simdjson::dom::array a = p.parse(format_dead_letters(dead, OutputFormat::json)).get_array();
