@@ -236,27 +236,24 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
     }
     info.stream = v;
   }
-  if (last.model) {
+  // `model` and `user` are identifiers kept in every usage record: strings, bounded.
+  const auto identifier = [&](const std::optional<simdjson::dom::element>& value,
+                              std::string_view name, std::string& out, bool null_is_none) {
+    if (!value || (null_is_none && value->is_null())) return true;
     std::string_view v;
-    if (last.model->get_string().get(v)) {
+    if (value->get_string().get(v)) {
       error.spec = http::errors::invalid_request;
-      error.param = "model";
-      error.message = "'model' must be a string.";
+      error.param = name;
+      error.message = "'" + std::string(name) + "' must be a string.";
       return false;
     }
-    if (too_long("model", v, error)) return false;
-    info.model.assign(v);
-  }
-  if (last.user && !last.user->is_null()) {  // null: no user
-    std::string_view v;
-    if (last.user->get_string().get(v)) {
-      error.spec = http::errors::invalid_request;
-      error.param = "user";
-      error.message = "'user' must be a string.";
-      return false;
-    }
-    if (too_long("user", v, error)) return false;
-    info.user.assign(v);
+    if (too_long(name, v, error)) return false;
+    out.assign(v);
+    return true;
+  };
+  if (!identifier(last.model, "model", info.model, false) ||
+      !identifier(last.user, "user", info.user, true)) {  // a null user: none
+    return false;
   }
   if (simdjson::dom::array list;
       last.messages && last.messages->get_array().get(list) == simdjson::SUCCESS) {

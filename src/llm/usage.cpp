@@ -160,6 +160,11 @@ EventScan scan_event(std::string_view data, TextCount& text) {
   EventScan out;
   const char* const base = data.data();
   const std::size_t n = data.size();
+  // Does the value of the key that ends at `key_end` start with `first`?
+  const auto value_is = [&](std::size_t key_end, char first) {
+    const std::size_t value = value_start(data, key_end);
+    return value < n && data[value] == first;
+  };
   std::size_t pos = 0;
   while (pos < n) {
     const void* q = std::memchr(base + pos, '"', n - pos);
@@ -185,10 +190,7 @@ EventScan scan_event(std::string_view data, TextCount& text) {
         }
         break;
       case 'u':
-        if (!out.usage && at.starts_with("\"usage\"")) {
-          const std::size_t value = value_start(data, pos + 7);
-          out.usage = value < n && data[value] == '{';
-        }
+        if (!out.usage && at.starts_with("\"usage\"")) out.usage = value_is(pos + 7, '{');
         break;
       case 'd':
         if (at.starts_with("\"details\"")) out.usage = true;
@@ -197,10 +199,8 @@ EventScan scan_event(std::string_view data, TextCount& text) {
         if (!out.error && at.starts_with(kErrorWord)) out.error = error_at(data, pos);
         break;
       case 'f':
-        if (!out.finish && at.starts_with("\"finish_reason\"")) {
-          const std::size_t value = value_start(data, pos + 15);
-          out.finish = value < n && data[value] == '"';
-        }
+        if (!out.finish && at.starts_with("\"finish_reason\""))
+          out.finish = value_is(pos + 15, '"');
         break;
       default:
         break;
@@ -221,15 +221,6 @@ EventScan scan_event(std::string_view data, TextCount& text) {
 }
 
 }  // namespace
-
-bool has_key_with_value_starting(std::string_view data, std::string_view key, char first) {
-  for (std::size_t pos = 0; (pos = find_text(data, key, pos)) != std::string_view::npos;) {
-    pos += key.size();
-    const std::size_t value = value_start(data, pos);
-    if (value < data.size() && data[value] == first) return true;
-  }
-  return false;
-}
 
 bool read_usage(simdjson::dom::element object, Usage& out) {
   simdjson::dom::object obj;
@@ -529,6 +520,7 @@ std::optional<bool> read_usage_text(std::string_view object, Usage& out) {
   return read_flat(object, false, out);
 }
 
+namespace {
 // The start of the last `"usage"` that begins before `end`, or npos. Backwards from quote to
 // quote (memrchr): std::string_view::rfind compares the whole pattern at every position.
 std::size_t rfind_usage_key(std::string_view s, std::size_t end) {
@@ -545,22 +537,33 @@ std::size_t rfind_usage_key(std::string_view s, std::size_t end) {
   return std::string_view::npos;
 }
 
+// Where the object of the `"usage"` key at `pos` opens, or npos when its value is no object.
+std::size_t usage_object_open(std::string_view s, std::size_t pos) {
+  const std::size_t open = s.find_first_not_of(" \t\r\n:", pos + 7);
+  return open != std::string_view::npos && s[open] == '{' ? open : std::string_view::npos;
+}
+}  // namespace
+
+std::size_t rfind_usage_object(std::string_view s, std::size_t end) {
+  std::size_t pos = rfind_usage_key(s, end);
+  while (pos != std::string_view::npos && usage_object_open(s, pos) == std::string_view::npos) {
+    pos = rfind_usage_key(s, pos);
+  }
+  return pos;
+}
+
 namespace {
 bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage& out) {
   std::string padded;
   // The last `"usage":{...}` in the body (or its tail), parsed alone: a whole-body parse would
   // cost more than the rest of the metering. The pattern cannot match inside a JSON string
   // (quotes there are escaped), and servers write usage at the top level, after the choices.
-  // Only a key followed by an object is a candidate (each costs a read or a parse): the word as
-  // a value (`"decoded_token":"usage"` in vLLM's prompt_logprobs, thousands of times) is passed
-  // over at the cost of its quotes.
+  // Only a key followed by an object is a candidate (each costs a read or a parse).
   int candidates = 0;
-  for (std::size_t pos = rfind_usage_key(copy, copy.size());
-       pos != std::string_view::npos && candidates < kMaxUsageCandidates;
-       pos = rfind_usage_key(copy, pos)) {
-    std::size_t open = copy.find_first_not_of(" \t\r\n:", pos + 7);
-    if (open == std::string_view::npos || copy[open] != '{') continue;
-    ++candidates;
+  for (std::size_t pos = rfind_usage_object(copy, copy.size());
+       pos != std::string_view::npos && candidates++ < kMaxUsageCandidates;
+       pos = rfind_usage_object(copy, pos)) {
+    const std::size_t open = usage_object_open(copy, pos);
     // The simple form, read in one pass from the brace on (within the same bound).
     if (auto reported = read_flat(copy.substr(open, kMaxUsageObject), true, out)) {
       if (*reported) return true;

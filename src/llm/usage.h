@@ -107,15 +107,12 @@ bool read_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage
 // "error"`)? Some servers answer errors with 200; such a body is billed like an error status.
 bool body_reports_error(std::string_view body, simdjson::dom::parser& parser);
 
-// Does `data` hold the quoted key `key` followed by a value that starts with `first`, with any
-// JSON whitespace around its colon (`"usage":\n{`: pretty-printed data joined from several
-// `data:` lines)? Found textually: a cheap filter before a parse, or a hint where none is needed.
-bool has_key_with_value_starting(std::string_view data, std::string_view key, char first);
-
-// The start of the last `"usage"` in `s` that begins before `end`, or npos (a key, not text:
-// quotes inside JSON strings are escaped). With the kUsageWindowBytes after it, a piece of a
-// large body that read_body_usage() reads as it reads a tail.
-std::size_t rfind_usage_key(std::string_view s, std::size_t end);
+// The start of the last `"usage"` key in `s` that begins before `end` and has an object for its
+// value, or npos: the word as a value (`"decoded_token":"usage"`) is passed over, at the cost of
+// its quotes (the search goes backwards from quote to quote, each byte once). With the
+// kUsageWindowBytes after it, a piece of a large body that read_body_usage() reads as it reads a
+// tail.
+std::size_t rfind_usage_object(std::string_view s, std::size_t end);
 inline constexpr std::size_t kUsageWindowBytes = 16 * 1024 + 64;
 
 // Is this event the usage-only chunk that `stream_options.include_usage` adds (OpenAI, vLLM,

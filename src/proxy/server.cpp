@@ -3042,20 +3042,9 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
           // prompt_token_ids after it): the last usage key leaving the copy stays, with what
           // follows it.
           const std::size_t drop = copy.size() - kResponseTailBytes;
-          // A key with an object for value, not the word as a value (vLLM's prompt_logprobs
-          // can hold `"decoded_token":"usage"`, thousands of times). Backwards from quote to
-          // quote over what leaves the copy, each byte once; none found: what was kept stays.
-          std::size_t at = llm::rfind_usage_key(copy, drop);
-          while (at != std::string::npos) {
-            const std::size_t open = copy.find_first_not_of(" \t\r\n", at + 7);
-            if (open != std::string::npos && copy[open] == ':') {
-              const std::size_t value = copy.find_first_not_of(" \t\r\n", open + 1);
-              if (value != std::string::npos && copy[value] == '{') {
-                ctx.body_mid.assign(copy, at, llm::kUsageWindowBytes);
-                break;
-              }
-            }
-            at = llm::rfind_usage_key(copy, at);
+          // None in what leaves the copy: what was kept stays.
+          if (const auto at = llm::rfind_usage_object(copy, drop); at != std::string::npos) {
+            ctx.body_mid.assign(copy, at, llm::kUsageWindowBytes);
           }
           copy.erase(0, drop);
         }

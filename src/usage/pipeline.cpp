@@ -618,6 +618,10 @@ void Pipeline::Impl::sink_loop(Sink& s) {
   // limit may have been raised).
   int refused_size = 0;
   Clock::time_point refused_at{};
+  const auto remember_refused = [&](int size) {
+    refused_size = refused_size > 0 ? std::min(refused_size, size) : size;
+    refused_at = Clock::now();
+  };
   // Finding the record a 4xx refused (400, 422) by halves: `splitting` from the first refused
   // batch until a single record is refused; `split_delivered` if any POST since was taken. A
   // split that ends without one means the receiver refuses everything (a schema it no longer
@@ -820,9 +824,7 @@ void Pipeline::Impl::sink_loop(Sink& s) {
       // a single record it refuses becomes a dead letter. The POST failed all the same.
       s.failed.fetch_add(n, std::memory_order_relaxed);
       batch_cap = static_cast<int>(n / 2);
-      refused_size =
-          refused_size > 0 ? std::min(refused_size, static_cast<int>(n)) : static_cast<int>(n);
-      refused_at = Clock::now();
+      remember_refused(static_cast<int>(n));
       if (!told_too_large) {
         told_too_large = true;
         log::line("warn",
@@ -908,9 +910,7 @@ void Pipeline::Impl::sink_loop(Sink& s) {
     if (n > 1 && (resp.slow || unanswered >= kUnansweredToHalve)) {
       unanswered = 0;
       batch_cap = static_cast<int>(n / 2);
-      refused_size =
-          refused_size > 0 ? std::min(refused_size, static_cast<int>(n)) : static_cast<int>(n);
-      refused_at = Clock::now();
+      remember_refused(static_cast<int>(n));
       batch.clear();
     }
     if (stop_requested.load(std::memory_order_acquire) || s.retire.load()) {
