@@ -26,6 +26,7 @@ inline constexpr ErrorSpec model_not_found{404, "invalid_request_error", "model_
 inline constexpr ErrorSpec method_not_allowed{405, "invalid_request_error", "method_not_allowed"};
 inline constexpr ErrorSpec request_timeout{408, "invalid_request_error", "request_timeout"};
 inline constexpr ErrorSpec body_too_large{413, "invalid_request_error", "request_too_large"};
+inline constexpr ErrorSpec expectation_failed{417, "invalid_request_error", "expectation_failed"};
 inline constexpr ErrorSpec headers_too_large{431, "invalid_request_error", "headers_too_large"};
 inline constexpr ErrorSpec bad_gateway{502, "server_error", "upstream_error"};
 inline constexpr ErrorSpec no_healthy_backend{503, "server_error", "no_healthy_backend"};

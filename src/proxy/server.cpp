@@ -117,17 +117,21 @@ bool iequals(std::string_view a, std::string_view b) {
   return beast::iequals(a, b);
 }
 
+// `text` without the optional whitespace (spaces, tabs) around it.
+std::string_view trim_ows(std::string_view text) {
+  while (!text.empty() && (text.front() == ' ' || text.front() == '\t')) text.remove_prefix(1);
+  while (!text.empty() && (text.back() == ' ' || text.back() == '\t')) text.remove_suffix(1);
+  return text;
+}
+
 // Does the Connection header value `connection` list the header `name` (a comma-separated,
 // case-insensitive token list)?
 bool connection_lists(std::string_view connection, std::string_view name) {
   while (!connection.empty()) {
     auto comma = connection.find(',');
-    auto token = connection.substr(0, comma);
+    const auto token = trim_ows(connection.substr(0, comma));
     connection =
         comma == std::string_view::npos ? std::string_view{} : connection.substr(comma + 1);
-    while (!token.empty() && (token.front() == ' ' || token.front() == '\t'))
-      token.remove_prefix(1);
-    while (!token.empty() && (token.back() == ' ' || token.back() == '\t')) token.remove_suffix(1);
     if (iequals(token, name)) return true;
   }
   return false;
@@ -1714,9 +1718,29 @@ asio::awaitable<bool> ClientSession::handle_request() {
   // The body's room, at most: its announced length, or the limit for a chunked one.
   const std::uint64_t body_cap =
       (len ? *len : cfg.server.max_body_size) + simdjson::SIMDJSON_PADDING;
-  // An HTTP/1.0 client cannot take a 1xx answer: its expectation is ignored (RFC 9110 10.1.1).
-  if (req.version() >= 11 && iequals(req[bhttp::field::expect], "100-continue") &&
-      !parser.is_done()) {
+  // Expect is a list (RFC 9110 10.1.1) whose one defined member is 100-continue: a client that
+  // expects anything else gets 417 before its body is read, rather than waiting for a 100 that
+  // never comes. An HTTP/1.0 client cannot take a 1xx answer: its 100-continue is ignored.
+  bool continue_expected = false;
+  for (auto [it, last] = req.equal_range(bhttp::field::expect); it != last; ++it) {
+    std::string_view list = it->value();
+    while (!list.empty()) {
+      const auto comma = list.find(',');
+      const std::string_view member = trim_ows(list.substr(0, comma));
+      list = comma == std::string_view::npos ? std::string_view{} : list.substr(comma + 1);
+      if (member.empty()) continue;
+      if (!iequals(member, "100-continue")) {
+        reply_ = error_reply(
+            http::errors::expectation_failed,
+            fmt::format("Unsupported expectation \"{}\": only 100-continue is supported.",
+                        member.substr(0, 64)),
+            false);
+        co_return co_await send(ctx, reply_);
+      }
+      continue_expected = true;
+    }
+  }
+  if (req.version() >= 11 && continue_expected && !parser.is_done()) {
     // Room for the first read, taken before the 100 Continue invites a body.
     if (!grow_body_room(ctx, req.body(), buffer_.size() + kBodyRead, body_cap)) {
       co_return co_await refuse_body(ctx, 0);
@@ -2472,6 +2496,29 @@ void ClientSession::upstream_head(std::string& out, const Request& req, const Re
   w.done();
 }
 
+// What a backend's header, read by Beast's parser, says that cannot be relayed faithfully, as a
+// read error: the attempt then ends in a 502 and the connection is closed, never pooled.
+// - 101: the gateway never forwards Upgrade, so no switch was asked for.
+// - Transfer-Encoding other than exactly "chunked", or with Content-Length: the coding wins
+//   (RFC 9112 6.3) and the body ends at the close, but Beast takes the length when
+//   Transfer-Encoding comes first (the rest of the body would be read as the next answer on a
+//   pooled connection, another client's), and a coding the client would get unnamed (the field
+//   is hop by hop) corrupts the body. nginx refuses both as well.
+// 204 and 304 have no body whatever their fields say: they are not refused for them.
+template <class Message>
+error_code unrelayable_framing(const Message& msg) {
+  const unsigned status = msg.result_int();
+  if (status == 101) return bhttp::error::bad_status;
+  if (status == 204 || status == 304) return {};
+  auto [first, last] = msg.equal_range(bhttp::field::transfer_encoding);
+  if (first == last) return {};
+  if (std::next(first) != last || !iequals(trim_ows(first->value()), "chunked") ||
+      msg.find(bhttp::field::content_length) != msg.end()) {
+    return bhttp::error::bad_transfer_encoding;
+  }
+  return {};
+}
+
 // Reads response headers until the final one: interim responses (100 Continue, 103 Early
 // Hints) are consumed here and never reach the client, or the next response on this
 // connection would be misread as this one's body.
@@ -2690,6 +2737,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
         answer_bytes = true;
       }
     }
+    if (!rhec && !fast_head) rhec = unrelayable_framing(parser->get());
     const error_code hec = settle(rhec);
     if (watch_.client_gone) co_return Attempt::retry;
     if (hec) {
@@ -2772,16 +2820,19 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   // then the gateway's own (request id, no proxy buffering for streams) and the framing.
   enum class Framing { length, chunked, close, none } framing;
   std::uint64_t length = 0;
-  if (auto cl = rp.content_length(); cl && !remove_injected) {
+  // 204 and 304 end with their header. A 204 may not carry Content-Length (RFC 9110 8.6): the
+  // backend's is dropped; a 304's is the stored representation's, kept.
+  const bool bodiless = status == 204 || status == 304;
+  if (bodiless) {
+    framing = Framing::none;
+  } else if (auto cl = rp.content_length(); cl && !remove_injected) {
     framing = Framing::length;
     length = *cl;
   } else if (!rp.is_done()) {
     // HTTP/1.0 knows no chunks: the body ends with the connection.
     framing = ctx.client_version >= 11 ? Framing::chunked : Framing::close;
-  } else if (status != 204 && status != 304) {
-    framing = Framing::length;
   } else {
-    framing = Framing::none;  // the backend's fields say all there is
+    framing = Framing::length;
   }
   if (framing == Framing::close) client_keep_alive = false;
   std::string head;
@@ -2802,7 +2853,9 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       const std::string_view name = f.name_string();
       const bhttp::field code = f.name();
       if (is_hop_by_hop(code) || connection_lists(up_connection, name)) continue;
-      if (code == bhttp::field::content_length && framing != Framing::none) continue;
+      if (code == bhttp::field::content_length && (framing != Framing::none || status == 204)) {
+        continue;
+      }
       if (iequals(name, "x-request-id") || (is_stream && iequals(name, "x-accel-buffering"))) {
         continue;
       }
@@ -2828,7 +2881,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   if (direct) {
     write_head(direct->base(), direct->reason, direct->connection);
   } else {
-    write_head(up.base(), up.reason(), up[bhttp::field::connection]);
+    std::string joined;  // every Connection field's tokens: each names fields not to forward
+    write_head(up.base(), up.reason(), connection_tokens(up.base(), joined));
   }
   const bool chunked = framing == Framing::chunked;
   ctx.status = status;
@@ -3165,8 +3219,10 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   }
   // A complete response leaves the upstream connection reusable whatever the client does next
   // (it may hang up right after reading it); one the watch closed is not.
-  if (upstream_ok && !send_failed && rp.is_done() && rp.keep_alive() && conn->buffer.size() == 0 &&
-      conn->tcp().socket().is_open()) {
+  // A 204 or 304 that announced a body may yet send it, where the next answer should start.
+  const bool announced_body = bodiless && (rp.chunked() || rp.content_length().value_or(0) > 0);
+  if (upstream_ok && !send_failed && rp.is_done() && rp.keep_alive() && !announced_body &&
+      conn->buffer.size() == 0 && conn->tcp().socket().is_open()) {
     w_.put_idle(wg, std::move(conn));
   } else {
     conn->close();

@@ -191,6 +191,44 @@ test('an HTTP/1.0 client sending Expect: 100-continue gets no interim 100 answer
   assert.ok(received.toString('latin1').startsWith('HTTP/1.1 200 '), received.toString().slice(0, 60));
 });
 
+test('an expectation other than 100-continue is answered 417 before the body; 100-continue in any case and in a list gets its 100', { timeout: 30_000 }, async () => {
+  const seen = backend.apiRequests.length;
+  for (const expect of ['100-continue, foo', 'FOO', '100-continue']) {
+    // Only the header: a client that expects something waits for the answer before its body.
+    const lines = ['Host: x', 'Content-Type: application/json', `Content-Length: ${BODY.length}`, `Expect: ${expect}`];
+    if (expect === '100-continue') lines.push('Expect: foo');  // a second field is the same list
+    const res = await rawExchange(gw.port, head(lines));
+    assert.equal(res.status, 417, `Expect: ${expect}: ${res.status} ${res.body.toString().slice(0, 200)}`);
+    const e = openAIError(res);
+    assert.equal(e.code, 'expectation_failed');
+    assert.match(e.message, /"foo"/i);
+    assert.equal(res.headers.connection?.[0]?.toLowerCase(), 'close');
+  }
+  assert.equal(backend.apiRequests.length, seen, 'nothing reached the backend');
+  for (const expect of ['100-Continue', ' 100-continue ,', '100-continue, 100-continue']) {
+    const socket = await connect(gw.port);
+    let received = Buffer.alloc(0);
+    const got = (pattern) =>
+      withTimeout(
+        new Promise((resolve) => {
+          const check = () => pattern.test(received.toString('latin1')) && resolve();
+          socket.on('data', (d) => {
+            received = Buffer.concat([received, d]);
+            check();
+          });
+          check();
+        }),
+        10_000,
+        `${pattern} for Expect: ${expect}`,
+      );
+    socket.write(head(['Host: x', 'Content-Type: application/json', `Expect: ${expect}`, `Content-Length: ${BODY.length}`, 'Connection: close']));
+    await got(/^HTTP\/1\.1 100 Continue\r\n\r\n/);
+    socket.write(BODY);
+    await got(/HTTP\/1\.1 200 /);
+    socket.destroy();
+  }
+});
+
 test('an absolute-form request target is routed and forwarded by its path', { timeout: 30_000 }, async () => {
   const body = Buffer.from(BODY);
   const bytes = Buffer.concat([

@@ -1,7 +1,10 @@
 // HTTP framing corner cases where a proxy can desynchronise or truncate: interim 1xx responses
-// from the backend, HTTP/1.0 clients, and request bodies of undefined length.
+// from the backend, backend answers framed in ways that cannot be relayed (101, transfer codings
+// other than chunked, 204 with a length, several Connection fields), HTTP/1.0 clients, and
+// request bodies of undefined length.
 import { test, after, afterEach, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import {
   cleanup,
   checkProcesses,
@@ -18,6 +21,9 @@ import {
   httpRequest,
   withTimeout,
   waitUntil,
+  deferred,
+  listenLoopback,
+  closeServer,
 } from './lib/harness.mjs';
 import { scrapeMetrics, metricSum } from './lib/usage.mjs';
 
@@ -291,3 +297,126 @@ test('server.max_connections is the process limit: with 2 workers every connecti
   const got = await withTimeout(Promise.all(answers), 10_000, 'answers once slots were freed');
   assert.ok(got.every((r) => r.status === 200));
 });
+
+// A backend written byte by byte: `answer(n, head)` gives the bytes written for the n-th API
+// request (0-based, across connections), `head` its request header. The gateway's model
+// discovery is answered apart. Each request remembers its connection and each connection when it
+// closed, so a test sees which requests shared one.
+async function startRawBackend(answer) {
+  const b = { requests: [], connections: [], answer };
+  const sockets = new Set();
+  const server = net.createServer((socket) => {
+    const conn = { index: b.connections.length, socket, closed: deferred() };
+    b.connections.push(conn);
+    sockets.add(socket);
+    socket.on('error', () => {});
+    socket.on('close', () => {
+      sockets.delete(socket);
+      conn.closed.resolve();
+    });
+    let buf = Buffer.alloc(0);
+    socket.on('data', (d) => {
+      buf = Buffer.concat([buf, d]);
+      for (;;) {
+        const end = buf.indexOf('\r\n\r\n');
+        if (end < 0) return;
+        const head = buf.subarray(0, end).toString('latin1');
+        const length = Number(/\r\ncontent-length:\s*(\d+)/i.exec(head)?.[1] ?? 0);
+        if (buf.length < end + 4 + length) return;
+        const body = buf.subarray(end + 4, end + 4 + length).toString();
+        buf = buf.subarray(end + 4 + length);
+        if (head.startsWith('GET /v1/models')) {
+          socket.write('HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 27\r\n\r\n{"object":"list","data":[]}');
+          continue;
+        }
+        const n = b.requests.length;
+        b.requests.push({ head, body, conn });
+        socket.write(b.answer(n, head, body));
+      }
+    });
+  });
+  const port = await listenLoopback(server);
+  b.url = `http://127.0.0.1:${port}`;
+  b.close = () => closeServer(server, sockets, 'raw backend');
+  return b;
+}
+
+function okAnswer(body) {
+  const json = JSON.stringify({ echo: JSON.parse(body).marker });
+  return `HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(json)}\r\n\r\n${json}`;
+}
+
+test('a backend answer with a transfer coding other than chunked alone, with Content-Length too, or a 101 is a 502 and its connection is never reused', async () => {
+  const cases = [
+    ['Transfer-Encoding before Content-Length', 'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n\r\nhello'],
+    ['chunked and Content-Length', 'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n'],
+    ['a coding before chunked', 'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n'],
+    ['a coding alone', 'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nhello'],
+    ['101 Switching Protocols', 'HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n'],
+  ];
+  for (const [what, bad] of cases) {
+    // The first request gets the bad answer; every later one a good one naming its own marker.
+    const backend = await startRawBackend((n, head, body) => (n === 0 ? bad : okAnswer(body)));
+    try {
+      const gw = await startGateway({ server: { workers: 1 }, backends: [{ url: backend.url, name: 'raw' }] });
+      const first = await postJson(gw.url, '/v1/chat/completions', { model: 'm1', messages: [], marker: 'a' });
+      assert.equal(first.status, 502, `${what}: ${first.status} ${first.text()}`);
+      assert.equal(openAIError(first).code, 'upstream_error', what);
+      // The gateway closes that connection; bytes the backend writes on it now (an answer the
+      // old length-reading would have left there for the next request) reach no client.
+      const used = backend.requests[0].conn;
+      await withTimeout(used.closed.promise, 10_000, `${what}: the gateway to close the connection`);
+      used.socket.write('HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 19\r\n\r\n{"echo":"INJECTED"}');
+      const second = await postJson(gw.url, '/v1/chat/completions', { model: 'm1', messages: [], marker: 'b' });
+      assert.equal(second.status, 200, `${what}: ${second.text()}`);
+      assert.deepEqual(JSON.parse(second.text()), { echo: 'b' }, `${what}: the next request got another answer`);
+      assert.notEqual(backend.requests[1].conn, used, `${what}: the next request went on the refused connection`);
+    } finally {
+      await backend.close();
+    }
+  }
+});
+
+test('a 204 reaches the client without Content-Length, and a connection whose 204 announced a body is not reused', async () => {
+  const backend = await startRawBackend((n, head, body) =>
+    n === 0 ? 'HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nX-Kept: yes\r\n\r\n' : okAnswer(body),
+  );
+  try {
+    const gw = await startGateway({ server: { workers: 1 }, backends: [{ url: backend.url, name: 'raw' }] });
+    const bytes = jsonRequestBytes({ model: 'm1', messages: [], marker: 'a' });
+    const res = await rawExchange(gw.port, bytes);
+    assert.equal(res.status, 204);
+    assert.equal(res.headers['content-length'], undefined, 'a 204 with Content-Length');
+    assert.equal(res.headers['x-kept']?.[0], 'yes');
+    await withTimeout(backend.requests[0].conn.closed.promise, 10_000, 'the gateway to close the connection');
+    backend.requests[0].conn.socket.write('hello');
+    const second = await postJson(gw.url, '/v1/chat/completions', { model: 'm1', messages: [], marker: 'b' });
+    assert.equal(second.status, 200, second.text());
+    assert.deepEqual(JSON.parse(second.text()), { echo: 'b' });
+  } finally {
+    await backend.close();
+  }
+});
+
+test('fields named by any of the backend\'s Connection fields are not forwarded', async () => {
+  const backend = await startRawBackend((n, head, body) => {
+    const json = JSON.stringify({ echo: JSON.parse(body).marker });
+    return `HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive\r\nConnection: X-Secret, X-Other\r\nX-Secret: s\r\nX-Other: o\r\nX-Kept: k\r\nContent-Length: ${Buffer.byteLength(json)}\r\n\r\n${json}`;
+  });
+  try {
+    const gw = await startGateway({ server: { workers: 1 }, backends: [{ url: backend.url, name: 'raw' }] });
+    const res = await rawExchange(gw.port, jsonRequestBytes({ model: 'm1', messages: [], marker: 'a' }));
+    assert.equal(res.status, 200);
+    assert.equal(res.headers['x-secret'], undefined, 'a field the second Connection field names was forwarded');
+    assert.equal(res.headers['x-other'], undefined);
+    assert.equal(res.headers['x-kept']?.[0], 'k');
+    assert.deepEqual(JSON.parse(res.body.toString()), { echo: 'a' });
+  } finally {
+    await backend.close();
+  }
+});
+
+function jsonRequestBytes(payload) {
+  const body = JSON.stringify(payload);
+  return rawRequest('POST', '/v1/chat/completions', [['Host', 'x'], ['Content-Type', 'application/json'], ['Content-Length', String(Buffer.byteLength(body))]], body);
+}
