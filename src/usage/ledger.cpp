@@ -52,12 +52,18 @@ void json_string(std::string& out, std::string_view v) {
   out += '"';
 }
 
+// A cell a spreadsheet would run as a formula (its first character = + - @, or a tab or CR
+// before one) is written with a ' first, as OWASP advises: user ids, models and keys come from
+// clients. Numbers are the ledger's own and never start so.
 void csv_field(std::string& out, std::string_view v) {
-  if (v.find_first_of(",\"\r\n") == std::string_view::npos) {
+  const bool formula =
+      !v.empty() && std::string_view("=+-@\t\r").find(v.front()) != std::string_view::npos;
+  if (!formula && v.find_first_of(",\"\r\n") == std::string_view::npos) {
     out += v;
     return;
   }
   out += '"';
+  if (formula) out += '\'';
   for (char c : v) {
     if (c == '"') out += '"';
     out += c;
@@ -376,7 +382,11 @@ std::string format_totals(const std::vector<GroupKey>& group_by, const std::vect
     auto n = numbers(r);
     for (std::size_t c = 0; c < 4; ++c) {
       line.push_back(std::to_string(n[c]));
-      sum[c] += n[c];
+      // Each group's sum fits (the query checks); their total may not: it fails the report too.
+      if (__builtin_add_overflow(sum[c], n[c], &sum[c])) {
+        throw std::runtime_error("usage ledger: the total of the " + header[group_by.size() + c] +
+                                 " column exceeds 2^63 - 1 (records with absurd counts)");
+      }
     }
     cells.push_back(std::move(line));
   }

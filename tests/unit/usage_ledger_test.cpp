@@ -147,6 +147,25 @@ TEST(UsageLedger, Formats) {
             "-               1       3           4      7\n"
             "(total)         3      14          26     40\n");
   EXPECT_EQ(format_totals({}, {}, OutputFormat::json), "[]\n");
+  // A client's id that a spreadsheet would run as a formula gets a ' first, quoted.
+  std::vector<LedgerRow> formulas = {{{"=HYPERLINK(\"http://x\",\"b\")"}, 1, 1, 1, 2},
+                                     {{"+1"}, 1, 1, 1, 2},
+                                     {{"-"}, 1, 1, 1, 2},
+                                     {{"@sum"}, 1, 1, 1, 2},
+                                     {{"\tx"}, 1, 1, 1, 2},
+                                     {{"a=b"}, 1, 1, 1, 2}};
+  EXPECT_EQ(format_totals(keys, formulas, OutputFormat::csv),
+            "user,requests,prompt_tokens,completion_tokens,total_tokens\n"
+            "\"'=HYPERLINK(\"\"http://x\"\",\"\"b\"\")\",1,1,1,2\n"
+            "\"'+1\",1,1,1,2\n"
+            "\"'-\",1,1,1,2\n"
+            "\"'@sum\",1,1,1,2\n"
+            "\"'\tx\",1,1,1,2\n"
+            "a=b,1,1,1,2\n");
+  // Two groups each within int64 whose total is not: the report fails, not a negative total.
+  const std::int64_t big = std::int64_t(1) << 62;
+  std::vector<LedgerRow> huge = {{{"a"}, 1, big, 0, big}, {{"b"}, 1, big, 0, big}};
+  EXPECT_THROW(format_totals(keys, huge, OutputFormat::table), std::runtime_error);
   // Control characters a client put in its user id reach the table as escapes, never raw.
   std::vector<LedgerRow> odd = {{{"\x1b]0;pwned\x07\x1b[31mred"}, 1, 1, 1, 2},
                                 {{"two\nlines\x7f\xc2\x9b"}, 1, 1, 1, 2}};
