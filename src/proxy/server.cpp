@@ -56,6 +56,7 @@
 #include "metrics/metrics.h"
 #include "proxy/access_log.h"
 #include "proxy/field_pool.h"
+#include "proxy/name_cache.h"
 #include "proxy/request_id.h"
 #include "usage/api_key.h"
 #include "usage/pipeline.h"
@@ -287,6 +288,8 @@ struct Shared {
   std::atomic<std::uint64_t> reloads_ok{0};
   std::atomic<std::uint64_t> reloads_failed{0};
   std::atomic<std::uint64_t> live_generation{1};
+  // Backend host names, resolved off the event loops (requests and health checks alike).
+  NameCache names;
   // Request body bytes held by all workers (BodyTicket), bounded by server.max_body_memory.
   std::atomic<std::uint64_t> body_bytes{0};
   // The most body_bytes reached since the heap was last trimmed (memory_trim_loop).
@@ -577,28 +580,38 @@ asio::awaitable<ConnectResult> connect_backend(asio::any_io_executor ex, Shared&
   if (!ec) {
     endpoints.emplace_back(addr, url.port);
   } else {
-    // getaddrinfo runs on Asio's resolver thread and cannot be interrupted; cancel() completes
-    // the wait at the deadline and leaves the lookup to finish there. The timer's handler owns
-    // the resolver, so a handler that fires as the lookup completes never touches a dead one.
-    auto resolver = std::make_shared<tcp::resolver>(ex);
-    asio::steady_timer limit(ex, deadline);
-    limit.async_wait([resolver](const error_code& e) {
-      if (!e) resolver->cancel();
-    });
-    auto [rec, results] =
-        co_await resolver->async_resolve(url.host, std::to_string(url.port), use_nothrow);
-    limit.cancel();
-    if (rec == asio::error::operation_aborted) {
-      out.ec = beast::error::timeout;
-      out.timed_out = true;
-      co_return out;
+    // A name not known yet is waited for until the deadline, not until getaddrinfo returns
+    // (which may be never): the answer is posted here from the lookup's thread and wakes the
+    // timer; a late one finds the wait over (the state is shared with it).
+    struct NameWait {
+      NameWait(asio::any_io_executor e, Clock::time_point at) : timer(e, at) {}
+      asio::steady_timer timer;
+      std::optional<NameCache::Answer> answer;
+    };
+    auto wait = std::make_shared<NameWait>(ex, deadline);
+    auto on_answer = [wait](const NameCache::Answer& a) {
+      asio::post(wait->timer.get_executor(), [wait, a] {
+        if (wait->answer) return;
+        wait->answer = a;
+        wait->timer.cancel();
+      });
+    };
+    if (auto known = shared.names.find(url.host, url.port, std::move(on_answer))) {
+      endpoints = std::move(*known);
+    } else {
+      co_await wait->timer.async_wait(use_nothrow);
+      if (!wait->answer) {
+        out.ec = beast::error::timeout;
+        out.timed_out = true;
+        co_return out;
+      }
+      if (const auto rec = wait->answer->error) {
+        if (local_error(rec)) co_return local_connect_failure(rec);
+        out.ec = rec;
+        co_return out;
+      }
+      endpoints = std::move(wait->answer->endpoints);
     }
-    if (rec) {
-      if (local_error(rec)) co_return local_connect_failure(rec);
-      out.ec = rec;
-      co_return out;
-    }
-    for (const auto& r : results) endpoints.push_back(r.endpoint());
   }
   std::unique_ptr<UpstreamConn> conn;
   if (url.tls) {
@@ -3885,6 +3898,7 @@ int Gateway::run() {
   std::fflush(stdout);
 
   impl_->control.run();
+  shared.names.close();  // no lookup posts to an event loop from here on
   for (auto& wp : impl_->workers) {
     wp->ioc.stop();
     if (wp->thread.joinable()) wp->thread.join();

@@ -22,7 +22,17 @@ import {
   chatStreamContent,
   mockTokens,
   tally,
+  gatewayConfig,
+  toYaml,
+  writeTempFile,
+  spawnListening,
+  gatewaySanitized,
+  LLMPROXY_BIN,
+  SUITE_DIR,
 } from './lib/harness.mjs';
+import { scrapeMetrics, metricSample } from './lib/usage.mjs';
+import fs from 'node:fs';
+import path from 'node:path';
 
 beforeEach(trackTest);
 afterEach(checkProcesses);
@@ -324,4 +334,46 @@ test('/ready waits for a health check to pass: a backend that never answers one 
     for (const s of sockets) s.destroy();
     await new Promise((resolve) => silent.close(resolve));
   }
+});
+
+// The LD_PRELOAD shim built with the tests (tests/support/hang_getaddrinfo.cpp): names ending in
+// .hang.invalid never resolve, as behind a name server that stopped answering.
+const HANG_SHIM = process.env.HANG_SHIM ?? path.resolve(SUITE_DIR, '../../build/libhang_getaddrinfo.so');
+
+test('a backend name whose lookup never returns holds no other backend\'s health checks and no request past timeouts.connect', {
+  timeout: 60_000,
+  skip: (gatewaySanitized() && 'AddressSanitizer must come first among preloaded libraries') || (!fs.existsSync(HANG_SHIM) && `no ${HANG_SHIM}`),
+}, async () => {
+  const a = await startMock({ name: 'a', models: ['m-a'] });
+  const backends = [
+    // "localhost": a name, looked up as the other one is.
+    { url: `http://localhost:${a.port}`, name: 'a', models: ['m-a'] },
+    { url: 'http://backend.hang.invalid:1', name: 'x', models: ['m-x'] },
+  ];
+  const start = (overrides) => {
+    const file = writeTempFile('llmproxy.yaml', toYaml(gatewayConfig({ server: { workers: 1 }, timeouts: { connect: '500ms' }, backends, ...overrides })));
+    return spawnListening('llmproxy', LLMPROXY_BIN, ['--config', file], { cwd: path.dirname(file), env: { LD_PRELOAD: HANG_SHIM } });
+  };
+  const gw = await start({ health_check: { ...HEALTH, timeout: '300ms' } });
+  const up = async (name) => metricSample(await scrapeMetrics(gw), 'llmproxy_backend_up', { backend: name });
+  await waitUntil(async () => (await up('x')) === 0, { timeout: 20_000, what: 'x marked down' });
+  // With x's lookup hung, a's checks still reach it, and a stays up.
+  const checks = await mockPathCount(a, '/health');
+  await waitUntil(async () => (await mockPathCount(a, '/health')) >= checks + 3, { timeout: 20_000, what: "a's health checks to go on" });
+  assert.equal(await up('a'), 1, 'a healthy backend was marked down');
+  const ok = await postJson(gw.url, CHAT, chatBody('m-a'));
+  assert.equal(ok.status, 200, ok.text());
+
+  // Without health checks a request for x's model is sent to x: it waits for the name no longer
+  // than timeouts.connect per attempt, and a's requests meanwhile are not held.
+  const gw2 = await start({ health_check: { enabled: false } });
+  const started = Date.now();
+  const pending = postJson(gw2.url, CHAT, chatBody('m-x'), { timeout: 30_000 });
+  const other = await postJson(gw2.url, CHAT, chatBody('m-a'));
+  assert.equal(other.status, 200, other.text());
+  const res = await pending;
+  const took = Date.now() - started;
+  assert.ok(res.status === 502 || res.status === 504, `${res.status} ${res.text()}`);
+  openAIError(res);
+  assert.ok(took < 20_000, `answered after ${took} ms`);
 });
