@@ -27,6 +27,43 @@ std::vector<std::int64_t>& Balancer::rotation_for_serving_set() {
   return rotations_.back().current;
 }
 
+void Balancer::continue_from(const Balancer& previous) {
+  const std::size_t n = backends_.size();
+  const std::size_t npos = n;
+  std::vector<std::size_t> to_new(previous.backends_.size(), npos);
+  for (std::size_t i = 0; i < previous.backends_.size(); ++i) {
+    const Backend& old = previous.backends_[i];
+    for (std::size_t j = 0; j < n; ++j) {
+      if (backends_[j].name() == old.name() && backends_[j].config().url == old.config().url) {
+        to_new[i] = j;
+        break;
+      }
+    }
+  }
+  for (std::size_t r = 0; r < previous.rotations_.size(); ++r) {
+    const Rotation& from = previous.rotations_[r];
+    Rotation into{std::vector<std::uint64_t>(serving_.size(), 0), std::vector<std::int64_t>(n, 0)};
+    bool any = false;
+    for (std::size_t i = 0; i < to_new.size(); ++i) {
+      if (to_new[i] == npos || !(from.members[i / 64] >> (i % 64) & 1)) continue;
+      into.members[to_new[i] / 64] |= std::uint64_t{1} << (to_new[i] % 64);
+      into.current[to_new[i]] = from.current[i];
+      any = true;
+    }
+    if (r == 0) {
+      // Every backend, before and now: the backends kept take their place in the rotation.
+      for (std::size_t j = 0; j < n; ++j) {
+        if (into.members[j / 64] >> (j % 64) & 1) rotations_[0].current[j] = into.current[j];
+      }
+      continue;
+    }
+    // A serving set that lost every member, or that is now every backend, starts afresh.
+    if (!any || into.members == rotations_[0].members) continue;
+    if (rotations_.size() == kMaxRotations) break;
+    rotations_.push_back(std::move(into));
+  }
+}
+
 Pick Balancer::pick(std::string_view model, std::span<const std::size_t> exclude) {
   const std::size_t n = backends_.size();
   bool any_serves = false;

@@ -463,6 +463,7 @@ class Worker {
   void adopt(std::shared_ptr<Generation> gen) {
     auto old = std::move(cur);
     cur = std::make_shared<WorkerGen>(std::move(gen));
+    cur->balancer.continue_from(old->balancer);
     metrics.ensure_backends(cur->gen->labels);
     for (auto& list : old->idle) {
       for (auto& c : list) {

@@ -791,3 +791,16 @@ test('reloads under load: every request answered 200 (streams whole), generation
   });
   assert.deepEqual(reloadCounters(await scrapeMetrics(gw)), { ok: n, failed: 0, generation: n + 1 });
 });
+
+test('the weighted rotation continues across reloads: weights 1:1 with a reload before each request split 5:5', async () => {
+  const gw = await startGateway({ server: { workers: 1 }, backends: [backendEntry(a, { name: 'a' }), backendEntry(b, { name: 'b' })] });
+  const counts = { a: 0, b: 0 };
+  for (let i = 0; i < 10; i++) {
+    await reloadOk(gw);
+    const res = await postJson(gw.url, CHAT, chatBody());
+    assert.equal(res.status, 200, res.text());
+    counts[res.headers['x-mock-backend']]++;
+  }
+  // Each reload restarted the rotation before: every request went to the first backend.
+  assert.deepEqual(counts, { a: 5, b: 5 });
+});

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -66,6 +67,45 @@ TEST(WeightedRoundRobin, ExactRatioOverFullCycles) {
   EXPECT_EQ(c["a"], 500);
   EXPECT_EQ(c["b"], 300);
   EXPECT_EQ(c.count("!"), 0u);
+}
+
+TEST(WeightedRoundRobin, AReloadContinuesTheRotationOfTheBackendsItKeeps) {
+  const std::vector<BackendConfig> configs = {backend("a", 5), backend("b", 3)};
+  BackendSet reference_set(configs);
+  Balancer reference(reference_set, Strategy::weighted_round_robin);
+  const auto want = picks(reference, 16);
+  // A reload (a new set and balancer) before every pick: the same sequence as none.
+  std::vector<std::unique_ptr<BackendSet>> sets;
+  std::vector<std::unique_ptr<Balancer>> balancers;
+  std::vector<std::string> got;
+  for (int i = 0; i < 16; ++i) {
+    sets.push_back(std::make_unique<BackendSet>(configs));
+    balancers.push_back(std::make_unique<Balancer>(*sets.back(), Strategy::weighted_round_robin));
+    if (i > 0) balancers.back()->continue_from(*balancers[balancers.size() - 2]);
+    got.push_back(picks(*balancers.back(), 1).at(0));
+  }
+  EXPECT_EQ(got, want);
+  // Weights 1:1 with a reload before each of 10 requests: 5 each (all went to a before).
+  BackendSet even_set({backend("a", 1), backend("b", 1)});
+  auto prev = std::make_unique<Balancer>(even_set, Strategy::weighted_round_robin);
+  std::map<std::string, int> c;
+  for (int i = 0; i < 10; ++i) {
+    auto next = std::make_unique<Balancer>(even_set, Strategy::weighted_round_robin);
+    next->continue_from(*prev);
+    ++c[picks(*next, 1).at(0)];
+    prev = std::move(next);
+  }
+  EXPECT_EQ(c["a"], 5);
+  EXPECT_EQ(c["b"], 5);
+  // A serving set of its own (model m on a and c) continues too; a backend added starts at 0.
+  BackendSet before({backend("a", 1, {"m"}), backend("b", 1, {"n"}), backend("c", 1, {"m"})});
+  Balancer old_lb(before, Strategy::weighted_round_robin);
+  EXPECT_EQ(picks(old_lb, 1, "m").at(0), "a");
+  BackendSet after({backend("a", 1, {"m"}), backend("b", 1, {"n"}), backend("c", 1, {"m"}),
+                    backend("d", 1, {"n"})});
+  Balancer new_lb(after, Strategy::weighted_round_robin);
+  new_lb.continue_from(old_lb);
+  EXPECT_EQ(picks(new_lb, 1, "m").at(0), "c");
 }
 
 TEST(WeightedRoundRobin, EveryCycleHasTheExactRatio) {
