@@ -219,7 +219,7 @@ HeadParse parse_response_head(std::string_view bytes, ResponseHead& out) {
         break;
       }
       case bhttp::field::transfer_encoding:
-        if (have_coding || !boost::beast::iequals(value, "chunked")) {
+        if (have_coding || out.version < 11 || !boost::beast::iequals(value, "chunked")) {
           return HeadParse::unsupported;
         }
         out.chunked = true;

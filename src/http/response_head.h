@@ -3,7 +3,7 @@
 // instructions a field (a search tree insert and an allocation each); this handles the plain
 // form servers write in a few hundred for the whole header. Anything else (obsolete line
 // folding, bare LF line ends, control bytes in a value, Content-Length and Transfer-Encoding
-// together, a transfer coding other than "chunked", several Content-Length fields,
+// together, a transfer coding other than "chunked" or in HTTP/1.0, several Content-Length fields,
 // Proxy-Connection (Beast reads it like Connection), 101) is
 // reported as unsupported: the caller gives the header to Beast's parser, whose rules then apply.
 #pragma once

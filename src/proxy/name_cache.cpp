@@ -8,7 +8,6 @@
 #include <cstring>
 #include <mutex>
 #include <string_view>
-#include <system_error>
 #include <thread>
 #include <unordered_map>
 #include <utility>
@@ -100,12 +99,11 @@ std::optional<NameCache::Endpoints> NameCache::find(const std::string& host, std
     if (at == state->entries.end()) return;
     State::Entry& e = at->second;
     e.looking = false;
-    if (!answer.error && !answer.endpoints.empty()) {
-      e.endpoints = answer.endpoints;
-      e.fresh_until = Clock::now() + state->fresh_for;
-    } else if (!answer.error) {
-      answer.error = asio::error::host_not_found;
-    }
+    if (!answer.error && answer.endpoints.empty()) answer.error = asio::error::host_not_found;
+    if (!answer.error) e.endpoints = answer.endpoints;
+    // A failed refresh keeps the addresses, and the next one waits as long as a success would:
+    // a name server that answers errors at once is not asked again at every connect.
+    if (!answer.error || e.endpoints) e.fresh_until = Clock::now() + state->fresh_for;
     auto waiters = std::move(e.waiters);
     e.waiters.clear();
     if (state->closed) return;
@@ -114,12 +112,13 @@ std::optional<NameCache::Endpoints> NameCache::find(const std::string& host, std
   };
   try {
     std::thread(run, state_, it->first, host, port).detach();
-  } catch (const std::system_error& e) {
-    // No thread to be had: the gateway's own shortage, told to the waiters as such.
+  } catch (...) {
+    // No thread (or no memory) to be had: the gateway's own shortage, told to the waiters as
+    // one (no_memory: not the backend's fault, it is not marked down for it).
     entry.looking = false;
     --state_->in_flight;
     Answer answer;
-    answer.error = boost::system::error_code(e.code().value(), boost::system::system_category());
+    answer.error = asio::error::no_memory;
     auto waiters = std::move(entry.waiters);
     entry.waiters.clear();
     for (auto& w : waiters) w(answer);
@@ -132,7 +131,7 @@ NameCache::Answer NameCache::resolve(const std::string& host, std::uint16_t port
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_ADDRCONFIG | AI_NUMERICSERV;
+  hints.ai_flags = AI_NUMERICSERV;  // no AI_ADDRCONFIG (as Asio's resolver): localhost keeps ::1
   addrinfo* list = nullptr;
   const std::string service = std::to_string(port);
   const int rc = ::getaddrinfo(host.c_str(), service.c_str(), &hints, &list);

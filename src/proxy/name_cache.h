@@ -52,7 +52,7 @@ class NameCache {
   // Lookups running now (for tests).
   std::size_t lookups_in_flight() const;
 
-  // getaddrinfo (TCP, AI_ADDRCONFIG), its error as Asio names it.
+  // getaddrinfo (TCP, any family, flags as Asio's resolver), its error as Asio names it.
   static Answer resolve(const std::string& host, std::uint16_t port);
 
  private:

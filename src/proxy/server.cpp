@@ -2518,6 +2518,7 @@ void ClientSession::upstream_head(std::string& out, const Request& req, const Re
 //   Transfer-Encoding comes first (the rest of the body would be read as the next answer on a
 //   pooled connection, another client's), and a coding the client would get unnamed (the field
 //   is hop by hop) corrupts the body. nginx refuses both as well.
+// - Transfer-Encoding in an HTTP/1.0 answer.
 // 204 and 304 have no body whatever their fields say: they are not refused for them.
 template <class Message>
 error_code unrelayable_framing(const Message& msg) {
@@ -2526,6 +2527,8 @@ error_code unrelayable_framing(const Message& msg) {
   if (status == 204 || status == 304) return {};
   auto [first, last] = msg.equal_range(bhttp::field::transfer_encoding);
   if (first == last) return {};
+  // HTTP/1.0 has no transfer codings: such framing is faulty (RFC 9112 6.1).
+  if (msg.version() < 11) return bhttp::error::bad_transfer_encoding;
   if (std::next(first) != last || !iequals(trim_ows(first->value()), "chunked") ||
       msg.find(bhttp::field::content_length) != msg.end()) {
     return bhttp::error::bad_transfer_encoding;
@@ -3233,8 +3236,10 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   }
   // A complete response leaves the upstream connection reusable whatever the client does next
   // (it may hang up right after reading it); one the watch closed is not.
-  // A 204 or 304 that announced a body may yet send it, where the next answer should start.
-  const bool announced_body = bodiless && (rp.chunked() || rp.content_length().value_or(0) > 0);
+  // A 204 that announced a body, or a 204/304 announcing chunks, may yet send them where the
+  // next answer should start. (A 304's Content-Length is the stored representation's: normal.)
+  const bool announced_body =
+      bodiless && (rp.chunked() || (status == 204 && rp.content_length().value_or(0) > 0));
   if (upstream_ok && !send_failed && rp.is_done() && rp.keep_alive() && !announced_body &&
       conn->buffer.size() == 0 && conn->tcp().socket().is_open()) {
     w_.put_idle(wg, std::move(conn));

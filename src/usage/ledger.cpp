@@ -58,7 +58,8 @@ void json_string(std::string& out, std::string_view v) {
 void csv_field(std::string& out, std::string_view v) {
   const bool formula =
       !v.empty() && std::string_view("=+-@\t\r").find(v.front()) != std::string_view::npos;
-  if (!formula && v.find_first_of(",\"\r\n") == std::string_view::npos) {
+  // ';' too: Excel in locales with a decimal comma splits CSV there.
+  if (!formula && v.find_first_of(",;\"\r\n") == std::string_view::npos) {
     out += v;
     return;
   }

@@ -1,6 +1,6 @@
 // HTTP framing corner cases where a proxy can desynchronise or truncate: interim 1xx responses
 // from the backend, backend answers framed in ways that cannot be relayed (101, transfer codings
-// other than chunked, 204 with a length, several Connection fields), HTTP/1.0 clients, and
+// other than chunked or in HTTP/1.0, 204 with a length, several Connection fields), HTTP/1.0 clients, and
 // request bodies of undefined length.
 import { test, after, afterEach, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
@@ -352,6 +352,7 @@ test('a backend answer with a transfer coding other than chunked alone, with Con
     ['chunked and Content-Length', 'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n'],
     ['a coding before chunked', 'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n'],
     ['a coding alone', 'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nhello'],
+    ['chunked in HTTP/1.0', 'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n'],
     ['101 Switching Protocols', 'HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n'],
   ];
   for (const [what, bad] of cases) {

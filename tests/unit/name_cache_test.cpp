@@ -169,6 +169,27 @@ TEST(NameCache, AStaleAnswerIsUsedWhileARefreshRunsAndKeptWhenTheRefreshFails) {
   const auto known = cache.find("h", 80, {});
   ASSERT_TRUE(known);
   EXPECT_EQ(known->at(0).address(), asio::ip::make_address("10.0.0.4"));
+  wait_idle(cache);  // a refresh that find() may have started ends before `lookup` goes
+}
+
+TEST(NameCache, AFailedRefreshIsNotRetriedAtEveryCall) {
+  ScriptedLookup lookup;
+  NameCache cache(500ms, 10min, lookup.fn());
+  lookup.release("h", "10.0.0.6");
+  Answered first;
+  EXPECT_FALSE(cache.find("h", 80, first.callback()));
+  EXPECT_FALSE(first.get().error);
+  {
+    std::lock_guard lock(lookup.m);
+    lookup.address.erase("h");  // from now on the name server answers errors at once
+  }
+  std::this_thread::sleep_for(600ms);    // the answer goes stale (time passing, not a sync)
+  ASSERT_TRUE(cache.find("h", 80, {}));  // stale: used, and one refresh started
+  wait_idle(cache);
+  // The failed refresh counts as one for the next 500 ms: these calls start none.
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(cache.find("h", 80, {}));
+  EXPECT_EQ(cache.lookups_in_flight(), 0u);
+  EXPECT_EQ(lookup.calls_of("h"), 2);
 }
 
 TEST(NameCache, AnUnknownNameIsAnErrorAndIsLookedUpAgainNextTime) {

@@ -153,7 +153,8 @@ TEST(UsageLedger, Formats) {
                                      {{"-"}, 1, 1, 1, 2},
                                      {{"@sum"}, 1, 1, 1, 2},
                                      {{"\tx"}, 1, 1, 1, 2},
-                                     {{"a=b"}, 1, 1, 1, 2}};
+                                     {{"a=b"}, 1, 1, 1, 2},
+                                     {{"x;=cmd"}, 1, 1, 1, 2}};
   EXPECT_EQ(format_totals(keys, formulas, OutputFormat::csv),
             "user,requests,prompt_tokens,completion_tokens,total_tokens\n"
             "\"'=HYPERLINK(\"\"http://x\"\",\"\"b\"\")\",1,1,1,2\n"
@@ -161,7 +162,8 @@ TEST(UsageLedger, Formats) {
             "\"'-\",1,1,1,2\n"
             "\"'@sum\",1,1,1,2\n"
             "\"'\tx\",1,1,1,2\n"
-            "a=b,1,1,1,2\n");
+            "a=b,1,1,1,2\n"
+            "\"x;=cmd\",1,1,1,2\n");
   // Two groups each within int64 whose total is not: the report fails, not a negative total.
   const std::int64_t big = std::int64_t(1) << 62;
   std::vector<LedgerRow> huge = {{{"a"}, 1, big, 0, big}, {{"b"}, 1, big, 0, big}};
