@@ -28,6 +28,7 @@ inline constexpr ErrorSpec request_timeout{408, "invalid_request_error", "reques
 inline constexpr ErrorSpec body_too_large{413, "invalid_request_error", "request_too_large"};
 inline constexpr ErrorSpec expectation_failed{417, "invalid_request_error", "expectation_failed"};
 inline constexpr ErrorSpec headers_too_large{431, "invalid_request_error", "headers_too_large"};
+inline constexpr ErrorSpec reload_failed{500, "server_error", "reload_failed"};
 inline constexpr ErrorSpec bad_gateway{502, "server_error", "upstream_error"};
 inline constexpr ErrorSpec no_healthy_backend{503, "server_error", "no_healthy_backend"};
 inline constexpr ErrorSpec usage_backlog{503, "server_error", "usage_backlog"};

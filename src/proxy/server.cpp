@@ -262,6 +262,7 @@ struct ReloadResult {
   std::uint64_t generation = 0;
   std::size_t backends = 0;
   std::vector<std::string> problems;  // failed: every error found in the file
+  bool not_applied = false;           // failed with a valid file: the gateway could not apply it
   std::vector<std::string> warnings;  // ok: restart-only keys that changed and were kept
 };
 
@@ -1949,12 +1950,16 @@ asio::awaitable<void> ClientSession::handle_reload(RequestContext& ctx, bool kee
     co_await send(ctx, reply_);
     co_return;
   }
-  std::string message = "The configuration file is invalid; nothing was changed: ";
+  std::string message = result.not_applied
+                            ? "The configuration could not be applied; nothing was changed: "
+                            : "The configuration file is invalid; nothing was changed: ";
   for (std::size_t i = 0; i < result.problems.size(); ++i) {
     if (i) message += "; ";
     message += result.problems[i];
   }
-  reply_ = error_reply(http::errors::invalid_config, message, keep_alive);
+  reply_ =
+      error_reply(result.not_applied ? http::errors::reload_failed : http::errors::invalid_config,
+                  message, keep_alive);
   co_await send(ctx, reply_);
 }
 
@@ -2322,8 +2327,8 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
         // Every attempt failed: the access log says so whether or not one was sent.
         ctx.finish = "upstream_error";
         {
-          reply_ = error_reply(http::errors::bad_gateway, "No backend could be reached: " + errors,
-                               keep_alive);
+          reply_ =
+              error_reply(http::errors::bad_gateway, "No backend answered: " + errors, keep_alive);
           co_return co_await send(ctx, reply_);
         }
       }
@@ -2425,8 +2430,7 @@ asio::awaitable<bool> ClientSession::proxy(Request& req, RequestContext& ctx, bo
   {
     reply_ = error_reply(
         http::errors::bad_gateway,
-        (ntried > 1 ? "No backend could be reached: " : "The backend could not be reached: ") +
-            errors,
+        (ntried > 1 ? "No backend answered: " : "The backend did not answer: ") + errors,
         keep_alive);
     co_return co_await send(ctx, reply_);
   }
@@ -2794,7 +2798,11 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
         ++w_.metrics.retries;
         continue;
       }
-      error = fmt::format("{}: {}", backend.name(), hec.message());
+      // "end of stream" says little: the backend took the connection and closed it unanswered.
+      error = fmt::format("{}: {}", backend.name(),
+                          hec == bhttp::error::end_of_stream
+                              ? std::string("closed the connection without answering")
+                              : hec.message());
       record_passive(cfg.health_check, backend, false);
       co_return began_answer ? Attempt::bad_answer : Attempt::retry;
     }
@@ -3720,7 +3728,10 @@ int Gateway::run() {
       try {
         sinks_note = sh.usage->reconfigure(std::move(sinks));
       } catch (const std::exception& e) {
-        r.problems.push_back(path + ": " + e.what());
+        // The file is valid (it loaded): a sink could not start (its log busy, a cursor not
+        // stored), which is the gateway's trouble, not the file's.
+        r.problems.push_back(e.what());
+        r.not_applied = true;
         return fail();
       }
     }

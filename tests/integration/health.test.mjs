@@ -213,7 +213,7 @@ test('without retries a refused connection is an OpenAI-shaped 502/503 (the retr
   assert.ok(statuses.some((s) => s === 200), `no request reached the live backend: ${statuses}`);
 });
 
-test('the access log names how each request ended: completed, or upstream_error when no backend could be reached', { timeout: 60_000 }, async () => {
+test('the access log names how each request ended: completed, or upstream_error when no backend answered', { timeout: 60_000 }, async () => {
   const deadPort = await freePort();
   const live = await startMock({ name: 'live' });
   const gw = await startGateway({
@@ -258,7 +258,7 @@ test('a 502 after every backend failed names each one and why', { timeout: 60_00
   const res = await postJson(gw.url, CHAT, chatBody('m1'));
   assert.equal(res.status, 502, res.text());
   const { message } = openAIError(res);
-  assert.match(message, /^No backend could be reached: /, message);
+  assert.match(message, /^No backend answered: /, message);
   for (const name of ['first', 'second']) {
     assert.match(message, new RegExp(`\\b${name}: connect: Connection refused`), message);
   }
@@ -270,7 +270,18 @@ test('a 502 after every backend failed names each one and why', { timeout: 60_00
   });
   const one = await postJson(single.url, CHAT, chatBody('m1'));
   assert.equal(one.status, 502, one.text());
-  assert.equal(openAIError(one).message, 'The backend could not be reached: only: connect: Connection refused');
+  assert.equal(openAIError(one).message, 'The backend did not answer: only: connect: Connection refused');
+  // A backend that takes the request and closes the connection was reached: the message says so.
+  const closing = await startBackend('closes');
+  closing.handler = async (req, res, body, record) => record.socket.destroy();
+  const gw3 = await startGateway({
+    load_balancing: { max_retries: 0 },
+    health_check: { enabled: false },
+    backends: [backendEntry(closing, { name: 'closes' })],
+  });
+  const closed = await postJson(gw3.url, CHAT, chatBody('m1'));
+  assert.equal(closed.status, 502, closed.text());
+  assert.equal(openAIError(closed).message, 'The backend did not answer: closes: closed the connection without answering');
 });
 
 test('answers 5xx mark a backend down only with passive_5xx; by default it keeps serving', { timeout: 60_000 }, async () => {

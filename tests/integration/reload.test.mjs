@@ -8,6 +8,7 @@ import { test, before, after, afterEach, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { EventEmitter } from 'node:events';
+import { spawn } from 'node:child_process';
 import {
   cleanup,
   checkProcesses,
@@ -803,4 +804,41 @@ test('the weighted rotation continues across reloads: weights 1:1 with a reload 
   }
   // Each reload restarted the rotation before: every request went to the first backend.
   assert.deepEqual(counts, { a: 5, b: 5 });
+});
+
+test('a valid file the gateway cannot apply (a new sink whose cursor cannot be stored: the log locked by another process) is 500 reload_failed, and nothing changes', { timeout: 60_000 }, async (t) => {
+  const late = await startWebhook({ name: 'late' });
+  const gw = await startGateway({ backends: [backendEntry(a, { name: 'a' })] });
+  const res0 = await postJson(gw.url, CHAT, chatBody('m1'));
+  assert.equal(res0.status, 200, res0.text());
+  await waitUntil(async () => sample(await scrapeMetrics(gw), 'llmproxy_usage_log_records_total') >= 1, { timeout: 10_000, what: 'a record committed' });
+  // Another process holds the log's write lock (the sqlite3 shell, a test dependency).
+  const holder = spawn('sqlite3', [gw.config.usage.log_path], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const spawned = await new Promise((resolve) => {
+    holder.once('spawn', () => resolve(null));
+    holder.once('error', (err) => resolve(err));
+  });
+  if (spawned) {
+    t.skip(`no sqlite3 shell: ${spawned.message}`);
+    return;
+  }
+  const exited = new Promise((resolve) => holder.once('close', resolve));
+  let out = '';
+  holder.stdout.on('data', (d) => (out += d));
+  holder.stdin.write("BEGIN IMMEDIATE;\nSELECT 'locked';\n");
+  await waitUntil(() => out.includes('locked'), { timeout: 10_000, what: 'the sqlite3 shell to hold the lock' });
+  rewriteConfig(gw, (c) => {
+    c.usage.sinks = [sinkConfig('late', late)];
+  });
+  const res = await postReload(gw);
+  holder.stdin.end('COMMIT;\n');
+  await withTimeout(exited, 10_000, 'the sqlite3 shell to exit');
+  assert.equal(res.status, 500, res.text());
+  const e = openAIError(res);
+  assert.equal(e.type, 'server_error');
+  assert.equal(e.code, 'reload_failed');
+  assert.match(e.message, /^The configuration could not be applied; nothing was changed: usage sink/);
+  assert.equal(reloadCounters(await scrapeMetrics(gw)).failed, 1);
+  // The same file, with the lock gone, applies.
+  await reloadOk(gw);
 });
