@@ -232,6 +232,25 @@ struct Generation {
   lb::BackendSet backends;
   const std::size_t labels;          // backend labels known when it was built (metrics ids)
   std::atomic<bool> retired{false};  // replaced: its health checks stop
+  // The waits of its health and model loops (control thread only): a reload cancels them, so
+  // a replaced generation is freed at once, not after an `interval` that may be an hour.
+  std::vector<asio::steady_timer*> loop_timers;
+  void retire() {
+    retired.store(true);
+    for (auto* t : loop_timers) t->cancel();
+  }
+};
+
+// Registers a loop's timer with its generation for the loop's lifetime (control thread only).
+struct LoopTimer {
+  LoopTimer(Generation& g, asio::io_context& ioc) : gen(g), timer(ioc) {
+    gen.loop_timers.push_back(&timer);
+  }
+  ~LoopTimer() { std::erase(gen.loop_timers, &timer); }
+  LoopTimer(const LoopTimer&) = delete;
+  LoopTimer& operator=(const LoopTimer&) = delete;
+  Generation& gen;
+  asio::steady_timer timer;
 };
 
 // Backend metrics labels (name, else URL) ever configured in this process, each with a stable
@@ -3507,7 +3526,8 @@ asio::awaitable<void> health_loop(asio::io_context* ioc, Shared* shared,
                                   std::shared_ptr<Generation> gen, std::size_t index) {
   const auto& hc = gen->cfg.health_check;
   lb::Backend* b = &gen->backends[index];
-  asio::steady_timer timer(*ioc);
+  LoopTimer wait(*gen, *ioc);
+  auto& timer = wait.timer;
   for (std::uint64_t round = 0; !gen->retired.load(); ++round) {
     auto result = co_await probe(*ioc, *shared, *gen, *b, hc.path, hc.timeout);
     if (gen->retired.load()) co_return;
@@ -3539,7 +3559,8 @@ asio::awaitable<void> models_loop(asio::io_context* ioc, Shared* shared,
                                   std::shared_ptr<Generation> gen, std::size_t index) {
   const auto& hc = gen->cfg.health_check;
   lb::Backend* b = &gen->backends[index];
-  asio::steady_timer timer(*ioc);
+  LoopTimer wait(*gen, *ioc);
+  auto& timer = wait.timer;
   int failed = 0;
   while (!gen->retired.load()) {
     const bool ok = co_await discover_models(*ioc, *shared, *gen, *b);
@@ -3739,7 +3760,7 @@ int Gateway::run() {
     auto ids = metric_ids(sh.labels, next);
     auto gen = std::make_shared<Generation>(old->id + 1, std::move(next), &old->backends, ids,
                                             sh.labels.names().size());
-    old->retired.store(true);
+    old->retire();
     sh.current = gen;
     sh.longest_connect = std::max(sh.longest_connect, gen->cfg.timeouts.connect);
     // Workers exist before any reload can run. Each adopts in its queue's order, so reloads
