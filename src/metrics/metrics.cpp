@@ -9,6 +9,12 @@
 
 namespace llmproxy::metrics {
 
+// The requests key's fields (WorkerMetrics::requests): 32 bits of backend id, which a
+// process's reloads cannot exhaust (16 bits could: the id then ran into the stream bit).
+constexpr int kBackendShift = 10;
+constexpr int kStreamShift = 42;
+constexpr int kRouteShift = 43;
+
 void Histogram::observe(double value, std::span<const double> bounds) {
   auto it = std::lower_bound(bounds.begin(), bounds.end(), value);
   ++counts_[static_cast<std::size_t>(it - bounds.begin())];
@@ -99,9 +105,11 @@ void WorkerMetrics::ensure_backends(std::size_t backends) {
 
 void WorkerMetrics::request(Route route, bool stream, int backend, unsigned status,
                             double duration_ms) {
-  std::uint64_t key = (static_cast<std::uint64_t>(route) << 27) |
-                      (static_cast<std::uint64_t>(stream) << 26) |
-                      (static_cast<std::uint64_t>(backend + 1) << 10) | (status & 0x3ff);
+  std::uint64_t key =
+      (static_cast<std::uint64_t>(route) << kRouteShift) |
+      (static_cast<std::uint64_t>(stream) << kStreamShift) |
+      (static_cast<std::uint64_t>(static_cast<std::uint32_t>(backend + 1)) << kBackendShift) |
+      (status & 0x3ff);
   ++requests[key];
   latency.observe(duration_ms, kLatencyBoundsMs);
   if (backend >= 0 && static_cast<std::size_t>(backend) < backend_duration_sum_ms.size()) {
@@ -112,7 +120,7 @@ void WorkerMetrics::request(Route route, bool stream, int backend, unsigned stat
 std::uint64_t WorkerMetrics::requests_to(int backend) const {
   std::uint64_t n = 0;
   for (const auto& [key, count] : requests) {
-    if (static_cast<int>((key >> 10) & 0xffff) - 1 == backend) n += count;
+    if (static_cast<std::int64_t>((key >> kBackendShift) & 0xffffffff) - 1 == backend) n += count;
   }
   return n;
 }
@@ -212,9 +220,10 @@ std::string render(const Snapshot& s) {
   std::vector<std::pair<std::uint64_t, std::uint64_t>> sorted(r.requests.begin(), r.requests.end());
   std::sort(sorted.begin(), sorted.end());
   for (const auto& [key, n] : sorted) {
-    auto route = static_cast<Route>(key >> 27);
-    bool stream = (key >> 26) & 1;
-    int backend = static_cast<int>((key >> 10) & 0xffff) - 1;
+    auto route = static_cast<Route>(key >> kRouteShift);
+    bool stream = (key >> kStreamShift) & 1;
+    int backend =
+        static_cast<int>(static_cast<std::int64_t>((key >> kBackendShift) & 0xffffffff) - 1);
     unsigned status = key & 0x3ff;
     requests.metric.push_back(
         counter(static_cast<double>(n), {{"path", std::string(route_label(route))},
@@ -242,7 +251,10 @@ std::string render(const Snapshot& s) {
                      "Streams: time from the request header to the first body byte relayed to the "
                      "client, by backend.",
                      MetricType::Histogram);
+  // A backend a reload removed keeps its series only when they hold something: renaming one
+  // backend at every reload would otherwise add ~30 empty series each time, for good.
   for (std::size_t i = 0; i < r.ttft_by_backend.size() && i < s.backends.size(); ++i) {
+    if (!s.backends[i].current && r.ttft_by_backend[i].count() == 0) continue;
     ttft.metric.push_back(histogram(r.ttft_by_backend[i], kLatencyBoundsMs, 0.001,
                                     {{"backend", s.backends[i].name}}));
   }
@@ -259,6 +271,11 @@ std::string render(const Snapshot& s) {
              "Upstream failures by backend and kind (connect, timeout, reset, 5xx, stream_error).",
              MetricType::Counter);
   for (std::size_t i = 0; i < r.upstream_errors.size() && i < s.backends.size(); ++i) {
+    const auto& kinds = r.upstream_errors[i];
+    if (!s.backends[i].current &&
+        std::all_of(kinds.begin(), kinds.end(), [](std::uint64_t n) { return n == 0; })) {
+      continue;
+    }
     for (std::size_t k = 0; k < kUpstreamErrorKinds; ++k) {
       errors.metric.push_back(
           counter(static_cast<double>(r.upstream_errors[i][k]),

@@ -84,7 +84,7 @@ struct WorkerMetrics {
   }
   void merge(const WorkerMetrics& other);
 
-  // Key: route (8 bits) | stream (1) | backend + 1 (16) | status (10).
+  // Key: route (8 bits) | stream (1) | backend + 1 (32) | status (10).
   std::unordered_map<std::uint64_t, std::uint64_t> requests;
   Histogram latency{kLatencyBoundsMs.size()};
   std::vector<Histogram> ttft_by_backend;

@@ -866,3 +866,22 @@ test('a replaced generation is freed at once, not after its health check interva
   // Each generation a health loop kept alive for its hour held ~4 KiB: ~4 MB here.
   assert.ok(grown < 1500, `RSS grew by ${grown} KiB over 1,000 reloads`);
 });
+
+test('a backend a reload removed keeps the series that hold counts, and no empty ones: renaming at every reload adds none', async () => {
+  const gw = await startGateway({ server: { workers: 1 }, backends: [backendEntry(a, { name: 'r0' })] });
+  const res = await postJson(gw.url, CHAT, chatBody());
+  assert.equal(res.status, 200, res.text());
+  for (let i = 1; i <= 20; i++) {
+    rewriteConfig(gw, (c) => {
+      c.backends = [backendEntry(a, { name: `r${i}` })];
+    });
+    await reloadOk(gw);
+  }
+  const text = await scrapeMetrics(gw);
+  const labelled = (name) => new Set([...text.matchAll(/backend="(r\d+)"/g)].map((m) => m[1]).filter((n) => n === name));
+  // r0 served a request: its request counter stays; r1..r19 never did: nothing of them is left.
+  assert.equal(sample(text, 'llmproxy_requests_total', { path: '/v1/chat/completions', stream: 'false', backend: 'r0', status: '200' }), 1);
+  for (let i = 1; i < 20; i++) assert.equal(labelled(`r${i}`).size, 0, `series left for r${i}`);
+  assert.equal(sample(text, 'llmproxy_backend_up', { backend: 'r20' }), 1);
+  assert.ok(/llmproxy_upstream_errors_total\{backend="r20",kind="connect"\} 0/.test(text), 'the current backend keeps its zero series');
+});
