@@ -794,11 +794,15 @@ std::int64_t UsageLog::delete_records(std::int64_t max_seq, std::optional<std::i
                                       int limit) {
   std::lock_guard lk(mu_);
   // Whole batches only: every record of one must be at or below max_seq (and, with before_ms,
-  // the newest one older than it). first_seq is the rowid; max_ts_ms has an index.
+  // the newest one older than it). first_seq is the rowid; max_ts_ms has an index. A batch is
+  // taken while the ones before it hold fewer than `limit` records: batches of up to 4,096
+  // records must not make one call delete millions (it runs on the writer's thread).
   auto& st = stmt(kDeleteRecords,
-                  "DELETE FROM record_batches WHERE first_seq IN (SELECT first_seq FROM "
-                  "record_batches WHERE first_seq <= ?1 AND last_seq <= ?1 AND max_ts_ms < ?2 "
-                  "ORDER BY first_seq LIMIT ?3) RETURNING last_seq - first_seq + 1");
+                  "DELETE FROM record_batches WHERE first_seq IN (SELECT first_seq FROM (SELECT "
+                  "first_seq, sum(n) OVER (ORDER BY first_seq) - n AS before FROM (SELECT "
+                  "first_seq, last_seq - first_seq + 1 AS n FROM record_batches WHERE first_seq "
+                  "<= ?1 AND last_seq <= ?1 AND max_ts_ms < ?2 ORDER BY first_seq LIMIT ?3)) "
+                  "WHERE before < ?3) RETURNING last_seq - first_seq + 1");
   Use u(st.s);
   u.i64(1, max_seq);
   u.i64(2, before_ms.value_or(INT64_MAX));

@@ -168,8 +168,9 @@ class UsageLog {
   // memory only the cursor moves: no row is kept.
   void dead_letter(const DeadLetterRow& row);
 
-  // Deletes at most `limit` commit groups whose records all have seq <= max_seq and (when
-  // before_ms is set) ts_ms < *before_ms; returns how many records were deleted.
+  // Deletes, oldest first, commit groups whose records all have seq <= max_seq and (when
+  // before_ms is set) ts_ms < *before_ms, as long as fewer than `limit` records were deleted
+  // before a group (so at most limit - 1 plus one group's); returns how many were deleted.
   std::int64_t delete_records(std::int64_t max_seq, std::optional<std::int64_t> before_ms,
                               int limit);
   // Deletes dead letters older than `before_ms`.

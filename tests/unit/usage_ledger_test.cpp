@@ -306,6 +306,28 @@ TEST(UsageLedger, GroupKeyNames) {
 namespace llmproxy::usage {
 namespace {
 
+// Retention deletes by records, not by commit groups: groups of 3 records, a budget of 4 takes
+// two groups (the second starts before the budget is spent), never all of them at once.
+TEST(UsageLog, DeleteRecordsStopsAtItsRecordBudget) {
+  TempDir dir;
+  UsageLog log(UsageLog::Mode::disk, dir.file("usage.db"), true);
+  std::vector<std::string> jsons;
+  for (int i = 0; i < 15; ++i) jsons.push_back(to_json(make_record(i)));
+  for (int group = 0; group < 5; ++group) {  // seq 1-3, 4-6, 7-9, 10-12, 13-15
+    PendingRecord p[3];
+    for (int k = 0; k < 3; ++k) {
+      p[k] = {kJan14, kJan14 + 1, jsons[static_cast<std::size_t>(3 * group + k)]};
+    }
+    log.append(std::span(p, 3));
+  }
+  EXPECT_EQ(log.delete_records(15, std::nullopt, 4), 6);
+  EXPECT_EQ(log.delete_records(15, std::nullopt, 1), 3);  // one group at least
+  EXPECT_EQ(log.delete_records(15, std::nullopt, 3), 3);  // the budget spent by the first
+  EXPECT_EQ(log.count_records(), 3);
+  EXPECT_EQ(log.delete_records(15, std::nullopt, 1000), 3);
+  EXPECT_EQ(log.count_records(), 0);
+}
+
 // A log written by a version-1 gateway (one row per record, AUTOINCREMENT seq) is converted on
 // open: its records, head (deleted records included), cursors and dead letters stay; new
 // records follow the old head; the ledger reads old and new alike.
