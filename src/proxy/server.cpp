@@ -293,8 +293,9 @@ struct Shared {
   const config::Config cfg;
   asio::ssl::context tls;
   std::atomic<bool> draining{false};
-  std::vector<Worker*> workers;      // filled before any worker runs; read by scrapes
-  usage::Pipeline* usage = nullptr;  // null when usage.enabled is false
+  std::vector<Worker*> workers;            // filled before any worker runs; read by scrapes
+  std::atomic<bool> workers_ready{false};  // `workers` filled (the usage writer reads it then)
+  usage::Pipeline* usage = nullptr;        // null when usage.enabled is false
   BackendLabels labels;
   asio::io_context* control = nullptr;   // reloads run there, one at a time
   std::function<ReloadResult()> reload;  // control thread only
@@ -402,6 +403,9 @@ class Worker {
   Shared& shared;
   int id;
   std::unordered_set<ClientSession*> sessions;
+  // Unix ms before which every request this worker took has ended (its record submitted),
+  // published at each housekeeping sweep for the usage log's settled time.
+  std::atomic<std::int64_t> settled_ms{0};
   asio::io_context ioc;
   tcp::acceptor acceptor;
   std::optional<tcp::acceptor> metrics_acceptor;  // metrics.listen, on worker 0 only
@@ -909,6 +913,7 @@ class ClientSession {
   }
   // Also the sweep's: starts the hang-up watch of a request still waiting (see arm_watch()).
   void watch_tick();
+  Clock::time_point busy_since() const { return busy_since_; }
 
  private:
   asio::awaitable<bool> handle_request();
@@ -1079,6 +1084,8 @@ class ClientSession {
 
   Worker& w_;
   beast::tcp_stream stream_;
+  // When the request in progress began (max: none): its record is not submitted yet.
+  Clock::time_point busy_since_ = Clock::time_point::max();
   Clock::time_point deadline_ = Clock::time_point::max();
   UpstreamConn* deadline_upstream_ = nullptr;
   bool timed_out_ = false;
@@ -1536,7 +1543,13 @@ bool protocol_error(error_code ec) {
 }
 
 asio::awaitable<bool> ClientSession::handle_request() {
+  // Busy from here until the frame ends, after the record (if any) is submitted.
+  struct Busy {
+    Clock::time_point& since;
+    ~Busy() { since = Clock::time_point::max(); }
+  } busy{busy_since_};
   RequestContext ctx;
+  busy_since_ = ctx.start;
   ctx.wg = w_.cur;
   const auto& cfg = ctx.wg->gen->cfg;
   RequestParser parser;
@@ -3412,10 +3425,18 @@ asio::awaitable<void> housekeeping_loop(Worker* w) {
     auto [ec] = co_await w->housekeeping.async_wait(use_nothrow);
     if (ec) co_return;
     const auto now = Clock::now();
+    Clock::time_point oldest = now;  // the start of the oldest request in flight
     for (auto* s : w->sessions) {
       s->check_deadline(now);
       s->watch_tick();
+      oldest = std::min(oldest, s->busy_since());
     }
+    // As the record's timestamp is made (now less the time since), less a second for the two
+    // clocks' readings apart.
+    w->settled_ms.store(
+        unix_ms_now() -
+            std::chrono::duration_cast<std::chrono::milliseconds>(now - oldest).count() - 1000,
+        std::memory_order_relaxed);
     if (now >= next_flush) {
       next_flush = now + std::chrono::milliseconds(250);
       w->log.flush();
@@ -3713,6 +3734,16 @@ int Gateway::run() {
       log::line("error", "{}", e.what());
       return 1;
     }
+    // The settled time: the oldest start among requests in flight on any worker (0, nothing
+    // settled, until the workers run).
+    impl_->usage->set_settled_source([&shared] {
+      if (!shared.workers_ready.load(std::memory_order_acquire)) return std::int64_t{0};
+      std::int64_t settled = std::numeric_limits<std::int64_t>::max();
+      for (const Worker* w : shared.workers) {
+        settled = std::min(settled, w->settled_ms.load(std::memory_order_relaxed));
+      }
+      return settled;
+    });
     impl_->usage->start();
     shared.usage = impl_->usage.get();
   }
@@ -3818,6 +3849,7 @@ int Gateway::run() {
     port = endpoint.port();  // port 0: the others follow the first
   }
   for (auto& wp : impl_->workers) shared.workers.push_back(wp.get());
+  shared.workers_ready.store(true, std::memory_order_release);
   std::string metrics_note;
   if (cfg.metrics.listen) {
     Worker* w0 = impl_->workers.front().get();

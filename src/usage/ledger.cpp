@@ -255,7 +255,7 @@ std::vector<LedgerRow> Ledger::totals(const LedgerQuery& q) {
   std::string padded;
   std::vector<std::string> keys(q.group_by.size());
   std::string error;
-  const auto deleted_ts = log_->for_each_record(
+  const auto facts = log_->for_each_record(
       q.since_ms.value_or(INT64_MIN), q.until_ms.value_or(INT64_MAX),
       [&](std::int64_t ts_ms, std::string_view json) {
         if (!error.empty()) return;
@@ -289,7 +289,10 @@ std::vector<LedgerRow> Ledger::totals(const LedgerQuery& q) {
         if (!doc["total_tokens"].get_int64().get(n)) add(row.total_tokens);
       });
   if (!error.empty()) throw std::runtime_error("usage ledger: " + error);
-  incomplete_ = deleted_in_window(q.since_ms, deleted_ts);
+  incomplete_ = deleted_in_window(q.since_ms, facts.deleted_ts_ms);
+  if (auto unsettled = unsettled_window(q.until_ms, facts.settled_ms)) {
+    incomplete_ = incomplete_ ? *incomplete_ + "; " + *unsettled : *unsettled;
+  }
   std::vector<LedgerRow> out;
   if (q.group_by.empty() && groups.empty()) out.emplace_back();  // one total, even of nothing
   for (auto& [k, row] : groups) {
@@ -313,6 +316,21 @@ std::optional<std::string> deleted_in_window(std::optional<std::int64_t> since_m
          " were deleted from this log (retention, or by hand), and the window starts " +
          (since_ms ? "at " + rfc3339(*since_ms) : std::string("at the beginning")) +
          ": the totals cover only the records kept";
+}
+
+std::optional<std::string> unsettled_window(std::optional<std::int64_t> until_ms,
+                                            std::optional<std::int64_t> settled_ms) {
+  if (!until_ms || !settled_ms || *until_ms <= *settled_ms) return std::nullopt;
+  if (*settled_ms == INT64_MIN) {
+    return "the window ends at " + rfc3339(*until_ms) +
+           ", but the gateway writing this log has not yet told up to when its requests are all "
+           "in it (it has just started): run the report again in a few seconds";
+  }
+  // Whole seconds, rounded down: every request that started before the time printed is logged.
+  return "the window ends at " + rfc3339(*until_ms) +
+         ", but only the requests that started before " + rfc3339(*settled_ms / 1000 * 1000) +
+         " are all in the log (later ones may still be running, or the gateway stopped or "
+         "crashed then): run the report again once the gateway is past the window's end";
 }
 
 std::vector<DeadLetterRow> Ledger::dead_letters(std::optional<std::int64_t> since_ms,

@@ -62,6 +62,11 @@ class Ledger {
 std::optional<std::string> deleted_in_window(std::optional<std::int64_t> since_ms,
                                              std::optional<std::int64_t> deleted_ts_ms);
 
+// The sentence for incomplete() when the window ends after the log's settled time (requests
+// that started before the window's end may still be running); none without --until.
+std::optional<std::string> unsettled_window(std::optional<std::int64_t> until_ms,
+                                            std::optional<std::int64_t> settled_ms);
+
 enum class OutputFormat { table, json, csv };
 std::optional<OutputFormat> parse_output_format(std::string_view name);
 

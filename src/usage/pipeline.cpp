@@ -54,6 +54,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <optional>
 #include <random>
 #include <stdexcept>
 
@@ -82,6 +83,8 @@ using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
 constexpr int kRetentionChunk = 5000;
+// How often the settled time is taken (and, once its records are committed, stored).
+constexpr auto kSettledEvery = std::chrono::seconds(1);
 constexpr auto kRetentionPeriod = std::chrono::hours(1);
 constexpr auto kLogEvery = std::chrono::seconds(10);
 // The writer looks at most this often whether the log's file is still at log_path.
@@ -216,6 +219,22 @@ struct Pipeline::Impl {
 
   std::atomic<std::uint64_t> logged{0};
   std::atomic<std::uint64_t> dropped{0};
+  std::uint64_t submitted = 0;  // records ever queued (under mu): compared with `logged`
+
+  // The settled time (see set_settled_source), writer thread only: a candidate is stored once
+  // every record queued before it was read is committed (commits keep the queue's order).
+  std::function<std::int64_t()> settled_source;
+  struct SettledCandidate {
+    std::int64_t ms;
+    std::uint64_t queued;
+  };
+  std::optional<SettledCandidate> settled_candidate;
+  std::int64_t settled_stored = 0;
+  Clock::time_point settled_next{};
+  void track_settled();
+  Clock::time_point settled_due() const {
+    return settled_source && !settled_candidate ? settled_next : Clock::time_point::max();
+  }
   std::atomic<std::uint64_t> commits{0};
   // The file at log_path is no longer the one the log writes (deleted or replaced): checked by
   // the writer after commits (at most every kFileCheckEvery) and at every scrape.
@@ -392,6 +411,30 @@ bool Pipeline::Impl::commit(PackedRecords& taken) {
   return true;
 }
 
+void Pipeline::Impl::track_settled() {
+  if (!settled_source || !log || memory) return;
+  if (const auto now = Clock::now(); !settled_candidate && now >= settled_next) {
+    settled_next = now + kSettledEvery;
+    // The time first, then the count: a request that started before the time ended before it
+    // was taken, so its record was queued before the count was read.
+    const std::int64_t ms = settled_source();
+    std::lock_guard lk(mu);
+    settled_candidate = SettledCandidate{ms, submitted};
+  }
+  if (settled_candidate && logged.load(std::memory_order_relaxed) >= settled_candidate->queued) {
+    if (settled_candidate->ms > settled_stored) {
+      try {
+        log->store_settled(settled_candidate->ms);
+        settled_stored = settled_candidate->ms;
+      } catch (const std::exception& e) {
+        // Only the ledger's warning is late; the next candidate tries again.
+        log::line("warn", "usage log: cannot store the settled time: {}", e.what());
+      }
+    }
+    settled_candidate.reset();
+  }
+}
+
 bool Pipeline::Impl::retention_chunk(std::int64_t& deleted) {
   if (cfg.retention_days <= 0) return false;
   std::int64_t cutoff = unix_ms_now() - static_cast<std::int64_t>(cfg.retention_days) * 86'400'000;
@@ -427,7 +470,9 @@ void Pipeline::Impl::writer_loop() {
   // then what came meanwhile is committed at once (it is no older than the window).
   bool looked_again = false;
   for (;;) {
+    track_settled();
     bool stopping = false;
+    bool settle = false;   // woken to take or store the settled time
     std::size_t take = 0;  // records the next group may hold (0: none taken)
     if (taken.empty()) {
       std::unique_lock lk(mu);
@@ -458,22 +503,28 @@ void Pipeline::Impl::writer_loop() {
           continue;
         }
         if (retention_running || Clock::now() >= next_retention) break;
+        if (Clock::now() >= settled_due()) {
+          settle = true;
+          break;
+        }
         if (!looked_again) {
           // Nothing queued, often because the request path could not run while this thread
           // committed (one core for both). Under load the next records come within moments:
           // look again after one window instead of having the request path wake this thread for
           // the first of them, which would cost it a system call and two switches per group.
           looked_again = true;
-          writer_cv.wait_until(lk, std::min(Clock::now() + cfg.commit_interval, next_retention));
+          writer_cv.wait_until(
+              lk, std::min({Clock::now() + cfg.commit_interval, next_retention, settled_due()}));
           continue;
         }
         // A whole window brought nothing: sleep until submit() wakes the writer.
         writer_idle = true;
-        writer_cv.wait_until(lk, next_retention);
+        writer_cv.wait_until(lk, std::min(next_retention, settled_due()));
         writer_idle = false;
         looked_again = false;
       }
     }
+    if (settle) continue;
     if (take > 0) {
       // One group is at most kGroupMax records and kGroupBytes: the group is one SQLite value,
       // and a backlog taken whole after a stall could pass SQLite's 1 GB limit, which would fail
@@ -518,6 +569,15 @@ void Pipeline::Impl::writer_loop() {
     }
     if (stopping) {
       std::lock_guard lk(mu);
+      if (backlog.empty() && queue.empty() && settled_source && log && !memory) {
+        // Every request has ended (the gateway stops its workers first) and every record is
+        // committed: the log is settled up to now.
+        try {
+          log->store_settled(unix_ms_now());
+        } catch (const std::exception& e) {
+          log::line("warn", "usage log: cannot store the settled time: {}", e.what());
+        }
+      }
       if (const std::size_t left = backlog.size() + queue.size(); left > 0) {
         depth->fetch_sub(static_cast<std::int64_t>(left), std::memory_order_relaxed);
         dropped.fetch_add(left, std::memory_order_relaxed);
@@ -1223,6 +1283,10 @@ void Pipeline::stop(std::chrono::steady_clock::time_point deadline) {
   log::line("info", "usage pipeline stopped: {} records logged{}", im.logged.load(), state);
 }
 
+void Pipeline::set_settled_source(std::function<std::int64_t()> source) {
+  impl_->settled_source = std::move(source);
+}
+
 bool Pipeline::submit(const UsageRecordView& record) {
   auto& im = *impl_;
   std::unique_lock lk(im.mu);
@@ -1233,6 +1297,7 @@ bool Pipeline::submit(const UsageRecordView& record) {
     return false;
   }
   im.queue.push(record);
+  ++im.submitted;
   const bool first = im.queue.size() == 1;
   if (first) im.queue_since = Clock::now();
   // An idle writer is woken by the first record and waits out the commit window from there;

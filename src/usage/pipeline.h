@@ -31,6 +31,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -66,6 +67,13 @@ class Pipeline {
   // resumes at its cursor with its counters. Throws std::runtime_error, changing nothing, when
   // a sink is invalid. Returns a summary for the log ("" when nothing changed).
   std::string reconfigure(std::vector<config::SinkConfig> sinks);
+
+  // Before start(): where the writer learns the settled time (Unix ms), a time before which
+  // every request has ended and submitted its record (the gateway: the oldest start among the
+  // requests its workers serve). About every second the writer takes it and, once every record
+  // queued by then is committed, stores it in the log for the ledger (UsageLog::store_settled);
+  // at a clean stop it stores the stop time. Called on the writer's thread.
+  void set_settled_source(std::function<std::int64_t()> source);
 
   // False while the queue is at its bound and on_backlog is reject: refuse new requests.
   bool accepting() const noexcept {

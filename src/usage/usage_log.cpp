@@ -73,6 +73,12 @@ CREATE TRIGGER IF NOT EXISTS record_batches_keep_deleted_time AFTER DELETE ON re
     ON CONFLICT(id) DO UPDATE SET max_ts_ms = excluded.max_ts_ms
     WHERE excluded.max_ts_ms > deleted_times.max_ts_ms;
 END;
+-- The gateway's settled time: every request that started before it has its record in this
+-- log (the ledger warns of a window that ends later: its requests may still be running).
+CREATE TABLE IF NOT EXISTS settled (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS sink_cursors (
   name TEXT PRIMARY KEY,
   seq INTEGER NOT NULL,
@@ -197,6 +203,7 @@ enum StatementIndex {
   kReadBatches,
   kDeletedThrough,
   kBatchBefore,
+  kSettledSet,
   kStatementCount
 };
 
@@ -815,6 +822,31 @@ std::int64_t UsageLog::delete_records(std::int64_t max_seq, std::optional<std::i
   return n;
 }
 
+void UsageLog::store_settled(std::int64_t ms) {
+  std::lock_guard lk(mu_);
+  auto& st = stmt(kSettledSet,
+                  "INSERT INTO settled(id, ms) VALUES(1, ?) ON CONFLICT(id) DO UPDATE SET ms = "
+                  "excluded.ms");
+  Use u(st.s);
+  u.i64(1, ms);
+  step_done(st.s, "store the settled time");
+}
+
+std::optional<std::int64_t> UsageLog::settled_locked() {
+  sqlite3_stmt* s = nullptr;
+  // A file no writer of this version has opened has no table: nothing is known.
+  int rc = sqlite3_prepare_v2(db_, "SELECT ms FROM settled WHERE id=1", -1, &s, nullptr);
+  if (rc != SQLITE_OK) {
+    sqlite3_finalize(s);
+    return std::nullopt;
+  }
+  std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> guard(s, sqlite3_finalize);
+  rc = sqlite3_step(s);
+  if (rc == SQLITE_ROW) return sqlite3_column_int64(s, 0);
+  if (rc != SQLITE_DONE) fail(rc, "read the settled time");
+  return INT64_MIN;  // a writer of this version opened the file and has settled nothing yet
+}
+
 std::int64_t UsageLog::delete_dead_letters(std::int64_t before_ms) {
   std::lock_guard lk(mu_);
   auto& st = stmt(kDeleteDeadLetters, "DELETE FROM dead_letters WHERE at_ms < ?");
@@ -844,7 +876,7 @@ std::optional<std::int64_t> UsageLog::first_seq() {
   return sqlite3_column_int64(st.s, 0);
 }
 
-std::optional<std::int64_t> UsageLog::for_each_record(
+UsageLog::WindowFacts UsageLog::for_each_record(
     std::int64_t since_ms, std::int64_t until_ms,
     const std::function<void(std::int64_t, std::string_view)>& fn) {
   std::lock_guard lk(mu_);
@@ -853,7 +885,9 @@ std::optional<std::int64_t> UsageLog::for_each_record(
   Transaction snapshot(db_, "BEGIN");
   if (snapshot.begin_rc() != SQLITE_OK) fail(snapshot.begin_rc(), "begin a read");
   const std::int64_t deleted = deleted_through_locked();
-  const std::optional<std::int64_t> deleted_times = deleted_times_locked();
+  WindowFacts facts;
+  facts.deleted_ts_ms = deleted_times_locked();
+  facts.settled_ms = settled_locked();
   // The batch before each batch the window reads (one lookup by key): records missing right
   // before a batch of the window, which no delete took, may have belonged to it. A batch
   // contiguous with the one read before it needs no lookup.
@@ -901,7 +935,7 @@ std::optional<std::int64_t> UsageLog::for_each_record(
     if (bad != std::string_view::npos) damaged(first + static_cast<std::int64_t>(bad));
   }
   if (rc != SQLITE_DONE) fail(rc, "read records");
-  return deleted_times;
+  return facts;
 }
 
 std::vector<DeadLetterRow> UsageLog::dead_letters(std::optional<std::int64_t> since_ms,

@@ -187,9 +187,17 @@ class UsageLog {
   // nothing was deleted): a window starting after it lost nothing to them. Where older builds
   // deleted records, their times are not known: the time a writer of this version first opened
   // the file stands in for them (they started before it), INT64_MAX when none has yet.
-  std::optional<std::int64_t> for_each_record(
-      std::int64_t since_ms, std::int64_t until_ms,
-      const std::function<void(std::int64_t, std::string_view)>& fn);
+  // Also the settled time, from the same snapshot (store_settled).
+  struct WindowFacts {
+    std::optional<std::int64_t> deleted_ts_ms;
+    std::optional<std::int64_t> settled_ms;
+  };
+  WindowFacts for_each_record(std::int64_t since_ms, std::int64_t until_ms,
+                              const std::function<void(std::int64_t, std::string_view)>& fn);
+
+  // The gateway's settled time (Unix ms): every request that started before it has its record
+  // committed here. The writer stores it as it advances; a report whose window ends later warns.
+  void store_settled(std::int64_t ms);
   std::vector<DeadLetterRow> dead_letters(std::optional<std::int64_t> since_ms = {},
                                           std::optional<std::int64_t> until_ms = {});
 
@@ -211,6 +219,7 @@ class UsageLog {
   std::int64_t head_locked();
   std::int64_t deleted_through_locked();
   std::optional<std::int64_t> deleted_times_locked();
+  std::optional<std::int64_t> settled_locked();
   void mark_untimed_deletes();
   void insert_batch(std::int64_t first, std::int64_t last, std::int64_t min_ts, std::int64_t max_ts,
                     std::string_view text, std::string_view meta);

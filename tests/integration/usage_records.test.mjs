@@ -23,6 +23,9 @@ import {
   waitUntil,
   mockTokens,
   chatStreamContent,
+  startGateway,
+  deferred,
+  delay,
 } from './lib/harness.mjs';
 import {
   SEED_KEYS,
@@ -749,4 +752,48 @@ test('/metrics after known traffic: usage token counters equal the sums of the r
   assert.equal(delta(text, 'llmproxy_usage_tokens_total', { type: 'prompt' }), sum('prompt_tokens'));
   assert.equal(delta(text, 'llmproxy_usage_tokens_total', { type: 'completion' }), sum('completion_tokens'));
   assert.equal(delta(text, 'llmproxy_webhook_failure_total'), 0);
+});
+
+test('a report whose window ends while a request that started in it is still running is incomplete until that request is logged', { timeout: 60_000 }, async () => {
+  const slow = await startBackend('slow');
+  const release = deferred();
+  slow.handler = async (req, res, body) => {
+    if (JSON.parse(body.toString()).slow) await release.promise;
+    const json = JSON.stringify({ id: 'x', object: 'chat.completion', choices: [], usage: { prompt_tokens: 7, completion_tokens: 5, total_tokens: 12 } });
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(json) });
+    res.end(json);
+  };
+  const gw = await startGateway({ backends: [backendEntry(slow, { name: 'slow' })] });
+  const since = new Date(Date.now() - 1).toISOString();
+  const pending = postJson(gw.url, PATHS.chat, chatBody('m1', { slow: true }), { timeout: 60_000 });
+  await slow.waitForRequest((r) => r.url === PATHS.chat, 10_000, 'the slow request');
+  const until = new Date(Date.now() + 1).toISOString();
+  const report = () => usageCli(['--db', gw.config.usage.log_path, '--since', since, '--until', until, '--require-complete', '--format', 'json']);
+  // Quick requests after the window go on being logged; the window stays unsettled while the
+  // slow one runs (checked for 5 s: a bound for a negative check, not a synchronisation).
+  const end = Date.now() + 5_000;
+  let checks = 0;
+  while (Date.now() < end) {
+    const quick = await postJson(gw.url, PATHS.chat, chatBody('m1'));
+    assert.equal(quick.status, 200, quick.text());
+    const r = report();
+    assert.equal(r.status, 1, `reported complete while the request runs: ${r.stdout}`);
+    assert.match(r.stderr, /only the requests that started before .* are all in the log|has not yet told up to when/);
+    assert.equal(r.stdout, '');
+    checks++;
+    await delay(250);
+  }
+  assert.ok(checks >= 3);
+  release.resolve();
+  const res = await pending;
+  assert.equal(res.status, 200, res.text());
+  // Logged, and the log settled past the window: the same report is complete and bills it.
+  let done;
+  await waitUntil(() => {
+    done = report();
+    return done.status === 0;
+  }, { timeout: 20_000, what: 'the report to be complete' });
+  assert.equal(done.stderr, '');
+  const rows = parseJsonOutput(done.stdout);
+  assert.deepEqual(rows.map((r) => [r.requests, r.prompt_tokens, r.completion_tokens]), [[1, 7, 5]]);
 });

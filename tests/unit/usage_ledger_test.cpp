@@ -913,6 +913,42 @@ void append_started(UsageLog& log, std::initializer_list<std::int64_t> starts) {
   log.append(pending);
 }
 
+// The writer's settled time: a report whose --until is past it may miss requests still running
+// (they are logged when they end) and says so; one without --until is "so far" and does not.
+TEST(UsageLedger, AWindowEndingAfterTheSettledTimeIsIncomplete) {
+  TempDir dir;
+  const std::string path = dir.file("usage.db");
+  {
+    UsageLog log(UsageLog::Mode::disk, path, true);
+    append_started(log, {kJan14 + 1000});
+  }
+  Ledger ledger(path);
+  LedgerQuery q;
+  q.until_ms = kJan14 + 2000;
+  EXPECT_EQ(ledger.totals(q)[0].requests, 1);
+  ASSERT_TRUE(ledger.incomplete());  // nothing settled yet
+  EXPECT_NE(ledger.incomplete()->find("has not yet told"), std::string::npos);
+  UsageLog(UsageLog::Mode::disk, path, true).store_settled(kJan14 + 1999);
+  ledger.totals(q);
+  ASSERT_TRUE(ledger.incomplete());
+  EXPECT_NE(ledger.incomplete()->find("ends at 2026-01-14T00:00:02Z, but only the requests that "
+                                      "started before 2026-01-14T00:00:01Z are all in the log"),
+            std::string::npos)
+      << *ledger.incomplete();
+  UsageLog(UsageLog::Mode::disk, path, true).store_settled(kJan14 + 2000);
+  ledger.totals(q);
+  EXPECT_FALSE(ledger.incomplete()) << *ledger.incomplete();
+  UsageLog(UsageLog::Mode::disk, path, true).store_settled(kJan14);
+  q.until_ms.reset();
+  ledger.totals(q);
+  EXPECT_FALSE(ledger.incomplete()) << *ledger.incomplete();
+  // A log no writer of this version opened has no settled time: nothing is said.
+  testing::Db(path).exec("DROP TABLE settled");
+  q.until_ms = kJan14 + 2000;
+  ledger.totals(q);
+  EXPECT_FALSE(ledger.incomplete()) << *ledger.incomplete();
+}
+
 // Deletes, retention's or SQL typed by hand, leave the newest start time they took in the log: a
 // report whose window reaches back to it says that its totals cover only what was kept.
 TEST(UsageLedger, SaysWhenAWindowReachesBackToDeletedRecords) {

@@ -13,6 +13,7 @@
 #include <map>
 #include <set>
 
+#include "log/log.h"
 #include "usage/pipeline.h"
 #include "usage/usage_log.h"
 #include "usage_test_support.h"
@@ -1258,6 +1259,36 @@ TEST(UsagePipeline, ReconfigureWithAnInvalidSinkChangesNothing) {
   EXPECT_EQ(a.connections(), 1u);
   p.stop(soon());
   EXPECT_EQ(delivered_ids(a), expected_ids(0, 3));
+}
+
+// The settled time is stored about every second, after the records queued before it was taken
+// (here held back by another process's lock on the log), and the stop time at a clean stop.
+TEST(UsagePipeline, TheSettledTimeWaitsForTheRecordsQueuedBeforeIt) {
+  TempDir dir;
+  const std::string path = dir.file("usage.db");
+  std::atomic<std::int64_t> source{1000};
+  Pipeline p(testing::disk_config(path), {});
+  p.set_settled_source([&] { return source.load(); });
+  p.start();
+  Db db(path);
+  const auto settled = [&] { return db.scalar("SELECT coalesce(max(ms), 0) FROM settled"); };
+  WAIT_FOR(settled() == "1000");
+  {
+    Db lock(path);
+    lock.exec("BEGIN IMMEDIATE");
+    submit_range(p, 0, 1);
+    source = 2000;
+    // Two candidates' worth of time (one a second): nothing is stored before the record.
+    std::this_thread::sleep_for(2500ms);
+    EXPECT_EQ(settled(), "1000");
+    lock.exec("COMMIT");
+  }
+  WAIT_FOR(settled() == "2000");
+  EXPECT_EQ(db.scalar("SELECT count(*) FROM record_batches"), "1");
+  // A clean stop stores the stop time: every request had ended.
+  const auto before_stop = log::unix_ms_now();
+  p.stop(soon());
+  EXPECT_GE(std::stoll(settled()), before_stop);
 }
 
 // A reload whose new sink cannot start (here: the log is locked by another writer, so its cursor
