@@ -57,8 +57,13 @@ void Balancer::continue_from(const Balancer& previous) {
       }
       continue;
     }
-    // A serving set that lost every member, or that is now every backend, starts afresh.
+    // A serving set that lost every member, is now every backend or is carried already (two
+    // old sets that keep the same members) is not carried.
     if (!any || into.members == rotations_[0].members) continue;
+    if (std::any_of(rotations_.begin(), rotations_.end(),
+                    [&](const Rotation& r) { return r.members == into.members; })) {
+      continue;
+    }
     if (rotations_.size() == kMaxRotations) break;
     rotations_.push_back(std::move(into));
   }

@@ -3433,10 +3433,12 @@ asio::awaitable<void> housekeeping_loop(Worker* w) {
     }
     // As the record's timestamp is made (now less the time since), less a second for the two
     // clocks' readings apart.
+    // Release: the records this worker submitted before are visible to the writer that reads
+    // this value (acquire) and then counts the queue.
     w->settled_ms.store(
         unix_ms_now() -
             std::chrono::duration_cast<std::chrono::milliseconds>(now - oldest).count() - 1000,
-        std::memory_order_relaxed);
+        std::memory_order_release);
     if (now >= next_flush) {
       next_flush = now + std::chrono::milliseconds(250);
       w->log.flush();
@@ -3567,6 +3569,7 @@ asio::awaitable<void> health_loop(asio::io_context* ioc, Shared* shared,
     b->set_last_check(unix_ms_now());
     if (result.ok && !b->lists_models() && (round % 6 == 0 || b->discovered_models().empty())) {
       co_await discover_models(*ioc, *shared, *gen, *b);
+      if (gen->retired.load()) co_return;  // retired meanwhile: no wait to cancel was there
     }
     timer.expires_after(hc.interval);
     co_await timer.async_wait(use_nothrow);
@@ -3663,6 +3666,11 @@ std::vector<std::string> keep_restart_only(const config::Config& running, config
 
 struct Gateway::Impl {
   explicit Impl(config::Config cfg) : shared(std::move(cfg)) {}
+  // The usage writer reads the workers (the settled time): it stops before they go, also when
+  // run() returns early.
+  ~Impl() {
+    if (usage) usage->stop(Clock::now());
+  }
   Shared shared;
   std::unique_ptr<usage::Pipeline> usage;
   std::vector<std::unique_ptr<Worker>> workers;
@@ -3740,7 +3748,7 @@ int Gateway::run() {
       if (!shared.workers_ready.load(std::memory_order_acquire)) return std::int64_t{0};
       std::int64_t settled = std::numeric_limits<std::int64_t>::max();
       for (const Worker* w : shared.workers) {
-        settled = std::min(settled, w->settled_ms.load(std::memory_order_relaxed));
+        settled = std::min(settled, w->settled_ms.load(std::memory_order_acquire));
       }
       return settled;
     });
@@ -3974,6 +3982,13 @@ int Gateway::run() {
     if (wp->thread.joinable()) wp->thread.join();
   }
   if (impl_->usage) {
+    // A request still running now (a second signal stopped the event loops) makes no record:
+    // the stop is then not clean for the ledger (the threads are joined: sessions are still).
+    for (auto& wp : impl_->workers) {
+      for (auto* s : wp->sessions) {
+        if (s->busy_since() != Clock::time_point::max()) impl_->usage->note_requests_lost();
+      }
+    }
     // Every record of a finished request is in the queue now: it goes into the log, and the
     // sinks get a few seconds to deliver; what they do not stays in the log for the next start.
     impl_->usage->stop(Clock::now() + std::min<std::chrono::milliseconds>(cfg.server.drain_timeout,

@@ -290,8 +290,16 @@ std::vector<LedgerRow> Ledger::totals(const LedgerQuery& q) {
       });
   if (!error.empty()) throw std::runtime_error("usage ledger: " + error);
   incomplete_ = deleted_in_window(q.since_ms, facts.deleted_ts_ms);
-  if (auto unsettled = unsettled_window(q.until_ms, facts.settled_ms)) {
-    incomplete_ = incomplete_ ? *incomplete_ + "; " + *unsettled : *unsettled;
+  const auto note = [&](std::optional<std::string> why) {
+    if (why) incomplete_ = incomplete_ ? *incomplete_ + "; " + *why : *why;
+  };
+  note(unsettled_window(q.until_ms, facts.settled_ms));
+  if (facts.gap) {
+    note(
+        "the gateway stopped without settling (a crash, kill -9 or power loss): requests that "
+        "started between " +
+        rfc3339(facts.gap->first / 1000 * 1000) + " and " + rfc3339(facts.gap->second) +
+        " and were still running then were lost, not logged");
   }
   std::vector<LedgerRow> out;
   if (q.group_by.empty() && groups.empty()) out.emplace_back();  // one total, even of nothing

@@ -83,8 +83,10 @@ using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
 constexpr int kRetentionChunk = 5000;
-// How often the settled time is taken (and, once its records are committed, stored).
+// How often the settled time is taken (and, once its records are committed, stored), and how
+// often at most it is stored when no record came since.
 constexpr auto kSettledEvery = std::chrono::seconds(1);
+constexpr auto kSettledIdleEvery = std::chrono::seconds(30);
 constexpr auto kRetentionPeriod = std::chrono::hours(1);
 constexpr auto kLogEvery = std::chrono::seconds(10);
 // The writer looks at most this often whether the log's file is still at log_path.
@@ -229,11 +231,15 @@ struct Pipeline::Impl {
     std::uint64_t queued;
   };
   std::optional<SettledCandidate> settled_candidate;
+  std::atomic<bool> requests_lost{false};  // note_requests_lost(): the stop is not clean
   std::int64_t settled_stored = 0;
+  std::uint64_t settled_stored_logged = 0;  // `logged` when it was stored
+  Clock::time_point settled_stored_at{};
   Clock::time_point settled_next{};
+  bool settles() const { return settled_source && log && !memory; }
   void track_settled();
   Clock::time_point settled_due() const {
-    return settled_source && !settled_candidate ? settled_next : Clock::time_point::max();
+    return settles() && !settled_candidate ? settled_next : Clock::time_point::max();
   }
   std::atomic<std::uint64_t> commits{0};
   // The file at log_path is no longer the one the log writes (deleted or replaced): checked by
@@ -412,8 +418,9 @@ bool Pipeline::Impl::commit(PackedRecords& taken) {
 }
 
 void Pipeline::Impl::track_settled() {
-  if (!settled_source || !log || memory) return;
-  if (const auto now = Clock::now(); !settled_candidate && now >= settled_next) {
+  if (!settles()) return;
+  const auto now = Clock::now();
+  if (!settled_candidate && now >= settled_next) {
     settled_next = now + kSettledEvery;
     // The time first, then the count: a request that started before the time ended before it
     // was taken, so its record was queued before the count was read.
@@ -421,11 +428,17 @@ void Pipeline::Impl::track_settled() {
     std::lock_guard lk(mu);
     settled_candidate = SettledCandidate{ms, submitted};
   }
-  if (settled_candidate && logged.load(std::memory_order_relaxed) >= settled_candidate->queued) {
-    if (settled_candidate->ms > settled_stored) {
+  const std::uint64_t done = logged.load(std::memory_order_relaxed);
+  if (settled_candidate && done >= settled_candidate->queued) {
+    // Stored when records came since, else every kSettledIdleEvery: an idle gateway does not
+    // write its log every second.
+    if (settled_candidate->ms > settled_stored &&
+        (done != settled_stored_logged || now - settled_stored_at >= kSettledIdleEvery)) {
       try {
-        log->store_settled(settled_candidate->ms);
+        log->store_settled(settled_candidate->ms, false);
         settled_stored = settled_candidate->ms;
+        settled_stored_logged = done;
+        settled_stored_at = now;
       } catch (const std::exception& e) {
         // Only the ledger's warning is late; the next candidate tries again.
         log::line("warn", "usage log: cannot store the settled time: {}", e.what());
@@ -569,11 +582,12 @@ void Pipeline::Impl::writer_loop() {
     }
     if (stopping) {
       std::lock_guard lk(mu);
-      if (backlog.empty() && queue.empty() && settled_source && log && !memory) {
-        // Every request has ended (the gateway stops its workers first) and every record is
-        // committed: the log is settled up to now.
+      if (backlog.empty() && queue.empty() && settles()) {
+        // Every record queued is committed and the workers have stopped: the source's last
+        // value (a request the drain deadline abandoned holds it back) is final, and the stop
+        // is clean (a start after one that was not says so to the ledger).
         try {
-          log->store_settled(unix_ms_now());
+          log->store_settled(std::max(settled_stored, settled_source()), !requests_lost.load());
         } catch (const std::exception& e) {
           log::line("warn", "usage log: cannot store the settled time: {}", e.what());
         }
@@ -1116,6 +1130,13 @@ void Pipeline::start() {
   std::lock_guard life(im.lifecycle_mu);
   if (im.started || im.stopped) return;
   im.started = true;
+  if (im.settles()) {
+    try {
+      im.log->open_settled(unix_ms_now());
+    } catch (const std::exception& e) {
+      log::line("warn", "usage log: cannot read the settled time: {}", e.what());
+    }
+  }
   im.writer = std::thread([&im] {
     log::name_thread("usage-writer");
     im.writer_loop();
@@ -1285,6 +1306,10 @@ void Pipeline::stop(std::chrono::steady_clock::time_point deadline) {
 
 void Pipeline::set_settled_source(std::function<std::int64_t()> source) {
   impl_->settled_source = std::move(source);
+}
+
+void Pipeline::note_requests_lost() {
+  impl_->requests_lost.store(true);
 }
 
 bool Pipeline::submit(const UsageRecordView& record) {

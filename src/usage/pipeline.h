@@ -74,6 +74,9 @@ class Pipeline {
   // queued by then is committed, stores it in the log for the ledger (UsageLog::store_settled);
   // at a clean stop it stores the stop time. Called on the writer's thread.
   void set_settled_source(std::function<std::int64_t()> source);
+  // Before stop(): requests ended without a record (the gateway stopped before they could end):
+  // the stop is stored as not clean, and the next start keeps the span as a gap.
+  void note_requests_lost();
 
   // False while the queue is at its bound and on_backlog is reject: refuse new requests.
   bool accepting() const noexcept {

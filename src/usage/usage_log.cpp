@@ -77,7 +77,14 @@ END;
 -- log (the ledger warns of a window that ends later: its requests may still be running).
 CREATE TABLE IF NOT EXISTS settled (
   id INTEGER PRIMARY KEY CHECK (id = 1),
-  ms INTEGER NOT NULL
+  ms INTEGER NOT NULL,
+  clean INTEGER NOT NULL DEFAULT 0  -- 1: stored at a clean stop
+);
+-- A writer that started after one that did not stop cleanly: requests in flight then, which
+-- started in [from_ms, to_ms), were lost with the process (the ledger warns of a window over it).
+CREATE TABLE IF NOT EXISTS unsettled_gaps (
+  from_ms INTEGER NOT NULL,
+  to_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sink_cursors (
   name TEXT PRIMARY KEY,
@@ -822,14 +829,52 @@ std::int64_t UsageLog::delete_records(std::int64_t max_seq, std::optional<std::i
   return n;
 }
 
-void UsageLog::store_settled(std::int64_t ms) {
+void UsageLog::store_settled(std::int64_t ms, bool clean) {
   std::lock_guard lk(mu_);
   auto& st = stmt(kSettledSet,
-                  "INSERT INTO settled(id, ms) VALUES(1, ?) ON CONFLICT(id) DO UPDATE SET ms = "
-                  "excluded.ms");
+                  "INSERT INTO settled(id, ms, clean) VALUES(1, ?1, ?2) ON CONFLICT(id) DO UPDATE "
+                  "SET ms = excluded.ms, clean = excluded.clean");
   Use u(st.s);
   u.i64(1, ms);
+  u.i64(2, clean ? 1 : 0);
   step_done(st.s, "store the settled time");
+}
+
+void UsageLog::open_settled(std::int64_t now_ms) {
+  std::lock_guard lk(mu_);
+  Transaction tx(db_, "BEGIN IMMEDIATE");
+  if (tx.begin_rc() != SQLITE_OK) fail(tx.begin_rc(), "begin");
+  const std::string now = std::to_string(now_ms);
+  exec(("INSERT INTO unsettled_gaps(from_ms, to_ms) SELECT ms, " + now +
+        " FROM settled WHERE id = 1 AND clean = 0 AND ms < " + now)
+           .c_str());
+  exec("UPDATE settled SET clean = 0 WHERE id = 1");
+  // A log without one (new, or last written by an older build) is settled up to now: requests
+  // before this start are another process's, logged or lost with it. A crash before this
+  // writer's first store then leaves a gap from here.
+  exec(("INSERT OR IGNORE INTO settled(id, ms, clean) VALUES(1, " + now + ", 0)").c_str());
+  const int rc = tx.commit();
+  if (rc != SQLITE_OK) fail(rc, "commit");
+}
+
+std::optional<std::pair<std::int64_t, std::int64_t>> UsageLog::gap_locked(std::int64_t since_ms,
+                                                                          std::int64_t until_ms) {
+  sqlite3_stmt* s = nullptr;
+  int rc = sqlite3_prepare_v2(db_,
+                              "SELECT from_ms, to_ms FROM unsettled_gaps WHERE from_ms < ?1 AND "
+                              "to_ms > ?2 ORDER BY from_ms DESC LIMIT 1",
+                              -1, &s, nullptr);
+  if (rc != SQLITE_OK) {  // no table: no writer of this version opened the file
+    sqlite3_finalize(s);
+    return std::nullopt;
+  }
+  std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> guard(s, sqlite3_finalize);
+  sqlite3_bind_int64(s, 1, until_ms);
+  sqlite3_bind_int64(s, 2, since_ms);
+  rc = sqlite3_step(s);
+  if (rc == SQLITE_ROW) return std::pair{sqlite3_column_int64(s, 0), sqlite3_column_int64(s, 1)};
+  if (rc != SQLITE_DONE) fail(rc, "read the unsettled gaps");
+  return std::nullopt;
 }
 
 std::optional<std::int64_t> UsageLog::settled_locked() {
@@ -888,6 +933,7 @@ UsageLog::WindowFacts UsageLog::for_each_record(
   WindowFacts facts;
   facts.deleted_ts_ms = deleted_times_locked();
   facts.settled_ms = settled_locked();
+  facts.gap = gap_locked(since_ms, until_ms);
   // The batch before each batch the window reads (one lookup by key): records missing right
   // before a batch of the window, which no delete took, may have belonged to it. A batch
   // contiguous with the one read before it needs no lookup.

@@ -31,6 +31,7 @@
 #include <span>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "usage/record.h"
@@ -191,13 +192,20 @@ class UsageLog {
   struct WindowFacts {
     std::optional<std::int64_t> deleted_ts_ms;
     std::optional<std::int64_t> settled_ms;
+    // The newest gap (open_settled) that overlaps the window: [from_ms, to_ms).
+    std::optional<std::pair<std::int64_t, std::int64_t>> gap;
   };
   WindowFacts for_each_record(std::int64_t since_ms, std::int64_t until_ms,
                               const std::function<void(std::int64_t, std::string_view)>& fn);
 
   // The gateway's settled time (Unix ms): every request that started before it has its record
   // committed here. The writer stores it as it advances; a report whose window ends later warns.
-  void store_settled(std::int64_t ms);
+  // `clean`: stored at a clean stop (every request ended and logged).
+  void store_settled(std::int64_t ms, bool clean);
+  // A writer starting: when the last one did not stop cleanly, the requests it had in flight
+  // (started at or after its settled time, before now) were lost: the span is kept as a gap.
+  // A log with no settled time gets now.
+  void open_settled(std::int64_t now_ms);
   std::vector<DeadLetterRow> dead_letters(std::optional<std::int64_t> since_ms = {},
                                           std::optional<std::int64_t> until_ms = {});
 
@@ -220,6 +228,8 @@ class UsageLog {
   std::int64_t deleted_through_locked();
   std::optional<std::int64_t> deleted_times_locked();
   std::optional<std::int64_t> settled_locked();
+  std::optional<std::pair<std::int64_t, std::int64_t>> gap_locked(std::int64_t since_ms,
+                                                                  std::int64_t until_ms);
   void mark_untimed_deletes();
   void insert_batch(std::int64_t first, std::int64_t last, std::int64_t min_ts, std::int64_t max_ts,
                     std::string_view text, std::string_view meta);

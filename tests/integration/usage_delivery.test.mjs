@@ -254,6 +254,7 @@ test('SIGKILL with the receiver down, then a restart on the same usage log: ever
   const exit = await gw.waitExit(5_000);
   assert.equal(exit.signal, 'SIGKILL');
   assert.equal(hook.requests.length, 0);
+  const killedAt = Date.now();
 
   await hook.listen(port);
   const gw2 = await restartGateway(gw);
@@ -262,6 +263,12 @@ test('SIGKILL with the receiver down, then a restart on the same usage log: ever
   const more = await fire(gw2, 5, 'after-kill');
   await hook.waitFor(allDelivered(more), 15_000, 'the records made after the restart');
   assertExactlyOnce(hook, [...ids, ...more]);
+  // The ledger says that requests in flight at the kill were lost: a window over it is
+  // incomplete, with --require-complete a failure.
+  const until = new Date(killedAt + 1).toISOString();
+  const report = usageCli(['--db', log, '--until', until, '--require-complete']);
+  assert.equal(report.status, 1, report.stdout);
+  assert.match(report.stderr, /stopped without settling \(a crash, kill -9 or power loss\)/);
 });
 
 test('signed POSTs: X-LLMProxy-Signature is the HMAC-SHA256 of "<timestamp>.<body>"; extra headers are sent', { timeout: 60_000 }, async () => {

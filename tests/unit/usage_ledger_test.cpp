@@ -928,23 +928,56 @@ TEST(UsageLedger, AWindowEndingAfterTheSettledTimeIsIncomplete) {
   EXPECT_EQ(ledger.totals(q)[0].requests, 1);
   ASSERT_TRUE(ledger.incomplete());  // nothing settled yet
   EXPECT_NE(ledger.incomplete()->find("has not yet told"), std::string::npos);
-  UsageLog(UsageLog::Mode::disk, path, true).store_settled(kJan14 + 1999);
+  UsageLog(UsageLog::Mode::disk, path, true).store_settled(kJan14 + 1999, false);
   ledger.totals(q);
   ASSERT_TRUE(ledger.incomplete());
   EXPECT_NE(ledger.incomplete()->find("ends at 2026-01-14T00:00:02Z, but only the requests that "
                                       "started before 2026-01-14T00:00:01Z are all in the log"),
             std::string::npos)
       << *ledger.incomplete();
-  UsageLog(UsageLog::Mode::disk, path, true).store_settled(kJan14 + 2000);
+  UsageLog(UsageLog::Mode::disk, path, true).store_settled(kJan14 + 2000, false);
   ledger.totals(q);
   EXPECT_FALSE(ledger.incomplete()) << *ledger.incomplete();
-  UsageLog(UsageLog::Mode::disk, path, true).store_settled(kJan14);
+  UsageLog(UsageLog::Mode::disk, path, true).store_settled(kJan14, false);
   q.until_ms.reset();
   ledger.totals(q);
   EXPECT_FALSE(ledger.incomplete()) << *ledger.incomplete();
   // A log no writer of this version opened has no settled time: nothing is said.
   testing::Db(path).exec("DROP TABLE settled");
   q.until_ms = kJan14 + 2000;
+  ledger.totals(q);
+  EXPECT_FALSE(ledger.incomplete()) << *ledger.incomplete();
+}
+
+// A writer that starts after one that did not stop cleanly keeps the span whose requests in
+// flight were lost; a window over it is incomplete. After a clean stop there is none.
+TEST(UsageLedger, AStartAfterAnUncleanStopMarksTheLostSpan) {
+  TempDir dir;
+  const std::string path = dir.file("usage.db");
+  {
+    UsageLog log(UsageLog::Mode::disk, path, true);
+    append_started(log, {kJan14 + 1000});
+    log.store_settled(kJan14 + 5000, true);  // a clean stop
+    log.open_settled(kJan14 + 9000);         // no gap
+    log.store_settled(kJan14 + 20000, false);
+    log.open_settled(kJan14 + 30000);  // the last writer crashed: [20 s, 30 s) lost
+    log.store_settled(kJan14 + 40000, false);
+  }
+  Ledger ledger(path);
+  LedgerQuery q;
+  q.until_ms = kJan14 + 10000;
+  ledger.totals(q);
+  EXPECT_FALSE(ledger.incomplete()) << *ledger.incomplete();
+  q.until_ms = kJan14 + 25000;
+  ledger.totals(q);
+  ASSERT_TRUE(ledger.incomplete());
+  EXPECT_NE(ledger.incomplete()->find("stopped without settling (a crash, kill -9 or power loss): "
+                                      "requests that started between 2026-01-14T00:00:20Z and "
+                                      "2026-01-14T00:00:30Z"),
+            std::string::npos)
+      << *ledger.incomplete();
+  q.since_ms = kJan14 + 30000;
+  q.until_ms = kJan14 + 40000;
   ledger.totals(q);
   EXPECT_FALSE(ledger.incomplete()) << *ledger.incomplete();
 }
