@@ -164,6 +164,13 @@ class Sink {
 
   std::atomic<std::int64_t> cursor{0};
   std::int64_t persisted = 0;  // the cursor as stored (sink thread only)
+  // The same for other threads: retention deletes only what stored cursors passed, so that a
+  // sink restarted after a crash never finds records it was not told it had delivered gone.
+  std::atomic<std::int64_t> stored{0};
+  void set_persisted(std::int64_t seq) {
+    persisted = seq;
+    stored.store(seq, std::memory_order_release);
+  }
   // make_sink(): a cursor created (new sink) or moved (past deleted records), stored with the
   // others of the same start or reload in one transaction (store_new_cursors()).
   bool cursor_unstored = false;
@@ -265,11 +272,14 @@ struct Pipeline::Impl {
   Clock::time_point last_commit_report{};
 
   // `hold`: with the reload's hold, as what pruning may delete; without, as what sinks still need.
-  std::int64_t min_cursor(bool hold = true) const {
+  // `stored`: the cursors as stored in the log rather than as delivered (retention's).
+  std::int64_t min_cursor(bool hold = true, bool stored = false) const {
     std::int64_t m = head.load();  // before reload_hold (see reconfigure)
     if (hold && reload_hold.load()) return 0;
     std::lock_guard lk(sinks_mu);
-    for (const auto& s : sinks) m = std::min(m, s->cursor.load(std::memory_order_acquire));
+    for (const auto& s : sinks) {
+      m = std::min(m, (stored ? s->stored : s->cursor).load(std::memory_order_acquire));
+    }
     return m;
   }
 
@@ -452,7 +462,7 @@ bool Pipeline::Impl::retention_chunk(std::int64_t& deleted) {
   if (cfg.retention_days <= 0) return false;
   std::int64_t cutoff = unix_ms_now() - static_cast<std::int64_t>(cfg.retention_days) * 86'400'000;
   try {
-    std::int64_t n = log->delete_records(min_cursor(), cutoff, kRetentionChunk);
+    std::int64_t n = log->delete_records(min_cursor(true, true), cutoff, kRetentionChunk);
     deleted += n;
     if (n >= kRetentionChunk) return true;
     std::int64_t dl = log->delete_dead_letters(cutoff);
@@ -651,7 +661,7 @@ void Pipeline::Impl::persist_cursor(Sink& s) {
   if (c == s.persisted) return;
   try {
     s.log->set_cursor(s.cfg.name, c, unix_ms_now());
-    s.persisted = c;
+    s.set_persisted(c);
     s.persisted_at = Clock::now();
   } catch (const std::exception& e) {
     // Delivered but not yet recorded as such: retried with the next delivery or at exit; if the
@@ -720,7 +730,7 @@ void Pipeline::Impl::sink_loop(Sink& s) {
     if (unsaved_dead) {
       try {
         s.log->dead_letter(*unsaved_dead);
-        s.persisted = unsaved_dead->last_seq;
+        s.set_persisted(unsaved_dead->last_seq);
         s.cursor.store(unsaved_dead->last_seq, std::memory_order_release);
         unsaved_dead.reset();
         prune_memory();
@@ -1009,7 +1019,7 @@ void Pipeline::Impl::sink_loop(Sink& s) {
   if (unsaved_dead) {
     try {
       s.log->dead_letter(*unsaved_dead);
-      s.persisted = unsaved_dead->last_seq;
+      s.set_persisted(unsaved_dead->last_seq);
       s.cursor.store(unsaved_dead->last_seq, std::memory_order_release);
     } catch (const std::exception& e) {
       // Neither delivered nor stored: the cursor stays before them, so that the next start (or
@@ -1108,7 +1118,7 @@ std::unique_ptr<Sink> Pipeline::Impl::make_sink(config::SinkConfig cfg, std::int
     s->cursor_unstored = true;
   }
   s->cursor.store(*c);
-  s->persisted = *c;
+  s->set_persisted(*c);
   summary +=
       fmt::format("{}{} -> {} (seq {}, {}, backlog {})", summary.empty() ? "" : "; ", cfg.name,
                   config::redact_query(cfg.url), *c, origin, std::max<std::int64_t>(0, head - *c));
