@@ -53,7 +53,9 @@ callgrind_annotate --inclusive=yes "$out" 2>/dev/null | awk -v n="$requests" -v 
   /^ *[0-9,]+ / {
     ir = $1; gsub(",", "", ir)
     name = $0; sub(/^ *[0-9,]+ +(\([^)]*\) +)?/, "", name)
-    if (name ~ /Gateway::run\(\)::\{lambda\(\)#2\}.*_M_run/) worker = ir
+    # The worker threads run a lambda of Gateway::run() (its number moves as lambdas are added):
+    # the busiest thread started there is the worker.
+    if (name ~ /Gateway::run\(\)::\{lambda\(\)#[0-9]+\}.*_M_run/ && ir + 0 > worker + 0) worker = ir
     else if (name ~ /usage::Pipeline::Impl::writer_loop/) writer = ir
     else if (name ~ /usage::Pipeline::Impl::sink_loop/) sink = ir
     if (name ~ /_M_run|Gateway::run\(\) \[|Gateway::Impl|Gateway::Gateway|main \[/) next  # threads, startup
