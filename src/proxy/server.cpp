@@ -914,6 +914,7 @@ class ClientSession {
   // Also the sweep's: starts the hang-up watch of a request still waiting (see arm_watch()).
   void watch_tick();
   Clock::time_point busy_since() const { return busy_since_; }
+  bool metrics_only() const { return metrics_only_; }
 
  private:
   asio::awaitable<bool> handle_request();
@@ -3986,7 +3987,10 @@ int Gateway::run() {
     // the stop is then not clean for the ledger (the threads are joined: sessions are still).
     for (auto& wp : impl_->workers) {
       for (auto* s : wp->sessions) {
-        if (s->busy_since() != Clock::time_point::max()) impl_->usage->note_requests_lost();
+        // (A metrics scrape makes no record.)
+        if (!s->metrics_only() && s->busy_since() != Clock::time_point::max()) {
+          impl_->usage->note_requests_lost();
+        }
       }
     }
     // Every record of a finished request is in the queue now: it goes into the log, and the

@@ -87,6 +87,9 @@ constexpr int kRetentionChunk = 5000;
 // often at most it is stored when no record came since.
 constexpr auto kSettledEvery = std::chrono::seconds(1);
 constexpr auto kSettledIdleEvery = std::chrono::seconds(30);
+// A settled time this far behind the clock when stored was held back by a request (the usual
+// lag: the 1 s margin, a sweep, a candidate's age).
+constexpr std::int64_t kSettledLag = 3000;
 constexpr auto kRetentionPeriod = std::chrono::hours(1);
 constexpr auto kLogEvery = std::chrono::seconds(10);
 // The writer looks at most this often whether the log's file is still at log_path.
@@ -239,10 +242,16 @@ struct Pipeline::Impl {
   };
   std::optional<SettledCandidate> settled_candidate;
   std::atomic<bool> requests_lost{false};  // note_requests_lost(): the stop is not clean
-  std::int64_t settled_stored = 0;
+  // open_settled() done (retried until it is: until then nothing is stored, so that the span
+  // an unclean stop before lost is kept first), at the start's wall time.
+  bool settled_opened = false;
+  std::int64_t settled_opened_at = 0;
+  std::int64_t settled_stored = 0;          // the log's value (loaded by open_settled)
   std::uint64_t settled_stored_logged = 0;  // `logged` when it was stored
-  Clock::time_point settled_stored_at{};
+  std::optional<Clock::time_point> settled_stored_at;
+  bool settled_held_back = false;  // the value stored lagged the clock: no idle pause then
   Clock::time_point settled_next{};
+  Clock::time_point settled_warned{};
   bool settles() const { return settled_source && log && !memory; }
   void track_settled();
   Clock::time_point settled_due() const {
@@ -430,6 +439,20 @@ bool Pipeline::Impl::commit(PackedRecords& taken) {
 void Pipeline::Impl::track_settled() {
   if (!settles()) return;
   const auto now = Clock::now();
+  const auto warn = [&](const char* what, const std::exception& e) {
+    if (now - settled_warned < kLogEvery && settled_warned != Clock::time_point{}) return;
+    settled_warned = now;
+    log::line("warn", "usage log: cannot {} the settled time: {}", what, e.what());
+  };
+  if (!settled_opened) {
+    try {
+      settled_stored = log->open_settled(settled_opened_at);
+      settled_opened = true;
+    } catch (const std::exception& e) {
+      warn("read", e);
+      return;  // again at the next turn (at least every kSettledEvery)
+    }
+  }
   if (!settled_candidate && now >= settled_next) {
     settled_next = now + kSettledEvery;
     // The time first, then the count: a request that started before the time ended before it
@@ -440,18 +463,23 @@ void Pipeline::Impl::track_settled() {
   }
   const std::uint64_t done = logged.load(std::memory_order_relaxed);
   if (settled_candidate && done >= settled_candidate->queued) {
-    // Stored when records came since, else every kSettledIdleEvery: an idle gateway does not
-    // write its log every second.
-    if (settled_candidate->ms > settled_stored &&
-        (done != settled_stored_logged || now - settled_stored_at >= kSettledIdleEvery)) {
+    // Stored when it moved and records came since (or the last value stored lagged the clock,
+    // a request having held it back), else every kSettledIdleEvery: an idle gateway does not
+    // write its log every second, and each store is also a heartbeat (how late a crash can
+    // have been, for the span it loses).
+    const bool idle_due = !settled_stored_at || now - *settled_stored_at >= kSettledIdleEvery;
+    const bool moved = settled_candidate->ms > settled_stored;
+    if ((moved && (done != settled_stored_logged || settled_held_back)) || idle_due) {
+      const std::int64_t ms = std::max(settled_stored, settled_candidate->ms);
+      const std::int64_t wall = unix_ms_now();
       try {
-        log->store_settled(settled_candidate->ms, false);
-        settled_stored = settled_candidate->ms;
+        log->store_settled(ms, false, wall);
+        settled_stored = ms;
         settled_stored_logged = done;
         settled_stored_at = now;
+        settled_held_back = wall - ms > kSettledLag;
       } catch (const std::exception& e) {
-        // Only the ledger's warning is late; the next candidate tries again.
-        log::line("warn", "usage log: cannot store the settled time: {}", e.what());
+        warn("store", e);  // only the ledger's warning is late; the next candidate tries again
       }
     }
     settled_candidate.reset();
@@ -597,7 +625,10 @@ void Pipeline::Impl::writer_loop() {
         // value (a request the drain deadline abandoned holds it back) is final, and the stop
         // is clean (a start after one that was not says so to the ledger).
         try {
-          log->store_settled(std::max(settled_stored, settled_source()), !requests_lost.load());
+          if (settled_opened) {
+            log->store_settled(std::max(settled_stored, settled_source()), !requests_lost.load(),
+                               unix_ms_now());
+          }
         } catch (const std::exception& e) {
           log::line("warn", "usage log: cannot store the settled time: {}", e.what());
         }
@@ -1140,13 +1171,8 @@ void Pipeline::start() {
   std::lock_guard life(im.lifecycle_mu);
   if (im.started || im.stopped) return;
   im.started = true;
-  if (im.settles()) {
-    try {
-      im.log->open_settled(unix_ms_now());
-    } catch (const std::exception& e) {
-      log::line("warn", "usage log: cannot read the settled time: {}", e.what());
-    }
-  }
+  // Done by the writer (track_settled), which retries it until the log lets it.
+  im.settled_opened_at = unix_ms_now();
   im.writer = std::thread([&im] {
     log::name_thread("usage-writer");
     im.writer_loop();

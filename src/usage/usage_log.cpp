@@ -78,7 +78,8 @@ END;
 CREATE TABLE IF NOT EXISTS settled (
   id INTEGER PRIMARY KEY CHECK (id = 1),
   ms INTEGER NOT NULL,
-  clean INTEGER NOT NULL DEFAULT 0  -- 1: stored at a clean stop
+  clean INTEGER NOT NULL DEFAULT 0,  -- 1: stored at a clean stop
+  beat_ms INTEGER NOT NULL DEFAULT 0  -- the wall time of the store: at least every 30 s
 );
 -- A writer that started after one that did not stop cleanly: requests in flight then, which
 -- started in [from_ms, to_ms), were lost with the process (the ledger warns of a window over it).
@@ -413,6 +414,7 @@ UsageLog::UsageLog(Mode mode, const std::string& path, bool create_schema,
       try {
         if (version == 1) migrate_v1();
         exec(schema_sql().c_str());
+        add_settled_columns();
         mark_untimed_deletes();
         exec(("PRAGMA user_version=" + std::to_string(kSchemaVersion)).c_str());
         exec("COMMIT");
@@ -829,32 +831,68 @@ std::int64_t UsageLog::delete_records(std::int64_t max_seq, std::optional<std::i
   return n;
 }
 
-void UsageLog::store_settled(std::int64_t ms, bool clean) {
+void UsageLog::store_settled(std::int64_t ms, bool clean, std::int64_t beat_ms) {
   std::lock_guard lk(mu_);
   auto& st = stmt(kSettledSet,
-                  "INSERT INTO settled(id, ms, clean) VALUES(1, ?1, ?2) ON CONFLICT(id) DO UPDATE "
-                  "SET ms = excluded.ms, clean = excluded.clean");
+                  "INSERT INTO settled(id, ms, clean, beat_ms) VALUES(1, ?1, ?2, ?3) ON "
+                  "CONFLICT(id) DO UPDATE SET ms = excluded.ms, clean = excluded.clean, beat_ms = "
+                  "excluded.beat_ms");
   Use u(st.s);
   u.i64(1, ms);
   u.i64(2, clean ? 1 : 0);
+  u.i64(3, beat_ms);
   step_done(st.s, "store the settled time");
 }
 
-void UsageLog::open_settled(std::int64_t now_ms) {
+void UsageLog::add_settled_columns() {
+  // A `settled` table made by a development build before these columns (same schema version:
+  // the table is additive).
+  bool clean = false, beat = false;
+  sqlite3_stmt* s = nullptr;
+  int rc =
+      sqlite3_prepare_v2(db_, "SELECT name FROM pragma_table_info('settled')", -1, &s, nullptr);
+  if (rc != SQLITE_OK) fail(rc, "prepare");
+  std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> guard(s, sqlite3_finalize);
+  while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+    const std::string name = column_text(s, 0);
+    clean = clean || name == "clean";
+    beat = beat || name == "beat_ms";
+  }
+  if (rc != SQLITE_DONE) fail(rc, "read the settled table's columns");
+  guard.reset();
+  if (!clean) exec("ALTER TABLE settled ADD COLUMN clean INTEGER NOT NULL DEFAULT 0");
+  if (!beat) exec("ALTER TABLE settled ADD COLUMN beat_ms INTEGER NOT NULL DEFAULT 0");
+}
+
+std::int64_t UsageLog::open_settled(std::int64_t now_ms) {
   std::lock_guard lk(mu_);
   Transaction tx(db_, "BEGIN IMMEDIATE");
   if (tx.begin_rc() != SQLITE_OK) fail(tx.begin_rc(), "begin");
   const std::string now = std::to_string(now_ms);
-  exec(("INSERT INTO unsettled_gaps(from_ms, to_ms) SELECT ms, " + now +
-        " FROM settled WHERE id = 1 AND clean = 0 AND ms < " + now)
+  // The requests lost started at or after the settled time, before the crash: at most 31 s
+  // after the last store (a heartbeat at least every 30 s), and before this start.
+  exec(("INSERT INTO unsettled_gaps(from_ms, to_ms) SELECT ms, CASE WHEN beat_ms > 0 AND beat_ms "
+        "+ 31000 < " +
+        now + " THEN max(ms, beat_ms + 31000) ELSE " + now +
+        " END FROM settled WHERE id = 1 AND clean = 0 AND ms < " + now)
            .c_str());
   exec("UPDATE settled SET clean = 0 WHERE id = 1");
   // A log without one (new, or last written by an older build) is settled up to now: requests
   // before this start are another process's, logged or lost with it. A crash before this
   // writer's first store then leaves a gap from here.
-  exec(("INSERT OR IGNORE INTO settled(id, ms, clean) VALUES(1, " + now + ", 0)").c_str());
-  const int rc = tx.commit();
+  exec(("INSERT OR IGNORE INTO settled(id, ms, clean, beat_ms) VALUES(1, " + now + ", 0, " + now +
+        ")")
+           .c_str());
+  sqlite3_stmt* s = nullptr;
+  int rc = sqlite3_prepare_v2(db_, "SELECT ms FROM settled WHERE id = 1", -1, &s, nullptr);
+  if (rc != SQLITE_OK) fail(rc, "prepare");
+  std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> guard(s, sqlite3_finalize);
+  if (sqlite3_step(s) != SQLITE_ROW) fail(SQLITE_CORRUPT, "read the settled time");
+  const std::int64_t ms = sqlite3_column_int64(s, 0);
+  guard.reset();
+  rc = tx.commit();
   if (rc != SQLITE_OK) fail(rc, "commit");
+  return ms;
 }
 
 std::optional<std::pair<std::int64_t, std::int64_t>> UsageLog::gap_locked(std::int64_t since_ms,

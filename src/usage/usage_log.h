@@ -200,12 +200,14 @@ class UsageLog {
 
   // The gateway's settled time (Unix ms): every request that started before it has its record
   // committed here. The writer stores it as it advances; a report whose window ends later warns.
-  // `clean`: stored at a clean stop (every request ended and logged).
-  void store_settled(std::int64_t ms, bool clean);
+  // `clean`: stored at a clean stop (every request ended and logged); `beat_ms`: the wall time
+  // of the store (a heartbeat, at least every 30 s while the writer runs).
+  void store_settled(std::int64_t ms, bool clean, std::int64_t beat_ms);
   // A writer starting: when the last one did not stop cleanly, the requests it had in flight
-  // (started at or after its settled time, before now) were lost: the span is kept as a gap.
-  // A log with no settled time gets now.
-  void open_settled(std::int64_t now_ms);
+  // (started at or after its settled time, before it crashed: at most 31 s after its last
+  // heartbeat) were lost: the span is kept as a gap. A log with no settled time gets now.
+  // Returns the settled time stored.
+  std::int64_t open_settled(std::int64_t now_ms);
   std::vector<DeadLetterRow> dead_letters(std::optional<std::int64_t> since_ms = {},
                                           std::optional<std::int64_t> until_ms = {});
 
@@ -228,6 +230,7 @@ class UsageLog {
   std::int64_t deleted_through_locked();
   std::optional<std::int64_t> deleted_times_locked();
   std::optional<std::int64_t> settled_locked();
+  void add_settled_columns();
   std::optional<std::pair<std::int64_t, std::int64_t>> gap_locked(std::int64_t since_ms,
                                                                   std::int64_t until_ms);
   void mark_untimed_deletes();

@@ -928,17 +928,17 @@ TEST(UsageLedger, AWindowEndingAfterTheSettledTimeIsIncomplete) {
   EXPECT_EQ(ledger.totals(q)[0].requests, 1);
   ASSERT_TRUE(ledger.incomplete());  // nothing settled yet
   EXPECT_NE(ledger.incomplete()->find("has not yet told"), std::string::npos);
-  UsageLog(UsageLog::Mode::disk, path, true).store_settled(kJan14 + 1999, false);
+  UsageLog(UsageLog::Mode::disk, path, true).store_settled(kJan14 + 1999, false, kJan14 + 3000);
   ledger.totals(q);
   ASSERT_TRUE(ledger.incomplete());
   EXPECT_NE(ledger.incomplete()->find("ends at 2026-01-14T00:00:02Z, but only the requests that "
                                       "started before 2026-01-14T00:00:01Z are all in the log"),
             std::string::npos)
       << *ledger.incomplete();
-  UsageLog(UsageLog::Mode::disk, path, true).store_settled(kJan14 + 2000, false);
+  UsageLog(UsageLog::Mode::disk, path, true).store_settled(kJan14 + 2000, false, kJan14 + 3000);
   ledger.totals(q);
   EXPECT_FALSE(ledger.incomplete()) << *ledger.incomplete();
-  UsageLog(UsageLog::Mode::disk, path, true).store_settled(kJan14, false);
+  UsageLog(UsageLog::Mode::disk, path, true).store_settled(kJan14, false, kJan14 + 3000);
   q.until_ms.reset();
   ledger.totals(q);
   EXPECT_FALSE(ledger.incomplete()) << *ledger.incomplete();
@@ -957,11 +957,14 @@ TEST(UsageLedger, AStartAfterAnUncleanStopMarksTheLostSpan) {
   {
     UsageLog log(UsageLog::Mode::disk, path, true);
     append_started(log, {kJan14 + 1000});
-    log.store_settled(kJan14 + 5000, true);  // a clean stop
-    log.open_settled(kJan14 + 9000);         // no gap
-    log.store_settled(kJan14 + 20000, false);
+    log.store_settled(kJan14 + 5000, true, kJan14 + 5000);      // a clean stop
+    EXPECT_EQ(log.open_settled(kJan14 + 9000), kJan14 + 5000);  // no gap
+    log.store_settled(kJan14 + 20000, false, kJan14 + 21000);
     log.open_settled(kJan14 + 30000);  // the last writer crashed: [20 s, 30 s) lost
-    log.store_settled(kJan14 + 40000, false);
+    log.store_settled(kJan14 + 40000, false, kJan14 + 41000);
+    // Down for a day after a crash: the span ends 31 s after the last heartbeat, not at the start.
+    log.open_settled(kJan14 + kDay);
+    log.store_settled(kJan14 + kDay + 1000, false, kJan14 + kDay + 2000);
   }
   Ledger ledger(path);
   LedgerQuery q;
@@ -978,6 +981,16 @@ TEST(UsageLedger, AStartAfterAnUncleanStopMarksTheLostSpan) {
       << *ledger.incomplete();
   q.since_ms = kJan14 + 30000;
   q.until_ms = kJan14 + 40000;
+  ledger.totals(q);
+  EXPECT_FALSE(ledger.incomplete()) << *ledger.incomplete();
+  q.until_ms = kJan14 + 60000;
+  ledger.totals(q);
+  ASSERT_TRUE(ledger.incomplete());
+  EXPECT_NE(ledger.incomplete()->find("between 2026-01-14T00:00:40Z and 2026-01-14T00:01:12Z"),
+            std::string::npos)
+      << *ledger.incomplete();
+  q.since_ms = kJan14 + 80000;  // the rest of the day: nothing was running
+  q.until_ms = kJan14 + kDay;
   ledger.totals(q);
   EXPECT_FALSE(ledger.incomplete()) << *ledger.incomplete();
 }

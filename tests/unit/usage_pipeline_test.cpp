@@ -1265,30 +1265,46 @@ TEST(UsagePipeline, ReconfigureWithAnInvalidSinkChangesNothing) {
 TEST(UsagePipeline, TheSettledTimeWaitsForTheRecordsQueuedBeforeIt) {
   TempDir dir;
   const std::string path = dir.file("usage.db");
-  std::atomic<std::int64_t> source{1000};
-  Pipeline p(testing::disk_config(path), {});
+  // Times after the start (which a new log is settled up to): one a minute ahead, and so on.
+  const std::int64_t t0 = now_ms() + 60'000;
+  const auto at = [&](int k) { return std::to_string(t0 + 1000 * k); };
+  std::atomic<std::int64_t> source{t0};
+  auto owned =
+      std::make_unique<Pipeline>(testing::disk_config(path), std::vector<config::SinkConfig>{});
+  Pipeline& p = *owned;
   p.set_settled_source([&] { return source.load(); });
   p.start();
   Db db(path);
   const auto settled = [&] { return db.scalar("SELECT coalesce(max(ms), 0) FROM settled"); };
-  WAIT_FOR(settled() == "1000");
+  WAIT_FOR(settled() == at(0));
   {
     Db lock(path);
     lock.exec("BEGIN IMMEDIATE");
     submit_range(p, 0, 1);
-    source = 2000;
+    source = t0 + 1000;
     // Two candidates' worth of time (one a second): nothing is stored before the record.
     std::this_thread::sleep_for(2500ms);
-    EXPECT_EQ(settled(), "1000");
+    EXPECT_EQ(settled(), at(0));
     lock.exec("COMMIT");
   }
-  WAIT_FOR(settled() == "2000");
+  WAIT_FOR(settled() == at(1));
   EXPECT_EQ(db.scalar("SELECT count(*) FROM record_batches"), "1");
   // A clean stop stores the source's last time, marked clean (a start after it finds no gap).
-  source = 3000;
+  source = t0 + 2000;
   p.stop(soon());
-  EXPECT_EQ(settled(), "3000");
+  EXPECT_EQ(settled(), at(2));
   EXPECT_EQ(db.scalar("SELECT clean FROM settled"), "1");
+  owned.reset();  // its lock on the log goes with it
+  // A start that fails before its workers run (the source says 0) does not move it back.
+  {
+    std::atomic<std::int64_t> none{0};
+    Pipeline again(testing::disk_config(path), {});
+    again.set_settled_source([&] { return none.load(); });
+    again.start();
+    again.stop(soon());
+  }
+  EXPECT_EQ(settled(), at(2));
+  EXPECT_EQ(db.scalar("SELECT count(*) FROM unsettled_gaps"), "0");
 }
 
 // A reload whose new sink cannot start (here: the log is locked by another writer, so its cursor
