@@ -1,5 +1,6 @@
 // A tiny scriptable upstream on node:http: records every request it sees (headers, body, its
 // socket), lets each test script the response, and can stop and listen again on the same port.
+import fs from 'node:fs';
 import http from 'node:http';
 import { EventEmitter } from 'node:events';
 import { closeServer, listenLoopback, withTimeout } from './util.mjs';
@@ -159,10 +160,28 @@ export async function stopAllBackends() {
 }
 
 // A free loopback port with nothing listening on it (bind, read the port, close).
+// A loopback port nothing listens on, for a backend that refuses connections. Taken below the
+// kernel's ephemeral range: a port from listen(0) could be handed out again at once to the next
+// process that binds port 0 (a gateway under test then proxied to itself). Checked free by
+// binding it; a port already taken is skipped.
 export async function freePort() {
-  const server = http.createServer();
-  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address();
-  await new Promise((resolve) => server.close(resolve));
-  return port;
+  let low = 32768;
+  try {
+    low = Number(fs.readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || low;
+  } catch {
+    // not Linux: the usual range's start
+  }
+  const span = Math.max(1000, low - 10000);
+  for (let attempt = 0; attempt < 50; attempt++) {
+    const port = low - 1 - Math.floor(Math.random() * Math.min(span, low - 1025));
+    const server = http.createServer();
+    const ok = await new Promise((resolve) => {
+      server.once('error', () => resolve(false));
+      server.listen(port, '127.0.0.1', () => resolve(true));
+    });
+    if (!ok) continue;
+    await new Promise((resolve) => server.close(resolve));
+    return port;
+  }
+  throw new Error('no free loopback port below the ephemeral range');
 }
