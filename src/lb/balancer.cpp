@@ -51,10 +51,9 @@ void Balancer::continue_from(const Balancer& previous) {
       any = true;
     }
     if (r == 0) {
-      // Every backend, before and now: the backends kept take their place in the rotation.
-      for (std::size_t j = 0; j < n; ++j) {
-        if (into.members[j / 64] >> (j % 64) & 1) rotations_[0].current[j] = into.current[j];
-      }
+      // Every backend, before and now: the backends kept take their place in the rotation (this
+      // balancer is new: the others' are 0).
+      rotations_[0].current = std::move(into.current);
       continue;
     }
     // A serving set that lost every member, is now every backend or is carried already (two

@@ -40,7 +40,8 @@ class Balancer {
   // serves the model; no_healthy_backend: some do, but none is available now.
   Pick pick(std::string_view model, std::span<const std::size_t> exclude = {});
 
-  // Takes over the rotations of `previous` (the balancer of the configuration a reload replaced)
+  // On a new balancer, before its first pick: takes over the rotations of `previous` (the
+  // balancer of the configuration a reload replaced)
   // for the backends both have (same name and URL): a reload would otherwise restart every
   // rotation, and the heaviest backend would get the first request after each one.
   void continue_from(const Balancer& previous);

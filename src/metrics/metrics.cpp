@@ -9,11 +9,20 @@
 
 namespace llmproxy::metrics {
 
+namespace {
+
 // The requests key's fields (WorkerMetrics::requests): 32 bits of backend id, which a
 // process's reloads cannot exhaust (16 bits could: the id then ran into the stream bit).
 constexpr int kBackendShift = 10;
 constexpr int kStreamShift = 42;
 constexpr int kRouteShift = 43;
+
+// The backend id of a requests key (-1: none).
+int key_backend(std::uint64_t key) {
+  return static_cast<int>(static_cast<std::int64_t>((key >> kBackendShift) & 0xffffffff) - 1);
+}
+
+}  // namespace
 
 void Histogram::observe(double value, std::span<const double> bounds) {
   auto it = std::lower_bound(bounds.begin(), bounds.end(), value);
@@ -120,7 +129,7 @@ void WorkerMetrics::request(Route route, bool stream, int backend, unsigned stat
 std::uint64_t WorkerMetrics::requests_to(int backend) const {
   std::uint64_t n = 0;
   for (const auto& [key, count] : requests) {
-    if (static_cast<std::int64_t>((key >> kBackendShift) & 0xffffffff) - 1 == backend) n += count;
+    if (key_backend(key) == backend) n += count;
   }
   return n;
 }
@@ -222,8 +231,7 @@ std::string render(const Snapshot& s) {
   for (const auto& [key, n] : sorted) {
     auto route = static_cast<Route>(key >> kRouteShift);
     bool stream = (key >> kStreamShift) & 1;
-    int backend =
-        static_cast<int>(static_cast<std::int64_t>((key >> kBackendShift) & 0xffffffff) - 1);
+    const int backend = key_backend(key);
     unsigned status = key & 0x3ff;
     requests.metric.push_back(
         counter(static_cast<double>(n), {{"path", std::string(route_label(route))},

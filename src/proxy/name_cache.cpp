@@ -35,6 +35,17 @@ struct NameCache::State {
   bool closed = false;
   std::size_t in_flight = 0;
   std::unordered_map<std::string, Entry> entries;  // by "host port"
+
+  // A lookup of `e` ended with `answer` (under the lock): its waiters hear it, unless closed.
+  // Called under the lock, so close() never returns while one runs.
+  void finish(Entry& e, const Answer& answer) {
+    e.looking = false;
+    --in_flight;
+    auto waiters = std::move(e.waiters);
+    e.waiters.clear();
+    if (closed) return;
+    for (auto& w : waiters) w(answer);
+  }
 };
 
 NameCache::NameCache(std::chrono::milliseconds fresh_for, std::chrono::milliseconds forget_after,
@@ -94,34 +105,23 @@ std::optional<NameCache::Endpoints> NameCache::find(const std::string& host, std
                       std::uint16_t port) {
     Answer answer = state->lookup(host, port);
     std::lock_guard lock(state->mutex);
-    --state->in_flight;
-    auto at = state->entries.find(key);
-    if (at == state->entries.end()) return;
-    State::Entry& e = at->second;
-    e.looking = false;
+    // The entry is still there: find() drops only entries with no lookup running.
+    State::Entry& e = state->entries.at(key);
     if (!answer.error && answer.endpoints.empty()) answer.error = asio::error::host_not_found;
     if (!answer.error) e.endpoints = answer.endpoints;
     // A failed refresh keeps the addresses, and the next one waits as long as a success would:
     // a name server that answers errors at once is not asked again at every connect.
     if (!answer.error || e.endpoints) e.fresh_until = Clock::now() + state->fresh_for;
-    auto waiters = std::move(e.waiters);
-    e.waiters.clear();
-    if (state->closed) return;
-    // Called under the lock: close() then never returns while one runs.
-    for (auto& w : waiters) w(answer);
+    state->finish(e, answer);
   };
   try {
     std::thread(run, state_, it->first, host, port).detach();
   } catch (...) {
     // No thread (or no memory) to be had: the gateway's own shortage, told to the waiters as
     // one (no_memory: not the backend's fault, it is not marked down for it).
-    entry.looking = false;
-    --state_->in_flight;
     Answer answer;
     answer.error = asio::error::no_memory;
-    auto waiters = std::move(entry.waiters);
-    entry.waiters.clear();
-    for (auto& w : waiters) w(answer);
+    state_->finish(entry, answer);
   }
   return known;
 }

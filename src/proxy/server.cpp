@@ -125,17 +125,22 @@ std::string_view trim_ows(std::string_view text) {
   return text;
 }
 
-// Does the Connection header value `connection` list the header `name` (a comma-separated,
-// case-insensitive token list)?
-bool connection_lists(std::string_view connection, std::string_view name) {
-  while (!connection.empty()) {
-    auto comma = connection.find(',');
-    const auto token = trim_ows(connection.substr(0, comma));
-    connection =
-        comma == std::string_view::npos ? std::string_view{} : connection.substr(comma + 1);
-    if (iequals(token, name)) return true;
+// Calls `f` with each member of a comma-separated field value (RFC 9110 5.6.1), whitespace
+// around it removed and empty ones skipped, until `f` returns true; returns whether it did.
+template <class F>
+bool any_member(std::string_view list, F f) {
+  while (!list.empty()) {
+    const auto comma = list.find(',');
+    const auto member = trim_ows(list.substr(0, comma));
+    list = comma == std::string_view::npos ? std::string_view{} : list.substr(comma + 1);
+    if (!member.empty() && f(member)) return true;
   }
   return false;
+}
+
+// Does the Connection header value `connection` list the header `name` (case-insensitive)?
+bool connection_lists(std::string_view connection, std::string_view name) {
+  return any_member(connection, [name](std::string_view token) { return iequals(token, name); });
 }
 
 // The tokens of every Connection field of `fields` as one list (RFC 9110 5.3: several fields
@@ -1770,23 +1775,22 @@ asio::awaitable<bool> ClientSession::handle_request() {
   // expects anything else gets 417 before its body is read, rather than waiting for a 100 that
   // never comes. An HTTP/1.0 client cannot take a 1xx answer: its 100-continue is ignored.
   bool continue_expected = false;
+  std::string_view unsupported;
+  const auto unsupported_member = [&](std::string_view member) {
+    if (!iequals(member, "100-continue")) unsupported = member;
+    continue_expected = continue_expected || unsupported.empty();
+    return !unsupported.empty();
+  };
   for (auto [it, last] = req.equal_range(bhttp::field::expect); it != last; ++it) {
-    std::string_view list = it->value();
-    while (!list.empty()) {
-      const auto comma = list.find(',');
-      const std::string_view member = trim_ows(list.substr(0, comma));
-      list = comma == std::string_view::npos ? std::string_view{} : list.substr(comma + 1);
-      if (member.empty()) continue;
-      if (!iequals(member, "100-continue")) {
-        reply_ = error_reply(
-            http::errors::expectation_failed,
-            fmt::format("Unsupported expectation \"{}\": only 100-continue is supported.",
-                        member.substr(0, 64)),
-            false);
-        co_return co_await send(ctx, reply_);
-      }
-      continue_expected = true;
-    }
+    if (any_member(it->value(), unsupported_member)) break;
+  }
+  if (!unsupported.empty()) {
+    reply_ =
+        error_reply(http::errors::expectation_failed,
+                    fmt::format("Unsupported expectation \"{}\": only 100-continue is supported.",
+                                unsupported.substr(0, 64)),
+                    false);
+    co_return co_await send(ctx, reply_);
   }
   if (req.version() >= 11 && continue_expected && !parser.is_done()) {
     // Room for the first read, taken before the 100 Continue invites a body.
@@ -3433,9 +3437,8 @@ asio::awaitable<void> housekeeping_loop(Worker* w) {
       oldest = std::min(oldest, s->busy_since());
     }
     // As the record's timestamp is made (now less the time since), less a second for the two
-    // clocks' readings apart.
-    // Release: the records this worker submitted before are visible to the writer that reads
-    // this value (acquire) and then counts the queue.
+    // clocks' readings apart. Release: the records this worker submitted before are visible to
+    // the writer that reads this value (acquire) and then counts the queue.
     w->settled_ms.store(
         unix_ms_now() -
             std::chrono::duration_cast<std::chrono::milliseconds>(now - oldest).count() - 1000,

@@ -166,14 +166,10 @@ class Sink {
   bool replaced = false;  // reconfigure(): a changed sink, whose successor took its counters
 
   std::atomic<std::int64_t> cursor{0};
-  std::int64_t persisted = 0;  // the cursor as stored (sink thread only)
-  // The same for other threads: retention deletes only what stored cursors passed, so that a
-  // sink restarted after a crash never finds records it was not told it had delivered gone.
-  std::atomic<std::int64_t> stored{0};
-  void set_persisted(std::int64_t seq) {
-    persisted = seq;
-    stored.store(seq, std::memory_order_release);
-  }
+  // The cursor as stored (written by the sink's thread). Retention deletes only what stored
+  // cursors passed, so that a sink restarted after a crash never finds records it was not told
+  // it had delivered gone.
+  std::atomic<std::int64_t> persisted{0};
   // make_sink(): a cursor created (new sink) or moved (past deleted records), stored with the
   // others of the same start or reload in one transaction (store_new_cursors()).
   bool cursor_unstored = false;
@@ -254,6 +250,10 @@ struct Pipeline::Impl {
   Clock::time_point settled_warned{};
   bool settles() const { return settled_source && log && !memory; }
   void track_settled();
+  // Stores the settled time (with a heartbeat); a failure is logged at most every kLogEvery
+  // (only the ledger's warning is late: the next try may succeed).
+  bool store_settled(std::int64_t ms, bool clean);
+  void warn_settled(const char* what, const std::exception& e);
   Clock::time_point settled_due() const {
     return settles() && !settled_candidate ? settled_next : Clock::time_point::max();
   }
@@ -287,7 +287,7 @@ struct Pipeline::Impl {
     if (hold && reload_hold.load()) return 0;
     std::lock_guard lk(sinks_mu);
     for (const auto& s : sinks) {
-      m = std::min(m, (stored ? s->stored : s->cursor).load(std::memory_order_acquire));
+      m = std::min(m, (stored ? s->persisted : s->cursor).load(std::memory_order_acquire));
     }
     return m;
   }
@@ -335,7 +335,7 @@ struct Pipeline::Impl {
   void store_new_cursors(const std::vector<std::unique_ptr<Sink>>& made) {
     std::vector<std::pair<std::string, std::int64_t>> cursors;
     for (const auto& s : made) {
-      if (s->cursor_unstored) cursors.emplace_back(s->cfg.name, s->persisted);
+      if (s->cursor_unstored) cursors.emplace_back(s->cfg.name, s->persisted.load());
     }
     log->set_cursors(cursors, unix_ms_now());
     for (const auto& s : made) s->cursor_unstored = false;
@@ -436,20 +436,36 @@ bool Pipeline::Impl::commit(PackedRecords& taken) {
   return true;
 }
 
+void Pipeline::Impl::warn_settled(const char* what, const std::exception& e) {
+  const auto now = Clock::now();
+  if (settled_warned != Clock::time_point{} && now - settled_warned < kLogEvery) return;
+  settled_warned = now;
+  log::line("warn", "usage log: cannot {} the settled time: {}", what, e.what());
+}
+
+bool Pipeline::Impl::store_settled(std::int64_t ms, bool clean) {
+  const std::int64_t wall = unix_ms_now();
+  try {
+    log->store_settled(ms, clean, wall);
+  } catch (const std::exception& e) {
+    warn_settled("store", e);
+    return false;
+  }
+  settled_stored = ms;
+  settled_stored_at = Clock::now();
+  settled_held_back = wall - ms > kSettledLag;
+  return true;
+}
+
 void Pipeline::Impl::track_settled() {
   if (!settles()) return;
   const auto now = Clock::now();
-  const auto warn = [&](const char* what, const std::exception& e) {
-    if (now - settled_warned < kLogEvery && settled_warned != Clock::time_point{}) return;
-    settled_warned = now;
-    log::line("warn", "usage log: cannot {} the settled time: {}", what, e.what());
-  };
   if (!settled_opened) {
     try {
       settled_stored = log->open_settled(settled_opened_at);
       settled_opened = true;
     } catch (const std::exception& e) {
-      warn("read", e);
+      warn_settled("read", e);
       return;  // again at the next turn (at least every kSettledEvery)
     }
   }
@@ -469,18 +485,9 @@ void Pipeline::Impl::track_settled() {
     // have been, for the span it loses).
     const bool idle_due = !settled_stored_at || now - *settled_stored_at >= kSettledIdleEvery;
     const bool moved = settled_candidate->ms > settled_stored;
-    if ((moved && (done != settled_stored_logged || settled_held_back)) || idle_due) {
-      const std::int64_t ms = std::max(settled_stored, settled_candidate->ms);
-      const std::int64_t wall = unix_ms_now();
-      try {
-        log->store_settled(ms, false, wall);
-        settled_stored = ms;
-        settled_stored_logged = done;
-        settled_stored_at = now;
-        settled_held_back = wall - ms > kSettledLag;
-      } catch (const std::exception& e) {
-        warn("store", e);  // only the ledger's warning is late; the next candidate tries again
-      }
+    if (((moved && (done != settled_stored_logged || settled_held_back)) || idle_due) &&
+        store_settled(std::max(settled_stored, settled_candidate->ms), false)) {
+      settled_stored_logged = done;
     }
     settled_candidate.reset();
   }
@@ -624,13 +631,8 @@ void Pipeline::Impl::writer_loop() {
         // Every record queued is committed and the workers have stopped: the source's last
         // value (a request the drain deadline abandoned holds it back) is final, and the stop
         // is clean (a start after one that was not says so to the ledger).
-        try {
-          if (settled_opened) {
-            log->store_settled(std::max(settled_stored, settled_source()), !requests_lost.load(),
-                               unix_ms_now());
-          }
-        } catch (const std::exception& e) {
-          log::line("warn", "usage log: cannot store the settled time: {}", e.what());
+        if (settled_opened) {
+          store_settled(std::max(settled_stored, settled_source()), !requests_lost.load());
         }
       }
       if (const std::size_t left = backlog.size() + queue.size(); left > 0) {
@@ -689,10 +691,10 @@ void Pipeline::Impl::prune_memory() {
 
 void Pipeline::Impl::persist_cursor(Sink& s) {
   std::int64_t c = s.cursor.load(std::memory_order_relaxed);
-  if (c == s.persisted) return;
+  if (c == s.persisted.load()) return;
   try {
     s.log->set_cursor(s.cfg.name, c, unix_ms_now());
-    s.set_persisted(c);
+    s.persisted.store(c, std::memory_order_release);
     s.persisted_at = Clock::now();
   } catch (const std::exception& e) {
     // Delivered but not yet recorded as such: retried with the next delivery or at exit; if the
@@ -761,7 +763,7 @@ void Pipeline::Impl::sink_loop(Sink& s) {
     if (unsaved_dead) {
       try {
         s.log->dead_letter(*unsaved_dead);
-        s.set_persisted(unsaved_dead->last_seq);
+        s.persisted.store(unsaved_dead->last_seq, std::memory_order_release);
         s.cursor.store(unsaved_dead->last_seq, std::memory_order_release);
         unsaved_dead.reset();
         prune_memory();
@@ -801,7 +803,7 @@ void Pipeline::Impl::sink_loop(Sink& s) {
             continue;
           }
           if (avail >= batch_cap) break;
-          if (!stored && s.cursor.load() != s.persisted) {
+          if (!stored && s.cursor.load() != s.persisted.load()) {
             // About to wait: the cursor is stored first (deliveries that need no wait store it
             // at most every kCursorEvery).
             stored = true;
@@ -1050,7 +1052,7 @@ void Pipeline::Impl::sink_loop(Sink& s) {
   if (unsaved_dead) {
     try {
       s.log->dead_letter(*unsaved_dead);
-      s.set_persisted(unsaved_dead->last_seq);
+      s.persisted.store(unsaved_dead->last_seq, std::memory_order_release);
       s.cursor.store(unsaved_dead->last_seq, std::memory_order_release);
     } catch (const std::exception& e) {
       // Neither delivered nor stored: the cursor stays before them, so that the next start (or
@@ -1149,7 +1151,7 @@ std::unique_ptr<Sink> Pipeline::Impl::make_sink(config::SinkConfig cfg, std::int
     s->cursor_unstored = true;
   }
   s->cursor.store(*c);
-  s->set_persisted(*c);
+  s->persisted.store(*c, std::memory_order_release);
   summary +=
       fmt::format("{}{} -> {} (seq {}, {}, backlog {})", summary.empty() ? "" : "; ", cfg.name,
                   config::redact_query(cfg.url), *c, origin, std::max<std::int64_t>(0, head - *c));

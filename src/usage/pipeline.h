@@ -71,8 +71,9 @@ class Pipeline {
   // Before start(): where the writer learns the settled time (Unix ms), a time before which
   // every request has ended and submitted its record (the gateway: the oldest start among the
   // requests its workers serve). About every second the writer takes it and, once every record
-  // queued by then is committed, stores it in the log for the ledger (UsageLog::store_settled);
-  // at a clean stop it stores the stop time. Called on the writer's thread.
+  // queued by then is committed, stores it in the log for the ledger (UsageLog::store_settled),
+  // and once more at the stop, marked clean unless note_requests_lost() was called. Called on
+  // the writer's thread.
   void set_settled_source(std::function<std::int64_t()> source);
   // Before stop(): requests ended without a record (the gateway stopped before they could end):
   // the stop is stored as not clean, and the next start keeps the span as a gap.

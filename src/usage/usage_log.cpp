@@ -844,22 +844,30 @@ void UsageLog::store_settled(std::int64_t ms, bool clean, std::int64_t beat_ms) 
   step_done(st.s, "store the settled time");
 }
 
+UsageLog::OneOff UsageLog::prepare_one_off(const char* sql, bool missing_ok) {
+  sqlite3_stmt* s = nullptr;
+  const int rc = sqlite3_prepare_v2(db_, sql, -1, &s, nullptr);
+  OneOff st(s, sqlite3_finalize);
+  if (rc != SQLITE_OK) {
+    if (missing_ok) return OneOff(nullptr, sqlite3_finalize);
+    fail(rc, "prepare");
+  }
+  return st;
+}
+
 void UsageLog::add_settled_columns() {
   // A `settled` table made by a development build before these columns (same schema version:
   // the table is additive).
   bool clean = false, beat = false;
-  sqlite3_stmt* s = nullptr;
-  int rc =
-      sqlite3_prepare_v2(db_, "SELECT name FROM pragma_table_info('settled')", -1, &s, nullptr);
-  if (rc != SQLITE_OK) fail(rc, "prepare");
-  std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> guard(s, sqlite3_finalize);
-  while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-    const std::string name = column_text(s, 0);
+  auto st = prepare_one_off("SELECT name FROM pragma_table_info('settled')");
+  int rc;
+  while ((rc = sqlite3_step(st.get())) == SQLITE_ROW) {
+    const std::string name = column_text(st.get(), 0);
     clean = clean || name == "clean";
     beat = beat || name == "beat_ms";
   }
   if (rc != SQLITE_DONE) fail(rc, "read the settled table's columns");
-  guard.reset();
+  st.reset();
   if (!clean) exec("ALTER TABLE settled ADD COLUMN clean INTEGER NOT NULL DEFAULT 0");
   if (!beat) exec("ALTER TABLE settled ADD COLUMN beat_ms INTEGER NOT NULL DEFAULT 0");
 }
@@ -868,64 +876,51 @@ std::int64_t UsageLog::open_settled(std::int64_t now_ms) {
   std::lock_guard lk(mu_);
   Transaction tx(db_, "BEGIN IMMEDIATE");
   if (tx.begin_rc() != SQLITE_OK) fail(tx.begin_rc(), "begin");
-  const std::string now = std::to_string(now_ms);
   // The requests lost started at or after the settled time, before the crash: at most 31 s
-  // after the last store (a heartbeat at least every 30 s), and before this start.
-  exec(("INSERT INTO unsettled_gaps(from_ms, to_ms) SELECT ms, CASE WHEN beat_ms > 0 AND beat_ms "
-        "+ 31000 < " +
-        now + " THEN max(ms, beat_ms + 31000) ELSE " + now +
-        " END FROM settled WHERE id = 1 AND clean = 0 AND ms < " + now)
-           .c_str());
-  exec("UPDATE settled SET clean = 0 WHERE id = 1");
-  // A log without one (new, or last written by an older build) is settled up to now: requests
-  // before this start are another process's, logged or lost with it. A crash before this
-  // writer's first store then leaves a gap from here.
-  exec(("INSERT OR IGNORE INTO settled(id, ms, clean, beat_ms) VALUES(1, " + now + ", 0, " + now +
-        ")")
-           .c_str());
-  sqlite3_stmt* s = nullptr;
-  int rc = sqlite3_prepare_v2(db_, "SELECT ms FROM settled WHERE id = 1", -1, &s, nullptr);
-  if (rc != SQLITE_OK) fail(rc, "prepare");
-  std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> guard(s, sqlite3_finalize);
-  if (sqlite3_step(s) != SQLITE_ROW) fail(SQLITE_CORRUPT, "read the settled time");
-  const std::int64_t ms = sqlite3_column_int64(s, 0);
-  guard.reset();
-  rc = tx.commit();
+  // after the last store (a heartbeat at least every 30 s), and before this start. Then a log
+  // without a settled time (new, or last written by an older build) is settled up to now:
+  // requests before this start are another process's, logged or lost with it (a crash before
+  // this writer's first store leaves a gap from here).
+  for (const char* sql :
+       {"INSERT INTO unsettled_gaps(from_ms, to_ms) SELECT ms, CASE WHEN beat_ms > 0 AND "
+        "beat_ms + 31000 < ?1 THEN max(ms, beat_ms + 31000) ELSE ?1 END FROM settled WHERE id = "
+        "1 AND clean = 0 AND ms < ?1",
+        "UPDATE settled SET clean = 0 WHERE id = 1",
+        "INSERT OR IGNORE INTO settled(id, ms, clean, beat_ms) VALUES(1, ?1, 0, ?1)"}) {
+    auto st = prepare_one_off(sql);
+    if (sqlite3_bind_parameter_count(st.get()) > 0) sqlite3_bind_int64(st.get(), 1, now_ms);
+    step_done(st.get(), "open the settled time");
+  }
+  const std::int64_t ms = settled_locked().value_or(now_ms);  // the row exists now
+  const int rc = tx.commit();
   if (rc != SQLITE_OK) fail(rc, "commit");
   return ms;
 }
 
 std::optional<std::pair<std::int64_t, std::int64_t>> UsageLog::gap_locked(std::int64_t since_ms,
                                                                           std::int64_t until_ms) {
-  sqlite3_stmt* s = nullptr;
-  int rc = sqlite3_prepare_v2(db_,
-                              "SELECT from_ms, to_ms FROM unsettled_gaps WHERE from_ms < ?1 AND "
-                              "to_ms > ?2 ORDER BY from_ms DESC LIMIT 1",
-                              -1, &s, nullptr);
-  if (rc != SQLITE_OK) {  // no table: no writer of this version opened the file
-    sqlite3_finalize(s);
-    return std::nullopt;
+  // No table: no writer of this version opened the file.
+  auto st = prepare_one_off(
+      "SELECT from_ms, to_ms FROM unsettled_gaps WHERE from_ms < ?1 AND to_ms > ?2 ORDER BY "
+      "from_ms DESC LIMIT 1",
+      true);
+  if (!st) return std::nullopt;
+  sqlite3_bind_int64(st.get(), 1, until_ms);
+  sqlite3_bind_int64(st.get(), 2, since_ms);
+  const int rc = sqlite3_step(st.get());
+  if (rc == SQLITE_ROW) {
+    return std::pair{sqlite3_column_int64(st.get(), 0), sqlite3_column_int64(st.get(), 1)};
   }
-  std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> guard(s, sqlite3_finalize);
-  sqlite3_bind_int64(s, 1, until_ms);
-  sqlite3_bind_int64(s, 2, since_ms);
-  rc = sqlite3_step(s);
-  if (rc == SQLITE_ROW) return std::pair{sqlite3_column_int64(s, 0), sqlite3_column_int64(s, 1)};
   if (rc != SQLITE_DONE) fail(rc, "read the unsettled gaps");
   return std::nullopt;
 }
 
 std::optional<std::int64_t> UsageLog::settled_locked() {
-  sqlite3_stmt* s = nullptr;
-  // A file no writer of this version has opened has no table: nothing is known.
-  int rc = sqlite3_prepare_v2(db_, "SELECT ms FROM settled WHERE id=1", -1, &s, nullptr);
-  if (rc != SQLITE_OK) {
-    sqlite3_finalize(s);
-    return std::nullopt;
-  }
-  std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)> guard(s, sqlite3_finalize);
-  rc = sqlite3_step(s);
-  if (rc == SQLITE_ROW) return sqlite3_column_int64(s, 0);
+  // No table: no writer of this version opened the file, nothing is known.
+  auto st = prepare_one_off("SELECT ms FROM settled WHERE id = 1", true);
+  if (!st) return std::nullopt;
+  const int rc = sqlite3_step(st.get());
+  if (rc == SQLITE_ROW) return sqlite3_column_int64(st.get(), 0);
   if (rc != SQLITE_DONE) fail(rc, "read the settled time");
   return INT64_MIN;  // a writer of this version opened the file and has settled nothing yet
 }

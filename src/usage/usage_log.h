@@ -231,6 +231,10 @@ class UsageLog {
   std::optional<std::int64_t> deleted_times_locked();
   std::optional<std::int64_t> settled_locked();
   void add_settled_columns();
+  // A statement run once (not kept with stmt()'s); null when `missing_ok` and it cannot be
+  // prepared (a table that a file written by an older build lacks).
+  using OneOff = std::unique_ptr<sqlite3_stmt, int (*)(sqlite3_stmt*)>;
+  OneOff prepare_one_off(const char* sql, bool missing_ok = false);
   std::optional<std::pair<std::int64_t, std::int64_t>> gap_locked(std::int64_t since_ms,
                                                                   std::int64_t until_ms);
   void mark_untimed_deletes();
