@@ -26,6 +26,7 @@ inline constexpr ErrorSpec model_not_found{404, "invalid_request_error", "model_
 inline constexpr ErrorSpec method_not_allowed{405, "invalid_request_error", "method_not_allowed"};
 inline constexpr ErrorSpec request_timeout{408, "invalid_request_error", "request_timeout"};
 inline constexpr ErrorSpec body_too_large{413, "invalid_request_error", "request_too_large"};
+inline constexpr ErrorSpec uri_too_long{414, "invalid_request_error", "uri_too_long"};
 inline constexpr ErrorSpec expectation_failed{417, "invalid_request_error", "expectation_failed"};
 inline constexpr ErrorSpec headers_too_large{431, "invalid_request_error", "headers_too_large"};
 inline constexpr ErrorSpec reload_failed{500, "server_error", "reload_failed"};

@@ -1606,8 +1606,16 @@ asio::awaitable<bool> ClientSession::handle_request() {
                            false);
       co_await send(ctx, reply_);
     } else if (hec == bhttp::error::header_limit) {
-      reply_ = error_reply(http::errors::headers_too_large,
-                           "The request headers are larger than server.max_header_size.", false);
+      // The parser takes the request line as soon as it ends: one that did not end within the
+      // limit is a target too long (414, as RFC 9112 3 and nginx answer it); otherwise the header
+      // fields are (431).
+      if (parser.get().target().empty()) {
+        reply_ = error_reply(http::errors::uri_too_long,
+                             "The request line is longer than server.max_header_size.", false);
+      } else {
+        reply_ = error_reply(http::errors::headers_too_large,
+                             "The request headers are larger than server.max_header_size.", false);
+      }
       co_await send(ctx, reply_);
     } else if (hec == beast::error::timeout) {
       // A header still unfinished at client_header (a client trickling it): the deadline closed

@@ -64,6 +64,24 @@ test('a chunk-size line, chunk extension or trailer section that never ends gets
   assert.equal(backend.apiRequests.length, seen, 'nothing reached the backend');
 });
 
+test('a request line past max_header_size gets 414, header fields past it 431, both closed', { timeout: 30_000 }, async () => {
+  const pad = 'a'.repeat(5000);
+  const seen = backend.apiRequests.length;
+  const cases = [
+    ['a long target', Buffer.from(`GET /v1/models?q=${pad} HTTP/1.1\r\nHost: x\r\n\r\n`, 'latin1'), 414, 'uri_too_long', /request line is longer/],
+    ['a long field', head(['Host: x', `X-Pad: ${pad}`, 'Content-Length: 0']), 431, 'headers_too_large', /headers are larger/],
+    ['many short fields', head(['Host: x', ...Array.from({ length: 10_000 }, (_, i) => `X-F${i}: 0123456789`)]), 431, 'headers_too_large', /headers are larger/],
+  ];
+  for (const [what, bytes, status, code, message] of cases) {
+    const res = await rawExchange(gw.port, bytes);
+    assert.equal(res.status, status, `${what}: ${res.body.toString().slice(0, 200)}`);
+    assert.equal(openAIError(res).code, code, what);
+    assert.match(openAIError(res).message, message, what);
+    assert.equal(res.headers.connection?.[0]?.toLowerCase(), 'close', what);
+  }
+  assert.equal(backend.apiRequests.length, seen, 'nothing reached the backend');
+});
+
 test('trailer fields are dropped, not forwarded as headers or read as the caller', { timeout: 30_000 }, async () => {
   const hexLen = Buffer.byteLength(BODY).toString(16);
   const bytes = Buffer.concat([

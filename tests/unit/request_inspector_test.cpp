@@ -602,7 +602,10 @@ TEST(ErrorBody, EveryWellKnownSpecIsValidJson) {
       http::errors::request_timeout,    http::errors::body_too_large,
       http::errors::headers_too_large,  http::errors::bad_gateway,
       http::errors::no_healthy_backend, http::errors::shutting_down,
-      http::errors::gateway_timeout,
+      http::errors::gateway_timeout,    http::errors::uri_too_long,
+      http::errors::expectation_failed, http::errors::usage_backlog,
+      http::errors::overloaded,         http::errors::reload_failed,
+      http::errors::unauthorized,       http::errors::invalid_config,
   };
   for (const auto& spec : specs) {
     SCOPED_TRACE(spec.code);
