@@ -3265,10 +3265,13 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   }
   if (!upstream_ok) {
     // The response is cut: the client must see a truncated message, never a clean end. A stream
-    // the gateway cuts itself (stream_idle) first gets an error event, as servers report errors
-    // mid-stream, so that SDKs raise an API error rather than a bare "terminated"; only between
-    // events, never inside one the backend left unfinished.
-    if (client_ok && is_stream && head.empty() && at_event_end && ctx.finish == "timeout") {
+    // the gateway cuts (stream_idle) or the backend broke off first gets an error event, as
+    // servers report errors mid-stream, so that SDKs raise an API error rather than a bare
+    // "terminated"; only between events, never inside one the backend left unfinished, nor after
+    // its end marker, nor when the drain deadline cut it.
+    const bool timed_out = ctx.finish == "timeout";
+    if (client_ok && is_stream && head.empty() && at_event_end && !aborted_ &&
+        (timed_out || ctx.finish == "upstream_error") && !ends_with_done_line(tail.view())) {
       static constexpr std::string_view kIdle =
           "data: {\"error\":{\"message\":\"The backend sent nothing within timeouts.stream_idle; "
           "the gateway ended the stream.\",\"type\":\"server_error\",\"param\":null,\"code\":"
@@ -3277,9 +3280,15 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
           "data: {\"error\":{\"message\":\"The backend sent its stream's header, then nothing "
           "within timeouts.first_byte; the gateway ended the stream.\",\"type\":\"server_error\","
           "\"param\":null,\"code\":\"upstream_timeout\"}}\n\n";
+      static constexpr std::string_view kBroken =
+          "data: {\"error\":{\"message\":\"The backend's stream broke off before its end; the "
+          "gateway ended the stream.\",\"type\":\"server_error\",\"param\":null,\"code\":"
+          "\"upstream_error\"}}\n\n";
       out.frame({}, chunked,
-                ctx.first_byte_ms < 0 && cfg.timeouts.first_byte > cfg.timeouts.stream_idle ? kFirst
-                                                                                            : kIdle,
+                !timed_out ? kBroken
+                : ctx.first_byte_ms < 0 && cfg.timeouts.first_byte > cfg.timeouts.stream_idle
+                    ? kFirst
+                    : kIdle,
                 false);
       write_now(out);
     }

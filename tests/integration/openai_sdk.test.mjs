@@ -161,6 +161,27 @@ test('models retrieve: a served model (an id with a slash too), and 404 model_no
   });
 });
 
+test('a stream the backend breaks off between events ends with an error event the SDK raises', { timeout: 30_000 }, async () => {
+  const client = new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: 'sk-dummy-for-tests', maxRetries: 0, timeout: 15_000 });
+  const stream = await client.chat.completions.create(
+    { model: 'm1', messages, stream: true },
+    { headers: { 'X-Mock-Tokens': '10', 'X-Mock-Drop-After': '3' } },
+  );
+  let content = '';
+  await assert.rejects(
+    (async () => {
+      for await (const chunk of stream) content += chunk.choices[0]?.delta?.content ?? '';
+    })(),
+    (err) => {
+      assert.ok(err instanceof OpenAI.APIError, `${err?.constructor?.name}: ${err}`);
+      assert.equal(err.code, 'upstream_error');
+      assert.match(err.message, /broke off before its end/);
+      return true;
+    },
+  );
+  assert.ok(content.length > 0 && !content.includes('tok4'), `content ${JSON.stringify(content)}`);
+});
+
 test('a stream the gateway ends at stream_idle ends with an error event the SDK raises', { timeout: 30_000 }, async () => {
   const gw2 = await startGateway({
     timeouts: { stream_idle: '300ms' },
