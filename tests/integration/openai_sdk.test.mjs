@@ -161,12 +161,10 @@ test('models retrieve: a served model (an id with a slash too), and 404 model_no
   });
 });
 
-test('a stream the backend breaks off between events ends with an error event the SDK raises', { timeout: 30_000 }, async () => {
-  const client = new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: 'sk-dummy-for-tests', maxRetries: 0, timeout: 15_000 });
-  const stream = await client.chat.completions.create(
-    { model: 'm1', messages, stream: true },
-    { headers: { 'X-Mock-Tokens': '10', 'X-Mock-Drop-After': '3' } },
-  );
+// Streams `headers` through `client` and expects the SDK to raise an APIError of `code` whose
+// message matches `message`; returns the content that arrived before it.
+async function streamUntilApiError(client, headers, code, message) {
+  const stream = await client.chat.completions.create({ model: 'm1', messages, stream: true }, { headers });
   let content = '';
   await assert.rejects(
     (async () => {
@@ -174,10 +172,21 @@ test('a stream the backend breaks off between events ends with an error event th
     })(),
     (err) => {
       assert.ok(err instanceof OpenAI.APIError, `${err?.constructor?.name}: ${err}`);
-      assert.equal(err.code, 'upstream_error');
-      assert.match(err.message, /broke off before its end/);
+      assert.equal(err.code, code);
+      assert.match(err.message, message);
       return true;
     },
+  );
+  return content;
+}
+
+test('a stream the backend breaks off between events ends with an error event the SDK raises', { timeout: 30_000 }, async () => {
+  const client = new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: 'sk-dummy-for-tests', maxRetries: 0, timeout: 15_000 });
+  const content = await streamUntilApiError(
+    client,
+    { 'X-Mock-Tokens': '10', 'X-Mock-Drop-After': '3' },
+    'upstream_error',
+    /broke off before its end/,
   );
   assert.ok(content.length > 0 && !content.includes('tok4'), `content ${JSON.stringify(content)}`);
 });
@@ -188,21 +197,11 @@ test('a stream the gateway ends at stream_idle ends with an error event the SDK 
     backends: [backendEntry(mock, { name: 'sdk', models: ['m1'] })],
   });
   const client2 = new OpenAI({ baseURL: `${gw2.url}/v1`, apiKey: 'sk-dummy-for-tests', maxRetries: 0, timeout: 15_000 });
-  const stream = await client2.chat.completions.create(
-    { model: 'm1', messages, stream: true },
-    { headers: { 'X-Mock-Tokens': '5', 'X-Mock-Delay-Ms': '3000' } },
-  );
-  let content = '';
-  await assert.rejects(
-    (async () => {
-      for await (const chunk of stream) content += chunk.choices[0]?.delta?.content ?? '';
-    })(),
-    (err) => {
-      assert.ok(err instanceof OpenAI.APIError, `${err?.constructor?.name}: ${err}`);
-      assert.equal(err.code, 'upstream_timeout');
-      assert.match(err.message, /stream_idle/);
-      return true;
-    },
+  const content = await streamUntilApiError(
+    client2,
+    { 'X-Mock-Tokens': '5', 'X-Mock-Delay-Ms': '3000' },
+    'upstream_timeout',
+    /stream_idle/,
   );
   assert.ok(!content.includes('tok4'), 'the stream was not cut');
 });
