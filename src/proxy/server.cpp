@@ -1933,18 +1933,30 @@ asio::awaitable<bool> ClientSession::handle_request() {
     const std::string_view key = usage::api_key_from_headers(authorization, x_api_key);
     const std::size_t key_limit =
         ucfg.api_key == config::ApiKeyMode::full ? kMaxStoredKeyBytes : SIZE_MAX;
+    const std::string_view key_header =
+        key.data() == x_api_key.data() && !x_api_key.empty() ? "X-API-Key" : "Authorization";
     if (user.size() > llm::kMaxIdentifierBytes || key.size() > key_limit) {
       const bool of_user = user.size() > llm::kMaxIdentifierBytes;
       reply_ = error_reply(
           http::errors::string_too_long,
           fmt::format("Invalid '{}' header: too long for the usage record. Expected at most {} "
                       "bytes, but got {}.",
-                      of_user ? user_header
-                              : (key.data() == x_api_key.data() && !x_api_key.empty()
-                                     ? std::string_view("X-API-Key")
-                                     : std::string_view("Authorization")),
+                      of_user ? user_header : key_header,
                       of_user ? llm::kMaxIdentifierBytes : key_limit,
                       of_user ? user.size() : key.size()),
+          keep_alive);
+      co_return co_await send(ctx, reply_);
+    }
+    // The record is JSON: bytes that are not UTF-8 would become U+FFFD there, and "mallory\xff"
+    // and "mallory\xfe" one user. A hashed key keeps its bytes; a masked one is lossy anyway.
+    const bool bad_user = !simdjson::validate_utf8(user.data(), user.size());
+    if (bad_user || (ucfg.api_key == config::ApiKeyMode::full &&
+                     !simdjson::validate_utf8(key.data(), key.size()))) {
+      reply_ = error_reply(
+          http::errors::invalid_request,
+          fmt::format("Invalid '{}' header: not valid UTF-8, so the usage record cannot hold it "
+                      "as sent.",
+                      bad_user ? user_header : key_header),
           keep_alive);
       co_return co_await send(ctx, reply_);
     }

@@ -19,6 +19,8 @@ import {
   chatBody,
   openRawStream,
   jsonPostBytes,
+  rawExchange,
+  openAIError,
   mockPathCount,
   waitUntil,
   mockTokens,
@@ -467,6 +469,32 @@ test('a user header over 1,024 bytes or a kept-whole API key over 4 KiB: 400 str
   assert.equal(rec.user_id.length, 1024);
   assert.equal(rec.api_key.length, 4096);
   assert.ok(!receiver.delivered.some((r) => r.client_request_id?.startsWith('long-id-') && r.client_request_id !== id), 'a refused request was billed');
+});
+
+test('a user header or kept-whole API key that is not UTF-8: 400 invalid_request, nothing forwarded or billed', { timeout: 30_000 }, async () => {
+  const before = await mockPathCount(mock, PATHS.chat);
+  // Raw heads are latin1: '\xff' goes out as the byte 0xff, which no UTF-8 text holds.
+  const ask = (id, header) => rawExchange(gw.port, jsonPostBytes(gw.port, PATHS.chat, chatBody('m1'), [['X-Request-Id', id], header, ['Connection', 'close']]));
+  const cases = [
+    [['X-User-Id', 'mallory\xff'], /'x-user-id' header: not valid UTF-8/i],
+    [['X-User-Id', 'mallory\xc3('], /'x-user-id' header: not valid UTF-8/i],
+    [['Authorization', 'Bearer k\xc3(ey'], /'Authorization' header: not valid UTF-8/],
+    [['X-API-Key', 'k\xfe'], /'X-API-Key' header: not valid UTF-8/],
+  ];
+  for (const [header, message] of cases) {
+    const res = await ask(nextId('bad-utf8'), header);
+    assert.equal(res.status, 400, `${header}: ${res.body.toString()}`);
+    const e = openAIError(res);
+    assert.equal(e.code, 'invalid_request');
+    assert.match(e.message, message);
+  }
+  assert.equal(await mockPathCount(mock, PATHS.chat), before, 'refused requests reached the backend');
+  // UTF-8 as sent (the two bytes of "é") is kept whole.
+  const id = nextId('utf8-ok');
+  const res = await ask(id, ['X-User-Id', 'mall\xc3\xa9ory']);
+  assert.equal(res.status, 200, res.body.toString());
+  assert.equal((await recordOf(id)).user_id, 'malléory');
+  assert.ok(!receiver.delivered.some((r) => r.client_request_id?.startsWith('bad-utf8-')), 'a refused request was billed');
 });
 
 test('usage.tokenize off: the prompt estimate of a chat with tools counts their JSON text, the calls and the template\'s tool instruction', { timeout: 30_000 }, async () => {
