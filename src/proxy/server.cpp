@@ -819,6 +819,16 @@ struct RequestContext {
   unsigned client_version = 11;  // 10 for HTTP/1.0 clients: no chunked responses
   metrics::Route route = metrics::Route::other;
   double first_byte_ms = -1;  // first response body byte written to the client
+  // A metered stream's first data event written to the client (comments such as keep-alive
+  // pings, error events and [DONE] are no token).
+  double first_token_ms = -1;
+  // Time to first token of a stream the backend answered 2xx, else -1: the first data event when
+  // metered, else the first body byte (an error answer's first byte is no first token: a
+  // backend shedding load in 3 ms would otherwise improve the TTFT while it serves nothing).
+  double ttft_ms() const {
+    if (!info.stream || upstream_status < 200 || upstream_status >= 300) return -1;
+    return meter ? first_token_ms : first_byte_ms;
+  }
 
   // Metering (LLM routes with usage enabled). A record is made when `forwarded`.
   bool metered = false;
@@ -1178,12 +1188,7 @@ void ClientSession::log(RequestContext& ctx) {
           .count();
   w_.metrics.request(ctx.route, ctx.info.stream, backend, ctx.status, duration_ms);
   if (ctx.finish == "client_disconnected") ++w_.metrics.client_disconnects;
-  // An error answer's first byte is no first token: a backend shedding load in 3 ms would
-  // otherwise improve the TTFT while it serves nothing.
-  if (ctx.info.stream && ctx.backend && ctx.first_byte_ms >= 0 && ctx.upstream_status >= 200 &&
-      ctx.upstream_status < 300) {
-    w_.metrics.ttft(backend, ctx.first_byte_ms);
-  }
+  if (const double ttft = ctx.ttft_ms(); ctx.backend && ttft >= 0) w_.metrics.ttft(backend, ttft);
   if (w_.log.enabled()) access_log(ctx, duration_ms);
   // Last: the record views the context's strings, whose bytes the pipeline copies.
   if (ctx.metered && ctx.forwarded) submit_usage(ctx, duration_ms);
@@ -2354,7 +2359,7 @@ void ClientSession::submit_usage(RequestContext& ctx, double duration_ms) {
   }
   r.status_code = ctx.status;
   r.duration_ms = duration_ms;
-  r.ttft_ms = ctx.info.stream ? ctx.first_byte_ms : -1;
+  r.ttft_ms = ctx.ttft_ms();
   r.finish = ctx.finish;
   r.usage_source = ctx.estimated ? "estimated" : "backend";
   w_.metrics.usage_prompt_tokens +=
@@ -3215,6 +3220,12 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
         ctx.first_byte_ms = std::chrono::duration<double, std::milli>(now - ctx.start).count();
       } else if (is_stream) {
         w_.metrics.event_gap(std::chrono::duration<double, std::milli>(now - last_write).count());
+      }
+      if (ctx.first_token_ms < 0 && ctx.meter) {
+        const auto& t = ctx.meter->tracker();
+        if (t.events() > (t.saw_done() ? 1u : 0u) && !t.saw_error()) {
+          ctx.first_token_ms = std::chrono::duration<double, std::milli>(now - ctx.start).count();
+        }
       }
       last_write = now;
     }

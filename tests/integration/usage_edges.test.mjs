@@ -27,6 +27,8 @@ import {
   readAll,
   mockPathCount,
   withTimeout,
+  deferred,
+  delay,
 } from './lib/harness.mjs';
 import { startUsageGateway, mapLimit, hookConfig, scrapeMetrics, metricSum } from './lib/usage.mjs';
 
@@ -635,4 +637,56 @@ test('a record\'s timestamp is when its request began, also when a slow /tokeniz
   // Second precision: the second the request began, not 2.5 s later.
   const ts = Date.parse(rec.timestamp);
   assert.ok(ts >= Math.floor(t0 / 1000) * 1000 && ts <= t1, `timestamp ${rec.timestamp}, request from ${new Date(t0).toISOString()} to ${new Date(t1).toISOString()}`);
+});
+
+test('ttft_ms is the first data event: not a keep-alive comment before it, and null for a stream answered with an error', { timeout: 30_000 }, async () => {
+  const backend = await startBackend('ping');
+  const release = deferred();
+  const events = [
+    { id: 'p', object: 'chat.completion.chunk', choices: [{ index: 0, delta: { role: 'assistant', content: 'hi' }, finish_reason: null }] },
+    { id: 'p', object: 'chat.completion.chunk', choices: [{ index: 0, delta: {}, finish_reason: 'stop' }], usage: { prompt_tokens: 3, completion_tokens: 1, total_tokens: 4 } },
+  ];
+  backend.handler = async (req, res) => {
+    if (req.headers['x-answer'] === '429') {
+      res.writeHead(429, { 'content-type': 'application/json' });
+      return res.end('{"error":{"message":"slow down","type":"rate_limit_error","param":null,"code":null}}');
+    }
+    res.writeHead(200, { 'content-type': 'text/event-stream' });
+    res.write(': ping\n\n');
+    if (req.headers['x-answer'] === 'error-first') {
+      return res.end('data: {"error":{"message":"boom","type":"server_error","param":null,"code":null}}\n\ndata: [DONE]\n\n');
+    }
+    await release.promise;
+    res.end(events.map((e) => `data: ${JSON.stringify(e)}\n\n`).join('') + 'data: [DONE]\n\n');
+  };
+  const gw = await startUsageGateway({ mock, receiver, backends: [backendEntry(backend, { name: 'ping' })] });
+  const stream = await openStream(`${gw.url}/v1/chat/completions`, {
+    headers: { 'content-type': 'application/json', 'x-request-id': 'edge-ttft-ping' },
+    body: JSON.stringify(chatBody('m1', { stream: true })),
+  });
+  let text = '';
+  const pinged = deferred();
+  stream.res.on('data', (d) => {
+    text += d;
+    if (text.includes(': ping')) pinged.resolve(performance.now());
+  });
+  const ended = new Promise((resolve) => stream.res.on('end', resolve));
+  const pingSeen = await pinged.promise;
+  // The gap the record must show at least: the gateway's request began before the ping reached
+  // the client, and the first event left the backend after the release.
+  await delay(200);
+  const gap = performance.now() - pingSeen;
+  release.resolve();
+  await ended;
+  assert.deepEqual(sseData(text), [...events.map((e) => JSON.stringify(e)), '[DONE]']);
+  const rec = await receiver.waitForClientId('edge-ttft-ping', 10_000);
+  assert.ok(rec.ttft_ms >= gap - 1, `ttft_ms ${rec.ttft_ms} counted the ping, not the first event ${gap} ms after it`);
+  assert.ok(rec.ttft_ms <= rec.duration_ms, JSON.stringify(rec));
+  for (const answer of ['429', 'error-first']) {
+    const id = `edge-ttft-${answer}`;
+    const res = await postJson(gw.url, '/v1/chat/completions', chatBody('m1', { stream: true }), { headers: { 'x-request-id': id, 'x-answer': answer } });
+    assert.equal(res.status, answer === '429' ? 429 : 200);
+    const r = await receiver.waitForClientId(id, 10_000);
+    assert.equal(r.ttft_ms, null, `${answer}: ${JSON.stringify(r)}`);
+  }
 });
