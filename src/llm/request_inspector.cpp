@@ -182,7 +182,7 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
   // stream and bill by is the last copy (an earlier one of another type is no error to them);
   // counting every copy of the prompt over-counts, counting the first under-counts.
   struct {
-    std::optional<simdjson::dom::element> stream, model, user;
+    std::optional<simdjson::dom::element> stream, model, user, safety_identifier;
     std::optional<simdjson::dom::element> messages, prompt, input, tools, functions;
   } last;
   for (auto field : obj) {
@@ -193,6 +193,8 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
       last.model = field.value;
     } else if (key == "user") {
       last.user = field.value;
+    } else if (key == "safety_identifier") {
+      last.safety_identifier = field.value;
     } else if (key == "messages") {
       last.messages = field.value;  // counted after the loop: a repeated key's last value wins
     } else if (key == "prompt") {
@@ -253,6 +255,11 @@ bool RequestInspector::inspect(Endpoint endpoint, std::string_view body, bool pa
   };
   if (!identifier(last.model, "model", info.model, false) ||
       !identifier(last.user, "user", info.user, true)) {  // a null user: none
+    return false;
+  }
+  // OpenAI's successor of `user` (which it deprecates): the caller's id when `user` is absent.
+  if (info.user.empty() &&
+      !identifier(last.safety_identifier, "safety_identifier", info.user, true)) {
     return false;
   }
   if (simdjson::dom::array list;

@@ -102,6 +102,24 @@ TEST(RequestInspector, ModelAndUserExtracted) {
   EXPECT_FALSE(o.info.include_usage);
 }
 
+// safety_identifier, OpenAI's successor of `user`, names the caller when `user` does not.
+TEST(RequestInspector, SafetyIdentifierWhenNoUser) {
+  Outcome alone = inspect(R"({"model":"m","safety_identifier":"sid-1"})");
+  ASSERT_TRUE(alone.ok) << alone.error.message;
+  EXPECT_EQ(alone.info.user, "sid-1");
+  Outcome both = inspect(R"({"model":"m","safety_identifier":"sid-1","user":"alice"})");
+  ASSERT_TRUE(both.ok) << both.error.message;
+  EXPECT_EQ(both.info.user, "alice");
+  Outcome null_user = inspect(R"({"model":"m","user":null,"safety_identifier":"sid-2"})");
+  ASSERT_TRUE(null_user.ok) << null_user.error.message;
+  EXPECT_EQ(null_user.info.user, "sid-2");
+  EXPECT_TRUE(refused(R"({"model":"m","safety_identifier":7})", http::errors::invalid_request));
+  EXPECT_EQ(inspect(R"({"model":"m","safety_identifier":7})").error.param, "safety_identifier");
+  const std::string over(llm::kMaxIdentifierBytes + 1, 's');
+  EXPECT_TRUE(refused(R"({"model":"m","safety_identifier":")" + over + R"("})",
+                      http::errors::string_too_long));
+}
+
 // Without metering the prompt is not counted (the estimate is never needed); the rest is read.
 TEST(RequestInspector, PromptCountedOnlyWhenAsked) {
   const std::string body =
