@@ -91,6 +91,8 @@ constexpr std::size_t kLingerRead = 4 * 1024;  // per closing connection: SIGTER
 // request body kept after sending for a /tokenize call (larger prompts are estimated).
 constexpr std::size_t kResponseTailBytes = 64 * 1024;
 constexpr std::size_t kMaxTokenizeBody = 1024 * 1024;
+// The most a /tokenize answer may take (a token list of the longest prompt kept).
+constexpr std::size_t kTokenizeAnswerMax = 8 * kMaxTokenizeBody + 64 * 1024;
 // A non-stream answer whose client left is read on for its usage up to this many more bytes.
 constexpr std::size_t kReadForUsageMax = 64 * 1024 * 1024;
 // An API key kept whole in usage records (api_key: full) is refused past this.
@@ -844,8 +846,9 @@ struct RequestContext {
   std::string api_key;
   std::optional<llm::StreamMeter> meter;  // event streams
   std::string body_copy;                  // other responses: the body, or its tail when large
-  std::string body_head;                  // ... and then its first kResponseTailBytes too
-  std::string body_mid;  // ... and the last usage key that left the copy, with what follows it
+  BodyTicket copy_ticket;  // body_copy's room, under server.max_body_memory with the bodies
+  std::string body_head;   // ... and then its first kResponseTailBytes too
+  std::string body_mid;    // ... and the last usage key that left the copy, with what follows it
   bool body_copy_complete = true;
   // A body relayed in one piece is read for usage where it lies, once written: no copy.
   struct BodyUsage {
@@ -964,12 +967,23 @@ class ClientSession {
     std::string().swap(ctx.retained_body);
     ctx.body_ticket.shrink(0);
   }
-  bool hold_body(RequestContext& ctx, std::uint64_t bytes) {
+  bool hold_body(RequestContext& ctx, std::uint64_t bytes) { return hold(ctx.body_ticket, bytes); }
+  bool hold(BodyTicket& ticket, std::uint64_t bytes) {
     // A largest body alone always fits, whatever the setting.
     const auto& server = w_.cfg().server;
     const std::uint64_t bound =
         std::max(server.max_body_memory, server.max_body_size + simdjson::SIMDJSON_PADDING);
-    return ctx.body_ticket.hold(w_.shared.body_bytes, w_.shared.body_peak, bound, bytes);
+    return ticket.hold(w_.shared.body_bytes, w_.shared.body_peak, bound, bytes);
+  }
+  // Room in a non-stream answer's copy for `need` bytes, at most `limit`, held under
+  // server.max_body_memory; false at that bound (the copy then keeps only its windows).
+  bool grow_copy(RequestContext& ctx, std::size_t need, std::size_t limit) {
+    auto& copy = ctx.body_copy;
+    if (need <= copy.capacity()) return true;
+    const std::size_t room = std::min(limit, std::max(need, 2 * copy.capacity()));
+    if (!hold(ctx.copy_ticket, room)) return false;
+    copy.reserve(room);
+    return true;
   }
   // Makes room in `body` for `incoming` more bytes (and simdjson's padding), at most `cap`, held
   // under server.max_body_memory before it is taken: the body grows with what arrives, never
@@ -2131,6 +2145,7 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
   }
   ctx.body_copy.clear();
   ctx.body_copy.shrink_to_fit();
+  ctx.copy_ticket.shrink(0);
   std::string().swap(ctx.body_head);
   std::string().swap(ctx.body_mid);
   const auto& info = ctx.info;
@@ -2262,6 +2277,14 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
     }
     body += '}';
   }
+  // The answer lists at most one token per byte of the question, each id written in at most 8
+  // bytes; its room is held under server.max_body_memory (past that bound: estimated).
+  const std::uint64_t answer_limit =
+      std::min<std::uint64_t>(kTokenizeAnswerMax, 8 * body.size() + 64 * 1024);
+  BodyTicket answer_room;
+  if (!hold(answer_room, answer_limit)) {
+    co_return -1;
+  }
   // A connection of its own, closed afterwards: this rare call never touches the pool. The drain
   // deadline's abort() closes it (its connect is bounded by timeouts.connect, which the grace
   // after the cut outlasts): the record is logged with the local estimate.
@@ -2293,7 +2316,7 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
   std::optional<bhttp::response_parser<bhttp::string_body>> parser;
   for (int interim = 0; interim < 8; ++interim) {  // 1xx answers come before the final one
     parser.emplace();
-    parser->body_limit(16 * 1024 * 1024);  // a token list of a long prompt
+    parser->body_limit(answer_limit);
     auto [rec, rn] = co_await upstream_read(*conn, *parser);
     if (rec) {
       conn->close();
@@ -3172,7 +3195,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       auto& copy = ctx.body_copy;
       if (rp.is_done() && !cwec && pending_.empty() && copy.empty() && ctx.body_copy_complete) {
         ctx.body_usage = read_body(piece, true);
-      } else if (ctx.body_copy_complete && copy.size() + n <= copy_limit) {
+      } else if (ctx.body_copy_complete && copy.size() + n <= copy_limit &&
+                 grow_copy(ctx, copy.size() + n, copy_limit)) {
         copy.append(piece);
       } else {
         copy.append(piece);
@@ -3188,6 +3212,11 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
             ctx.body_mid.assign(copy, at, llm::kUsageWindowBytes);
           }
           copy.erase(0, drop);
+          // The windows from here on: the room the whole copy had goes back.
+          if (ctx.copy_ticket.held() > 0) {
+            copy.shrink_to_fit();
+            ctx.copy_ticket.shrink(0);
+          }
         }
       }
     }

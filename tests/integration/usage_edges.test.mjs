@@ -690,3 +690,73 @@ test('ttft_ms is the first data event: not a keep-alive comment before it, and n
     assert.equal(r.ttft_ms, null, `${answer}: ${JSON.stringify(r)}`);
   }
 });
+
+test('a non-stream answer\'s copy for usage is held under server.max_body_memory; past it the copy keeps its windows and usage is still read', { timeout: 60_000 }, async () => {
+  const backend = await startBackend('copy-mem');
+  const usage = { prompt_tokens: 31, completion_tokens: 4, total_tokens: 35 };
+  const whole = Buffer.from(chatAnswer('y'.repeat(600_000), usage));
+  let release = deferred();
+  backend.handler = async (req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': whole.length });
+    res.write(whole.subarray(0, 500_000));
+    await release.promise;
+    res.end(whole.subarray(500_000));
+  };
+  const run = async (gw, id) => {
+    release = deferred();
+    const stream = await openStream(`${gw.url}/v1/chat/completions`, {
+      headers: { 'content-type': 'application/json', 'x-request-id': id },
+      body: JSON.stringify(chatBody('m1')),
+    });
+    let got = 0;
+    const halfway = deferred();
+    stream.res.on('data', (d) => {
+      got += d.length;
+      if (got >= 500_000) halfway.resolve();
+    });
+    const ended = new Promise((resolve) => stream.res.on('end', resolve));
+    await halfway.promise;
+    // The gateway wrote the first 500 KB to the client after copying it.
+    const held = metricSum(await scrapeMetrics(gw), 'llmproxy_request_body_bytes');
+    release.resolve();
+    await ended;
+    assert.equal(got, whole.length);
+    const rec = await receiver.waitForClientId(id, 10_000);
+    assert.equal(rec.usage_source, 'backend', JSON.stringify(rec));
+    assert.equal(rec.prompt_tokens, usage.prompt_tokens);
+    assert.equal(rec.completion_tokens, usage.completion_tokens);
+    await waitUntil(async () => metricSum(await scrapeMetrics(gw), 'llmproxy_request_body_bytes') === 0, { what: 'the copy given back' });
+    return held;
+  };
+  const roomy = await startUsageGateway({ mock, receiver, backends: [backendEntry(backend, { name: 'cm' })] });
+  const heldRoomy = await run(roomy, 'edge-copy-roomy');
+  assert.ok(heldRoomy >= 500_000, `the copy of 500 KB in flight was not counted: ${heldRoomy}`);
+  const tight = await startUsageGateway({ mock, receiver, backends: [backendEntry(backend, { name: 'cm' })], server: { max_body_size: '64KiB', max_body_memory: '128KiB' } });
+  const heldTight = await run(tight, 'edge-copy-tight');
+  assert.ok(heldTight <= 128 * 1024 + 64, `held ${heldTight} bytes past max_body_memory`);
+});
+
+test('a /tokenize answer is read up to 8 bytes a byte of its question plus 64 KiB; a larger one counts nothing and the prompt is estimated', { timeout: 30_000 }, async () => {
+  const backend = await startBackend('tok-big');
+  backend.handler = async (req, res, body) => {
+    if (req.url === '/tokenize') {
+      const pad = body.toString().includes('pad-me') ? 'x'.repeat(200_000) : '';
+      res.writeHead(200, { 'content-type': 'application/json' });
+      return res.end(JSON.stringify({ count: 777, max_model_len: 4096, pad }));
+    }
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end(chatAnswer('hello there'));
+  };
+  const gw = await startUsageGateway({ mock, receiver, backends: [backendEntry(backend, { name: 'tb' })] });
+  const ask = async (id, content) => {
+    const res = await postJson(gw.url, '/v1/chat/completions', { model: 'm1', messages: [{ role: 'user', content }] }, { headers: { 'x-request-id': id } });
+    assert.equal(res.status, 200);
+    return receiver.waitForClientId(id, 10_000);
+  };
+  const small = await ask('edge-tok-small', 'count me');
+  assert.equal(small.prompt_tokens, 777, JSON.stringify(small));
+  const big = await ask('edge-tok-big', 'pad-me');
+  assert.equal(big.usage_source, 'estimated');
+  assert.notEqual(big.prompt_tokens, 777, `a 200 KB answer to a question of ${'pad-me'.length} bytes was read: ${JSON.stringify(big)}`);
+  assert.ok(big.prompt_tokens > 0 && big.prompt_tokens < 50, JSON.stringify(big));
+});
