@@ -50,6 +50,8 @@ class SseScanner {
   std::size_t last_boundary() const { return last_boundary_; }
   // Bytes held for an unfinished line or event (what a cut-off stream left behind).
   std::size_t pending_bytes() const { return line_.size() + data_.size(); }
+  // Memory the scanner keeps for lines and data between feeds.
+  std::size_t room() const { return line_.capacity() + data_.capacity(); }
 
  private:
   // Handles one complete line (without its terminator); returns true when it ended an event.
@@ -75,6 +77,17 @@ class SseScanner {
   std::uint64_t events_ = 0;
   std::uint64_t truncated_events_ = 0;
 };
+
+// Empties `s`, and gives its memory back when one large event grew it: a stream keeps what
+// its usual events need, not the most its largest one took, for the rest of its life.
+inline void clear_releasing(std::string& s) {
+  constexpr std::size_t kKeptRoom = 8 * 1024;
+  if (s.capacity() > kKeptRoom) {
+    std::string().swap(s);
+  } else {
+    s.clear();
+  }
+}
 
 // The first \r or \n at or after `pos`, or npos: two memchr calls per line (find_first_of
 // would call memchr on its two-byte set once per byte of the line).
@@ -128,7 +141,7 @@ void SseScanner::feed(std::string_view bytes, OnEvent&& on_event) {
     } else {
       append_line_bytes(bytes.substr(pos, end - pos));
       ended = line(line_);
-      line_.clear();
+      clear_releasing(line_);
     }
     if (bytes[end] == '\r') {
       if (end + 1 < bytes.size()) {
@@ -146,7 +159,7 @@ void SseScanner::feed(std::string_view bytes, OnEvent&& on_event) {
       ++events_;
       if (event_truncated_) ++truncated_events_;
       on_event(static_cast<const SseEvent&>(e));
-      data_.clear();
+      clear_releasing(data_);
       event_.clear();
       has_data_ = false;
       error_field_ = false;

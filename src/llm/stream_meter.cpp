@@ -7,7 +7,7 @@ std::string_view StreamMeter::relay(std::string_view in) {
     scanner_.feed(in, [this](const SseEvent& e) { tracker_.on_event(e.data, e.event); });
     return in;
   }
-  out_.clear();
+  clear_releasing(out_);   // the view of it returned last time is no longer used
   bool copied = false;     // out_ is in use (something was removed)
   std::size_t cursor = 0;  // bytes of `in` before it are decided
   if (skip_lf_ && !in.empty()) {

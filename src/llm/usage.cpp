@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include "llm/sse_scanner.h"  // clear_releasing
+
 namespace llmproxy::llm {
 namespace {
 
@@ -298,6 +300,7 @@ bool StreamUsageTracker::on_event(std::string_view data, std::string_view event)
   const bool candidate = scan.usage;
   const bool error_candidate = scan.error;
   if (!candidate && !error_candidate) return false;
+  if (data.size() < scratch_.capacity()) clear_releasing(scratch_);  // once large, not for life
   scratch_.assign(data);
   scratch_.reserve(data.size() + simdjson::SIMDJSON_PADDING);
   if (!shared_) {

@@ -184,3 +184,25 @@ TEST(SseScanner, ManyDataLinesAreBoundedToo) {
 
 }  // namespace
 }  // namespace llmproxy::llm
+
+namespace llmproxy::llm {
+namespace {
+
+// One large event (a 200 KB line split over feeds) does not keep its memory for the rest of the
+// stream: after it, the scanner holds what small events need.
+TEST(SseScanner, LargeEventsMemoryIsGivenBack) {
+  SseScanner s;
+  std::size_t seen = 0;
+  const auto count = [&](const SseEvent& e) { seen += e.data.size(); };
+  const std::string big = "data: " + std::string(200'000, 'x');
+  s.feed(std::string_view(big).substr(0, 100'000), count);
+  EXPECT_GE(s.room(), 100'000u);  // the unfinished line is held
+  s.feed(std::string_view(big).substr(100'000), count);
+  s.feed("\n\n", count);
+  EXPECT_EQ(seen, 200'000u);
+  s.feed("data: {\"small\":1}\n\n", count);
+  EXPECT_LE(s.room(), 2u * 8 * 1024) << "the large event's room was kept";
+}
+
+}  // namespace
+}  // namespace llmproxy::llm
