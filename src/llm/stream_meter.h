@@ -36,6 +36,7 @@ class StreamMeter {
   std::string_view finish();
 
   const StreamUsageTracker& tracker() const { return tracker_; }
+  void want_model() { tracker_.want_model(); }
   std::uint64_t removed_events() const { return removed_; }
 
  private:

@@ -3,7 +3,8 @@
 #include <algorithm>
 #include <cstring>
 
-#include "llm/sse_scanner.h"  // clear_releasing
+#include "llm/request_inspector.h"  // kMaxIdentifierBytes
+#include "llm/sse_scanner.h"        // clear_releasing
 
 namespace llmproxy::llm {
 namespace {
@@ -281,6 +282,21 @@ bool body_reports_error(std::string_view body, simdjson::dom::parser& parser) {
   return parser.parse(body.data(), body.size()).get(doc) == simdjson::SUCCESS && reports_error(doc);
 }
 
+std::string answer_model(simdjson::dom::element doc) {
+  std::string_view model;
+  if (doc["model"].get_string().get(model) != simdjson::SUCCESS ||
+      model.size() > kMaxIdentifierBytes) {
+    return {};
+  }
+  return std::string(model);
+}
+
+std::string body_model(std::string_view body, simdjson::dom::parser& parser) {
+  simdjson::dom::element doc;  // parse() copies the body into padded space of its own
+  if (parser.parse(body.data(), body.size()).get(doc) != simdjson::SUCCESS) return {};
+  return answer_model(doc);
+}
+
 bool StreamUsageTracker::on_event(std::string_view data, std::string_view event) {
   ++events_;
   finished_ = false;
@@ -299,7 +315,10 @@ bool StreamUsageTracker::on_event(std::string_view data, std::string_view event)
   finished_ = scan.finish;
   const bool candidate = scan.usage;
   const bool error_candidate = scan.error;
-  if (!candidate && !error_candidate) return false;
+  // The first event only: its chunk names the model as every other one does.
+  const bool model_candidate = want_model_;
+  want_model_ = false;
+  if (!candidate && !error_candidate && !model_candidate) return false;
   if (data.size() < scratch_.capacity()) clear_releasing(scratch_);  // once large, not for life
   scratch_.assign(data);
   scratch_.reserve(data.size() + simdjson::SIMDJSON_PADDING);
@@ -312,6 +331,7 @@ bool StreamUsageTracker::on_event(std::string_view data, std::string_view event)
     return false;
   }
   ++parsed_;
+  if (model_candidate) model_ = answer_model(doc);
   if (error_candidate && reports_error(doc)) saw_error_ = true;  // usage with it still counts
   if (!candidate) return false;
   read_usage(doc, usage_);  // replaces: cumulative reports make the last one right

@@ -59,6 +59,9 @@ class StreamUsageTracker {
   bool on_event(std::string_view data, std::string_view event = {});
 
   const Usage& usage() const { return usage_; }
+  // Read the `model` of the stream's first data event (see answer_model): the request named none.
+  void want_model() { want_model_ = true; }
+  const std::string& model() const { return model_; }
   bool saw_done() const { return saw_done_; }
   // The backend reported an error inside the stream, after its 200 (vLLM, TGI and OpenAI write
   // one as a data event whose object has a top-level `error`, or vLLM's older
@@ -83,6 +86,8 @@ class StreamUsageTracker {
   std::uint64_t parsed_ = 0;
   std::uint64_t content_chars_ = 0;
   TextCount content_text_;
+  bool want_model_ = false;
+  std::string model_;
   std::string scratch_;  // padded copy for simdjson, reused across events
   simdjson::dom::parser* shared_ = nullptr;
   std::unique_ptr<simdjson::dom::parser> own_;
@@ -106,6 +111,12 @@ bool read_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage
 // Is a whole non-stream body an error report (an `error` object or message, or `"object":
 // "error"`)? Some servers answer errors with 200; such a body is billed like an error status.
 bool body_reports_error(std::string_view body, simdjson::dom::parser& parser);
+
+// The top-level `model` a whole response body (or a stream's event) names, or empty: none, not a
+// string, or longer than an identifier a record keeps (kMaxIdentifierBytes). For a request that
+// named no model, whose backend ran its default one.
+std::string answer_model(simdjson::dom::element doc);
+std::string body_model(std::string_view body, simdjson::dom::parser& parser);
 
 // The start of the last `"usage"` key in `s` that begins before `end` and has an object for its
 // value, or npos: the word as a value (`"decoded_token":"usage"`) is passed over, at the cost of

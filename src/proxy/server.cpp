@@ -856,8 +856,11 @@ struct RequestContext {
     bool error = false;  // no usage, and the whole body is an error report
     llm::Usage usage;
     llm::TextCount content;
+    std::string model;  // the answer's `model`, read only for a request that named none
   };
   std::optional<BodyUsage> body_usage;
+  // The model a request that named none was answered by (the response's `model`), for its record.
+  std::string answer_model;
   std::string retained_body;  // the request body, kept for /tokenize when usage is missing
   bool usage_resolved = false;
   llm::Usage usage;
@@ -1054,7 +1057,7 @@ class ClientSession {
   // counted by the backend's /tokenize (after the client has its whole response).
   void resolve_usage(RequestContext& ctx);
   // Usage of a non-stream body, or of the copy of one (`whole` false when it holds only part).
-  RequestContext::BodyUsage read_body(std::string_view body, bool whole);
+  RequestContext::BodyUsage read_body(const RequestContext& ctx, std::string_view body, bool whole);
   // Resolves usage; true when the prompt count should then come from /tokenize (otherwise the
   // retained request body is freed). Plain call: most requests need no coroutine frame for it.
   bool wants_tokenize(RequestContext& ctx);
@@ -2106,11 +2109,13 @@ void ClientSession::record_passive(const config::HealthCheck& hc, lb::Backend& b
 // ---------------------------------------------------------------------------------------------
 // Metering.
 
-RequestContext::BodyUsage ClientSession::read_body(std::string_view body, bool whole) {
+RequestContext::BodyUsage ClientSession::read_body(const RequestContext& ctx, std::string_view body,
+                                                   bool whole) {
   RequestContext::BodyUsage b;
   b.reported = llm::read_body_usage(body, w_.usage_parser, b.usage, b.content);
   // Only a whole body is an error report: a part of one may only quote one.
   b.error = whole && !b.reported && llm::body_reports_error(body, w_.usage_parser);
+  if (whole && ctx.info.model.empty()) b.model = llm::body_model(body, w_.usage_parser);
   return b;
 }
 
@@ -2125,9 +2130,10 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
     u = ctx.meter->tracker().usage();
     reported = u.reported();
     content = ctx.meter->tracker().content_text();
+    ctx.answer_model = ctx.meter->tracker().model();
   } else {
     if (!ctx.body_usage && !ctx.body_copy.empty()) {
-      auto& b = ctx.body_usage.emplace(read_body(ctx.body_copy, ctx.body_copy_complete));
+      auto& b = ctx.body_usage.emplace(read_body(ctx, ctx.body_copy, ctx.body_copy_complete));
       // A body over the copy limit whose usage was not in its tail: the last usage key that
       // passed, then its head (the tail's text stays the estimate).
       for (const std::string* part : {&ctx.body_mid, &ctx.body_head}) {
@@ -2141,6 +2147,7 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
       error_body = ctx.body_usage->error;
       u = ctx.body_usage->usage;
       content = ctx.body_usage->content;
+      ctx.answer_model = std::move(ctx.body_usage->model);
     }
   }
   ctx.body_copy.clear();
@@ -2363,7 +2370,9 @@ void ClientSession::submit_usage(RequestContext& ctx, double duration_ms) {
   }
   r.user_id = ctx.user_id;
   r.api_key = ctx.api_key;
-  r.model = ctx.info.model;
+  // A request without `model` (vLLM, TGI and llama.cpp run their default one): the model the
+  // answer names.
+  r.model = ctx.info.model.empty() ? ctx.answer_model : ctx.info.model;
   r.prompt_tokens = ctx.usage.prompt_tokens;
   r.completion_tokens = ctx.usage.completion_tokens;
   r.total_tokens = ctx.usage.total_tokens;
@@ -2998,6 +3007,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
   ctx.status = status;
   if (ctx.metered && is_stream) {
     ctx.meter.emplace(&w_.usage_parser, remove_injected);
+    if (ctx.info.model.empty()) ctx.meter->want_model();
   }
   const std::size_t copy_limit = cfg.usage.max_response_copy;
 
@@ -3194,7 +3204,7 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       static_assert(kRelayScratch <= 2 * kResponseTailBytes);
       auto& copy = ctx.body_copy;
       if (rp.is_done() && !cwec && pending_.empty() && copy.empty() && ctx.body_copy_complete) {
-        ctx.body_usage = read_body(piece, true);
+        ctx.body_usage = read_body(ctx, piece, true);
       } else if (ctx.body_copy_complete && copy.size() + n <= copy_limit &&
                  grow_copy(ctx, copy.size() + n, copy_limit)) {
         copy.append(piece);

@@ -19,6 +19,7 @@ import {
   chatBody,
   openRawStream,
   jsonPostBytes,
+  sseData,
   rawExchange,
   openAIError,
   mockPathCount,
@@ -495,6 +496,25 @@ test('a user header or kept-whole API key that is not UTF-8: 400 invalid_request
   assert.equal(res.status, 200, res.body.toString());
   assert.equal((await recordOf(id)).user_id, 'malléory');
   assert.ok(!receiver.delivered.some((r) => r.client_request_id?.startsWith('bad-utf8-')), 'a refused request was billed');
+});
+
+test('a request without "model" is billed under the model the backend\'s answer names, streamed or not, with or without usage', { timeout: 30_000 }, async () => {
+  for (const stream of [false, true]) {
+    for (const noUsage of [false, true]) {
+      const id = nextId(`no-model-${stream}-${noUsage}`);
+      const res = await send(PATHS.chat, { messages: [{ role: 'user', content: 'Hello' }], stream }, { id, headers: { 'x-mock-tokens': '3', ...(noUsage ? { 'x-mock-no-usage': '1' } : {}) } });
+      assert.equal(res.status, 200, res.text());
+      const answered = stream ? JSON.parse(sseData(res.text())[0]).model : res.json().model;
+      assert.ok(answered, 'the mock names its model');
+      const rec = await recordOf(id);
+      assert.equal(rec.model, answered, `stream ${stream}, no usage ${noUsage}: ${JSON.stringify(rec)}`);
+      assert.equal(rec.usage_source, noUsage ? 'estimated' : 'backend');
+    }
+  }
+  // A request that names its model keeps that name, whatever the answer says.
+  const id = nextId('named-model');
+  assert.equal((await send(PATHS.chat, chatBody('m1'), { id })).status, 200);
+  assert.equal((await recordOf(id)).model, 'm1');
 });
 
 test('usage.tokenize off: the prompt estimate of a chat with tools counts their JSON text, the calls and the template\'s tool instruction', { timeout: 30_000 }, async () => {

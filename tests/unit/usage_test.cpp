@@ -537,3 +537,33 @@ TEST(StreamUsageTracker, OnePassOverAnEventFindsWhatTheScansPerWordFind) {
 
 }  // namespace
 }  // namespace llmproxy::llm
+
+namespace llmproxy::llm {
+namespace {
+
+// For a request that named no model: the answer's top-level `model`, from a whole body or from a
+// stream's first data event (later events are not parsed for it).
+TEST(AnswerModel, FromBodyAndFirstStreamEvent) {
+  simdjson::dom::parser parser;
+  EXPECT_EQ(body_model(R"({"id":"x","model":"qwen3-8b","choices":[]})", parser), "qwen3-8b");
+  EXPECT_EQ(body_model(R"({"choices":[{"model":"inner"}]})", parser), "");
+  EXPECT_EQ(body_model(R"({"model":7})", parser), "");
+  EXPECT_EQ(body_model(R"({"model":")" + std::string(1025, 'm') + R"("})", parser), "");
+  EXPECT_EQ(body_model(R"({"model":"cut)", parser), "");
+
+  StreamUsageTracker t(&parser);
+  t.want_model();
+  t.on_event(R"({"model":"first","choices":[{"delta":{"content":"a"}}]})");
+  t.on_event(
+      R"({"model":"second","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}})");
+  EXPECT_EQ(t.model(), "first");
+  EXPECT_EQ(t.parsed_events(), 2u);  // the first for its model, the second for its usage
+
+  StreamUsageTracker unasked(&parser);
+  unasked.on_event(R"({"model":"first","choices":[{"delta":{"content":"a"}}]})");
+  EXPECT_EQ(unasked.model(), "");
+  EXPECT_EQ(unasked.parsed_events(), 0u);  // nothing asked: a content chunk is not parsed
+}
+
+}  // namespace
+}  // namespace llmproxy::llm
