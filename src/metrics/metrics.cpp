@@ -153,6 +153,7 @@ void WorkerMetrics::merge(const WorkerMetrics& other) {
   }
   retries += other.retries;
   client_disconnects += other.client_disconnects;
+  idle_reclaimed += other.idle_reclaimed;
   refused += other.refused;
   usage_prompt_tokens += other.usage_prompt_tokens;
   usage_completion_tokens += other.usage_completion_tokens;
@@ -300,6 +301,9 @@ std::string render(const Snapshot& s) {
   add_single(out, "llmproxy_client_disconnects_total",
              "Requests whose client hung up before the response was complete.", MetricType::Counter,
              static_cast<double>(r.client_disconnects));
+  add_single(out, "llmproxy_idle_connections_reclaimed_total",
+             "Idle keep-alive client connections closed to make room at server.max_connections.",
+             MetricType::Counter, static_cast<double>(r.idle_reclaimed));
 
   auto up =
       family("llmproxy_backend_up", "1 when the backend is healthy, else 0.", MetricType::Gauge);

@@ -96,7 +96,8 @@ struct WorkerMetrics {
   std::uint64_t requests_to(int backend) const;
   std::uint64_t retries = 0;
   std::uint64_t client_disconnects = 0;
-  std::uint64_t refused = 0;  // answered by the gateway itself (4xx/5xx before forwarding)
+  std::uint64_t idle_reclaimed = 0;  // idle keep-alive connections closed at max_connections
+  std::uint64_t refused = 0;         // answered by the gateway itself (4xx/5xx before forwarding)
   std::uint64_t usage_prompt_tokens = 0;
   std::uint64_t usage_completion_tokens = 0;
   std::uint64_t usage_records = 0;

@@ -908,6 +908,14 @@ class ClientSession {
   void cancel_if_idle() {
     if (idle_) stream_.cancel();
   }
+  // Called at server.max_connections: a connection that served a request and waits for the
+  // next one gives its place to a new connection (it ends as at its keep-alive timeout).
+  bool reclaim_if_idle() {
+    if (!idle_ || !idle_keepalive_ || metrics_only_) return false;
+    idle_ = false;
+    stream_.cancel();
+    return true;
+  }
   // Called at the drain deadline: cuts the request in flight (client and upstream sockets), so
   // that it still ends through log() (its usage record, finish "timeout") before the process
   // stops.
@@ -1132,7 +1140,8 @@ class ClientSession {
   bool only_count_cut_ = false;            // abort() came while counting_prompt_
   UpstreamConn* tokenize_conn_ = nullptr;  // the /tokenize call's connection while it runs
   bool idle_ = false;
-  std::string pending_;  // relayed bytes a slow client has not taken yet (see write_now)
+  bool idle_keepalive_ = false;  // idle_ after a request (not the wait for a first one)
+  std::string pending_;          // relayed bytes a slow client has not taken yet (see write_now)
   // The answer the gateway itself gives, built here rather than in a local of the coroutine:
   // GCC gives every local of every branch its own place in the frame, held for the request.
   Reply reply_;
@@ -1161,6 +1170,7 @@ asio::awaitable<void> ClientSession::run() {
     // anything must not hold a connection slot for the whole keep-alive time.
     if (buffer_.size() == 0) {
       idle_ = true;
+      idle_keepalive_ = !first;
       arm(first ? w_.cfg().timeouts.client_header : w_.cfg().timeouts.keepalive);
       auto [ec, n] = co_await stream_.socket().async_read_some(buffer_.prepare(4096), use_nothrow);
       idle_ = false;
@@ -3398,6 +3408,8 @@ asio::awaitable<void> run_session(Worker* w, tcp::socket socket, bool metrics_on
 
 // Connections one wake of a worker's accept loop takes at most; the rest wait for its next turn.
 constexpr std::int64_t kAcceptBurst = 64;
+// Idle keep-alive connections a worker at server.max_connections closes per 10 ms.
+constexpr int kReclaimBurst = 16;
 
 // Opens and binds `acc` to `addr` (port `port`, 0 for any). An empty host is every address:
 // IPv6 with IPv4 mapped into it, or IPv4 alone where the machine has no IPv6 (a kernel without
@@ -3445,7 +3457,15 @@ asio::awaitable<void> accept_loop(Worker* w) {
   for (;;) {
     if (open_connections(w->shared) >= limit) {
       // At the connection limit new connections wait in the kernel's backlog. (A worker already
-      // waiting in accept takes its next one: the limit can be passed by workers - 1.)
+      // waiting in accept takes its next one: the limit can be passed by workers - 1.) Idle
+      // keep-alive connections make room, as nginx reuses its own when it runs out: otherwise a
+      // client with one cheap request per connection each keepalive would hold every place.
+      int reclaimed = 0;
+      for (ClientSession* s : w->sessions) {
+        if (reclaimed == kReclaimBurst) break;
+        if (s->reclaim_if_idle()) ++reclaimed;
+      }
+      w->metrics.idle_reclaimed += static_cast<std::uint64_t>(reclaimed);
       backoff.expires_after(std::chrono::milliseconds(10));
       co_await backoff.async_wait(use_nothrow);
       if (!w->acceptor.is_open()) co_return;

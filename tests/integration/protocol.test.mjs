@@ -183,48 +183,39 @@ test('a malformed chunked request body is answered 400, not taken for a client h
   assert.equal(metricSum(await scrapeMetrics(gw), 'llmproxy_client_disconnects_total'), before);
 });
 
-test('connections that arrive together are taken together, never past server.max_connections', { timeout: 60_000 }, async () => {
+test('connections that arrive together are taken together, never past server.max_connections; idle keep-alive ones make room', { timeout: 60_000 }, async () => {
   const backend = await startBackend('burst');
   const limit = 8;
   const gw = await startGateway({
     server: { workers: 1, max_connections: limit },
-    timeouts: { keepalive: '60s' },
+    timeouts: { keepalive: '60s', client_header: '60s' },
     metrics: { listen: '127.0.0.1:0' },
     backends: [backendEntry(backend, { name: 'burst' })],
   });
   const metricsUrl = /metrics on (http:\/\/127\.0\.0\.1:\d+)\/metrics/.exec(gw.stdout)[1];
-  const openNow = async () => metricSum((await httpRequest(`${metricsUrl}/metrics`)).text(), 'llmproxy_open_connections');
+  const scrape = async () => (await httpRequest(`${metricsUrl}/metrics`)).text();
+  const openNow = async () => metricSum(await scrape(), 'llmproxy_open_connections');
+  // Connections that have sent nothing yet hold their places (bounded by client_header, never
+  // reclaimed: they have not been served).
   const held = [];
-  for (let i = 0; i < limit; i++) {
-    const c = await healthAsker(gw.port);
-    assert.equal((await withTimeout(c.ask(), 10_000, `an answer on connection ${i + 1}`)).status, 200);
-    held.push(c);
-  }
+  for (let i = 0; i < limit; i++) held.push(await healthAsker(gw.port));
+  await waitUntil(async () => (await openNow()) === limit, { timeout: 10_000, what: `${limit} connections taken` });
   // Twice the limit waits in the listen backlog, each with its request sent.
   const waiting = [];
   for (let i = 0; i < 2 * limit; i++) waiting.push(await healthAsker(gw.port));
   const answered = new Set();
-  const closed = new Set();
   const answers = waiting.map((c, i) => c.ask().then((r) => { answered.add(i); return r; }));
-  await held[0].ask();
+  await openNow(); // a round trip through the worker's event loop after they arrived
   assert.equal(answered.size, 0);
   // Every slot freed at once: the gateway finds them all waiting, and takes only what fits.
   for (const c of held) c.socket.destroy();
-  for (let round = 0; round < 2; round++) {
-    const expected = limit * (round + 1);
-    await waitUntil(() => answered.size >= expected, { timeout: 10_000, interval: 5, what: `${expected} answers` });
-    const live = [...answered].filter((i) => !closed.has(i));
-    // A round trip through the gateway after the burst was taken.
-    await withTimeout(waiting[live[0]].ask(), 10_000, 'a round trip');
-    assert.equal(answered.size, expected, 'answered beyond the free slots');
-    assert.ok((await openNow()) <= limit, `open: ${await openNow()}`);
-    for (const i of live) {
-      waiting[i].socket.destroy();
-      closed.add(i);
-    }
-  }
+  await waitUntil(() => answered.size >= limit, { timeout: 10_000, interval: 5, what: `${limit} answers` });
+  assert.ok((await openNow()) <= limit, `open: ${await openNow()}`);
+  // Those answered now wait idle for a next request: closed to make room for the rest.
   const got = await withTimeout(Promise.all(answers), 10_000, 'every answer');
   assert.ok(got.every((r) => r.status === 200));
+  assert.ok((await openNow()) <= limit, `open: ${await openNow()}`);
+  assert.ok(metricSum(await scrape(), 'llmproxy_idle_connections_reclaimed_total') >= limit);
 });
 
 // A keep-alive connection that asks GET /health and resolves with each complete answer.
@@ -254,13 +245,15 @@ async function healthAsker(port) {
   };
 }
 
-test('server.max_connections is the process limit: with 2 workers every connection up to it is served, the next wait for one to close', { timeout: 60_000 }, async () => {
+test('server.max_connections is the process limit: with 2 workers every connection up to it is taken, the next wait for one to close', { timeout: 60_000 }, async () => {
   const backend = await startBackend('limit');
   const limit = 24;
   const workers = 2;
   const gw = await startGateway({
     server: { workers, max_connections: limit },
-    timeouts: { keepalive: '60s' }, // a connection held back would wait this long for a slot
+    // A connection held back would wait this long for a slot; those holding places have sent
+    // nothing, so no idle keep-alive connection is closed to make room.
+    timeouts: { keepalive: '60s', client_header: '60s' },
     metrics: { listen: '127.0.0.1:0' },
     backends: [backendEntry(backend, { name: 'limit' })],
   });
@@ -276,26 +269,47 @@ test('server.max_connections is the process limit: with 2 workers every connecti
     scrapers.push(c);
   }
   // The kernel spreads connections over the workers' listeners by hash: with a share per
-  // worker, some of these would wait for the keep-alive timeout while the other worker had room.
+  // worker, some of these would wait while the other worker had room.
   const held = [];
-  for (let i = 0; i < limit; i++) {
-    const c = await healthAsker(gw.port);
-    const r = await withTimeout(c.ask(), 10_000, `an answer on connection ${i + 1} of ${limit}`);
-    assert.equal(r.status, 200);
-    held.push(c);
-  }
-  assert.equal(await openNow(), limit);
+  for (let i = 0; i < limit; i++) held.push(await healthAsker(gw.port));
+  await waitUntil(async () => (await openNow()) === limit, { timeout: 10_000, what: `all ${limit} taken` });
   // Over the limit: asked, not answered while every slot is taken (a worker already waiting in
   // accept may take workers - 1 more).
   const extra = [];
   for (let i = 0; i < workers + 2; i++) extra.push(await healthAsker(gw.port));
-  const answers = extra.map((c) => c.ask());
-  await held[0].ask(); // a round trip through the gateway after the extra connections arrived
+  const answered = new Set();
+  const answers = extra.map((c, i) => c.ask().then((r) => { answered.add(i); return r; }));
+  await openNow(); // a round trip through the gateway after the extra connections arrived
   assert.ok((await openNow()) <= limit + workers - 1, `open: ${await openNow()}`);
+  assert.ok(answered.size <= workers - 1, `answered over the limit: ${answered.size}`);
   // Slots freed: every waiting connection is taken and answered.
   for (const c of held.slice(0, extra.length)) c.socket.destroy();
   const got = await withTimeout(Promise.all(answers), 10_000, 'answers once slots were freed');
   assert.ok(got.every((r) => r.status === 200));
+});
+
+test('at server.max_connections an idle keep-alive connection is closed to let a new one in', { timeout: 30_000 }, async () => {
+  const backend = await startBackend('reclaim');
+  const limit = 4;
+  const gw = await startGateway({
+    server: { workers: 1, max_connections: limit },
+    timeouts: { keepalive: '60s' }, // without reclaiming, the new connection would wait this long
+    metrics: { listen: '127.0.0.1:0' },
+    backends: [backendEntry(backend, { name: 'reclaim' })],
+  });
+  const metricsUrl = /metrics on (http:\/\/127\.0\.0\.1:\d+)\/metrics/.exec(gw.stdout)[1];
+  const idle = [];
+  for (let i = 0; i < limit; i++) {
+    const c = await healthAsker(gw.port);
+    assert.equal((await withTimeout(c.ask(), 10_000, `an answer on connection ${i + 1}`)).status, 200);
+    idle.push({ c, closed: new Promise((resolve) => c.socket.on('close', resolve)) });
+  }
+  const late = await healthAsker(gw.port);
+  assert.equal((await withTimeout(late.ask(), 10_000, 'the new connection answered')).status, 200);
+  await withTimeout(Promise.any(idle.map((x) => x.closed)), 10_000, 'an idle connection closed');
+  const text = (await httpRequest(`${metricsUrl}/metrics`)).text();
+  assert.ok(metricSum(text, 'llmproxy_idle_connections_reclaimed_total') >= 1, text);
+  assert.ok(metricSum(text, 'llmproxy_open_connections') <= limit);
 });
 
 // A backend written byte by byte: `answer(n, head)` gives the bytes written for the n-th API
