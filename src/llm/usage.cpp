@@ -576,7 +576,7 @@ std::size_t rfind_usage_object(std::string_view s, std::size_t end) {
 }
 
 namespace {
-bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage& out) {
+bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage& out, bool whole) {
   std::string padded;
   // The last `"usage":{...}` in the body (or its tail), parsed alone: a whole-body parse would
   // cost more than the rest of the metering. The pattern cannot match inside a JSON string
@@ -603,13 +603,18 @@ bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage
     if (parser.parse(padded.data(), padded.size(), false).get(doc) != simdjson::SUCCESS) continue;
     if (read_usage(doc, out)) return true;
   }
-  return false;
+  // A usage key none of whose objects could be read alone (larger than kMaxUsageObject): a whole
+  // body is parsed whole, rather than the backend's count left for an estimate.
+  simdjson::dom::element doc;
+  return whole && candidates > 0 &&
+         parser.parse(copy.data(), copy.size()).get(doc) == simdjson::SUCCESS &&
+         read_usage(doc, out);
 }
 }  // namespace
 
 bool read_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage& out,
-                     TextCount& content) {
-  const bool found = find_body_usage(copy, parser, out);
+                     TextCount& content, bool whole) {
+  const bool found = find_body_usage(copy, parser, out, whole);
   // The generated text is counted only when it may be needed: no usage, or a count missing.
   if (!found || out.prompt_tokens < 0 || out.completion_tokens < 0) count_content(copy, content);
   return found;

@@ -104,9 +104,11 @@ std::optional<bool> read_usage_text(std::string_view object, Usage& out);
 // tail when the body was larger than the copy. Found textually: the last `"usage":{...}` parsed
 // alone (OpenAI-compatible servers write it at the top level, after the choices; escaped quotes
 // keep it from matching inside strings). `content` receives the generated text's size, the basis
-// of an estimate, counted only when no usage is found or it lacks a count.
+// of an estimate, counted only when no usage is found or it lacks a count. `whole`: the copy is
+// the whole body, parsed whole when a usage key in it could not be read alone (an object past
+// the window a usage object is searched in).
 bool read_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage& out,
-                     TextCount& content);
+                     TextCount& content, bool whole = false);
 
 // Is a whole non-stream body an error report (an `error` object or message, or `"object":
 // "error"`)? Some servers answer errors with 200; such a body is billed like an error status.

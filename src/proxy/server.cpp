@@ -2122,7 +2122,7 @@ void ClientSession::record_passive(const config::HealthCheck& hc, lb::Backend& b
 RequestContext::BodyUsage ClientSession::read_body(const RequestContext& ctx, std::string_view body,
                                                    bool whole) {
   RequestContext::BodyUsage b;
-  b.reported = llm::read_body_usage(body, w_.usage_parser, b.usage, b.content);
+  b.reported = llm::read_body_usage(body, w_.usage_parser, b.usage, b.content, whole);
   // Only a whole body is an error report: a part of one may only quote one.
   b.error = whole && !b.reported && llm::body_reports_error(body, w_.usage_parser);
   if (whole && ctx.info.model.empty()) b.model = llm::body_model(body, w_.usage_parser);

@@ -354,6 +354,21 @@ TEST(BodyUsage, AHostileBodyIsSearchedForABoundedNumberOfCandidates) {
   EXPECT_EQ(none.total_tokens, -1);
 }
 
+TEST(BodyUsage, AUsageObjectPastItsWindowIsReadFromAWholeBody) {
+  // A usage object with a 20 KB field of its own: longer than a usage object is searched for.
+  simdjson::dom::parser p;
+  const std::string body = R"({"id":"x","choices":[],"usage":{"prompt_tokens":11,"note":")" +
+                           std::string(20'000, 'n') +
+                           R"(","completion_tokens":22,"total_tokens":33}})";
+  Usage whole;
+  TextCount content;
+  ASSERT_TRUE(read_body_usage(body, p, whole, content, true));
+  EXPECT_EQ(whole.prompt_tokens, 11);
+  EXPECT_EQ(whole.completion_tokens, 22);
+  Usage part;  // a tail or a piece cannot be parsed whole: left to the estimate
+  EXPECT_FALSE(read_body_usage(body, p, part, content, false));
+}
+
 TEST(BodyUsage, TextCutOffInsideItsStringIsCounted) {
   // A client hang-up stops the copy inside the content: what was relayed was still generated.
   simdjson::dom::parser p;
