@@ -17,6 +17,7 @@ import {
   parseResponse,
   waitUntil,
   withTimeout,
+  delay,
 } from './lib/harness.mjs';
 
 let backend;
@@ -79,6 +80,18 @@ test('a request line past max_header_size gets 414, header fields past it 431, b
     assert.match(openAIError(res).message, message, what);
     assert.equal(res.headers.connection?.[0]?.toLowerCase(), 'close', what);
   }
+  // A short request line that arrives apart from its (too long) fields is still no long target.
+  const socket = await connect(gw.port);
+  socket.setNoDelay(true);
+  let answer = Buffer.alloc(0);
+  socket.on('data', (d) => { answer = Buffer.concat([answer, d]); });
+  const closed = new Promise((resolve) => socket.on('close', resolve));
+  socket.write('GET /v1/mo');
+  await delay(50); // only to make a split likely: coalesced, the bytes must get the same answer
+  socket.write(`dels HTTP/1.1\r\nHost: x\r\nX-Pad: ${pad}\r\n\r\n`);
+  await withTimeout(closed, 10_000, 'the answer to a split request line');
+  const split = parseResponse(answer, true);
+  assert.equal(split.status, 431, answer.toString().slice(0, 300));
   assert.equal(backend.apiRequests.length, seen, 'nothing reached the backend');
 });
 
