@@ -318,6 +318,9 @@ struct Shared {
   std::atomic<std::uint64_t> live_generation{1};
   // Backend host names, resolved off the event loops (requests and health checks alike).
   NameCache names;
+  // A worker at server.max_connections has a connection waiting and no idle keep-alive one of
+  // its own to close for it: another worker closes one of its own.
+  std::atomic<bool> reclaim_wanted{false};
   // Request body bytes held by all workers (BodyTicket), bounded by server.max_body_memory.
   std::atomic<std::uint64_t> body_bytes{0};
   // The most body_bytes reached since the heap was last trimmed (memory_trim_loop).
@@ -908,13 +911,16 @@ class ClientSession {
   void cancel_if_idle() {
     if (idle_) stream_.cancel();
   }
-  // Called at server.max_connections: a connection that served a request and waits for the
-  // next one gives its place to a new connection (it ends as at its keep-alive timeout).
-  bool reclaim_if_idle() {
-    if (!idle_ || !idle_keepalive_ || metrics_only_) return false;
+  // At server.max_connections with a connection waiting: one that served a request and waits
+  // for the next one may give its place (it ends as at its keep-alive timeout, closed at once:
+  // it holds no unread bytes to linger for). reclaim_since(): since when it may, or max().
+  Clock::time_point reclaim_since() const {
+    return idle_ && idle_keepalive_ && !metrics_only_ ? idle_since_ : Clock::time_point::max();
+  }
+  void reclaim() {
     idle_ = false;
+    reclaimed_ = true;
     stream_.cancel();
-    return true;
   }
   // Called at the drain deadline: cuts the request in flight (client and upstream sockets), so
   // that it still ends through log() (its usage record, finish "timeout") before the process
@@ -1141,7 +1147,9 @@ class ClientSession {
   UpstreamConn* tokenize_conn_ = nullptr;  // the /tokenize call's connection while it runs
   bool idle_ = false;
   bool idle_keepalive_ = false;  // idle_ after a request (not the wait for a first one)
-  std::string pending_;          // relayed bytes a slow client has not taken yet (see write_now)
+  bool reclaimed_ = false;       // closed to make room at server.max_connections
+  Clock::time_point idle_since_{};
+  std::string pending_;  // relayed bytes a slow client has not taken yet (see write_now)
   // The answer the gateway itself gives, built here rather than in a local of the coroutine:
   // GCC gives every local of every branch its own place in the frame, held for the request.
   Reply reply_;
@@ -1171,6 +1179,7 @@ asio::awaitable<void> ClientSession::run() {
     if (buffer_.size() == 0) {
       idle_ = true;
       idle_keepalive_ = !first;
+      idle_since_ = Clock::now();
       arm(first ? w_.cfg().timeouts.client_header : w_.cfg().timeouts.keepalive);
       auto [ec, n] = co_await stream_.socket().async_read_some(buffer_.prepare(4096), use_nothrow);
       idle_ = false;
@@ -1186,7 +1195,7 @@ asio::awaitable<void> ClientSession::run() {
   stop_watch();
   error_code ec;
   stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
-  if (!ec && stream_.socket().is_open()) {
+  if (!ec && stream_.socket().is_open() && !reclaimed_) {
     // A client uploading a refused body writes all of it before it reads the answer: drain
     // until EOF, for kLingerTime in all and kLingerIdle without a byte (an idle keep-alive
     // client closes after that), kLingerBytes at most.
@@ -3424,8 +3433,11 @@ asio::awaitable<void> run_session(Worker* w, tcp::socket socket, bool metrics_on
 
 // Connections one wake of a worker's accept loop takes at most; the rest wait for its next turn.
 constexpr std::int64_t kAcceptBurst = 64;
-// Idle keep-alive connections a worker at server.max_connections closes per 10 ms.
-constexpr int kReclaimBurst = 16;
+// A connection waits in the listener's backlog (readable: accept would take one).
+bool connection_waiting(tcp::acceptor& acceptor) {
+  pollfd p{acceptor.native_handle(), POLLIN, 0};
+  return ::poll(&p, 1, 0) > 0 && (p.revents & POLLIN) != 0;
+}
 
 // Opens and binds `acc` to `addr` (port `port`, 0 for any). An empty host is every address:
 // IPv6 with IPv4 mapped into it, or IPv4 alone where the machine has no IPv6 (a kernel without
@@ -3476,12 +3488,25 @@ asio::awaitable<void> accept_loop(Worker* w) {
       // waiting in accept takes its next one: the limit can be passed by workers - 1.) Idle
       // keep-alive connections make room, as nginx reuses its own when it runs out: otherwise a
       // client with one cheap request per connection each keepalive would hold every place.
-      int reclaimed = 0;
-      for (ClientSession* s : w->sessions) {
-        if (reclaimed == kReclaimBurst) break;
-        if (s->reclaim_if_idle()) ++reclaimed;
+      // Only while one waits, one per turn, the longest idle first. Each worker has a backlog
+      // of its own: one whose waiting connection finds no idle one of its own asks the others.
+      const bool waiting = connection_waiting(w->acceptor);
+      if (waiting || w->shared.reclaim_wanted.load(std::memory_order_relaxed)) {
+        ClientSession* oldest = nullptr;
+        Clock::time_point since = Clock::time_point::max();
+        for (ClientSession* s : w->sessions) {
+          if (const auto t = s->reclaim_since(); t < since) {
+            since = t;
+            oldest = s;
+          }
+        }
+        if (oldest && (waiting || w->shared.reclaim_wanted.exchange(false))) {
+          oldest->reclaim();
+          ++w->metrics.idle_reclaimed;
+        } else if (!oldest && waiting) {
+          w->shared.reclaim_wanted.store(true, std::memory_order_relaxed);
+        }
       }
-      w->metrics.idle_reclaimed += static_cast<std::uint64_t>(reclaimed);
       backoff.expires_after(std::chrono::milliseconds(10));
       co_await backoff.async_wait(use_nothrow);
       if (!w->acceptor.is_open()) co_return;

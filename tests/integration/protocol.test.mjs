@@ -304,12 +304,22 @@ test('at server.max_connections an idle keep-alive connection is closed to let a
     assert.equal((await withTimeout(c.ask(), 10_000, `an answer on connection ${i + 1}`)).status, 200);
     idle.push({ c, closed: new Promise((resolve) => c.socket.on('close', resolve)) });
   }
+  // At the limit with no one waiting, nothing is closed: each idle connection still answers.
+  for (const [i, x] of idle.entries()) {
+    assert.equal((await withTimeout(x.c.ask(), 10_000, `connection ${i + 1} still open`)).status, 200);
+  }
+  const scrape = async () => (await httpRequest(`${metricsUrl}/metrics`)).text();
+  assert.equal(metricSum(await scrape(), 'llmproxy_idle_connections_reclaimed_total'), 0);
+  // One waits: the longest idle (the first, asked first above) makes room, and only it.
   const late = await healthAsker(gw.port);
   assert.equal((await withTimeout(late.ask(), 10_000, 'the new connection answered')).status, 200);
-  await withTimeout(Promise.any(idle.map((x) => x.closed)), 10_000, 'an idle connection closed');
-  const text = (await httpRequest(`${metricsUrl}/metrics`)).text();
-  assert.ok(metricSum(text, 'llmproxy_idle_connections_reclaimed_total') >= 1, text);
+  await withTimeout(idle[0].closed, 10_000, 'the longest idle connection closed');
+  const text = await scrape();
+  assert.equal(metricSum(text, 'llmproxy_idle_connections_reclaimed_total'), 1, text);
   assert.ok(metricSum(text, 'llmproxy_open_connections') <= limit);
+  for (const [i, x] of idle.slice(1).entries()) {
+    assert.equal((await withTimeout(x.c.ask(), 10_000, `connection ${i + 2} still open`)).status, 200);
+  }
 });
 
 // A backend written byte by byte: `answer(n, head)` gives the bytes written for the n-th API
