@@ -291,10 +291,37 @@ std::string answer_model(simdjson::dom::element doc) {
   return std::string(model);
 }
 
-std::string body_model(std::string_view body, simdjson::dom::parser& parser) {
-  simdjson::dom::element doc;  // parse() copies the body into padded space of its own
-  if (parser.parse(body.data(), body.size()).get(doc) != simdjson::SUCCESS) return {};
-  return answer_model(doc);
+std::string body_model(std::string_view text, bool last) {
+  // `"model"` with unescaped quotes is a key or a value; followed by a colon, a key. Servers
+  // write the response's own first (chat) or after its data (embeddings), nested ones nowhere.
+  static constexpr std::string_view kKey = "\"model\"";
+  std::size_t at = last ? text.rfind(kKey) : text.find(kKey);
+  for (; at != std::string_view::npos;
+       at = last ? (at == 0 ? std::string_view::npos : text.rfind(kKey, at - 1))
+                 : text.find(kKey, at + 1)) {
+    std::size_t p = at + kKey.size();
+    const auto skip_space = [&] {
+      while (p < text.size() &&
+             (text[p] == ' ' || text[p] == '\t' || text[p] == '\n' || text[p] == '\r')) {
+        ++p;
+      }
+    };
+    skip_space();
+    if (p >= text.size() || text[p] != ':') continue;
+    ++p;
+    skip_space();
+    if (p >= text.size() || text[p] != '"') continue;
+    const std::size_t end = text.find('"', p + 1);
+    if (end == std::string_view::npos) return {};
+    const std::string_view value = text.substr(p + 1, end - p - 1);
+    // An escaped value (a backslash in it) is left out rather than read wrong.
+    if (value.size() > kMaxIdentifierBytes || value.find('\\') != std::string_view::npos ||
+        !simdjson::validate_utf8(value.data(), value.size())) {
+      return {};
+    }
+    return std::string(value);
+  }
+  return {};
 }
 
 bool StreamUsageTracker::on_event(std::string_view data, std::string_view event) {
@@ -318,21 +345,36 @@ bool StreamUsageTracker::on_event(std::string_view data, std::string_view event)
   // The first event only: its chunk names the model as every other one does.
   const bool model_candidate = want_model_;
   want_model_ = false;
-  if (!candidate && !error_candidate && !model_candidate) return false;
-  if (data.size() < scratch_.capacity()) clear_releasing(scratch_);  // once large, not for life
-  scratch_.assign(data);
+  // An event that is no error report is the stream's content (its first: the first token).
+  const bool named_error = event == "error";
+  if (!candidate && !error_candidate && !model_candidate) {
+    token_seen_ = token_seen_ || !named_error;
+    return false;
+  }
+  // Released once large (not kept for the stream's life); room for the padding first, so that
+  // one allocation takes the event.
+  if (scratch_.capacity() > kKeptRoom && data.size() < scratch_.capacity() / 4) {
+    std::string().swap(scratch_);
+  }
+  scratch_.clear();
   scratch_.reserve(data.size() + simdjson::SIMDJSON_PADDING);
+  scratch_.append(data);
   if (!shared_) {
     if (!own_) own_ = std::make_unique<simdjson::dom::parser>();
     shared_ = own_.get();
   }
   simdjson::dom::element doc;
   if (shared_->parse(scratch_.data(), scratch_.size(), false).get(doc) != simdjson::SUCCESS) {
+    token_seen_ = token_seen_ || !named_error;
     return false;
   }
   ++parsed_;
   if (model_candidate) model_ = answer_model(doc);
-  if (error_candidate && reports_error(doc)) saw_error_ = true;  // usage with it still counts
+  if (error_candidate && reports_error(doc)) {
+    saw_error_ = true;  // usage with it still counts
+  } else if (!named_error) {
+    token_seen_ = true;
+  }
   if (!candidate) return false;
   read_usage(doc, usage_);  // replaces: cumulative reports make the last one right
   return is_usage_only_chunk(doc);

@@ -68,6 +68,8 @@ class StreamUsageTracker {
   // `"object":"error"`; some servers name the event `error`, and SseScanner reads llama.cpp's
   // `error:` line as one): the response did not complete.
   bool saw_error() const { return saw_error_; }
+  // A data event other than an error report or [DONE] was read: the stream's first token.
+  bool token_seen() const { return token_seen_; }
   // The last event read had a `finish_reason` with a string value (a choice finished).
   bool last_event_finished() const { return finished_; }
   std::uint64_t events() const { return events_; }
@@ -86,6 +88,7 @@ class StreamUsageTracker {
   std::uint64_t parsed_ = 0;
   std::uint64_t content_chars_ = 0;
   TextCount content_text_;
+  bool token_seen_ = false;
   bool want_model_ = false;
   std::string model_;
   std::string scratch_;  // padded copy for simdjson, reused across events
@@ -114,11 +117,13 @@ bool read_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage
 // "error"`)? Some servers answer errors with 200; such a body is billed like an error status.
 bool body_reports_error(std::string_view body, simdjson::dom::parser& parser);
 
-// The top-level `model` a whole response body (or a stream's event) names, or empty: none, not a
-// string, or longer than an identifier a record keeps (kMaxIdentifierBytes). For a request that
-// named no model, whose backend ran its default one.
+// The top-level `model` a response names, for a request that named none (its backend ran its
+// default one), or empty: none, not a string, escaped, or longer than an identifier a record
+// keeps (kMaxIdentifierBytes). answer_model() reads a parsed event; body_model() reads a body
+// or a piece of one as text, without a parser: the first `"model":"..."` key in it, or the last
+// (`last`: a large body's tail, where embeddings put it after their data).
 std::string answer_model(simdjson::dom::element doc);
-std::string body_model(std::string_view body, simdjson::dom::parser& parser);
+std::string body_model(std::string_view text, bool last = false);
 
 // The start of the last `"usage"` key in `s` that begins before `end` and has an object for its
 // value, or npos: the word as a value (`"decoded_token":"usage"`) is passed over, at the cost of

@@ -999,7 +999,7 @@ class ClientSession {
     if (need <= copy.capacity()) return true;
     const std::size_t room = std::min(limit, std::max(need, 2 * copy.capacity()));
     if (!hold(ctx.copy_ticket, room)) return false;
-    copy.reserve(room);
+    set_room(copy, room);  // exactly: reserve() would round up to twice the old capacity
     return true;
   }
   // Makes room in `body` for `incoming` more bytes (and simdjson's padding), at most `cap`, held
@@ -2150,7 +2150,7 @@ RequestContext::BodyUsage ClientSession::read_body(const RequestContext& ctx, st
   b.reported = llm::read_body_usage(body, w_.usage_parser, b.usage, b.content, whole);
   // Only a whole body is an error report: a part of one may only quote one.
   b.error = whole && !b.reported && llm::body_reports_error(body, w_.usage_parser);
-  if (whole && ctx.info.model.empty()) b.model = llm::body_model(body, w_.usage_parser);
+  if (whole && ctx.info.model.empty()) b.model = llm::body_model(body);
   return b;
 }
 
@@ -2183,6 +2183,11 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
       u = ctx.body_usage->usage;
       content = ctx.body_usage->content;
       ctx.answer_model = std::move(ctx.body_usage->model);
+    }
+    // A large body: its head, else its tail.
+    if (ctx.answer_model.empty() && ctx.info.model.empty() && !ctx.body_copy_complete) {
+      ctx.answer_model = llm::body_model(ctx.body_head);
+      if (ctx.answer_model.empty()) ctx.answer_model = llm::body_model(ctx.body_copy, true);
     }
   }
   ctx.body_copy.clear();
@@ -2320,13 +2325,10 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
     body += '}';
   }
   // The answer lists at most one token per byte of the question, each id written in at most 8
-  // bytes; its room is held under server.max_body_memory (past that bound: estimated).
+  // bytes: a larger one is no answer to it (a count the size of the question's, which is
+  // counted under server.max_body_memory while kept).
   const std::uint64_t answer_limit =
       std::min<std::uint64_t>(kTokenizeAnswerMax, 8 * body.size() + 64 * 1024);
-  BodyTicket answer_room;
-  if (!hold(answer_room, answer_limit)) {
-    co_return -1;
-  }
   // A connection of its own, closed afterwards: this rare call never touches the pool. The drain
   // deadline's abort() closes it (its connect is bounded by timeouts.connect, which the grace
   // after the cut outlasts): the record is logged with the local estimate.
@@ -2375,9 +2377,8 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
   std::int64_t count = -1;
   if (status == 200) {
     auto& text = rp.get().body();
-    text.reserve(text.size() + simdjson::SIMDJSON_PADDING);
-    simdjson::dom::element doc;
-    if (!w_.usage_parser.parse(text.data(), text.size(), false).get(doc)) {
+    simdjson::dom::element doc;  // parse() pads a copy: reserve() would double the answer's room
+    if (!w_.usage_parser.parse(text.data(), text.size()).get(doc)) {
       std::int64_t v;
       simdjson::dom::array tokens;
       // A count past what any record holds (llm::kMaxTokenCount) is no answer.
@@ -3245,8 +3246,13 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
         copy.append(piece);
       } else {
         copy.append(piece);
-        if (ctx.body_copy_complete) ctx.body_head.assign(copy, 0, kResponseTailBytes);
-        ctx.body_copy_complete = false;
+        // Whole still, unless past the copy's limit or trimmed below (a copy that could not be
+        // held under max_body_memory keeps a small body whole all the same, uncounted).
+        if (ctx.body_copy_complete &&
+            (copy.size() > copy_limit || copy.size() > 2 * kResponseTailBytes)) {
+          ctx.body_head.assign(copy, 0, kResponseTailBytes);
+          ctx.body_copy_complete = false;
+        }
         if (copy.size() > 2 * kResponseTailBytes) {
           // Usage in the middle of a large body (vLLM writes prompt_logprobs and
           // prompt_token_ids after it): the last usage key leaving the copy stays, with what
@@ -3295,11 +3301,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       } else if (is_stream) {
         w_.metrics.event_gap(std::chrono::duration<double, std::milli>(now - last_write).count());
       }
-      if (ctx.first_token_ms < 0 && ctx.meter) {
-        const auto& t = ctx.meter->tracker();
-        if (t.events() > (t.saw_done() ? 1u : 0u) && !t.saw_error()) {
-          ctx.first_token_ms = std::chrono::duration<double, std::milli>(now - ctx.start).count();
-        }
+      if (ctx.first_token_ms < 0 && ctx.meter && ctx.meter->tracker().token_seen()) {
+        ctx.first_token_ms = std::chrono::duration<double, std::milli>(now - ctx.start).count();
       }
       last_write = now;
     }
@@ -3365,9 +3368,10 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
     // the gateway cuts (stream_idle) or the backend broke off first gets an error event, as
     // servers report errors mid-stream, so that SDKs raise an API error rather than a bare
     // "terminated"; only between events, never inside one the backend left unfinished, nor after
-    // its end marker, nor when the drain deadline cut it.
+    // its end marker or an error event of its own, nor when the drain deadline cut it.
     const bool timed_out = ctx.finish == "timeout";
-    if (client_ok && is_stream && head.empty() && at_event_end && !aborted_ &&
+    const bool backend_reported = ctx.meter && ctx.meter->tracker().saw_error();
+    if (client_ok && is_stream && head.empty() && at_event_end && !aborted_ && !backend_reported &&
         (timed_out || ctx.finish == "upstream_error") && !ends_with_done_line(tail.view())) {
       static constexpr std::string_view kIdle =
           "data: {\"error\":{\"message\":\"The backend sent nothing within timeouts.stream_idle; "

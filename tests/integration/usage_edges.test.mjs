@@ -653,6 +653,10 @@ test('ttft_ms is the first data event: not a keep-alive comment before it, and n
     }
     res.writeHead(200, { 'content-type': 'text/event-stream' });
     res.write(': ping\n\n');
+    if (req.headers['x-answer'] === 'content-then-error') {
+      // Both in one write: the token reached the client, whatever came with it.
+      return res.end(`data: ${JSON.stringify(events[0])}\n\ndata: {"error":{"message":"boom","type":"server_error","param":null,"code":null}}\n\n`);
+    }
     if (req.headers['x-answer'] === 'error-first') {
       return res.end('data: {"error":{"message":"boom","type":"server_error","param":null,"code":null}}\n\ndata: [DONE]\n\n');
     }
@@ -689,6 +693,11 @@ test('ttft_ms is the first data event: not a keep-alive comment before it, and n
     const r = await receiver.waitForClientId(id, 10_000);
     assert.equal(r.ttft_ms, null, `${answer}: ${JSON.stringify(r)}`);
   }
+  const both = await postJson(gw.url, '/v1/chat/completions', chatBody('m1', { stream: true }), { headers: { 'x-request-id': 'edge-ttft-both', 'x-answer': 'content-then-error' } });
+  assert.equal(both.status, 200);
+  const r = await receiver.waitForClientId('edge-ttft-both', 10_000);
+  assert.equal(typeof r.ttft_ms, 'number', JSON.stringify(r));
+  assert.equal(r.finish, 'upstream_error');
 });
 
 test('a non-stream answer\'s copy for usage is held under server.max_body_memory; past it the copy keeps its windows and usage is still read', { timeout: 60_000 }, async () => {

@@ -511,6 +511,13 @@ test('a request without "model" is billed under the model the backend\'s answer 
       assert.equal(rec.usage_source, noUsage ? 'estimated' : 'backend');
     }
   }
+  // An answer larger than the copy: its model is read from the copy's head.
+  const gwSmallCopy = await startUsageGateway({ mock, receiver, usage: { max_response_copy: '1KiB' } });
+  const bigId = nextId('no-model-big');
+  const big = await send(PATHS.chat, { messages: [{ role: 'user', content: 'Hello' }] }, { id: bigId, to: gwSmallCopy, headers: { 'x-mock-tokens': '40000' } });
+  assert.equal(big.status, 200);
+  assert.ok(big.text().length > 200_000, `answer of ${big.text().length} bytes`);
+  assert.equal((await recordOf(bigId)).model, big.json().model);
   // A request that names its model keeps that name, whatever the answer says.
   const id = nextId('named-model');
   assert.equal((await send(PATHS.chat, chatBody('m1'), { id })).status, 200);

@@ -201,7 +201,7 @@ TEST(SseScanner, LargeEventsMemoryIsGivenBack) {
   s.feed("\n\n", count);
   EXPECT_EQ(seen, 200'000u);
   s.feed("data: {\"small\":1}\n\n", count);
-  EXPECT_LE(s.room(), 2u * 8 * 1024) << "the large event's room was kept";
+  EXPECT_LE(s.room(), 2 * kKeptRoom) << "the large event's room was kept";
 }
 
 }  // namespace

@@ -545,11 +545,16 @@ namespace {
 // stream's first data event (later events are not parsed for it).
 TEST(AnswerModel, FromBodyAndFirstStreamEvent) {
   simdjson::dom::parser parser;
-  EXPECT_EQ(body_model(R"({"id":"x","model":"qwen3-8b","choices":[]})", parser), "qwen3-8b");
-  EXPECT_EQ(body_model(R"({"choices":[{"model":"inner"}]})", parser), "");
-  EXPECT_EQ(body_model(R"({"model":7})", parser), "");
-  EXPECT_EQ(body_model(R"({"model":")" + std::string(1025, 'm') + R"("})", parser), "");
-  EXPECT_EQ(body_model(R"({"model":"cut)", parser), "");
+  EXPECT_EQ(body_model(R"({"id":"x","model" : "qwen3-8b","choices":[]})"), "qwen3-8b");
+  EXPECT_EQ(body_model(R"({"model":7})"), "");
+  EXPECT_EQ(body_model(R"({"model":")" + std::string(1025, 'm') + R"("})"), "");
+  EXPECT_EQ(body_model(R"({"model":"cut)"), "");
+  EXPECT_EQ(body_model(R"({"model":"a\"b"})"), "");  // escaped: left out, not read wrong
+  // The word as a value, or quoted inside a string, is no key.
+  EXPECT_EQ(body_model(R"({"x":"model","c":"say \"model\": \"no\"","model":"yes"})"), "yes");
+  // Embeddings put it after their data: a tail read takes the last one.
+  EXPECT_EQ(body_model(R"(3]}],"model":"emb-1","usage":{}})", true), "emb-1");
+  EXPECT_EQ(body_model(R"({"model":"first","model":"second"})", true), "second");
 
   StreamUsageTracker t(&parser);
   t.want_model();
