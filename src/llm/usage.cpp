@@ -310,7 +310,8 @@ std::string body_model(std::string_view text, bool last) {
     if (p >= text.size() || text[p] != ':') continue;
     ++p;
     skip_space();
-    if (p >= text.size() || text[p] != '"') continue;
+    // The key found names the model, or nothing does: a nested one further on is not it.
+    if (p >= text.size() || text[p] != '"') return {};
     const std::size_t end = text.find('"', p + 1);
     if (end == std::string_view::npos) return {};
     const std::string_view value = text.substr(p + 1, end - p - 1);
@@ -625,6 +626,7 @@ bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage
   // (quotes there are escaped), and servers write usage at the top level, after the choices.
   // Only a key followed by an object is a candidate (each costs a read or a parse).
   int candidates = 0;
+  bool cut = false;  // a candidate's object did not end within kMaxUsageObject
   for (std::size_t pos = rfind_usage_object(copy, copy.size());
        pos != std::string_view::npos && candidates++ < kMaxUsageCandidates;
        pos = rfind_usage_object(copy, pos)) {
@@ -636,7 +638,10 @@ bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage
     }
     // The reader could not take it (the same reader would fail on the balanced object too).
     std::string_view object = balanced_object(copy, open);
-    if (object.empty()) continue;
+    if (object.empty()) {
+      cut = cut || copy.size() - open > kMaxUsageObject;  // no end within the window
+      continue;
+    }
     padded.assign("{\"usage\":");
     padded.append(object);
     padded.push_back('}');
@@ -645,11 +650,10 @@ bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage
     if (parser.parse(padded.data(), padded.size(), false).get(doc) != simdjson::SUCCESS) continue;
     if (read_usage(doc, out)) return true;
   }
-  // A usage key none of whose objects could be read alone (larger than kMaxUsageObject): a whole
-  // body is parsed whole, rather than the backend's count left for an estimate.
+  // A usage object larger than the window it is read in: a whole body is parsed whole, rather
+  // than the backend's count left for an estimate.
   simdjson::dom::element doc;
-  return whole && candidates > 0 &&
-         parser.parse(copy.data(), copy.size()).get(doc) == simdjson::SUCCESS &&
+  return whole && cut && parser.parse(copy.data(), copy.size()).get(doc) == simdjson::SUCCESS &&
          read_usage(doc, out);
 }
 }  // namespace

@@ -319,8 +319,9 @@ struct Shared {
   // Backend host names, resolved off the event loops (requests and health checks alike).
   NameCache names;
   // A worker at server.max_connections has a connection waiting and no idle keep-alive one of
-  // its own to close for it: another worker closes one of its own.
-  std::atomic<bool> reclaim_wanted{false};
+  // its own to close for it: another worker closes one of its own. When it asked (steady clock,
+  // ns; 0: no one asks); a request older than two turns of the accept loops is void.
+  std::atomic<std::int64_t> reclaim_wanted_at{0};
   // Request body bytes held by all workers (BodyTicket), bounded by server.max_body_memory.
   std::atomic<std::uint64_t> body_bytes{0};
   // The most body_bytes reached since the heap was last trimmed (memory_trim_loop).
@@ -707,6 +708,14 @@ asio::awaitable<std::tuple<error_code, std::size_t>> upstream_read(UpstreamConn&
   co_return co_await std::move(op);
 }
 
+template <class Parser>
+asio::awaitable<std::tuple<error_code, std::size_t>> upstream_read_header(UpstreamConn& c,
+                                                                          Parser& p) {
+  auto op = std::visit(
+      [&](auto& s) { return bhttp::async_read_header(s, c.buffer, p, use_nothrow); }, c.stream);
+  co_return co_await std::move(op);
+}
+
 // The request path's upstream I/O, on the connection's own layers: the plain socket itself
 // (Beast's timed stream layer would arm and cancel a timer around every operation; deadlines
 // are the session's, see ClientSession::arm), or the TLS stream. Not a coroutine: the caller
@@ -920,7 +929,7 @@ class ClientSession {
   void reclaim() {
     idle_ = false;
     reclaimed_ = true;
-    stream_.cancel();
+    stream_.cancel();  // no effect on a read already complete (its request is served)
   }
   // Called at the drain deadline: cuts the request in flight (client and upstream sockets), so
   // that it still ends through log() (its usage record, finish "timeout") before the process
@@ -1183,6 +1192,13 @@ asio::awaitable<void> ClientSession::run() {
       arm(first ? w_.cfg().timeouts.client_header : w_.cfg().timeouts.keepalive);
       auto [ec, n] = co_await stream_.socket().async_read_some(buffer_.prepare(4096), use_nothrow);
       idle_ = false;
+      if (reclaimed_) {
+        if (ec == asio::error::operation_aborted) {
+          ++w_.metrics.idle_reclaimed;
+        } else {
+          reclaimed_ = false;  // the request had arrived: served, and the place not given up
+        }
+      }
       if (settle(ec)) break;
       buffer_.commit(n);
     }
@@ -2358,15 +2374,29 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
     co_return -1;
   }
   std::optional<bhttp::response_parser<bhttp::string_body>> parser;
+  BodyTicket answer_room;
   for (int interim = 0; interim < 8; ++interim) {  // 1xx answers come before the final one
     parser.emplace();
     parser->body_limit(answer_limit);
+    auto [hec, hn] = co_await upstream_read_header(*conn, *parser);
+    if (hec) {
+      conn->close();
+      co_return -1;
+    }
+    if (parser->get().result_int() < 200) continue;
+    // The answer's room (its length, or the limit when chunked), and simdjson's padded copy of
+    // it, held under server.max_body_memory: past that bound the prompt is estimated.
+    const std::uint64_t room = parser->content_length().value_or(answer_limit);
+    if (room > answer_limit || !hold(answer_room, 2 * room + simdjson::SIMDJSON_PADDING)) {
+      conn->close();
+      co_return -1;
+    }
     auto [rec, rn] = co_await upstream_read(*conn, *parser);
     if (rec) {
       conn->close();
       co_return -1;
     }
-    if (parser->get().result_int() >= 200) break;
+    break;
   }
   conn->close();
   auto& rp = *parser;
@@ -3437,6 +3467,9 @@ asio::awaitable<void> run_session(Worker* w, tcp::socket socket, bool metrics_on
 
 // Connections one wake of a worker's accept loop takes at most; the rest wait for its next turn.
 constexpr std::int64_t kAcceptBurst = 64;
+// How long a worker's request that another close an idle connection for it stands.
+constexpr std::chrono::nanoseconds kReclaimAskLife = std::chrono::milliseconds(20);
+
 // A connection waits in the listener's backlog (readable: accept would take one).
 bool connection_waiting(tcp::acceptor& acceptor) {
   pollfd p{acceptor.native_handle(), POLLIN, 0};
@@ -3495,7 +3528,10 @@ asio::awaitable<void> accept_loop(Worker* w) {
       // Only while one waits, one per turn, the longest idle first. Each worker has a backlog
       // of its own: one whose waiting connection finds no idle one of its own asks the others.
       const bool waiting = connection_waiting(w->acceptor);
-      if (waiting || w->shared.reclaim_wanted.load(std::memory_order_relaxed)) {
+      const std::int64_t now_ns = Clock::now().time_since_epoch().count();
+      std::int64_t asked = w->shared.reclaim_wanted_at.load(std::memory_order_relaxed);
+      const bool asked_now = asked != 0 && now_ns - asked < kReclaimAskLife.count();
+      if (waiting || asked_now) {
         ClientSession* oldest = nullptr;
         Clock::time_point since = Clock::time_point::max();
         for (ClientSession* s : w->sessions) {
@@ -3504,11 +3540,11 @@ asio::awaitable<void> accept_loop(Worker* w) {
             oldest = s;
           }
         }
-        if (oldest && (waiting || w->shared.reclaim_wanted.exchange(false))) {
+        // Another's request is taken by one worker only (the exchange from its value).
+        if (oldest && (waiting || w->shared.reclaim_wanted_at.compare_exchange_strong(asked, 0))) {
           oldest->reclaim();
-          ++w->metrics.idle_reclaimed;
         } else if (!oldest && waiting) {
-          w->shared.reclaim_wanted.store(true, std::memory_order_relaxed);
+          w->shared.reclaim_wanted_at.store(now_ns, std::memory_order_relaxed);
         }
       }
       backoff.expires_after(std::chrono::milliseconds(10));

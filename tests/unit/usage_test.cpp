@@ -547,6 +547,8 @@ TEST(AnswerModel, FromBodyAndFirstStreamEvent) {
   simdjson::dom::parser parser;
   EXPECT_EQ(body_model(R"({"id":"x","model" : "qwen3-8b","choices":[]})"), "qwen3-8b");
   EXPECT_EQ(body_model(R"({"model":7})"), "");
+  // A top-level model that is no string: nothing, not a nested one further on.
+  EXPECT_EQ(body_model(R"({"model":null,"choices":[{"arguments":{"model":"chosen"}}]})"), "");
   EXPECT_EQ(body_model(R"({"model":")" + std::string(1025, 'm') + R"("})"), "");
   EXPECT_EQ(body_model(R"({"model":"cut)"), "");
   EXPECT_EQ(body_model(R"({"model":"a\"b"})"), "");  // escaped: left out, not read wrong
