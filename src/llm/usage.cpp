@@ -1,6 +1,7 @@
 #include "llm/usage.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cstring>
 
 #include "llm/request_inspector.h"  // kMaxIdentifierBytes
@@ -323,6 +324,51 @@ std::string body_model(std::string_view text, bool last) {
     return std::string(value);
   }
   return {};
+}
+
+namespace {
+// Where the value of the first `"key"` key in `text` starts (a colon after it: a key, not a
+// string value), or npos.
+std::size_t key_value(std::string_view text, std::string_view quoted_key) {
+  const auto space = [](char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; };
+  for (std::size_t at = text.find(quoted_key); at != std::string_view::npos;
+       at = text.find(quoted_key, at + 1)) {
+    std::size_t p = at + quoted_key.size();
+    while (p < text.size() && space(text[p])) ++p;
+    if (p >= text.size() || text[p] != ':') continue;
+    ++p;
+    while (p < text.size() && space(text[p])) ++p;
+    return p;
+  }
+  return std::string_view::npos;
+}
+}  // namespace
+
+std::int64_t tokenize_count(std::string_view answer) {
+  if (std::size_t p = key_value(answer, "\"count\""); p != std::string_view::npos) {
+    std::int64_t v = 0;
+    const auto [end, ec] = std::from_chars(answer.data() + p, answer.data() + answer.size(), v);
+    if (ec == std::errc() && end != answer.data() + p && v >= 0 && v <= kMaxTokenCount) return v;
+    return -1;
+  }
+  std::size_t p = key_value(answer, "\"tokens\"");
+  if (p == std::string_view::npos || p >= answer.size() || answer[p] != '[') return -1;
+  std::int64_t ids = 0;
+  bool in_id = false;
+  for (++p; p < answer.size(); ++p) {
+    const char c = answer[p];
+    if (c >= '0' && c <= '9') {
+      if (!in_id) ++ids;
+      in_id = true;
+    } else if (c == ',' || c == ' ' || c == '\n' || c == '\r' || c == '\t') {
+      in_id = false;
+    } else if (c == ']') {
+      return ids;
+    } else {
+      return -1;  // not a list of ids (pieces, objects): no count read from it
+    }
+  }
+  return -1;  // the list never ends
 }
 
 bool StreamUsageTracker::on_event(std::string_view data, std::string_view event) {
@@ -652,6 +698,7 @@ bool find_body_usage(std::string_view copy, simdjson::dom::parser& parser, Usage
   }
   // A usage object larger than the window it is read in: a whole body is parsed whole, rather
   // than the backend's count left for an estimate.
+  cut = cut || candidates > kMaxUsageCandidates;  // the top-level one may be past the last read
   simdjson::dom::element doc;
   return whole && cut && parser.parse(copy.data(), copy.size()).get(doc) == simdjson::SUCCESS &&
          read_usage(doc, out);

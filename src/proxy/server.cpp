@@ -924,7 +924,9 @@ class ClientSession {
   // for the next one may give its place (it ends as at its keep-alive timeout, closed at once:
   // it holds no unread bytes to linger for). reclaim_since(): since when it may, or max().
   Clock::time_point reclaim_since() const {
-    return idle_ && idle_keepalive_ && !metrics_only_ ? idle_since_ : Clock::time_point::max();
+    // Not one its keep-alive deadline already closed: that place is free.
+    return idle_ && idle_keepalive_ && !metrics_only_ && !timed_out_ ? idle_since_
+                                                                     : Clock::time_point::max();
   }
   void reclaim() {
     idle_ = false;
@@ -2384,10 +2386,11 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
       co_return -1;
     }
     if (parser->get().result_int() < 200) continue;
-    // The answer's room (its length, or the limit when chunked), and simdjson's padded copy of
-    // it, held under server.max_body_memory: past that bound the prompt is estimated.
-    const std::uint64_t room = parser->content_length().value_or(answer_limit);
-    if (room > answer_limit || !hold(answer_room, 2 * room + simdjson::SIMDJSON_PADDING)) {
+    // The answer's room held under server.max_body_memory (its length; a chunked one grows to
+    // up to twice the limit): past that bound the prompt is estimated.
+    const auto length = parser->content_length();
+    const std::uint64_t room = length ? *length : 2 * answer_limit;
+    if ((length && *length > answer_limit) || !hold(answer_room, room)) {
       conn->close();
       co_return -1;
     }
@@ -2404,22 +2407,7 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
   if (status == 404 || status == 405 || status == 501) {
     backend.set_tokenize_unsupported();
   }
-  std::int64_t count = -1;
-  if (status == 200) {
-    auto& text = rp.get().body();
-    simdjson::dom::element doc;  // parse() pads a copy: reserve() would double the answer's room
-    if (!w_.usage_parser.parse(text.data(), text.size()).get(doc)) {
-      std::int64_t v;
-      simdjson::dom::array tokens;
-      // A count past what any record holds (llm::kMaxTokenCount) is no answer.
-      if (!doc["count"].get_int64().get(v) && v >= 0) {
-        if (v <= llm::kMaxTokenCount) count = v;
-      } else if (!doc["tokens"].get_array().get(tokens)) {
-        count = static_cast<std::int64_t>(tokens.size());
-      }
-    }
-  }
-  co_return count;
+  co_return status == 200 ? llm::tokenize_count(rp.get().body()) : -1;
 }
 
 void ClientSession::submit_usage(RequestContext& ctx, double duration_ms) {

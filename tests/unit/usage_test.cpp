@@ -574,3 +574,25 @@ TEST(AnswerModel, FromBodyAndFirstStreamEvent) {
 
 }  // namespace
 }  // namespace llmproxy::llm
+
+namespace llmproxy::llm {
+namespace {
+
+// /tokenize answers as vLLM and llama.cpp write them, read without a parser.
+TEST(TokenizeCount, CountOrTokenIds) {
+  EXPECT_EQ(tokenize_count(R"({"count":7,"max_model_len":4096,"tokens":[1,2,3,4,5,6,7]})"), 7);
+  EXPECT_EQ(tokenize_count(R"({"tokens": [101, 2023, 2003]})"), 3);
+  EXPECT_EQ(tokenize_count(R"({"tokens":[]})"), 0);
+  EXPECT_EQ(tokenize_count("{\"tokens\":[\n 1,\n 22\n]}"), 2);
+  // token_strs may hold the word as a value: only a key followed by a colon counts.
+  EXPECT_EQ(tokenize_count(R"({"token_strs":["count"],"count" : 12})"), 12);
+  EXPECT_EQ(tokenize_count(R"({"count":-1})"), -1);
+  EXPECT_EQ(tokenize_count(R"({"count":9007199254740993})"), -1);  // past 2^53
+  EXPECT_EQ(tokenize_count(R"({"count":"7"})"), -1);
+  EXPECT_EQ(tokenize_count(R"({"tokens":[{"id":1,"piece":"a"}]})"), -1);  // pieces: no ids
+  EXPECT_EQ(tokenize_count(R"({"tokens":[1,2)"), -1);                     // never ends
+  EXPECT_EQ(tokenize_count(R"({"other":1})"), -1);
+}
+
+}  // namespace
+}  // namespace llmproxy::llm
