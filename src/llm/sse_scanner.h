@@ -78,11 +78,12 @@ class SseScanner {
   std::uint64_t truncated_events_ = 0;
 };
 
-// Empties `s`, and gives its memory back when one large event grew it past kKeptRoom: a stream
-// keeps what its usual events need, not the most its largest one took, for the rest of its life.
 // Room a stream's buffer keeps between events: streams whose events are all large (logprobs,
 // long tool-call arguments) do not allocate per event.
 inline constexpr std::size_t kKeptRoom = 64 * 1024;
+
+// Empties `s`, and gives its memory back when one large event grew it past kKeptRoom: a stream
+// keeps what its usual events need, not the most its largest one took, for the rest of its life.
 inline void clear_releasing(std::string& s) {
   if (s.capacity() > kKeptRoom) {
     std::string().swap(s);

@@ -292,57 +292,35 @@ std::string answer_model(simdjson::dom::element doc) {
   return std::string(model);
 }
 
-std::string body_model(std::string_view text, bool last) {
-  // `"model"` with unescaped quotes is a key or a value; followed by a colon, a key. Servers
-  // write the response's own first (chat) or after its data (embeddings), nested ones nowhere.
-  static constexpr std::string_view kKey = "\"model\"";
-  std::size_t at = last ? text.rfind(kKey) : text.find(kKey);
-  for (; at != std::string_view::npos;
-       at = last ? (at == 0 ? std::string_view::npos : text.rfind(kKey, at - 1))
-                 : text.find(kKey, at + 1)) {
-    std::size_t p = at + kKey.size();
-    const auto skip_space = [&] {
-      while (p < text.size() &&
-             (text[p] == ' ' || text[p] == '\t' || text[p] == '\n' || text[p] == '\r')) {
-        ++p;
-      }
-    };
-    skip_space();
-    if (p >= text.size() || text[p] != ':') continue;
-    ++p;
-    skip_space();
-    // The key found names the model, or nothing does: a nested one further on is not it.
-    if (p >= text.size() || text[p] != '"') return {};
-    const std::size_t end = text.find('"', p + 1);
-    if (end == std::string_view::npos) return {};
-    const std::string_view value = text.substr(p + 1, end - p - 1);
-    // An escaped value (a backslash in it) is left out rather than read wrong.
-    if (value.size() > kMaxIdentifierBytes || value.find('\\') != std::string_view::npos ||
-        !simdjson::validate_utf8(value.data(), value.size())) {
-      return {};
-    }
-    return std::string(value);
-  }
-  return {};
-}
-
 namespace {
-// Where the value of the first `"key"` key in `text` starts (a colon after it: a key, not a
-// string value), or npos.
-std::size_t key_value(std::string_view text, std::string_view quoted_key) {
-  const auto space = [](char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; };
-  for (std::size_t at = text.find(quoted_key); at != std::string_view::npos;
-       at = text.find(quoted_key, at + 1)) {
-    std::size_t p = at + quoted_key.size();
-    while (p < text.size() && space(text[p])) ++p;
-    if (p >= text.size() || text[p] != ':') continue;
-    ++p;
-    while (p < text.size() && space(text[p])) ++p;
-    return p;
+// Where the value starts of the first `quoted_key` key in `text` (the last with `last`), or npos.
+// With unescaped quotes the word is a key or a string value; followed by a colon, a key.
+std::size_t key_value(std::string_view text, std::string_view quoted_key, bool last = false) {
+  constexpr auto npos = std::string_view::npos;
+  for (std::size_t at = last ? text.rfind(quoted_key) : find_text(text, quoted_key); at != npos;
+       at = last ? (at == 0 ? npos : text.rfind(quoted_key, at - 1))
+                 : find_text(text, quoted_key, at + 1)) {
+    if (const std::size_t v = value_start(text, at + quoted_key.size()); v != npos) return v;
   }
-  return std::string_view::npos;
+  return npos;
 }
 }  // namespace
+
+std::string body_model(std::string_view text, bool last) {
+  // Servers write the response's own first (chat) or after its data (embeddings), nested ones
+  // nowhere; the key found names the model, or nothing does (a nested one further on is not it).
+  const std::size_t p = key_value(text, "\"model\"", last);
+  if (p >= text.size() || text[p] != '"') return {};
+  const std::size_t end = text.find('"', p + 1);
+  if (end == std::string_view::npos) return {};
+  const std::string_view value = text.substr(p + 1, end - p - 1);
+  // An escaped value (a backslash in it) is left out rather than read wrong.
+  if (value.size() > kMaxIdentifierBytes || value.find('\\') != std::string_view::npos ||
+      !simdjson::validate_utf8(value.data(), value.size())) {
+    return {};
+  }
+  return std::string(value);
+}
 
 std::int64_t tokenize_count(std::string_view answer) {
   if (std::size_t p = key_value(answer, "\"count\""); p != std::string_view::npos) {
@@ -360,7 +338,7 @@ std::int64_t tokenize_count(std::string_view answer) {
     if (c >= '0' && c <= '9') {
       if (!in_id) ++ids;
       in_id = true;
-    } else if (c == ',' || c == ' ' || c == '\n' || c == '\r' || c == '\t') {
+    } else if (c == ',' || json_space(c)) {
       in_id = false;
     } else if (c == ']') {
       return ids;
@@ -400,10 +378,7 @@ bool StreamUsageTracker::on_event(std::string_view data, std::string_view event)
   }
   // Released once large (not kept for the stream's life); room for the padding first, so that
   // one allocation takes the event.
-  if (scratch_.capacity() > kKeptRoom && data.size() < scratch_.capacity() / 4) {
-    std::string().swap(scratch_);
-  }
-  scratch_.clear();
+  clear_releasing(scratch_);
   scratch_.reserve(data.size() + simdjson::SIMDJSON_PADDING);
   scratch_.append(data);
   if (!shared_) {

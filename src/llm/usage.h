@@ -123,13 +123,13 @@ bool body_reports_error(std::string_view body, simdjson::dom::parser& parser);
 // or a piece of one as text, without a parser: the first `"model":"..."` key in it, or the last
 // (`last`: a large body's tail, where embeddings put it after their data).
 std::string answer_model(simdjson::dom::element doc);
+std::string body_model(std::string_view text, bool last = false);
 
 // The prompt's token count in a /tokenize answer, read as text without a parser (a DOM of a
 // long token list would take about 15 times its bytes): the top-level `"count"` (vLLM), else
 // the number of ids in `"tokens":[...]` (vLLM, llama.cpp). -1: neither, a count past
 // kMaxTokenCount, or a token list that is not ids alone.
 std::int64_t tokenize_count(std::string_view answer);
-std::string body_model(std::string_view text, bool last = false);
 
 // The start of the last `"usage"` key in `s` that begins before `end` and has an object for its
 // value, or npos: the word as a value (`"decoded_token":"usage"`) is passed over, at the cost of

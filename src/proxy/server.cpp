@@ -868,7 +868,6 @@ struct RequestContext {
     bool error = false;  // no usage, and the whole body is an error report
     llm::Usage usage;
     llm::TextCount content;
-    std::string model;  // the answer's `model`, read only for a request that named none
   };
   std::optional<BodyUsage> body_usage;
   // The model a request that named none was answered by (the response's `model`), for its record.
@@ -995,7 +994,8 @@ class ClientSession {
     std::string().swap(ctx.retained_body);
     ctx.body_ticket.shrink(0);
   }
-  bool hold_body(RequestContext& ctx, std::uint64_t bytes) { return hold(ctx.body_ticket, bytes); }
+  // Holds `bytes` on `ticket` under server.max_body_memory (request bodies, and the metering
+  // copies of answers); false past that bound.
   bool hold(BodyTicket& ticket, std::uint64_t bytes) {
     // A largest body alone always fits, whatever the setting.
     const auto& server = w_.cfg().server;
@@ -1003,30 +1003,24 @@ class ClientSession {
         std::max(server.max_body_memory, server.max_body_size + simdjson::SIMDJSON_PADDING);
     return ticket.hold(w_.shared.body_bytes, w_.shared.body_peak, bound, bytes);
   }
-  // Room in a non-stream answer's copy for `need` bytes, at most `limit`, held under
-  // server.max_body_memory; false at that bound (the copy then keeps only its windows).
-  bool grow_copy(RequestContext& ctx, std::size_t need, std::size_t limit) {
-    auto& copy = ctx.body_copy;
-    if (need <= copy.capacity()) return true;
-    const std::size_t room = std::min(limit, std::max(need, 2 * copy.capacity()));
-    if (!hold(ctx.copy_ticket, room)) return false;
-    set_room(copy, room);  // exactly: reserve() would round up to twice the old capacity
+  // Makes room in `s` for `need` bytes in all, at most `cap`, held on `ticket` before it is
+  // taken; false at the bound. Room grows geometrically, each time exactly (a fresh string:
+  // std::string::reserve would round up to twice the old capacity).
+  bool grow_room(BodyTicket& ticket, std::string& s, std::uint64_t need, std::uint64_t cap) {
+    need = std::min(cap, need);
+    if (need <= s.capacity()) return true;
+    const std::uint64_t room =
+        std::min<std::uint64_t>(cap, std::max<std::uint64_t>(need, 2 * s.capacity()));
+    if (!hold(ticket, room)) return false;
+    set_room(s, room);
     return true;
   }
-  // Makes room in `body` for `incoming` more bytes (and simdjson's padding), at most `cap`, held
-  // under server.max_body_memory before it is taken: the body grows with what arrives, never
-  // with what a header announces. Room grows geometrically, each time exactly (a fresh string:
-  // std::string::reserve would round up to twice the old capacity).
+  // Room in a request body for `incoming` more bytes and simdjson's padding: the body grows with
+  // what arrives, never with what a header announces.
   bool grow_body_room(RequestContext& ctx, std::string& body, std::uint64_t incoming,
                       std::uint64_t cap) {
-    const std::uint64_t need =
-        std::min<std::uint64_t>(cap, body.size() + incoming + simdjson::SIMDJSON_PADDING);
-    if (need <= body.capacity()) return true;
-    const std::uint64_t room =
-        std::min<std::uint64_t>(cap, std::max<std::uint64_t>(need, 2 * body.capacity()));
-    if (!hold_body(ctx, room)) return false;
-    set_room(body, room);
-    return true;
+    return grow_room(ctx.body_ticket, body, body.size() + incoming + simdjson::SIMDJSON_PADDING,
+                     cap);
   }
   // Gives `body` exactly `room` bytes of capacity.
   static void set_room(std::string& body, std::uint64_t room) {
@@ -1043,7 +1037,7 @@ class ClientSession {
     const std::uint64_t want =
         std::min<std::uint64_t>(cap, body.size() + kBodyRead + simdjson::SIMDJSON_PADDING);
     if (body.capacity() > want && body.capacity() > ctx.body_ticket.held()) set_room(body, want);
-    return hold_body(ctx, body.capacity());
+    return hold(ctx.body_ticket, body.capacity());
   }
   // 503 overloaded for a body past server.max_body_memory (`bytes_in` of it arrived); the rest of
   // it is not read.
@@ -1082,7 +1076,8 @@ class ClientSession {
   // counted by the backend's /tokenize (after the client has its whole response).
   void resolve_usage(RequestContext& ctx);
   // Usage of a non-stream body, or of the copy of one (`whole` false when it holds only part).
-  RequestContext::BodyUsage read_body(const RequestContext& ctx, std::string_view body, bool whole);
+  // A whole body of a request without `model` also gives the model it names (answer_model).
+  RequestContext::BodyUsage read_body(RequestContext& ctx, std::string_view body, bool whole);
   // Resolves usage; true when the prompt count should then come from /tokenize (otherwise the
   // retained request body is freed). Plain call: most requests need no coroutine frame for it.
   bool wants_tokenize(RequestContext& ctx);
@@ -2009,8 +2004,9 @@ asio::awaitable<bool> ClientSession::handle_request() {
     const std::string_view key = usage::api_key_from_headers(authorization, x_api_key);
     const std::size_t key_limit =
         ucfg.api_key == config::ApiKeyMode::full ? kMaxStoredKeyBytes : SIZE_MAX;
-    const std::string_view key_header =
-        key.data() == x_api_key.data() && !x_api_key.empty() ? "X-API-Key" : "Authorization";
+    const std::string_view key_header = key.data() == x_api_key.data() && !x_api_key.empty()
+                                            ? std::string_view("X-API-Key")
+                                            : std::string_view("Authorization");
     if (user.size() > llm::kMaxIdentifierBytes || key.size() > key_limit) {
       const bool of_user = user.size() > llm::kMaxIdentifierBytes;
       reply_ = error_reply(
@@ -2162,13 +2158,13 @@ void ClientSession::record_passive(const config::HealthCheck& hc, lb::Backend& b
 // ---------------------------------------------------------------------------------------------
 // Metering.
 
-RequestContext::BodyUsage ClientSession::read_body(const RequestContext& ctx, std::string_view body,
+RequestContext::BodyUsage ClientSession::read_body(RequestContext& ctx, std::string_view body,
                                                    bool whole) {
   RequestContext::BodyUsage b;
   b.reported = llm::read_body_usage(body, w_.usage_parser, b.usage, b.content, whole);
   // Only a whole body is an error report: a part of one may only quote one.
   b.error = whole && !b.reported && llm::body_reports_error(body, w_.usage_parser);
-  if (whole && ctx.info.model.empty()) b.model = llm::body_model(body);
+  if (whole && ctx.info.model.empty()) ctx.answer_model = llm::body_model(body);
   return b;
 }
 
@@ -2183,7 +2179,7 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
     u = ctx.meter->tracker().usage();
     reported = u.reported();
     content = ctx.meter->tracker().content_text();
-    ctx.answer_model = ctx.meter->tracker().model();
+    if (ctx.info.model.empty()) ctx.answer_model = ctx.meter->tracker().model();
   } else {
     if (!ctx.body_usage && !ctx.body_copy.empty()) {
       auto& b = ctx.body_usage.emplace(read_body(ctx, ctx.body_copy, ctx.body_copy_complete));
@@ -2200,7 +2196,6 @@ void ClientSession::resolve_usage(RequestContext& ctx) {
       error_body = ctx.body_usage->error;
       u = ctx.body_usage->usage;
       content = ctx.body_usage->content;
-      ctx.answer_model = std::move(ctx.body_usage->model);
     }
     // A large body: its head, else its tail.
     if (ctx.answer_model.empty() && ctx.info.model.empty() && !ctx.body_copy_complete) {
@@ -2386,11 +2381,10 @@ asio::awaitable<std::int64_t> ClientSession::tokenize(const lb::Backend& backend
       co_return -1;
     }
     if (parser->get().result_int() < 200) continue;
-    // The answer's room held under server.max_body_memory (its length; a chunked one grows to
-    // up to twice the limit): past that bound the prompt is estimated.
-    const auto length = parser->content_length();
-    const std::uint64_t room = length ? *length : 2 * answer_limit;
-    if ((length && *length > answer_limit) || !hold(answer_room, room)) {
+    // The answer's room held under server.max_body_memory (its length, which the parser has
+    // checked against the limit; a chunked one grows to up to twice the limit): past that bound
+    // the prompt is estimated.
+    if (!hold(answer_room, parser->content_length().value_or(2 * answer_limit))) {
       conn->close();
       co_return -1;
     }
@@ -3260,7 +3254,8 @@ asio::awaitable<ClientSession::Attempt> ClientSession::attempt(lb::Backend& back
       if (rp.is_done() && !cwec && pending_.empty() && copy.empty() && ctx.body_copy_complete) {
         ctx.body_usage = read_body(ctx, piece, true);
       } else if (ctx.body_copy_complete && copy.size() + n <= copy_limit &&
-                 grow_copy(ctx, copy.size() + n, copy_limit)) {
+                 grow_room(ctx.copy_ticket, copy, copy.size() + n, copy_limit)) {
+        // Held under server.max_body_memory; past that bound the copy keeps only its windows.
         copy.append(piece);
       } else {
         copy.append(piece);
@@ -3504,6 +3499,32 @@ std::string listen_url(const tcp::endpoint& ep) {
   return fmt::format("http://{}:{}", ep.address().is_v6() ? "[" + host + "]" : host, ep.port());
 }
 
+// At server.max_connections: idle keep-alive connections make room, as nginx reuses its own when
+// it runs out (otherwise a client with one cheap request per connection each keepalive would
+// hold every place). Only while one waits, one per turn, the longest idle first. Each worker has
+// a backlog of its own: one whose waiting connection finds no idle one of its own asks the
+// others.
+void make_room(Worker* w) {
+  const bool waiting = connection_waiting(w->acceptor);
+  const std::int64_t now_ns = Clock::now().time_since_epoch().count();
+  std::int64_t asked = w->shared.reclaim_wanted_at.load(std::memory_order_relaxed);
+  if (!waiting && (asked == 0 || now_ns - asked >= kReclaimAskLife.count())) return;
+  ClientSession* oldest = nullptr;
+  Clock::time_point since = Clock::time_point::max();
+  for (ClientSession* s : w->sessions) {
+    if (const auto t = s->reclaim_since(); t < since) {
+      since = t;
+      oldest = s;
+    }
+  }
+  // Another's request is taken by one worker only (the exchange from its value).
+  if (oldest && (waiting || w->shared.reclaim_wanted_at.compare_exchange_strong(asked, 0))) {
+    oldest->reclaim();
+  } else if (!oldest && waiting) {
+    w->shared.reclaim_wanted_at.store(now_ns, std::memory_order_relaxed);
+  }
+}
+
 asio::awaitable<void> accept_loop(Worker* w) {
   const std::int64_t limit = std::max<std::int64_t>(1, w->shared.cfg.server.max_connections);
   asio::steady_timer backoff(w->ioc);
@@ -3511,30 +3532,8 @@ asio::awaitable<void> accept_loop(Worker* w) {
     if (open_connections(w->shared) >= limit) {
       // At the connection limit new connections wait in the kernel's backlog. (A worker already
       // waiting in accept takes its next one: the limit can be passed by workers - 1.) Idle
-      // keep-alive connections make room, as nginx reuses its own when it runs out: otherwise a
-      // client with one cheap request per connection each keepalive would hold every place.
-      // Only while one waits, one per turn, the longest idle first. Each worker has a backlog
-      // of its own: one whose waiting connection finds no idle one of its own asks the others.
-      const bool waiting = connection_waiting(w->acceptor);
-      const std::int64_t now_ns = Clock::now().time_since_epoch().count();
-      std::int64_t asked = w->shared.reclaim_wanted_at.load(std::memory_order_relaxed);
-      const bool asked_now = asked != 0 && now_ns - asked < kReclaimAskLife.count();
-      if (waiting || asked_now) {
-        ClientSession* oldest = nullptr;
-        Clock::time_point since = Clock::time_point::max();
-        for (ClientSession* s : w->sessions) {
-          if (const auto t = s->reclaim_since(); t < since) {
-            since = t;
-            oldest = s;
-          }
-        }
-        // Another's request is taken by one worker only (the exchange from its value).
-        if (oldest && (waiting || w->shared.reclaim_wanted_at.compare_exchange_strong(asked, 0))) {
-          oldest->reclaim();
-        } else if (!oldest && waiting) {
-          w->shared.reclaim_wanted_at.store(now_ns, std::memory_order_relaxed);
-        }
-      }
+      // keep-alive connections make room (make_room).
+      make_room(w);
       backoff.expires_after(std::chrono::milliseconds(10));
       co_await backoff.async_wait(use_nothrow);
       if (!w->acceptor.is_open()) co_return;
