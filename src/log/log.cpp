@@ -3,10 +3,10 @@
 #include <pthread.h>
 
 #include <chrono>
-#include <cstdio>
 #include <string>
 
 #include "http/errors.h"
+#include "log/line_output.h"
 
 namespace llmproxy::log {
 
@@ -16,7 +16,7 @@ void write_line(std::string_view level, std::string_view msg) {
   out += "\",\"msg\":\"";
   http::append_json_escaped(out, msg);
   out += "\"}\n";
-  std::fwrite(out.data(), 1, out.size(), stderr);
+  stderr_lines().write(out);  // never blocks a worker on a stalled reader
 }
 
 std::int64_t unix_ms_now() {

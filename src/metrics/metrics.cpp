@@ -304,6 +304,15 @@ std::string render(const Snapshot& s) {
   add_single(out, "llmproxy_idle_connections_reclaimed_total",
              "Idle keep-alive client connections closed to make room at server.max_connections.",
              MetricType::Counter, static_cast<double>(r.idle_reclaimed));
+  auto dropped = family("llmproxy_log_lines_dropped_total",
+                        "Log lines dropped because their output (a pipe or socket whose reader "
+                        "fell behind) could not take them at once: log=access (stdout), process "
+                        "(stderr).",
+                        MetricType::Counter);
+  dropped.metric.push_back(counter(static_cast<double>(s.access_log_dropped), {{"log", "access"}}));
+  dropped.metric.push_back(
+      counter(static_cast<double>(s.process_log_dropped), {{"log", "process"}}));
+  out.push_back(std::move(dropped));
 
   auto up =
       family("llmproxy_backend_up", "1 when the backend is healthy, else 0.", MetricType::Gauge);

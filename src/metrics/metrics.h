@@ -151,7 +151,9 @@ struct Snapshot {
   ReloadStats reloads;
   std::vector<BackendState> backends;
   std::int64_t open_connections = 0;
-  std::uint64_t request_body_bytes = 0;  // held under server.max_body_memory
+  std::uint64_t request_body_bytes = 0;   // held under server.max_body_memory
+  std::uint64_t access_log_dropped = 0;   // lines stdout could not take at once
+  std::uint64_t process_log_dropped = 0;  // the same on stderr
   UsageStats usage;
 };
 

@@ -1,10 +1,7 @@
 #include "proxy/access_log.h"
 
 #include <fmt/format.h>
-#include <poll.h>
-#include <unistd.h>
 
-#include <cerrno>
 #include <chrono>
 
 #include "http/errors.h"
@@ -53,22 +50,7 @@ void AccessLog::write(const AccessEntry& e) {
 
 void AccessLog::flush() {
   if (buffer_.empty()) return;
-  // A reader that stopped reading (a full pipe) must not stall the worker: when the output
-  // cannot take data right now, these lines are dropped.
-  pollfd pfd{fd_, POLLOUT, 0};
-  if (::poll(&pfd, 1, 0) != 1 || (pfd.revents & POLLOUT) == 0) {
-    buffer_.clear();
-    return;
-  }
-  std::size_t off = 0;
-  while (off < buffer_.size()) {
-    ssize_t n = ::write(fd_, buffer_.data() + off, buffer_.size() - off);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      break;  // stdout closed or full disk: drop the lines rather than stall the worker
-    }
-    off += static_cast<std::size_t>(n);
-  }
+  out_.write(buffer_);
   buffer_.clear();
 }
 

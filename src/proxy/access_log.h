@@ -1,14 +1,18 @@
 // One structured (JSON) access-log line per request, written without a lock on the request path.
 //
 // Each worker thread owns an AccessLog that formats lines into its own buffer and hands the
-// buffer to the kernel with one write(2) of whole lines when it passes a threshold or when the
-// worker's periodic flush runs, so lines from different threads never interleave mid-line.
+// buffer to log::LineOutput (whole lines, never blocking, never interleaved mid-line) when it
+// passes a threshold or when the worker's periodic flush runs. Lines the output cannot take at
+// once are dropped and counted (llmproxy_log_lines_dropped_total): a worker waiting for a
+// stalled log reader would stall every request it holds.
 // Prompts and completions are never logged: only the metadata below.
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <string_view>
+
+#include "log/line_output.h"
 
 namespace llmproxy::proxy {
 
@@ -31,7 +35,7 @@ struct AccessEntry {
 
 class AccessLog {
  public:
-  AccessLog(int fd, bool enabled) : fd_(fd), enabled_(enabled) {}
+  AccessLog(log::LineOutput& out, bool enabled) : out_(out), enabled_(enabled) {}
   ~AccessLog() { flush(); }
   AccessLog(const AccessLog&) = delete;
   AccessLog& operator=(const AccessLog&) = delete;
@@ -41,7 +45,7 @@ class AccessLog {
   void flush();
 
  private:
-  int fd_;
+  log::LineOutput& out_;
   bool enabled_;
   std::string buffer_;
 };

@@ -52,6 +52,7 @@
 #include "llm/request_rewrite.h"
 #include "llm/stream_meter.h"
 #include "llm/usage.h"
+#include "log/line_output.h"
 #include "log/log.h"
 #include "metrics/metrics.h"
 #include "proxy/access_log.h"
@@ -404,7 +405,7 @@ class Worker {
         housekeeping(ioc),
         cur(std::make_shared<WorkerGen>(gen)),
         inspector(s.cfg.server.max_body_size + 1024),
-        log(STDOUT_FILENO, s.cfg.server.access_log),
+        log(log::stdout_lines(), s.cfg.server.access_log),
         metrics(gen->labels) {}
   // Pooled connections use the io_context: close them before it goes. The io_context then
   // destroys the suspended coroutines, whose sessions unregister from `sessions` (declared
@@ -1363,6 +1364,8 @@ asio::awaitable<std::string> ClientSession::metrics_body() {
   snap.requests = std::move(merged);
   snap.open_connections = open_connections(w_.shared);
   snap.request_body_bytes = w_.shared.body_bytes.load(std::memory_order_relaxed);
+  snap.access_log_dropped = log::stdout_lines().dropped();
+  snap.process_log_dropped = log::stderr_lines().dropped();
   for (auto& name : w_.shared.labels.names()) {
     snap.backends.push_back({std::move(name), false, 0, false});
   }

@@ -24,6 +24,7 @@ import {
   postJson,
   chatBody,
   gatewaySanitized,
+  keepAliveAgent,
 } from './lib/harness.mjs';
 import { scrapeMetrics, metricSum } from './lib/usage.mjs';
 
@@ -265,4 +266,53 @@ test('after a burst of large bodies the memory is given back, and large bodies c
   for (let i = 0; i < 20; i++) assert.equal((await postJson(gw.url, '/v1/chat/completions', one)).status, 200);
   const perRequest = (minflt() - before) / 20;
   assert.ok(perRequest < 100, `${perRequest} page faults per 1 MB request`);
+});
+
+// A log reader that stops reading (a stalled `docker logs`, a suspended `| tee`) fills the pipe
+// on stdout. The workers must not wait for it: a worker blocked in write(2) would hold every
+// request it serves, and the scrapes, reloads and drain that wait for that worker.
+test('a stdout reader that stops reading stalls no request: the access-log lines it cannot take are dropped whole and counted', { timeout: 120_000 }, async () => {
+  const mock = await startMock();
+  const gw = await startGateway({
+    server: { workers: 2, access_log: true },
+    backends: [backendEntry(mock)],
+    usage: { enabled: false },
+  });
+  gw.child.stdout.pause(); // node stops reading once its own buffer is full: the pipe fills
+  const agent = keepAliveAgent({ maxSockets: 8 });
+  // Long model names make long lines: the pipe (64 KiB) and node's buffer fill in a few hundred.
+  const model = 'm'.repeat(1000);
+  const total = 3000;
+  let sent = 0;
+  let ok = 0;
+  const lane = async () => {
+    while (sent < total) {
+      sent++;
+      const res = await postJson(gw.url, '/v1/chat/completions', chatBody(model), { agent, timeout: 30_000 });
+      if (res.status === 200) ok++;
+    }
+  };
+  await Promise.all(Array.from({ length: 8 }, lane));
+  assert.equal(ok, total, 'every request answered while nobody read stdout');
+  const text = await scrapeMetrics(gw);
+  const dropped = metricSum(text, 'llmproxy_log_lines_dropped_total', { log: 'access' });
+  assert.ok(dropped > 0, `access-log lines dropped: ${dropped}`);
+  assert.equal(metricSum(text, 'llmproxy_log_lines_dropped_total', { log: 'process' }), 0);
+  agent.destroy();
+
+  // Reading again: what went out is whole lines from both workers, none cut into another.
+  gw.child.stdout.resume();
+  gw.signal('SIGTERM');
+  await gw.waitExit(30_000);
+  const lines = gw.stdout.split('\n').slice(1, -1); // the first may be cut by the test's cap
+  let access = 0;
+  for (const line of lines) {
+    if (line.startsWith('llmproxy: listening on')) continue;
+    const entry = JSON.parse(line); // throws on a line another was written into
+    if (entry.msg === 'access' && entry.path === '/v1/chat/completions') {
+      assert.equal(entry.model, model);
+      access++;
+    }
+  }
+  assert.ok(access > 0 && access + dropped <= total + 1, `lines read ${access}, dropped ${dropped}`);
 });

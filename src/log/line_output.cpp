@@ -1,0 +1,135 @@
+#include "log/line_output.h"
+
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <string>
+
+namespace llmproxy::log {
+
+namespace {
+
+// The longest run of whole lines at the start of `lines` that fits in one atomic pipe write;
+// a first line longer than that goes alone.
+std::size_t chunk_length(std::string_view lines) {
+  if (lines.size() <= PIPE_BUF) return lines.size();
+  std::size_t end = lines.rfind('\n', PIPE_BUF - 1);
+  if (end == std::string_view::npos) end = lines.find('\n', PIPE_BUF);
+  return end == std::string_view::npos ? lines.size() : end + 1;
+}
+
+}  // namespace
+
+LineOutput::LineOutput(int fd) : fd_(fd) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    kind_ = Kind::closed;
+    return;
+  }
+  if (S_ISSOCK(st.st_mode)) {
+    kind_ = Kind::socket;  // send(MSG_DONTWAIT): non-blocking per call
+  } else if (S_ISFIFO(st.st_mode)) {
+    // A description of our own, non-blocking, leaves fd 1's (shared with whatever else writes
+    // it, and with the parent) as it is. Without /proc, or with no reader yet: poll first.
+    const std::string self = "/proc/self/fd/" + std::to_string(fd);
+    const int own = ::open(self.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (own >= 0) {
+      fd_ = own;
+      owned_ = true;
+      kind_ = Kind::pipe;
+    } else {
+      kind_ = Kind::pipe_polled;
+    }
+  }
+}
+
+LineOutput::~LineOutput() {
+  if (owned_) ::close(fd_);
+}
+
+long LineOutput::put(const char* p, std::size_t n) {
+  for (;;) {
+    ssize_t got = -1;
+    switch (kind_) {
+      case Kind::closed:
+        return -1;
+      case Kind::socket:
+        got = ::send(fd_, p, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+        break;
+      case Kind::pipe_polled: {
+        // POLLOUT on a pipe promises room for PIPE_BUF bytes; nothing else here writes to it
+        // while the lock is held.
+        pollfd pfd{fd_, POLLOUT, 0};
+        if (::poll(&pfd, 1, 0) != 1 || (pfd.revents & POLLOUT) == 0) return -1;
+        got = ::write(fd_, p, std::min<std::size_t>(n, PIPE_BUF));
+        break;
+      }
+      case Kind::pipe:
+      case Kind::plain:
+        got = ::write(fd_, p, n);
+        break;
+    }
+    if (got > 0) return static_cast<long>(got);
+    if (got < 0 && errno == EINTR) continue;
+    return -1;  // EAGAIN (the reader is behind), EPIPE, a full disk...: not now
+  }
+}
+
+bool LineOutput::finish_cut_line() {
+  while (!rest_.empty()) {
+    const long n = put(rest_.data(), rest_.size());
+    if (n < 0) return false;
+    rest_.erase(0, static_cast<std::size_t>(n));
+  }
+  return true;
+}
+
+std::size_t LineOutput::drop(std::string_view lines) {
+  auto n = static_cast<std::size_t>(std::count(lines.begin(), lines.end(), '\n'));
+  if (!lines.empty() && lines.back() != '\n') ++n;
+  dropped_.fetch_add(n, std::memory_order_relaxed);
+  return n;
+}
+
+std::size_t LineOutput::write(std::string_view lines) {
+  if (lines.empty()) return 0;
+  std::lock_guard lock(mu_);
+  // Another line's end first: nothing may come between its two parts.
+  if (!finish_cut_line()) return drop(lines);
+  while (!lines.empty()) {
+    const std::size_t len = chunk_length(lines);
+    const long n = put(lines.data(), len);
+    if (n < 0) return drop(lines);
+    auto done = static_cast<std::size_t>(n);
+    if (done < len && lines[done - 1] != '\n') {
+      // A short write cut a line: its end is owed before anything else.
+      const std::size_t eol = lines.find('\n', done);
+      const std::size_t end = eol == std::string_view::npos ? lines.size() : eol + 1;
+      rest_.assign(lines.substr(done, end - done));
+      done = end;
+      lines.remove_prefix(done);
+      if (!finish_cut_line()) return drop(lines);
+      continue;
+    }
+    lines.remove_prefix(done);
+  }
+  return 0;
+}
+
+LineOutput& stdout_lines() {
+  static LineOutput out(STDOUT_FILENO);
+  return out;
+}
+
+LineOutput& stderr_lines() {
+  static LineOutput out(STDERR_FILENO);
+  return out;
+}
+
+}  // namespace llmproxy::log

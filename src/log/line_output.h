@@ -1,0 +1,53 @@
+// Whole lines to a file descriptor, from any thread, never blocking on a pipe or a socket whose
+// reader stopped (a stalled `docker logs`, journald's backpressure, a suspended `| tee`).
+//
+// What the output cannot take at once is dropped, whole lines only, and counted: a worker that
+// waited for its log reader would stall every request it holds, and with it the scrapes, reloads
+// and drain that wait for that worker. One writer at a time, and a line cut by a short write is
+// finished before any other line goes out, so lines never interleave mid-line. A pipe is written
+// through a non-blocking description of its own (fd 1 itself stays as it is), in writes of at
+// most PIPE_BUF bytes cut at line ends, which the kernel makes atomic against other writers of
+// the pipe too. Regular files and terminals are written as they are (a full disk drops lines).
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <string_view>
+
+namespace llmproxy::log {
+
+class LineOutput {
+ public:
+  explicit LineOutput(int fd);
+  ~LineOutput();
+  LineOutput(const LineOutput&) = delete;
+  LineOutput& operator=(const LineOutput&) = delete;
+
+  // `lines`: whole lines, each ending in '\n'. Returns how many of them were dropped.
+  std::size_t write(std::string_view lines);
+  // Lines dropped since the start.
+  std::uint64_t dropped() const { return dropped_.load(std::memory_order_relaxed); }
+
+ private:
+  enum class Kind { plain, pipe, pipe_polled, socket, closed };
+  // One write that never blocks (pipe, socket): bytes taken, or -1 when none could be.
+  long put(const char* p, std::size_t n);
+  bool finish_cut_line();  // writes rest_; false when the output cannot take all of it now
+  std::size_t drop(std::string_view lines);
+
+  std::mutex mu_;
+  int fd_;
+  Kind kind_ = Kind::plain;
+  bool owned_ = false;  // fd_ is the non-blocking reopen of a pipe, closed with this object
+  std::string rest_;    // the end of a line that a short write cut
+  std::atomic<std::uint64_t> dropped_{0};
+};
+
+// The process's two outputs: stdout (the access log) and stderr (the process log).
+LineOutput& stdout_lines();
+LineOutput& stderr_lines();
+
+}  // namespace llmproxy::log
