@@ -383,6 +383,17 @@ bool idle_conn_alive(UpstreamConn& c) {
 
 class ClientSession;
 
+// A worker's event loop, whose pending operations can be destroyed before any worker is: a
+// scrape or a reload on one worker waits in another's loop (copy_metrics, the reload barrier),
+// and destroying that operation destroys the waiting session, which belongs to the first worker.
+// Destroyed with the second worker's io_context after the first worker, it reached freed memory
+// (a reviewer's ASan run: two SIGTERMs during scrapes with 4 workers).
+class WorkerLoop : public asio::io_context {
+ public:
+  using asio::io_context::io_context;
+  void shut_down() { shutdown(); }  // asio::execution_context::shutdown(): idempotent
+};
+
 // One worker's view of one generation: its balancer state and its idle upstream connections.
 // Requests hold theirs (shared_ptr, a count on this worker's own cache line) until they end.
 struct WorkerGen {
@@ -418,7 +429,7 @@ class Worker {
   // Unix ms before which every request this worker took has ended (its record submitted),
   // published at each housekeeping sweep for the usage log's settled time.
   std::atomic<std::int64_t> settled_ms{0};
-  asio::io_context ioc;
+  WorkerLoop ioc;
   tcp::acceptor acceptor;
   std::optional<tcp::acceptor> metrics_acceptor;  // metrics.listen, on worker 0 only
   asio::steady_timer housekeeping;
@@ -3844,6 +3855,8 @@ struct Gateway::Impl {
   // run() returns early.
   ~Impl() {
     if (usage) usage->stop(Clock::now());
+    // Every loop's pending operations go (their sessions with them) while all workers exist.
+    for (auto& w : workers) w->ioc.shut_down();
   }
   Shared shared;
   std::unique_ptr<usage::Pipeline> usage;
