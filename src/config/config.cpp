@@ -3,12 +3,15 @@
 #include <arpa/inet.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
+#include <sched.h>
 #include <simdjson.h>
 #include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
 #include <cctype>
+#include <charconv>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -917,10 +920,90 @@ std::vector<const SinkConfig*> Config::active_sinks() const {
   return out;
 }
 
+std::optional<double> cpu_max_cpus(std::string_view text) {
+  while (!text.empty() && std::isspace(static_cast<unsigned char>(text.back()))) {
+    text.remove_suffix(1);
+  }
+  const std::size_t sp = text.find(' ');
+  if (sp == std::string_view::npos) return std::nullopt;
+  std::int64_t quota = 0;
+  std::int64_t period = 0;
+  const std::string_view q = text.substr(0, sp);
+  const std::string_view p = text.substr(sp + 1);
+  if (std::from_chars(q.data(), q.data() + q.size(), quota).ptr != q.data() + q.size() ||
+      std::from_chars(p.data(), p.data() + p.size(), period).ptr != p.data() + p.size() ||
+      quota <= 0 || period <= 0) {
+    return std::nullopt;  // "max": no quota
+  }
+  return static_cast<double>(quota) / static_cast<double>(period);
+}
+
+namespace {
+
+std::string read_small_file(const std::string& path) {
+  std::ifstream in(path);
+  std::string text;
+  std::getline(in, text, '\0');
+  return text;
+}
+
+// The lowest CPU quota of this process's cgroup and its ancestors, in CPUs (cgroup v2, or v1's
+// cpu controller at its usual mount); nullopt when none is set or none can be read.
+std::optional<double> cgroup_cpu_quota() {
+  std::optional<double> lowest;
+  auto take = [&lowest](std::optional<double> cpus) {
+    if (cpus && (!lowest || *lowest > *cpus)) lowest = cpus;
+  };
+  std::istringstream lines(read_small_file("/proc/self/cgroup"));
+  for (std::string line; std::getline(lines, line);) {
+    // v2: "0::/path"; v1: "N:cpu,cpuacct:/path"
+    const std::size_t a = line.find(':');
+    const std::size_t b = a == std::string::npos ? a : line.find(':', a + 1);
+    if (b == std::string::npos) continue;
+    const std::string controllers = line.substr(a + 1, b - a - 1);
+    std::string path = line.substr(b + 1);
+    if (controllers.empty()) {
+      for (;;) {  // the limit of any ancestor applies too
+        take(cpu_max_cpus(read_small_file("/sys/fs/cgroup" + path + "/cpu.max")));
+        if (path.empty() || path == "/") break;
+        path.erase(path.rfind('/'));
+      }
+    } else if (("," + controllers + ",").find(",cpu,") != std::string::npos) {
+      // The group's directory, or (a container that sees its own group at the mount's root
+      // while /proc/self/cgroup names the host's path) the mount itself.
+      const std::string own = path == "/" ? "" : path;
+      for (const std::string base :
+           {"/sys/fs/cgroup/cpu,cpuacct" + own, "/sys/fs/cgroup/cpu" + own,
+            std::string("/sys/fs/cgroup/cpu,cpuacct"), std::string("/sys/fs/cgroup/cpu")}) {
+        const std::string quota = read_small_file(base + "/cpu.cfs_quota_us");
+        const std::string period = read_small_file(base + "/cpu.cfs_period_us");
+        if (quota.empty() || period.empty()) continue;
+        std::string both = quota.substr(0, quota.find('\n')) + " " + period;
+        take(cpu_max_cpus(both));
+        break;
+      }
+    }
+  }
+  return lowest;
+}
+
+}  // namespace
+
+int usable_cpus() {
+  int n = 0;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (::sched_getaffinity(0, sizeof set, &set) == 0) n = CPU_COUNT(&set);
+  if (n <= 0) n = static_cast<int>(std::thread::hardware_concurrency());
+  if (const auto quota = cgroup_cpu_quota()) {
+    n = std::min(n, static_cast<int>(std::ceil(*quota - 1e-9)));
+  }
+  return std::max(n, 1);
+}
+
 int Config::effective_workers() const {
   if (server.workers > 0) return server.workers;
-  unsigned n = std::thread::hardware_concurrency();
-  return n == 0 ? 1 : static_cast<int>(n);
+  return usable_cpus();
 }
 
 std::string ConfigError::to_string() const {

@@ -168,6 +168,7 @@ struct Config {
   AdminConfig admin;
   MetricsConfig metrics;
 
+  // server.workers, or when 0 usable_cpus().
   int effective_workers() const;
   // Every enabled sink: usage_hook (named "usage_hook") first, then usage.sinks in order.
   std::vector<const SinkConfig*> active_sinks() const;
@@ -189,6 +190,14 @@ struct LoadResult {
 };
 
 LoadResult load_file(const std::string& path);
+// The CPUs this process may use: its affinity mask (taskset, a cpuset), lowered to a cgroup's CPU
+// quota rounded up (docker --cpus, a Kubernetes limit), at least 1. Not the machine's count:
+// worker threads beyond these are throttled, not run.
+int usable_cpus();
+// A cgroup v2 cpu.max ("200000 100000": quota and period in µs) as CPUs; nullopt for "max"
+// (no quota) or text that is not one.
+std::optional<double> cpu_max_cpus(std::string_view text);
+
 LoadResult load_string(std::string_view yaml, const std::string& file_name);
 
 // The effective configuration as YAML, every key with its value (defaults included).

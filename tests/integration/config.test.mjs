@@ -19,7 +19,10 @@ import {
   postJson,
   chatBody,
   waitUntil,
+  spawnListening,
+  LLMPROXY_BIN,
 } from './lib/harness.mjs';
+import { spawnSync } from 'node:child_process';
 
 beforeEach(trackTest);
 afterEach(checkProcesses);
@@ -272,4 +275,18 @@ test('listen ":0" serves IPv4 and IPv6 clients, and names an IPv4 client a.b.c.d
     assert.equal(res.status, 200, `${host}: ${res.text()}`);
     assert.equal(backend.apiRequests[before].headers['x-forwarded-for'], client, host);
   }
+});
+
+// workers: 0 means the CPUs the process may run on, not the machine's: under taskset, a cpuset or
+// a container's CPU quota, more threads than that are throttled, not run.
+const haveTaskset = spawnSync('taskset', ['-c', '0', 'true']).status === 0;
+test('server.workers 0 starts one worker per CPU of the affinity mask, not of the machine', { skip: !haveTaskset && 'taskset (util-linux) cannot pin here' }, async () => {
+  const mock = await startMock();
+  const file = writeTempFile('llmproxy.yaml', toYaml(gatewayConfig({ server: { workers: 0 }, backends: [backendEntry(mock)] })));
+  const gw = await spawnListening('llmproxy', 'taskset', ['-c', '0', LLMPROXY_BIN, '--config', file]);
+  assert.match(gw.stdout, /listening on \S+ \(1 worker, /);
+  const res = await postJson(gw.url, '/v1/chat/completions', chatBody());
+  assert.equal(res.status, 200);
+  gw.signal('SIGTERM');
+  await gw.waitExit(15_000);
 });

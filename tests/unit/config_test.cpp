@@ -3,6 +3,7 @@
 #include "config/config.h"
 
 #include <gtest/gtest.h>
+#include <sched.h>
 
 #include <chrono>
 #include <cstdio>
@@ -1461,3 +1462,34 @@ TEST(ConfigReject, HeaderSizeOverBeastFieldLimit) {
 
 }  // namespace
 }  // namespace llmproxy::config
+
+TEST(UsableCpus, CgroupCpuMaxIsReadAsCpus) {
+  using llmproxy::config::cpu_max_cpus;
+  EXPECT_EQ(cpu_max_cpus("200000 100000\n"), 2.0);
+  EXPECT_EQ(cpu_max_cpus("150000 100000"), 1.5);
+  EXPECT_EQ(cpu_max_cpus("max 100000\n"), std::nullopt);
+  EXPECT_EQ(cpu_max_cpus("-1 100000"), std::nullopt);  // cgroup v1's "no quota"
+  EXPECT_EQ(cpu_max_cpus(""), std::nullopt);
+  EXPECT_EQ(cpu_max_cpus("100000"), std::nullopt);
+  EXPECT_EQ(cpu_max_cpus("1x 100000"), std::nullopt);
+}
+
+TEST(UsableCpus, FollowsTheAffinityMask) {
+  cpu_set_t was;
+  ASSERT_EQ(sched_getaffinity(0, sizeof was, &was), 0);
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (CPU_ISSET(c, &was)) {
+      CPU_SET(c, &one);
+      break;
+    }
+  }
+  ASSERT_EQ(sched_setaffinity(0, sizeof one, &one), 0);
+  const int n = llmproxy::config::usable_cpus();
+  sched_setaffinity(0, sizeof was, &was);
+  EXPECT_EQ(n, 1);
+  llmproxy::config::Config cfg;
+  EXPECT_GE(cfg.effective_workers(), 1);
+  EXPECT_LE(cfg.effective_workers(), CPU_COUNT(&was));
+}
