@@ -10,8 +10,10 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <charconv>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -1051,10 +1053,17 @@ LoadResult load_file(const std::string& path) {
     r.errors.push_back(ConfigError{path, 0, 0, "(file)", "is a directory, not a file"});
     return r;
   }
+  errno = 0;
   std::ifstream in(path, std::ios::binary);
   if (!in) {
+    // Why: "Permission denied" (a 0600 file mounted for another uid) and "No such file or
+    // directory" (a wrong mount path) call for different fixes.
+    const int why = errno;
     LoadResult r;
-    r.errors.push_back(ConfigError{path, 0, 0, "(file)", "cannot open the file"});
+    r.errors.push_back(ConfigError{path, 0, 0, "(file)",
+                                   why != 0
+                                       ? "cannot open the file: " + std::string(std::strerror(why))
+                                       : std::string("cannot open the file")});
     return r;
   }
   std::stringstream ss;
