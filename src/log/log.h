@@ -6,11 +6,12 @@
 #include <fmt/format.h>
 
 #include <cstdint>
+#include <string>
 #include <string_view>
 
 namespace llmproxy::log {
 
-// {"level":"<level>","msg":"<msg>"} on stderr, written with one call.
+// {"ts":"<RFC 3339 UTC>","level":"<level>","msg":"<msg>"} on stderr (log::LineOutput).
 void write_line(std::string_view level, std::string_view msg);
 
 template <class... Args>
@@ -20,6 +21,9 @@ void line(std::string_view level, fmt::format_string<Args...> f, Args&&... args)
 
 // Milliseconds since the Unix epoch (system clock).
 std::int64_t unix_ms_now();
+
+// Appends `ms` (Unix milliseconds) as RFC 3339 UTC with milliseconds: 2026-11-30T01:02:03.456Z.
+void append_timestamp(std::string& out, std::int64_t ms);
 
 // Names the calling thread (cut to the kernel's 15 bytes), so that `top -H` and
 // /proc/PID/task/*/comm tell the workers, the usage writer and the sinks apart.

@@ -2,9 +2,8 @@
 
 #include <fmt/format.h>
 
-#include <chrono>
-
 #include "http/errors.h"
+#include "log/log.h"
 
 namespace llmproxy::proxy {
 
@@ -22,15 +21,9 @@ void field(std::string& out, std::string_view key, std::string_view value) {
 
 void AccessLog::write(const AccessEntry& e) {
   if (!enabled_) return;
-  auto now = std::chrono::system_clock::now();
-  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count();
-  std::time_t secs = static_cast<std::time_t>(ms / 1000);
-  std::tm tm{};
-  gmtime_r(&secs, &tm);
-  fmt::format_to(std::back_inserter(buffer_),
-                 "{{\"ts\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z\",\"msg\":\"access\"",
-                 tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
-                 ms % 1000);
+  buffer_ += "{\"ts\":\"";
+  log::append_timestamp(buffer_, log::unix_ms_now());
+  buffer_ += "\",\"msg\":\"access\"";
   field(buffer_, "request_id", e.request_id);
   field(buffer_, "client", e.client);
   field(buffer_, "method", e.method);

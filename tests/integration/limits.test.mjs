@@ -268,6 +268,8 @@ test('after a burst of large bodies the memory is given back, and large bodies c
   assert.ok(perRequest < 100, `${perRequest} page faults per 1 MB request`);
 });
 
+const RFC3339_MS = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
+
 // A log reader that stops reading (a stalled `docker logs`, a suspended `| tee`) fills the pipe
 // on stdout. The workers must not wait for it: a worker blocked in write(2) would hold every
 // request it serves, and the scrapes, reloads and drain that wait for that worker.
@@ -309,10 +311,15 @@ test('a stdout reader that stops reading stalls no request: the access-log lines
   for (const line of lines) {
     if (line.startsWith('llmproxy: listening on')) continue;
     const entry = JSON.parse(line); // throws on a line another was written into
+    assert.match(entry.ts, RFC3339_MS, line.slice(0, 200));
     if (entry.msg === 'access' && entry.path === '/v1/chat/completions') {
       assert.equal(entry.model, model);
       access++;
     }
   }
   assert.ok(access > 0 && access + dropped <= total + 1, `lines read ${access}, dropped ${dropped}`);
+  // The process log (stderr) carries the same timestamps.
+  const events = gw.stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
+  assert.ok(events.some((e) => e.msg === 'stopped'));
+  for (const e of events) assert.match(e.ts, RFC3339_MS, JSON.stringify(e));
 });
