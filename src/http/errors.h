@@ -21,6 +21,7 @@ inline constexpr ErrorSpec invalid_request{400, "invalid_request_error", "invali
 inline constexpr ErrorSpec string_too_long{400, "invalid_request_error", "string_above_max_length"};
 inline constexpr ErrorSpec invalid_config{400, "invalid_request_error", "invalid_config"};
 inline constexpr ErrorSpec unauthorized{401, "authentication_error", "invalid_admin_token"};
+inline constexpr ErrorSpec admin_loopback_only{403, "permission_error", "admin_loopback_only"};
 inline constexpr ErrorSpec not_found{404, "invalid_request_error", "not_found"};
 inline constexpr ErrorSpec model_not_found{404, "invalid_request_error", "model_not_found"};
 inline constexpr ErrorSpec method_not_allowed{405, "invalid_request_error", "method_not_allowed"};

@@ -56,6 +56,7 @@
 #include "log/log.h"
 #include "metrics/metrics.h"
 #include "proxy/access_log.h"
+#include "proxy/admin_access.h"
 #include "proxy/field_pool.h"
 #include "proxy/name_cache.h"
 #include "proxy/request_id.h"
@@ -914,6 +915,7 @@ class ClientSession {
         ip = asio::ip::make_address_v4(asio::ip::v4_mapped, ip.to_v6());
       }
       client_ip_ = ip.to_string();
+      client_loopback_ = ip.is_loopback();
     }
     w_.sessions.insert(this);
   }
@@ -1068,7 +1070,6 @@ class ClientSession {
   asio::awaitable<std::string> metrics_body();
   asio::awaitable<metrics::WorkerMetrics> merged_metrics();
   asio::awaitable<std::string> admin_backends_body();
-  bool admin_authorized(std::string_view authorization) const;
   // The models the healthy backends serve, each once, with the first backend serving it.
   std::vector<std::pair<std::string, std::string>> served_models() const;
   std::string models_body() const;
@@ -1156,6 +1157,7 @@ class ClientSession {
   bool timed_out_ = false;
   beast::flat_buffer buffer_;
   std::string client_ip_;
+  bool client_loopback_ = false;  // 127.0.0.0/8, ::1 (an IPv4 client of a [::] listener too)
   std::shared_ptr<HangupWatch> watch_state_ = std::make_shared<HangupWatch>();
   HangupWatch& watch_ = *watch_state_;
   bool metrics_only_ = false;              // a connection to metrics.listen
@@ -1390,22 +1392,6 @@ asio::awaitable<std::string> ClientSession::metrics_body() {
   snap.reloads.generation = w_.shared.live_generation.load();
   if (w_.shared.usage) snap.usage = w_.shared.usage->stats();
   co_return metrics::render(snap);
-}
-
-bool ClientSession::admin_authorized(std::string_view authorization) const {
-  const std::string& token = w_.cfg().admin.token;
-  if (token.empty()) return true;
-  constexpr std::string_view kBearer = "Bearer ";  // the scheme in any case (RFC 9110 11.1)
-  if (authorization.size() != kBearer.size() + token.size() ||
-      !iequals(authorization.substr(0, kBearer.size()), kBearer)) {
-    return false;
-  }
-  // Constant time in the token's length: no early exit on the first differing byte.
-  unsigned char diff = 0;
-  for (std::size_t i = 0; i < token.size(); ++i) {
-    diff |= static_cast<unsigned char>(authorization[kBearer.size() + i] ^ token[i]);
-  }
-  return diff == 0;
 }
 
 asio::awaitable<std::string> ClientSession::admin_backends_body() {
@@ -1782,11 +1768,20 @@ asio::awaitable<bool> ClientSession::handle_request() {
   }
   if (route == Route::admin_backends || route == Route::admin_config ||
       route == Route::admin_reload) {
-    if (!admin_authorized(req[bhttp::field::authorization])) {
+    const AdminAccess access =
+        admin_access(w_.cfg().admin.token, req[bhttp::field::authorization], client_loopback_);
+    if (access == AdminAccess::bad_token) {
       reply_ = error_reply(http::errors::unauthorized,
                            "The admin API needs 'Authorization: Bearer <admin.token>'.",
                            keep_alive && !body_pending);
       reply_.www_authenticate = R"(Bearer realm="llmproxy admin")";
+      co_return co_await send(ctx, reply_);
+    }
+    if (access == AdminAccess::loopback_only) {
+      reply_ = error_reply(http::errors::admin_loopback_only,
+                           "Without admin.token the admin API answers clients on this host's "
+                           "loopback only; set admin.token to use it from elsewhere.",
+                           keep_alive && !body_pending);
       co_return co_await send(ctx, reply_);
     }
   }
@@ -4150,9 +4145,9 @@ int Gateway::run() {
   };
   signals.async_wait(on_signal);
   if (cfg.admin.token.empty() && !cfg.listen.loopback()) {
-    log::line("warn",
-              "the admin API has no token (admin.token) and listens on {}: whoever reaches it can "
-              "read the configuration and reload it",
+    log::line("info",
+              "the admin API has no token (admin.token): on {} it answers loopback clients only "
+              "(403 to others; behind a reverse proxy on this host every client is loopback)",
               cfg.listen.to_string());
   }
   // Printed only now: a SIGTERM right after this line must find the handler installed.
