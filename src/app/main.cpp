@@ -225,5 +225,8 @@ int main(int argc, char** argv) {
     return 0;
   }
   llmproxy::proxy::Gateway gateway(std::move(cfg));
-  return gateway.run();
+  const int status = gateway.run();  // 1: a second signal cut requests in flight
+  ::signal(SIGTERM, SIG_IGN);        // the stop is done: a late signal changes nothing
+  ::signal(SIGINT, SIG_IGN);
+  return status;
 }

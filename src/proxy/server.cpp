@@ -4163,17 +4163,22 @@ int Gateway::run() {
     wp->ioc.stop();
     if (wp->thread.joinable()) wp->thread.join();
   }
-  if (impl_->usage) {
-    // A request still running now (a second signal stopped the event loops) makes no record:
-    // the stop is then not clean for the ledger (the threads are joined: sessions are still).
-    for (auto& wp : impl_->workers) {
-      for (auto* s : wp->sessions) {
-        // (A metrics scrape makes no record.)
-        if (!s->metrics_only() && s->busy_since() != Clock::time_point::max()) {
-          impl_->usage->note_requests_lost();
-        }
-      }
+  // A request still running now (a second signal stopped the event loops) was cut without its
+  // usage record: said, made the exit status, and for the ledger the stop is not clean (the
+  // threads are joined: the sessions are still). A metrics scrape makes no record.
+  std::size_t cut_requests = 0;
+  for (auto& wp : impl_->workers) {
+    for (auto* s : wp->sessions) {
+      if (!s->metrics_only() && s->busy_since() != Clock::time_point::max()) ++cut_requests;
     }
+  }
+  if (cut_requests > 0) {
+    log::line("error", "stopped with {} request{} in flight{}", cut_requests,
+              cut_requests == 1 ? "" : "s",
+              impl_->usage ? ": cut without usage records (the usage ledger reports the gap)" : "");
+  }
+  if (impl_->usage) {
+    if (cut_requests > 0) impl_->usage->note_requests_lost();
     // Every record of a finished request is in the queue now: it goes into the log, and the
     // sinks get a few seconds to deliver; what they do not stays in the log for the next start.
     impl_->usage->stop(Clock::now() + std::min<std::chrono::milliseconds>(cfg.server.drain_timeout,
@@ -4181,7 +4186,15 @@ int Gateway::run() {
     shared.usage = nullptr;
   }
   log::line("info", "stopped");
-  return 0;
+  // The signal_set goes with this frame and puts the default action back: a SIGTERM from then on
+  // would end the stopped process as killed (143). Held pending on this thread (the only one
+  // left) until main() ignores them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  ::pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  return cut_requests > 0 ? 1 : 0;
 }
 
 }  // namespace llmproxy::proxy

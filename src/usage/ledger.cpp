@@ -296,7 +296,8 @@ std::vector<LedgerRow> Ledger::totals(const LedgerQuery& q) {
   note(unsettled_window(q.until_ms, facts.settled_ms));
   if (facts.gap) {
     note(
-        "the gateway stopped without settling (a crash, kill -9 or power loss): requests that "
+        "the gateway stopped without settling (a crash, kill -9, power loss, or a second stop "
+        "signal that cut requests): requests that "
         "started between " +
         rfc3339(facts.gap->first / 1000 * 1000) + " and " + rfc3339(facts.gap->second) +
         " and were still running then were lost, not logged");

@@ -34,6 +34,19 @@ async function refusesConnections(port) {
   }
 }
 
+// A 30 s stream (100 tokens, 300 ms apart) through `gw`, once its first token has arrived.
+async function openLongStream(gw) {
+  const stream = await openRawStream(
+    gw.port,
+    jsonPostBytes(gw.port, '/v1/chat/completions', chatBody('m1', { stream: true }), [
+      ['X-Mock-Tokens', '100'],
+      ['X-Mock-Delay-Ms', '300'],
+    ]),
+  );
+  await stream.until((s) => s.text.includes('tok0 '), 10_000, 'the first token');
+  return stream;
+}
+
 test('SIGTERM during a slow stream: the stream finishes with [DONE], new connections are refused, exit 0', { timeout: 60_000 }, async () => {
   const mock = await startMock({ name: 'slow' });
   const gw = await startGateway({ server: { drain_timeout: '20s' }, backends: [backendEntry(mock, { name: 'slow' })] });
@@ -83,18 +96,26 @@ test('SIGTERM with no traffic exits 0', { timeout: 30_000 }, async () => {
 test('a stream longer than drain_timeout is cut and the process still exits', { timeout: 60_000 }, async () => {
   const mock = await startMock({ name: 'long' });
   const gw = await startGateway({ server: { drain_timeout: '1s' }, backends: [backendEntry(mock, { name: 'long' })] });
-  const stream = await openRawStream(
-    gw.port,
-    jsonPostBytes(gw.port, '/v1/chat/completions', chatBody('m1', { stream: true }), [
-      ['X-Mock-Tokens', '100'],
-      ['X-Mock-Delay-Ms', '300'],
-    ]),
-  );
-  await stream.until((s) => s.text.includes('tok0 '), 10_000, 'the first token');
+  const stream = await openLongStream(gw);
   gw.signal('SIGTERM');
   const exit = await gw.waitExit(15_000);
   // Cut or not, the exit is clean: 0, and no sanitizer report (which would make it non-zero).
   assert.deepEqual(exit, { code: 0, signal: null }, gw.describe());
   await stream.until((s) => s.ended || s.socket.destroyed, 5_000, 'the client connection to close').catch(() => {});
   assert.ok(!chatStreamContent(stream.text.replace(/[^\n]*$/, '')).done, 'a 30 s stream completed within a 1 s drain');
+});
+
+test('a second SIGTERM stops at once: the requests it cuts are said in the log and the exit status is 1', { timeout: 60_000 }, async () => {
+  const mock = await startMock({ name: 'long' });
+  const gw = await startGateway({ server: { drain_timeout: '20s' }, backends: [backendEntry(mock, { name: 'long' })] });
+  const stream = await openLongStream(gw);
+  gw.signal('SIGTERM');
+  await waitUntil(() => /draining/.test(gw.stderr), { timeout: 5_000, interval: 20, what: 'the drain to begin' });
+  gw.signal('SIGTERM');
+  const exit = await gw.waitExit(15_000);
+  // A supervisor must not read a stop that lost usage records as a clean one.
+  assert.deepEqual(exit, { code: 1, signal: null }, gw.describe());
+  assert.match(gw.stderr, /second signal: stopping now/);
+  assert.match(gw.stderr, /stopped with 1 request in flight: cut without usage records/);
+  assert.ok(!chatStreamContent(stream.text.replace(/[^\n]*$/, '')).done);
 });

@@ -268,7 +268,7 @@ test('SIGKILL with the receiver down, then a restart on the same usage log: ever
   const until = new Date(killedAt + 1).toISOString();
   const report = usageCli(['--db', log, '--until', until, '--require-complete']);
   assert.equal(report.status, 1, report.stdout);
-  assert.match(report.stderr, /stopped without settling \(a crash, kill -9 or power loss\)/);
+  assert.match(report.stderr, /stopped without settling \(a crash, kill -9, power loss, or a second stop signal that cut requests\)/);
 });
 
 test('signed POSTs: X-LLMProxy-Signature is the HMAC-SHA256 of "<timestamp>.<body>"; extra headers are sent', { timeout: 60_000 }, async () => {
