@@ -1020,6 +1020,11 @@ LoadResult load_string(std::string_view yaml, const std::string& file_name) {
   Reader reader(file_name);
   Config config;
   config.source = file_name;
+  config.source_digest = 0xcbf29ce484222325ull;
+  for (const char c : yaml) {
+    config.source_digest =
+        (config.source_digest ^ static_cast<unsigned char>(c)) * 0x100000001b3ull;
+  }
   try {
     const std::string text(yaml);
     {

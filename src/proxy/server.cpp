@@ -3963,6 +3963,14 @@ int Gateway::run() {
     }
     config::Config next = std::move(*loaded.config);
     r.warnings = keep_restart_only(sh.cfg, next);
+    if (next.source_digest == sh.current->cfg.source_digest) {
+      // Likely an edit that never reached this file: a container's single-file bind mount keeps
+      // the old file when an editor saves by writing a new one and renaming it over.
+      r.warnings.push_back(path +
+                           " is unchanged since the running configuration was loaded (in a "
+                           "container, mount the file's directory, not the file: a file an "
+                           "editor replaced is not seen through a single-file bind mount)");
+    }
     std::string sinks_note;
     if (sh.usage) {
       std::vector<config::SinkConfig> sinks;

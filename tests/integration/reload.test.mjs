@@ -232,10 +232,14 @@ test('POST /admin/reload switches the backends: generation 2, every new request 
     `/admin/backends after the reload: ${JSON.stringify(list)}`,
   );
 
-  // A reload of an unchanged file is a reload too: the generation counts on.
+  // A reload of an unchanged file is a reload too: the generation counts on. It warns: an edit
+  // that never reached the file (a container's single-file bind mount) looks like this.
   const again = await reloadOk(gw);
   assert.equal(again.generation, 3, JSON.stringify(again));
   assert.equal(again.backends, 1);
+  assert.equal(again.warnings.length, 1, JSON.stringify(again));
+  assert.match(again.warnings[0], /is unchanged since the running configuration was loaded/);
+  assert.match(gw.stderr, /reload: .* is unchanged since the running configuration was loaded/);
   assert.deepEqual(await tally(gw, 2), { b: 2 });
 });
 
