@@ -3,8 +3,12 @@
 // safe while the gateway runs); its argument errors exit 2 so that scripts can tell them apart
 // from a failed query.
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -149,6 +153,17 @@ int run_usage(const UsageArgs& a) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A standard descriptor the parent left closed (`llmproxy >&-`) would be taken by the next file
+  // opened (the usage log's lock file got the access log): /dev/null holds its place.
+  for (int fd = 0; fd <= 2; ++fd) {
+    if (::fcntl(fd, F_GETFD) == -1 && errno == EBADF) {
+      const int null = ::open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);
+      if (null >= 0 && null != fd) {
+        ::dup2(null, fd);
+        ::close(null);
+      }
+    }
+  }
   CLI::App app{
       "LLMProxy: a zero-buffering, LLM-aware reverse proxy for OpenAI-compatible backends.\n"};
   app.set_version_flag("--version", std::string("llmproxy ") + LLMPROXY_VERSION);
@@ -225,7 +240,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   llmproxy::proxy::Gateway gateway(std::move(cfg));
-  const int status = gateway.run();  // 1: a second signal cut requests in flight
+  const int status = gateway.run();  // kExitRequestsCut: the stop cut requests in flight
   ::signal(SIGTERM, SIG_IGN);        // the stop is done: a late signal changes nothing
   ::signal(SIGINT, SIG_IGN);
   return status;

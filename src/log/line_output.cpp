@@ -26,30 +26,50 @@ std::size_t chunk_length(std::string_view lines) {
 
 }  // namespace
 
-LineOutput::LineOutput(int fd) : fd_(fd) {
+LineOutput::LineOutput(int fd, LineOutput* same_file_as) : fd_(fd) {
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
     kind_ = Kind::closed;
     return;
   }
+  if (same_file_as != nullptr && same_file_as->kind_ != Kind::closed) {
+    struct stat other {};
+    if (::fstat(same_file_as->fd_, &other) == 0 && other.st_dev == st.st_dev &&
+        other.st_ino == st.st_ino) {
+      writer_ = same_file_as;  // one writer per file: nothing comes between a cut line's parts
+      return;
+    }
+  }
   if (S_ISSOCK(st.st_mode)) {
     kind_ = Kind::socket;  // send(MSG_DONTWAIT): non-blocking per call
-  } else if (S_ISFIFO(st.st_mode)) {
+    return;
+  }
+  pipe_ = S_ISFIFO(st.st_mode);
+  if (pipe_ || ::isatty(fd)) {
     // A description of our own, non-blocking, leaves fd 1's (shared with whatever else writes
-    // it, and with the parent) as it is. Without /proc, or with no reader yet: poll first.
+    // it, and with the parent) as it is. Refused (a pipe of another user, no /proc): a pipe is
+    // polled first; a terminal is written as it is.
     const std::string self = "/proc/self/fd/" + std::to_string(fd);
-    const int own = ::open(self.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    const int own = ::open(self.c_str(), O_WRONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
     if (own >= 0) {
       fd_ = own;
       owned_ = true;
-      kind_ = Kind::pipe;
-    } else {
+      kind_ = Kind::nonblocking;
+    } else if (pipe_) {
       kind_ = Kind::pipe_polled;
     }
   }
 }
 
 LineOutput::~LineOutput() {
+  // A line cut by a short write is finished if the reader takes it within a second: a reader
+  // must not see the last line cut off.
+  if (writer_ == this && !rest_.empty() && kind_ != Kind::closed) {
+    for (int waited = 0; waited < 100 && !finish_cut_line(); ++waited) {
+      pollfd pfd{fd_, POLLOUT, 0};
+      ::poll(&pfd, 1, 10);
+    }
+  }
   if (owned_) ::close(fd_);
 }
 
@@ -70,7 +90,7 @@ long LineOutput::put(const char* p, std::size_t n) {
         got = ::write(fd_, p, std::min<std::size_t>(n, PIPE_BUF));
         break;
       }
-      case Kind::pipe:
+      case Kind::nonblocking:
       case Kind::plain:
         got = ::write(fd_, p, n);
         break;
@@ -90,20 +110,23 @@ bool LineOutput::finish_cut_line() {
   return true;
 }
 
-std::size_t LineOutput::drop(std::string_view lines) {
-  auto n = static_cast<std::size_t>(std::count(lines.begin(), lines.end(), '\n'));
-  if (!lines.empty() && lines.back() != '\n') ++n;
-  dropped_.fetch_add(n, std::memory_order_relaxed);
-  return n;
-}
-
 std::size_t LineOutput::write(std::string_view lines) {
   if (lines.empty()) return 0;
+  return writer_->emit(lines, dropped_);
+}
+
+std::size_t LineOutput::emit(std::string_view lines, std::atomic<std::uint64_t>& dropped) {
+  const auto drop = [&dropped](std::string_view rest) {
+    auto n = static_cast<std::size_t>(std::count(rest.begin(), rest.end(), '\n'));
+    if (!rest.empty() && rest.back() != '\n') ++n;
+    dropped.fetch_add(n, std::memory_order_relaxed);
+    return n;
+  };
   std::lock_guard lock(mu_);
   // Another line's end first: nothing may come between its two parts.
   if (!finish_cut_line()) return drop(lines);
   while (!lines.empty()) {
-    const std::size_t len = chunk_length(lines);
+    const std::size_t len = pipe_ ? chunk_length(lines) : lines.size();
     const long n = put(lines.data(), len);
     if (n < 0) return drop(lines);
     auto done = static_cast<std::size_t>(n);
@@ -128,7 +151,7 @@ LineOutput& stdout_lines() {
 }
 
 LineOutput& stderr_lines() {
-  static LineOutput out(STDERR_FILENO);
+  static LineOutput out(STDERR_FILENO, &stdout_lines());
   return out;
 }
 

@@ -1,13 +1,15 @@
-// Whole lines to a file descriptor, from any thread, never blocking on a pipe or a socket whose
-// reader stopped (a stalled `docker logs`, journald's backpressure, a suspended `| tee`).
+// Whole lines to a file descriptor, from any thread, never blocking on a pipe, socket or
+// terminal whose reader stopped (a stalled `docker logs`, journald's backpressure, a suspended
+// `| tee`, a terminal held by Ctrl-S).
 //
 // What the output cannot take at once is dropped, whole lines only, and counted: a worker that
 // waited for its log reader would stall every request it holds, and with it the scrapes, reloads
-// and drain that wait for that worker. One writer at a time, and a line cut by a short write is
-// finished before any other line goes out, so lines never interleave mid-line. A pipe is written
-// through a non-blocking description of its own (fd 1 itself stays as it is), in writes of at
-// most PIPE_BUF bytes cut at line ends, which the kernel makes atomic against other writers of
-// the pipe too. Regular files and terminals are written as they are (a full disk drops lines).
+// and drain that wait for that worker. One writer at a time per file (stdout and stderr on the
+// same pipe share one), and a line cut by a short write is finished before any other line goes
+// out, so lines never interleave mid-line. A pipe or terminal is written through a non-blocking
+// description of its own (fd 1 itself stays as it is), a pipe in writes of whole lines of at most
+// PIPE_BUF bytes where the lines allow, which the kernel makes atomic against other writers of
+// the pipe too. Regular files are written as they are (a full disk drops lines).
 #pragma once
 
 #include <atomic>
@@ -21,7 +23,9 @@ namespace llmproxy::log {
 
 class LineOutput {
  public:
-  explicit LineOutput(int fd);
+  // `same_file_as`: an output that may be the same file (stderr given stdout's): when it is, it
+  // writes for this one, which keeps its own count of drops.
+  explicit LineOutput(int fd, LineOutput* same_file_as = nullptr);
   ~LineOutput();
   LineOutput(const LineOutput&) = delete;
   LineOutput& operator=(const LineOutput&) = delete;
@@ -32,17 +36,20 @@ class LineOutput {
   std::uint64_t dropped() const { return dropped_.load(std::memory_order_relaxed); }
 
  private:
-  enum class Kind { plain, pipe, pipe_polled, socket, closed };
-  // One write that never blocks (pipe, socket): bytes taken, or -1 when none could be.
+  enum class Kind { plain, nonblocking, pipe_polled, socket, closed };
+  // Writes `lines` (as the writer of this file) and counts what it drops in `dropped`.
+  std::size_t emit(std::string_view lines, std::atomic<std::uint64_t>& dropped);
+  // One write that never blocks (pipe, socket, terminal): bytes taken, or -1 when none could be.
   long put(const char* p, std::size_t n);
   bool finish_cut_line();  // writes rest_; false when the output cannot take all of it now
-  std::size_t drop(std::string_view lines);
 
   std::mutex mu_;
   int fd_;
   Kind kind_ = Kind::plain;
-  bool owned_ = false;  // fd_ is the non-blocking reopen of a pipe, closed with this object
-  std::string rest_;    // the end of a line that a short write cut
+  bool pipe_ = false;   // writes cut at PIPE_BUF
+  bool owned_ = false;  // fd_ is a non-blocking reopen, closed with this object
+  LineOutput* writer_ = this;
+  std::string rest_;  // the end of a line that a short write cut
   std::atomic<std::uint64_t> dropped_{0};
 };
 

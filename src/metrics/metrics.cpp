@@ -305,9 +305,9 @@ std::string render(const Snapshot& s) {
              "Idle keep-alive client connections closed to make room at server.max_connections.",
              MetricType::Counter, static_cast<double>(r.idle_reclaimed));
   auto dropped = family("llmproxy_log_lines_dropped_total",
-                        "Log lines dropped because their output (a pipe or socket whose reader "
-                        "fell behind) could not take them at once: log=access (stdout), process "
-                        "(stderr).",
+                        "Log lines dropped because their output (a pipe, socket or terminal whose "
+                        "reader fell behind) could not take them at once: log=access (stdout), "
+                        "process (stderr).",
                         MetricType::Counter);
   dropped.metric.push_back(counter(static_cast<double>(s.access_log_dropped), {{"log", "access"}}));
   dropped.metric.push_back(

@@ -4160,10 +4160,10 @@ int Gateway::run() {
   }
   // Printed only now: a SIGTERM right after this line must find the handler installed.
   const std::size_t nbackends = shared.current->backends.size();
-  std::printf("llmproxy: listening on %s (%d worker%s, %zu backend%s)%s\n",
-              listen_url(endpoint).c_str(), nworkers, nworkers == 1 ? "" : "s", nbackends,
-              nbackends == 1 ? "" : "s", metrics_note.c_str());
-  std::fflush(stdout);
+  // Through the access log's writer: never blocks on a full pipe, never inside an access line.
+  log::stdout_lines().write(fmt::format("llmproxy: listening on {} ({} worker{}, {} backend{}){}\n",
+                                        listen_url(endpoint), nworkers, nworkers == 1 ? "" : "s",
+                                        nbackends, nbackends == 1 ? "" : "s", metrics_note));
 
   impl_->control.run();
   shared.names.close();  // no lookup posts to an event loop from here on
@@ -4171,7 +4171,8 @@ int Gateway::run() {
     wp->ioc.stop();
     if (wp->thread.joinable()) wp->thread.join();
   }
-  // A request still running now (a second signal stopped the event loops) was cut without its
+  // A request still running now (a second signal stopped the event loops, or one that did not
+  // end within the drain deadline's grace) was cut without its
   // usage record: said, made the exit status, and for the ledger the stop is not clean (the
   // threads are joined: the sessions are still). A metrics scrape makes no record.
   std::size_t cut_requests = 0;
@@ -4202,7 +4203,7 @@ int Gateway::run() {
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
   ::pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
-  return cut_requests > 0 ? 1 : 0;
+  return cut_requests > 0 ? kExitRequestsCut : 0;
 }
 
 }  // namespace llmproxy::proxy

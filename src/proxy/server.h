@@ -12,6 +12,11 @@
 
 namespace llmproxy::proxy {
 
+// run()'s exit status when the stop cut requests still in flight (a second signal, or requests
+// that did not end by the drain deadline and its grace): with metering on, they have no usage
+// record. 1 stays "did not start" (configuration, bind, usage log).
+inline constexpr int kExitRequestsCut = 3;
+
 class Gateway {
  public:
   explicit Gateway(config::Config config);
@@ -21,7 +26,7 @@ class Gateway {
 
   // Binds, starts workers and health checks, prints "llmproxy: listening on http://HOST:PORT",
   // and blocks until SIGTERM/SIGINT has drained in-flight requests (or the drain timeout passed).
-  // Returns the process exit code; bind failures return non-zero before serving.
+  // Returns the process exit code: 0, kExitRequestsCut, or 1 when it could not start.
   int run();
 
  private:

@@ -2,6 +2,7 @@
 // separate metrics listener (metrics.listen): what an operator reads, asserted on the wire.
 import { test, before, after, afterEach, beforeEach } from 'node:test';
 import assert from 'node:assert/strict';
+import os from 'node:os';
 import {
   cleanup,
   checkProcesses,
@@ -110,4 +111,25 @@ test('metrics.listen serves /metrics on its own address, and only there, with th
   assert.equal(ready.status, 200);
   const admin = await httpRequest(`${metricsUrl}/admin/backends`);
   assert.equal(admin.status, 404);
+});
+
+// Without admin.token the admin API is the host's own: a client reaching the gateway through
+// another address (the host's own non-loopback address here, delivered locally) gets 403.
+const hostAddress = Object.values(os.networkInterfaces())
+  .flat()
+  .find((a) => a && a.family === 'IPv4' && !a.internal)?.address;
+test('without admin.token, /admin/* answer loopback clients only: 403 admin_loopback_only to others', { timeout: 30_000, skip: !hostAddress && 'this host has no non-loopback IPv4 address' }, async () => {
+  const gw = await startGateway({ listen: '0.0.0.0:0', backends: [backendEntry(mock, { name: 'a' })] });
+  const local = await httpRequest(`http://127.0.0.1:${gw.port}/admin/backends`);
+  assert.equal(local.status, 200, local.text());
+  for (const [method, path] of [['GET', '/admin/backends'], ['GET', '/admin/config'], ['POST', '/admin/reload']]) {
+    const res = await httpRequest(`http://${hostAddress}:${gw.port}${path}`, { method, body: method === 'POST' ? '' : undefined });
+    assert.equal(res.status, 403, `${method} ${path}: ${res.text()}`);
+    const e = openAIError(res);
+    assert.equal(e.code, 'admin_loopback_only');
+    assert.equal(e.type, 'permission_error');
+  }
+  // LLM routes are not admin routes: served to everyone.
+  const chat = await postJson(`http://${hostAddress}:${gw.port}`, '/v1/chat/completions', chatBody());
+  assert.equal(chat.status, 200, chat.text());
 });

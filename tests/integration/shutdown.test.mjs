@@ -105,7 +105,7 @@ test('a stream longer than drain_timeout is cut and the process still exits', { 
   assert.ok(!chatStreamContent(stream.text.replace(/[^\n]*$/, '')).done, 'a 30 s stream completed within a 1 s drain');
 });
 
-test('a second SIGTERM stops at once: the requests it cuts are said in the log and the exit status is 1', { timeout: 60_000 }, async () => {
+test('a second SIGTERM stops at once: the requests it cuts are said in the log and the exit status is 3', { timeout: 60_000 }, async () => {
   const mock = await startMock({ name: 'long' });
   const gw = await startGateway({ server: { drain_timeout: '20s' }, backends: [backendEntry(mock, { name: 'long' })] });
   const stream = await openLongStream(gw);
@@ -114,7 +114,7 @@ test('a second SIGTERM stops at once: the requests it cuts are said in the log a
   gw.signal('SIGTERM');
   const exit = await gw.waitExit(15_000);
   // A supervisor must not read a stop that lost usage records as a clean one.
-  assert.deepEqual(exit, { code: 1, signal: null }, gw.describe());
+  assert.deepEqual(exit, { code: 3, signal: null }, gw.describe());
   assert.match(gw.stderr, /second signal: stopping now/);
   assert.match(gw.stderr, /stopped with 1 request in flight: cut without usage records/);
   assert.ok(!chatStreamContent(stream.text.replace(/[^\n]*$/, '')).done);

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <pty.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -59,7 +60,12 @@ void fill_and_check(int write_fd, int read_fd) {
   }
   EXPECT_GT(dropped, 0u);
   EXPECT_EQ(out.dropped(), dropped);
-  const auto lines = split_lines(drain(read_fd));
+  // Once the reader has read, one more line: a line a short write cut (a terminal takes part
+  // of a write) is finished first.
+  std::string text = drain(read_fd);
+  EXPECT_EQ(out.write(numbered_line(written++, 150)), 0u);
+  text += drain(read_fd);
+  const auto lines = split_lines(text);
   EXPECT_EQ(lines.size() + dropped, static_cast<std::size_t>(written));
   int last = -1;
   for (const auto& line : lines) {
@@ -85,6 +91,44 @@ TEST(LineOutput, SocketWhoseReaderStoppedDropsWholeLinesWithoutBlocking) {
   fill_and_check(s[1], s[0]);
   ::close(s[0]);
   ::close(s[1]);
+}
+
+TEST(LineOutput, TerminalWhoseReaderStoppedDropsWholeLinesWithoutBlocking) {
+  int master = -1;
+  int slave = -1;
+  ASSERT_EQ(::openpty(&master, &slave, nullptr, nullptr, nullptr), 0);
+  termios raw{};
+  ASSERT_EQ(::tcgetattr(slave, &raw), 0);
+  ::cfmakeraw(&raw);  // no echo, no newline translation: the bytes read are the bytes written
+  ASSERT_EQ(::tcsetattr(slave, TCSANOW, &raw), 0);
+  fill_and_check(slave, master);
+  ::close(master);
+  ::close(slave);
+}
+
+// stdout and stderr on one pipe (2>&1): one writer, so that a line of one cut by a short write
+// is finished before a line of the other goes out; each counts its own drops.
+TEST(LineOutput, TwoOutputsOnOneFileShareTheirWriter) {
+  int p[2];
+  ASSERT_EQ(::pipe(p), 0);
+  ASSERT_EQ(::fcntl(p[1], F_SETPIPE_SZ, 8192), 8192);
+  const int p2 = ::dup(p[1]);
+  LineOutput out(p[1]);
+  LineOutput err(p2, &out);
+  const std::string a = std::string(3999, 'a') + "\n";
+  const std::string b = std::string(5999, 'b') + "\n";
+  EXPECT_EQ(out.write(a), 0u);
+  EXPECT_EQ(out.write(b), 0u);       // cut: its end is owed
+  EXPECT_EQ(err.write("e1\n"), 1u);  // not written into b
+  std::string got = drain(p[0]);
+  EXPECT_EQ(err.write("e2\n"), 0u);  // b's end, then e2
+  got += drain(p[0]);
+  EXPECT_EQ(got, a + b + "e2\n");
+  EXPECT_EQ(out.dropped(), 0u);
+  EXPECT_EQ(err.dropped(), 1u);
+  ::close(p[0]);
+  ::close(p[1]);
+  ::close(p2);
 }
 
 TEST(LineOutput, LineCutByAShortWriteIsFinishedBeforeAnyOther) {
