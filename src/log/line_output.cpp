@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <string>
 
 namespace llmproxy::log {
@@ -62,10 +63,12 @@ LineOutput::LineOutput(int fd, LineOutput* same_file_as) : fd_(fd) {
 }
 
 LineOutput::~LineOutput() {
-  // A line cut by a short write is finished if the reader takes it within a second: a reader
-  // must not see the last line cut off.
+  // A line cut by a short write is finished if the reader takes it within a second of the first
+  // output's end (one second for both: the exit waits no longer): a reader must not see the last
+  // line cut off.
+  static const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);
   if (writer_ == this && !rest_.empty() && kind_ != Kind::closed) {
-    for (int waited = 0; waited < 100 && !finish_cut_line(); ++waited) {
+    while (!finish_cut_line() && std::chrono::steady_clock::now() < deadline) {
       pollfd pfd{fd_, POLLOUT, 0};
       ::poll(&pfd, 1, 10);
     }

@@ -9,7 +9,8 @@
 // out, so lines never interleave mid-line. A pipe or terminal is written through a non-blocking
 // description of its own (fd 1 itself stays as it is), a pipe in writes of whole lines of at most
 // PIPE_BUF bytes where the lines allow, which the kernel makes atomic against other writers of
-// the pipe too. Regular files are written as they are (a full disk drops lines).
+// the pipe too. Regular files are written as they are (a full disk drops lines), and so is a
+// terminal that cannot be reopened (another user's: it may block).
 #pragma once
 
 #include <atomic>
