@@ -27,33 +27,42 @@ std::size_t chunk_length(std::string_view lines) {
 
 }  // namespace
 
-LineOutput::LineOutput(int fd, LineOutput* same_file_as) : fd_(fd) {
+LineOutput::Identity LineOutput::identify(int fd) {
   struct stat st {};
-  if (::fstat(fd, &st) != 0) {
+  if (::fstat(fd, &st) != 0) return {};
+  return {true, st.st_dev, st.st_ino, st.st_mode};
+}
+
+LineOutput::LineOutput(int fd, LineOutput* same_file_as)
+    : fd_(fd), out_(fd), same_file_as_(same_file_as) {
+  setup(identify(fd));
+}
+
+void LineOutput::setup(const Identity& id) {
+  if (owned_) ::close(out_);
+  owned_ = false;
+  out_ = fd_;
+  id_ = id;
+  rest_.clear();  // the end of a line owed to another file
+  pipe_ = false;
+  kind_ = Kind::plain;
+  if (!id.open) {
     kind_ = Kind::closed;
     return;
   }
-  if (same_file_as != nullptr && same_file_as->kind_ != Kind::closed) {
-    struct stat other {};
-    if (::fstat(same_file_as->fd_, &other) == 0 && other.st_dev == st.st_dev &&
-        other.st_ino == st.st_ino) {
-      writer_ = same_file_as;  // one writer per file: nothing comes between a cut line's parts
-      return;
-    }
-  }
-  if (S_ISSOCK(st.st_mode)) {
+  if (S_ISSOCK(id.mode)) {
     kind_ = Kind::socket;  // send(MSG_DONTWAIT): non-blocking per call
     return;
   }
-  pipe_ = S_ISFIFO(st.st_mode);
-  if (pipe_ || ::isatty(fd)) {
+  pipe_ = S_ISFIFO(id.mode);
+  if (pipe_ || ::isatty(fd_)) {
     // A description of our own, non-blocking, leaves fd 1's (shared with whatever else writes
     // it, and with the parent) as it is. Refused (a pipe of another user, no /proc): a pipe is
     // polled first; a terminal is written as it is.
-    const std::string self = "/proc/self/fd/" + std::to_string(fd);
+    const std::string self = "/proc/self/fd/" + std::to_string(fd_);
     const int own = ::open(self.c_str(), O_WRONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
     if (own >= 0) {
-      fd_ = own;
+      out_ = own;
       owned_ = true;
       kind_ = Kind::nonblocking;
     } else if (pipe_) {
@@ -67,13 +76,13 @@ LineOutput::~LineOutput() {
   // output's end (one second for both: the exit waits no longer): a reader must not see the last
   // line cut off.
   static const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);
-  if (writer_ == this && !rest_.empty() && kind_ != Kind::closed) {
+  if (!rest_.empty() && kind_ != Kind::closed) {
     while (!finish_cut_line() && std::chrono::steady_clock::now() < deadline) {
-      pollfd pfd{fd_, POLLOUT, 0};
+      pollfd pfd{out_, POLLOUT, 0};
       ::poll(&pfd, 1, 10);
     }
   }
-  if (owned_) ::close(fd_);
+  if (owned_) ::close(out_);
 }
 
 long LineOutput::put(const char* p, std::size_t n) {
@@ -83,19 +92,19 @@ long LineOutput::put(const char* p, std::size_t n) {
       case Kind::closed:
         return -1;
       case Kind::socket:
-        got = ::send(fd_, p, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+        got = ::send(out_, p, n, MSG_DONTWAIT | MSG_NOSIGNAL);
         break;
       case Kind::pipe_polled: {
         // POLLOUT on a pipe promises room for PIPE_BUF bytes; nothing else here writes to it
         // while the lock is held.
-        pollfd pfd{fd_, POLLOUT, 0};
+        pollfd pfd{out_, POLLOUT, 0};
         if (::poll(&pfd, 1, 0) != 1 || (pfd.revents & POLLOUT) == 0) return -1;
-        got = ::write(fd_, p, std::min<std::size_t>(n, PIPE_BUF));
+        got = ::write(out_, p, std::min<std::size_t>(n, PIPE_BUF));
         break;
       }
       case Kind::nonblocking:
       case Kind::plain:
-        got = ::write(fd_, p, n);
+        got = ::write(out_, p, n);
         break;
     }
     if (got > 0) return static_cast<long>(got);
@@ -115,7 +124,15 @@ bool LineOutput::finish_cut_line() {
 
 std::size_t LineOutput::write(std::string_view lines) {
   if (lines.empty()) return 0;
-  return writer_->emit(lines, dropped_);
+  // stderr on stdout's file (2>&1): one writer, so that nothing comes between a cut line's
+  // parts. Asked at each write, as the file is: a descriptor may be pointed elsewhere (dup2).
+  if (same_file_as_ != nullptr) {
+    const Identity mine = identify(fd_);
+    if (mine.open && mine == identify(same_file_as_->fd_)) {
+      return same_file_as_->emit(lines, dropped_);
+    }
+  }
+  return emit(lines, dropped_);
 }
 
 std::size_t LineOutput::emit(std::string_view lines, std::atomic<std::uint64_t>& dropped) {
@@ -126,6 +143,8 @@ std::size_t LineOutput::emit(std::string_view lines, std::atomic<std::uint64_t>&
     return n;
   };
   std::lock_guard lock(mu_);
+  // The descriptor names another file than it did (dup2): written as that one is.
+  if (const Identity now = identify(fd_); !(now == id_)) setup(now);
   // Another line's end first: nothing may come between its two parts.
   if (!finish_cut_line()) return drop(lines);
   while (!lines.empty()) {

@@ -13,6 +13,8 @@
 // terminal that cannot be reopened (another user's: it may block).
 #pragma once
 
+#include <sys/types.h>
+
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -38,6 +40,17 @@ class LineOutput {
 
  private:
   enum class Kind { plain, nonblocking, pipe_polled, socket, closed };
+  struct Identity {
+    bool open = false;
+    dev_t dev = 0;
+    ino_t ino = 0;
+    mode_t mode = 0;
+    bool operator==(const Identity& o) const {
+      return open == o.open && dev == o.dev && ino == o.ino;
+    }
+  };
+  static Identity identify(int fd);
+  void setup(const Identity& id);  // how to write the file fd_ names now (under mu_)
   // Writes `lines` (as the writer of this file) and counts what it drops in `dropped`.
   std::size_t emit(std::string_view lines, std::atomic<std::uint64_t>& dropped);
   // One write that never blocks (pipe, socket, terminal): bytes taken, or -1 when none could be.
@@ -45,11 +58,13 @@ class LineOutput {
   bool finish_cut_line();  // writes rest_; false when the output cannot take all of it now
 
   std::mutex mu_;
-  int fd_;
+  const int fd_;  // the descriptor given (1, 2)
+  int out_;       // what is written: fd_, or a non-blocking reopen of its file
+  Identity id_;   // the file fd_ named at setup()
   Kind kind_ = Kind::plain;
   bool pipe_ = false;   // writes cut at PIPE_BUF
-  bool owned_ = false;  // fd_ is a non-blocking reopen, closed with this object
-  LineOutput* writer_ = this;
+  bool owned_ = false;  // out_ is a reopen, closed with this object or at the next setup()
+  LineOutput* const same_file_as_;
   std::string rest_;  // the end of a line that a short write cut
   std::atomic<std::uint64_t> dropped_{0};
 };

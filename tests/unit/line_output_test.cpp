@@ -151,6 +151,23 @@ TEST(LineOutput, LineCutByAShortWriteIsFinishedBeforeAnyOther) {
   ::close(p[1]);
 }
 
+// A descriptor pointed at another file (dup2, as a test's stderr capture does) is written as
+// that file is, not through the reopen of the first one.
+TEST(LineOutput, FollowsTheDescriptorToAnotherFile) {
+  int first[2];
+  int second[2];
+  ASSERT_EQ(::pipe(first), 0);
+  ASSERT_EQ(::pipe(second), 0);
+  const int fd = ::dup(first[1]);
+  LineOutput out(fd);
+  EXPECT_EQ(out.write("one\n"), 0u);
+  ASSERT_EQ(::dup2(second[1], fd), fd);
+  EXPECT_EQ(out.write("two\n"), 0u);
+  EXPECT_EQ(drain(first[0]), "one\n");
+  EXPECT_EQ(drain(second[0]), "two\n");
+  for (int f : {first[0], first[1], second[0], second[1], fd}) ::close(f);
+}
+
 TEST(LineOutput, RegularFileGetsEveryLine) {
   std::FILE* f = std::tmpfile();
   ASSERT_NE(f, nullptr);
