@@ -822,8 +822,12 @@ test('a report whose window ends while a request that started in it is still run
   const since = new Date(Date.now() - 1).toISOString();
   const pending = postJson(gw.url, PATHS.chat, chatBody('m1', { slow: true }), { timeout: 60_000 });
   await slow.waitForRequest((r) => r.url === PATHS.chat, 10_000, 'the slow request');
-  const until = new Date(Date.now() + 1).toISOString();
+  const untilMs = Date.now() + 1;
+  const until = new Date(untilMs).toISOString();
   const report = () => usageCli(['--db', gw.config.usage.log_path, '--since', since, '--until', until, '--require-complete', '--format', 'json']);
+  // The quick requests below must start after the window: on a fast machine the first one was
+  // sent within the same millisecond as `until` and billed in it (a fresh machine: 2 requests).
+  while (Date.now() <= untilMs) await delay(1);
   // Quick requests after the window go on being logged; the window stays unsettled while the
   // slow one runs (checked for 5 s: a bound for a negative check, not a synchronisation).
   const end = Date.now() + 5_000;
