@@ -16,6 +16,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -974,7 +975,7 @@ std::optional<double> cgroup_cpu_quota() {
       // The group's directory, or (a container that sees its own group at the mount's root
       // while /proc/self/cgroup names the host's path) the mount itself.
       const std::string own = path == "/" ? "" : path;
-      for (const std::string base :
+      for (const std::string& base :
            {"/sys/fs/cgroup/cpu,cpuacct" + own, "/sys/fs/cgroup/cpu" + own,
             std::string("/sys/fs/cgroup/cpu,cpuacct"), std::string("/sys/fs/cgroup/cpu")}) {
         const std::string quota = read_small_file(base + "/cpu.cfs_quota_us");
@@ -1020,11 +1021,7 @@ LoadResult load_string(std::string_view yaml, const std::string& file_name) {
   Reader reader(file_name);
   Config config;
   config.source = file_name;
-  config.source_digest = 0xcbf29ce484222325ull;
-  for (const char c : yaml) {
-    config.source_digest =
-        (config.source_digest ^ static_cast<unsigned char>(c)) * 0x100000001b3ull;
-  }
+  config.source_digest = std::hash<std::string_view>{}(yaml);
   try {
     const std::string text(yaml);
     {

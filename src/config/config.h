@@ -156,8 +156,8 @@ struct MetricsConfig {
 
 struct Config {
   std::string source;  // file the config came from
-  // The text it was read from, hashed (64-bit FNV-1a): a reload can tell an unchanged file.
-  std::uint64_t source_digest = 0;
+  // The text it was read from, hashed: a reload can tell an unchanged file.
+  std::size_t source_digest = 0;
   ListenAddress listen;
   ServerConfig server;
   Timeouts timeouts;

@@ -44,7 +44,6 @@ void LineOutput::setup(const Identity& id) {
   out_ = fd_;
   id_ = id;
   rest_.clear();  // the end of a line owed to another file
-  pipe_ = false;
   kind_ = Kind::plain;
   if (!id.open) {
     kind_ = Kind::closed;
@@ -54,8 +53,8 @@ void LineOutput::setup(const Identity& id) {
     kind_ = Kind::socket;  // send(MSG_DONTWAIT): non-blocking per call
     return;
   }
-  pipe_ = S_ISFIFO(id.mode);
-  if (pipe_ || ::isatty(fd_)) {
+  const bool pipe = S_ISFIFO(id.mode);
+  if (pipe || ::isatty(fd_)) {
     // A description of our own, non-blocking, leaves fd 1's (shared with whatever else writes
     // it, and with the parent) as it is. Refused (a pipe of another user, no /proc): a pipe is
     // polled first; a terminal is written as it is.
@@ -65,7 +64,7 @@ void LineOutput::setup(const Identity& id) {
       out_ = own;
       owned_ = true;
       kind_ = Kind::nonblocking;
-    } else if (pipe_) {
+    } else if (pipe) {
       kind_ = Kind::pipe_polled;
     }
   }
@@ -148,7 +147,8 @@ std::size_t LineOutput::emit(std::string_view lines, std::atomic<std::uint64_t>&
   // Another line's end first: nothing may come between its two parts.
   if (!finish_cut_line()) return drop(lines);
   while (!lines.empty()) {
-    const std::size_t len = pipe_ ? chunk_length(lines) : lines.size();
+    // A pipe in whole lines of at most PIPE_BUF: atomic against its other writers.
+    const std::size_t len = S_ISFIFO(id_.mode) ? chunk_length(lines) : lines.size();
     const long n = put(lines.data(), len);
     if (n < 0) return drop(lines);
     auto done = static_cast<std::size_t>(n);

@@ -62,7 +62,6 @@ class LineOutput {
   int out_;       // what is written: fd_, or a non-blocking reopen of its file
   Identity id_;   // the file fd_ named at setup()
   Kind kind_ = Kind::plain;
-  bool pipe_ = false;   // writes cut at PIPE_BUF
   bool owned_ = false;  // out_ is a reopen, closed with this object or at the next setup()
   LineOutput* const same_file_as_;
   std::string rest_;  // the end of a line that a short write cut

@@ -4172,9 +4172,9 @@ int Gateway::run() {
     if (wp->thread.joinable()) wp->thread.join();
   }
   // A request still running now (a second signal stopped the event loops, or one that did not
-  // end within the drain deadline's grace) was cut without its
-  // usage record: said, made the exit status, and for the ledger the stop is not clean (the
-  // threads are joined: the sessions are still). A metrics scrape makes no record.
+  // end within the drain deadline's grace) was cut without its usage record: said, made the exit
+  // status, and for the ledger the stop is not clean (the threads are joined: the sessions are
+  // still). A metrics scrape makes no record.
   std::size_t cut_requests = 0;
   for (auto& wp : impl_->workers) {
     for (auto* s : wp->sessions) {
